@@ -1,0 +1,405 @@
+//! The L1 cache: `(db, key) -> GET reply or nil` in a byte-weighted
+//! `quick_cache`, with rules, TTLs, negative entries and the two guards that
+//! keep it coherent with writes made through kiln:
+//!
+//! * a generation per key (striped, so memory does not grow with the key
+//!   space) that every invalidation bumps; a fill carries the generation it
+//!   saw when its read was sent and is dropped if it changed, so a read that
+//!   raced a write can never leave the old value behind;
+//! * single-flight misses (`flight`), so N concurrent misses for one key make
+//!   one upstream read.
+//!
+//! It must not talk to upstream or know about clients: `cmd::get` does that.
+
+pub mod flight;
+pub mod glob;
+
+use std::hash::{BuildHasher, Hash};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use quick_cache::{DefaultHashBuilder, Equivalent, Weighter};
+
+use crate::config::CacheConfig;
+
+/// Bytes charged per entry on top of key and value: the entry struct, the
+/// key's `Bytes` header and quick_cache's slot.
+pub const ENTRY_OVERHEAD: u64 = 96;
+
+const GENERATIONS: usize = 1 << 16;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Key {
+    db: u32,
+    key: Bytes,
+}
+
+/// A lookup key borrowing the client's argument: no allocation per GET.
+#[derive(Hash)]
+struct KeyRef<'a> {
+    db: u32,
+    key: &'a [u8],
+}
+
+impl Equivalent<Key> for KeyRef<'_> {
+    fn equivalent(&self, k: &Key) -> bool {
+        self.db == k.db && self.key == &k.key[..]
+    }
+}
+
+/// A cached `GET` answer.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    /// The bulk-string frame as Redis sent it (`$3\r\nabc\r\n`), or `None`
+    /// for a cached nil (which each client gets in its own protocol).
+    pub frame: Option<Bytes>,
+    expires_at: Instant,
+}
+
+#[derive(Clone)]
+struct ByteWeight;
+
+impl Weighter<Key, Entry> for ByteWeight {
+    fn weight(&self, k: &Key, v: &Entry) -> u64 {
+        k.key.len() as u64 + v.frame.as_ref().map_or(0, |f| f.len() as u64) + ENTRY_OVERHEAD
+    }
+}
+
+/// What a fill must present to be accepted: the state seen when the read
+/// was sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FillToken {
+    epoch: u64,
+    generation: u64,
+}
+
+/// What the rules say about a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Policy {
+    Cache { ttl: Duration },
+    Bypass,
+}
+
+struct Rule {
+    pattern: Vec<u8>,
+    policy: Policy,
+}
+
+pub struct L1 {
+    store: quick_cache::sync::Cache<Key, Entry, ByteWeight>,
+    hasher: DefaultHashBuilder,
+    generations: Box<[AtomicU64]>,
+    /// Bumped by `clear`, so fills in flight across a flush are dropped.
+    epoch: AtomicU64,
+    /// Highest database that ever held an entry: invalidating a key drops it
+    /// from every database up to here (Redis tracking is not per database
+    /// either, and MOVE/COPY/SWAPDB cross databases).
+    max_db: AtomicU32,
+    rules: Vec<Rule>,
+    default_ttl: Duration,
+    negative_ttl: Duration,
+    max_value_size: usize,
+    pub flights: flight::Flights,
+    pub stats: Stats,
+}
+
+/// Counters read by `CACHE.STATUS` and the metrics sidecar.
+#[derive(Default)]
+pub struct Stats {
+    pub hits: AtomicU64,
+    pub misses: AtomicU64,
+    pub fills: AtomicU64,
+    pub fills_dropped: AtomicU64,
+    pub not_cached_too_large: AtomicU64,
+    pub penetrations: AtomicU64,
+    pub invalidations: AtomicU64,
+}
+
+impl L1 {
+    pub fn new(cfg: &CacheConfig) -> L1 {
+        // quick_cache splits capacity evenly over shards and silently refuses
+        // an item above ~97% of a shard, so keep a shard at least 4x the
+        // largest value kiln may cache.
+        let max_item = cfg.max_value_size + 1024;
+        let shards = (cfg.max_memory / (4 * max_item))
+            .clamp(1, 64)
+            .next_power_of_two() as usize;
+        let shards = if shards as u64 * 4 * max_item > cfg.max_memory {
+            (shards / 2).max(1)
+        } else {
+            shards
+        };
+        let options = quick_cache::OptionsBuilder::new()
+            .shards(shards)
+            .weight_capacity(cfg.max_memory)
+            .estimated_items_capacity((cfg.max_memory / 256).clamp(1024, 4_000_000) as usize)
+            .build()
+            .expect("cache options are valid");
+        let store = quick_cache::sync::Cache::with_options(
+            options,
+            ByteWeight,
+            DefaultHashBuilder::default(),
+            Default::default(),
+        );
+        let rules = cfg
+            .rules
+            .iter()
+            .map(|r| Rule {
+                pattern: r.pattern.as_bytes().to_vec(),
+                policy: if r.cache {
+                    Policy::Cache {
+                        ttl: r.ttl.unwrap_or(cfg.ttl),
+                    }
+                } else {
+                    Policy::Bypass
+                },
+            })
+            .collect();
+        L1 {
+            store,
+            hasher: DefaultHashBuilder::default(),
+            generations: (0..GENERATIONS).map(|_| AtomicU64::new(0)).collect(),
+            epoch: AtomicU64::new(0),
+            max_db: AtomicU32::new(0),
+            rules,
+            default_ttl: cfg.ttl,
+            negative_ttl: cfg.negative_ttl,
+            max_value_size: cfg.max_value_size as usize,
+            flights: flight::Flights::new(),
+            stats: Stats::default(),
+        }
+    }
+
+    pub fn policy(&self, key: &[u8]) -> Policy {
+        for r in &self.rules {
+            if glob::matches(&r.pattern, key) {
+                return r.policy;
+            }
+        }
+        if self.default_ttl.is_zero() {
+            Policy::Bypass
+        } else {
+            Policy::Cache {
+                ttl: self.default_ttl,
+            }
+        }
+    }
+
+    /// A fresh entry, or `None`; an expired one is dropped on the way.
+    pub fn get(&self, db: u32, key: &[u8]) -> Option<Entry> {
+        let k = KeyRef { db, key };
+        let e = self.store.get(&k)?;
+        if e.expires_at <= Instant::now() {
+            self.store.remove(&k);
+            return None;
+        }
+        Some(e)
+    }
+
+    fn slot(&self, key: &[u8]) -> &AtomicU64 {
+        let h = self.hasher.hash_one(key) as usize;
+        &self.generations[h & (GENERATIONS - 1)]
+    }
+
+    /// To be taken before the read that will fill `key` is sent.
+    pub fn token(&self, key: &[u8]) -> FillToken {
+        FillToken {
+            epoch: self.epoch.load(Ordering::SeqCst),
+            generation: self.slot(key).load(Ordering::SeqCst),
+        }
+    }
+
+    fn current(&self, key: &[u8], t: FillToken) -> bool {
+        self.token(key) == t
+    }
+
+    /// Stores a `GET` reply frame (`$..` bulk) or nil with the lifetime the
+    /// rule and the key's `PTTL` allow. Returns whether it was stored.
+    pub fn fill(
+        &self,
+        db: u32,
+        key: &Bytes,
+        frame: Option<&[u8]>,
+        pttl_ms: i64,
+        ttl: Duration,
+        t: FillToken,
+    ) -> bool {
+        let lifetime = match frame {
+            None => {
+                if self.negative_ttl.is_zero() {
+                    return false;
+                }
+                self.negative_ttl.min(ttl)
+            }
+            Some(f) => {
+                if f.len() > self.max_value_size + 16 && bulk_len(f) > self.max_value_size {
+                    self.stats
+                        .not_cached_too_large
+                        .fetch_add(1, Ordering::Relaxed);
+                    return false;
+                }
+                match pttl_ms {
+                    -1 => ttl,
+                    n if n > 0 => ttl.min(Duration::from_millis(n as u64)),
+                    // -2 (gone since the read) or 0: nothing worth keeping.
+                    _ => return false,
+                }
+            }
+        };
+        if !self.current(key, t) {
+            self.stats.fills_dropped.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        self.max_db.fetch_max(db, Ordering::SeqCst);
+        let entry = Entry {
+            // Copy out of the read buffer so the entry does not pin it.
+            frame: frame.map(Bytes::copy_from_slice),
+            expires_at: Instant::now() + lifetime,
+        };
+        self.store.insert(
+            Key {
+                db,
+                key: Bytes::copy_from_slice(key),
+            },
+            entry,
+        );
+        // An invalidation may have landed between the check and the insert:
+        // it bumped the generation first, so seeing it unchanged here means
+        // its removal comes after our insert.
+        if !self.current(key, t) {
+            self.store.remove(&KeyRef { db, key });
+            self.stats.fills_dropped.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        self.stats.fills.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
+    /// Drops `key` from every database and fences off fills in flight.
+    pub fn invalidate(&self, key: &[u8]) {
+        self.slot(key).fetch_add(1, Ordering::SeqCst);
+        let max_db = self.max_db.load(Ordering::SeqCst);
+        for db in 0..=max_db {
+            self.store.remove(&KeyRef { db, key });
+        }
+        self.stats.invalidations.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Drops everything (FLUSHALL, FLUSHDB, SWAPDB, CACHE.CLEAR); returns
+    /// how many entries there were.
+    pub fn clear(&self) -> usize {
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        let n = self.store.len();
+        self.store.clear();
+        n
+    }
+
+    pub fn len(&self) -> usize {
+        self.store.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.store.is_empty()
+    }
+
+    pub fn weight(&self) -> u64 {
+        self.store.weight()
+    }
+
+    pub fn capacity(&self) -> u64 {
+        self.store.capacity()
+    }
+}
+
+/// The data length of a `$n\r\n...` frame.
+fn bulk_len(frame: &[u8]) -> usize {
+    let end = frame.iter().position(|&b| b == b'\r').unwrap_or(1);
+    std::str::from_utf8(&frame[1..end])
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(usize::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::CacheRule;
+
+    fn l1() -> L1 {
+        let mut cfg = CacheConfig::default();
+        cfg.max_memory = 1 << 20;
+        cfg.max_value_size = 1000;
+        cfg.rules = vec![CacheRule {
+            pattern: "nocache:*".into(),
+            cache: false,
+            ttl: None,
+        }];
+        L1::new(&cfg)
+    }
+
+    const TTL: Duration = Duration::from_secs(60);
+
+    #[test]
+    fn fill_then_get() {
+        let c = l1();
+        let k = Bytes::from_static(b"a");
+        let t = c.token(&k);
+        assert!(c.fill(0, &k, Some(b"$1\r\nx\r\n"), -1, TTL, t));
+        assert_eq!(
+            c.get(0, b"a").and_then(|e| e.frame).as_deref(),
+            Some(&b"$1\r\nx\r\n"[..])
+        );
+        assert!(c.get(1, b"a").is_none(), "databases are separate");
+    }
+
+    #[test]
+    fn invalidation_fences_a_racing_fill() {
+        let c = l1();
+        let k = Bytes::from_static(b"a");
+        let t = c.token(&k);
+        c.invalidate(&k);
+        assert!(!c.fill(0, &k, Some(b"$1\r\nx\r\n"), -1, TTL, t));
+        assert!(c.get(0, b"a").is_none());
+        let t = c.token(&k);
+        c.clear();
+        assert!(
+            !c.fill(0, &k, Some(b"$1\r\nx\r\n"), -1, TTL, t),
+            "a flush fences too"
+        );
+    }
+
+    #[test]
+    fn invalidate_drops_every_db() {
+        let c = l1();
+        let k = Bytes::from_static(b"a");
+        for db in [0, 3] {
+            assert!(c.fill(db, &k, Some(b"$1\r\nx\r\n"), -1, TTL, c.token(&k)));
+        }
+        c.invalidate(&k);
+        assert!(c.get(0, b"a").is_none() && c.get(3, b"a").is_none());
+    }
+
+    #[test]
+    fn limits_and_rules() {
+        let c = l1();
+        let k = Bytes::from_static(b"big");
+        let big = format!("$2000\r\n{}\r\n", "x".repeat(2000));
+        assert!(!c.fill(0, &k, Some(big.as_bytes()), -1, TTL, c.token(&k)));
+        assert_eq!(c.policy(b"nocache:1"), Policy::Bypass);
+        assert_eq!(c.policy(b"other"), Policy::Cache { ttl: TTL * 5 });
+        assert!(
+            !c.fill(0, &k, Some(b"$1\r\nx\r\n"), -2, TTL, c.token(&k)),
+            "gone upstream"
+        );
+    }
+
+    #[test]
+    fn entry_lifetime_is_bounded_by_pttl() {
+        let c = l1();
+        let k = Bytes::from_static(b"a");
+        assert!(c.fill(0, &k, Some(b"$1\r\nx\r\n"), 1, TTL, c.token(&k)));
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(c.get(0, b"a").is_none());
+    }
+}

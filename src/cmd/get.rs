@@ -1,0 +1,274 @@
+//! GET and MGET: answered from L1 when the key is there and fresh, else read
+//! from upstream and filled into L1.
+//!
+//! # Format
+//! `GET key` -> bulk string or nil. `MGET key [key ...]` -> array, nil for a
+//! missing key or one of another type.
+//!
+//! A miss sends `GET key` and `PTTL key` back to back on the client's shared
+//! connection (so the entry never outlives the key's own expiry), through a
+//! single flight per key. MGET fetches only its missing keys, in one upstream
+//! MGET. A client with writes in flight reads upstream behind them instead.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use bytes::{Bytes, BytesMut};
+use redis_protocol::resp3::types::BytesFrame;
+
+use super::{Client, Replies, Then, arity_error};
+use crate::cache::flight::{GetAnswer, Join};
+use crate::cache::{FillToken, Policy};
+use crate::context::Context;
+use crate::protocol::request::{Command, encode_command};
+use crate::protocol::{Proto, encode};
+use crate::upstream::Reply;
+
+pub fn get(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
+    if cmd.args.len() != 2 {
+        r.error(&arity_error("get"));
+        return;
+    }
+    let ttl = match c.ctx.l1.policy(&cmd.args[1]) {
+        Policy::Cache { ttl } if c.writes_pending == 0 => ttl,
+        _ => {
+            let rx = c.conn.send(cmd.wire(), None, true);
+            c.expect(r, rx, Then::Nothing);
+            return;
+        }
+    };
+    let key = cmd.args[1].clone();
+    let l1 = &c.ctx.l1;
+    if let Some(e) = l1.get(c.db, &key) {
+        l1.stats.hits.fetch_add(1, Ordering::Relaxed);
+        let proto = c.proto;
+        r.ready(|o| match &e.frame {
+            Some(f) => o.extend_from_slice(f),
+            None => encode::nil(o, proto),
+        });
+        return;
+    }
+    l1.stats.misses.fetch_add(1, Ordering::Relaxed);
+    let token = l1.token(&key);
+    let rx = match l1.flights.join(c.db, &key, token) {
+        Join::Wait(rx) => rx,
+        Join::Lead(flight, rx) => {
+            let get_rx = c.conn.send(cmd.wire(), None, true);
+            let pttl_rx = c
+                .conn
+                .send(encode_command(&[&b"PTTL"[..], &key]), None, true);
+            let ctx = c.ctx.clone();
+            let db = c.db;
+            tokio::spawn(async move {
+                let answer = match get_rx.await {
+                    Ok(Ok(bytes)) => classify(bytes),
+                    Ok(Err(e)) => GetAnswer::Failed(e.reply_text()),
+                    Err(_) => GetAnswer::Failed("ERR upstream: request dropped".into()),
+                };
+                let pttl = pttl_of(pttl_rx.await.ok());
+                fill_one(&ctx, db, &key, &answer, pttl, ttl, token);
+                ctx.l1.flights.finish(flight, answer);
+            });
+            rx
+        }
+    };
+    c.upstream_pending += 1;
+    r.pending.push_back(super::Pending::Get(rx));
+}
+
+fn fill_one(
+    ctx: &Context,
+    db: u32,
+    key: &Bytes,
+    answer: &GetAnswer,
+    pttl: i64,
+    ttl: std::time::Duration,
+    t: FillToken,
+) {
+    match answer {
+        GetAnswer::Value(frame) => {
+            ctx.l1.fill(db, key, Some(frame), pttl, ttl, t);
+        }
+        GetAnswer::Nil => {
+            ctx.l1.stats.penetrations.fetch_add(1, Ordering::Relaxed);
+            ctx.l1.fill(db, key, None, pttl, ttl, t);
+        }
+        _ => {}
+    }
+}
+
+fn classify(bytes: Bytes) -> GetAnswer {
+    match bytes.first() {
+        Some(b'$') if bytes.starts_with(b"$-1\r\n") => GetAnswer::Nil,
+        Some(b'$') => GetAnswer::Value(bytes),
+        Some(b'_') => GetAnswer::Nil,
+        _ => GetAnswer::Other(bytes),
+    }
+}
+
+fn pttl_of(reply: Option<Reply>) -> i64 {
+    match reply {
+        Some(Ok(b)) if b.first() == Some(&b':') => std::str::from_utf8(&b[1..])
+            .ok()
+            .and_then(|s| s.trim_end().parse().ok())
+            .unwrap_or(-2),
+        _ => -2,
+    }
+}
+
+pub fn write_answer(a: &GetAnswer, proto: Proto, out: &mut BytesMut) {
+    match a {
+        GetAnswer::Value(b) | GetAnswer::Other(b) => out.extend_from_slice(b),
+        GetAnswer::Nil => encode::nil(out, proto),
+        GetAnswer::Failed(msg) => encode::error(out, msg),
+    }
+}
+
+pub fn mget(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
+    if cmd.args.len() < 2 {
+        r.error(&arity_error("mget"));
+        return;
+    }
+    if c.writes_pending > 0 {
+        let rx = c.conn.send(cmd.wire(), None, true);
+        c.expect(r, rx, Then::Nothing);
+        return;
+    }
+    let l1 = &c.ctx.l1;
+    let keys = &cmd.args[1..];
+    // Per key: the cached frame (None inside for a cached nil), or a miss.
+    let mut slots: Vec<Option<Option<Bytes>>> = Vec::with_capacity(keys.len());
+    let mut missing: Vec<Miss> = Vec::new();
+    for key in keys {
+        let policy = l1.policy(key);
+        let hit = match policy {
+            Policy::Cache { .. } => l1.get(c.db, key),
+            Policy::Bypass => None,
+        };
+        match hit {
+            Some(e) => {
+                l1.stats.hits.fetch_add(1, Ordering::Relaxed);
+                slots.push(Some(e.frame));
+            }
+            None => {
+                if let Policy::Cache { ttl } = policy {
+                    l1.stats.misses.fetch_add(1, Ordering::Relaxed);
+                    missing.push(Miss {
+                        key: key.clone(),
+                        fill: Some((ttl, l1.token(key))),
+                    });
+                } else {
+                    missing.push(Miss {
+                        key: key.clone(),
+                        fill: None,
+                    });
+                }
+                slots.push(None);
+            }
+        }
+    }
+    let proto = c.proto;
+    if missing.is_empty() {
+        r.ready(|o| assemble(o, &slots, &mut std::iter::empty(), proto));
+        return;
+    }
+    let mut up: Vec<&[u8]> = Vec::with_capacity(missing.len() + 1);
+    up.push(b"MGET");
+    up.extend(missing.iter().map(|m| &m.key[..]));
+    let mget_rx = c.conn.send(encode_command(&up), None, true);
+    let pttl_rxs: Vec<_> = missing
+        .iter()
+        .map(|m| {
+            m.fill.map(|_| {
+                c.conn
+                    .send(encode_command(&[&b"PTTL"[..], &m.key]), None, true)
+            })
+        })
+        .collect();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let ctx: Arc<Context> = c.ctx.clone();
+    let db = c.db;
+    tokio::spawn(async move {
+        let reply = match mget_rx.await {
+            Ok(Ok(bytes)) => bytes,
+            Ok(Err(e)) => {
+                let _ = tx.send(Err(e));
+                return;
+            }
+            Err(_) => {
+                let _ = tx.send(Err(crate::error::UpstreamError::Lost(
+                    "request dropped".into(),
+                )));
+                return;
+            }
+        };
+        let values = match mget_values(&reply, missing.len()) {
+            Some(v) => v,
+            // Not an array (an error): pass it on as Redis sent it.
+            None => {
+                let _ = tx.send(Ok(reply));
+                return;
+            }
+        };
+        for ((m, v), pttl_rx) in missing.iter().zip(&values).zip(pttl_rxs) {
+            if let (Some((ttl, token)), Some(frame), Some(prx)) = (m.fill, v, pttl_rx) {
+                let pttl = pttl_of(prx.await.ok());
+                ctx.l1.fill(db, &m.key, Some(frame), pttl, ttl, token);
+            }
+        }
+        let mut out = BytesMut::new();
+        assemble(&mut out, &slots, &mut values.into_iter(), proto);
+        let _ = tx.send(Ok(out.freeze()));
+    });
+    c.expect(r, rx, Then::Nothing);
+}
+
+struct Miss {
+    key: Bytes,
+    /// TTL and fill token when the key may be cached.
+    fill: Option<(std::time::Duration, FillToken)>,
+}
+
+/// The elements of an upstream MGET reply as bulk frames (`None` for nil).
+fn mget_values(reply: &Bytes, n: usize) -> Option<Vec<Option<Bytes>>> {
+    let (frame, _) = redis_protocol::resp3::decode::complete::decode_bytes(reply).ok()??;
+    let BytesFrame::Array { data, .. } = frame else {
+        return None;
+    };
+    if data.len() != n {
+        return None;
+    }
+    Some(
+        data.into_iter()
+            .map(|f| match f {
+                BytesFrame::BlobString { data, .. } => {
+                    let mut b = BytesMut::with_capacity(data.len() + 16);
+                    encode::bulk(&mut b, &data);
+                    Some(b.freeze())
+                }
+                _ => None,
+            })
+            .collect(),
+    )
+}
+
+/// Writes the MGET reply: cached slots in place, misses from `fetched` in
+/// order.
+fn assemble(
+    out: &mut BytesMut,
+    slots: &[Option<Option<Bytes>>],
+    fetched: &mut dyn Iterator<Item = Option<Bytes>>,
+    proto: Proto,
+) {
+    encode::array(out, slots.len());
+    for s in slots {
+        let frame = match s {
+            Some(cached) => cached.clone(),
+            None => fetched.next().flatten(),
+        };
+        match frame {
+            Some(f) => out.extend_from_slice(&f),
+            None => encode::nil(out, proto),
+        }
+    }
+}

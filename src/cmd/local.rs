@@ -1,0 +1,275 @@
+//! Connection state kiln answers itself, with Redis's replies and errors:
+//! PING, ECHO, QUIT, RESET, SELECT (per client; L1 is keyed by database),
+//! HELLO (the client's protocol: later commands use upstream connections of
+//! the same version), AUTH (no client auth is configured in this version:
+//! answered as Redis answers with no password set), and the CLIENT
+//! subcommands about the client itself.
+
+use bytes::Bytes;
+
+use super::{Client, Flow, Replies, arity_error, table};
+use crate::protocol::request::Command;
+use crate::protocol::{Proto, encode};
+
+pub fn dispatch(c: &mut Client, name: &[u8], cmd: Command, r: &mut Replies<'_>) -> Flow {
+    let a = &cmd.args;
+    match name {
+        b"ping" => match a.len() {
+            1 => r.ready(|o| encode::simple(o, "PONG")),
+            2 => r.ready(|o| encode::bulk(o, &a[1])),
+            _ => r.error(&arity_error("ping")),
+        },
+        b"echo" => match a.len() {
+            2 => r.ready(|o| encode::bulk(o, &a[1])),
+            _ => r.error(&arity_error("echo")),
+        },
+        b"quit" => {
+            r.ready(|o| encode::simple(o, "OK"));
+            return Flow::Close;
+        }
+        b"reset" => {
+            reset(c);
+            r.ready(|o| encode::simple(o, "RESET"));
+        }
+        b"select" => select(c, a, r),
+        b"hello" => hello(c, a, r),
+        b"auth" => auth(a, r),
+        b"client" => return client(c, cmd, r),
+        _ => unreachable_local(r),
+    }
+    Flow::Continue
+}
+
+fn unreachable_local(r: &mut Replies<'_>) {
+    r.error("ERR internal: command routed to the wrong handler");
+}
+
+/// RESET: back to a fresh connection's state.
+pub fn reset(c: &mut Client) {
+    if let Some(s) = c.session.take() {
+        c.ctx.upstream.release(s.session, false);
+    }
+    c.db = c.ctx.upstream.default_db();
+    c.proto = Proto::Resp2;
+    c.name = None;
+    c.reroute();
+    c.meta_update();
+}
+
+/// Redis `getLongLongFromObject`: a plain decimal integer.
+pub fn parse_i64(b: &[u8]) -> Option<i64> {
+    let s = std::str::from_utf8(b).ok()?;
+    if s.is_empty()
+        || s.starts_with('+')
+        || (s.len() > 1 && s.starts_with('0'))
+        || s.starts_with("-0")
+    {
+        return None;
+    }
+    s.parse().ok()
+}
+
+pub fn parse_db(databases: u32, arg: &[u8]) -> Result<u32, &'static str> {
+    let n = parse_i64(arg).ok_or("ERR value is not an integer or out of range")?;
+    if n < 0 || n >= databases as i64 || n > i32::MAX as i64 {
+        return Err("ERR DB index is out of range");
+    }
+    Ok(n as u32)
+}
+
+fn select(c: &mut Client, a: &[Bytes], r: &mut Replies<'_>) {
+    if a.len() != 2 {
+        return r.error(&arity_error("select"));
+    }
+    match parse_db(c.ctx.databases, &a[1]) {
+        Ok(db) => {
+            c.db = db;
+            c.reroute();
+            c.meta_update();
+            r.ready(|o| encode::simple(o, "OK"));
+        }
+        Err(e) => r.error(e),
+    }
+}
+
+fn hello(c: &mut Client, a: &[Bytes], r: &mut Replies<'_>) {
+    let mut proto = c.proto;
+    if a.len() >= 2 {
+        proto = match parse_i64(&a[1]) {
+            Some(2) => Proto::Resp2,
+            Some(3) => Proto::Resp3,
+            Some(_) => return r.error("NOPROTO unsupported protocol version"),
+            None => return r.error("ERR Protocol version is not an integer or out of range"),
+        };
+    }
+    let mut setname = None;
+    let mut j = 2;
+    while j < a.len() {
+        let more = a.len() - 1 - j;
+        let opt = &a[j];
+        if opt.eq_ignore_ascii_case(b"AUTH") && more >= 2 {
+            if let Err(e) = check_credentials(&a[j + 1], &a[j + 2]) {
+                return r.error(e);
+            }
+            j += 3;
+        } else if opt.eq_ignore_ascii_case(b"SETNAME") && more >= 1 {
+            if !valid_name(&a[j + 1]) {
+                return r.error(NAME_ERROR);
+            }
+            setname = Some(a[j + 1].clone());
+            j += 2;
+        } else {
+            let msg = format!(
+                "ERR Syntax error in HELLO option '{}'",
+                String::from_utf8_lossy(opt)
+            );
+            return r.error(&msg);
+        }
+    }
+    if let Some(n) = setname {
+        c.name = (!n.is_empty()).then_some(n);
+        c.meta_update();
+    }
+    if proto != c.proto {
+        c.proto = proto;
+        c.reroute();
+    }
+    let (id, version) = (c.id, c.ctx.redis_version.clone());
+    r.ready(|o| {
+        encode::map(o, 7, proto);
+        for (k, v) in [("server", "redis"), ("version", version.as_str())] {
+            encode::bulk(o, k.as_bytes());
+            encode::bulk(o, v.as_bytes());
+        }
+        encode::bulk(o, b"proto");
+        encode::int(o, if proto == Proto::Resp3 { 3 } else { 2 });
+        encode::bulk(o, b"id");
+        encode::int(o, id as i64);
+        for (k, v) in [("mode", "standalone"), ("role", "master")] {
+            encode::bulk(o, k.as_bytes());
+            encode::bulk(o, v.as_bytes());
+        }
+        encode::bulk(o, b"modules");
+        encode::array(o, 0);
+    });
+}
+
+/// With no client auth configured, Redis's `default` user has no password:
+/// any password is accepted for it and no other user exists.
+fn check_credentials(user: &[u8], _pass: &[u8]) -> Result<(), &'static str> {
+    if user == b"default" {
+        Ok(())
+    } else {
+        Err("WRONGPASS invalid username-password pair or user is disabled.")
+    }
+}
+
+fn auth(a: &[Bytes], r: &mut Replies<'_>) {
+    match a.len() {
+        0 | 1 => r.error(&arity_error("auth")),
+        2 => r.error(
+            "ERR AUTH <password> called without any password configured for the default user. \
+             Are you sure your configuration is correct?",
+        ),
+        3 => match check_credentials(&a[1], &a[2]) {
+            Ok(()) => r.ready(|o| encode::simple(o, "OK")),
+            Err(e) => r.error(e),
+        },
+        _ => r.error("ERR syntax error"),
+    }
+}
+
+const NAME_ERROR: &str = "ERR Client names cannot contain spaces, newlines or special characters.";
+
+fn valid_name(n: &[u8]) -> bool {
+    n.iter().all(|&b| (b'!'..=b'~').contains(&b))
+}
+
+fn client(c: &mut Client, cmd: Command, r: &mut Replies<'_>) -> Flow {
+    let a = &cmd.args;
+    if a.len() < 2 {
+        r.error(&arity_error("client"));
+        return Flow::Continue;
+    }
+    let mut buf = [0u8; 64];
+    let sub = table::lower(&a[1], &mut buf).unwrap_or(b"");
+    let argc_err = |r: &mut Replies<'_>, sub: &[u8]| {
+        r.error(&arity_error(&format!(
+            "client|{}",
+            String::from_utf8_lossy(sub)
+        )))
+    };
+    match sub {
+        b"id" if a.len() == 2 => r.ready(|o| encode::int(o, c.id as i64)),
+        b"getname" if a.len() == 2 => {
+            let name = c.name.clone();
+            let proto = c.proto;
+            r.ready(|o| match &name {
+                Some(n) => encode::bulk(o, n),
+                None => encode::nil(o, proto),
+            });
+        }
+        b"setname" if a.len() == 3 => {
+            if !valid_name(&a[2]) {
+                r.error(NAME_ERROR);
+            } else {
+                c.name = (!a[2].is_empty()).then(|| a[2].clone());
+                c.meta_update();
+                r.ready(|o| encode::simple(o, "OK"));
+            }
+        }
+        // Client libraries announce themselves; nothing upstream needs it.
+        b"setinfo" if a.len() == 4 => r.ready(|o| encode::simple(o, "OK")),
+        b"info" if a.len() == 2 => {
+            let line = info_line(c.id, &c.ctx);
+            let proto = c.proto;
+            r.ready(|o| verbatim(o, line.as_bytes(), proto));
+        }
+        b"list" => {
+            let mut ids: Vec<u64> = c.ctx.clients().keys().copied().collect();
+            ids.sort_unstable();
+            let text: String = ids.iter().map(|id| info_line(*id, &c.ctx)).collect();
+            let proto = c.proto;
+            r.ready(|o| verbatim(o, text.as_bytes(), proto));
+        }
+        b"tracking" => return Flow::Relay(cmd.wire()),
+        b"reply" | b"caching" | b"getredir" | b"trackinginfo" | b"no-evict" | b"no-touch" => {
+            let msg = format!(
+                "ERR 'CLIENT {}' is refused by kiln: it would change a shared upstream connection",
+                String::from_utf8_lossy(sub).to_ascii_uppercase()
+            );
+            r.error(&msg);
+        }
+        b"id" | b"getname" | b"setname" | b"setinfo" | b"info" => argc_err(r, sub),
+        // KILL, PAUSE, UNPAUSE, UNBLOCK, HELP, unknown subcommands: upstream
+        // answers, errors included.
+        _ => super::write::forward(c, cmd, r),
+    }
+    Flow::Continue
+}
+
+fn info_line(id: u64, ctx: &crate::context::Context) -> String {
+    match ctx.clients().get(&id) {
+        Some(m) => format!(
+            "id={id} addr={} name={} age={} db={}\n",
+            m.addr,
+            m.name.as_deref().unwrap_or(""),
+            m.connected.elapsed().as_secs(),
+            m.db
+        ),
+        None => String::new(),
+    }
+}
+
+/// A verbatim text reply: `=` in RESP3, a bulk string in RESP2.
+fn verbatim(o: &mut bytes::BytesMut, text: &[u8], proto: Proto) {
+    match proto {
+        Proto::Resp2 => encode::bulk(o, text),
+        Proto::Resp3 => {
+            encode::header(o, b'=', text.len() as i64 + 4);
+            o.extend_from_slice(b"txt:");
+            o.extend_from_slice(text);
+            o.extend_from_slice(b"\r\n");
+        }
+    }
+}

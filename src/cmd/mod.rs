@@ -1,0 +1,291 @@
+//! What to do with each client command. `Client` is one connection's state;
+//! `Client::dispatch` classifies a command (names matched as lowercased
+//! bytes on the stack) and hands it to its family:
+//!
+//! * `get`: GET and MGET, answered from L1 or filled from upstream;
+//! * `write`: everything else that goes upstream, with invalidation of the
+//!   keys a write names;
+//! * `local`: connection state kiln answers itself (PING, SELECT, HELLO, ...);
+//! * `session`: MULTI/WATCH and blocking commands on a dedicated connection,
+//!   and the hand-off of pub/sub-like clients to a raw relay.
+//!
+//! Replies are queued in order as `Pending` items; the connection loop writes
+//! them as they resolve.
+
+pub mod get;
+pub mod local;
+pub mod session;
+pub mod table;
+pub mod write;
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use tokio::sync::oneshot;
+
+use crate::cache::flight::GetAnswer;
+use crate::context::Context;
+use crate::protocol::request::Command;
+use crate::protocol::{Proto, encode};
+use crate::upstream::{ConnHandle, Reply};
+
+pub use session::SessionState;
+
+/// A reply not yet written to the client, in command order.
+pub enum Pending {
+    /// Known already, but queued behind earlier replies.
+    Ready(Bytes),
+    /// Upstream's reply, passed through as bytes.
+    Reply(oneshot::Receiver<Reply>, Then),
+    /// A GET miss waiting on a fill.
+    Get(oneshot::Receiver<GetAnswer>),
+    /// Resolved by `poll_front`, waiting to be taken.
+    Done(Resolved),
+}
+
+pub enum Resolved {
+    Bytes(Bytes),
+    Reply(Reply, Then),
+    Get(GetAnswer),
+}
+
+/// What a reply changes in the client's state once it arrives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Then {
+    Nothing,
+    /// A write through the shared connection completed.
+    WriteDone,
+    /// A reply on the session connection; `db` is a SELECT to apply if the
+    /// reply says it succeeded.
+    Session {
+        select: Option<u32>,
+    },
+}
+
+/// Where a reply goes: straight into the output buffer when nothing is
+/// queued before it, else at the back of the queue.
+pub struct Replies<'a> {
+    pub pending: &'a mut VecDeque<Pending>,
+    pub out: &'a mut BytesMut,
+}
+
+impl Replies<'_> {
+    pub fn ready(&mut self, f: impl FnOnce(&mut BytesMut)) {
+        if self.pending.is_empty() {
+            f(self.out);
+        } else {
+            let mut b = BytesMut::new();
+            f(&mut b);
+            self.pending.push_back(Pending::Ready(b.freeze()));
+        }
+    }
+
+    pub fn error(&mut self, msg: &str) {
+        self.ready(|o| encode::error(o, msg));
+    }
+}
+
+/// What the connection loop must do after a command.
+pub enum Flow {
+    Continue,
+    /// Write what is queued, then close (QUIT).
+    Close,
+    /// Hand the client to a raw upstream relay, starting with this command.
+    Relay(Bytes),
+}
+
+/// One client connection's state.
+pub struct Client {
+    pub id: u64,
+    pub addr: SocketAddr,
+    pub db: u32,
+    pub proto: Proto,
+    pub name: Option<Bytes>,
+    /// The shared upstream connection for (db, proto): fixed per client so
+    /// its pipelined commands run in the order sent.
+    pub conn: ConnHandle,
+    pub session: Option<SessionState>,
+    /// Queued replies that wait on upstream (or on a fill).
+    pub upstream_pending: usize,
+    /// Writes sent on `conn` and not yet answered: while there are any, GETs
+    /// go upstream behind them instead of to L1, so a client always reads
+    /// its own writes.
+    pub writes_pending: usize,
+    pub ctx: Arc<Context>,
+}
+
+pub fn arity_error(name: &str) -> String {
+    format!("ERR wrong number of arguments for '{name}' command")
+}
+
+impl Client {
+    pub fn new(ctx: Arc<Context>, addr: SocketAddr) -> Client {
+        let id = ctx.next_client_id();
+        let db = ctx.upstream.default_db();
+        let conn = ctx.upstream.shared(db, Proto::Resp2, id);
+        Client {
+            id,
+            addr,
+            db,
+            proto: Proto::Resp2,
+            name: None,
+            conn,
+            session: None,
+            upstream_pending: 0,
+            writes_pending: 0,
+            ctx,
+        }
+    }
+
+    /// Re-picks the shared connection after a database or protocol change.
+    pub fn reroute(&mut self) {
+        self.conn = self.ctx.upstream.shared(self.db, self.proto, self.id);
+    }
+
+    /// Queues upstream's reply to a request.
+    pub fn expect(&mut self, r: &mut Replies<'_>, rx: oneshot::Receiver<Reply>, then: Then) {
+        self.upstream_pending += 1;
+        if then == Then::WriteDone {
+            self.writes_pending += 1;
+        }
+        r.pending.push_back(Pending::Reply(rx, then));
+    }
+
+    /// Whether `cmd` must wait until every upstream reply before it is in:
+    /// it goes to another connection, or changes which one later commands
+    /// use, and would otherwise overtake them.
+    pub fn needs_barrier(&self, cmd: &Command) -> bool {
+        if self.upstream_pending == 0 {
+            return false;
+        }
+        let mut buf = [0u8; 64];
+        let Some(name) = table::lower(cmd.name(), &mut buf) else {
+            return false;
+        };
+        if self.session.is_some() {
+            return matches!(name, b"reset");
+        }
+        matches!(
+            name,
+            b"multi" | b"watch" | b"select" | b"hello" | b"reset" | b"client"
+        ) || session::is_relay(name, &cmd.args)
+            || self.ctx.table.is_blocking(&cmd.args)
+    }
+
+    pub async fn dispatch(&mut self, cmd: Command, r: &mut Replies<'_>) -> Flow {
+        let mut buf = [0u8; 64];
+        let Some(name) = table::lower(cmd.name(), &mut buf) else {
+            write::forward(self, cmd, r);
+            return Flow::Continue;
+        };
+        if !self.ctx.deny.is_empty() && self.ctx.deny.contains(name) {
+            let msg = format!(
+                "ERR command '{}' is disabled on this proxy",
+                String::from_utf8_lossy(cmd.name())
+            );
+            r.error(&msg);
+            return Flow::Continue;
+        }
+        if self.session.is_some() {
+            return session::dispatch(self, name, cmd, r).await;
+        }
+        match name {
+            b"get" => get::get(self, cmd, r),
+            b"mget" => get::mget(self, cmd, r),
+            b"ping" | b"echo" | b"select" | b"hello" | b"auth" | b"quit" | b"reset" | b"client" => {
+                return local::dispatch(self, name, cmd, r);
+            }
+            b"multi" | b"watch" => return session::begin(self, name, cmd, r).await,
+            _ if session::is_relay(name, &cmd.args) => return Flow::Relay(cmd.wire()),
+            _ if self.ctx.table.is_blocking(&cmd.args) => {
+                return session::blocking(self, cmd, r).await;
+            }
+            _ => match write::refused(name) {
+                Some(msg) => r.error(&msg),
+                None => write::forward(self, cmd, r),
+            },
+        }
+        Flow::Continue
+    }
+
+    /// Applies a resolved reply: writes it out and updates state.
+    pub fn resolve(&mut self, res: Resolved, out: &mut BytesMut) {
+        match res {
+            Resolved::Bytes(b) => out.extend_from_slice(&b),
+            Resolved::Get(a) => {
+                self.upstream_pending -= 1;
+                get::write_answer(&a, self.proto, out);
+            }
+            Resolved::Reply(reply, then) => {
+                self.upstream_pending -= 1;
+                match &reply {
+                    Ok(bytes) => out.extend_from_slice(bytes),
+                    Err(e) => encode::error(out, &e.reply_text()),
+                }
+                match then {
+                    Then::Nothing => {}
+                    Then::WriteDone => self.writes_pending -= 1,
+                    Then::Session { select } => session::after_reply(self, &reply, select),
+                }
+            }
+        }
+    }
+
+    pub fn meta_update(&self) {
+        if let Some(m) = self.ctx.clients().get_mut(&self.id) {
+            m.db = self.db;
+            m.name = self
+                .name
+                .as_ref()
+                .map(|n| String::from_utf8_lossy(n).into_owned());
+        }
+    }
+}
+
+/// Resolves the front of the queue if its reply is in; `Poll::Pending`
+/// registers `cx` for when it comes.
+pub fn poll_front(
+    pending: &mut VecDeque<Pending>,
+    cx: &mut std::task::Context<'_>,
+) -> std::task::Poll<()> {
+    use std::future::Future;
+    use std::pin::Pin;
+    use std::task::Poll;
+    let Some(front) = pending.front_mut() else {
+        return Poll::Pending;
+    };
+    let done = match front {
+        Pending::Ready(b) => Resolved::Bytes(std::mem::take(b)),
+        Pending::Done(_) => return Poll::Ready(()),
+        Pending::Reply(rx, then) => match Pin::new(rx).poll(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(r) => Resolved::Reply(
+                r.unwrap_or_else(|_| {
+                    Err(crate::error::UpstreamError::Lost("request dropped".into()))
+                }),
+                *then,
+            ),
+        },
+        Pending::Get(rx) => match Pin::new(rx).poll(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(a) => Resolved::Get(
+                a.unwrap_or_else(|_| GetAnswer::Failed("ERR upstream: fill dropped".into())),
+            ),
+        },
+    };
+    *front = Pending::Done(done);
+    Poll::Ready(())
+}
+
+/// Takes the front of the queue if `poll_front` resolved it.
+pub fn take_front(pending: &mut VecDeque<Pending>) -> Option<Resolved> {
+    match pending.front() {
+        Some(Pending::Done(_)) => match pending.pop_front() {
+            Some(Pending::Done(r)) => Some(r),
+            _ => None,
+        },
+        _ => None,
+    }
+}

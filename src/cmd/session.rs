@@ -1,0 +1,177 @@
+//! Commands that need a connection of their own. MULTI/WATCH and blocking
+//! commands take a dedicated upstream connection from the pool; the client
+//! keeps it, and sends everything on it, until the transaction ends, WATCH
+//! is dropped and no reply is pending; then it goes back to the pool (or is
+//! closed, if SELECT or HELLO left state on it). A client that disconnects
+//! mid-session closes its connection: it is never handed on dirty.
+//!
+//! Keys written inside MULTI are invalidated when queued and again when EXEC
+//! returns. Pub/sub, MONITOR and CLIENT TRACKING, where upstream talks
+//! unprompted, are relayed byte for byte (`connection::relay`).
+
+use bytes::Bytes;
+
+use super::write::Stale;
+use super::{Client, Flow, Replies, Then, local};
+use crate::protocol::request::Command;
+use crate::upstream::{Reply, Session};
+
+pub struct SessionState {
+    pub session: Session,
+    in_multi: bool,
+    watching: bool,
+    /// Keys written by commands queued in MULTI, invalidated at EXEC.
+    queued: Vec<Bytes>,
+    flush_on_exec: bool,
+    /// A SELECT queued in MULTI, applied to the client if EXEC succeeds.
+    queued_db: Option<u32>,
+    /// SELECT ran on the connection: it cannot go back to the pool.
+    dirty: bool,
+}
+
+pub fn is_relay(name: &[u8], args: &[Bytes]) -> bool {
+    match name {
+        b"subscribe" | b"psubscribe" | b"ssubscribe" | b"unsubscribe" | b"punsubscribe"
+        | b"sunsubscribe" | b"monitor" => true,
+        b"client" => args
+            .get(1)
+            .is_some_and(|s| s.eq_ignore_ascii_case(b"tracking")),
+        _ => false,
+    }
+}
+
+async fn open(c: &mut Client, r: &mut Replies<'_>) -> bool {
+    match c.ctx.upstream.session(c.db, c.proto).await {
+        Ok(session) => {
+            c.session = Some(SessionState {
+                session,
+                in_multi: false,
+                watching: false,
+                queued: Vec::new(),
+                flush_on_exec: false,
+                queued_db: None,
+                dirty: false,
+            });
+            true
+        }
+        Err(e) => {
+            r.error(&e.reply_text());
+            false
+        }
+    }
+}
+
+/// MULTI or WATCH outside a session.
+pub async fn begin(c: &mut Client, name: &[u8], cmd: Command, r: &mut Replies<'_>) -> Flow {
+    if open(c, r).await {
+        return dispatch(c, name, cmd, r).await;
+    }
+    Flow::Continue
+}
+
+/// A blocking command outside a session.
+pub async fn blocking(c: &mut Client, cmd: Command, r: &mut Replies<'_>) -> Flow {
+    if open(c, r).await {
+        let mut buf = [0u8; 64];
+        let name = super::table::lower(cmd.name(), &mut buf)
+            .unwrap_or(b"")
+            .to_vec();
+        return dispatch(c, &name, cmd, r).await;
+    }
+    Flow::Continue
+}
+
+/// Any command while the client holds a session.
+pub async fn dispatch(c: &mut Client, name: &[u8], cmd: Command, r: &mut Replies<'_>) -> Flow {
+    let ctx = c.ctx.clone();
+    let Some(s) = c.session.as_mut() else {
+        return Flow::Continue;
+    };
+    let mut select = None;
+    let mut on_reply = None;
+    match name {
+        b"reset" | b"quit" => return local::dispatch(c, name, cmd, r),
+        b"hello" => {
+            r.error("ERR HELLO inside MULTI or WATCH is not supported by kiln");
+            return Flow::Continue;
+        }
+        _ if is_relay(name, &cmd.args) => {
+            r.error("ERR SUBSCRIBE, MONITOR and CLIENT TRACKING inside MULTI or WATCH are not supported by kiln");
+            return Flow::Continue;
+        }
+        b"ping" | b"echo" | b"auth" | b"client" if !s.in_multi => {
+            return local::dispatch(c, name, cmd, r);
+        }
+        b"multi" => s.in_multi = true,
+        b"exec" if s.in_multi => {
+            s.in_multi = false;
+            s.watching = false;
+            select = s.queued_db.take();
+            let stale = if std::mem::take(&mut s.flush_on_exec) {
+                Stale::Everything
+            } else {
+                Stale::Keys(std::mem::take(&mut s.queued))
+            };
+            on_reply = Some(stale.now_and_on_reply(&ctx));
+        }
+        b"discard" if s.in_multi => {
+            s.in_multi = false;
+            s.watching = false;
+            s.queued.clear();
+            s.flush_on_exec = false;
+            s.queued_db = None;
+        }
+        b"watch" if !s.in_multi => s.watching = true,
+        b"unwatch" if !s.in_multi => s.watching = false,
+        b"select" => {
+            s.dirty = true;
+            if let (Some(arg), 2) = (cmd.args.get(1), cmd.args.len()) {
+                if let Ok(db) = local::parse_db(ctx.databases, arg) {
+                    if s.in_multi {
+                        s.queued_db = Some(db);
+                    } else {
+                        select = Some(db);
+                    }
+                }
+            }
+        }
+        _ => {
+            if let Some(stale) = Stale::of(&ctx, &cmd.args) {
+                if s.in_multi {
+                    stale.apply(&ctx);
+                    match stale {
+                        Stale::Everything => s.flush_on_exec = true,
+                        Stale::Keys(k) => s.queued.extend(k),
+                    }
+                } else {
+                    on_reply = Some(stale.now_and_on_reply(&ctx));
+                }
+            }
+        }
+    }
+    let timed = s.in_multi || !ctx.table.is_blocking(&cmd.args);
+    let rx = s.session.conn.send(cmd.wire(), on_reply, timed);
+    c.expect(r, rx, Then::Session { select });
+    Flow::Continue
+}
+
+/// After a reply on the session connection: apply a SELECT that succeeded,
+/// and give the connection back once the session is over.
+pub fn after_reply(c: &mut Client, reply: &Reply, select: Option<u32>) {
+    if let (Some(db), Ok(bytes)) = (select, reply) {
+        if bytes.starts_with(b"+OK") || bytes.starts_with(b"*") {
+            c.db = db;
+            c.reroute();
+            c.meta_update();
+        }
+    }
+    let over = c
+        .session
+        .as_ref()
+        .is_some_and(|s| !s.in_multi && !s.watching && c.upstream_pending == 0);
+    if over {
+        if let Some(s) = c.session.take() {
+            c.ctx.upstream.release(s.session, !s.dirty);
+        }
+    }
+}

@@ -1,0 +1,342 @@
+//! Which commands write, and which of their arguments are keys. Built at
+//! start from upstream `COMMAND` (flags and first/last/step key positions);
+//! when that fails, from the built-in list below. A write whose keys cannot
+//! be located (movable keys) invalidates every argument: invalidating too
+//! much only costs a miss, too little would serve stale data.
+
+use std::collections::HashMap;
+
+use bytes::Bytes;
+use redis_protocol::resp2::types::OwnedFrame;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CmdInfo {
+    pub write: bool,
+    pub blocking: bool,
+    pub movable: bool,
+    pub first: i32,
+    pub last: i32,
+    pub step: i32,
+    /// A container (`XGROUP`, `OBJECT`): look up `name|sub` instead.
+    pub container: bool,
+}
+
+/// Where a write's keys are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Keys {
+    /// `first..=last` step `step` (last < 0 counts from the end).
+    Range { first: i32, last: i32, step: i32 },
+    /// `EVAL`-style: the argument at this index says how many keys follow.
+    NumKeys(usize),
+    /// Unknown positions: every argument after the name.
+    AllArgs,
+    /// No keys at all (FLUSHDB, SWAPDB, FUNCTION ...): drop the whole L1.
+    Everything,
+}
+
+pub struct Table {
+    map: HashMap<Vec<u8>, CmdInfo>,
+    pub from_upstream: bool,
+}
+
+/// Commands whose keys sit behind a count argument, and which may write.
+const NUMKEYS_WRITES: &[(&str, usize)] = &[("eval", 2), ("evalsha", 2), ("fcall", 2)];
+
+impl Table {
+    /// Parses the reply to `COMMAND` (RESP2).
+    pub fn from_command_reply(reply: &[u8]) -> Option<Table> {
+        let (frame, _) = redis_protocol::resp2::decode::decode(reply).ok()??;
+        let OwnedFrame::Array(cmds) = frame else {
+            return None;
+        };
+        let mut map = HashMap::with_capacity(cmds.len() * 2);
+        for c in &cmds {
+            add_entry(&mut map, c, None);
+        }
+        (!map.is_empty()).then_some(Table {
+            map,
+            from_upstream: true,
+        })
+    }
+
+    pub fn builtin() -> Table {
+        let mut map = HashMap::new();
+        for (names, info) in BUILTIN {
+            for n in names.split_whitespace() {
+                map.insert(n.as_bytes().to_vec(), *info);
+            }
+        }
+        Table {
+            map,
+            from_upstream: false,
+        }
+    }
+
+    /// Looks up a lowercase name (`"set"`, `"xgroup|create"`).
+    pub fn get(&self, lower: &[u8]) -> Option<&CmdInfo> {
+        self.map.get(lower)
+    }
+
+    /// Where the keys of a write are, or `None` for a command that does not
+    /// write. Unknown commands are treated as writes to all their arguments.
+    pub fn write_keys(&self, args: &[Bytes]) -> Option<Keys> {
+        let mut buf = [0u8; 64];
+        let name = lower(&args[0], &mut buf)?;
+        if let Some((_, idx)) = NUMKEYS_WRITES.iter().find(|(n, _)| n.as_bytes() == name) {
+            return Some(Keys::NumKeys(*idx));
+        }
+        let mut info = match self.map.get(name) {
+            Some(i) => *i,
+            None => return Some(Keys::AllArgs),
+        };
+        if info.container {
+            let Some(sub) = args.get(1) else { return None };
+            let mut full = Vec::with_capacity(name.len() + 1 + sub.len());
+            full.extend_from_slice(name);
+            full.push(b'|');
+            full.extend(sub.iter().map(|b| b.to_ascii_lowercase()));
+            info = match self.map.get(&full) {
+                Some(i) => *i,
+                // An unknown subcommand: upstream will refuse it.
+                None => return None,
+            };
+        }
+        if !info.write {
+            return None;
+        }
+        Some(if info.movable {
+            Keys::AllArgs
+        } else if info.first == 0 {
+            Keys::Everything
+        } else {
+            Keys::Range {
+                first: info.first,
+                last: info.last,
+                step: info.step.max(1),
+            }
+        })
+    }
+
+    pub fn is_blocking(&self, args: &[Bytes]) -> bool {
+        let mut buf = [0u8; 64];
+        let Some(name) = lower(&args[0], &mut buf) else {
+            return false;
+        };
+        match name {
+            // Blocking only with a BLOCK argument.
+            b"xread" | b"xreadgroup" => args.iter().any(|a| a.eq_ignore_ascii_case(b"block")),
+            b"wait" | b"waitaof" => true,
+            _ => self.map.get(name).is_some_and(|i| i.blocking),
+        }
+    }
+}
+
+/// Resolves `keys` against the arguments of one command.
+pub fn key_args(keys: Keys, args: &[Bytes]) -> impl Iterator<Item = &Bytes> {
+    let n = args.len() as i64;
+    let (start, end, step) = match keys {
+        Keys::Range { first, last, step } => {
+            let last = if last < 0 {
+                n + last as i64
+            } else {
+                last as i64
+            };
+            (first as i64, last.min(n - 1), step as usize)
+        }
+        Keys::NumKeys(idx) => {
+            let count = args
+                .get(idx)
+                .and_then(|a| std::str::from_utf8(a).ok())
+                .and_then(|s| s.parse::<i64>().ok())
+                .unwrap_or(0)
+                .max(0);
+            let first = idx as i64 + 1;
+            (first, (first + count - 1).min(n - 1), 1)
+        }
+        Keys::AllArgs => (1, n - 1, 1),
+        Keys::Everything => (1, 0, 1),
+    };
+    let range = if start >= 1 && end >= start {
+        start as usize..=end as usize
+    } else {
+        // An empty range: 1..=0.
+        1..=0
+    };
+    args.get(range).unwrap_or(&[]).iter().step_by(step)
+}
+
+/// ASCII-lowercases a command name into `buf`; `None` if it does not fit.
+pub fn lower<'a>(name: &[u8], buf: &'a mut [u8; 64]) -> Option<&'a [u8]> {
+    let out = buf.get_mut(..name.len())?;
+    for (o, c) in out.iter_mut().zip(name) {
+        *o = c.to_ascii_lowercase();
+    }
+    Some(out)
+}
+
+fn add_entry(map: &mut HashMap<Vec<u8>, CmdInfo>, c: &OwnedFrame, _parent: Option<&[u8]>) {
+    let OwnedFrame::Array(f) = c else { return };
+    let text = |i: usize| match f.get(i) {
+        Some(OwnedFrame::BulkString(b)) | Some(OwnedFrame::SimpleString(b)) => Some(b.clone()),
+        _ => None,
+    };
+    let int = |i: usize| match f.get(i) {
+        Some(OwnedFrame::Integer(n)) => *n as i32,
+        _ => 0,
+    };
+    let Some(name) = text(0) else { return };
+    let flags: Vec<Vec<u8>> = match f.get(2) {
+        Some(OwnedFrame::Array(a)) => a
+            .iter()
+            .filter_map(|x| match x {
+                OwnedFrame::SimpleString(s) | OwnedFrame::BulkString(s) => Some(s.clone()),
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    let has = |flag: &[u8]| flags.iter().any(|x| x == flag);
+    let subs = match f.get(9) {
+        Some(OwnedFrame::Array(s)) if !s.is_empty() => Some(s),
+        _ => None,
+    };
+    let info = CmdInfo {
+        write: has(b"write"),
+        blocking: has(b"blocking"),
+        movable: has(b"movablekeys"),
+        first: int(3),
+        last: int(4),
+        step: int(5),
+        container: subs.is_some(),
+    };
+    map.insert(name.to_ascii_lowercase(), info);
+    for s in subs.into_iter().flatten() {
+        add_entry(map, s, Some(&name));
+    }
+}
+
+const fn w(first: i32, last: i32, step: i32) -> CmdInfo {
+    CmdInfo {
+        write: true,
+        blocking: false,
+        movable: false,
+        first,
+        last,
+        step,
+        container: false,
+    }
+}
+const R: CmdInfo = CmdInfo {
+    write: false,
+    blocking: false,
+    movable: false,
+    first: 1,
+    last: 1,
+    step: 1,
+    container: false,
+};
+const B: CmdInfo = CmdInfo {
+    write: true,
+    blocking: true,
+    movable: false,
+    first: 1,
+    last: -2,
+    step: 1,
+    container: false,
+};
+const ALL: CmdInfo = CmdInfo {
+    write: true,
+    blocking: false,
+    movable: true,
+    first: 0,
+    last: 0,
+    step: 0,
+    container: false,
+};
+const NOKEYS: CmdInfo = w(0, 0, 0);
+
+/// Used only when upstream `COMMAND` fails (an old or restricted server).
+const BUILTIN: &[(&str, CmdInfo)] = &[
+    (
+        "get mget strlen getrange substr exists type ttl pttl expiretime pexpiretime \
+         hget hmget hgetall hkeys hvals hlen hexists hstrlen hrandfield hscan \
+         lrange llen lindex lpos scard smembers sismember smismember srandmember sscan \
+         sinter sunion sdiff sintercard zrange zrangebyscore zrevrange zrevrangebyscore \
+         zrangebylex zrevrangebylex zscore zmscore zrank zrevrank zcard zcount zlexcount \
+         zrandmember zscan zinter zunion zdiff zintercard xrange xrevrange xlen xinfo xpending \
+         xread getbit bitcount bitpos bitfield_ro pfcount geopos geodist geohash georadius_ro \
+         georadiusbymember_ro geosearch dump object memory touch keys scan randomkey dbsize \
+         lcs sort_ro eval_ro evalsha_ro fcall_ro ping echo info time command config client \
+         hello auth select quit reset multi exec discard watch unwatch subscribe psubscribe \
+         ssubscribe unsubscribe punsubscribe sunsubscribe publish spublish pubsub monitor \
+         wait waitaof script function lastsave role slowlog latency",
+        R,
+    ),
+    (
+        "set setnx setex psetex getset getdel getex append incr decr incrby decrby \
+         incrbyfloat setrange expire pexpire expireat pexpireat persist \
+         hset hsetnx hmset hdel hincrby hincrbyfloat lpush rpush lpushx rpushx lpop rpop \
+         lset lrem ltrim linsert sadd srem spop zadd zrem zincrby zpopmin zpopmax \
+         zremrangebyrank zremrangebyscore zremrangebylex xadd xdel xtrim xack xclaim \
+         xautoclaim xsetid setbit bitfield pfadd geoadd restore",
+        w(1, 1, 1),
+    ),
+    ("mset msetnx", w(1, -1, 2)),
+    ("del unlink", w(1, -1, 1)),
+    ("rename renamenx smove lmove rpoplpush copy", w(1, 2, 1)),
+    ("move", w(1, 1, 1)),
+    (
+        "sinterstore sunionstore sdiffstore zrangestore pfmerge bitop \
+         geosearchstore georadius georadiusbymember",
+        w(1, -1, 1),
+    ),
+    ("flushdb flushall swapdb", NOKEYS),
+    ("blpop brpop bzpopmin bzpopmax", B),
+    ("blmove brpoplpush", CmdInfo { last: 2, ..B }),
+    ("blmpop bzmpop", CmdInfo { movable: true, ..B }),
+    (
+        "zunionstore zinterstore zdiffstore lmpop zmpop sort xgroup xreadgroup migrate",
+        ALL,
+    ),
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(s: &str) -> Vec<Bytes> {
+        s.split(' ')
+            .map(|a| Bytes::copy_from_slice(a.as_bytes()))
+            .collect()
+    }
+
+    fn keys(t: &Table, s: &str) -> Option<Vec<String>> {
+        let a = args(s);
+        t.write_keys(&a).map(|k| {
+            key_args(k, &a)
+                .map(|b| String::from_utf8_lossy(b).into_owned())
+                .collect()
+        })
+    }
+
+    #[test]
+    fn builtin_keys() {
+        let t = Table::builtin();
+        assert_eq!(keys(&t, "GET a"), None);
+        assert_eq!(keys(&t, "SET a 1"), Some(vec!["a".into()]));
+        assert_eq!(keys(&t, "MSET a 1 b 2"), Some(vec!["a".into(), "b".into()]));
+        assert_eq!(
+            keys(&t, "DEL a b c"),
+            Some(vec!["a".into(), "b".into(), "c".into()])
+        );
+        assert_eq!(
+            keys(&t, "EVAL s 2 k1 k2 x"),
+            Some(vec!["k1".into(), "k2".into()])
+        );
+        assert_eq!(keys(&t, "FLUSHALL"), Some(vec![]));
+        assert_eq!(keys(&t, "NOSUCH x y"), Some(vec!["x".into(), "y".into()]));
+        assert!(t.is_blocking(&args("BLPOP a 0")));
+        assert!(!t.is_blocking(&args("XREAD STREAMS s 0")));
+        assert!(t.is_blocking(&args("XREAD BLOCK 0 STREAMS s 0")));
+    }
+}

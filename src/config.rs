@@ -1,0 +1,538 @@
+//! Configuration: the raw TOML file (serde, unknown keys rejected), CLI
+//! overrides, then `validate()`. Every error names the key and, when the key
+//! came from the file, its line. Nothing here opens sockets or reads state.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// Why a configuration could not be used; printed as is to the operator.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Parse(String),
+    #[error("invalid value for `{key}`{line}: {message}")]
+    Invalid {
+        key: String,
+        line: LineRef,
+        message: String,
+    },
+}
+
+/// Where in the file a key was set, if it was set in the file at all.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LineRef(pub Option<usize>);
+
+impl std::fmt::Display for LineRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(line) => write!(f, " (line {line})"),
+            None => Ok(()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub upstream: UpstreamConfig,
+    pub cache: CacheConfig,
+    pub log: LogConfig,
+    pub metrics: MetricsConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Client-facing address.
+    pub listen: String,
+    /// Connections accepted at once; the next gets Redis's error.
+    pub max_clients: usize,
+    /// Largest bulk string a client may send (Redis `proto-max-bulk-len`).
+    #[serde(deserialize_with = "de_size")]
+    pub max_bulk_len: u64,
+    /// Most elements in one request array.
+    pub max_multibulk_len: u64,
+    /// Longest inline command line.
+    #[serde(deserialize_with = "de_size")]
+    pub max_inline_len: u64,
+    /// Close a client idle this long; 0 = never.
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
+    pub idle_timeout: Duration,
+    /// Replies buffered for a client that does not read; past it, disconnect.
+    #[serde(deserialize_with = "de_size")]
+    pub max_output_buffer: u64,
+    /// Commands of one client in flight before kiln stops reading from it.
+    pub max_pipeline: usize,
+    /// How long in-flight commands may take to finish after SIGTERM.
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
+    pub shutdown_grace: Duration,
+    /// Commands answered with `-ERR command 'X' is disabled on this proxy`.
+    pub deny_commands: Vec<String>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:6380".into(),
+            max_clients: 10_000,
+            max_bulk_len: 512 * MIB,
+            max_multibulk_len: 1_048_576,
+            max_inline_len: 64 * KIB,
+            idle_timeout: Duration::ZERO,
+            max_output_buffer: 64 * MIB,
+            max_pipeline: 1024,
+            shutdown_grace: Duration::from_secs(10),
+            deny_commands: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    /// `redis://[user:pass@]host:port[/db]`.
+    pub url: String,
+    /// Shared multiplexed connections per (database, protocol).
+    pub connections: usize,
+    /// Dedicated connections for sessions (MULTI, blocking, pub/sub) at once.
+    pub max_sessions: usize,
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
+    pub connect_timeout: Duration,
+    /// Reply deadline for shared traffic; blocking commands are exempt.
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
+    pub command_timeout: Duration,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        Self {
+            url: "redis://127.0.0.1:6379".into(),
+            connections: 4,
+            max_sessions: 1024,
+            connect_timeout: Duration::from_secs(1),
+            command_timeout: Duration::from_secs(1),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// L1 budget in bytes: keys + values + per-entry overhead.
+    #[serde(deserialize_with = "de_size")]
+    pub max_memory: u64,
+    /// Larger values are served but not cached.
+    #[serde(deserialize_with = "de_size")]
+    pub max_value_size: u64,
+    /// Lifetime of an entry unless a rule or the key's own TTL is shorter.
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
+    pub ttl: Duration,
+    /// Lifetime of a cached nil; 0 disables negative caching.
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
+    pub negative_ttl: Duration,
+    /// First match wins; keys that match none are cached with `ttl`.
+    pub rules: Vec<CacheRule>,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            max_memory: 256 * MIB,
+            max_value_size: 512 * KIB,
+            ttl: Duration::from_secs(300),
+            negative_ttl: Duration::from_secs(5),
+            rules: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheRule {
+    /// Glob with Redis `MATCH` syntax.
+    #[serde(rename = "match")]
+    pub pattern: String,
+    #[serde(default = "yes")]
+    pub cache: bool,
+    #[serde(
+        default,
+        deserialize_with = "de_opt_duration",
+        serialize_with = "ser_opt_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub ttl: Option<Duration>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// Used when `RUST_LOG` is not set.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Sidecar HTTP address (metrics, health).
+    pub listen: String,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:9122".into(),
+        }
+    }
+}
+
+/// Overrides given on the command line; they win over the file.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub listen: Option<String>,
+    pub upstream: Option<String>,
+    pub metrics: Option<String>,
+}
+
+/// The parts of `upstream.url` kiln uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamAddr {
+    pub host: String,
+    pub port: u16,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub db: u32,
+}
+
+pub const KIB: u64 = 1024;
+pub const MIB: u64 = 1024 * KIB;
+pub const GIB: u64 = 1024 * MIB;
+
+impl Config {
+    /// Parses a config file's text; `validate` must still be called.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse(format!("config error: {e}")))
+    }
+
+    pub fn load(path: &str) -> Result<(Config, String), ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_string(),
+            source,
+        })?;
+        Ok((Self::from_toml(&text)?, text))
+    }
+
+    pub fn apply(&mut self, o: &Overrides) {
+        if let Some(v) = &o.listen {
+            self.server.listen = v.clone();
+        }
+        if let Some(v) = &o.upstream {
+            self.upstream.url = v.clone();
+        }
+        if let Some(v) = &o.metrics {
+            self.metrics.listen = v.clone();
+        }
+    }
+
+    /// Checks values serde cannot; `text` is the file, for line numbers.
+    pub fn validate(&self, text: &str) -> Result<(), ConfigError> {
+        let bad = |key: &str, message: String| ConfigError::Invalid {
+            key: key.to_string(),
+            line: LineRef(line_of(text, key)),
+            message,
+        };
+        for (key, addr) in [
+            ("server.listen", &self.server.listen),
+            ("metrics.listen", &self.metrics.listen),
+        ] {
+            if addr.parse::<SocketAddr>().is_err() {
+                return Err(bad(key, format!("`{addr}` is not an ip:port address")));
+            }
+        }
+        self.upstream_addr().map_err(|m| bad("upstream.url", m))?;
+        let positive = [
+            ("server.max_clients", self.server.max_clients as u64),
+            ("server.max_bulk_len", self.server.max_bulk_len),
+            ("server.max_multibulk_len", self.server.max_multibulk_len),
+            ("server.max_inline_len", self.server.max_inline_len),
+            ("server.max_output_buffer", self.server.max_output_buffer),
+            ("server.max_pipeline", self.server.max_pipeline as u64),
+            ("upstream.connections", self.upstream.connections as u64),
+            ("upstream.max_sessions", self.upstream.max_sessions as u64),
+            ("cache.max_memory", self.cache.max_memory),
+        ];
+        for (key, v) in positive {
+            if v == 0 {
+                return Err(bad(key, "must be greater than 0".into()));
+            }
+        }
+        if self.upstream.connections > 64 {
+            return Err(bad("upstream.connections", "must be at most 64".into()));
+        }
+        if self.server.max_bulk_len > 4 * GIB {
+            return Err(bad("server.max_bulk_len", "must be at most 4GiB".into()));
+        }
+        for (key, d) in [
+            ("upstream.connect_timeout", self.upstream.connect_timeout),
+            ("upstream.command_timeout", self.upstream.command_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(bad(key, "must be greater than 0".into()));
+            }
+        }
+        if self.cache.max_value_size > self.cache.max_memory / 4 {
+            return Err(bad(
+                "cache.max_value_size",
+                "must be at most a quarter of cache.max_memory".into(),
+            ));
+        }
+        for (i, rule) in self.cache.rules.iter().enumerate() {
+            if rule.pattern.is_empty() {
+                return Err(ConfigError::Invalid {
+                    key: format!("cache.rules[{i}].match"),
+                    line: LineRef(nth_table_line(text, "cache.rules", i)),
+                    message: "must not be empty".into(),
+                });
+            }
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return Err(bad(
+                "log.level",
+                format!("`{}` is not a log level or filter", self.log.level),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn upstream_addr(&self) -> Result<UpstreamAddr, String> {
+        parse_redis_url(&self.upstream.url)
+    }
+}
+
+/// Parses `redis://[user:pass@]host:port[/db]`.
+pub fn parse_redis_url(url: &str) -> Result<UpstreamAddr, String> {
+    let rest = if let Some(r) = url.strip_prefix("redis://") {
+        r
+    } else if url.starts_with("rediss://") {
+        return Err("rediss:// (TLS) upstreams are not supported yet".into());
+    } else {
+        return Err(format!("`{url}` does not start with redis://"));
+    };
+    let (auth, hostpart) = match rest.rsplit_once('@') {
+        Some((a, h)) => (Some(a), h),
+        None => (None, rest),
+    };
+    let (hostport, db) = match hostpart.split_once('/') {
+        Some((hp, "")) => (hp, 0),
+        Some((hp, db)) => (
+            hp,
+            db.parse::<u32>()
+                .map_err(|_| format!("database `{db}` in `{url}` is not a number"))?,
+        ),
+        None => (hostpart, 0),
+    };
+    let (host, port) = match hostport.rsplit_once(':') {
+        Some((h, p)) => (
+            h,
+            p.parse::<u16>()
+                .map_err(|_| format!("port `{p}` in `{url}` is not a port number"))?,
+        ),
+        None => (hostport, 6379),
+    };
+    if host.is_empty() {
+        return Err(format!("`{url}` names no host"));
+    }
+    let (username, password) = match auth {
+        None => (None, None),
+        Some(a) => match a.split_once(':') {
+            Some(("", p)) => (None, Some(p.to_string())),
+            Some((u, p)) => (Some(u.to_string()), Some(p.to_string())),
+            None => (None, Some(a.to_string())),
+        },
+    };
+    Ok(UpstreamAddr {
+        host: host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string(),
+        port,
+        username,
+        password,
+        db,
+    })
+}
+
+/// The line (1-based) where `section.key` is set, by a plain scan of the file:
+/// enough for the flat tables this config uses.
+pub fn line_of(text: &str, dotted: &str) -> Option<usize> {
+    let (section, key) = dotted.rsplit_once('.')?;
+    let mut current = String::new();
+    for (i, raw) in text.lines().enumerate() {
+        let line = raw.trim();
+        if let Some(h) = line.strip_prefix('[') {
+            current = h.trim_matches(|c| c == '[' || c == ']').trim().to_string();
+            continue;
+        }
+        if current == section {
+            if let Some((k, _)) = line.split_once('=') {
+                if k.trim() == key {
+                    return Some(i + 1);
+                }
+            }
+        }
+    }
+    None
+}
+
+/// The line of the `i`th `[[name]]` header.
+fn nth_table_line(text: &str, name: &str, i: usize) -> Option<usize> {
+    let header = format!("[[{name}]]");
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| l.trim() == header)
+        .nth(i)
+        .map(|(n, _)| n + 1)
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum SizeValue {
+    Int(u64),
+    Text(String),
+}
+
+fn de_size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    match SizeValue::deserialize(d)? {
+        SizeValue::Int(n) => Ok(n),
+        SizeValue::Text(s) => parse_size(&s).map_err(serde::de::Error::custom),
+    }
+}
+
+/// `"256MiB"`, `"64KiB"`, `"100"`, `"1GB"` (decimal units are 1000-based).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size such as \"256MiB\""))?;
+    let mult = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => KIB,
+        "MiB" => MIB,
+        "GiB" => GIB,
+        "KB" | "kB" => 1000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        other => {
+            return Err(format!(
+                "unknown size unit `{other}` in `{s}` (use B, KiB, MiB, GiB)"
+            ));
+        }
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("`{s}` is too large"))
+}
+
+fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    humantime::parse_duration(&s).map_err(|e| {
+        serde::de::Error::custom(format!("`{s}` is not a duration such as \"30s\": {e}"))
+    })
+}
+
+fn ser_duration<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&humantime::format_duration(*d).to_string())
+}
+
+fn ser_opt_duration<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => ser_duration(d, s),
+        None => s.serialize_none(),
+    }
+}
+
+fn de_opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    de_duration(d).map(Some)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("256MiB"), Ok(256 * MIB));
+        assert_eq!(parse_size("64KiB"), Ok(64 * KIB));
+        assert_eq!(parse_size("17"), Ok(17));
+        assert!(parse_size("12XB").is_err());
+        assert!(parse_size("MiB").is_err());
+    }
+
+    #[test]
+    fn urls() {
+        let a = parse_redis_url("redis://u:p@h:7000/3").expect("valid");
+        assert_eq!(
+            a,
+            UpstreamAddr {
+                host: "h".into(),
+                port: 7000,
+                username: Some("u".into()),
+                password: Some("p".into()),
+                db: 3
+            }
+        );
+        assert_eq!(parse_redis_url("redis://h").expect("valid").port, 6379);
+        assert!(parse_redis_url("http://h").is_err());
+        assert!(parse_redis_url("redis://h:x").is_err());
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let err = Config::from_toml("[server]\nlisten = \"127.0.0.1:1\"\nbogus = 1\n")
+            .expect_err("unknown key");
+        let msg = err.to_string();
+        assert!(msg.contains("bogus") && msg.contains("line 3"), "{msg}");
+    }
+
+    #[test]
+    fn bad_value_names_key_and_line() {
+        let text = "[upstream]\nconnections = 0\n";
+        let cfg = Config::from_toml(text).expect("parses");
+        let msg = cfg.validate(text).expect_err("invalid").to_string();
+        assert!(
+            msg.contains("upstream.connections") && msg.contains("line 2"),
+            "{msg}"
+        );
+        let err = Config::from_toml("[cache]\nttl = \"5 parsecs\"\n").expect_err("bad duration");
+        assert!(err.to_string().contains("line 2"), "{err}");
+    }
+}

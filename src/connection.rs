@@ -1,0 +1,308 @@
+//! One client connection: read requests, dispatch them, write replies in
+//! order. The loop is bounded on both sides: it stops reading while
+//! `server.max_pipeline` replies are pending, and disconnects a client whose
+//! unread replies pass `server.max_output_buffer`. Replies that are ready are
+//! gathered before each write, so a pipelined batch costs one write, not one
+//! per reply.
+//!
+//! A client that subscribes (or runs MONITOR or CLIENT TRACKING) is handed to
+//! `relay`, a byte relay to a dedicated upstream connection, until it
+//! disconnects or sends RESET.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::task::{Context as TaskContext, Waker};
+use std::time::Instant;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio_util::sync::CancellationToken;
+
+use crate::cmd::write::Stale;
+use crate::cmd::{self, Client, Flow, Pending, Replies, local, session, table};
+use crate::context::{ClientMeta, Context};
+use crate::protocol::request::{self, Command, Parsed};
+use crate::protocol::scan::Scanner;
+use crate::protocol::{Proto, encode};
+
+pub async fn serve(
+    stream: TcpStream,
+    addr: SocketAddr,
+    ctx: Arc<Context>,
+    shutdown: CancellationToken,
+) {
+    let _ = stream.set_nodelay(true);
+    let mut client = Client::new(ctx.clone(), addr);
+    ctx.clients().insert(
+        client.id,
+        ClientMeta {
+            addr,
+            name: None,
+            db: client.db,
+            connected: Instant::now(),
+        },
+    );
+    let (rd, wr) = stream.into_split();
+    run(rd, wr, &mut client, &shutdown).await;
+    ctx.clients().remove(&client.id);
+}
+
+/// Moves every resolved reply at the front of the queue into `out`.
+fn drain_ready(pending: &mut VecDeque<Pending>, c: &mut Client, out: &mut BytesMut) {
+    let mut cx = TaskContext::from_waker(Waker::noop());
+    while cmd::poll_front(pending, &mut cx).is_ready() {
+        match cmd::take_front(pending) {
+            Some(res) => c.resolve(res, out),
+            None => break,
+        }
+    }
+}
+
+async fn run(
+    mut rd: OwnedReadHalf,
+    mut wr: OwnedWriteHalf,
+    c: &mut Client,
+    shutdown: &CancellationToken,
+) {
+    let ctx = c.ctx.clone();
+    let mut inbuf = BytesMut::with_capacity(16 * 1024);
+    let mut out = BytesMut::with_capacity(16 * 1024);
+    let mut pending: VecDeque<Pending> = VecDeque::new();
+    // A command waiting for earlier replies before it may be sent.
+    let mut stalled: Option<Command> = None;
+    // No more input is taken: write what is owed, then close.
+    let mut closing = false;
+    let mut last_read = tokio::time::Instant::now();
+
+    loop {
+        while !closing && pending.len() < ctx.max_pipeline {
+            let cmd = match stalled.take() {
+                Some(cmd) => cmd,
+                None => match request::parse(&mut inbuf, &ctx.limits) {
+                    Ok(Parsed::Command(cmd)) => cmd,
+                    Ok(Parsed::Empty) => continue,
+                    Ok(Parsed::Incomplete) => break,
+                    Err(e) => {
+                        tracing::debug!(client = c.id, error = %e, "protocol error, closing");
+                        Replies {
+                            pending: &mut pending,
+                            out: &mut out,
+                        }
+                        .error(&format!("ERR {e}"));
+                        closing = true;
+                        break;
+                    }
+                },
+            };
+            if c.needs_barrier(&cmd) {
+                stalled = Some(cmd);
+                break;
+            }
+            let mut r = Replies {
+                pending: &mut pending,
+                out: &mut out,
+            };
+            match c.dispatch(cmd, &mut r).await {
+                Flow::Continue => {}
+                Flow::Close => closing = true,
+                Flow::Relay(first) => {
+                    drain_ready(&mut pending, c, &mut out);
+                    match relay(&mut rd, &mut wr, &mut inbuf, &mut out, c, first, shutdown).await {
+                        RelayEnd::Reset => continue,
+                        RelayEnd::Closed => return,
+                    }
+                }
+            }
+        }
+        drain_ready(&mut pending, c, &mut out);
+        if closing && pending.is_empty() {
+            let _ = wr.write_all(&out).await;
+            let _ = wr.shutdown().await;
+            return;
+        }
+        if out.len() > ctx.max_output_buffer {
+            tracing::warn!(
+                client = c.id,
+                buffered = out.len(),
+                "client output buffer limit reached, disconnecting"
+            );
+            return;
+        }
+        let can_read = !closing && stalled.is_none() && pending.len() < ctx.max_pipeline;
+        let idle = !ctx.idle_timeout.is_zero() && pending.is_empty() && !closing;
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled(), if !closing => closing = true,
+            _ = std::future::poll_fn(|cx| cmd::poll_front(&mut pending, cx)), if !pending.is_empty() => {}
+            r = wr.write_buf(&mut out), if !out.is_empty() => {
+                if !matches!(r, Ok(n) if n > 0) {
+                    return;
+                }
+            }
+            r = rd.read_buf(&mut inbuf), if can_read => match r {
+                Ok(n) if n > 0 => last_read = tokio::time::Instant::now(),
+                // Redis drops a client on EOF without answering the rest.
+                _ => return,
+            },
+            _ = tokio::time::sleep_until(last_read + ctx.idle_timeout), if idle => return,
+        }
+    }
+}
+
+enum RelayEnd {
+    /// RESET: the client is back to normal.
+    Reset,
+    Closed,
+}
+
+/// Relays bytes between the client and a dedicated upstream connection.
+/// Writes sent through the relay invalidate their keys before they go and
+/// again when their reply frame comes back.
+async fn relay(
+    rd: &mut OwnedReadHalf,
+    wr: &mut OwnedWriteHalf,
+    inbuf: &mut BytesMut,
+    out: &mut BytesMut,
+    c: &mut Client,
+    first: bytes::Bytes,
+    shutdown: &CancellationToken,
+) -> RelayEnd {
+    let ctx = c.ctx.clone();
+    let raw = match ctx.upstream.raw(c.db, c.proto).await {
+        Ok(raw) => raw,
+        Err(e) => {
+            encode::error(out, &e.reply_text());
+            return RelayEnd::Reset;
+        }
+    };
+    let (mut urd, mut uwr) = raw.stream.into_split();
+    let mut to_up = BytesMut::from(&first[..]);
+    let mut from_up = BytesMut::with_capacity(16 * 1024);
+    let mut scanner = Scanner::new();
+    // Per forwarded command that gets a reply frame: what to invalidate then.
+    let mut due: VecDeque<Option<Stale>> = VecDeque::new();
+    loop {
+        loop {
+            let cmd = match request::parse(inbuf, &ctx.limits) {
+                Ok(Parsed::Command(cmd)) => cmd,
+                Ok(Parsed::Empty) => continue,
+                Ok(Parsed::Incomplete) => break,
+                Err(e) => {
+                    encode::error(out, &format!("ERR {e}"));
+                    let _ = wr.write_all(out).await;
+                    return RelayEnd::Closed;
+                }
+            };
+            let mut buf = [0u8; 64];
+            let name = table::lower(cmd.name(), &mut buf).unwrap_or(b"");
+            if name == b"reset" {
+                // Dropping the upstream connection ends its subscriptions.
+                local::reset(c);
+                encode::simple(out, "RESET");
+                return RelayEnd::Reset;
+            }
+            match Stale::of(&ctx, &cmd.args) {
+                Some(stale) => {
+                    stale.apply(&ctx);
+                    due.push_back(Some(stale));
+                }
+                None if !session::is_relay(name, &cmd.args) => due.push_back(None),
+                None => {}
+            }
+            to_up.extend_from_slice(&cmd.wire());
+        }
+        if out.len() > ctx.max_output_buffer {
+            tracing::warn!(
+                client = c.id,
+                "subscriber output buffer limit reached, disconnecting"
+            );
+            return RelayEnd::Closed;
+        }
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => {
+                let _ = wr.write_all(out).await;
+                return RelayEnd::Closed;
+            }
+            r = wr.write_buf(out), if !out.is_empty() => {
+                if !matches!(r, Ok(n) if n > 0) {
+                    return RelayEnd::Closed;
+                }
+            }
+            r = uwr.write_buf(&mut to_up), if !to_up.is_empty() => {
+                if !matches!(r, Ok(n) if n > 0) {
+                    return upstream_gone(wr, out).await;
+                }
+            }
+            r = urd.read_buf(&mut from_up) => {
+                if !matches!(r, Ok(n) if n > 0) {
+                    return upstream_gone(wr, out).await;
+                }
+                loop {
+                    match scanner.next_frame(&from_up) {
+                        Ok(Some(f)) => {
+                            let frame = from_up.split_to(f.len);
+                            if !f.push && !out_of_band(&frame, c.proto) {
+                                if let Some(Some(stale)) = due.pop_front() {
+                                    stale.apply(&ctx);
+                                }
+                            }
+                            out.extend_from_slice(&frame);
+                        }
+                        Ok(None) => break,
+                        Err(_) => return upstream_gone(wr, out).await,
+                    }
+                }
+            }
+            r = rd.read_buf(inbuf) => {
+                if !matches!(r, Ok(n) if n > 0) {
+                    return RelayEnd::Closed;
+                }
+            }
+        }
+    }
+}
+
+async fn upstream_gone(wr: &mut OwnedWriteHalf, out: &mut BytesMut) -> RelayEnd {
+    encode::error(out, "ERR upstream: connection lost");
+    let _ = wr.write_all(out).await;
+    RelayEnd::Closed
+}
+
+/// In RESP2 a pub/sub message or MONITOR line looks like a reply; tell them
+/// apart by their first element.
+fn out_of_band(frame: &[u8], proto: Proto) -> bool {
+    if proto == Proto::Resp3 {
+        return false;
+    }
+    if frame.first() == Some(&b'+') {
+        // MONITOR lines start with a timestamp.
+        return frame.get(1).is_some_and(|b| b.is_ascii_digit());
+    }
+    let Some(rest) = frame.strip_prefix(b"*") else {
+        return false;
+    };
+    let Some(nl) = rest.iter().position(|&b| b == b'\n') else {
+        return false;
+    };
+    let rest = &rest[nl + 1..];
+    let Some(nl) = rest.iter().position(|&b| b == b'\n') else {
+        return false;
+    };
+    let word = &rest[nl + 1..];
+    const KINDS: [&[u8]; 9] = [
+        b"message\r",
+        b"pmessage\r",
+        b"smessage\r",
+        b"subscribe\r",
+        b"psubscribe\r",
+        b"ssubscribe\r",
+        b"unsubscribe\r",
+        b"punsubscribe\r",
+        b"sunsubscribe\r",
+    ];
+    KINDS.iter().any(|k| word.starts_with(k))
+}

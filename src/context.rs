@@ -1,0 +1,120 @@
+//! What every connection shares, built once at start: the L1, the upstream
+//! router, the command table and what kiln learned about its upstream.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use crate::cache::L1;
+use crate::cmd::table::Table;
+use crate::config::Config;
+use crate::protocol::request::Limits;
+use crate::upstream::Upstream;
+
+pub struct Context {
+    pub l1: L1,
+    pub upstream: Upstream,
+    pub table: Table,
+    pub limits: Limits,
+    pub max_pipeline: usize,
+    pub max_output_buffer: usize,
+    pub idle_timeout: std::time::Duration,
+    /// Lowercase names from `server.deny_commands`.
+    pub deny: HashSet<Vec<u8>>,
+    /// Upstream's `databases`, for SELECT's range check.
+    pub databases: u32,
+    /// Upstream's version, reported by HELLO.
+    pub redis_version: String,
+    pub clients: Mutex<HashMap<u64, ClientMeta>>,
+    next_client_id: AtomicU64,
+    pub started: Instant,
+}
+
+/// What `CLIENT LIST` shows about one of kiln's clients.
+#[derive(Debug, Clone)]
+pub struct ClientMeta {
+    pub addr: SocketAddr,
+    pub name: Option<String>,
+    pub db: u32,
+    pub connected: Instant,
+}
+
+impl Context {
+    /// Builds the context, asking upstream for its command table, version and
+    /// database count. Upstream being down at start is not fatal: kiln
+    /// falls back to defaults and connects when traffic comes.
+    pub async fn new(cfg: &Config) -> Result<Context, String> {
+        let upstream = Upstream::new(cfg)?;
+        let table = match upstream.probe(&[b"COMMAND"]).await {
+            Ok(reply) => Table::from_command_reply(&reply),
+            Err(e) => {
+                tracing::warn!(error = %e, "upstream COMMAND failed; using the built-in command table");
+                None
+            }
+        };
+        let table = table.unwrap_or_else(Table::builtin);
+        let databases = match upstream.probe(&[b"CONFIG", b"GET", b"databases"]).await {
+            Ok(r) => last_bulk_number(&r).unwrap_or(16),
+            Err(_) => 16,
+        };
+        let redis_version = match upstream.probe(&[b"INFO", b"server"]).await {
+            Ok(r) => String::from_utf8_lossy(&r)
+                .lines()
+                .find_map(|l| {
+                    l.strip_prefix("redis_version:")
+                        .map(|v| v.trim().to_string())
+                })
+                .unwrap_or_else(|| "7.0.0".into()),
+            Err(_) => "7.0.0".into(),
+        };
+        tracing::info!(
+            commands_from_upstream = table.from_upstream,
+            databases,
+            redis_version,
+            "upstream described"
+        );
+        Ok(Context {
+            l1: L1::new(&cfg.cache),
+            upstream,
+            table,
+            limits: Limits {
+                max_bulk_len: cfg.server.max_bulk_len,
+                max_multibulk_len: cfg.server.max_multibulk_len,
+                max_inline_len: cfg.server.max_inline_len,
+            },
+            max_pipeline: cfg.server.max_pipeline,
+            max_output_buffer: cfg.server.max_output_buffer as usize,
+            idle_timeout: cfg.server.idle_timeout,
+            deny: cfg
+                .server
+                .deny_commands
+                .iter()
+                .map(|c| c.to_ascii_lowercase().into_bytes())
+                .collect(),
+            databases,
+            redis_version,
+            clients: Mutex::new(HashMap::new()),
+            next_client_id: AtomicU64::new(1),
+            started: Instant::now(),
+        })
+    }
+
+    pub fn next_client_id(&self) -> u64 {
+        self.next_client_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn clients(&self) -> std::sync::MutexGuard<'_, HashMap<u64, ClientMeta>> {
+        self.clients.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The last bulk string of a `CONFIG GET` reply, as a number.
+fn last_bulk_number(reply: &[u8]) -> Option<u32> {
+    let text = String::from_utf8_lossy(reply);
+    text.split("\r\n")
+        .filter(|l| !l.is_empty() && !l.starts_with(['*', '$']))
+        .last()
+        .and_then(|v| v.parse().ok())
+}

@@ -1,0 +1,343 @@
+//! Client requests, parsed the way Redis parses them (`processMultibulkBuffer`
+//! and `processInlineBuffer` in `networking.c`): a buffer starting with `*` is
+//! a multibulk array of bulk strings, anything else is an inline command line.
+//! The error texts are Redis's own, so a client sees the same
+//! `-ERR Protocol error: ...` from kiln as from Redis.
+//!
+//! redis-protocol's decoder is not used here: it has no inline commands and no
+//! size limits (it would buffer a `$2147483647` header), and Redis accepts
+//! only this narrow grammar from clients anyway.
+
+use bytes::{Bytes, BytesMut};
+
+/// Size limits from `[server]`.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_bulk_len: u64,
+    pub max_multibulk_len: u64,
+    pub max_inline_len: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_bulk_len: 512 * 1024 * 1024,
+            max_multibulk_len: 1024 * 1024,
+            max_inline_len: 64 * 1024,
+        }
+    }
+}
+
+/// A malformed request: the text after `-ERR Protocol error: `.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("Protocol error: {0}")]
+pub struct ProtocolError(pub String);
+
+/// One client command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Command {
+    /// Name first, then the arguments.
+    pub args: Vec<Bytes>,
+    /// The command exactly as received when it was a multibulk array, so a
+    /// forwarded command is sent on without re-encoding. `None` for inline.
+    pub raw: Option<Bytes>,
+}
+
+impl Command {
+    /// The multibulk encoding to send upstream.
+    pub fn wire(&self) -> Bytes {
+        match &self.raw {
+            Some(raw) => raw.clone(),
+            None => encode_command(&self.args),
+        }
+    }
+
+    pub fn name(&self) -> &[u8] {
+        &self.args[0]
+    }
+}
+
+/// Encodes arguments as a RESP multibulk array.
+pub fn encode_command<A: AsRef<[u8]>>(args: &[A]) -> Bytes {
+    let mut out =
+        BytesMut::with_capacity(16 + args.iter().map(|a| a.as_ref().len() + 16).sum::<usize>());
+    encode_command_into(&mut out, args);
+    out.freeze()
+}
+
+pub fn encode_command_into<A: AsRef<[u8]>>(out: &mut BytesMut, args: &[A]) {
+    super::encode::header(out, b'*', args.len() as i64);
+    for a in args {
+        super::encode::bulk(out, a.as_ref());
+    }
+}
+
+/// What the front of the buffer holds.
+#[derive(Debug)]
+pub enum Parsed {
+    /// A complete command; it has been removed from the buffer.
+    Command(Command),
+    /// An empty request (`*0`, a blank line); removed, nothing to run.
+    Empty,
+    /// More bytes are needed.
+    Incomplete,
+}
+
+/// Parses one request from the front of `buf`, removing it when complete.
+/// On error the buffer is left as it is: the connection is to be closed.
+pub fn parse(buf: &mut BytesMut, limits: &Limits) -> Result<Parsed, ProtocolError> {
+    if buf.is_empty() {
+        return Ok(Parsed::Incomplete);
+    }
+    if buf[0] == b'*' {
+        parse_multibulk(buf, limits)
+    } else {
+        parse_inline(buf, limits)
+    }
+}
+
+/// Finds the `\r\n`-terminated line starting at `pos`; returns the index of `\r`.
+fn line_end(buf: &[u8], pos: usize) -> Option<usize> {
+    let cr = memchr(b'\r', &buf[pos..])? + pos;
+    // Redis waits for the byte after '\r' too.
+    (cr + 1 < buf.len()).then_some(cr)
+}
+
+fn memchr(needle: u8, hay: &[u8]) -> Option<usize> {
+    hay.iter().position(|&b| b == needle)
+}
+
+fn parse_int(digits: &[u8]) -> Option<i64> {
+    // Redis `string2ll`: optional '-', digits, no leading '+', no spaces.
+    std::str::from_utf8(digits)
+        .ok()
+        .filter(|s| !s.is_empty() && !s.starts_with('+'))
+        .and_then(|s| s.parse::<i64>().ok())
+}
+
+fn parse_multibulk(buf: &mut BytesMut, limits: &Limits) -> Result<Parsed, ProtocolError> {
+    let err = |m: &str| Err(ProtocolError(m.to_string()));
+    let Some(cr) = line_end(buf, 0) else {
+        if buf.len() as u64 > limits.max_inline_len {
+            return err("too big mbulk count string");
+        }
+        return Ok(Parsed::Incomplete);
+    };
+    let count = match parse_int(&buf[1..cr]) {
+        Some(n) if n <= limits.max_multibulk_len as i64 => n,
+        _ => return err("invalid multibulk length"),
+    };
+    let mut pos = cr + 2;
+    if count <= 0 {
+        let _ = buf.split_to(pos);
+        return Ok(Parsed::Empty);
+    }
+    let mut ranges = Vec::with_capacity(count as usize);
+    for _ in 0..count {
+        if pos >= buf.len() {
+            return Ok(Parsed::Incomplete);
+        }
+        let Some(cr) = line_end(buf, pos) else {
+            if (buf.len() - pos) as u64 > limits.max_inline_len {
+                return err("too big bulk count string");
+            }
+            return Ok(Parsed::Incomplete);
+        };
+        if buf[pos] != b'$' {
+            return Err(ProtocolError(format!(
+                "expected '$', got '{}'",
+                buf[pos] as char
+            )));
+        }
+        let len = match parse_int(&buf[pos + 1..cr]) {
+            Some(n) if n >= 0 && n as u64 <= limits.max_bulk_len => n as usize,
+            _ => return err("invalid bulk length"),
+        };
+        let start = cr + 2;
+        let end = start + len;
+        if end + 2 > buf.len() {
+            // Make room for the whole value at once rather than growing the
+            // buffer read by read.
+            buf.reserve(end + 2 - buf.len());
+            return Ok(Parsed::Incomplete);
+        }
+        ranges.push((start, end));
+        pos = end + 2;
+    }
+    let raw = buf.split_to(pos).freeze();
+    let args = ranges.into_iter().map(|(s, e)| raw.slice(s..e)).collect();
+    Ok(Parsed::Command(Command {
+        args,
+        raw: Some(raw),
+    }))
+}
+
+fn parse_inline(buf: &mut BytesMut, limits: &Limits) -> Result<Parsed, ProtocolError> {
+    let Some(nl) = memchr(b'\n', buf) else {
+        if buf.len() as u64 > limits.max_inline_len {
+            return Err(ProtocolError("too big inline request".into()));
+        }
+        return Ok(Parsed::Incomplete);
+    };
+    let line = buf.split_to(nl + 1);
+    let mut text = &line[..nl];
+    if text.last() == Some(&b'\r') {
+        text = &text[..text.len() - 1];
+    }
+    let args =
+        split_args(text).ok_or_else(|| ProtocolError("unbalanced quotes in request".into()))?;
+    if args.is_empty() {
+        return Ok(Parsed::Empty);
+    }
+    Ok(Parsed::Command(Command {
+        args: args.into_iter().map(Bytes::from).collect(),
+        raw: None,
+    }))
+}
+
+fn is_space(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c)
+}
+
+fn hex(b: u8) -> Option<u8> {
+    (b as char).to_digit(16).map(|d| d as u8)
+}
+
+/// Redis `sdssplitargs`: space-separated words, `"..."` with C escapes and
+/// `\xHH`, `'...'` with `\'`. `None` on unbalanced quotes.
+pub fn split_args(line: &[u8]) -> Option<Vec<Vec<u8>>> {
+    // A NUL ends the line, as it does for the C string Redis splits.
+    let line = match memchr(0, line) {
+        Some(n) => &line[..n],
+        None => line,
+    };
+    let at = |i: usize| line.get(i).copied().unwrap_or(0);
+    let mut args = Vec::new();
+    let mut p = 0;
+    loop {
+        while p < line.len() && is_space(line[p]) {
+            p += 1;
+        }
+        if p >= line.len() {
+            return Some(args);
+        }
+        let (mut inq, mut insq) = (false, false);
+        let mut cur = Vec::new();
+        loop {
+            let c = at(p);
+            if inq {
+                if c == b'\\'
+                    && at(p + 1) == b'x'
+                    && hex(at(p + 2)).is_some()
+                    && hex(at(p + 3)).is_some()
+                {
+                    cur.push(hex(at(p + 2))? * 16 + hex(at(p + 3))?);
+                    p += 3;
+                } else if c == b'\\' && at(p + 1) != 0 {
+                    p += 1;
+                    cur.push(match at(p) {
+                        b'n' => b'\n',
+                        b'r' => b'\r',
+                        b't' => b'\t',
+                        b'b' => 0x08,
+                        b'a' => 0x07,
+                        other => other,
+                    });
+                } else if c == b'"' {
+                    if at(p + 1) != 0 && !is_space(at(p + 1)) {
+                        return None;
+                    }
+                    p += 1;
+                    break;
+                } else if c == 0 {
+                    return None;
+                } else {
+                    cur.push(c);
+                }
+            } else if insq {
+                if c == b'\\' && at(p + 1) == b'\'' {
+                    p += 1;
+                    cur.push(b'\'');
+                } else if c == b'\'' {
+                    if at(p + 1) != 0 && !is_space(at(p + 1)) {
+                        return None;
+                    }
+                    p += 1;
+                    break;
+                } else if c == 0 {
+                    return None;
+                } else {
+                    cur.push(c);
+                }
+            } else {
+                match c {
+                    b' ' | b'\n' | b'\r' | b'\t' | 0 => break,
+                    b'"' => inq = true,
+                    b'\'' => insq = true,
+                    _ => cur.push(c),
+                }
+            }
+            p += 1;
+        }
+        args.push(cur);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn one(input: &[u8]) -> Result<Parsed, ProtocolError> {
+        let mut b = BytesMut::from(input);
+        parse(&mut b, &Limits::default())
+    }
+
+    fn args(p: Parsed) -> Vec<Vec<u8>> {
+        match p {
+            Parsed::Command(c) => c.args.iter().map(|a| a.to_vec()).collect(),
+            other => panic!("expected a command, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn multibulk() {
+        let p = one(b"*2\r\n$3\r\nGET\r\n$1\r\na\r\n").expect("ok");
+        assert_eq!(args(p), vec![b"GET".to_vec(), b"a".to_vec()]);
+        assert!(matches!(
+            one(b"*2\r\n$3\r\nGET\r\n$1\r\n"),
+            Ok(Parsed::Incomplete)
+        ));
+        assert!(matches!(one(b"*0\r\n"), Ok(Parsed::Empty)));
+    }
+
+    #[test]
+    fn inline_quotes() {
+        let p = one(b"SET \"a b\" 'c\\'d' \"\\x41\\n\"\r\n").expect("ok");
+        assert_eq!(
+            args(p),
+            vec![
+                b"SET".to_vec(),
+                b"a b".to_vec(),
+                b"c'd".to_vec(),
+                b"A\n".to_vec()
+            ]
+        );
+        assert!(matches!(one(b"  \r\n"), Ok(Parsed::Empty)));
+        assert_eq!(
+            one(b"SET \"a\r\n").expect_err("unbalanced").0,
+            "unbalanced quotes in request"
+        );
+    }
+
+    #[test]
+    fn redis_error_texts() {
+        let e = |i: &[u8]| one(i).expect_err("error").0;
+        assert_eq!(e(b"*x\r\n"), "invalid multibulk length");
+        assert_eq!(e(b"*2000000\r\n"), "invalid multibulk length");
+        assert_eq!(e(b"*1\r\n:1\r\n"), "expected '$', got ':'");
+        assert_eq!(e(b"*1\r\n$-5\r\n"), "invalid bulk length");
+        assert_eq!(e(b"*1\r\n$2147483648000\r\n"), "invalid bulk length");
+        assert_eq!(e(&[b'*'; 70000]), "too big mbulk count string");
+        assert_eq!(e(&[b'a'; 70000]), "too big inline request");
+    }
+}

@@ -1,0 +1,61 @@
+//! The accept loop. Every accepted socket takes a permit of
+//! `server.max_clients`; past it the client gets Redis's own error and is
+//! closed, rather than left hanging in the backlog.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::connection;
+use crate::context::Context;
+
+pub async fn accept_loop(
+    listener: TcpListener,
+    ctx: Arc<Context>,
+    max_clients: usize,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let permits = Arc::new(Semaphore::new(max_clients));
+    let mut backoff = Duration::from_millis(1);
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = listener.accept() => r,
+        };
+        match accepted {
+            Ok((mut stream, addr)) => {
+                backoff = Duration::from_millis(1);
+                match permits.clone().try_acquire_owned() {
+                    Ok(permit) => {
+                        let ctx = ctx.clone();
+                        let shutdown = shutdown.clone();
+                        tracker.spawn(async move {
+                            connection::serve(stream, addr, ctx, shutdown).await;
+                            drop(permit);
+                        });
+                    }
+                    Err(_) => {
+                        tracing::warn!(%addr, max_clients, "max clients reached, refusing");
+                        tracker.spawn(async move {
+                            let _ = stream
+                                .write_all(b"-ERR max number of clients reached\r\n")
+                                .await;
+                        });
+                    }
+                }
+            }
+            Err(e) => {
+                // Out of file descriptors and the like: back off, don't spin.
+                tracing::error!(error = %e, retry_in = ?backoff, "accept failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+}

@@ -1,0 +1,290 @@
+//! One upstream connection shared by many clients: requests are written in
+//! batches as they arrive and replies are matched to them in FIFO order, the
+//! way Redis answers a pipeline. Replies are handed back as the bytes Redis
+//! sent (a slice of the read buffer), never decoded.
+//!
+//! The connection is made lazily and re-made after a failure, with
+//! exponential backoff; while backing off, requests fail at once rather than
+//! queue. A request in flight when the connection fails gets an error and is
+//! not resent: it may have run. A request whose reply is overdue (the head of
+//! the FIFO past `command_timeout`) fails the connection, since later replies
+//! could no longer be matched.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use super::Connector;
+use crate::error::UpstreamError;
+use crate::protocol::scan::Scanner;
+
+pub type Reply = Result<Bytes, UpstreamError>;
+
+/// Runs once the request's fate is known, reply or failure, whether or not
+/// the client that sent it is still there: write invalidation lives here so a
+/// client that disconnects cannot skip it.
+pub type OnReply = Box<dyn FnOnce() + Send>;
+
+pub struct Request {
+    pub wire: Bytes,
+    pub reply: oneshot::Sender<Reply>,
+    pub on_reply: Option<OnReply>,
+    /// Subject to `command_timeout`; blocking commands are not.
+    pub timed: bool,
+}
+
+/// Called for RESP3 pushes that arrive on the connection.
+pub type PushHandler = Arc<dyn Fn(Bytes) + Send + Sync>;
+
+/// A handle to a connection's task; cheap to clone. The task ends when the
+/// last handle is dropped.
+#[derive(Clone)]
+pub struct ConnHandle {
+    tx: mpsc::UnboundedSender<Request>,
+}
+
+impl ConnHandle {
+    pub fn spawn(connector: Arc<Connector>, push: Option<PushHandler>) -> ConnHandle {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(run(rx, connector, push));
+        ConnHandle { tx }
+    }
+
+    /// Queues a command; the receiver gets its reply.
+    pub fn send(
+        &self,
+        wire: Bytes,
+        on_reply: Option<OnReply>,
+        timed: bool,
+    ) -> oneshot::Receiver<Reply> {
+        let (reply, rx) = oneshot::channel();
+        if let Err(mpsc::error::SendError(req)) = self.tx.send(Request {
+            wire,
+            reply,
+            on_reply,
+            timed,
+        }) {
+            fail(req, UpstreamError::Lost("connection task ended".into()));
+        }
+        rx
+    }
+}
+
+struct InFlight {
+    reply: oneshot::Sender<Reply>,
+    on_reply: Option<OnReply>,
+    deadline: Option<Instant>,
+}
+
+fn fail(req: Request, err: UpstreamError) {
+    if let Some(f) = req.on_reply {
+        f();
+    }
+    let _ = req.reply.send(Err(err));
+}
+
+struct Live {
+    read: OwnedReadHalf,
+    write: OwnedWriteHalf,
+}
+
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+const MIN_BACKOFF: Duration = Duration::from_millis(50);
+
+async fn run(
+    mut rx: mpsc::UnboundedReceiver<Request>,
+    connector: Arc<Connector>,
+    push: Option<PushHandler>,
+) {
+    let mut live: Option<Live> = None;
+    let mut fifo: VecDeque<InFlight> = VecDeque::new();
+    let mut wbuf = BytesMut::new();
+    let mut rbuf = BytesMut::with_capacity(16 * 1024);
+    let mut scanner = Scanner::new();
+    let mut backoff = MIN_BACKOFF;
+    let mut retry_at: Option<(Instant, UpstreamError)> = None;
+    let timeout = connector.command_timeout;
+
+    loop {
+        if live.is_none() {
+            // Idle and disconnected: wait for work, then connect.
+            let Some(req) = rx.recv().await else { return };
+            if let Some((at, err)) = &retry_at {
+                if Instant::now() < *at {
+                    fail(req, err.clone());
+                    continue;
+                }
+            }
+            match connector.connect().await {
+                Ok(stream) => {
+                    let (read, write) = stream.into_split();
+                    live = Some(Live { read, write });
+                    retry_at = None;
+                    backoff = MIN_BACKOFF;
+                    rbuf.clear();
+                    scanner = Scanner::new();
+                    enqueue(req, &mut wbuf, &mut fifo, timeout);
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, retry_in = ?backoff, "upstream connect failed");
+                    retry_at = Some((Instant::now() + backoff, err.clone()));
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    fail(req, err);
+                    continue;
+                }
+            }
+        }
+        let Some(conn) = live.as_mut() else { continue };
+        let head_deadline = fifo.front().and_then(|f| f.deadline);
+        let outcome: Result<(), UpstreamError> = tokio::select! {
+            biased;
+            req = rx.recv() => match req {
+                Some(req) => {
+                    enqueue(req, &mut wbuf, &mut fifo, timeout);
+                    // Take everything already queued: one write for the batch.
+                    while let Ok(req) = rx.try_recv() {
+                        enqueue(req, &mut wbuf, &mut fifo, timeout);
+                    }
+                    Ok(())
+                }
+                None => {
+                    // Every handle is gone (a session's client left). Run the
+                    // invalidations of what was in flight, then close.
+                    for f in fifo.drain(..) {
+                        if let Some(cb) = f.on_reply { cb(); }
+                    }
+                    return;
+                }
+            },
+            r = conn.write.write_buf(&mut wbuf), if !wbuf.is_empty() => match r {
+                Ok(0) => Err(UpstreamError::Lost("upstream closed the connection".into())),
+                Ok(_) => Ok(()),
+                Err(e) => Err(UpstreamError::Lost(e.to_string())),
+            },
+            r = conn.read.read_buf(&mut rbuf) => match r {
+                Ok(0) => Err(UpstreamError::Lost("upstream closed the connection".into())),
+                Ok(_) => dispatch(&mut rbuf, &mut scanner, &mut fifo, push.as_ref()),
+                Err(e) => Err(UpstreamError::Lost(e.to_string())),
+            },
+            _ = sleep_until_opt(head_deadline) => Err(UpstreamError::Timeout(timeout)),
+        };
+        if let Err(err) = outcome {
+            tracing::warn!(error = %err, in_flight = fifo.len(), "upstream connection failed");
+            live = None;
+            wbuf.clear();
+            for f in fifo.drain(..) {
+                if let Some(cb) = f.on_reply {
+                    cb();
+                }
+                let _ = f.reply.send(Err(err.clone()));
+            }
+            retry_at = Some((Instant::now() + backoff, err));
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn enqueue(req: Request, wbuf: &mut BytesMut, fifo: &mut VecDeque<InFlight>, timeout: Duration) {
+    wbuf.extend_from_slice(&req.wire);
+    fifo.push_back(InFlight {
+        reply: req.reply,
+        on_reply: req.on_reply,
+        deadline: req.timed.then(|| Instant::now() + timeout),
+    });
+}
+
+/// Hands every complete reply in `rbuf` to the request at the FIFO head.
+fn dispatch(
+    rbuf: &mut BytesMut,
+    scanner: &mut Scanner,
+    fifo: &mut VecDeque<InFlight>,
+    push: Option<&PushHandler>,
+) -> Result<(), UpstreamError> {
+    while let Some(frame) = scanner
+        .next_frame(rbuf)
+        .map_err(|e| UpstreamError::Lost(e.to_string()))?
+    {
+        let bytes = rbuf.split_to(frame.len).freeze();
+        if frame.push {
+            if let Some(p) = push {
+                p(bytes);
+            }
+            continue;
+        }
+        let Some(f) = fifo.pop_front() else {
+            return Err(UpstreamError::Lost("reply with no request".into()));
+        };
+        if let Some(cb) = f.on_reply {
+            cb();
+        }
+        let _ = f.reply.send(Ok(bytes));
+    }
+    // A big reply in progress: grow once, not read by read.
+    if rbuf.capacity() - rbuf.len() < 4096 {
+        rbuf.reserve(16 * 1024);
+    }
+    Ok(())
+}
+
+/// Reads exactly one reply from a freshly connected stream (setup commands).
+pub async fn read_one(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<Bytes, UpstreamError> {
+    let mut scanner = Scanner::new();
+    loop {
+        if let Some(f) = scanner
+            .next_frame(buf)
+            .map_err(|e| UpstreamError::Setup(e.to_string()))?
+        {
+            return Ok(buf.split_to(f.len).freeze());
+        }
+        match stream.read_buf(buf).await {
+            Ok(0) => {
+                return Err(UpstreamError::Setup(
+                    "connection closed during setup".into(),
+                ));
+            }
+            Ok(_) => {}
+            Err(e) => return Err(UpstreamError::Setup(e.to_string())),
+        }
+    }
+}
+
+/// Sends `cmds` and checks that none was refused.
+pub async fn setup(
+    stream: &mut TcpStream,
+    cmds: &[Vec<Vec<u8>>],
+) -> Result<Vec<Bytes>, UpstreamError> {
+    let mut out = BytesMut::new();
+    for c in cmds {
+        crate::protocol::request::encode_command_into(&mut out, c);
+    }
+    stream
+        .write_all(&out)
+        .await
+        .map_err(|e| UpstreamError::Setup(e.to_string()))?;
+    let mut buf = BytesMut::new();
+    let mut replies = Vec::with_capacity(cmds.len());
+    for c in cmds {
+        let r = read_one(stream, &mut buf).await?;
+        if r.first() == Some(&b'-') || r.first() == Some(&b'!') {
+            let name = String::from_utf8_lossy(&c[0]).into_owned();
+            let text = String::from_utf8_lossy(r.trim_ascii_end()).into_owned();
+            return Err(UpstreamError::Setup(format!("{name}: {}", &text[1..])));
+        }
+        replies.push(r);
+    }
+    Ok(replies)
+}

@@ -1,0 +1,234 @@
+//! Everything kiln sends to Redis goes through here. `Upstream` hands out
+//! connections by purpose:
+//!
+//! * shared: `upstream.connections` multiplexed FIFO connections per
+//!   (database, protocol), for ordinary traffic; a client always uses the same
+//!   one so its commands stay in order;
+//! * sessions: a dedicated connection from a bounded pool, for MULTI/WATCH and
+//!   blocking commands, returned only when clean;
+//! * raw: a dedicated socket handed over whole, for pub/sub, MONITOR and a
+//!   client's own CLIENT TRACKING, where upstream speaks unprompted.
+//!
+//! Routing lives behind this one type so a Redis Cluster router can replace
+//! the single-node one later. Nothing here knows about the cache.
+
+pub mod conn;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+pub use conn::{ConnHandle, OnReply, Reply};
+
+use crate::config::{Config, UpstreamAddr};
+use crate::error::UpstreamError;
+use crate::protocol::Proto;
+
+/// How to open one upstream connection in a given state.
+pub struct Connector {
+    addr: UpstreamAddr,
+    db: u32,
+    proto: Proto,
+    connect_timeout: Duration,
+    pub command_timeout: Duration,
+}
+
+impl Connector {
+    fn target(&self) -> String {
+        format!("{}:{}", self.addr.host, self.addr.port)
+    }
+
+    /// Connects and brings the connection to the wanted protocol, user and
+    /// database.
+    pub async fn connect(&self) -> Result<TcpStream, UpstreamError> {
+        let target = self.target();
+        let mut stream =
+            match tokio::time::timeout(self.connect_timeout, TcpStream::connect(&target)).await {
+                Err(_) => {
+                    return Err(UpstreamError::ConnectTimeout {
+                        addr: target,
+                        after: self.connect_timeout,
+                    });
+                }
+                Ok(Err(e)) => {
+                    return Err(UpstreamError::Connect {
+                        addr: target,
+                        reason: e.to_string(),
+                    });
+                }
+                Ok(Ok(s)) => s,
+            };
+        let _ = stream.set_nodelay(true);
+        let mut cmds: Vec<Vec<Vec<u8>>> = Vec::new();
+        let auth: Option<Vec<Vec<u8>>> = self.addr.password.as_ref().map(|p| {
+            let user = self
+                .addr
+                .username
+                .clone()
+                .unwrap_or_else(|| "default".into());
+            vec![user.into_bytes(), p.clone().into_bytes()]
+        });
+        match (self.proto, auth) {
+            (Proto::Resp3, Some(a)) => {
+                let mut c = vec![b"HELLO".to_vec(), b"3".to_vec(), b"AUTH".to_vec()];
+                c.extend(a);
+                cmds.push(c);
+            }
+            (Proto::Resp3, None) => cmds.push(vec![b"HELLO".to_vec(), b"3".to_vec()]),
+            (Proto::Resp2, Some(a)) => {
+                let mut c = vec![b"AUTH".to_vec()];
+                c.extend(a);
+                cmds.push(c);
+            }
+            (Proto::Resp2, None) => {}
+        }
+        if self.db != 0 {
+            cmds.push(vec![b"SELECT".to_vec(), self.db.to_string().into_bytes()]);
+        }
+        if !cmds.is_empty() {
+            let setup = conn::setup(&mut stream, &cmds);
+            tokio::time::timeout(self.connect_timeout, setup)
+                .await
+                .map_err(|_| UpstreamError::ConnectTimeout {
+                    addr: target,
+                    after: self.connect_timeout,
+                })??;
+        }
+        Ok(stream)
+    }
+}
+
+type PoolKey = (u32, Proto);
+
+pub struct Upstream {
+    addr: UpstreamAddr,
+    per_key: usize,
+    connect_timeout: Duration,
+    command_timeout: Duration,
+    max_sessions: usize,
+    shared: Mutex<HashMap<PoolKey, Arc<[ConnHandle]>>>,
+    /// Idle, clean session connections.
+    idle: Mutex<HashMap<PoolKey, Vec<ConnHandle>>>,
+    sessions: Arc<Semaphore>,
+}
+
+/// A dedicated connection checked out for one client's session. Give it
+/// back with `Upstream::release`; dropping it closes the connection.
+pub struct Session {
+    pub conn: ConnHandle,
+    key: PoolKey,
+    _permit: OwnedSemaphorePermit,
+}
+
+/// A raw dedicated socket (pub/sub, MONITOR, CLIENT TRACKING).
+pub struct RawSession {
+    pub stream: TcpStream,
+    pub _permit: OwnedSemaphorePermit,
+}
+
+/// Idle session connections kept per (database, protocol).
+const IDLE_PER_KEY: usize = 16;
+
+impl Upstream {
+    pub fn new(cfg: &Config) -> Result<Upstream, String> {
+        Ok(Upstream {
+            addr: cfg.upstream_addr()?,
+            per_key: cfg.upstream.connections,
+            connect_timeout: cfg.upstream.connect_timeout,
+            command_timeout: cfg.upstream.command_timeout,
+            max_sessions: cfg.upstream.max_sessions,
+            shared: Mutex::new(HashMap::new()),
+            idle: Mutex::new(HashMap::new()),
+            sessions: Arc::new(Semaphore::new(cfg.upstream.max_sessions)),
+        })
+    }
+
+    /// The database named in `upstream.url`: a client starts there.
+    pub fn default_db(&self) -> u32 {
+        self.addr.db
+    }
+
+    fn connector(&self, db: u32, proto: Proto) -> Arc<Connector> {
+        Arc::new(Connector {
+            addr: self.addr.clone(),
+            db,
+            proto,
+            connect_timeout: self.connect_timeout,
+            command_timeout: self.command_timeout,
+        })
+    }
+
+    /// The shared connection for a client; the same one every time for the
+    /// same client, database and protocol.
+    pub fn shared(&self, db: u32, proto: Proto, client_id: u64) -> ConnHandle {
+        let mut map = lock(&self.shared);
+        let conns = map.entry((db, proto)).or_insert_with(|| {
+            (0..self.per_key)
+                .map(|_| ConnHandle::spawn(self.connector(db, proto), None))
+                .collect()
+        });
+        conns[client_id as usize % conns.len()].clone()
+    }
+
+    async fn permit(&self) -> Result<OwnedSemaphorePermit, UpstreamError> {
+        match tokio::time::timeout(self.connect_timeout, self.sessions.clone().acquire_owned())
+            .await
+        {
+            Ok(Ok(p)) => Ok(p),
+            _ => Err(UpstreamError::SessionsExhausted(self.max_sessions)),
+        }
+    }
+
+    pub async fn session(&self, db: u32, proto: Proto) -> Result<Session, UpstreamError> {
+        let permit = self.permit().await?;
+        let key = (db, proto);
+        let conn = lock(&self.idle)
+            .get_mut(&key)
+            .and_then(|v| v.pop())
+            .unwrap_or_else(|| ConnHandle::spawn(self.connector(db, proto), None));
+        Ok(Session {
+            conn,
+            key,
+            _permit: permit,
+        })
+    }
+
+    /// Returns a session's connection to the pool if `clean` (nothing
+    /// pending, no state left on it); otherwise it is closed.
+    pub fn release(&self, s: Session, clean: bool) {
+        if clean {
+            let mut idle = lock(&self.idle);
+            let v = idle.entry(s.key).or_default();
+            if v.len() < IDLE_PER_KEY {
+                v.push(s.conn);
+            }
+        }
+    }
+
+    pub async fn raw(&self, db: u32, proto: Proto) -> Result<RawSession, UpstreamError> {
+        let permit = self.permit().await?;
+        let stream = self.connector(db, proto).connect().await?;
+        Ok(RawSession {
+            stream,
+            _permit: permit,
+        })
+    }
+
+    /// One request on a short-lived connection (start-up probes).
+    pub async fn probe(&self, args: &[&[u8]]) -> Result<Bytes, UpstreamError> {
+        let mut stream = self.connector(0, Proto::Resp2).connect().await?;
+        let cmd: Vec<Vec<u8>> = args.iter().map(|a| a.to_vec()).collect();
+        let r = tokio::time::timeout(self.command_timeout * 5, conn::setup(&mut stream, &[cmd]))
+            .await
+            .map_err(|_| UpstreamError::Timeout(self.command_timeout * 5))??;
+        Ok(r.into_iter().next().unwrap_or_default())
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
