@@ -1,0 +1,5 @@
+//! kiln's integration tests: one binary, every test against a real
+//! `redis-server` started on a free port (see `util`).
+
+mod transparency;
+mod util;

@@ -1,0 +1,304 @@
+//! Test harness: a real `redis-server` per test on a free loopback port,
+//! kiln running in-process on a port-0 listener, and a raw RESP client that
+//! returns reply bytes exactly as sent. Every wait is bounded.
+
+#![allow(dead_code)]
+
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use kiln::Config;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// A `redis-server` child process, killed on drop.
+pub struct Redis {
+    pub port: u16,
+    child: Child,
+}
+
+fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+impl Redis {
+    pub fn start() -> Redis {
+        Self::start_with(&[])
+    }
+
+    pub fn start_with(extra: &[&str]) -> Redis {
+        for _ in 0..10 {
+            let port = free_port();
+            let mut cmd = Command::new("redis-server");
+            cmd.args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .args([
+                "--protected-mode",
+                "no",
+                "--daemonize",
+                "no",
+                "--loglevel",
+                "warning",
+            ])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+            let mut child = cmd
+                .spawn()
+                .expect("redis-server is installed (apt-get install redis-server)");
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break; // lost the port race: try another
+                }
+                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    return Redis { port, child };
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        panic!("could not start redis-server");
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub async fn conn(&self) -> Conn {
+        Conn::connect(self.addr()).await
+    }
+
+    /// Calls of `cmd` upstream, from `INFO commandstats`.
+    pub async fn calls(&self, cmd: &str) -> u64 {
+        let info = self.conn().await.cmd_text(&["INFO", "commandstats"]).await;
+        let prefix = format!("cmdstat_{}:calls=", cmd.to_lowercase());
+        info.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|rest| rest.split(',').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    }
+
+    pub async fn reset_stats(&self) {
+        self.conn().await.cmd(&["CONFIG", "RESETSTAT"]).await;
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// kiln running in-process; stopped on drop.
+pub struct Kiln {
+    pub addr: SocketAddr,
+    shutdown: CancellationToken,
+    task: Option<tokio::task::JoinHandle<Result<(), String>>>,
+}
+
+impl Kiln {
+    pub async fn start(upstream: &Redis) -> Kiln {
+        Self::start_with(upstream, |_| {}).await
+    }
+
+    pub async fn start_with(upstream: &Redis, tweak: impl FnOnce(&mut Config)) -> Kiln {
+        let mut cfg = Config::default();
+        cfg.upstream.url = upstream.url();
+        tweak(&mut cfg);
+        cfg.validate("").expect("test config is valid");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(kiln::run(listener, cfg, shutdown.clone()));
+        let k = Kiln {
+            addr,
+            shutdown,
+            task: Some(task),
+        };
+        // Ready once it answers.
+        let mut c = k.conn().await;
+        assert_eq!(c.cmd(&["PING"]).await, "+PONG\r\n");
+        k
+    }
+
+    pub async fn conn(&self) -> Conn {
+        Conn::connect(self.addr).await
+    }
+
+    pub async fn stop(mut self) -> Result<(), String> {
+        self.shutdown.cancel();
+        let task = self.task.take().expect("running");
+        tokio::time::timeout(WAIT, task)
+            .await
+            .expect("kiln stops in time")
+            .expect("task")
+    }
+}
+
+impl Drop for Kiln {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// A raw RESP client. Reply boundaries come from redis-protocol's decoder,
+/// not kiln's scanner, so the two check each other.
+pub struct Conn {
+    pub stream: TcpStream,
+    buf: BytesMut,
+}
+
+pub fn encode<A: AsRef<[u8]>>(args: &[A]) -> Vec<u8> {
+    let mut out = format!("*{}\r\n", args.len()).into_bytes();
+    for a in args {
+        let a = a.as_ref();
+        out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+        out.extend_from_slice(a);
+        out.extend_from_slice(b"\r\n");
+    }
+    out
+}
+
+impl Conn {
+    pub async fn connect(addr: SocketAddr) -> Conn {
+        let stream = tokio::time::timeout(WAIT, TcpStream::connect(addr))
+            .await
+            .expect("connect in time")
+            .expect("connect");
+        stream.set_nodelay(true).expect("nodelay");
+        Conn {
+            stream,
+            buf: BytesMut::new(),
+        }
+    }
+
+    pub async fn send_raw(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.expect("write");
+    }
+
+    pub async fn send<A: AsRef<[u8]>>(&mut self, args: &[A]) {
+        self.send_raw(&encode(args)).await;
+    }
+
+    /// The next reply's bytes, or `None` if the server closed the connection.
+    pub async fn try_read(&mut self) -> Option<Bytes> {
+        self.try_read_within(WAIT).await.expect("a reply in time")
+    }
+
+    /// `Err` on timeout.
+    pub async fn try_read_within(&mut self, limit: Duration) -> Result<Option<Bytes>, ()> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if let Some(len) = frame_len(&self.buf) {
+                return Ok(Some(self.buf.split_to(len).freeze()));
+            }
+            match tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.buf)).await {
+                Err(_) => return Err(()),
+                Ok(Ok(0)) | Ok(Err(_)) => return Ok(None),
+                Ok(Ok(_)) => {}
+            }
+        }
+    }
+
+    pub async fn read(&mut self) -> Bytes {
+        self.try_read().await.expect("connection open")
+    }
+
+    pub async fn cmd<A: AsRef<[u8]>>(&mut self, args: &[A]) -> Bytes {
+        self.send(args).await;
+        self.read().await
+    }
+
+    /// The payload of a bulk-string reply as text.
+    pub async fn cmd_text<A: AsRef<[u8]>>(&mut self, args: &[A]) -> String {
+        let r = self.cmd(args).await;
+        String::from_utf8_lossy(&bulk_payload(&r).unwrap_or_else(|| r.to_vec())).into_owned()
+    }
+
+    /// Whether the server closed the connection (within the wait).
+    pub async fn closed(&mut self) -> bool {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            self.buf.clear();
+            match tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.buf)).await {
+                Err(_) => return false,
+                Ok(Ok(0)) | Ok(Err(_)) => return true,
+                Ok(Ok(_)) => {}
+            }
+        }
+    }
+}
+
+/// The length of the complete reply at the front of `buf`: RESP2's decoder
+/// first (RESP3's rejects `$-1`), RESP3's for the types only it knows.
+fn frame_len(buf: &[u8]) -> Option<usize> {
+    match redis_protocol::resp2::decode::decode(buf) {
+        Ok(r) => r.map(|(_, len)| len),
+        Err(_) => redis_protocol::resp3::decode::complete::decode(buf)
+            .expect("valid RESP from server")
+            .map(|(_, len)| len),
+    }
+}
+
+/// The data of a `$n\r\n...\r\n` or `=n\r\ntxt:...` reply.
+pub fn bulk_payload(reply: &[u8]) -> Option<Vec<u8>> {
+    if let Ok(Some((redis_protocol::resp2::types::OwnedFrame::BulkString(d), _))) =
+        redis_protocol::resp2::decode::decode(reply)
+    {
+        return Some(d);
+    }
+    let (frame, _) = redis_protocol::resp3::decode::complete::decode(reply).ok()??;
+    use redis_protocol::resp3::types::OwnedFrame;
+    match frame {
+        OwnedFrame::BlobString { data, .. } | OwnedFrame::VerbatimString { data, .. } => Some(data),
+        _ => None,
+    }
+}
+
+pub fn bulk(s: &str) -> Vec<u8> {
+    format!("${}\r\n{}\r\n", s.len(), s).into_bytes()
+}
+
+/// Polls `cond` until it holds or `WAIT` passes.
+pub async fn wait_until<F, Fut>(what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + WAIT;
+    while Instant::now() < deadline {
+        if cond().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}
