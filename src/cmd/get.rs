@@ -202,7 +202,7 @@ pub fn mget(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
                 return;
             }
         };
-        let values = match mget_values(&reply, missing.len()) {
+        let values = match mget_values(&reply, missing.len(), proto) {
             Some(v) => v,
             // Not an array (an error): pass it on as Redis sent it.
             None => {
@@ -230,23 +230,47 @@ struct Miss {
 }
 
 /// The elements of an upstream MGET reply as bulk frames (`None` for nil).
-fn mget_values(reply: &Bytes, n: usize) -> Option<Vec<Option<Bytes>>> {
-    let (frame, _) = redis_protocol::resp3::decode::complete::decode_bytes(reply).ok()??;
-    let BytesFrame::Array { data, .. } = frame else {
-        return None;
+/// redis-protocol's RESP3 decoder rejects RESP2's `$-1`, so each version
+/// is decoded with its own.
+fn mget_values(reply: &Bytes, n: usize, proto: Proto) -> Option<Vec<Option<Bytes>>> {
+    let blobs: Vec<Option<Bytes>> = match proto {
+        Proto::Resp2 => {
+            use redis_protocol::resp2::types::BytesFrame as F2;
+            let (frame, _) = redis_protocol::resp2::decode::decode_bytes(reply).ok()??;
+            let F2::Array(data) = frame else { return None };
+            data.into_iter()
+                .map(|f| match f {
+                    F2::BulkString(b) => Some(b),
+                    _ => None,
+                })
+                .collect()
+        }
+        Proto::Resp3 => {
+            let (frame, _) =
+                redis_protocol::resp3::decode::complete::decode_bytes(reply).ok()??;
+            let BytesFrame::Array { data, .. } = frame else {
+                return None;
+            };
+            data.into_iter()
+                .map(|f| match f {
+                    BytesFrame::BlobString { data, .. } => Some(data),
+                    _ => None,
+                })
+                .collect()
+        }
     };
-    if data.len() != n {
+    if blobs.len() != n {
         return None;
     }
     Some(
-        data.into_iter()
-            .map(|f| match f {
-                BytesFrame::BlobString { data, .. } => {
-                    let mut b = BytesMut::with_capacity(data.len() + 16);
-                    encode::bulk(&mut b, &data);
-                    Some(b.freeze())
-                }
-                _ => None,
+        blobs
+            .into_iter()
+            .map(|b| {
+                b.map(|data| {
+                    let mut f = BytesMut::with_capacity(data.len() + 16);
+                    encode::bulk(&mut f, &data);
+                    f.freeze()
+                })
             })
             .collect(),
     )

@@ -243,6 +243,24 @@ impl Conn {
         String::from_utf8_lossy(&bulk_payload(&r).unwrap_or_else(|| r.to_vec())).into_owned()
     }
 
+    /// Repeats `args` until the reply is `want` (bounded by `WAIT`).
+    pub async fn wait_for<A: AsRef<[u8]>>(&mut self, args: &[A], want: impl AsRef<[u8]>) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let got = self.cmd(args).await;
+            if got == want.as_ref() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {:?}, last reply {:?}",
+                String::from_utf8_lossy(want.as_ref()),
+                got
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     /// Whether the server closed the connection (within the wait).
     pub async fn closed(&mut self) -> bool {
         let deadline = tokio::time::Instant::now() + WAIT;
