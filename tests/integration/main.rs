@@ -2,5 +2,6 @@
 //! `redis-server` started on a free port (see `util`).
 
 mod cache;
+mod session;
 mod transparency;
 mod util;

@@ -29,6 +29,36 @@ fn free_port() -> u16 {
         .expect("a free port")
 }
 
+/// Whether the server on `port` is process `pid`: another test's server may
+/// have won the race for a port both picked.
+fn serves_pid(port: u16, pid: u32) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    if s.write_all(b"INFO server\r\n").is_err() {
+        return false;
+    }
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let want = format!("process_id:{pid}\r");
+    while let Ok(n) = s.read(&mut chunk) {
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&buf);
+        if text.contains(&want) {
+            return true;
+        }
+        if text.contains("process_id:") && text.contains("run_id:") {
+            return false;
+        }
+    }
+    false
+}
+
 impl Redis {
     pub fn start() -> Redis {
         Self::start_with(&[])
@@ -67,7 +97,7 @@ impl Redis {
                 if let Ok(Some(_)) = child.try_wait() {
                     break; // lost the port race: try another
                 }
-                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                if serves_pid(port, child.id()) {
                     return Redis { port, child };
                 }
                 std::thread::sleep(Duration::from_millis(10));
