@@ -1,7 +1,10 @@
 //! kiln's integration tests: one binary, every test against a real
 //! `redis-server` started on a free port (see `util`).
 
+mod bad_input;
 mod cache;
+mod cli;
+mod frames;
 mod session;
 mod transparency;
 mod util;

@@ -308,6 +308,11 @@ impl Conn {
 /// The length of the complete reply at the front of `buf`: RESP2's decoder
 /// first (RESP3's rejects `$-1`), RESP3's for the types only it knows.
 fn frame_len(buf: &[u8]) -> Option<usize> {
+    // Status and error lines may hold any bytes (Redis echoes a binary
+    // command name); the decoders insist on UTF-8 there.
+    if matches!(buf.first(), Some(b'+' | b'-')) {
+        return buf.windows(2).position(|w| w == b"\r\n").map(|p| p + 2);
+    }
     match redis_protocol::resp2::decode::decode(buf) {
         Ok(r) => r.map(|(_, len)| len),
         Err(_) => redis_protocol::resp3::decode::complete::decode(buf)

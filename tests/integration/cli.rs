@@ -1,0 +1,142 @@
+//! The binary: config checking, errors that name key and line, and a
+//! SIGTERM that drains in-flight commands and exits 0.
+
+use std::process::{Command, Stdio};
+
+use crate::util::{Conn, Redis, WAIT, bulk};
+
+fn kiln() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_kiln"))
+}
+
+fn temp_config(name: &str, text: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("kiln-test-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join("kiln.toml");
+    std::fs::write(&path, text).expect("write config");
+    path
+}
+
+#[test]
+fn the_shipped_proxy_toml_is_valid() {
+    let text = include_str!("../../proxy.toml");
+    let cfg = kiln::Config::from_toml(text).expect("proxy.toml parses");
+    cfg.validate(text).expect("proxy.toml validates");
+    assert_eq!(cfg.server.listen, "127.0.0.1:6380");
+    assert_eq!(cfg.cache.rules.len(), 2);
+    let out = kiln()
+        .args([
+            "check-config",
+            "--config",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/proxy.toml"),
+        ])
+        .output()
+        .expect("run kiln");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        printed.contains("max_clients = 10000") && printed.contains("ttl = \"1day\""),
+        "{printed}"
+    );
+}
+
+#[test]
+fn config_errors_name_key_and_line() {
+    let cases = [
+        (
+            "[server]\nlisten = \"127.0.0.1:1\"\nmax_clientz = 3\n",
+            "max_clientz",
+            "line 3",
+        ),
+        ("[cache]\nttl = \"soon\"\n", "ttl", "line 2"),
+        (
+            "[upstream]\nconnections = 0\n",
+            "upstream.connections",
+            "line 2",
+        ),
+        (
+            "\n[server]\nlisten = \"nowhere\"\n",
+            "server.listen",
+            "line 3",
+        ),
+        ("[upstream]\nurl = \"http://x\"\n", "upstream.url", "line 2"),
+        (
+            "[cache]\nmax_memory = \"12 parsecs\"\n",
+            "max_memory",
+            "line 2",
+        ),
+    ];
+    for (i, (text, key, line)) in cases.iter().enumerate() {
+        let path = temp_config(&format!("bad{i}"), text);
+        let out = kiln()
+            .args(["check-config", "--config"])
+            .arg(&path)
+            .output()
+            .expect("run kiln");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{text}: {err}");
+        assert!(err.contains(key) && err.contains(line), "{text}: {err}");
+    }
+    let out = kiln()
+        .args(["--upstream", "redis://h:notaport", "check-config"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("upstream.url"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_commands_and_exits_zero() {
+    let redis = Redis::start();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut child = kiln()
+        .args(["--listen", &listen, "--upstream", &redis.url()])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn kiln");
+    let addr = listen.parse().expect("addr");
+    let deadline = std::time::Instant::now() + WAIT;
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        assert!(std::time::Instant::now() < deadline, "kiln did not start");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let mut c = Conn::connect(addr).await;
+    c.cmd(&["SET", "k", "v"]).await;
+    // A command still running upstream when the signal arrives.
+    c.send(&["BLPOP", "never", "0.5"]).await;
+    let mut direct = redis.conn().await;
+    direct
+        .wait_for(&["EVAL", "return tonumber(string.match(redis.call('INFO','clients'), 'blocked_clients:(%d+)'))", "0"], ":1\r\n")
+        .await;
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    assert_eq!(c.read().await, "*-1\r\n", "the in-flight command finished");
+    assert!(c.closed().await, "then the connection is closed");
+    let deadline = std::time::Instant::now() + WAIT;
+    let code = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s.code();
+        }
+        assert!(std::time::Instant::now() < deadline, "kiln did not exit");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    };
+    assert_eq!(code, Some(0));
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "no longer listening"
+    );
+    assert_eq!(direct.cmd(&["GET", "k"]).await, bulk("v"));
+}
