@@ -76,7 +76,7 @@ impl Context {
             "upstream described"
         );
         Ok(Context {
-            l1: L1::new(&cfg.cache),
+            l1: L1::new(&cfg.cache)?,
             upstream,
             table,
             limits: Limits {

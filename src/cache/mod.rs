@@ -117,7 +117,7 @@ pub struct Stats {
 }
 
 impl L1 {
-    pub fn new(cfg: &CacheConfig) -> L1 {
+    pub fn new(cfg: &CacheConfig) -> Result<L1, String> {
         // quick_cache splits capacity evenly over shards and silently refuses
         // an item above ~97% of a shard, so keep a shard at least 4x the
         // largest value kiln may cache.
@@ -135,7 +135,7 @@ impl L1 {
             .weight_capacity(cfg.max_memory)
             .estimated_items_capacity((cfg.max_memory / 256).clamp(1024, 4_000_000) as usize)
             .build()
-            .expect("cache options are valid");
+            .map_err(|e| format!("cache: {e}"))?;
         let store = quick_cache::sync::Cache::with_options(
             options,
             ByteWeight,
@@ -156,7 +156,7 @@ impl L1 {
                 },
             })
             .collect();
-        L1 {
+        Ok(L1 {
             store,
             hasher: DefaultHashBuilder::default(),
             generations: (0..GENERATIONS).map(|_| AtomicU64::new(0)).collect(),
@@ -168,7 +168,7 @@ impl L1 {
             max_value_size: cfg.max_value_size as usize,
             flights: flight::Flights::new(),
             stats: Stats::default(),
-        }
+        })
     }
 
     pub fn policy(&self, key: &[u8]) -> Policy {
@@ -327,15 +327,17 @@ mod tests {
     use crate::config::CacheRule;
 
     fn l1() -> L1 {
-        let mut cfg = CacheConfig::default();
-        cfg.max_memory = 1 << 20;
-        cfg.max_value_size = 1000;
-        cfg.rules = vec![CacheRule {
-            pattern: "nocache:*".into(),
-            cache: false,
-            ttl: None,
-        }];
-        L1::new(&cfg)
+        L1::new(&CacheConfig {
+            max_memory: 1 << 20,
+            max_value_size: 1000,
+            rules: vec![CacheRule {
+                pattern: "nocache:*".into(),
+                cache: false,
+                ttl: None,
+            }],
+            ..CacheConfig::default()
+        })
+        .expect("valid cache config")
     }
 
     const TTL: Duration = Duration::from_secs(60);

@@ -90,7 +90,7 @@ impl Table {
             None => return Some(Keys::AllArgs),
         };
         if info.container {
-            let Some(sub) = args.get(1) else { return None };
+            let sub = args.get(1)?;
             let mut full = Vec::with_capacity(name.len() + 1 + sub.len());
             full.extend_from_slice(name);
             full.push(b'|');
@@ -156,13 +156,12 @@ pub fn key_args(keys: Keys, args: &[Bytes]) -> impl Iterator<Item = &Bytes> {
         Keys::AllArgs => (1, n - 1, 1),
         Keys::Everything => (1, 0, 1),
     };
-    let range = if start >= 1 && end >= start {
-        start as usize..=end as usize
+    let keys: &[Bytes] = if start >= 1 && end >= start {
+        args.get(start as usize..=end as usize).unwrap_or(&[])
     } else {
-        // An empty range: 1..=0.
-        1..=0
+        &[]
     };
-    args.get(range).unwrap_or(&[]).iter().step_by(step)
+    keys.iter().step_by(step)
 }
 
 /// ASCII-lowercases a command name into `buf`; `None` if it does not fit.
