@@ -44,6 +44,7 @@ pub struct Config {
     pub server: ServerConfig,
     pub upstream: UpstreamConfig,
     pub cache: CacheConfig,
+    pub coherence: CoherenceConfig,
     pub log: LogConfig,
     pub metrics: MetricsConfig,
 }
@@ -175,6 +176,37 @@ fn yes() -> bool {
     true
 }
 
+/// How L1 learns of writes made by other Redis clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CoherenceMode {
+    /// CLIENT TRACKING on the connections that fill L1.
+    Tracking,
+    /// CLIENT TRACKING BCAST over the prefixes of the cached rules.
+    Bcast,
+    /// No tracking: staleness bounded by TTL alone.
+    Ttl,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CoherenceConfig {
+    pub mode: CoherenceMode,
+    /// How often idle tracking connections are pinged, and upstream's
+    /// SWAPDB count checked (SWAPDB sends no invalidations).
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
+    pub check_interval: Duration,
+}
+
+impl Default for CoherenceConfig {
+    fn default() -> Self {
+        Self {
+            mode: CoherenceMode::Tracking,
+            check_interval: Duration::from_secs(1),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -303,6 +335,7 @@ impl Config {
         for (key, d) in [
             ("upstream.connect_timeout", self.upstream.connect_timeout),
             ("upstream.command_timeout", self.upstream.command_timeout),
+            ("coherence.check_interval", self.coherence.check_interval),
         ] {
             if d.is_zero() {
                 return Err(bad(key, "must be greater than 0".into()));

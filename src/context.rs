@@ -3,18 +3,20 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use crate::cache::L1;
 use crate::cmd::table::Table;
+use crate::coherence::Coherence;
 use crate::config::Config;
 use crate::protocol::request::Limits;
 use crate::upstream::Upstream;
 
 pub struct Context {
-    pub l1: L1,
+    pub l1: Arc<L1>,
+    pub coherence: Arc<Coherence>,
     pub upstream: Upstream,
     pub table: Table,
     pub limits: Limits,
@@ -46,7 +48,9 @@ impl Context {
     /// database count. Upstream being down at start is not fatal: kiln
     /// falls back to defaults and connects when traffic comes.
     pub async fn new(cfg: &Config) -> Result<Context, String> {
-        let upstream = Upstream::new(cfg)?;
+        let l1 = Arc::new(L1::new(&cfg.cache)?);
+        let coherence = Coherence::new(cfg.coherence.mode, cfg.coherence.check_interval);
+        let upstream = Upstream::new(cfg, coherence.reader_spec(&l1))?;
         let table = match upstream.probe(&[b"COMMAND"]).await {
             Ok(reply) => Table::from_command_reply(&reply),
             Err(e) => {
@@ -76,7 +80,8 @@ impl Context {
             "upstream described"
         );
         Ok(Context {
-            l1: L1::new(&cfg.cache)?,
+            l1,
+            coherence,
             upstream,
             table,
             limits: Limits {

@@ -8,7 +8,8 @@
 //! dedicated one for transactions, blocking commands and pub/sub). Writes
 //! invalidate the keys they name before they are sent and again when
 //! upstream answers; a fill that raced a write is dropped by a per-key
-//! generation check. Data flows one way: connection -> cmd -> cache /
+//! generation check; writes by other Redis clients arrive as CLIENT TRACKING
+//! invalidations (`coherence`). Data flows one way: connection -> cmd -> cache /
 //! upstream.
 
 #![forbid(unsafe_code)]
@@ -16,6 +17,7 @@
 pub mod cache;
 pub mod cli;
 pub mod cmd;
+pub mod coherence;
 pub mod config;
 pub mod connection;
 pub mod context;
@@ -44,6 +46,8 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), String> {
     let ctx = Arc::new(context::Context::new(&config).await?);
+    ctx.coherence
+        .start(&ctx.upstream, &ctx.l1, &config.cache, shutdown.clone());
     let tracker = TaskTracker::new();
     tracing::info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         upstream = %config.upstream.url, "kiln serving");

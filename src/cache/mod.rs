@@ -104,6 +104,33 @@ pub struct L1 {
     pub stats: Stats,
 }
 
+/// Why entries were dropped; `as_str` is the `source` metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// A write forwarded by kiln.
+    Write,
+    /// A CLIENT TRACKING invalidation from upstream, or a lost tracking
+    /// channel.
+    Tracking,
+    /// A flush or database swap, through kiln or seen upstream.
+    Flush,
+    /// CACHE.CLEAR / CACHE.INVALIDATE.
+    Admin,
+}
+
+impl Source {
+    pub const ALL: [Source; 4] = [Source::Write, Source::Tracking, Source::Flush, Source::Admin];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Write => "write",
+            Source::Tracking => "tracking",
+            Source::Flush => "flush",
+            Source::Admin => "admin",
+        }
+    }
+}
+
 /// Counters read by `CACHE.STATUS` and the metrics sidecar.
 #[derive(Default)]
 pub struct Stats {
@@ -113,7 +140,14 @@ pub struct Stats {
     pub fills_dropped: AtomicU64,
     pub not_cached_too_large: AtomicU64,
     pub penetrations: AtomicU64,
-    pub invalidations: AtomicU64,
+    /// Invalidations (keys, or whole clears) by `Source`.
+    pub invalidations: [AtomicU64; 4],
+}
+
+impl Stats {
+    pub fn invalidations(&self, s: Source) -> u64 {
+        self.invalidations[s as usize].load(Ordering::Relaxed)
+    }
 }
 
 impl L1 {
@@ -277,19 +311,20 @@ impl L1 {
     }
 
     /// Drops `key` from every database and fences off fills in flight.
-    pub fn invalidate(&self, key: &[u8]) {
+    pub fn invalidate(&self, key: &[u8], source: Source) {
         self.slot(key).fetch_add(1, Ordering::SeqCst);
         let max_db = self.max_db.load(Ordering::SeqCst);
         for db in 0..=max_db {
             self.store.remove(&KeyRef { db, key });
         }
-        self.stats.invalidations.fetch_add(1, Ordering::Relaxed);
+        self.stats.invalidations[source as usize].fetch_add(1, Ordering::Relaxed);
     }
 
     /// Drops everything (FLUSHALL, FLUSHDB, SWAPDB, CACHE.CLEAR); returns
     /// how many entries there were.
-    pub fn clear(&self) -> usize {
+    pub fn clear(&self, source: Source) -> usize {
         self.epoch.fetch_add(1, Ordering::SeqCst);
+        self.stats.invalidations[source as usize].fetch_add(1, Ordering::Relaxed);
         let n = self.store.len();
         self.store.clear();
         n
@@ -360,11 +395,11 @@ mod tests {
         let c = l1();
         let k = Bytes::from_static(b"a");
         let t = c.token(&k);
-        c.invalidate(&k);
+        c.invalidate(&k, Source::Write);
         assert!(!c.fill(0, &k, Some(b"$1\r\nx\r\n"), -1, TTL, t));
         assert!(c.get(0, b"a").is_none());
         let t = c.token(&k);
-        c.clear();
+        c.clear(Source::Admin);
         assert!(
             !c.fill(0, &k, Some(b"$1\r\nx\r\n"), -1, TTL, t),
             "a flush fences too"
@@ -378,8 +413,9 @@ mod tests {
         for db in [0, 3] {
             assert!(c.fill(db, &k, Some(b"$1\r\nx\r\n"), -1, TTL, c.token(&k)));
         }
-        c.invalidate(&k);
+        c.invalidate(&k, Source::Tracking);
         assert!(c.get(0, b"a").is_none() && c.get(3, b"a").is_none());
+        assert_eq!(c.stats.invalidations(Source::Tracking), 1);
     }
 
     #[test]

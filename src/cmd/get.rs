@@ -53,10 +53,12 @@ pub fn get(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
     let rx = match l1.flights.join(c.db, &key, token) {
         Join::Wait(rx) => rx,
         Join::Lead(flight, rx) => {
-            let get_rx = c.conn.send(cmd.wire(), None, true);
-            let pttl_rx = c
-                .conn
-                .send(encode_command(&[&b"PTTL"[..], &key]), None, true);
+            // Fills read through a reader connection, whose tracking covers
+            // exactly what L1 holds. The client has no write in flight, so
+            // any connection sees its writes.
+            let reader = c.ctx.upstream.reader(c.db, c.id);
+            let get_rx = reader.send(cmd.wire(), None, true);
+            let pttl_rx = reader.send(encode_command(&[&b"PTTL"[..], &key]), None, true);
             let ctx = c.ctx.clone();
             let db = c.db;
             tokio::spawn(async move {
@@ -85,6 +87,9 @@ fn fill_one(
     ttl: std::time::Duration,
     t: FillToken,
 ) {
+    if !ctx.coherence.can_fill() {
+        return;
+    }
     match answer {
         GetAnswer::Value(frame) => {
             ctx.l1.fill(db, key, Some(frame), pttl, ttl, t);
@@ -175,20 +180,20 @@ pub fn mget(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
     let mut up: Vec<&[u8]> = Vec::with_capacity(missing.len() + 1);
     up.push(b"MGET");
     up.extend(missing.iter().map(|m| &m.key[..]));
-    let mget_rx = c.conn.send(encode_command(&up), None, true);
+    let reader = c.ctx.upstream.reader(c.db, c.id);
+    let mget_rx = reader.send(encode_command(&up), None, true);
     let pttl_rxs: Vec<_> = missing
         .iter()
         .map(|m| {
-            m.fill.map(|_| {
-                c.conn
-                    .send(encode_command(&[&b"PTTL"[..], &m.key]), None, true)
-            })
+            m.fill
+                .map(|_| reader.send(encode_command(&[&b"PTTL"[..], &m.key]), None, true))
         })
         .collect();
     let (tx, rx) = tokio::sync::oneshot::channel();
     let ctx: Arc<Context> = c.ctx.clone();
     let db = c.db;
     tokio::spawn(async move {
+        let reader_proto = ctx.upstream.reader_proto();
         let reply = match mget_rx.await {
             Ok(Ok(bytes)) => bytes,
             Ok(Err(e)) => {
@@ -202,7 +207,7 @@ pub fn mget(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
                 return;
             }
         };
-        let values = match mget_values(&reply, missing.len(), proto) {
+        let values = match mget_values(&reply, missing.len(), reader_proto) {
             Some(v) => v,
             // Not an array (an error): pass it on as Redis sent it.
             None => {
@@ -213,7 +218,9 @@ pub fn mget(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
         for ((m, v), pttl_rx) in missing.iter().zip(&values).zip(pttl_rxs) {
             if let (Some((ttl, token)), Some(frame), Some(prx)) = (m.fill, v, pttl_rx) {
                 let pttl = pttl_of(prx.await.ok());
-                ctx.l1.fill(db, &m.key, Some(frame), pttl, ttl, token);
+                if ctx.coherence.can_fill() {
+                    ctx.l1.fill(db, &m.key, Some(frame), pttl, ttl, token);
+                }
             }
         }
         let mut out = BytesMut::new();

@@ -12,6 +12,7 @@ use bytes::Bytes;
 
 use super::table::{Keys, key_args};
 use super::{Client, Replies, Then};
+use crate::cache::Source;
 use crate::context::Context;
 use crate::protocol::request::Command;
 use crate::upstream::OnReply;
@@ -35,9 +36,9 @@ impl Stale {
     pub fn apply(&self, ctx: &Context) {
         match self {
             Stale::Everything => {
-                ctx.l1.clear();
+                ctx.l1.clear(Source::Flush);
             }
-            Stale::Keys(keys) => keys.iter().for_each(|k| ctx.l1.invalidate(k)),
+            Stale::Keys(keys) => keys.iter().for_each(|k| ctx.l1.invalidate(k, Source::Write)),
         }
     }
 

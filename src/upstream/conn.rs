@@ -43,6 +43,20 @@ pub struct Request {
 /// Called for RESP3 pushes that arrive on the connection.
 pub type PushHandler = Arc<dyn Fn(Bytes) + Send + Sync>;
 
+/// What a connection reports to its owner, for connections whose state
+/// matters beyond their own requests (tracking connections).
+#[derive(Clone, Default)]
+pub struct Hooks {
+    pub push: Option<PushHandler>,
+    /// After a connection is made and its setup commands succeeded.
+    pub on_connected: Option<Arc<dyn Fn() + Send + Sync>>,
+    /// After a live connection failed.
+    pub on_lost: Option<Arc<dyn Fn(&UpstreamError) + Send + Sync>>,
+    /// PING when idle this long, and reconnect without waiting for traffic:
+    /// a tracking connection's loss must be noticed even when nobody reads.
+    pub keepalive: Option<Duration>,
+}
+
 /// A handle to a connection's task; cheap to clone. The task ends when the
 /// last handle is dropped.
 #[derive(Clone)]
@@ -51,9 +65,9 @@ pub struct ConnHandle {
 }
 
 impl ConnHandle {
-    pub fn spawn(connector: Arc<Connector>, push: Option<PushHandler>) -> ConnHandle {
+    pub fn spawn(connector: Arc<Connector>, hooks: Hooks) -> ConnHandle {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run(rx, connector, push));
+        tokio::spawn(run(rx, connector, hooks));
         ConnHandle { tx }
     }
 
@@ -98,11 +112,7 @@ struct Live {
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 const MIN_BACKOFF: Duration = Duration::from_millis(50);
 
-async fn run(
-    mut rx: mpsc::UnboundedReceiver<Request>,
-    connector: Arc<Connector>,
-    push: Option<PushHandler>,
-) {
+async fn run(mut rx: mpsc::UnboundedReceiver<Request>, connector: Arc<Connector>, hooks: Hooks) {
     let mut live: Option<Live> = None;
     let mut fifo: VecDeque<InFlight> = VecDeque::new();
     let mut wbuf = BytesMut::new();
@@ -111,14 +121,33 @@ async fn run(
     let mut backoff = MIN_BACKOFF;
     let mut retry_at: Option<(Instant, UpstreamError)> = None;
     let timeout = connector.command_timeout;
+    let mut last_io = Instant::now();
 
     loop {
         if live.is_none() {
-            // Idle and disconnected: wait for work, then connect.
-            let Some(req) = rx.recv().await else { return };
+            // Disconnected: wait for work (or, with keepalive, for the end of
+            // the backoff), then connect.
+            let req = match hooks.keepalive {
+                Some(_) => {
+                    let at = retry_at.as_ref().map_or_else(Instant::now, |(at, _)| *at);
+                    tokio::select! {
+                        r = rx.recv() => match r {
+                            Some(r) => Some(r),
+                            None => return,
+                        },
+                        _ = tokio::time::sleep_until(at) => None,
+                    }
+                }
+                None => match rx.recv().await {
+                    Some(r) => Some(r),
+                    None => return,
+                },
+            };
             if let Some((at, err)) = &retry_at {
                 if Instant::now() < *at {
-                    fail(req, err.clone());
+                    if let Some(req) = req {
+                        fail(req, err.clone());
+                    }
                     continue;
                 }
             }
@@ -130,19 +159,31 @@ async fn run(
                     backoff = MIN_BACKOFF;
                     rbuf.clear();
                     scanner = Scanner::new();
-                    enqueue(req, &mut wbuf, &mut fifo, timeout);
+                    last_io = Instant::now();
+                    if let Some(f) = &hooks.on_connected {
+                        f();
+                    }
+                    if let Some(req) = req {
+                        enqueue(req, &mut wbuf, &mut fifo, timeout);
+                    }
                 }
                 Err(err) => {
                     tracing::warn!(error = %err, retry_in = ?backoff, "upstream connect failed");
                     retry_at = Some((Instant::now() + backoff, err.clone()));
                     backoff = (backoff * 2).min(MAX_BACKOFF);
-                    fail(req, err);
+                    if let Some(req) = req {
+                        fail(req, err);
+                    }
                     continue;
                 }
             }
         }
         let Some(conn) = live.as_mut() else { continue };
         let head_deadline = fifo.front().and_then(|f| f.deadline);
+        let ping_at = hooks
+            .keepalive
+            .filter(|_| fifo.is_empty())
+            .map(|every| last_io + every);
         let outcome: Result<(), UpstreamError> = tokio::select! {
             biased;
             req = rx.recv() => match req {
@@ -170,13 +211,28 @@ async fn run(
             },
             r = conn.read.read_buf(&mut rbuf) => match r {
                 Ok(0) => Err(UpstreamError::Lost("upstream closed the connection".into())),
-                Ok(_) => dispatch(&mut rbuf, &mut scanner, &mut fifo, push.as_ref()),
+                Ok(_) => {
+                    last_io = Instant::now();
+                    dispatch(&mut rbuf, &mut scanner, &mut fifo, hooks.push.as_ref())
+                }
                 Err(e) => Err(UpstreamError::Lost(e.to_string())),
             },
             _ = sleep_until_opt(head_deadline) => Err(UpstreamError::Timeout(timeout)),
+            _ = sleep_until_opt(ping_at) => {
+                // Nobody waits for this reply; its timeout still fails a
+                // connection that stopped answering.
+                let (reply, _) = oneshot::channel();
+                let ping = Request { wire: Bytes::from_static(b"*1\r\n$4\r\nPING\r\n"), reply, on_reply: None, timed: true };
+                enqueue(ping, &mut wbuf, &mut fifo, timeout);
+                last_io = Instant::now();
+                Ok(())
+            }
         };
         if let Err(err) = outcome {
             tracing::warn!(error = %err, in_flight = fifo.len(), "upstream connection failed");
+            if let Some(f) = &hooks.on_lost {
+                f(&err);
+            }
             live = None;
             wbuf.clear();
             for f in fifo.drain(..) {

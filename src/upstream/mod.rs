@@ -7,7 +7,11 @@
 //! * sessions: a dedicated connection from a bounded pool, for MULTI/WATCH and
 //!   blocking commands, returned only when clean;
 //! * raw: a dedicated socket handed over whole, for pub/sub, MONITOR and a
-//!   client's own CLIENT TRACKING, where upstream speaks unprompted.
+//!   client's own CLIENT TRACKING, where upstream speaks unprompted;
+//! * readers: connections per database that carry only the reads that fill
+//!   L1, set up as `ReaderSpec` says (protocol, CLIENT TRACKING, hooks);
+//! * channels: standalone connections with their own setup and hooks (the
+//!   `bcast` invalidation channel, start-up probes).
 //!
 //! Routing lives behind this one type so a Redis Cluster router can replace
 //! the single-node one later. Nothing here knows about the cache.
@@ -22,7 +26,7 @@ use bytes::Bytes;
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-pub use conn::{ConnHandle, OnReply, Reply};
+pub use conn::{ConnHandle, Hooks, OnReply, Reply};
 
 use crate::config::{Config, UpstreamAddr};
 use crate::error::UpstreamError;
@@ -35,6 +39,8 @@ pub struct Connector {
     proto: Proto,
     connect_timeout: Duration,
     pub command_timeout: Duration,
+    /// Commands run after protocol, auth and database are set.
+    extra: Vec<Vec<Vec<u8>>>,
 }
 
 impl Connector {
@@ -89,6 +95,7 @@ impl Connector {
         if self.db != 0 {
             cmds.push(vec![b"SELECT".to_vec(), self.db.to_string().into_bytes()]);
         }
+        cmds.extend(self.extra.iter().cloned());
         if !cmds.is_empty() {
             let setup = conn::setup(&mut stream, &cmds);
             tokio::time::timeout(self.connect_timeout, setup)
@@ -104,6 +111,24 @@ impl Connector {
 
 type PoolKey = (u32, Proto);
 
+/// How the connections that fill L1 are made; decided by the coherence mode.
+#[derive(Clone)]
+pub struct ReaderSpec {
+    pub proto: Proto,
+    pub setup: Vec<Vec<Vec<u8>>>,
+    pub hooks: Hooks,
+}
+
+impl Default for ReaderSpec {
+    fn default() -> Self {
+        ReaderSpec {
+            proto: Proto::Resp2,
+            setup: Vec::new(),
+            hooks: Hooks::default(),
+        }
+    }
+}
+
 pub struct Upstream {
     addr: UpstreamAddr,
     per_key: usize,
@@ -114,6 +139,8 @@ pub struct Upstream {
     /// Idle, clean session connections.
     idle: Mutex<HashMap<PoolKey, Vec<ConnHandle>>>,
     sessions: Arc<Semaphore>,
+    reader_spec: ReaderSpec,
+    readers: Mutex<HashMap<u32, Arc<[ConnHandle]>>>,
 }
 
 /// A dedicated connection checked out for one client's session. Give it
@@ -134,7 +161,7 @@ pub struct RawSession {
 const IDLE_PER_KEY: usize = 16;
 
 impl Upstream {
-    pub fn new(cfg: &Config) -> Result<Upstream, String> {
+    pub fn new(cfg: &Config, reader_spec: ReaderSpec) -> Result<Upstream, String> {
         Ok(Upstream {
             addr: cfg.upstream_addr()?,
             per_key: cfg.upstream.connections,
@@ -144,6 +171,8 @@ impl Upstream {
             shared: Mutex::new(HashMap::new()),
             idle: Mutex::new(HashMap::new()),
             sessions: Arc::new(Semaphore::new(cfg.upstream.max_sessions)),
+            reader_spec,
+            readers: Mutex::new(HashMap::new()),
         })
     }
 
@@ -153,13 +182,40 @@ impl Upstream {
     }
 
     fn connector(&self, db: u32, proto: Proto) -> Arc<Connector> {
+        self.connector_with(db, proto, Vec::new())
+    }
+
+    fn connector_with(&self, db: u32, proto: Proto, extra: Vec<Vec<Vec<u8>>>) -> Arc<Connector> {
         Arc::new(Connector {
             addr: self.addr.clone(),
             db,
             proto,
             connect_timeout: self.connect_timeout,
             command_timeout: self.command_timeout,
+            extra,
         })
+    }
+
+    /// The protocol of reader connections (and so of their replies).
+    pub fn reader_proto(&self) -> Proto {
+        self.reader_spec.proto
+    }
+
+    /// A connection that fills L1 for `db`, spread over clients.
+    pub fn reader(&self, db: u32, client_id: u64) -> ConnHandle {
+        let mut map = lock(&self.readers);
+        let conns = map.entry(db).or_insert_with(|| {
+            let spec = &self.reader_spec;
+            (0..self.per_key)
+                .map(|_| ConnHandle::spawn(self.connector_with(db, spec.proto, spec.setup.clone()), spec.hooks.clone()))
+                .collect()
+        });
+        conns[client_id as usize % conns.len()].clone()
+    }
+
+    /// A standalone connection with its own setup and hooks.
+    pub fn channel(&self, proto: Proto, setup: Vec<Vec<Vec<u8>>>, hooks: Hooks) -> ConnHandle {
+        ConnHandle::spawn(self.connector_with(self.addr.db, proto, setup), hooks)
     }
 
     /// The shared connection for a client; the same one every time for the
@@ -168,7 +224,7 @@ impl Upstream {
         let mut map = lock(&self.shared);
         let conns = map.entry((db, proto)).or_insert_with(|| {
             (0..self.per_key)
-                .map(|_| ConnHandle::spawn(self.connector(db, proto), None))
+                .map(|_| ConnHandle::spawn(self.connector(db, proto), Hooks::default()))
                 .collect()
         });
         conns[client_id as usize % conns.len()].clone()
@@ -189,7 +245,7 @@ impl Upstream {
         let conn = lock(&self.idle)
             .get_mut(&key)
             .and_then(|v| v.pop())
-            .unwrap_or_else(|| ConnHandle::spawn(self.connector(db, proto), None));
+            .unwrap_or_else(|| ConnHandle::spawn(self.connector(db, proto), Hooks::default()));
         Ok(Session {
             conn,
             key,

@@ -1,0 +1,282 @@
+//! Keeping L1 coherent with writes made by other Redis clients.
+//!
+//! `tracking` (default): the connections that fill L1 ("readers", one set per
+//! database) speak RESP3 and run `CLIENT TRACKING ON`. They carry only the
+//! reads that fill L1 (GET, MGET, PTTL), so every key they track is a key
+//! kiln caches and no OPTIN bookkeeping is needed. Invalidations arrive as
+//! RESP3 pushes on the very connection that did the read, so a read's reply
+//! and the invalidation of a later write arrive in order. That is why this
+//! mode was chosen over `REDIRECT` to a separate `__redis__:invalidate`
+//! subscriber, where the two can arrive in either order. Either order is
+//! safe anyway: every fill carries the key's generation from before its
+//! read was sent, and an invalidation that lands first bumps it, so the fill
+//! is dropped.
+//!
+//! A reader connection that is lost (killed, upstream restarted) takes its
+//! tracking state with it, and Redis forgets what it tracked. kiln then
+//! clears L1 (which also fences fills in flight), counts and logs the loss,
+//! and fills again only through connections that have tracking back on.
+//! Idle readers are pinged every `check_interval`, so a loss is noticed
+//! without traffic.
+//!
+//! `bcast`: one channel connection with `CLIENT TRACKING ON BCAST PREFIX ...`
+//! over the cached rules' prefixes; readers do not track. Fills are allowed
+//! only while the channel is up.
+//!
+//! `ttl`: no tracking; staleness is bounded by the entries' TTL.
+//!
+//! In every mode: Redis sends no invalidation for `SWAPDB`, so kiln checks
+//! upstream's `cmdstat_swapdb` count every `check_interval` and clears L1
+//! when it moved. A swap by another client is therefore seen within that
+//! interval.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use redis_protocol::resp3::types::BytesFrame;
+use tokio_util::sync::CancellationToken;
+
+use crate::cache::{L1, Source};
+use crate::config::{CacheConfig, CoherenceMode};
+use crate::protocol::Proto;
+use crate::protocol::request::encode_command;
+use crate::upstream::{Hooks, ReaderSpec, Upstream};
+
+pub struct Coherence {
+    pub mode: CoherenceMode,
+    check_interval: Duration,
+    /// The tracking channel is up (bcast), or no reader has been lost since
+    /// the last reconnect (tracking).
+    healthy: AtomicBool,
+    /// Tracking connections lost.
+    pub losses: AtomicU64,
+    /// SWAPDBs seen upstream (by the commandstats check).
+    pub swaps_seen: AtomicU64,
+}
+
+fn cmd(args: &[&str]) -> Vec<Vec<u8>> {
+    args.iter().map(|a| a.as_bytes().to_vec()).collect()
+}
+
+impl Coherence {
+    pub fn new(mode: CoherenceMode, check_interval: Duration) -> Arc<Coherence> {
+        match mode {
+            CoherenceMode::Ttl => tracing::warn!(
+                "coherence.mode = \"ttl\": writes by other clients are seen only when an entry's TTL ends"
+            ),
+            m => tracing::info!(mode = ?m, "coherence through CLIENT TRACKING"),
+        }
+        Arc::new(Coherence {
+            mode,
+            check_interval,
+            healthy: AtomicBool::new(mode != CoherenceMode::Bcast),
+            losses: AtomicU64::new(0),
+            swaps_seen: AtomicU64::new(0),
+        })
+    }
+
+    /// Whether a read may be filled into L1 now.
+    pub fn can_fill(&self) -> bool {
+        self.mode != CoherenceMode::Bcast || self.healthy.load(Ordering::SeqCst)
+    }
+
+    /// For status and metrics: `ok`, `lost` or `off`.
+    pub fn state(&self) -> &'static str {
+        match (self.mode, self.healthy.load(Ordering::SeqCst)) {
+            (CoherenceMode::Ttl, _) => "off",
+            (_, true) => "ok",
+            (_, false) => "lost",
+        }
+    }
+
+    fn hooks(self: &Arc<Self>, l1: &Arc<L1>) -> Hooks {
+        let (push_l1, lost_l1) = (l1.clone(), l1.clone());
+        let (up, down) = (self.clone(), self.clone());
+        Hooks {
+            push: Some(Arc::new(move |frame| handle_push(&push_l1, &frame))),
+            on_connected: Some(Arc::new(move || {
+                if !up.healthy.swap(true, Ordering::SeqCst) {
+                    tracing::info!("tracking connection up");
+                }
+            })),
+            on_lost: Some(Arc::new(move |err| {
+                down.healthy.store(false, Ordering::SeqCst);
+                down.losses.fetch_add(1, Ordering::Relaxed);
+                let dropped = lost_l1.clear(Source::Tracking);
+                tracing::warn!(error = %err, dropped, "tracking connection lost: L1 cleared, fills resume once tracking is back");
+            })),
+            keepalive: Some(self.check_interval),
+        }
+    }
+
+    /// How the connections that fill L1 are set up in this mode.
+    pub fn reader_spec(self: &Arc<Self>, l1: &Arc<L1>) -> ReaderSpec {
+        match self.mode {
+            CoherenceMode::Tracking => ReaderSpec {
+                proto: Proto::Resp3,
+                setup: vec![cmd(&["CLIENT", "SETNAME", "kiln-tracking"]), cmd(&["CLIENT", "TRACKING", "ON"])],
+                hooks: self.hooks(l1),
+            },
+            CoherenceMode::Bcast => ReaderSpec {
+                proto: Proto::Resp3,
+                setup: vec![cmd(&["CLIENT", "SETNAME", "kiln-reader"])],
+                hooks: Hooks::default(),
+            },
+            CoherenceMode::Ttl => ReaderSpec {
+                proto: Proto::Resp2,
+                setup: vec![cmd(&["CLIENT", "SETNAME", "kiln-reader"])],
+                hooks: Hooks::default(),
+            },
+        }
+    }
+
+    /// Starts the background work: the bcast channel, and the SWAPDB check.
+    pub fn start(self: &Arc<Self>, upstream: &Upstream, l1: &Arc<L1>, cache: &CacheConfig, shutdown: CancellationToken) {
+        let bcast = (self.mode == CoherenceMode::Bcast).then(|| {
+            let mut tracking = cmd(&["CLIENT", "TRACKING", "ON", "BCAST"]);
+            for p in bcast_prefixes(cache) {
+                tracking.push(b"PREFIX".to_vec());
+                tracking.push(p.into_bytes());
+            }
+            upstream.channel(
+                Proto::Resp3,
+                vec![cmd(&["CLIENT", "SETNAME", "kiln-bcast"]), tracking],
+                self.hooks(l1),
+            )
+        });
+        let control = upstream.channel(Proto::Resp2, vec![cmd(&["CLIENT", "SETNAME", "kiln-control"])], Hooks::default());
+        let (me, l1) = (self.clone(), l1.clone());
+        tokio::spawn(async move {
+            // Holding the handle keeps the bcast channel open.
+            let _bcast = bcast;
+            let info = encode_command(&["INFO", "commandstats"]);
+            let mut last: Option<u64> = None;
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(me.check_interval) => {}
+                }
+                let Ok(Ok(reply)) = control.send(info.clone(), None, true).await else { continue };
+                let swaps = swapdb_calls(&reply);
+                if last.is_some_and(|l| l != swaps) {
+                    me.swaps_seen.fetch_add(1, Ordering::Relaxed);
+                    let dropped = l1.clear(Source::Flush);
+                    tracing::info!(dropped, "upstream ran SWAPDB: L1 cleared");
+                }
+                last = Some(swaps);
+            }
+        });
+    }
+}
+
+/// Applies one RESP3 push: `invalidate` with keys, or with null for a flush.
+pub fn handle_push(l1: &L1, frame: &Bytes) {
+    let Ok(Some((BytesFrame::Push { data, .. }, _))) = redis_protocol::resp3::decode::complete::decode_bytes(frame) else {
+        return;
+    };
+    let mut parts = data.into_iter();
+    match parts.next() {
+        Some(BytesFrame::BlobString { data, .. }) if &data[..] == b"invalidate" => {}
+        _ => return,
+    }
+    match parts.next() {
+        Some(BytesFrame::Array { data: keys, .. }) => {
+            for k in keys {
+                if let BytesFrame::BlobString { data, .. } = k {
+                    l1.invalidate(&data, Source::Tracking);
+                }
+            }
+        }
+        Some(BytesFrame::Null) => {
+            l1.clear(Source::Flush);
+        }
+        _ => {}
+    }
+}
+
+/// `cmdstat_swapdb:calls=N` from INFO commandstats; 0 when absent.
+fn swapdb_calls(info: &[u8]) -> u64 {
+    String::from_utf8_lossy(info)
+        .lines()
+        .find_map(|l| l.strip_prefix("cmdstat_swapdb:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The prefixes BCAST must cover: every key kiln may cache. Keys matching no
+/// rule are cached unless `cache.ttl` is 0, and then everything is covered.
+/// Redis refuses overlapping prefixes, so only the shortest of nested ones
+/// is kept.
+pub fn bcast_prefixes(cache: &CacheConfig) -> Vec<String> {
+    let mut prefixes: Vec<String> = Vec::new();
+    if !cache.ttl.is_zero() {
+        return prefixes;
+    }
+    for r in cache.rules.iter().filter(|r| r.cache) {
+        let literal: String = r
+            .pattern
+            .chars()
+            .take_while(|c| !matches!(c, '*' | '?' | '[' | '\\'))
+            .collect();
+        if literal.is_empty() {
+            return Vec::new();
+        }
+        prefixes.push(literal);
+    }
+    prefixes.sort();
+    let mut minimal: Vec<String> = Vec::new();
+    for p in prefixes {
+        if !minimal.iter().any(|m| p.starts_with(m.as_str())) {
+            minimal.push(p);
+        }
+    }
+    minimal
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::CacheRule;
+
+    fn rule(p: &str, cache: bool) -> CacheRule {
+        CacheRule {
+            pattern: p.into(),
+            cache,
+            ttl: None,
+        }
+    }
+
+    #[test]
+    fn prefixes_cover_what_is_cached() {
+        let mut c = CacheConfig::default();
+        assert!(bcast_prefixes(&c).is_empty(), "default ttl caches everything");
+        c.ttl = Duration::ZERO;
+        c.rules = vec![rule("user:*", true), rule("user:1*", true), rule("sess*", false), rule("a?c", true)];
+        assert_eq!(bcast_prefixes(&c), vec!["a".to_string(), "user:".to_string()]);
+        c.rules.push(rule("*x", true));
+        assert!(bcast_prefixes(&c).is_empty());
+    }
+
+    #[test]
+    fn swapdb_count() {
+        let info = b"# Commandstats\r\ncmdstat_get:calls=3,usec=1\r\ncmdstat_swapdb:calls=2,usec=4\r\n";
+        assert_eq!(swapdb_calls(info), 2);
+        assert_eq!(swapdb_calls(b"# Commandstats\r\n"), 0);
+    }
+
+    #[test]
+    fn pushes_invalidate() {
+        let l1 = L1::new(&CacheConfig::default()).expect("l1");
+        let k = Bytes::from_static(b"k");
+        assert!(l1.fill(0, &k, Some(b"$1\r\nv\r\n"), -1, Duration::from_secs(9), l1.token(&k)));
+        handle_push(&l1, &Bytes::from_static(b">2\r\n$10\r\ninvalidate\r\n*1\r\n$1\r\nk\r\n"));
+        assert!(l1.get(0, b"k").is_none());
+        assert!(l1.fill(0, &k, Some(b"$1\r\nv\r\n"), -1, Duration::from_secs(9), l1.token(&k)));
+        handle_push(&l1, &Bytes::from_static(b">2\r\n$10\r\ninvalidate\r\n_\r\n"));
+        assert!(l1.is_empty());
+        assert_eq!(l1.stats.invalidations(Source::Flush), 1);
+    }
+}
