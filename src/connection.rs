@@ -180,7 +180,8 @@ async fn relay(
     };
     let (mut urd, mut uwr) = raw.stream.into_split();
     let mut to_up = BytesMut::from(&first[..]);
-    let mut from_up = BytesMut::with_capacity(16 * 1024);
+    let mut from_up = raw.leftover;
+    from_up.reserve(16 * 1024);
     let mut scanner = Scanner::new();
     // Per forwarded command that gets a reply frame: what to invalidate then.
     let mut due: VecDeque<Option<Stale>> = VecDeque::new();

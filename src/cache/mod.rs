@@ -119,7 +119,12 @@ pub enum Source {
 }
 
 impl Source {
-    pub const ALL: [Source; 4] = [Source::Write, Source::Tracking, Source::Flush, Source::Admin];
+    pub const ALL: [Source; 4] = [
+        Source::Write,
+        Source::Tracking,
+        Source::Flush,
+        Source::Admin,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {

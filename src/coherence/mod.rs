@@ -116,7 +116,10 @@ impl Coherence {
         match self.mode {
             CoherenceMode::Tracking => ReaderSpec {
                 proto: Proto::Resp3,
-                setup: vec![cmd(&["CLIENT", "SETNAME", "kiln-tracking"]), cmd(&["CLIENT", "TRACKING", "ON"])],
+                setup: vec![
+                    cmd(&["CLIENT", "SETNAME", "kiln-tracking"]),
+                    cmd(&["CLIENT", "TRACKING", "ON"]),
+                ],
                 hooks: self.hooks(l1),
             },
             CoherenceMode::Bcast => ReaderSpec {
@@ -133,7 +136,13 @@ impl Coherence {
     }
 
     /// Starts the background work: the bcast channel, and the SWAPDB check.
-    pub fn start(self: &Arc<Self>, upstream: &Upstream, l1: &Arc<L1>, cache: &CacheConfig, shutdown: CancellationToken) {
+    pub fn start(
+        self: &Arc<Self>,
+        upstream: &Upstream,
+        l1: &Arc<L1>,
+        cache: &CacheConfig,
+        shutdown: CancellationToken,
+    ) {
         let bcast = (self.mode == CoherenceMode::Bcast).then(|| {
             let mut tracking = cmd(&["CLIENT", "TRACKING", "ON", "BCAST"]);
             for p in bcast_prefixes(cache) {
@@ -146,7 +155,11 @@ impl Coherence {
                 self.hooks(l1),
             )
         });
-        let control = upstream.channel(Proto::Resp2, vec![cmd(&["CLIENT", "SETNAME", "kiln-control"])], Hooks::default());
+        let control = upstream.channel(
+            Proto::Resp2,
+            vec![cmd(&["CLIENT", "SETNAME", "kiln-control"])],
+            Hooks::default(),
+        );
         let (me, l1) = (self.clone(), l1.clone());
         tokio::spawn(async move {
             // Holding the handle keeps the bcast channel open.
@@ -158,7 +171,9 @@ impl Coherence {
                     _ = shutdown.cancelled() => return,
                     _ = tokio::time::sleep(me.check_interval) => {}
                 }
-                let Ok(Ok(reply)) = control.send(info.clone(), None, true).await else { continue };
+                let Ok(Ok(reply)) = control.send(info.clone(), None, true).await else {
+                    continue;
+                };
                 let swaps = swapdb_calls(&reply);
                 if last.is_some_and(|l| l != swaps) {
                     me.swaps_seen.fetch_add(1, Ordering::Relaxed);
@@ -173,7 +188,9 @@ impl Coherence {
 
 /// Applies one RESP3 push: `invalidate` with keys, or with null for a flush.
 pub fn handle_push(l1: &L1, frame: &Bytes) {
-    let Ok(Some((BytesFrame::Push { data, .. }, _))) = redis_protocol::resp3::decode::complete::decode_bytes(frame) else {
+    let Ok(Some((BytesFrame::Push { data, .. }, _))) =
+        redis_protocol::resp3::decode::complete::decode_bytes(frame)
+    else {
         return;
     };
     let mut parts = data.into_iter();
@@ -252,17 +269,29 @@ mod tests {
     #[test]
     fn prefixes_cover_what_is_cached() {
         let mut c = CacheConfig::default();
-        assert!(bcast_prefixes(&c).is_empty(), "default ttl caches everything");
+        assert!(
+            bcast_prefixes(&c).is_empty(),
+            "default ttl caches everything"
+        );
         c.ttl = Duration::ZERO;
-        c.rules = vec![rule("user:*", true), rule("user:1*", true), rule("sess*", false), rule("a?c", true)];
-        assert_eq!(bcast_prefixes(&c), vec!["a".to_string(), "user:".to_string()]);
+        c.rules = vec![
+            rule("user:*", true),
+            rule("user:1*", true),
+            rule("sess*", false),
+            rule("a?c", true),
+        ];
+        assert_eq!(
+            bcast_prefixes(&c),
+            vec!["a".to_string(), "user:".to_string()]
+        );
         c.rules.push(rule("*x", true));
         assert!(bcast_prefixes(&c).is_empty());
     }
 
     #[test]
     fn swapdb_count() {
-        let info = b"# Commandstats\r\ncmdstat_get:calls=3,usec=1\r\ncmdstat_swapdb:calls=2,usec=4\r\n";
+        let info =
+            b"# Commandstats\r\ncmdstat_get:calls=3,usec=1\r\ncmdstat_swapdb:calls=2,usec=4\r\n";
         assert_eq!(swapdb_calls(info), 2);
         assert_eq!(swapdb_calls(b"# Commandstats\r\n"), 0);
     }
@@ -271,11 +300,31 @@ mod tests {
     fn pushes_invalidate() {
         let l1 = L1::new(&CacheConfig::default()).expect("l1");
         let k = Bytes::from_static(b"k");
-        assert!(l1.fill(0, &k, Some(b"$1\r\nv\r\n"), -1, Duration::from_secs(9), l1.token(&k)));
-        handle_push(&l1, &Bytes::from_static(b">2\r\n$10\r\ninvalidate\r\n*1\r\n$1\r\nk\r\n"));
+        assert!(l1.fill(
+            0,
+            &k,
+            Some(b"$1\r\nv\r\n"),
+            -1,
+            Duration::from_secs(9),
+            l1.token(&k)
+        ));
+        handle_push(
+            &l1,
+            &Bytes::from_static(b">2\r\n$10\r\ninvalidate\r\n*1\r\n$1\r\nk\r\n"),
+        );
         assert!(l1.get(0, b"k").is_none());
-        assert!(l1.fill(0, &k, Some(b"$1\r\nv\r\n"), -1, Duration::from_secs(9), l1.token(&k)));
-        handle_push(&l1, &Bytes::from_static(b">2\r\n$10\r\ninvalidate\r\n_\r\n"));
+        assert!(l1.fill(
+            0,
+            &k,
+            Some(b"$1\r\nv\r\n"),
+            -1,
+            Duration::from_secs(9),
+            l1.token(&k)
+        ));
+        handle_push(
+            &l1,
+            &Bytes::from_static(b">2\r\n$10\r\ninvalidate\r\n_\r\n"),
+        );
         assert!(l1.is_empty());
         assert_eq!(l1.stats.invalidations(Source::Flush), 1);
     }

@@ -42,7 +42,8 @@ impl Scanner {
                 return Ok(None);
             };
             let nl = self.pos + cr;
-            if nl == self.pos || buf[nl - 1] != b'\r' {
+            // A line is at least a type byte and "\r\n".
+            if nl < self.pos + 2 || buf[nl - 1] != b'\r' {
                 return Err(ScanError("line not terminated by CRLF"));
             }
             let kind = buf[self.pos];
@@ -130,6 +131,13 @@ mod tests {
         let p = whole(b">2\r\n+a\r\n_\r\n").expect("complete");
         assert!(p.push);
         assert_eq!(whole(b"$-1\r\n").map(|f| f.len), Some(5));
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        for bad in [&b"\r\n"[..], b"\n", b"x\r\n", b"$abc\r\n", b"+ok\n"] {
+            assert!(Scanner::new().next_frame(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

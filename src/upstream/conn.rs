@@ -43,6 +43,9 @@ pub struct Request {
 /// Called for RESP3 pushes that arrive on the connection.
 pub type PushHandler = Arc<dyn Fn(Bytes) + Send + Sync>;
 
+/// Told why a live connection failed.
+pub type LostHandler = Arc<dyn Fn(&UpstreamError) + Send + Sync>;
+
 /// What a connection reports to its owner, for connections whose state
 /// matters beyond their own requests (tracking connections).
 #[derive(Clone, Default)]
@@ -51,7 +54,7 @@ pub struct Hooks {
     /// After a connection is made and its setup commands succeeded.
     pub on_connected: Option<Arc<dyn Fn() + Send + Sync>>,
     /// After a live connection failed.
-    pub on_lost: Option<Arc<dyn Fn(&UpstreamError) + Send + Sync>>,
+    pub on_lost: Option<LostHandler>,
     /// PING when idle this long, and reconnect without waiting for traffic:
     /// a tracking connection's loss must be noticed even when nobody reads.
     pub keepalive: Option<Duration>,
@@ -152,12 +155,13 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Request>, connector: Arc<Connector>
                 }
             }
             match connector.connect().await {
-                Ok(stream) => {
+                Ok((stream, leftover)) => {
                     let (read, write) = stream.into_split();
                     live = Some(Live { read, write });
                     retry_at = None;
                     backoff = MIN_BACKOFF;
                     rbuf.clear();
+                    rbuf.extend_from_slice(&leftover);
                     scanner = Scanner::new();
                     last_io = Instant::now();
                     if let Some(f) = &hooks.on_connected {
@@ -165,6 +169,14 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Request>, connector: Arc<Connector>
                     }
                     if let Some(req) = req {
                         enqueue(req, &mut wbuf, &mut fifo, timeout);
+                    }
+                    if !rbuf.is_empty() {
+                        if let Err(err) =
+                            dispatch(&mut rbuf, &mut scanner, &mut fifo, hooks.push.as_ref())
+                        {
+                            tracing::warn!(error = %err, "upstream sent garbage after setup");
+                            live = None;
+                        }
                     }
                 }
                 Err(err) => {
@@ -318,11 +330,15 @@ pub async fn read_one(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<Byte
     }
 }
 
-/// Sends `cmds` and checks that none was refused.
+/// Sends `cmds` and checks that none was refused. Returns their replies and
+/// whatever arrived after them (or pushes that came between them), which
+/// belongs to the connection's next reader: once tracking is on,
+/// invalidations may follow the last reply at once, and dropping part of one
+/// would leave the stream mid-frame.
 pub async fn setup(
     stream: &mut TcpStream,
     cmds: &[Vec<Vec<u8>>],
-) -> Result<Vec<Bytes>, UpstreamError> {
+) -> Result<(Vec<Bytes>, BytesMut), UpstreamError> {
     let mut out = BytesMut::new();
     for c in cmds {
         crate::protocol::request::encode_command_into(&mut out, c);
@@ -333,8 +349,13 @@ pub async fn setup(
         .map_err(|e| UpstreamError::Setup(e.to_string()))?;
     let mut buf = BytesMut::new();
     let mut replies = Vec::with_capacity(cmds.len());
+    let mut pushes = BytesMut::new();
     for c in cmds {
-        let r = read_one(stream, &mut buf).await?;
+        let mut r = read_one(stream, &mut buf).await?;
+        while r.first() == Some(&b'>') {
+            pushes.extend_from_slice(&r);
+            r = read_one(stream, &mut buf).await?;
+        }
         if r.first() == Some(&b'-') || r.first() == Some(&b'!') {
             let name = String::from_utf8_lossy(&c[0]).into_owned();
             let text = String::from_utf8_lossy(r.trim_ascii_end()).into_owned();
@@ -342,5 +363,6 @@ pub async fn setup(
         }
         replies.push(r);
     }
-    Ok(replies)
+    pushes.extend_from_slice(&buf);
+    Ok((replies, pushes))
 }

@@ -22,7 +22,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -49,8 +49,8 @@ impl Connector {
     }
 
     /// Connects and brings the connection to the wanted protocol, user and
-    /// database.
-    pub async fn connect(&self) -> Result<TcpStream, UpstreamError> {
+    /// database. Also returns what upstream sent after the setup replies.
+    pub async fn connect(&self) -> Result<(TcpStream, BytesMut), UpstreamError> {
         let target = self.target();
         let mut stream =
             match tokio::time::timeout(self.connect_timeout, TcpStream::connect(&target)).await {
@@ -96,16 +96,17 @@ impl Connector {
             cmds.push(vec![b"SELECT".to_vec(), self.db.to_string().into_bytes()]);
         }
         cmds.extend(self.extra.iter().cloned());
+        let mut leftover = BytesMut::new();
         if !cmds.is_empty() {
             let setup = conn::setup(&mut stream, &cmds);
-            tokio::time::timeout(self.connect_timeout, setup)
+            (_, leftover) = tokio::time::timeout(self.connect_timeout, setup)
                 .await
                 .map_err(|_| UpstreamError::ConnectTimeout {
                     addr: target,
                     after: self.connect_timeout,
                 })??;
         }
-        Ok(stream)
+        Ok((stream, leftover))
     }
 }
 
@@ -154,6 +155,8 @@ pub struct Session {
 /// A raw dedicated socket (pub/sub, MONITOR, CLIENT TRACKING).
 pub struct RawSession {
     pub stream: TcpStream,
+    /// Bytes upstream sent right after the setup: the relay's first output.
+    pub leftover: BytesMut,
     pub _permit: OwnedSemaphorePermit,
 }
 
@@ -207,7 +210,12 @@ impl Upstream {
         let conns = map.entry(db).or_insert_with(|| {
             let spec = &self.reader_spec;
             (0..self.per_key)
-                .map(|_| ConnHandle::spawn(self.connector_with(db, spec.proto, spec.setup.clone()), spec.hooks.clone()))
+                .map(|_| {
+                    ConnHandle::spawn(
+                        self.connector_with(db, spec.proto, spec.setup.clone()),
+                        spec.hooks.clone(),
+                    )
+                })
                 .collect()
         });
         conns[client_id as usize % conns.len()].clone()
@@ -267,21 +275,22 @@ impl Upstream {
 
     pub async fn raw(&self, db: u32, proto: Proto) -> Result<RawSession, UpstreamError> {
         let permit = self.permit().await?;
-        let stream = self.connector(db, proto).connect().await?;
+        let (stream, leftover) = self.connector(db, proto).connect().await?;
         Ok(RawSession {
             stream,
+            leftover,
             _permit: permit,
         })
     }
 
     /// One request on a short-lived connection (start-up probes).
     pub async fn probe(&self, args: &[&[u8]]) -> Result<Bytes, UpstreamError> {
-        let mut stream = self.connector(0, Proto::Resp2).connect().await?;
+        let (mut stream, _) = self.connector(0, Proto::Resp2).connect().await?;
         let cmd: Vec<Vec<u8>> = args.iter().map(|a| a.to_vec()).collect();
         let r = tokio::time::timeout(self.command_timeout * 5, conn::setup(&mut stream, &[cmd]))
             .await
             .map_err(|_| UpstreamError::Timeout(self.command_timeout * 5))??;
-        Ok(r.into_iter().next().unwrap_or_default())
+        Ok(r.0.into_iter().next().unwrap_or_default())
     }
 }
 

@@ -4,6 +4,7 @@
 mod bad_input;
 mod cache;
 mod cli;
+mod coherence;
 mod frames;
 mod session;
 mod transparency;
