@@ -339,19 +339,3 @@ pub fn bulk_payload(reply: &[u8]) -> Option<Vec<u8>> {
 pub fn bulk(s: &str) -> Vec<u8> {
     format!("${}\r\n{}\r\n", s.len(), s).into_bytes()
 }
-
-/// Polls `cond` until it holds or `WAIT` passes.
-pub async fn wait_until<F, Fut>(what: &str, mut cond: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + WAIT;
-    while Instant::now() < deadline {
-        if cond().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    panic!("timed out waiting for: {what}");
-}
