@@ -300,27 +300,23 @@ mod tests {
     fn pushes_invalidate() {
         let l1 = L1::new(&CacheConfig::default()).expect("l1");
         let k = Bytes::from_static(b"k");
-        assert!(l1.fill(
-            0,
-            &k,
-            Some(b"$1\r\nv\r\n"),
-            -1,
-            Duration::from_secs(9),
-            l1.token(&k)
-        ));
+        let fill = || {
+            l1.fill(
+                0,
+                &k,
+                Some(b"$1\r\nv\r\n"),
+                -1,
+                Duration::from_secs(9),
+                l1.token(&k),
+            )
+        };
+        assert!(fill());
         handle_push(
             &l1,
             &Bytes::from_static(b">2\r\n$10\r\ninvalidate\r\n*1\r\n$1\r\nk\r\n"),
         );
         assert!(l1.get(0, b"k").is_none());
-        assert!(l1.fill(
-            0,
-            &k,
-            Some(b"$1\r\nv\r\n"),
-            -1,
-            Duration::from_secs(9),
-            l1.token(&k)
-        ));
+        assert!(fill());
         handle_push(
             &l1,
             &Bytes::from_static(b">2\r\n$10\r\ninvalidate\r\n_\r\n"),

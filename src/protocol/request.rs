@@ -221,60 +221,48 @@ pub fn split_args(line: &[u8]) -> Option<Vec<Vec<u8>>> {
         if p >= line.len() {
             return Some(args);
         }
-        let (mut inq, mut insq) = (false, false);
+        // The quote we are inside, if any.
+        let mut quote: Option<u8> = None;
         let mut cur = Vec::new();
         loop {
             let c = at(p);
-            if inq {
-                if c == b'\\'
-                    && at(p + 1) == b'x'
-                    && hex(at(p + 2)).is_some()
-                    && hex(at(p + 3)).is_some()
-                {
-                    cur.push(hex(at(p + 2))? * 16 + hex(at(p + 3))?);
-                    p += 3;
-                } else if c == b'\\' && at(p + 1) != 0 {
-                    p += 1;
-                    cur.push(match at(p) {
-                        b'n' => b'\n',
-                        b'r' => b'\r',
-                        b't' => b'\t',
-                        b'b' => 0x08,
-                        b'a' => 0x07,
-                        other => other,
-                    });
-                } else if c == b'"' {
-                    if at(p + 1) != 0 && !is_space(at(p + 1)) {
-                        return None;
-                    }
-                    p += 1;
-                    break;
-                } else if c == 0 {
-                    return None;
-                } else {
-                    cur.push(c);
-                }
-            } else if insq {
-                if c == b'\\' && at(p + 1) == b'\'' {
-                    p += 1;
-                    cur.push(b'\'');
-                } else if c == b'\'' {
-                    if at(p + 1) != 0 && !is_space(at(p + 1)) {
-                        return None;
-                    }
-                    p += 1;
-                    break;
-                } else if c == 0 {
-                    return None;
-                } else {
-                    cur.push(c);
-                }
-            } else {
-                match c {
+            match quote {
+                None => match c {
                     b' ' | b'\n' | b'\r' | b'\t' | 0 => break,
-                    b'"' => inq = true,
-                    b'\'' => insq = true,
+                    b'"' | b'\'' => quote = Some(c),
                     _ => cur.push(c),
+                },
+                Some(q) => {
+                    let (next, hex_pair) = (at(p + 1), hex(at(p + 2)).zip(hex(at(p + 3))));
+                    if q == b'"' && c == b'\\' && next == b'x' && hex_pair.is_some() {
+                        let (hi, lo) = hex_pair?;
+                        cur.push(hi * 16 + lo);
+                        p += 3;
+                    } else if q == b'"' && c == b'\\' && next != 0 {
+                        p += 1;
+                        cur.push(match next {
+                            b'n' => b'\n',
+                            b'r' => b'\r',
+                            b't' => b'\t',
+                            b'b' => 0x08,
+                            b'a' => 0x07,
+                            other => other,
+                        });
+                    } else if q == b'\'' && c == b'\\' && next == b'\'' {
+                        p += 1;
+                        cur.push(b'\'');
+                    } else if c == q {
+                        // A closing quote must end the argument.
+                        if next != 0 && !is_space(next) {
+                            return None;
+                        }
+                        p += 1;
+                        break;
+                    } else if c == 0 {
+                        return None;
+                    } else {
+                        cur.push(c);
+                    }
                 }
             }
             p += 1;
