@@ -45,6 +45,8 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     pub cache: CacheConfig,
     pub coherence: CoherenceConfig,
+    pub warmup: WarmupConfig,
+    pub admin: AdminConfig,
     pub log: LogConfig,
     pub metrics: MetricsConfig,
 }
@@ -207,6 +209,180 @@ impl Default for CoherenceConfig {
     }
 }
 
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WarmupConfig {
+    /// Warm once at start (after `start_delay`); `SKIP_CACHE_WARMUP=1` stops it.
+    pub on_start: bool,
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
+    pub start_delay: Duration,
+    /// Cron expression (5 fields, UTC) for scheduled runs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<String>,
+    /// Or a fixed interval between scheduled runs.
+    #[serde(
+        default,
+        deserialize_with = "de_opt_duration",
+        serialize_with = "ser_opt_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub interval: Option<Duration>,
+    /// Most keys one run warms, over all phases.
+    pub max_keys: u64,
+    /// Keys per SCAN COUNT and per MGET.
+    pub batch_size: usize,
+    /// MGET batches in flight at once.
+    pub concurrency: usize,
+    /// Keys per second read from upstream; 0 = no limit.
+    pub rate_limit: u64,
+    /// Deadline of one SCAN page or MGET batch.
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
+    pub op_timeout: Duration,
+    /// Retries of a failed batch, waiting backoff, 2x backoff, 4x ...
+    pub retries: u32,
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
+    pub backoff: Duration,
+    pub lock: LockConfig,
+    pub hotkeys: HotkeysConfig,
+    /// Phases, run in priority order after the hot-key phase.
+    pub phase: Vec<PhaseConfig>,
+}
+
+impl Default for WarmupConfig {
+    fn default() -> Self {
+        Self {
+            on_start: true,
+            start_delay: Duration::from_millis(500),
+            schedule: None,
+            interval: None,
+            max_keys: 100_000,
+            batch_size: 500,
+            concurrency: 4,
+            rate_limit: 50_000,
+            op_timeout: Duration::from_secs(1),
+            retries: 3,
+            backoff: Duration::from_secs(1),
+            lock: LockConfig::default(),
+            hotkeys: HotkeysConfig::default(),
+            phase: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LockScope {
+    /// One warmup at a time across every kiln on the same upstream.
+    Fleet,
+    /// No lock.
+    Instance,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LockConfig {
+    pub scope: LockScope,
+    pub key: String,
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
+    pub ttl: Duration,
+}
+
+impl Default for LockConfig {
+    fn default() -> Self {
+        Self {
+            scope: LockScope::Fleet,
+            key: "kiln:warmup:lock".into(),
+            ttl: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HotkeysConfig {
+    pub enabled: bool,
+    /// Keys kept in the upstream sorted set (and in the local top-K).
+    pub keep: usize,
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
+    pub save_every: Duration,
+    pub key: String,
+}
+
+impl Default for HotkeysConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            keep: 10_000,
+            save_every: Duration::from_secs(60),
+            key: "kiln:hotkeys".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PhaseConfig {
+    pub name: String,
+    #[serde(default)]
+    pub priority: i64,
+    #[serde(rename = "match")]
+    pub patterns: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u64>,
+    #[serde(
+        default,
+        deserialize_with = "de_opt_duration",
+        serialize_with = "ser_opt_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub ttl: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Accept CACHE.* from non-loopback clients.
+    pub allow_remote: bool,
+    /// Per command, across all clients: "2/min", "10/s", "100/h".
+    pub rate_limits: std::collections::BTreeMap<String, String>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            allow_remote: false,
+            rate_limits: [("CACHE.WARMUP", "2/min"), ("CACHE.CLEAR", "2/min")]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+}
+
+/// The default rate of admin commands not named in `admin.rate_limits`.
+pub const ADMIN_DEFAULT_RATE: &str = "60/min";
+
+/// Parses "2/min", "10/s", "100/h" into (count, per).
+pub fn parse_rate(s: &str) -> Result<(u32, Duration), String> {
+    let (n, per) = s
+        .split_once('/')
+        .ok_or_else(|| format!("`{s}` is not a rate such as \"2/min\""))?;
+    let n: u32 = n
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{s}` is not a rate such as \"2/min\""))?;
+    let per = match per.trim() {
+        "s" | "sec" => Duration::from_secs(1),
+        "min" | "m" => Duration::from_secs(60),
+        "h" | "hour" => Duration::from_secs(3600),
+        other => return Err(format!("unknown rate unit `{other}` in `{s}` (use s, min, h)")),
+    };
+    if n == 0 {
+        return Err(format!("`{s}`: the count must be at least 1"));
+    }
+    Ok((n, per))
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -355,6 +531,56 @@ impl Config {
                     message: "must not be empty".into(),
                 });
             }
+        }
+        let w = &self.warmup;
+        for (key, v) in [
+            ("warmup.batch_size", w.batch_size as u64),
+            ("warmup.concurrency", w.concurrency as u64),
+            ("warmup.hotkeys.keep", w.hotkeys.keep as u64),
+        ] {
+            if v == 0 {
+                return Err(bad(key, "must be greater than 0".into()));
+            }
+        }
+        if w.schedule.is_some() && w.interval.is_some() {
+            return Err(bad("warmup.interval", "set either warmup.schedule or warmup.interval, not both".into()));
+        }
+        if let Some(expr) = &w.schedule {
+            if let Err(e) = expr.parse::<croner::Cron>() {
+                return Err(bad("warmup.schedule", format!("`{expr}` is not a cron expression: {e}")));
+            }
+        }
+        if w.interval.is_some_and(|d| d.is_zero()) {
+            return Err(bad("warmup.interval", "must be greater than 0".into()));
+        }
+        for (key, d) in [
+            ("warmup.op_timeout", w.op_timeout),
+            ("warmup.lock.ttl", w.lock.ttl),
+            ("warmup.hotkeys.save_every", w.hotkeys.save_every),
+        ] {
+            if d.is_zero() {
+                return Err(bad(key, "must be greater than 0".into()));
+            }
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, p) in w.phase.iter().enumerate() {
+            let at = |message: String| ConfigError::Invalid {
+                key: format!("warmup.phase[{i}]"),
+                line: LineRef(nth_table_line(text, "warmup.phase", i)),
+                message,
+            };
+            if p.patterns.is_empty() || p.patterns.iter().any(|m| m.is_empty()) {
+                return Err(at("`match` needs at least one non-empty pattern".into()));
+            }
+            if !names.insert(p.name.to_ascii_lowercase()) {
+                return Err(at(format!("phase name `{}` is used twice", p.name)));
+            }
+        }
+        for (cmd, rate) in &self.admin.rate_limits {
+            if !cmd.to_ascii_uppercase().starts_with("CACHE.") {
+                return Err(bad("admin.rate_limits", format!("`{cmd}` is not a CACHE.* command")));
+            }
+            parse_rate(rate).map_err(|m| bad("admin.rate_limits", m))?;
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return Err(bad(
