@@ -375,7 +375,11 @@ pub fn parse_rate(s: &str) -> Result<(u32, Duration), String> {
         "s" | "sec" => Duration::from_secs(1),
         "min" | "m" => Duration::from_secs(60),
         "h" | "hour" => Duration::from_secs(3600),
-        other => return Err(format!("unknown rate unit `{other}` in `{s}` (use s, min, h)")),
+        other => {
+            return Err(format!(
+                "unknown rate unit `{other}` in `{s}` (use s, min, h)"
+            ));
+        }
     };
     if n == 0 {
         return Err(format!("`{s}`: the count must be at least 1"));
@@ -543,11 +547,17 @@ impl Config {
             }
         }
         if w.schedule.is_some() && w.interval.is_some() {
-            return Err(bad("warmup.interval", "set either warmup.schedule or warmup.interval, not both".into()));
+            return Err(bad(
+                "warmup.interval",
+                "set either warmup.schedule or warmup.interval, not both".into(),
+            ));
         }
         if let Some(expr) = &w.schedule {
             if let Err(e) = expr.parse::<croner::Cron>() {
-                return Err(bad("warmup.schedule", format!("`{expr}` is not a cron expression: {e}")));
+                return Err(bad(
+                    "warmup.schedule",
+                    format!("`{expr}` is not a cron expression: {e}"),
+                ));
             }
         }
         if w.interval.is_some_and(|d| d.is_zero()) {
@@ -578,7 +588,10 @@ impl Config {
         }
         for (cmd, rate) in &self.admin.rate_limits {
             if !cmd.to_ascii_uppercase().starts_with("CACHE.") {
-                return Err(bad("admin.rate_limits", format!("`{cmd}` is not a CACHE.* command")));
+                return Err(bad(
+                    "admin.rate_limits",
+                    format!("`{cmd}` is not a CACHE.* command"),
+                ));
             }
             parse_rate(rate).map_err(|m| bad("admin.rate_limits", m))?;
         }

@@ -12,12 +12,19 @@ use crate::cmd::table::Table;
 use crate::coherence::Coherence;
 use crate::config::Config;
 use crate::protocol::request::Limits;
-use crate::upstream::Upstream;
+use crate::upstream::{ConnHandle, Hooks, Upstream};
+use crate::warmup::Warmup;
 
 pub struct Context {
     pub l1: Arc<L1>,
     pub coherence: Arc<Coherence>,
+    pub warmup: Arc<Warmup>,
     pub upstream: Upstream,
+    /// kiln's own requests to upstream: the SWAPDB check, the warmup lock,
+    /// hot-key saves.
+    pub control: ConnHandle,
+    /// Admin command rate limits, by lowercase command name.
+    pub admin: crate::cmd::admin::AdminLimits,
     pub table: Table,
     pub limits: Limits,
     pub max_pipeline: usize,
@@ -82,6 +89,17 @@ impl Context {
         Ok(Context {
             l1,
             coherence,
+            warmup: Warmup::new(&cfg.warmup),
+            control: upstream.channel(
+                crate::protocol::Proto::Resp2,
+                vec![vec![
+                    b"CLIENT".to_vec(),
+                    b"SETNAME".to_vec(),
+                    b"kiln-control".to_vec(),
+                ]],
+                Hooks::default(),
+            ),
+            admin: crate::cmd::admin::AdminLimits::new(&cfg.admin),
             upstream,
             table,
             limits: Limits {

@@ -27,6 +27,7 @@ pub mod server;
 pub mod shutdown;
 pub mod telemetry;
 pub mod upstream;
+pub mod warmup;
 
 use std::sync::Arc;
 
@@ -46,8 +47,14 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), String> {
     let ctx = Arc::new(context::Context::new(&config).await?);
-    ctx.coherence
-        .start(&ctx.upstream, &ctx.l1, &config.cache, shutdown.clone());
+    ctx.coherence.start(
+        &ctx.upstream,
+        ctx.control.clone(),
+        &ctx.l1,
+        &config.cache,
+        shutdown.clone(),
+    );
+    ctx.warmup.spawn_background(&ctx, shutdown.clone());
     let tracker = TaskTracker::new();
     tracing::info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         upstream = %config.upstream.url, "kiln serving");

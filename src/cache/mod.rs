@@ -315,14 +315,32 @@ impl L1 {
         true
     }
 
-    /// Drops `key` from every database and fences off fills in flight.
-    pub fn invalidate(&self, key: &[u8], source: Source) {
+    /// Drops `key` from every database and fences off fills in flight;
+    /// returns how many entries were dropped.
+    pub fn invalidate(&self, key: &[u8], source: Source) -> usize {
         self.slot(key).fetch_add(1, Ordering::SeqCst);
         let max_db = self.max_db.load(Ordering::SeqCst);
-        for db in 0..=max_db {
-            self.store.remove(&KeyRef { db, key });
-        }
+        let removed = (0..=max_db)
+            .filter(|&db| self.store.remove(&KeyRef { db, key }).is_some())
+            .count();
         self.stats.invalidations[source as usize].fetch_add(1, Ordering::Relaxed);
+        removed
+    }
+
+    /// Drops every entry whose key matches the glob; returns how many.
+    pub fn invalidate_matching(&self, pattern: &[u8], source: Source) -> usize {
+        let removed = AtomicU64::new(0);
+        self.store.retain(|k, _| {
+            if glob::matches(pattern, &k.key) {
+                self.slot(&k.key).fetch_add(1, Ordering::SeqCst);
+                removed.fetch_add(1, Ordering::Relaxed);
+                false
+            } else {
+                true
+            }
+        });
+        self.stats.invalidations[source as usize].fetch_add(1, Ordering::Relaxed);
+        removed.into_inner() as usize
     }
 
     /// Drops everything (FLUSHALL, FLUSHDB, SWAPDB, CACHE.CLEAR); returns
@@ -337,6 +355,10 @@ impl L1 {
 
     pub fn len(&self) -> usize {
         self.store.len()
+    }
+
+    pub fn max_value_size(&self) -> usize {
+        self.max_value_size
     }
 
     pub fn is_empty(&self) -> bool {

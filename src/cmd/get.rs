@@ -14,14 +14,13 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use bytes::{Bytes, BytesMut};
-use redis_protocol::resp3::types::BytesFrame;
 
 use super::{Client, Replies, Then, arity_error};
 use crate::cache::flight::{GetAnswer, Join};
 use crate::cache::{FillToken, Policy};
 use crate::context::Context;
 use crate::protocol::request::{Command, encode_command};
-use crate::protocol::{Proto, encode};
+use crate::protocol::{Proto, encode, reply};
 use crate::upstream::Reply;
 
 pub fn get(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
@@ -29,6 +28,7 @@ pub fn get(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
         r.error(&arity_error("get"));
         return;
     }
+    c.ctx.warmup.record(&cmd.args[1]);
     let ttl = match c.ctx.l1.policy(&cmd.args[1]) {
         Policy::Cache { ttl } if c.writes_pending == 0 => ttl,
         _ => {
@@ -113,10 +113,7 @@ fn classify(bytes: Bytes) -> GetAnswer {
 
 fn pttl_of(reply: Option<Reply>) -> i64 {
     match reply {
-        Some(Ok(b)) if b.first() == Some(&b':') => std::str::from_utf8(&b[1..])
-            .ok()
-            .and_then(|s| s.trim_end().parse().ok())
-            .unwrap_or(-2),
+        Some(Ok(b)) => reply::integer(&b).unwrap_or(-2),
         _ => -2,
     }
 }
@@ -145,6 +142,7 @@ pub fn mget(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
     let mut slots: Vec<Option<Option<Bytes>>> = Vec::with_capacity(keys.len());
     let mut missing: Vec<Miss> = Vec::new();
     for key in keys {
+        c.ctx.warmup.record(key);
         let policy = l1.policy(key);
         let hit = match policy {
             Policy::Cache { .. } => l1.get(c.db, key),
@@ -207,7 +205,7 @@ pub fn mget(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
                 return;
             }
         };
-        let values = match mget_values(&reply, missing.len(), reader_proto) {
+        let values = match reply::mget_values(&reply, missing.len(), reader_proto) {
             Some(v) => v,
             // Not an array (an error): pass it on as Redis sent it.
             None => {
@@ -234,53 +232,6 @@ struct Miss {
     key: Bytes,
     /// TTL and fill token when the key may be cached.
     fill: Option<(std::time::Duration, FillToken)>,
-}
-
-/// The elements of an upstream MGET reply as bulk frames (`None` for nil).
-/// redis-protocol's RESP3 decoder rejects RESP2's `$-1`, so each version
-/// is decoded with its own.
-fn mget_values(reply: &Bytes, n: usize, proto: Proto) -> Option<Vec<Option<Bytes>>> {
-    let blobs: Vec<Option<Bytes>> = match proto {
-        Proto::Resp2 => {
-            use redis_protocol::resp2::types::BytesFrame as F2;
-            let (frame, _) = redis_protocol::resp2::decode::decode_bytes(reply).ok()??;
-            let F2::Array(data) = frame else { return None };
-            data.into_iter()
-                .map(|f| match f {
-                    F2::BulkString(b) => Some(b),
-                    _ => None,
-                })
-                .collect()
-        }
-        Proto::Resp3 => {
-            let (frame, _) =
-                redis_protocol::resp3::decode::complete::decode_bytes(reply).ok()??;
-            let BytesFrame::Array { data, .. } = frame else {
-                return None;
-            };
-            data.into_iter()
-                .map(|f| match f {
-                    BytesFrame::BlobString { data, .. } => Some(data),
-                    _ => None,
-                })
-                .collect()
-        }
-    };
-    if blobs.len() != n {
-        return None;
-    }
-    Some(
-        blobs
-            .into_iter()
-            .map(|b| {
-                b.map(|data| {
-                    let mut f = BytesMut::with_capacity(data.len() + 16);
-                    encode::bulk(&mut f, &data);
-                    f.freeze()
-                })
-            })
-            .collect(),
-    )
 }
 
 /// Writes the MGET reply: cached slots in place, misses from `fetched` in

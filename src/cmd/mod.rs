@@ -12,6 +12,7 @@
 //! Replies are queued in order as `Pending` items; the connection loop writes
 //! them as they resolve.
 
+pub mod admin;
 pub mod get;
 pub mod local;
 pub mod session;
@@ -198,6 +199,7 @@ impl Client {
                 return local::dispatch(self, name, cmd, r);
             }
             b"multi" | b"watch" => return session::begin(self, name, cmd, r).await,
+            _ if admin::is_admin(name) => return admin::dispatch(self, name, cmd, r),
             _ if session::is_relay(name, &cmd.args) => return Flow::Relay(cmd.wire()),
             _ if self.ctx.table.is_blocking(&cmd.args) => {
                 return session::blocking(self, cmd, r).await;

@@ -38,9 +38,9 @@ impl Stale {
             Stale::Everything => {
                 ctx.l1.clear(Source::Flush);
             }
-            Stale::Keys(keys) => keys
-                .iter()
-                .for_each(|k| ctx.l1.invalidate(k, Source::Write)),
+            Stale::Keys(keys) => keys.iter().for_each(|k| {
+                ctx.l1.invalidate(k, Source::Write);
+            }),
         }
     }
 

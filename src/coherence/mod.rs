@@ -42,7 +42,7 @@ use crate::cache::{L1, Source};
 use crate::config::{CacheConfig, CoherenceMode};
 use crate::protocol::Proto;
 use crate::protocol::request::encode_command;
-use crate::upstream::{Hooks, ReaderSpec, Upstream};
+use crate::upstream::{ConnHandle, Hooks, ReaderSpec, Upstream};
 
 pub struct Coherence {
     pub mode: CoherenceMode,
@@ -139,6 +139,7 @@ impl Coherence {
     pub fn start(
         self: &Arc<Self>,
         upstream: &Upstream,
+        control: ConnHandle,
         l1: &Arc<L1>,
         cache: &CacheConfig,
         shutdown: CancellationToken,
@@ -155,11 +156,6 @@ impl Coherence {
                 self.hooks(l1),
             )
         });
-        let control = upstream.channel(
-            Proto::Resp2,
-            vec![cmd(&["CLIENT", "SETNAME", "kiln-control"])],
-            Hooks::default(),
-        );
         let (me, l1) = (self.clone(), l1.clone());
         tokio::spawn(async move {
             // Holding the handle keeps the bcast channel open.

@@ -5,6 +5,7 @@
 //! protocol version. Nothing here does I/O.
 
 pub mod encode;
+pub mod reply;
 pub mod request;
 pub mod scan;
 

@@ -162,6 +162,9 @@ impl Kiln {
     pub async fn start_with(upstream: &Redis, tweak: impl FnOnce(&mut Config)) -> Kiln {
         let mut cfg = Config::default();
         cfg.upstream.url = upstream.url();
+        // Tests that want warmups or hot keys turn them on.
+        cfg.warmup.on_start = false;
+        cfg.warmup.hotkeys.enabled = false;
         tweak(&mut cfg);
         cfg.validate("").expect("test config is valid");
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");

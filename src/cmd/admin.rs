@@ -1,0 +1,370 @@
+//! The `CACHE.*` admin commands, answered by kiln in the client's protocol
+//! (RESP3 maps, RESP2 flat field/value arrays).
+//!
+//! # Format
+//! - `CACHE.WARMUP [SYNC] [PHASE name ...] [MATCH pattern] [LIMIT n]` -> the
+//!   trace id; with SYNC, the status once the run ends;
+//!   `-BUSY warmup <id> is running` if one is. `CACHE.WARMUP CANCEL` -> OK.
+//! - `CACHE.STATUS [JSON]` -> status fields, or the same as one JSON string.
+//! - `CACHE.CLEAR` -> entries dropped. `CACHE.INVALIDATE key [key ...]` or
+//!   `CACHE.INVALIDATE MATCH pattern` -> entries dropped. Upstream untouched.
+//! - `CACHE.HOTKEYS [COUNT n]` -> keys and counts, hottest first.
+//!
+//! Accepted only from loopback clients unless `admin.allow_remote`; rate
+//! limited per command across clients (`admin.rate_limits`).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+
+use super::{Client, Flow, Replies, Then, arity_error};
+use crate::cache::Source;
+use crate::config::{ADMIN_DEFAULT_RATE, AdminConfig, parse_rate};
+use crate::context::Context;
+use crate::protocol::request::Command;
+use crate::protocol::{Proto, encode};
+use crate::warmup::{Request, Snapshot};
+
+/// Rate limits and access rules for admin commands.
+pub struct AdminLimits {
+    allow_remote: bool,
+    rates: HashMap<String, (u32, Duration)>,
+    default: (u32, Duration),
+    buckets: Mutex<HashMap<String, (f64, Instant)>>,
+}
+
+impl AdminLimits {
+    pub fn new(cfg: &AdminConfig) -> AdminLimits {
+        let rates = cfg
+            .rate_limits
+            .iter()
+            .filter_map(|(k, v)| Some((k.to_ascii_lowercase(), parse_rate(v).ok()?)))
+            .collect();
+        AdminLimits {
+            allow_remote: cfg.allow_remote,
+            rates,
+            default: parse_rate(ADMIN_DEFAULT_RATE).unwrap_or((60, Duration::from_secs(60))),
+            buckets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Takes a token for `name` (lowercase); `Err(seconds)` to wait.
+    fn take(&self, name: &str) -> Result<(), u64> {
+        let (count, per) = self.rates.get(name).copied().unwrap_or(self.default);
+        let refill = count as f64 / per.as_secs_f64();
+        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        let (tokens, last) = buckets
+            .entry(name.to_string())
+            .or_insert((count as f64, now));
+        *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * refill).min(count as f64);
+        *last = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(((1.0 - *tokens) / refill).ceil() as u64)
+        }
+    }
+}
+
+pub fn is_admin(name: &[u8]) -> bool {
+    name.starts_with(b"cache.")
+}
+
+/// Redis's reply to an unknown command.
+fn unknown_command(args: &[Bytes]) -> String {
+    let mut msg = format!(
+        "ERR unknown command '{}', with args beginning with: ",
+        String::from_utf8_lossy(&args[0])
+    );
+    let start = msg.len();
+    for a in &args[1..] {
+        if msg.len() - start >= 128 {
+            break;
+        }
+        msg.push_str(&format!("'{}' ", String::from_utf8_lossy(a)));
+    }
+    msg
+}
+
+pub fn dispatch(c: &mut Client, name: &[u8], cmd: Command, r: &mut Replies<'_>) -> Flow {
+    let a = &cmd.args;
+    let lname = String::from_utf8_lossy(name).into_owned();
+    let known = matches!(
+        name,
+        b"cache.warmup" | b"cache.status" | b"cache.clear" | b"cache.invalidate" | b"cache.hotkeys"
+    );
+    if !known {
+        r.error(&unknown_command(a));
+        return Flow::Continue;
+    }
+    if !c.ctx.admin.allow_remote && !c.addr.ip().is_loopback() {
+        let msg = format!(
+            "NOPERM {} is accepted only from loopback clients (admin.allow_remote = false)",
+            lname.to_ascii_uppercase()
+        );
+        r.error(&msg);
+        return Flow::Continue;
+    }
+    let arity_ok = match name {
+        b"cache.status" => a.len() <= 2,
+        b"cache.clear" => a.len() == 1,
+        b"cache.invalidate" => a.len() >= 2,
+        b"cache.hotkeys" => a.len() == 1 || a.len() == 3,
+        _ => true,
+    };
+    if !arity_ok {
+        r.error(&arity_error(&lname));
+        return Flow::Continue;
+    }
+    let cancel = name == b"cache.warmup" && a.len() == 2 && a[1].eq_ignore_ascii_case(b"CANCEL");
+    if !cancel {
+        if let Err(wait) = c.ctx.admin.take(&lname) {
+            let msg = format!(
+                "ERR rate limit exceeded for {}, retry in {wait}s",
+                lname.to_ascii_uppercase()
+            );
+            r.error(&msg);
+            return Flow::Continue;
+        }
+    }
+    let ctx = c.ctx.clone();
+    let proto = c.proto;
+    match name {
+        b"cache.warmup" if cancel => {
+            if ctx.warmup.cancel() {
+                r.ready(|o| encode::simple(o, "OK"));
+            } else {
+                r.error("ERR no warmup is running");
+            }
+        }
+        b"cache.warmup" => warmup(c, a, r),
+        b"cache.status" => {
+            if a.len() == 2 && !a[1].eq_ignore_ascii_case(b"JSON") {
+                r.error("ERR syntax error");
+            } else {
+                let fields = status_fields(&ctx, &ctx.warmup.snapshot());
+                if a.len() == 2 {
+                    let json = to_json(&fields).to_string();
+                    r.ready(|o| encode::bulk(o, json.as_bytes()));
+                } else {
+                    r.ready(|o| encode_fields(o, &fields, proto));
+                }
+            }
+        }
+        b"cache.clear" => {
+            let n = ctx.l1.clear(Source::Admin);
+            r.ready(|o| encode::int(o, n as i64));
+        }
+        b"cache.invalidate" => {
+            let n = if a.len() == 3 && a[1].eq_ignore_ascii_case(b"MATCH") {
+                ctx.l1.invalidate_matching(&a[2], Source::Admin)
+            } else {
+                a[1..]
+                    .iter()
+                    .map(|k| ctx.l1.invalidate(k, Source::Admin))
+                    .sum()
+            };
+            r.ready(|o| encode::int(o, n as i64));
+        }
+        b"cache.hotkeys" => {
+            let count = match a.len() {
+                1 => Some(10),
+                _ if a[1].eq_ignore_ascii_case(b"COUNT") => super::local::parse_i64(&a[2])
+                    .filter(|n| *n > 0)
+                    .map(|n| n as usize),
+                _ => None,
+            };
+            match (count, &ctx.warmup.hot) {
+                (None, _) => r.error("ERR syntax error"),
+                (_, None) => {
+                    r.error("ERR hot-key tracking is disabled (warmup.hotkeys.enabled = false)")
+                }
+                (Some(n), Some(hot)) => {
+                    let top = hot.top(n);
+                    r.ready(|o| {
+                        encode::map(o, top.len(), proto);
+                        for (k, n) in &top {
+                            encode::bulk(o, k);
+                            encode::int(o, *n as i64);
+                        }
+                    });
+                }
+            }
+        }
+        _ => r.error(&unknown_command(a)),
+    }
+    Flow::Continue
+}
+
+fn warmup(c: &mut Client, a: &[Bytes], r: &mut Replies<'_>) {
+    let mut req = Request::default();
+    let mut sync = false;
+    let keyword = |b: &[u8]| {
+        ["SYNC", "PHASE", "MATCH", "LIMIT"]
+            .iter()
+            .any(|k| b.eq_ignore_ascii_case(k.as_bytes()))
+    };
+    let mut i = 1;
+    while i < a.len() {
+        let arg = &a[i];
+        if arg.eq_ignore_ascii_case(b"SYNC") {
+            sync = true;
+            i += 1;
+        } else if arg.eq_ignore_ascii_case(b"PHASE") {
+            i += 1;
+            let first = i;
+            while i < a.len() && !keyword(&a[i]) {
+                let name = String::from_utf8_lossy(&a[i]).into_owned();
+                if !c.ctx.warmup.has_phase(&name) {
+                    return r.error(&format!("ERR unknown warmup phase '{name}'"));
+                }
+                req.phases.push(name);
+                i += 1;
+            }
+            if i == first {
+                return r.error("ERR syntax error");
+            }
+        } else if arg.eq_ignore_ascii_case(b"MATCH") && i + 1 < a.len() {
+            req.pattern = Some(String::from_utf8_lossy(&a[i + 1]).into_owned());
+            i += 2;
+        } else if arg.eq_ignore_ascii_case(b"LIMIT") && i + 1 < a.len() {
+            match super::local::parse_i64(&a[i + 1]) {
+                Some(n) if n > 0 => req.limit = Some(n as u64),
+                _ => return r.error("ERR value is not an integer or out of range"),
+            }
+            i += 2;
+        } else {
+            return r.error("ERR syntax error");
+        }
+    }
+    if req.pattern.is_some() && !req.phases.is_empty() {
+        return r.error("ERR PHASE and MATCH cannot be combined");
+    }
+    let ctx = c.ctx.clone();
+    match ctx.warmup.start(&ctx, req) {
+        Err(busy) => r.error(&format!("BUSY warmup {busy} is running")),
+        Ok((id, _)) if !sync => r.ready(|o| encode::bulk(o, id.as_bytes())),
+        Ok((_, done)) => {
+            let proto = c.proto;
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            tokio::spawn(async move {
+                let _ = done.await;
+                let mut out = BytesMut::new();
+                encode_fields(
+                    &mut out,
+                    &status_fields(&ctx, &ctx.warmup.snapshot()),
+                    proto,
+                );
+                let _ = tx.send(Ok(out.freeze()));
+            });
+            c.expect(r, rx, Then::Nothing);
+        }
+    }
+}
+
+/// A status value, encodable as RESP2, RESP3 and JSON.
+pub enum Val {
+    Str(String),
+    Int(i64),
+    Float(f64),
+    List(Vec<Vec<(&'static str, Val)>>),
+}
+
+pub fn status_fields(ctx: &Context, w: &Snapshot) -> Vec<(&'static str, Val)> {
+    let s = &ctx.l1.stats;
+    let hits = s.hits.load(std::sync::atomic::Ordering::Relaxed);
+    let misses = s.misses.load(std::sync::atomic::Ordering::Relaxed);
+    let hit_rate = if hits + misses == 0 {
+        0.0
+    } else {
+        hits as f64 / (hits + misses) as f64
+    };
+    let phases = w
+        .phases
+        .iter()
+        .map(|p| {
+            vec![
+                ("name", Val::Str(p.name.clone())),
+                ("status", Val::Str(p.status.into())),
+                ("keys_planned", Val::Int(p.keys_planned as i64)),
+                ("keys_warmed", Val::Int(p.keys_warmed as i64)),
+                ("batches_failed", Val::Int(p.batches_failed as i64)),
+                ("error", Val::Str(p.error.clone().unwrap_or_default())),
+            ]
+        })
+        .collect();
+    vec![
+        ("status", Val::Str(w.status.into())),
+        ("trace_id", Val::Str(w.trace_id.clone())),
+        (
+            "last_warmup",
+            Val::Str(
+                w.last_warmup
+                    .map(|t| humantime::format_rfc3339_millis(t).to_string())
+                    .unwrap_or_default(),
+            ),
+        ),
+        ("duration_ms", Val::Int(w.duration.as_millis() as i64)),
+        ("keys_warmed", Val::Int(w.keys_warmed as i64)),
+        ("keys_too_large", Val::Int(w.keys_too_large as i64)),
+        ("progress", Val::Str(format!("{}/{}", w.done, w.planned))),
+        ("phases", Val::List(phases)),
+        ("l1_entries", Val::Int(ctx.l1.len() as i64)),
+        ("l1_bytes", Val::Int(ctx.l1.weight() as i64)),
+        ("l1_capacity_bytes", Val::Int(ctx.l1.capacity() as i64)),
+        ("hits", Val::Int(hits as i64)),
+        ("misses", Val::Int(misses as i64)),
+        ("hit_rate", Val::Float(hit_rate)),
+        (
+            "coherence",
+            Val::Str(format!("{:?}:{}", ctx.coherence.mode, ctx.coherence.state()).to_lowercase()),
+        ),
+        // No circuit breaker yet: upstream traffic always flows.
+        ("upstream", Val::Str("closed".into())),
+        ("uptime_s", Val::Int(ctx.started.elapsed().as_secs() as i64)),
+        ("version", Val::Str(env!("CARGO_PKG_VERSION").into())),
+    ]
+}
+
+pub fn encode_fields(o: &mut BytesMut, fields: &[(&'static str, Val)], proto: Proto) {
+    encode::map(o, fields.len(), proto);
+    for (k, v) in fields {
+        encode::bulk(o, k.as_bytes());
+        match v {
+            Val::Str(s) => encode::bulk(o, s.as_bytes()),
+            Val::Int(n) => encode::int(o, *n),
+            Val::Float(f) => match proto {
+                Proto::Resp3 => {
+                    o.extend_from_slice(format!(",{f}\r\n").as_bytes());
+                }
+                Proto::Resp2 => encode::bulk(o, f.to_string().as_bytes()),
+            },
+            Val::List(items) => {
+                encode::array(o, items.len());
+                for item in items {
+                    encode_fields(o, item, proto);
+                }
+            }
+        }
+    }
+}
+
+pub fn to_json(fields: &[(&'static str, Val)]) -> serde_json::Value {
+    let mut m = serde_json::Map::new();
+    for (k, v) in fields {
+        let j = match v {
+            Val::Str(s) => serde_json::Value::from(s.clone()),
+            Val::Int(n) => serde_json::Value::from(*n),
+            Val::Float(f) => serde_json::Value::from(*f),
+            Val::List(items) => {
+                serde_json::Value::Array(items.iter().map(|i| to_json(i)).collect())
+            }
+        };
+        m.insert(k.to_string(), j);
+    }
+    serde_json::Value::Object(m)
+}

@@ -1,0 +1,176 @@
+//! Which keys are hot: a count-min sketch estimates each key's accesses in
+//! fixed memory, and a top-K set keeps the `keep` keys with the highest
+//! estimates. Memory is bounded whatever the number of distinct keys:
+//! `DEPTH * WIDTH * 4` bytes for the sketch (256 KiB) plus at most `keep`
+//! keys with two map entries each.
+//!
+//! The hot path (`record`) hashes the key once and bumps four relaxed
+//! atomics; the top-K lock is taken only when the key's estimate beats the
+//! smallest count in the top-K, which under a skewed load soon means only
+//! the hot keys take it.
+
+use std::collections::{BTreeSet, HashMap};
+use std::hash::BuildHasher;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+use bytes::Bytes;
+
+const DEPTH: usize = 4;
+const WIDTH: usize = 1 << 14;
+
+pub struct HotKeys {
+    sketch: Box<[AtomicU32]>,
+    hasher: std::collections::hash_map::RandomState,
+    top: Mutex<TopK>,
+    /// The smallest count in a full top-K (0 while it has room): estimates
+    /// at or below it cannot enter, so they skip the lock.
+    threshold: AtomicU64,
+    keep: usize,
+}
+
+#[derive(Default)]
+struct TopK {
+    by_key: HashMap<Bytes, u64>,
+    by_count: BTreeSet<(u64, Bytes)>,
+}
+
+impl HotKeys {
+    pub fn new(keep: usize) -> HotKeys {
+        HotKeys {
+            sketch: (0..DEPTH * WIDTH).map(|_| AtomicU32::new(0)).collect(),
+            hasher: Default::default(),
+            top: Mutex::new(TopK::default()),
+            threshold: AtomicU64::new(0),
+            keep,
+        }
+    }
+
+    /// Counts one access to `key`.
+    pub fn record(&self, key: &[u8]) {
+        let h = self.hasher.hash_one(key);
+        let (h1, h2) = (h as u32 as usize, (h >> 32) as usize | 1);
+        let mut estimate = u32::MAX;
+        for row in 0..DEPTH {
+            let col = h1.wrapping_add(row.wrapping_mul(h2)) % WIDTH;
+            let n = self.sketch[row * WIDTH + col]
+                .fetch_add(1, Ordering::Relaxed)
+                .saturating_add(1);
+            estimate = estimate.min(n);
+        }
+        let estimate = estimate as u64;
+        if estimate <= self.threshold.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut top = lock(&self.top);
+        if let Some(old) = top.by_key.get(key).copied() {
+            if estimate > old {
+                let k = Bytes::copy_from_slice(key);
+                top.by_count.remove(&(old, k.clone()));
+                top.by_count.insert((estimate, k.clone()));
+                top.by_key.insert(k, estimate);
+            }
+        } else {
+            if top.by_key.len() >= self.keep {
+                let Some(min) = top.by_count.iter().next().cloned() else {
+                    return;
+                };
+                if estimate <= min.0 {
+                    return;
+                }
+                top.by_count.remove(&min);
+                top.by_key.remove(&min.1);
+            }
+            let k = Bytes::copy_from_slice(key);
+            top.by_count.insert((estimate, k.clone()));
+            top.by_key.insert(k, estimate);
+        }
+        let floor = if top.by_key.len() >= self.keep {
+            top.by_count.iter().next().map_or(0, |m| m.0)
+        } else {
+            0
+        };
+        self.threshold.store(floor, Ordering::Relaxed);
+    }
+
+    /// The hottest `n` keys with their estimated counts, hottest first.
+    pub fn top(&self, n: usize) -> Vec<(Bytes, u64)> {
+        lock(&self.top)
+            .by_count
+            .iter()
+            .rev()
+            .take(n)
+            .map(|(c, k)| (k.clone(), *c))
+            .collect()
+    }
+
+    /// Takes the current top-K and starts counting afresh, so each save
+    /// merges one interval's counts.
+    pub fn take(&self) -> Vec<(Bytes, u64)> {
+        let mut top = lock(&self.top);
+        let out = top
+            .by_count
+            .iter()
+            .rev()
+            .map(|(c, k)| (k.clone(), *c))
+            .collect();
+        *top = TopK::default();
+        for c in self.sketch.iter() {
+            c.store(0, Ordering::Relaxed);
+        }
+        self.threshold.store(0, Ordering::Relaxed);
+        out
+    }
+
+    pub fn len(&self) -> usize {
+        lock(&self.top).by_key.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Merges one interval's counts into the upstream sorted set: old scores
+/// decay by half, the new counts are added, and only the top `keep` stay.
+pub const SAVE_SCRIPT: &str = "\
+local k = KEYS[1]
+if redis.call('EXISTS', k) == 1 then
+  redis.call('ZUNIONSTORE', k, 1, k, 'WEIGHTS', ARGV[1])
+end
+for i = 3, #ARGV, 2 do
+  redis.call('ZINCRBY', k, ARGV[i + 1], ARGV[i])
+end
+redis.call('ZREMRANGEBYRANK', k, 0, -tonumber(ARGV[2]) - 1)
+return redis.call('ZCARD', k)";
+
+/// The fraction of old scores kept at each save.
+pub const DECAY: &str = "0.5";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_hot_keys_in_bounded_memory() {
+        let h = HotKeys::new(10);
+        // 100,000 distinct cold keys, and ten hot ones read 1,000 times each.
+        for i in 0..100_000u32 {
+            h.record(format!("cold:{i}").as_bytes());
+            if i % 10 == 0 {
+                h.record(format!("hot:{}", (i / 10) % 10).as_bytes());
+            }
+        }
+        assert_eq!(h.len(), 10, "the top-K never grows past keep");
+        let top = h.top(10);
+        assert!(top.iter().all(|(k, _)| k.starts_with(b"hot:")), "{top:?}");
+        assert!(top.windows(2).all(|w| w[0].1 >= w[1].1), "hottest first");
+        assert!(top[0].1 >= 1000);
+        assert_eq!(h.take().len(), 10);
+        assert!(h.is_empty() && h.top(5).is_empty(), "take starts afresh");
+    }
+}

@@ -1,0 +1,466 @@
+//! Warming L1 before and during traffic. A run executes phases in order:
+//! first the hot keys the fleet recorded (the upstream sorted set
+//! `hotkeys.key`, hottest first), then `[[warmup.phase]]` by priority, each
+//! a SCAN of its patterns feeding pipelined MGET batches (`run`). Runs start
+//! at start-up, on a schedule, or by `CACHE.WARMUP`; one at a time per
+//! instance, and across a fleet with the upstream lock (`lock`).
+//!
+//! Every run has a trace id `warmup-<unix_ms>-<9 base36>`, and every log
+//! line of the run carries it (a tracing span).
+//!
+//! This module owns the run's state and its scheduling; it must not answer
+//! clients (`cmd::admin` does).
+
+pub mod hotkeys;
+pub mod lock;
+mod run;
+
+use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::config::{PhaseConfig, WarmupConfig};
+use crate::context::Context;
+use crate::protocol::request::encode_command;
+use hotkeys::HotKeys;
+
+/// How a run ended; `as_str` is the `outcome` metric label and the status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Completed,
+    Partial,
+    Failed,
+    Skipped,
+    Cancelled,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 5] = [
+        Outcome::Completed,
+        Outcome::Partial,
+        Outcome::Failed,
+        Outcome::Skipped,
+        Outcome::Cancelled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Completed => "completed",
+            Outcome::Partial => "partial",
+            Outcome::Failed => "failed",
+            Outcome::Skipped => "skipped",
+            Outcome::Cancelled => "cancelled",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct PhaseReport {
+    pub name: String,
+    /// pending, running, completed, partial, failed, cancelled.
+    pub status: &'static str,
+    pub keys_planned: u64,
+    pub keys_warmed: u64,
+    pub batches_failed: u64,
+    pub error: Option<String>,
+}
+
+/// A finished run.
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub trace_id: String,
+    pub outcome: Outcome,
+    pub started: SystemTime,
+    pub duration: Duration,
+    pub keys_planned: u64,
+    pub keys_warmed: u64,
+    /// Values over `cache.max_value_size`, read but not cached.
+    pub keys_too_large: u64,
+    pub phases: Vec<PhaseReport>,
+}
+
+/// A run's counters while it goes.
+#[derive(Default)]
+pub struct Progress {
+    pub planned: AtomicU64,
+    pub done: AtomicU64,
+    pub warmed: AtomicU64,
+    pub too_large: AtomicU64,
+    pub phases: Mutex<Vec<PhaseReport>>,
+}
+
+struct Running {
+    id: String,
+    started: SystemTime,
+    cancel: CancellationToken,
+    progress: Arc<Progress>,
+}
+
+#[derive(Default)]
+struct State {
+    running: Option<Running>,
+    last: Option<Report>,
+}
+
+/// What a run should do.
+#[derive(Debug, Clone, Default)]
+pub struct Request {
+    /// Only these phases (by name); empty = the hot-key phase and all phases.
+    pub phases: Vec<String>,
+    /// Warm the keys matching this pattern instead of the phases.
+    pub pattern: Option<String>,
+    /// At most this many keys (and never more than `max_keys`).
+    pub limit: Option<u64>,
+}
+
+/// What `CACHE.STATUS` shows of warmups.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub status: &'static str,
+    pub trace_id: String,
+    pub last_warmup: Option<SystemTime>,
+    pub duration: Duration,
+    pub keys_warmed: u64,
+    pub keys_too_large: u64,
+    pub done: u64,
+    pub planned: u64,
+    pub phases: Vec<PhaseReport>,
+}
+
+pub struct Warmup {
+    cfg: Arc<WarmupConfig>,
+    state: Mutex<State>,
+    pub hot: Option<Arc<HotKeys>>,
+    /// Runs ended, by `Outcome` index.
+    pub runs: [AtomicU64; 5],
+}
+
+/// One phase of a run, resolved.
+#[derive(Debug, Clone)]
+pub(crate) struct Plan {
+    name: String,
+    source: Source,
+    limit: Option<u64>,
+    ttl: Option<Duration>,
+}
+
+#[derive(Debug, Clone)]
+enum Source {
+    Hot,
+    Scan(Vec<String>),
+}
+
+impl Warmup {
+    pub fn new(cfg: &WarmupConfig) -> Arc<Warmup> {
+        Arc::new(Warmup {
+            cfg: Arc::new(cfg.clone()),
+            state: Mutex::default(),
+            hot: cfg
+                .hotkeys
+                .enabled
+                .then(|| Arc::new(HotKeys::new(cfg.hotkeys.keep))),
+            runs: Default::default(),
+        })
+    }
+
+    /// Counts a key access for the hot-key sketch.
+    pub fn record(&self, key: &[u8]) {
+        if let Some(h) = &self.hot {
+            h.record(key);
+        }
+    }
+
+    pub fn has_phase(&self, name: &str) -> bool {
+        self.cfg
+            .phase
+            .iter()
+            .any(|p| p.name.eq_ignore_ascii_case(name))
+    }
+
+    fn plan(&self, req: &Request) -> Vec<Plan> {
+        let from = |p: &PhaseConfig| Plan {
+            name: p.name.clone(),
+            source: Source::Scan(p.patterns.clone()),
+            limit: p.limit,
+            ttl: p.ttl,
+        };
+        if let Some(pattern) = &req.pattern {
+            return vec![Plan {
+                name: "match".into(),
+                source: Source::Scan(vec![pattern.clone()]),
+                limit: None,
+                ttl: None,
+            }];
+        }
+        let mut phases: Vec<&PhaseConfig> = self
+            .cfg
+            .phase
+            .iter()
+            .filter(|p| {
+                req.phases.is_empty() || req.phases.iter().any(|n| n.eq_ignore_ascii_case(&p.name))
+            })
+            .collect();
+        phases.sort_by_key(|p| p.priority);
+        let mut plans = Vec::new();
+        if req.phases.is_empty() && self.hot.is_some() {
+            plans.push(Plan {
+                name: "hotkeys".into(),
+                source: Source::Hot,
+                limit: None,
+                ttl: None,
+            });
+        }
+        plans.extend(phases.into_iter().map(from));
+        plans
+    }
+
+    /// Starts a run; `Err` holds the trace id of the run already going.
+    pub fn start(
+        self: &Arc<Self>,
+        ctx: &Arc<Context>,
+        req: Request,
+    ) -> Result<(String, oneshot::Receiver<Report>), String> {
+        let mut state = lock(&self.state);
+        if let Some(r) = &state.running {
+            return Err(r.id.clone());
+        }
+        let id = trace_id();
+        let plans = self.plan(&req);
+        let progress = Arc::new(Progress::default());
+        *lock(&progress.phases) = plans
+            .iter()
+            .map(|p| PhaseReport {
+                name: p.name.clone(),
+                status: "pending",
+                ..Default::default()
+            })
+            .collect();
+        let cancel = CancellationToken::new();
+        let started = SystemTime::now();
+        state.running = Some(Running {
+            id: id.clone(),
+            started,
+            cancel: cancel.clone(),
+            progress: progress.clone(),
+        });
+        drop(state);
+        let (tx, rx) = oneshot::channel();
+        let limit = req.limit.unwrap_or(u64::MAX).min(self.cfg.max_keys);
+        let span = tracing::info_span!("warmup", trace_id = %id);
+        let (me, ctx, cfg, run_id) = (self.clone(), ctx.clone(), self.cfg.clone(), id.clone());
+        tokio::spawn(
+            async move {
+                let report =
+                    run::execute(&ctx, &cfg, plans, run_id, started, progress, cancel, limit).await;
+                me.runs[report.outcome as usize].fetch_add(1, Ordering::Relaxed);
+                let mut state = lock(&me.state);
+                state.running = None;
+                state.last = Some(report.clone());
+                drop(state);
+                let _ = tx.send(report);
+            }
+            .instrument(span),
+        );
+        Ok((id, rx))
+    }
+
+    /// Cancels the running warmup; `false` if none is running.
+    pub fn cancel(&self) -> bool {
+        match &lock(&self.state).running {
+            Some(r) => {
+                r.cancel.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        let state = lock(&self.state);
+        if let Some(r) = &state.running {
+            let p = &r.progress;
+            return Snapshot {
+                status: "running",
+                trace_id: r.id.clone(),
+                last_warmup: Some(r.started),
+                duration: r.started.elapsed().unwrap_or_default(),
+                keys_warmed: p.warmed.load(Ordering::Relaxed),
+                keys_too_large: p.too_large.load(Ordering::Relaxed),
+                done: p.done.load(Ordering::Relaxed),
+                planned: p.planned.load(Ordering::Relaxed),
+                phases: lock(&p.phases).clone(),
+            };
+        }
+        match &state.last {
+            Some(r) => Snapshot {
+                status: r.outcome.as_str(),
+                trace_id: r.trace_id.clone(),
+                last_warmup: Some(r.started),
+                duration: r.duration,
+                keys_warmed: r.keys_warmed,
+                keys_too_large: r.keys_too_large,
+                done: r.keys_planned,
+                planned: r.keys_planned,
+                phases: r.phases.clone(),
+            },
+            None => Snapshot {
+                status: "idle",
+                trace_id: String::new(),
+                last_warmup: None,
+                duration: Duration::ZERO,
+                keys_warmed: 0,
+                keys_too_large: 0,
+                done: 0,
+                planned: 0,
+                phases: Vec::new(),
+            },
+        }
+    }
+
+    /// Automatic runs (at start, on a schedule) unless `SKIP_CACHE_WARMUP=1`,
+    /// and the periodic hot-key save.
+    pub fn spawn_background(self: &Arc<Self>, ctx: &Arc<Context>, shutdown: CancellationToken) {
+        let skip = std::env::var("SKIP_CACHE_WARMUP")
+            .is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
+        if skip {
+            tracing::info!(
+                "SKIP_CACHE_WARMUP=1: automatic warmups are off; CACHE.WARMUP still works"
+            );
+        } else {
+            let (me, ctx, stop) = (self.clone(), ctx.clone(), shutdown.clone());
+            tokio::spawn(async move { me.automatic(&ctx, stop).await });
+        }
+        if let Some(hot) = self.hot.clone() {
+            let (cfg, ctx) = (self.cfg.clone(), ctx.clone());
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(cfg.hotkeys.save_every) => {}
+                    }
+                    save_hotkeys(&ctx, &cfg, &hot).await;
+                }
+            });
+        }
+    }
+
+    async fn automatic(self: Arc<Self>, ctx: &Arc<Context>, shutdown: CancellationToken) {
+        let cfg = self.cfg.clone();
+        let run = |why: &'static str| match self.start(ctx, Request::default()) {
+            Ok((id, _)) => tracing::info!(trace_id = %id, why, "automatic warmup started"),
+            Err(busy) => {
+                tracing::info!(running = %busy, why, "automatic warmup skipped: one is running")
+            }
+        };
+        if cfg.on_start {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(cfg.start_delay) => run("start"),
+            }
+        }
+        let schedule: Option<croner::Cron> = cfg.schedule.as_deref().and_then(|s| s.parse().ok());
+        if schedule.is_none() && cfg.interval.is_none() {
+            return;
+        }
+        loop {
+            let wait = match (&schedule, cfg.interval) {
+                (Some(cron), _) => {
+                    let now = chrono::Utc::now();
+                    match cron.find_next_occurrence(&now, false) {
+                        Ok(next) => (next - now).to_std().unwrap_or_default(),
+                        Err(e) => {
+                            tracing::error!(error = %e, "warmup schedule has no next occurrence");
+                            return;
+                        }
+                    }
+                }
+                (None, Some(every)) => every,
+                (None, None) => return,
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(wait) => run("schedule"),
+            }
+        }
+    }
+}
+
+/// Merges this interval's hot keys into the upstream sorted set.
+pub async fn save_hotkeys(ctx: &Context, cfg: &WarmupConfig, hot: &HotKeys) {
+    let top = hot.take();
+    if top.is_empty() {
+        return;
+    }
+    let keep = cfg.hotkeys.keep.to_string();
+    let mut args: Vec<Vec<u8>> = vec![
+        b"EVAL".to_vec(),
+        hotkeys::SAVE_SCRIPT.as_bytes().to_vec(),
+        b"1".to_vec(),
+        cfg.hotkeys.key.as_bytes().to_vec(),
+        hotkeys::DECAY.as_bytes().to_vec(),
+        keep.into_bytes(),
+    ];
+    for (k, n) in &top {
+        args.push(k.to_vec());
+        args.push(n.to_string().into_bytes());
+    }
+    match ctx.control.send(encode_command(&args), None, true).await {
+        Ok(Ok(r)) if r.first() == Some(&b':') => {
+            tracing::debug!(keys = top.len(), "hot keys saved")
+        }
+        Ok(Ok(r)) => {
+            tracing::warn!(reply = %String::from_utf8_lossy(&r).trim_end(), "hot keys not saved")
+        }
+        Ok(Err(e)) => tracing::warn!(error = %e, "hot keys not saved"),
+        Err(_) => {}
+    }
+}
+
+/// `warmup-<unix_ms>-<9 base36 chars>`.
+pub fn trace_id() -> String {
+    let ms = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis();
+    // RandomState is seeded randomly per instance: a cheap random source.
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(ms);
+    let mut n = h.finish();
+    const DIGITS: &[u8; 36] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    let mut tail = [b'0'; 9];
+    for c in tail.iter_mut().rev() {
+        *c = DIGITS[(n % 36) as usize];
+        n /= 36;
+    }
+    format!("warmup-{ms}-{}", String::from_utf8_lossy(&tail))
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trace_ids_have_the_documented_shape() {
+        let a = trace_id();
+        let parts: Vec<&str> = a.split('-').collect();
+        assert_eq!(parts.len(), 3, "{a}");
+        assert_eq!(parts[0], "warmup");
+        assert!(parts[1].len() >= 13 && parts[1].bytes().all(|b| b.is_ascii_digit()));
+        assert!(
+            parts[2].len() == 9
+                && parts[2]
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || b.is_ascii_lowercase())
+        );
+        assert_ne!(a, trace_id(), "ids differ");
+    }
+}
