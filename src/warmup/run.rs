@@ -389,6 +389,9 @@ async fn phase(
             }
         }
         Source::Scan(patterns) => {
+            // SCAN pages with MATCH hold fewer keys than COUNT: gather them
+            // into full batches.
+            let mut gathered: Vec<Bytes> = Vec::new();
             'patterns: for pattern in patterns {
                 let mut cursor = Bytes::from_static(b"0");
                 loop {
@@ -398,8 +401,14 @@ async fn phase(
                     .await;
                     match page {
                         Ok((next, keys)) => {
-                            if !submit(keys, &mut batches).await {
-                                break 'patterns;
+                            gathered.extend(keys);
+                            if gathered.len() >= cfg.batch_size {
+                                let full = gathered.len() - gathered.len() % cfg.batch_size;
+                                let batch: Vec<Bytes> = gathered.drain(..full).collect();
+                                if !submit(batch, &mut batches).await {
+                                    gathered.clear();
+                                    break 'patterns;
+                                }
                             }
                             if &next[..] == b"0" {
                                 break;
@@ -412,6 +421,9 @@ async fn phase(
                         }
                     }
                 }
+            }
+            if !gathered.is_empty() {
+                submit(gathered, &mut batches).await;
             }
         }
     }

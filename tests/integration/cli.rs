@@ -140,3 +140,165 @@ async fn sigterm_drains_in_flight_commands_and_exits_zero() {
     );
     assert_eq!(direct.cmd(&["GET", "k"]).await, bulk("v"));
 }
+
+/// kiln as a child process with its stderr collected line by line.
+struct Child {
+    child: std::process::Child,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    addr: std::net::SocketAddr,
+}
+
+impl Child {
+    async fn start(config: &str, env: &[(&str, &str)]) -> Child {
+        use std::io::BufRead;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("port")
+            .port();
+        let path = temp_config(&format!("child{port}"), config);
+        let mut child = kiln()
+            .args(["--config"])
+            .arg(&path)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .envs(env.iter().copied())
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn kiln");
+        let lines: std::sync::Arc<std::sync::Mutex<Vec<String>>> = Default::default();
+        let stderr = child.stderr.take().expect("stderr");
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                sink.lock().expect("lock").push(line);
+            }
+        });
+        let addr = format!("127.0.0.1:{port}").parse().expect("addr");
+        let deadline = std::time::Instant::now() + WAIT;
+        while tokio::net::TcpStream::connect(addr).await.is_err() {
+            assert!(std::time::Instant::now() < deadline, "kiln did not start");
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        Child { child, lines, addr }
+    }
+
+    /// Waits for a log line containing `needle`.
+    async fn log_line(&self, needle: &str) -> String {
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            if let Some(l) = self
+                .lines
+                .lock()
+                .expect("lock")
+                .iter()
+                .find(|l| l.contains(needle))
+            {
+                return l.clone();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no log line with {needle:?}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn warmup_config(redis: &Redis) -> String {
+    format!(
+        "[upstream]\nurl = \"{}\"\n[warmup]\non_start = true\nstart_delay = \"0s\"\n\
+         lock = {{ scope = \"instance\" }}\nhotkeys = {{ enabled = false }}\n\
+         [[warmup.phase]]\nname = \"all\"\nmatch = [\"k*\"]\n[log]\nformat = \"json\"\nlevel = \"info\"\n",
+        redis.url()
+    )
+}
+
+async fn trace_id_of_last_run(c: &mut Conn) -> String {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let r = c.cmd(&["CACHE.STATUS", "JSON"]).await;
+        let s: serde_json::Value =
+            serde_json::from_slice(&crate::util::bulk_payload(&r).expect("bulk")).expect("json");
+        if s["status"] == "completed" {
+            return s["trace_id"].as_str().expect("id").to_string();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no completed run: {s}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_json_log_line_of_a_run_carries_its_trace_id() {
+    let redis = Redis::start();
+    crate::util::seed(&redis, "k", 50, |i| i.to_string()).await;
+    let kiln = Child::start(&warmup_config(&redis), &[]).await;
+    let mut c = Conn::connect(kiln.addr).await;
+    let id = trace_id_of_last_run(&mut c).await;
+    let (ms, tail) = id
+        .strip_prefix("warmup-")
+        .and_then(|r| r.split_once('-'))
+        .expect("warmup-<ms>-<tail>");
+    assert!(
+        ms.parse::<u64>().is_ok()
+            && tail.len() == 9
+            && tail
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() && !b.is_ascii_uppercase()),
+        "{id}"
+    );
+    kiln.log_line("\"warmup finished\"").await;
+    let lines = kiln.lines.lock().expect("lock").clone();
+    let run: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.contains("\"message\":\"warmup"))
+        .collect();
+    assert!(
+        run.len() >= 4,
+        "started, phase started/finished, finished: {run:?}"
+    );
+    for l in &run {
+        let v: serde_json::Value = serde_json::from_str(l).expect("a JSON log line");
+        assert_eq!(v["span"]["trace_id"], id.as_str(), "{l}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skip_cache_warmup_stops_automatic_runs_only() {
+    let redis = Redis::start();
+    crate::util::seed(&redis, "k", 50, |i| i.to_string()).await;
+    let kiln = Child::start(&warmup_config(&redis), &[("SKIP_CACHE_WARMUP", "1")]).await;
+    // Logged when the automatic runs are decided, before any could start.
+    kiln.log_line("automatic warmups are off").await;
+    let mut c = Conn::connect(kiln.addr).await;
+    let idle = c.cmd(&["CACHE.STATUS", "JSON"]).await;
+    assert!(
+        String::from_utf8_lossy(&idle).contains("\"status\":\"idle\""),
+        "{idle:?}"
+    );
+    assert!(
+        c.cmd(&["CACHE.WARMUP", "SYNC"])
+            .await
+            .starts_with(b"*36\r\n$6\r\nstatus\r\n$9\r\ncompleted")
+    );
+    assert!(
+        kiln.lines
+            .lock()
+            .expect("lock")
+            .iter()
+            .all(|l| !l.contains("automatic warmup started"))
+    );
+}

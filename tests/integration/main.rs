@@ -9,3 +9,4 @@ mod frames;
 mod session;
 mod transparency;
 mod util;
+mod warmup;

@@ -342,3 +342,77 @@ pub fn bulk_payload(reply: &[u8]) -> Option<Vec<u8>> {
 pub fn bulk(s: &str) -> Vec<u8> {
     format!("${}\r\n{}\r\n", s.len(), s).into_bytes()
 }
+
+/// A TCP relay in front of a server that can cut every connection through
+/// it on demand: upstream "failures" without killing the server.
+pub struct Relay {
+    pub addr: SocketAddr,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    pub async fn start(target: SocketAddr) -> Relay {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind relay");
+        let addr = listener.local_addr().expect("addr");
+        let conns: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>> =
+            Default::default();
+        let held = conns.clone();
+        let accept = tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let task = tokio::spawn(async move {
+                    if let Ok(mut server) = TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+                held.lock().expect("lock").push(task.abort_handle());
+            }
+        });
+        Relay {
+            addr,
+            conns,
+            accept,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://{}", self.addr)
+    }
+
+    /// Drops every connection currently going through the relay.
+    pub fn cut(&self) -> usize {
+        let mut conns = self.conns.lock().expect("lock");
+        let n = conns.len();
+        for c in conns.drain(..) {
+            c.abort();
+        }
+        n
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.cut();
+    }
+}
+
+/// Writes `n` keys `prefix{i}` with `value(i)` directly, pipelined.
+pub async fn seed(redis: &Redis, prefix: &str, n: usize, value: impl Fn(usize) -> String) {
+    let mut c = redis.conn().await;
+    let mut batch = Vec::new();
+    let mut sent = 0;
+    for chunk in (0..n).collect::<Vec<_>>().chunks(1000) {
+        let mut args = vec!["MSET".to_string()];
+        for i in chunk {
+            args.push(format!("{prefix}{i}"));
+            args.push(value(*i));
+        }
+        batch.extend(encode(&args));
+        sent += 1;
+    }
+    c.send_raw(&batch).await;
+    for _ in 0..sent {
+        assert_eq!(c.read().await, "+OK\r\n");
+    }
+}
