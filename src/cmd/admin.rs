@@ -50,6 +50,11 @@ impl AdminLimits {
         }
     }
 
+    /// Whether a client at `addr` may run admin commands.
+    pub fn admits(&self, addr: std::net::SocketAddr) -> bool {
+        self.allow_remote || addr.ip().is_loopback()
+    }
+
     /// Takes a token for `name` (lowercase); `Err(seconds)` to wait.
     fn take(&self, name: &str) -> Result<(), u64> {
         let (count, per) = self.rates.get(name).copied().unwrap_or(self.default);
@@ -101,7 +106,7 @@ pub fn dispatch(c: &mut Client, name: &[u8], cmd: Command, r: &mut Replies<'_>) 
         r.error(&unknown_command(a));
         return Flow::Continue;
     }
-    if !c.ctx.admin.allow_remote && !c.addr.ip().is_loopback() {
+    if !c.ctx.admin.admits(c.addr) {
         let msg = format!(
             "NOPERM {} is accepted only from loopback clients (admin.allow_remote = false)",
             lname.to_ascii_uppercase()
@@ -367,4 +372,34 @@ pub fn to_json(fields: &[(&'static str, Val)]) -> serde_json::Value {
         m.insert(k.to_string(), j);
     }
     serde_json::Value::Object(m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_loopback_unless_remote_is_allowed() {
+        let mut cfg = AdminConfig::default();
+        let local: std::net::SocketAddr = "127.0.0.1:5000".parse().expect("addr");
+        let local6: std::net::SocketAddr = "[::1]:5000".parse().expect("addr");
+        let remote: std::net::SocketAddr = "192.0.2.7:5000".parse().expect("addr");
+        let limits = AdminLimits::new(&cfg);
+        assert!(limits.admits(local) && limits.admits(local6) && !limits.admits(remote));
+        cfg.allow_remote = true;
+        assert!(AdminLimits::new(&cfg).admits(remote));
+    }
+
+    #[test]
+    fn token_buckets_refuse_past_the_rate() {
+        let limits = AdminLimits::new(&AdminConfig::default());
+        assert!(limits.take("cache.clear").is_ok() && limits.take("cache.clear").is_ok());
+        let wait = limits.take("cache.clear").expect_err("2/min spent");
+        assert!((1..=30).contains(&wait), "{wait}");
+        assert!(
+            (0..60).all(|_| limits.take("cache.status").is_ok()),
+            "60/min by default"
+        );
+        assert!(limits.take("cache.status").is_err());
+    }
 }
