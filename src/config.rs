@@ -47,6 +47,7 @@ pub struct Config {
     pub coherence: CoherenceConfig,
     pub warmup: WarmupConfig,
     pub admin: AdminConfig,
+    pub alerts: AlertsConfig,
     pub log: LogConfig,
     pub metrics: MetricsConfig,
 }
@@ -416,12 +417,48 @@ impl Default for LogConfig {
 pub struct MetricsConfig {
     /// Sidecar HTTP address (metrics, health).
     pub listen: String,
+    /// `/ready` waits for the start-up warmup to end as well.
+    pub ready_after_warmup: bool,
 }
 
 impl Default for MetricsConfig {
     fn default() -> Self {
         Self {
             listen: "127.0.0.1:9122".into(),
+            ready_after_warmup: false,
+        }
+    }
+}
+
+/// Thresholds of the built-in alerts; rates are fractions (0.5 = 50%).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlertsConfig {
+    /// Rates (hit, miss, penetration, error) are over this rolling window.
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
+    pub window: Duration,
+    /// Rate alerts stay quiet until the window holds this many requests.
+    pub min_requests: u64,
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
+    pub warmup_slow: Duration,
+    pub miss_rate: f64,
+    pub hit_rate_warning: f64,
+    pub hit_rate_critical: f64,
+    pub penetration_warning: f64,
+    pub penetration_critical: f64,
+}
+
+impl Default for AlertsConfig {
+    fn default() -> Self {
+        Self {
+            window: Duration::from_secs(60),
+            min_requests: 100,
+            warmup_slow: Duration::from_secs(10),
+            miss_rate: 0.5,
+            hit_rate_warning: 0.8,
+            hit_rate_critical: 0.6,
+            penetration_warning: 0.1,
+            penetration_critical: 0.2,
         }
     }
 }
@@ -585,6 +622,21 @@ impl Config {
             if !names.insert(p.name.to_ascii_lowercase()) {
                 return Err(at(format!("phase name `{}` is used twice", p.name)));
             }
+        }
+        let a = &self.alerts;
+        for (key, v) in [
+            ("alerts.miss_rate", a.miss_rate),
+            ("alerts.hit_rate_warning", a.hit_rate_warning),
+            ("alerts.hit_rate_critical", a.hit_rate_critical),
+            ("alerts.penetration_warning", a.penetration_warning),
+            ("alerts.penetration_critical", a.penetration_critical),
+        ] {
+            if !(0.0..=1.0).contains(&v) {
+                return Err(bad(key, format!("{v} is not a fraction between 0 and 1")));
+            }
+        }
+        if a.window < Duration::from_secs(1) {
+            return Err(bad("alerts.window", "must be at least 1s".into()));
         }
         for (cmd, rate) in &self.admin.rate_limits {
             if !cmd.to_ascii_uppercase().starts_with("CACHE.") {

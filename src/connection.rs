@@ -27,6 +27,7 @@ use crate::context::{ClientMeta, Context};
 use crate::protocol::request::{self, Command, Parsed};
 use crate::protocol::scan::Scanner;
 use crate::protocol::{Proto, encode};
+use crate::telemetry::metrics::Class;
 
 pub async fn serve(
     stream: TcpStream,
@@ -105,7 +106,17 @@ async fn run(
                 pending: &mut pending,
                 out: &mut out,
             };
-            match c.dispatch(cmd, &mut r).await {
+            c.op = cmd::Timing {
+                start: Instant::now(),
+                class: Class::Local,
+            };
+            let waiting = c.upstream_pending;
+            let flow = c.dispatch(cmd, &mut r).await;
+            if c.upstream_pending == waiting {
+                // Answered at once (L1 hit, kiln's own reply).
+                c.done(c.op, false);
+            }
+            match flow {
                 Flow::Continue => {}
                 Flow::Close => closing = true,
                 Flow::Relay(first) => {

@@ -25,6 +25,8 @@ pub struct Context {
     pub control: ConnHandle,
     /// Admin command rate limits, by lowercase command name.
     pub admin: crate::cmd::admin::AdminLimits,
+    pub metrics: crate::telemetry::metrics::Metrics,
+    pub health: crate::telemetry::health::Health,
     pub table: Table,
     pub limits: Limits,
     pub max_pipeline: usize,
@@ -100,6 +102,8 @@ impl Context {
                 Hooks::default(),
             ),
             admin: crate::cmd::admin::AdminLimits::new(&cfg.admin),
+            metrics: crate::telemetry::metrics::Metrics::new(table.names()),
+            health: crate::telemetry::health::Health::new(cfg),
             upstream,
             table,
             limits: Limits {
@@ -122,6 +126,12 @@ impl Context {
             next_client_id: AtomicU64::new(1),
             started: Instant::now(),
         })
+    }
+
+    /// The upstream circuit breaker: 0 closed, 1 open, 2 half-open. There
+    /// is no breaker yet, so traffic always flows.
+    pub fn breaker_state(&self) -> u8 {
+        0
     }
 
     pub fn next_client_id(&self) -> u64 {

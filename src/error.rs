@@ -24,7 +24,61 @@ pub enum UpstreamError {
     SessionsExhausted(usize),
 }
 
+/// Kinds of upstream failure; `as_str` is the `kind` metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    Connect,
+    Timeout,
+    ConnectionLost,
+    Protocol,
+    Sessions,
+}
+
+impl ErrorKind {
+    pub const ALL: [ErrorKind; 5] = [
+        ErrorKind::Connect,
+        ErrorKind::Timeout,
+        ErrorKind::ConnectionLost,
+        ErrorKind::Protocol,
+        ErrorKind::Sessions,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::Connect => "connect",
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::ConnectionLost => "connection_lost",
+            ErrorKind::Protocol => "protocol",
+            ErrorKind::Sessions => "sessions",
+        }
+    }
+}
+
+/// Upstream failures counted by kind.
+#[derive(Debug, Default)]
+pub struct ErrorCounts(pub [std::sync::atomic::AtomicU64; 5]);
+
+impl ErrorCounts {
+    pub fn count(&self, e: &UpstreamError) {
+        self.0[e.kind() as usize].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn get(&self, k: ErrorKind) -> u64 {
+        self.0[k as usize].load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
 impl UpstreamError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            UpstreamError::Connect { .. } => ErrorKind::Connect,
+            UpstreamError::ConnectTimeout { .. } | UpstreamError::Timeout(_) => ErrorKind::Timeout,
+            UpstreamError::Lost(_) => ErrorKind::ConnectionLost,
+            UpstreamError::Setup(_) => ErrorKind::Protocol,
+            UpstreamError::SessionsExhausted(_) => ErrorKind::Sessions,
+        }
+    }
+
     /// Whether the request may have reached upstream: such a request is not
     /// retried, since a write must never run twice.
     pub fn may_have_run(&self) -> bool {

@@ -39,10 +39,20 @@ pub use config::Config;
 
 /// Serves clients on `listener` until `shutdown` is cancelled, then lets
 /// connections finish what they have in flight for up to
-/// `server.shutdown_grace`. The listener is bound by the caller, so tests
-/// can use port 0.
+/// `server.shutdown_grace`. The sidecar is not served.
 pub async fn run(
     listener: TcpListener,
+    config: Config,
+    shutdown: CancellationToken,
+) -> Result<(), String> {
+    run_with(listener, None, config, shutdown).await
+}
+
+/// `run`, with the sidecar HTTP server on `sidecar` when given. Listeners
+/// are bound by the caller, so tests can use port 0.
+pub async fn run_with(
+    listener: TcpListener,
+    sidecar: Option<TcpListener>,
     config: Config,
     shutdown: CancellationToken,
 ) -> Result<(), String> {
@@ -55,6 +65,12 @@ pub async fn run(
         shutdown.clone(),
     );
     ctx.warmup.spawn_background(&ctx, shutdown.clone());
+    telemetry::health::Health::spawn(ctx.clone(), shutdown.clone());
+    if let Some(l) = sidecar {
+        let at = l.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        tracing::info!(listen = %at, "sidecar serving");
+        tokio::spawn(telemetry::sidecar::serve(l, ctx.clone(), shutdown.clone()));
+    }
     let tracker = TaskTracker::new();
     tracing::info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         upstream = %config.upstream.url, "kiln serving");

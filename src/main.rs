@@ -67,6 +67,14 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(&config.server.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.server.listen))?;
+    let sidecar = tokio::net::TcpListener::bind(&config.metrics.listen)
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot listen on {} (metrics.listen): {e}",
+                config.metrics.listen
+            )
+        })?;
     let shutdown = CancellationToken::new();
     let stop = shutdown.clone();
     tokio::spawn(async move {
@@ -74,7 +82,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         tracing::info!("shutdown signal received; draining");
         stop.cancel();
     });
-    kiln::run(listener, config, shutdown)
+    kiln::run_with(listener, Some(sidecar), config, shutdown)
         .await
         .map_err(anyhow::Error::msg)
 }

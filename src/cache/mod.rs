@@ -15,6 +15,7 @@ pub mod flight;
 pub mod glob;
 
 use std::hash::{BuildHasher, Hash};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -57,6 +58,18 @@ pub struct Entry {
     expires_at: Instant,
 }
 
+/// Counts what quick_cache evicts for lack of room.
+#[derive(Clone)]
+struct CountEvictions(Arc<AtomicU64>);
+
+impl quick_cache::Lifecycle<Key, Entry> for CountEvictions {
+    type RequestState = ();
+
+    fn on_evict(&self, _: &mut (), _: Key, _: Entry) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 #[derive(Clone)]
 struct ByteWeight;
 
@@ -87,7 +100,7 @@ struct Rule {
 }
 
 pub struct L1 {
-    store: quick_cache::sync::Cache<Key, Entry, ByteWeight>,
+    store: quick_cache::sync::Cache<Key, Entry, ByteWeight, DefaultHashBuilder, CountEvictions>,
     hasher: DefaultHashBuilder,
     generations: Box<[AtomicU64]>,
     /// Bumped by `clear`, so fills in flight across a flush are dropped.
@@ -145,6 +158,10 @@ pub struct Stats {
     pub fills_dropped: AtomicU64,
     pub not_cached_too_large: AtomicU64,
     pub penetrations: AtomicU64,
+    /// GETs (and MGET keys) a rule kept out of L1, or read behind a write.
+    pub bypasses: AtomicU64,
+    /// Entries pushed out by the memory budget.
+    pub evictions: Arc<AtomicU64>,
     /// Invalidations (keys, or whole clears) by `Source`.
     pub invalidations: [AtomicU64; 4],
 }
@@ -175,11 +192,12 @@ impl L1 {
             .estimated_items_capacity((cfg.max_memory / 256).clamp(1024, 4_000_000) as usize)
             .build()
             .map_err(|e| format!("cache: {e}"))?;
+        let evictions = Arc::new(AtomicU64::new(0));
         let store = quick_cache::sync::Cache::with_options(
             options,
             ByteWeight,
             DefaultHashBuilder::default(),
-            Default::default(),
+            CountEvictions(evictions.clone()),
         );
         let rules = cfg
             .rules
@@ -206,7 +224,10 @@ impl L1 {
             negative_ttl: cfg.negative_ttl,
             max_value_size: cfg.max_value_size as usize,
             flights: flight::Flights::new(),
-            stats: Stats::default(),
+            stats: Stats {
+                evictions,
+                ..Stats::default()
+            },
         })
     }
 

@@ -21,6 +21,7 @@ use crate::cache::{FillToken, Policy};
 use crate::context::Context;
 use crate::protocol::request::{Command, encode_command};
 use crate::protocol::{Proto, encode, reply};
+use crate::telemetry::metrics::Class;
 use crate::upstream::Reply;
 
 pub fn get(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
@@ -32,6 +33,8 @@ pub fn get(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
     let ttl = match c.ctx.l1.policy(&cmd.args[1]) {
         Policy::Cache { ttl } if c.writes_pending == 0 => ttl,
         _ => {
+            c.ctx.l1.stats.bypasses.fetch_add(1, Ordering::Relaxed);
+            c.op.class = Class::Forward;
             let rx = c.conn.send(cmd.wire(), None, true);
             c.expect(r, rx, Then::Nothing);
             return;
@@ -41,6 +44,7 @@ pub fn get(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
     let l1 = &c.ctx.l1;
     if let Some(e) = l1.get(c.db, &key) {
         l1.stats.hits.fetch_add(1, Ordering::Relaxed);
+        c.op.class = Class::Hit;
         let proto = c.proto;
         r.ready(|o| match &e.frame {
             Some(f) => o.extend_from_slice(f),
@@ -75,7 +79,8 @@ pub fn get(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
         }
     };
     c.upstream_pending += 1;
-    r.pending.push_back(super::Pending::Get(rx));
+    c.op.class = Class::Miss;
+    r.pending.push_back(super::Pending::Get(rx, c.op));
 }
 
 fn fill_one(
@@ -132,6 +137,9 @@ pub fn mget(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
         return;
     }
     if c.writes_pending > 0 {
+        let n = cmd.args.len() as u64 - 1;
+        c.ctx.l1.stats.bypasses.fetch_add(n, Ordering::Relaxed);
+        c.op.class = Class::Forward;
         let rx = c.conn.send(cmd.wire(), None, true);
         c.expect(r, rx, Then::Nothing);
         return;
@@ -146,7 +154,10 @@ pub fn mget(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
         let policy = l1.policy(key);
         let hit = match policy {
             Policy::Cache { .. } => l1.get(c.db, key),
-            Policy::Bypass => None,
+            Policy::Bypass => {
+                l1.stats.bypasses.fetch_add(1, Ordering::Relaxed);
+                None
+            }
         };
         match hit {
             Some(e) => {
@@ -172,9 +183,11 @@ pub fn mget(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
     }
     let proto = c.proto;
     if missing.is_empty() {
+        c.op.class = Class::Hit;
         r.ready(|o| assemble(o, &slots, &mut std::iter::empty(), proto));
         return;
     }
+    c.op.class = Class::Miss;
     let mut up: Vec<&[u8]> = Vec::with_capacity(missing.len() + 1);
     up.push(b"MGET");
     up.extend(missing.iter().map(|m| &m.key[..]));

@@ -30,6 +30,7 @@ use crate::cache::flight::GetAnswer;
 use crate::context::Context;
 use crate::protocol::request::Command;
 use crate::protocol::{Proto, encode};
+use crate::telemetry::metrics::Class;
 use crate::upstream::{ConnHandle, Reply};
 
 pub use session::SessionState;
@@ -39,17 +40,24 @@ pub enum Pending {
     /// Known already, but queued behind earlier replies.
     Ready(Bytes),
     /// Upstream's reply, passed through as bytes.
-    Reply(oneshot::Receiver<Reply>, Then),
+    Reply(oneshot::Receiver<Reply>, Then, Timing),
     /// A GET miss waiting on a fill.
-    Get(oneshot::Receiver<GetAnswer>),
+    Get(oneshot::Receiver<GetAnswer>, Timing),
     /// Resolved by `poll_front`, waiting to be taken.
     Done(Resolved),
 }
 
 pub enum Resolved {
     Bytes(Bytes),
-    Reply(Reply, Then),
-    Get(GetAnswer),
+    Reply(Reply, Then, Timing),
+    Get(GetAnswer, Timing),
+}
+
+/// When a command arrived and what kind it is, for the latency histogram.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    pub start: std::time::Instant,
+    pub class: Class,
 }
 
 /// What a reply changes in the client's state once it arrives.
@@ -114,6 +122,9 @@ pub struct Client {
     /// go upstream behind them instead of to L1, so a client always reads
     /// its own writes.
     pub writes_pending: usize,
+    /// The command being dispatched: set by the connection loop, its class
+    /// refined by the handler.
+    pub op: Timing,
     pub ctx: Arc<Context>,
 }
 
@@ -136,6 +147,10 @@ impl Client {
             session: None,
             upstream_pending: 0,
             writes_pending: 0,
+            op: Timing {
+                start: std::time::Instant::now(),
+                class: Class::Local,
+            },
             ctx,
         }
     }
@@ -151,7 +166,7 @@ impl Client {
         if then == Then::WriteDone {
             self.writes_pending += 1;
         }
-        r.pending.push_back(Pending::Reply(rx, then));
+        r.pending.push_back(Pending::Reply(rx, then, self.op));
     }
 
     /// Whether `cmd` must wait until every upstream reply before it is in:
@@ -178,9 +193,11 @@ impl Client {
     pub async fn dispatch(&mut self, cmd: Command, r: &mut Replies<'_>) -> Flow {
         let mut buf = [0u8; 64];
         let Some(name) = table::lower(cmd.name(), &mut buf) else {
+            self.ctx.metrics.command(b"");
             write::forward(self, cmd, r);
             return Flow::Continue;
         };
+        self.ctx.metrics.command(name);
         if !self.ctx.deny.is_empty() && self.ctx.deny.contains(name) {
             let msg = format!(
                 "ERR command '{}' is disabled on this proxy",
@@ -216,12 +233,14 @@ impl Client {
     pub fn resolve(&mut self, res: Resolved, out: &mut BytesMut) {
         match res {
             Resolved::Bytes(b) => out.extend_from_slice(&b),
-            Resolved::Get(a) => {
+            Resolved::Get(a, timing) => {
                 self.upstream_pending -= 1;
+                self.done(timing, matches!(a, GetAnswer::Failed(_)));
                 get::write_answer(&a, self.proto, out);
             }
-            Resolved::Reply(reply, then) => {
+            Resolved::Reply(reply, then, timing) => {
                 self.upstream_pending -= 1;
+                self.done(timing, reply.is_err());
                 match &reply {
                     Ok(bytes) => out.extend_from_slice(bytes),
                     Err(e) => encode::error(out, &e.reply_text()),
@@ -232,6 +251,17 @@ impl Client {
                     Then::Session { select } => session::after_reply(self, &reply, select),
                 }
             }
+        }
+    }
+
+    /// Records a finished command's latency (and an upstream failure).
+    pub fn done(&self, t: Timing, failed: bool) {
+        self.ctx.metrics.latency(t.class, t.start.elapsed());
+        if failed {
+            self.ctx
+                .metrics
+                .failed_replies
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
     }
 
@@ -261,19 +291,21 @@ pub fn poll_front(
     let done = match front {
         Pending::Ready(b) => Resolved::Bytes(std::mem::take(b)),
         Pending::Done(_) => return Poll::Ready(()),
-        Pending::Reply(rx, then) => match Pin::new(rx).poll(cx) {
+        Pending::Reply(rx, then, t) => match Pin::new(rx).poll(cx) {
             Poll::Pending => return Poll::Pending,
             Poll::Ready(r) => Resolved::Reply(
                 r.unwrap_or_else(|_| {
                     Err(crate::error::UpstreamError::Lost("request dropped".into()))
                 }),
                 *then,
+                *t,
             ),
         },
-        Pending::Get(rx) => match Pin::new(rx).poll(cx) {
+        Pending::Get(rx, t) => match Pin::new(rx).poll(cx) {
             Poll::Pending => return Poll::Pending,
             Poll::Ready(a) => Resolved::Get(
                 a.unwrap_or_else(|_| GetAnswer::Failed("ERR upstream: fill dropped".into())),
+                *t,
             ),
         },
     };

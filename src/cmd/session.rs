@@ -149,6 +149,7 @@ pub async fn dispatch(c: &mut Client, name: &[u8], cmd: Command, r: &mut Replies
             }
         }
     }
+    c.op.class = crate::telemetry::metrics::Class::Forward;
     let timed = s.in_multi || !ctx.table.is_blocking(&cmd.args);
     let rx = s.session.conn.send(cmd.wire(), on_reply, timed);
     c.expect(r, rx, Then::Session { select });

@@ -72,6 +72,11 @@ impl Table {
         }
     }
 
+    /// Every lowercase name the table knows.
+    pub fn names(&self) -> impl Iterator<Item = &[u8]> {
+        self.map.keys().map(|k| &k[..])
+    }
+
     /// Looks up a lowercase name (`"set"`, `"xgroup|create"`).
     pub fn get(&self, lower: &[u8]) -> Option<&CmdInfo> {
         self.map.get(lower)

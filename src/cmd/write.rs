@@ -53,6 +53,7 @@ impl Stale {
 }
 
 pub fn forward(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
+    c.op.class = crate::telemetry::metrics::Class::Forward;
     let on_reply = Stale::of(&c.ctx, &cmd.args).map(|s| s.now_and_on_reply(&c.ctx));
     let then = if on_reply.is_some() {
         Then::WriteDone

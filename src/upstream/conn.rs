@@ -180,6 +180,7 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Request>, connector: Arc<Connector>
                     }
                 }
                 Err(err) => {
+                    connector.errors.count(&err);
                     tracing::warn!(error = %err, retry_in = ?backoff, "upstream connect failed");
                     retry_at = Some((Instant::now() + backoff, err.clone()));
                     backoff = (backoff * 2).min(MAX_BACKOFF);
@@ -241,6 +242,7 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Request>, connector: Arc<Connector>
             }
         };
         if let Err(err) = outcome {
+            connector.errors.count(&err);
             tracing::warn!(error = %err, in_flight = fifo.len(), "upstream connection failed");
             if let Some(f) = &hooks.on_lost {
                 f(&err);

@@ -29,7 +29,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 pub use conn::{ConnHandle, Hooks, OnReply, Reply};
 
 use crate::config::{Config, UpstreamAddr};
-use crate::error::UpstreamError;
+use crate::error::{ErrorCounts, UpstreamError};
 use crate::protocol::Proto;
 
 /// How to open one upstream connection in a given state.
@@ -41,6 +41,8 @@ pub struct Connector {
     pub command_timeout: Duration,
     /// Commands run after protocol, auth and database are set.
     extra: Vec<Vec<Vec<u8>>>,
+    /// Where this connection's failures are counted.
+    pub errors: Arc<ErrorCounts>,
 }
 
 impl Connector {
@@ -142,6 +144,8 @@ pub struct Upstream {
     sessions: Arc<Semaphore>,
     reader_spec: ReaderSpec,
     readers: Mutex<HashMap<u32, Arc<[ConnHandle]>>>,
+    /// Connection failures by kind, for `upstream_errors_total`.
+    pub errors: Arc<ErrorCounts>,
 }
 
 /// A dedicated connection checked out for one client's session. Give it
@@ -176,6 +180,7 @@ impl Upstream {
             sessions: Arc::new(Semaphore::new(cfg.upstream.max_sessions)),
             reader_spec,
             readers: Mutex::new(HashMap::new()),
+            errors: Arc::default(),
         })
     }
 
@@ -196,6 +201,7 @@ impl Upstream {
             connect_timeout: self.connect_timeout,
             command_timeout: self.command_timeout,
             extra,
+            errors: self.errors.clone(),
         })
     }
 
@@ -243,7 +249,11 @@ impl Upstream {
             .await
         {
             Ok(Ok(p)) => Ok(p),
-            _ => Err(UpstreamError::SessionsExhausted(self.max_sessions)),
+            _ => {
+                let e = UpstreamError::SessionsExhausted(self.max_sessions);
+                self.errors.count(&e);
+                Err(e)
+            }
         }
     }
 

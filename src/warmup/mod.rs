@@ -92,6 +92,8 @@ pub struct Progress {
     pub warmed: AtomicU64,
     pub too_large: AtomicU64,
     pub phases: Mutex<Vec<PhaseReport>>,
+    /// The run holds the fleet lock now.
+    pub lock_held: std::sync::atomic::AtomicBool,
 }
 
 struct Running {
@@ -267,6 +269,14 @@ impl Warmup {
             .instrument(span),
         );
         Ok((id, rx))
+    }
+
+    /// Whether a run of this instance holds the fleet lock now.
+    pub fn lock_held(&self) -> bool {
+        lock(&self.state)
+            .running
+            .as_ref()
+            .is_some_and(|r| r.progress.lock_held.load(Ordering::Relaxed))
     }
 
     /// Cancels the running warmup; `false` if none is running.

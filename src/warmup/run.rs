@@ -56,7 +56,10 @@ pub(super) async fn execute(
         LockScope::Instance => None,
         LockScope::Fleet => {
             match FleetLock::acquire(ctx.control.clone(), &cfg.lock.key, &id, cfg.lock.ttl).await {
-                Ok(Some(l)) => Some(Arc::new(l)),
+                Ok(Some(l)) => {
+                    progress.lock_held.store(true, Ordering::Relaxed);
+                    Some(Arc::new(l))
+                }
                 Ok(None) => {
                     tracing::info!(lock = %cfg.lock.key, "warmup skipped: another instance holds the lock");
                     return report(Outcome::Skipped, &progress);
@@ -99,6 +102,7 @@ pub(super) async fn execute(
         e.abort();
     }
     if let Some(l) = fleet {
+        progress.lock_held.store(false, Ordering::Relaxed);
         match l.release().await {
             Ok(true) => {}
             Ok(false) => tracing::warn!("warmup lock had passed to another owner; left as it is"),

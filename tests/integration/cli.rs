@@ -98,7 +98,14 @@ async fn sigterm_drains_in_flight_commands_and_exits_zero() {
         .port();
     let listen = format!("127.0.0.1:{port}");
     let mut child = kiln()
-        .args(["--listen", &listen, "--upstream", &redis.url()])
+        .args([
+            "--listen",
+            &listen,
+            "--upstream",
+            &redis.url(),
+            "--metrics",
+            "127.0.0.1:0",
+        ])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -159,7 +166,12 @@ impl Child {
         let mut child = kiln()
             .args(["--config"])
             .arg(&path)
-            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args([
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--metrics",
+                "127.0.0.1:0",
+            ])
             .envs(env.iter().copied())
             .env_remove("RUST_LOG")
             .stdout(Stdio::null())

@@ -150,6 +150,8 @@ impl Drop for Redis {
 /// kiln running in-process; stopped on drop.
 pub struct Kiln {
     pub addr: SocketAddr,
+    /// The sidecar HTTP server.
+    pub metrics: SocketAddr,
     shutdown: CancellationToken,
     task: Option<tokio::task::JoinHandle<Result<(), String>>>,
 }
@@ -169,10 +171,18 @@ impl Kiln {
         cfg.validate("").expect("test config is valid");
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
+        let sidecar = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let metrics = sidecar.local_addr().expect("addr");
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(kiln::run(listener, cfg, shutdown.clone()));
+        let task = tokio::spawn(kiln::run_with(
+            listener,
+            Some(sidecar),
+            cfg,
+            shutdown.clone(),
+        ));
         let k = Kiln {
             addr,
+            metrics,
             shutdown,
             task: Some(task),
         };
@@ -341,6 +351,50 @@ pub fn bulk_payload(reply: &[u8]) -> Option<Vec<u8>> {
 
 pub fn bulk(s: &str) -> Vec<u8> {
     format!("${}\r\n{}\r\n", s.len(), s).into_bytes()
+}
+
+/// A plain HTTP/1.1 GET: (status, body).
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = tokio::time::timeout(WAIT, TcpStream::connect(addr))
+        .await
+        .expect("connect in time")
+        .expect("connect");
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut raw = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut raw))
+        .await
+        .expect("response in time")
+        .expect("read");
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").expect("headers end");
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("status code");
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    (status, body)
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        body = &rest[n + 2..];
+    }
+    out
 }
 
 /// A TCP relay in front of a server that can cut every connection through

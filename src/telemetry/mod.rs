@@ -1,5 +1,10 @@
-//! Logging: tracing to stderr in text or JSON; `RUST_LOG` wins over
-//! `log.level`.
+//! Logs, metrics, health and the sidecar HTTP server. Logging: tracing to
+//! stderr in text or JSON; `RUST_LOG` wins over `log.level`.
+
+pub mod health;
+pub mod metrics;
+pub mod names;
+pub mod sidecar;
 
 use tracing_subscriber::EnvFilter;
 

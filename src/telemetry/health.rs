@@ -1,0 +1,310 @@
+//! What the sidecar reports beyond raw counters: rates over a rolling
+//! window, the built-in alerts, readiness and cache health. A background
+//! task ticks every 500 ms: it polls upstream `INFO memory` (which also
+//! tells whether upstream is reachable), samples the counters into the
+//! window and evaluates the alerts.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{AlertsConfig, Config};
+use crate::context::Context;
+use crate::protocol::request::encode_command;
+
+const TICK: Duration = Duration::from_millis(500);
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Sample {
+    hits: u64,
+    misses: u64,
+    penetrations: u64,
+    failed: u64,
+    commands: u64,
+}
+
+/// Rates over the window; `None` below `alerts.min_requests`.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Rates {
+    pub requests: u64,
+    pub hit_rate: Option<f64>,
+    pub miss_rate: Option<f64>,
+    pub penetration_rate: Option<f64>,
+    pub error_rate: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Alert {
+    pub name: &'static str,
+    pub severity: &'static str,
+    pub message: String,
+    pub value: f64,
+    pub threshold: f64,
+    /// RFC 3339: when the alert became active.
+    pub since: String,
+}
+
+pub struct Health {
+    cfg: AlertsConfig,
+    window: Mutex<VecDeque<(Instant, Sample)>>,
+    active: Mutex<HashMap<&'static str, (SystemTime, Alert)>>,
+    pub upstream_ok: AtomicBool,
+    pub redis_memory: AtomicU64,
+    /// `/ready` also waits for the start-up warmup.
+    wait_for_warmup: bool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Health {
+    pub fn new(cfg: &Config) -> Health {
+        let skip = std::env::var("SKIP_CACHE_WARMUP")
+            .is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
+        Health {
+            cfg: cfg.alerts.clone(),
+            window: Mutex::new(VecDeque::new()),
+            active: Mutex::new(HashMap::new()),
+            upstream_ok: AtomicBool::new(false),
+            redis_memory: AtomicU64::new(0),
+            // Without a start-up warmup there is nothing to wait for.
+            wait_for_warmup: cfg.metrics.ready_after_warmup && cfg.warmup.on_start && !skip,
+        }
+    }
+
+    fn sample(ctx: &Context) -> Sample {
+        let s = &ctx.l1.stats;
+        Sample {
+            hits: s.hits.load(Ordering::Relaxed),
+            misses: s.misses.load(Ordering::Relaxed),
+            penetrations: s.penetrations.load(Ordering::Relaxed),
+            failed: ctx.metrics.failed_replies.load(Ordering::Relaxed),
+            commands: ctx.metrics.commands_total(),
+        }
+    }
+
+    fn tick(&self, ctx: &Context) {
+        let now = Instant::now();
+        let mut w = lock(&self.window);
+        w.push_back((now, Self::sample(ctx)));
+        // Keep one sample at or before the window's start as the base.
+        while w.len() > 2
+            && w.get(1)
+                .is_some_and(|(t, _)| now.duration_since(*t) >= self.cfg.window)
+        {
+            w.pop_front();
+        }
+    }
+
+    pub fn rates(&self, ctx: &Context) -> Rates {
+        let w = lock(&self.window);
+        let base = w.front().map(|(_, s)| *s).unwrap_or_default();
+        drop(w);
+        let now = Self::sample(ctx);
+        let (hits, misses) = (now.hits - base.hits, now.misses - base.misses);
+        let requests = hits + misses;
+        let commands = now.commands - base.commands;
+        let enough = requests >= self.cfg.min_requests && requests > 0;
+        let frac = |n: u64, d: u64| n as f64 / d as f64;
+        Rates {
+            requests,
+            hit_rate: enough.then(|| frac(hits, requests)),
+            miss_rate: enough.then(|| frac(misses, requests)),
+            penetration_rate: enough.then(|| frac(now.penetrations - base.penetrations, requests)),
+            error_rate: (commands >= self.cfg.min_requests && commands > 0)
+                .then(|| frac(now.failed - base.failed, commands)),
+        }
+    }
+
+    fn evaluate(&self, ctx: &Context) {
+        let c = &self.cfg;
+        let r = self.rates(ctx);
+        let w = ctx.warmup.snapshot();
+        let pct = |v: f64| format!("{:.1}%", v * 100.0);
+        let mut firing: Vec<(&'static str, &'static str, String, f64, f64)> = Vec::new();
+        let secs = w.duration.as_secs_f64();
+        if w.status != "idle" && w.duration > c.warmup_slow {
+            firing.push((
+                "warmup_slow",
+                "warning",
+                format!("warmup {} took {secs:.1}s", w.trace_id),
+                secs,
+                c.warmup_slow.as_secs_f64(),
+            ));
+        }
+        if w.status == "failed" {
+            firing.push((
+                "warmup_failed",
+                "critical",
+                format!("warmup {} failed", w.trace_id),
+                1.0,
+                0.0,
+            ));
+        }
+        if let Some(m) = r.miss_rate.filter(|m| *m > c.miss_rate) {
+            firing.push((
+                "miss_rate_high",
+                "warning",
+                format!("miss rate {} over {:?}", pct(m), c.window),
+                m,
+                c.miss_rate,
+            ));
+        }
+        if let Some(h) = r.hit_rate {
+            if h < c.hit_rate_warning {
+                firing.push((
+                    "hit_rate_low",
+                    "warning",
+                    format!("hit rate {}", pct(h)),
+                    h,
+                    c.hit_rate_warning,
+                ));
+            }
+            if h < c.hit_rate_critical {
+                firing.push((
+                    "hit_rate_critical",
+                    "critical",
+                    format!("hit rate {}", pct(h)),
+                    h,
+                    c.hit_rate_critical,
+                ));
+            }
+        }
+        if let Some(p) = r.penetration_rate {
+            if p > c.penetration_warning {
+                firing.push((
+                    "penetration_rate_high",
+                    "warning",
+                    format!("{} of reads are for missing keys", pct(p)),
+                    p,
+                    c.penetration_warning,
+                ));
+            }
+            if p > c.penetration_critical {
+                firing.push((
+                    "penetration_rate_critical",
+                    "critical",
+                    format!("{} of reads are for missing keys", pct(p)),
+                    p,
+                    c.penetration_critical,
+                ));
+            }
+        }
+        if ctx.breaker_state() == 1 {
+            firing.push((
+                "circuit_open",
+                "critical",
+                "upstream circuit breaker is open".into(),
+                1.0,
+                0.0,
+            ));
+        }
+        if ctx.coherence.state() == "lost" {
+            firing.push((
+                "tracking_lost",
+                "critical",
+                "CLIENT TRACKING channel lost: L1 not filled".into(),
+                1.0,
+                0.0,
+            ));
+        }
+        let mut active = lock(&self.active);
+        let now = SystemTime::now();
+        let names: Vec<&'static str> = firing.iter().map(|f| f.0).collect();
+        active.retain(|name, _| names.contains(name));
+        for (name, severity, message, value, threshold) in firing {
+            let since = active.get(name).map_or(now, |(s, _)| *s);
+            if !active.contains_key(name) {
+                tracing::warn!(alert = name, severity, %message, "alert firing");
+            }
+            let alert = Alert {
+                name,
+                severity,
+                message,
+                value,
+                threshold,
+                since: humantime::format_rfc3339_millis(since).to_string(),
+            };
+            active.insert(name, (since, alert));
+        }
+    }
+
+    pub fn alerts(&self) -> Vec<Alert> {
+        let mut v: Vec<Alert> = lock(&self.active)
+            .values()
+            .map(|(_, a)| a.clone())
+            .collect();
+        v.sort_by(|a, b| (b.severity, a.name).cmp(&(a.severity, b.name)));
+        v
+    }
+
+    /// `Err(reason)` when not ready.
+    pub fn ready(&self, ctx: &Context) -> Result<(), &'static str> {
+        if !self.upstream_ok.load(Ordering::Relaxed) {
+            return Err("upstream unreachable");
+        }
+        let ended: u64 = ctx
+            .warmup
+            .runs
+            .iter()
+            .map(|r| r.load(Ordering::Relaxed))
+            .sum();
+        if self.wait_for_warmup && ended == 0 {
+            return Err("waiting for the start-up warmup");
+        }
+        Ok(())
+    }
+
+    /// `healthy`, `degraded` or `unhealthy`, with the rates behind it.
+    pub fn cache_health(&self, ctx: &Context) -> (&'static str, Rates) {
+        let r = self.rates(ctx);
+        let hit = r.hit_rate.unwrap_or(1.0);
+        let err = r.error_rate.unwrap_or(0.0);
+        let status = if hit < 0.5 || err > 0.1 {
+            "unhealthy"
+        } else if hit < self.cfg.hit_rate_warning
+            || ctx.coherence.state() == "lost"
+            || ctx.breaker_state() != 0
+        {
+            "degraded"
+        } else {
+            "healthy"
+        };
+        (status, r)
+    }
+
+    /// The sampling, polling and alert loop.
+    pub fn spawn(ctx: std::sync::Arc<Context>, shutdown: CancellationToken) {
+        tokio::spawn(async move {
+            let info = encode_command(&["INFO", "memory"]);
+            loop {
+                let polled =
+                    tokio::time::timeout(TICK * 2, ctx.control.send(info.clone(), None, true))
+                        .await;
+                match polled {
+                    Ok(Ok(Ok(reply))) if reply.first() == Some(&b'$') => {
+                        ctx.health.upstream_ok.store(true, Ordering::Relaxed);
+                        if let Some(m) = String::from_utf8_lossy(&reply).lines().find_map(|l| {
+                            l.strip_prefix("used_memory:")
+                                .and_then(|v| v.trim().parse().ok())
+                        }) {
+                            ctx.health.redis_memory.store(m, Ordering::Relaxed);
+                        }
+                    }
+                    _ => ctx.health.upstream_ok.store(false, Ordering::Relaxed),
+                }
+                ctx.health.tick(&ctx);
+                ctx.health.evaluate(&ctx);
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(TICK) => {}
+                }
+            }
+        });
+    }
+}

@@ -1,0 +1,165 @@
+//! Metrics for one kiln instance, rendered by metrics-exporter-prometheus.
+//!
+//! Each instance has its own recorder (no global one), so tests can run many
+//! instances in one process. Counters live where the work happens, as
+//! relaxed atomics (L1 stats, upstream errors, the per-command table below),
+//! and are copied into the recorder when `/metrics` is scraped, so the hot
+//! path takes no lock shared by connections. Latency histograms are recorded
+//! live through handles registered once; the exporter's histogram is a
+//! lock-free atomic bucket.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use metrics::{Counter, Gauge, Histogram, Key, Label, Recorder};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
+
+use super::names::{self, ALL, LATENCY_BUCKETS};
+
+/// What a command's latency is counted as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Class {
+    /// GET/MGET answered from L1.
+    Hit,
+    /// GET/MGET that read upstream.
+    Miss,
+    /// Forwarded to upstream.
+    Forward,
+    /// Answered by kiln (PING, SELECT, CACHE.*).
+    Local,
+}
+
+impl Class {
+    pub const ALL: [Class; 4] = [Class::Hit, Class::Miss, Class::Forward, Class::Local];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Class::Hit => "hit",
+            Class::Miss => "miss",
+            Class::Forward => "forward",
+            Class::Local => "local",
+        }
+    }
+}
+
+const META: metrics::Metadata<'static> = metrics::Metadata::new("kiln", metrics::Level::INFO, None);
+
+pub struct Metrics {
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+    latency: [Histogram; 4],
+    /// Per command name (lowercase), fixed at start: lookups take no lock.
+    commands: HashMap<Vec<u8>, AtomicU64>,
+    other_commands: AtomicU64,
+    /// Replies that were upstream failures (for the error rate).
+    pub failed_replies: AtomicU64,
+}
+
+impl Metrics {
+    pub fn new<'a>(command_names: impl Iterator<Item = &'a [u8]>) -> Metrics {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Full(names::LATENCY.into()), LATENCY_BUCKETS)
+            .map(|b| b.build_recorder())
+            .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder());
+        for (name, kind, help) in ALL {
+            let unit = None;
+            match *kind {
+                "counter" => recorder.describe_counter((*name).into(), unit, (*help).into()),
+                "gauge" => recorder.describe_gauge((*name).into(), unit, (*help).into()),
+                _ => recorder.describe_histogram((*name).into(), unit, (*help).into()),
+            }
+        }
+        let latency = Class::ALL.map(|c| {
+            recorder.register_histogram(
+                &Key::from_parts(names::LATENCY, vec![Label::new("class", c.as_str())]),
+                &META,
+            )
+        });
+        Metrics {
+            handle: recorder.handle(),
+            recorder,
+            latency,
+            commands: command_names
+                .filter(|n| !n.contains(&b'|'))
+                .map(|n| (n.to_vec(), AtomicU64::new(0)))
+                .collect(),
+            other_commands: AtomicU64::new(0),
+            failed_replies: AtomicU64::new(0),
+        }
+    }
+
+    /// Counts a client command by its lowercase name.
+    pub fn command(&self, lower: &[u8]) {
+        self.commands
+            .get(lower)
+            .unwrap_or(&self.other_commands)
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn commands_total(&self) -> u64 {
+        self.commands
+            .values()
+            .map(|c| c.load(Ordering::Relaxed))
+            .sum::<u64>()
+            + self.other_commands.load(Ordering::Relaxed)
+    }
+
+    pub fn latency(&self, class: Class, took: Duration) {
+        self.latency[class as usize].record(took.as_secs_f64());
+    }
+
+    pub fn counter(&self, name: &'static str, labels: &[(&'static str, &'static str)]) -> Counter {
+        self.recorder.register_counter(&key(name, labels), &META)
+    }
+
+    pub fn gauge(&self, name: &'static str, labels: &[(&'static str, &'static str)]) -> Gauge {
+        self.recorder.register_gauge(&key(name, labels), &META)
+    }
+
+    /// Per-command counts that are not zero, for the exposition.
+    pub fn command_counts(&self) -> Vec<(String, u64)> {
+        let mut v: Vec<(String, u64)> = self
+            .commands
+            .iter()
+            .map(|(k, c)| {
+                (
+                    String::from_utf8_lossy(k).into_owned(),
+                    c.load(Ordering::Relaxed),
+                )
+            })
+            .filter(|(_, n)| *n > 0)
+            .collect();
+        let other = self.other_commands.load(Ordering::Relaxed);
+        if other > 0 {
+            v.push(("other".into(), other));
+        }
+        v
+    }
+
+    /// Sets a per-command counter (labels must outlive the call).
+    pub fn set_command(&self, command: &str, n: u64) {
+        let k = Key::from_parts(
+            names::COMMANDS,
+            vec![Label::new("command", command.to_string())],
+        );
+        self.recorder.register_counter(&k, &META).absolute(n);
+    }
+
+    pub fn render(&self) -> String {
+        self.handle.run_upkeep();
+        self.handle.render()
+    }
+}
+
+fn key(name: &'static str, labels: &[(&'static str, &'static str)]) -> Key {
+    Key::from_parts(
+        name,
+        labels
+            .iter()
+            .map(|(k, v)| Label::new(*k, *v))
+            .collect::<Vec<_>>(),
+    )
+}

@@ -1,0 +1,120 @@
+//! Metric names, one place: dashboards and alert rules use them as written.
+
+pub const HITS: &str = "cache_hits_total";
+pub const MISSES: &str = "cache_misses_total";
+pub const REQUESTS: &str = "cache_requests_total";
+pub const HIT_RATE: &str = "cache_hit_rate";
+pub const PENETRATIONS: &str = "cache_penetration_attempts_total";
+pub const PENETRATION_RATE: &str = "cache_penetration_rate";
+pub const WARMUP_DURATION: &str = "cache_warmup_duration_seconds";
+pub const WARMUP_STATUS: &str = "cache_warmup_status";
+pub const KEYS_WARMED: &str = "cache_keys_warmed";
+pub const LAST_WARMUP: &str = "cache_last_warmup_timestamp";
+pub const WARMUP_RUNS: &str = "cache_warmup_runs_total";
+pub const REDIS_MEMORY: &str = "redis_memory_usage_bytes";
+pub const L1_ENTRIES: &str = "cache_l1_entries";
+pub const L1_BYTES: &str = "cache_l1_bytes";
+pub const EVICTIONS: &str = "cache_evictions_total";
+pub const INVALIDATIONS: &str = "cache_invalidations_total";
+pub const LATENCY: &str = "cache_operation_latency_seconds";
+pub const BREAKER: &str = "cache_circuit_breaker_state";
+pub const ACTIVE_LOCKS: &str = "cache_active_locks";
+pub const UPSTREAM_ERRORS: &str = "upstream_errors_total";
+pub const CONNECTED: &str = "proxy_connected_clients";
+pub const COMMANDS: &str = "proxy_commands_total";
+
+/// Every metric kiln exports, with its Prometheus type and help text.
+pub const ALL: &[(&str, &str, &str)] = &[
+    (HITS, "counter", "GET/MGET keys answered from L1"),
+    (
+        MISSES,
+        "counter",
+        "GET/MGET keys L1 did not have (read from upstream)",
+    ),
+    (
+        REQUESTS,
+        "counter",
+        "GET/MGET keys by cache status: hit, miss, bypass",
+    ),
+    (
+        HIT_RATE,
+        "gauge",
+        "Share of GET/MGET keys answered from L1 over alerts.window",
+    ),
+    (
+        PENETRATIONS,
+        "counter",
+        "GETs of keys upstream does not have",
+    ),
+    (
+        PENETRATION_RATE,
+        "gauge",
+        "Share of GET/MGET keys that were missing upstream, over alerts.window",
+    ),
+    (
+        WARMUP_DURATION,
+        "gauge",
+        "Duration of the last (or running) warmup",
+    ),
+    (
+        WARMUP_STATUS,
+        "gauge",
+        "1 for the current warmup status, 0 for the others",
+    ),
+    (
+        KEYS_WARMED,
+        "gauge",
+        "Keys warmed by the last (or running) warmup",
+    ),
+    (LAST_WARMUP, "gauge", "Unix time the last warmup started"),
+    (WARMUP_RUNS, "counter", "Warmup runs ended, by outcome"),
+    (
+        REDIS_MEMORY,
+        "gauge",
+        "Upstream used_memory from INFO memory",
+    ),
+    (L1_ENTRIES, "gauge", "Entries in L1"),
+    (
+        L1_BYTES,
+        "gauge",
+        "Bytes L1 holds: keys, values and per-entry overhead",
+    ),
+    (
+        EVICTIONS,
+        "counter",
+        "L1 entries evicted by the memory budget",
+    ),
+    (
+        INVALIDATIONS,
+        "counter",
+        "L1 invalidations by source: write, tracking, flush, admin",
+    ),
+    (
+        LATENCY,
+        "histogram",
+        "Time from a command's arrival to its reply, by class: hit, miss, forward, local",
+    ),
+    (
+        BREAKER,
+        "gauge",
+        "Upstream circuit breaker: 0 closed, 1 open, 2 half-open",
+    ),
+    (
+        ACTIVE_LOCKS,
+        "gauge",
+        "Warmup fleet locks this instance holds",
+    ),
+    (
+        UPSTREAM_ERRORS,
+        "counter",
+        "Upstream connection failures by kind",
+    ),
+    (CONNECTED, "gauge", "Clients connected to kiln"),
+    (COMMANDS, "counter", "Client commands by name"),
+];
+
+/// Latency histogram buckets, seconds: resolve tens of microseconds.
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025,
+    0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
