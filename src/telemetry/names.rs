@@ -22,6 +22,9 @@ pub const ACTIVE_LOCKS: &str = "cache_active_locks";
 pub const UPSTREAM_ERRORS: &str = "upstream_errors_total";
 pub const CONNECTED: &str = "proxy_connected_clients";
 pub const COMMANDS: &str = "proxy_commands_total";
+/// Not in the SPEC's list: the tracking state, so the "tracking lost" alert
+/// can be written as a Prometheus rule.
+pub const TRACKING_LOST: &str = "cache_tracking_lost";
 
 /// Every metric kiln exports, with its Prometheus type and help text.
 pub const ALL: &[(&str, &str, &str)] = &[
@@ -111,6 +114,11 @@ pub const ALL: &[(&str, &str, &str)] = &[
     ),
     (CONNECTED, "gauge", "Clients connected to kiln"),
     (COMMANDS, "counter", "Client commands by name"),
+    (
+        TRACKING_LOST,
+        "gauge",
+        "1 while a CLIENT TRACKING channel is lost (L1 not filled), else 0",
+    ),
 ];
 
 /// Latency histogram buckets, seconds: resolve tens of microseconds.

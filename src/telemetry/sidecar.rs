@@ -111,6 +111,9 @@ pub fn render(ctx: &Context) -> String {
     }
     m.gauge(names::CONNECTED, &[])
         .set(ctx.clients().len() as f64);
+    let lost = ctx.coherence.state() == "lost";
+    m.gauge(names::TRACKING_LOST, &[])
+        .set(if lost { 1.0 } else { 0.0 });
     for (cmd, n) in m.command_counts() {
         m.set_command(&cmd, n);
     }

@@ -7,6 +7,7 @@ mod cli;
 mod coherence;
 mod frames;
 mod session;
+mod sidecar;
 mod transparency;
 mod util;
 mod warmup;
