@@ -146,53 +146,59 @@ impl Health {
                 0.0,
             ));
         }
-        if let Some(m) = r.miss_rate.filter(|m| *m > c.miss_rate) {
-            firing.push((
+        // Rate rules: (name, severity, value, threshold, fires above it?, what).
+        let rate_rules = [
+            (
                 "miss_rate_high",
                 "warning",
-                format!("miss rate {} over {:?}", pct(m), c.window),
-                m,
+                r.miss_rate,
                 c.miss_rate,
-            ));
-        }
-        if let Some(h) = r.hit_rate {
-            if h < c.hit_rate_warning {
-                firing.push((
-                    "hit_rate_low",
-                    "warning",
-                    format!("hit rate {}", pct(h)),
-                    h,
-                    c.hit_rate_warning,
-                ));
-            }
-            if h < c.hit_rate_critical {
-                firing.push((
-                    "hit_rate_critical",
-                    "critical",
-                    format!("hit rate {}", pct(h)),
-                    h,
-                    c.hit_rate_critical,
-                ));
-            }
-        }
-        if let Some(p) = r.penetration_rate {
-            if p > c.penetration_warning {
-                firing.push((
-                    "penetration_rate_high",
-                    "warning",
-                    format!("{} of reads are for missing keys", pct(p)),
-                    p,
-                    c.penetration_warning,
-                ));
-            }
-            if p > c.penetration_critical {
-                firing.push((
-                    "penetration_rate_critical",
-                    "critical",
-                    format!("{} of reads are for missing keys", pct(p)),
-                    p,
-                    c.penetration_critical,
-                ));
+                true,
+                "miss rate",
+            ),
+            (
+                "hit_rate_low",
+                "warning",
+                r.hit_rate,
+                c.hit_rate_warning,
+                false,
+                "hit rate",
+            ),
+            (
+                "hit_rate_critical",
+                "critical",
+                r.hit_rate,
+                c.hit_rate_critical,
+                false,
+                "hit rate",
+            ),
+            (
+                "penetration_rate_high",
+                "warning",
+                r.penetration_rate,
+                c.penetration_warning,
+                true,
+                "reads for missing keys",
+            ),
+            (
+                "penetration_rate_critical",
+                "critical",
+                r.penetration_rate,
+                c.penetration_critical,
+                true,
+                "reads for missing keys",
+            ),
+        ];
+        for (name, severity, value, threshold, above, what) in rate_rules {
+            let Some(v) = value else { continue };
+            if (above && v > threshold) || (!above && v < threshold) {
+                let message = format!(
+                    "{what} {} over {:?} (threshold {})",
+                    pct(v),
+                    c.window,
+                    pct(threshold)
+                );
+                firing.push((name, severity, message, v, threshold));
             }
         }
         if ctx.breaker_state() == 1 {
