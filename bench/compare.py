@@ -1,0 +1,263 @@
+#!/usr/bin/env python3
+"""kiln against Redis direct and twemproxy, measured in the same run.
+
+    bench/compare.py [--rounds 3] [--quick]
+
+Builds kiln in release mode; starts on loopback a redis-server, twemproxy
+(nutcracker) in front of it, kiln in front of it (L1 warmed), and a second
+kiln whose rule turns caching off for the benchmark keys (pure forwarding);
+fills 100,000 keys of 100 bytes; then runs redis-benchmark against the
+targets in turn (the order rotates each round): GET (L1 hits for kiln), GET
+through the forwarding kiln, SET and MGET of 10 keys; -c 50 -d 100 -r 100000,
+at -P 1 and -P 16. Reports medians over the rounds as a markdown table with
+the ratios kiln/Redis and kiln/twemproxy, writes it to
+bench/results/compare.md and draws bench/results/compare.svg.
+"""
+
+import argparse
+import csv
+import io
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KEYS = 100_000
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, proc, what):
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            sys.exit(f"{what} exited early")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    sys.exit(f"{what} did not start")
+
+
+def resp(*args):
+    out = b"*%d\r\n" % len(args)
+    for a in args:
+        a = a if isinstance(a, bytes) else str(a).encode()
+        out += b"$%d\r\n%s\r\n" % (len(a), a)
+    return out
+
+
+def call(port, *args, timeout=120):
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(resp(*args))
+        data = b""
+        while not data.endswith(b"\r\n") or data.count(b"\r\n") < 1:
+            chunk = s.recv(1 << 16)
+            if not chunk:
+                break
+            data += chunk
+            if data[:1] in b"+-:" and data.endswith(b"\r\n"):
+                break
+            if data[:1] in b"*%$" and len(data) > 4 and time.sleep(0.05) is None:
+                s.settimeout(0.3)
+                try:
+                    while True:
+                        more = s.recv(1 << 16)
+                        if not more:
+                            break
+                        data += more
+                except socket.timeout:
+                    pass
+                break
+        return data
+
+
+def fill(port):
+    """key:000000000000 ... as redis-benchmark's -r 100000 names them."""
+    value = b"x" * 100
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        batch = b""
+        for start in range(0, KEYS, 1000):
+            args = [b"MSET"]
+            for i in range(start, start + 1000):
+                args += [b"key:%012d" % i, value]
+            batch += resp(*args)
+        s.sendall(batch)
+        got = b""
+        while got.count(b"+OK\r\n") < KEYS // 1000:
+            got += s.recv(1 << 16)
+
+
+def bench(port, test, pipeline, n):
+    cmd = ["redis-benchmark", "-p", str(port), "-c", "50", "-n", str(n), "-d", "100",
+           "-r", str(KEYS), "-P", str(pipeline), "--csv"]
+    if test == "mget10":
+        cmd += ["MGET"] + ["key:__rand_int__"] * 10
+    else:
+        cmd += ["-t", test]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    row = list(csv.DictReader(io.StringIO(out)))[-1]
+    return float(row["rps"]), float(row["p50_latency_ms"]), float(row["p99_latency_ms"])
+
+
+def kiln_config(port, upstream, metrics, forward_only):
+    rule = '[[cache.rules]]\nmatch = "key:*"\ncache = false\n' if forward_only else ""
+    return f"""[server]
+listen = "127.0.0.1:{port}"
+[upstream]
+url = "redis://127.0.0.1:{upstream}"
+[cache]
+max_memory = "512MiB"
+{rule}[warmup]
+on_start = false
+max_keys = 200000
+rate_limit = 0
+lock = {{ scope = "instance" }}
+hotkeys = {{ enabled = false }}
+[admin]
+rate_limits = {{ "CACHE.WARMUP" = "1000/s", "CACHE.CLEAR" = "1000/s" }}
+[metrics]
+listen = "127.0.0.1:{metrics}"
+[log]
+level = "warn"
+"""
+
+
+def svg(rows, path):
+    """Grouped bars: kiln/Redis and kiln/twemproxy per workload."""
+    w, h, left, top, bottom = 860, 360, 60, 30, 90
+    top_ratio = max(2.0, max(max(r["vs_redis"], r["vs_twem"]) for r in rows) * 1.1)
+    group = (w - left - 20) / len(rows)
+    bar = group / 3
+    y = lambda v: top + (h - top - bottom) * (1 - v / top_ratio)
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11">',
+             f'<text x="{left}" y="18" font-size="14">kiln throughput ratio (median of rounds): blue = kiln/Redis, orange = kiln/twemproxy</text>']
+    for tick in [0.5 * i for i in range(int(top_ratio / 0.5) + 1)]:
+        parts.append(f'<line x1="{left}" x2="{w-20}" y1="{y(tick):.1f}" y2="{y(tick):.1f}" stroke="{"#333" if tick == 1 else "#ddd"}"/>')
+        parts.append(f'<text x="{left-8}" y="{y(tick)+4:.1f}" text-anchor="end">{tick:.1f}x</text>')
+    for i, r in enumerate(rows):
+        x0 = left + i * group + bar / 2
+        for j, (key, color) in enumerate([("vs_redis", "#4472c4"), ("vs_twem", "#ed7d31")]):
+            v = r[key]
+            parts.append(f'<rect x="{x0 + j*bar:.1f}" y="{y(v):.1f}" width="{bar*0.9:.1f}" height="{y(0)-y(v):.1f}" fill="{color}"/>')
+            parts.append(f'<text x="{x0 + j*bar + bar*0.45:.1f}" y="{y(v)-3:.1f}" text-anchor="middle">{v:.2f}</text>')
+        parts.append(f'<text x="{x0 + bar:.1f}" y="{h-bottom+16}" text-anchor="middle">{r["name"]}</text>')
+        parts.append(f'<text x="{x0 + bar:.1f}" y="{h-bottom+30}" text-anchor="middle">P{r["pipeline"]}</text>')
+    parts.append("</svg>")
+    with open(path, "w") as f:
+        f.write("\n".join(parts) + "\n")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="fewer requests, for a smoke run")
+    args = ap.parse_args()
+    for tool in ["redis-server", "redis-benchmark", "nutcracker"]:
+        if not shutil.which(tool):
+            sys.exit(f"{tool} is missing: apt-get install redis-server redis-tools nutcracker")
+    subprocess.run(["cargo", "build", "--release", "--bin", "kiln"], cwd=ROOT, check=True)
+    tmp = tempfile.mkdtemp(prefix="kiln-bench-")
+    procs = []
+    try:
+        rport = free_port()
+        redis = subprocess.Popen(["redis-server", "--port", str(rport), "--save", "", "--appendonly", "no"],
+                                 stdout=subprocess.DEVNULL)
+        procs.append(redis)
+        wait_port(rport, redis, "redis-server")
+        fill(rport)
+
+        tport, tstats = free_port(), free_port()
+        conf = os.path.join(tmp, "nutcracker.yml")
+        with open(conf, "w") as f:
+            f.write(f"kiln_bench:\n  listen: 127.0.0.1:{tport}\n  redis: true\n  hash: fnv1a_64\n"
+                    f"  distribution: ketama\n  auto_eject_hosts: false\n  servers:\n   - 127.0.0.1:{rport}:1\n")
+        twem = subprocess.Popen(["nutcracker", "-c", conf, "-s", str(tstats)], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        procs.append(twem)
+        wait_port(tport, twem, "nutcracker")
+
+        kilns = {}
+        for name, forward_only in [("kiln", False), ("kiln_fwd", True)]:
+            port, metrics = free_port(), free_port()
+            path = os.path.join(tmp, f"{name}.toml")
+            with open(path, "w") as f:
+                f.write(kiln_config(port, rport, metrics, forward_only))
+            p = subprocess.Popen([os.path.join(ROOT, "target/release/kiln"), "--config", path])
+            procs.append(p)
+            wait_port(port, p, name)
+            kilns[name] = port
+
+        def warm():
+            call(kilns["kiln"], "CACHE.CLEAR")
+            reply = call(kilns["kiln"], "CACHE.WARMUP", "SYNC", "MATCH", "key:*")
+            if b"completed" not in reply:
+                sys.exit(f"warmup failed: {reply[:200]!r}")
+
+        workloads = [("get_hit", "get", "kiln"), ("get_forward", "get", "kiln_fwd"),
+                     ("set", "set", "kiln"), ("mget10", "mget10", "kiln")]
+        results = {}
+        for rnd in range(args.rounds):
+            for pipeline in [1, 16]:
+                n = (20_000 if args.quick else 200_000) if pipeline == 1 else (100_000 if args.quick else 1_000_000)
+                for wname, test, kname in workloads:
+                    targets = [("redis", rport), ("twemproxy", tport), ("kiln", kilns[kname])]
+                    shift = rnd % 3
+                    for tname, port in targets[shift:] + targets[:shift]:
+                        if tname == "kiln" and wname in ("get_hit", "mget10"):
+                            warm()
+                        r = bench(port, test, pipeline, n)
+                        results.setdefault((wname, pipeline, tname), []).append(r)
+                        print(f"round {rnd+1} {wname:12} P{pipeline:<2} {tname:10} {r[0]:>12.0f} rps  p50 {r[1]:.3f} ms  p99 {r[2]:.3f} ms",
+                              flush=True)
+        rows = []
+        med = lambda k, i: statistics.median(x[i] for x in results[k])
+        for wname, _, _ in workloads:
+            for pipeline in [1, 16]:
+                get = lambda t, i: med((wname, pipeline, t), i)
+                rows.append({"name": wname, "pipeline": pipeline,
+                             "redis": get("redis", 0), "twem": get("twemproxy", 0), "kiln": get("kiln", 0),
+                             "p50": [get(t, 1) for t in ("redis", "twemproxy", "kiln")],
+                             "p99": [get(t, 2) for t in ("redis", "twemproxy", "kiln")]})
+        for r in rows:
+            r["vs_redis"], r["vs_twem"] = r["kiln"] / r["redis"], r["kiln"] / r["twem"]
+        lines = ["| workload | P | Redis rps | twemproxy rps | kiln rps | kiln/Redis | kiln/twemproxy | p50 ms R / T / K | p99 ms R / T / K |",
+                 "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for r in rows:
+            lines.append(f"| {r['name']} | {r['pipeline']} | {r['redis']:,.0f} | {r['twem']:,.0f} | {r['kiln']:,.0f} | "
+                         f"{r['vs_redis']:.2f} | {r['vs_twem']:.2f} | "
+                         f"{' / '.join(f'{v:.3f}' for v in r['p50'])} | {' / '.join(f'{v:.3f}' for v in r['p99'])} |")
+        table = "\n".join(lines)
+        print(table)
+        os.makedirs(os.path.join(ROOT, "bench/results"), exist_ok=True)
+        header = (f"# kiln vs Redis direct vs twemproxy\n\nredis-benchmark -c 50 -d 100 -r {KEYS}; medians of "
+                  f"{args.rounds} rounds{' (quick)' if args.quick else ''}; loopback, 2 cores shared by the client, "
+                  f"kiln and Redis; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.\n"
+                  "get_hit: kiln answers from a warmed L1. get_forward: a kiln whose rule turns caching off.\n\n")
+        with open(os.path.join(ROOT, "bench/results/compare.md"), "w") as f:
+            f.write(header + table + "\n\n![ratios](compare.svg)\n")
+        svg(rows, os.path.join(ROOT, "bench/results/compare.svg"))
+        print("written to bench/results/compare.md and compare.svg")
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
