@@ -75,6 +75,9 @@ pub struct ServerConfig {
     pub max_output_buffer: u64,
     /// Commands of one client in flight before kiln stops reading from it.
     pub max_pipeline: usize,
+    /// Worker threads, each with its own runtime and listener
+    /// (SO_REUSEPORT); 0 = one per core.
+    pub threads: usize,
     /// How long in-flight commands may take to finish after SIGTERM.
     #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
     pub shutdown_grace: Duration,
@@ -93,6 +96,7 @@ impl Default for ServerConfig {
             idle_timeout: Duration::ZERO,
             max_output_buffer: 64 * MIB,
             max_pipeline: 1024,
+            threads: 0,
             shutdown_grace: Duration::from_secs(10),
             deny_commands: Vec::new(),
         }

@@ -77,8 +77,13 @@ async fn run(
     // No more input is taken: write what is owed, then close.
     let mut closing = false;
     let mut last_read = tokio::time::Instant::now();
+    // Whether we yielded since the last read (see below).
+    let mut yielded = false;
 
+    let mut batch_start = Instant::now();
     loop {
+        // Replies given at once in this round, by latency class.
+        let mut immediate = [0usize; 4];
         while !closing && pending.len() < ctx.max_pipeline {
             let cmd = match stalled.take() {
                 Some(cmd) => cmd,
@@ -106,15 +111,18 @@ async fn run(
                 pending: &mut pending,
                 out: &mut out,
             };
+            // Commands from one read share its arrival time: one clock
+            // read per batch, not per command.
             c.op = cmd::Timing {
-                start: Instant::now(),
+                start: batch_start,
                 class: Class::Local,
             };
             let waiting = c.upstream_pending;
             let flow = c.dispatch(cmd, &mut r).await;
             if c.upstream_pending == waiting {
-                // Answered at once (L1 hit, kiln's own reply).
-                c.done(c.op, false);
+                // Answered at once (L1 hit, kiln's own reply): recorded
+                // when the batch is done.
+                immediate[c.op.class as usize] += 1;
             }
             match flow {
                 Flow::Continue => {}
@@ -126,6 +134,12 @@ async fn run(
                         RelayEnd::Closed => return,
                     }
                 }
+            }
+        }
+        if immediate.iter().any(|n| *n > 0) {
+            let took = batch_start.elapsed();
+            for (class, n) in Class::ALL.into_iter().zip(immediate) {
+                ctx.metrics.latency_many(class, took, n);
             }
         }
         drain_ready(&mut pending, c, &mut out);
@@ -142,6 +156,15 @@ async fn run(
             );
             return;
         }
+        if !out.is_empty() && !yielded {
+            // Let the other ready tasks on this thread run first: replies
+            // that become ready meanwhile go out in the same write, and the
+            // upstream connection gets bigger batches. Redis likewise writes
+            // replies just before it sleeps.
+            yielded = true;
+            tokio::task::yield_now().await;
+            continue;
+        }
         let can_read = !closing && stalled.is_none() && pending.len() < ctx.max_pipeline;
         let idle = !ctx.idle_timeout.is_zero() && pending.is_empty() && !closing;
         tokio::select! {
@@ -154,7 +177,11 @@ async fn run(
                 }
             }
             r = rd.read_buf(&mut inbuf), if can_read => match r {
-                Ok(n) if n > 0 => last_read = tokio::time::Instant::now(),
+                Ok(n) if n > 0 => {
+                    last_read = tokio::time::Instant::now();
+                    batch_start = last_read.into_std();
+                    yielded = false;
+                }
                 // Redis drops a client on EOF without answering the rest.
                 _ => return,
             },

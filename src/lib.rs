@@ -48,49 +48,88 @@ pub async fn run(
     run_with(listener, None, config, shutdown).await
 }
 
-/// `run`, with the sidecar HTTP server on `sidecar` when given. Listeners
-/// are bound by the caller, so tests can use port 0.
+/// `run`, with the sidecar HTTP server on `sidecar` when given, all on the
+/// caller's runtime. Listeners are bound by the caller, so tests can use
+/// port 0.
 pub async fn run_with(
     listener: TcpListener,
     sidecar: Option<TcpListener>,
     config: Config,
     shutdown: CancellationToken,
 ) -> Result<(), String> {
-    let ctx = Arc::new(context::Context::new(&config).await?);
-    ctx.coherence.start(
-        &ctx.upstream,
-        ctx.control.clone(),
-        &ctx.l1,
-        &config.cache,
-        shutdown.clone(),
-    );
-    ctx.warmup.spawn_background(&ctx, shutdown.clone());
-    telemetry::health::Health::spawn(ctx.clone(), shutdown.clone());
-    if let Some(l) = sidecar {
-        let at = l.local_addr().map(|a| a.to_string()).unwrap_or_default();
-        tracing::info!(listen = %at, "sidecar serving");
-        tokio::spawn(telemetry::sidecar::serve(l, ctx.clone(), shutdown.clone()));
-    }
-    let tracker = TaskTracker::new();
-    tracing::info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
-        upstream = %config.upstream.url, "kiln serving");
-    server::accept_loop(
-        listener,
-        ctx,
-        config.server.max_clients,
-        shutdown,
-        tracker.clone(),
-    )
-    .await;
-    tracker.close();
-    let open = tracker.len();
-    if tokio::time::timeout(config.server.shutdown_grace, tracker.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!(open = tracker.len(), grace = ?config.server.shutdown_grace, "shutdown grace elapsed; closing remaining connections");
-    } else {
-        tracing::info!(drained = open, "all connections drained");
-    }
+    let node = Node::start(&config, sidecar, shutdown).await?;
+    node.serve(listener).await;
     Ok(())
+}
+
+/// A started kiln: the shared context and background work, ready to serve
+/// listeners, on one runtime or on several (one per worker thread).
+#[derive(Clone)]
+pub struct Node {
+    pub ctx: Arc<context::Context>,
+    permits: Arc<tokio::sync::Semaphore>,
+    shutdown: CancellationToken,
+    grace: std::time::Duration,
+}
+
+impl Node {
+    /// Builds the context (asking upstream about itself) and starts the
+    /// background work: coherence, warmups, health and the sidecar.
+    pub async fn start(
+        config: &Config,
+        sidecar: Option<TcpListener>,
+        shutdown: CancellationToken,
+    ) -> Result<Node, String> {
+        let ctx = Arc::new(context::Context::new(config).await?);
+        ctx.coherence.start(
+            &ctx.upstream,
+            ctx.control.clone(),
+            &ctx.l1,
+            &config.cache,
+            shutdown.clone(),
+        );
+        ctx.warmup.spawn_background(&ctx, shutdown.clone());
+        telemetry::health::Health::spawn(ctx.clone(), shutdown.clone());
+        if let Some(l) = sidecar {
+            let at = l.local_addr().map(|a| a.to_string()).unwrap_or_default();
+            tracing::info!(listen = %at, "sidecar serving");
+            tokio::spawn(telemetry::sidecar::serve(l, ctx.clone(), shutdown.clone()));
+        }
+        tracing::info!(upstream = %config.upstream.url, "kiln started");
+        Ok(Node {
+            ctx,
+            permits: Arc::new(tokio::sync::Semaphore::new(config.server.max_clients)),
+            shutdown,
+            grace: config.server.shutdown_grace,
+        })
+    }
+
+    /// Accepts on `listener` until shutdown, then drains the connections
+    /// accepted here within the grace period. Runs on the calling runtime.
+    pub async fn serve(&self, listener: TcpListener) {
+        let tracker = TaskTracker::new();
+        let at = listener
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        tracing::info!(listen = %at, worker = upstream::worker(), "accepting clients");
+        server::accept_loop(
+            listener,
+            self.ctx.clone(),
+            self.permits.clone(),
+            self.shutdown.clone(),
+            tracker.clone(),
+        )
+        .await;
+        tracker.close();
+        let open = tracker.len();
+        if tokio::time::timeout(self.grace, tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(open = tracker.len(), grace = ?self.grace, "shutdown grace elapsed; closing remaining connections");
+        } else {
+            tracing::info!(drained = open, "connections drained");
+        }
+    }
 }

@@ -17,11 +17,11 @@ use crate::context::Context;
 pub async fn accept_loop(
     listener: TcpListener,
     ctx: Arc<Context>,
-    max_clients: usize,
+    permits: Arc<Semaphore>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
-    let permits = Arc::new(Semaphore::new(max_clients));
+    let max_clients = permits.available_permits();
     let mut backoff = Duration::from_millis(1);
     loop {
         let accepted = tokio::select! {

@@ -52,7 +52,7 @@ pub struct Metrics {
     handle: PrometheusHandle,
     latency: [Histogram; 4],
     /// Per command name (lowercase), fixed at start: lookups take no lock.
-    commands: HashMap<Vec<u8>, AtomicU64>,
+    commands: HashMap<Vec<u8>, AtomicU64, quick_cache::DefaultHashBuilder>,
     other_commands: AtomicU64,
     /// Replies that were upstream failures (for the error rate).
     pub failed_replies: AtomicU64,
@@ -109,6 +109,13 @@ impl Metrics {
 
     pub fn latency(&self, class: Class, took: Duration) {
         self.latency[class as usize].record(took.as_secs_f64());
+    }
+
+    /// `n` commands of `class` that took `took` each.
+    pub fn latency_many(&self, class: Class, took: Duration, n: usize) {
+        if n > 0 {
+            self.latency[class as usize].record_many(took.as_secs_f64(), n);
+        }
     }
 
     pub fn counter(&self, name: &'static str, labels: &[(&'static str, &'static str)]) -> Counter {

@@ -114,6 +114,25 @@ impl Connector {
 
 type PoolKey = (u32, Proto);
 
+/// A set of connections clients are spread over.
+type Conns = Arc<[ConnHandle]>;
+
+thread_local! {
+    /// Which worker thread (runtime) this is; 0 outside the worker pool.
+    static WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Marks the calling thread as worker `i`: shared and reader connections
+/// are kept per worker, so a client and the upstream connection it uses
+/// run on the same thread and wake each other without crossing threads.
+pub fn set_worker(i: usize) {
+    WORKER.with(|w| w.set(i));
+}
+
+pub fn worker() -> usize {
+    WORKER.with(|w| w.get())
+}
+
 /// How the connections that fill L1 are made; decided by the coherence mode.
 #[derive(Clone)]
 pub struct ReaderSpec {
@@ -138,12 +157,14 @@ pub struct Upstream {
     connect_timeout: Duration,
     command_timeout: Duration,
     max_sessions: usize,
-    shared: Mutex<HashMap<PoolKey, Arc<[ConnHandle]>>>,
+    /// By (database, protocol, worker).
+    shared: Mutex<HashMap<(u32, Proto, usize), Conns>>,
     /// Idle, clean session connections.
     idle: Mutex<HashMap<PoolKey, Vec<ConnHandle>>>,
     sessions: Arc<Semaphore>,
     reader_spec: ReaderSpec,
-    readers: Mutex<HashMap<u32, Arc<[ConnHandle]>>>,
+    /// By (database, worker).
+    readers: Mutex<HashMap<(u32, usize), Conns>>,
     /// Connection failures by kind, for `upstream_errors_total`.
     pub errors: Arc<ErrorCounts>,
 }
@@ -164,6 +185,14 @@ pub struct RawSession {
     pub _permit: OwnedSemaphorePermit,
 }
 
+/// Worker threads the binary runs (see main.rs); tests run one.
+fn workers(cfg: &Config) -> usize {
+    match cfg.server.threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    }
+}
+
 /// Idle session connections kept per (database, protocol).
 const IDLE_PER_KEY: usize = 16;
 
@@ -171,7 +200,9 @@ impl Upstream {
     pub fn new(cfg: &Config, reader_spec: ReaderSpec) -> Result<Upstream, String> {
         Ok(Upstream {
             addr: cfg.upstream_addr()?,
-            per_key: cfg.upstream.connections,
+            // `upstream.connections` is the process-wide count per
+            // (database, protocol), shared out among the worker threads.
+            per_key: (cfg.upstream.connections / workers(cfg)).max(1),
             connect_timeout: cfg.upstream.connect_timeout,
             command_timeout: cfg.upstream.command_timeout,
             max_sessions: cfg.upstream.max_sessions,
@@ -213,7 +244,7 @@ impl Upstream {
     /// A connection that fills L1 for `db`, spread over clients.
     pub fn reader(&self, db: u32, client_id: u64) -> ConnHandle {
         let mut map = lock(&self.readers);
-        let conns = map.entry(db).or_insert_with(|| {
+        let conns = map.entry((db, worker())).or_insert_with(|| {
             let spec = &self.reader_spec;
             (0..self.per_key)
                 .map(|_| {
@@ -236,7 +267,7 @@ impl Upstream {
     /// same client, database and protocol.
     pub fn shared(&self, db: u32, proto: Proto, client_id: u64) -> ConnHandle {
         let mut map = lock(&self.shared);
-        let conns = map.entry((db, proto)).or_insert_with(|| {
+        let conns = map.entry((db, proto, worker())).or_insert_with(|| {
             (0..self.per_key)
                 .map(|_| ConnHandle::spawn(self.connector(db, proto), Hooks::default()))
                 .collect()
