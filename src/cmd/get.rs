@@ -31,7 +31,7 @@ pub fn get(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
     }
     c.ctx.warmup.record(&cmd.args[1]);
     let ttl = match c.ctx.l1.policy(&cmd.args[1]) {
-        Policy::Cache { ttl } if c.writes_pending == 0 => ttl,
+        Policy::Cache { ttl } if c.writes_pending.is_empty() || !c.writing(&cmd.args[1]) => ttl,
         _ => {
             c.ctx.l1.stats.bypasses.fetch_add(1, Ordering::Relaxed);
             c.op.class = Class::Forward;
@@ -136,7 +136,7 @@ pub fn mget(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
         r.error(&arity_error("mget"));
         return;
     }
-    if c.writes_pending > 0 {
+    if !c.writes_pending.is_empty() && cmd.args[1..].iter().any(|k| c.writing(k)) {
         let n = cmd.args.len() as u64 - 1;
         c.ctx.l1.stats.bypasses.fetch_add(n, Ordering::Relaxed);
         c.op.class = Class::Forward;

@@ -118,10 +118,11 @@ pub struct Client {
     pub session: Option<SessionState>,
     /// Queued replies that wait on upstream (or on a fill).
     pub upstream_pending: usize,
-    /// Writes sent on `conn` and not yet answered: while there are any, GETs
-    /// go upstream behind them instead of to L1, so a client always reads
-    /// its own writes.
-    pub writes_pending: usize,
+    /// The keys of writes sent on `conn` and not yet answered, oldest first
+    /// (`None`: keys unknown, e.g. FLUSHDB). A GET of such a key goes
+    /// upstream behind the write instead of to L1, so a client always reads
+    /// its own writes; other keys are still served from L1.
+    pub writes_pending: VecDeque<Option<Vec<Bytes>>>,
     /// The command being dispatched: set by the connection loop, its class
     /// refined by the handler.
     pub op: Timing,
@@ -146,7 +147,7 @@ impl Client {
             conn,
             session: None,
             upstream_pending: 0,
-            writes_pending: 0,
+            writes_pending: VecDeque::new(),
             op: Timing {
                 start: std::time::Instant::now(),
                 class: Class::Local,
@@ -163,10 +164,16 @@ impl Client {
     /// Queues upstream's reply to a request.
     pub fn expect(&mut self, r: &mut Replies<'_>, rx: oneshot::Receiver<Reply>, then: Then) {
         self.upstream_pending += 1;
-        if then == Then::WriteDone {
-            self.writes_pending += 1;
-        }
         r.pending.push_back(Pending::Reply(rx, then, self.op));
+    }
+
+    /// Whether a write of this client that names `key` (or may write any
+    /// key) is still waiting for upstream's reply.
+    pub fn writing(&self, key: &[u8]) -> bool {
+        self.writes_pending.iter().any(|w| {
+            w.as_ref()
+                .is_none_or(|keys| keys.iter().any(|k| &k[..] == key))
+        })
     }
 
     /// Whether `cmd` must wait until every upstream reply before it is in:
@@ -247,7 +254,9 @@ impl Client {
                 }
                 match then {
                     Then::Nothing => {}
-                    Then::WriteDone => self.writes_pending -= 1,
+                    Then::WriteDone => {
+                        self.writes_pending.pop_front();
+                    }
                     Then::Session { select } => session::after_reply(self, &reply, select),
                 }
             }

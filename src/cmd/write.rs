@@ -54,12 +54,18 @@ impl Stale {
 
 pub fn forward(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
     c.op.class = crate::telemetry::metrics::Class::Forward;
-    let on_reply = Stale::of(&c.ctx, &cmd.args).map(|s| s.now_and_on_reply(&c.ctx));
-    let then = if on_reply.is_some() {
-        Then::WriteDone
-    } else {
-        Then::Nothing
+    let stale = Stale::of(&c.ctx, &cmd.args);
+    let then = match &stale {
+        Some(s) => {
+            c.writes_pending.push_back(match s {
+                Stale::Keys(keys) => Some(keys.clone()),
+                Stale::Everything => None,
+            });
+            Then::WriteDone
+        }
+        None => Then::Nothing,
     };
+    let on_reply = stale.map(|s| s.now_and_on_reply(&c.ctx));
     let rx = c.conn.send(cmd.wire(), on_reply, true);
     c.expect(r, rx, then);
 }

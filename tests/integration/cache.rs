@@ -250,3 +250,32 @@ async fn fills_racing_writes_never_leave_old_values() {
         "reads after an acknowledged write saw an older value"
     );
 }
+
+/// A write in flight keeps only its own key away from L1: in one pipeline,
+/// `SET a`, `GET a` reads the new value (upstream, behind the write) while
+/// `GET b` is still an L1 hit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pending_write_bypasses_l1_for_its_key_only() {
+    let redis = Redis::start();
+    let kiln = Kiln::start(&redis).await;
+    let mut c = kiln.conn().await;
+    c.cmd(&["SET", "a", "old"]).await;
+    c.cmd(&["SET", "b", "cached"]).await;
+    assert_eq!(c.cmd(&["GET", "a"]).await, bulk("old"));
+    assert_eq!(c.cmd(&["GET", "b"]).await, bulk("cached"));
+    redis.reset_stats().await;
+    let mut batch = crate::util::encode(&["SET", "a", "new"]);
+    batch.extend(crate::util::encode(&["GET", "a"]));
+    batch.extend(crate::util::encode(&["GET", "b"]));
+    batch.extend(crate::util::encode(&["MGET", "b", "b"]));
+    c.send_raw(&batch).await;
+    assert_eq!(c.read().await, "+OK\r\n");
+    assert_eq!(c.read().await, bulk("new"), "reads its own write");
+    assert_eq!(c.read().await, bulk("cached"));
+    assert_eq!(
+        c.read().await,
+        b"*2\r\n$6\r\ncached\r\n$6\r\ncached\r\n"[..]
+    );
+    assert_eq!(redis.calls("get").await, 1, "only GET a went upstream");
+    assert_eq!(redis.calls("mget").await, 0);
+}
