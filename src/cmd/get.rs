@@ -17,7 +17,7 @@ use bytes::{Bytes, BytesMut};
 
 use super::{Client, Replies, Then, arity_error};
 use crate::cache::flight::{GetAnswer, Join};
-use crate::cache::{FillToken, Policy};
+use crate::cache::{Entry, FillToken, Policy};
 use crate::context::Context;
 use crate::protocol::request::{Command, encode_command};
 use crate::protocol::{Proto, encode, reply};
@@ -46,7 +46,7 @@ pub fn get(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
         l1.stats.hits.fetch_add(1, Ordering::Relaxed);
         c.op.class = Class::Hit;
         let proto = c.proto;
-        r.ready(|o| match &e.frame {
+        r.ready(|o| match e.frame() {
             Some(f) => o.extend_from_slice(f),
             None => encode::nil(o, proto),
         });
@@ -146,8 +146,8 @@ pub fn mget(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
     }
     let l1 = &c.ctx.l1;
     let keys = &cmd.args[1..];
-    // Per key: the cached frame (None inside for a cached nil), or a miss.
-    let mut slots: Vec<Option<Option<Bytes>>> = Vec::with_capacity(keys.len());
+    // Per key: the cached entry (a frame or a nil), or None for a miss.
+    let mut slots: Vec<Option<Entry>> = Vec::with_capacity(keys.len());
     let mut missing: Vec<Miss> = Vec::new();
     for key in keys {
         c.ctx.warmup.record(key);
@@ -162,7 +162,7 @@ pub fn mget(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
         match hit {
             Some(e) => {
                 l1.stats.hits.fetch_add(1, Ordering::Relaxed);
-                slots.push(Some(e.frame));
+                slots.push(Some(e));
             }
             None => {
                 if let Policy::Cache { ttl } = policy {
@@ -251,19 +251,21 @@ struct Miss {
 /// order.
 fn assemble(
     out: &mut BytesMut,
-    slots: &[Option<Option<Bytes>>],
+    slots: &[Option<Entry>],
     fetched: &mut dyn Iterator<Item = Option<Bytes>>,
     proto: Proto,
 ) {
     encode::array(out, slots.len());
     for s in slots {
-        let frame = match s {
-            Some(cached) => cached.clone(),
-            None => fetched.next().flatten(),
-        };
-        match frame {
-            Some(f) => out.extend_from_slice(&f),
-            None => encode::nil(out, proto),
+        match s {
+            Some(cached) => match cached.frame() {
+                Some(f) => out.extend_from_slice(f),
+                None => encode::nil(out, proto),
+            },
+            None => match fetched.next().flatten() {
+                Some(f) => out.extend_from_slice(&f),
+                None => encode::nil(out, proto),
+            },
         }
     }
 }
