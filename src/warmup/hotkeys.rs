@@ -5,9 +5,10 @@
 //! keys with two map entries each.
 //!
 //! The hot path (`record`) hashes the key once and bumps four relaxed
-//! atomics; the top-K lock is taken only when the key's estimate beats the
-//! smallest count in the top-K, which under a skewed load soon means only
-//! the hot keys take it.
+//! atomics. The top-K is touched only when the key's estimate beats the
+//! smallest count in it and the key was seen at least twice, and then only
+//! with `try_lock`: a connection never waits on another for it. A hot key
+//! that loses that race is counted again on its next access.
 
 use std::collections::{BTreeSet, HashMap};
 use std::hash::BuildHasher;
@@ -59,10 +60,12 @@ impl HotKeys {
             estimate = estimate.min(n);
         }
         let estimate = estimate as u64;
-        if estimate <= self.threshold.load(Ordering::Relaxed) {
+        if estimate < 2 || estimate <= self.threshold.load(Ordering::Relaxed) {
             return;
         }
-        let mut top = lock(&self.top);
+        let Ok(mut top) = self.top.try_lock() else {
+            return;
+        };
         if let Some(old) = top.by_key.get(key).copied() {
             if estimate > old {
                 let k = Bytes::copy_from_slice(key);
@@ -172,5 +175,21 @@ mod tests {
         assert!(top[0].1 >= 1000);
         assert_eq!(h.take().len(), 10);
         assert!(h.is_empty() && h.top(5).is_empty(), "take starts afresh");
+    }
+
+    #[test]
+    fn recording_never_waits_for_the_top_k_lock() {
+        let h = HotKeys::new(10);
+        let held = h.top.lock().expect("lock");
+        // With a blocking lock this would deadlock: the same thread holds it.
+        for _ in 0..100 {
+            h.record(b"k");
+        }
+        drop(held);
+        h.record(b"k");
+        assert_eq!(
+            h.top(1).first().map(|(k, n)| (k.to_vec(), *n)),
+            Some((b"k".to_vec(), 101))
+        );
     }
 }
