@@ -75,8 +75,8 @@ pub struct ServerConfig {
     pub max_output_buffer: u64,
     /// Commands of one client in flight before kiln stops reading from it.
     pub max_pipeline: usize,
-    /// Worker threads, each with its own runtime and listener
-    /// (SO_REUSEPORT); 0 = one per core.
+    /// Worker threads, each with its own runtime and SO_REUSEPORT socket;
+    /// 0 = one per core.
     pub threads: usize,
     /// How long in-flight commands may take to finish after SIGTERM.
     #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]

@@ -3,10 +3,13 @@
 //! configuration, 1 anything else.
 //!
 //! kiln runs one single-threaded tokio runtime per worker thread, each
-//! accepting on its own `SO_REUSEPORT` listener: a client, its upstream
-//! connection and the tasks between them stay on one thread, so a request
-//! never wakes another thread. Measured faster than the multi-thread
-//! runtime here (see bench/).
+//! accepting on its own `SO_REUSEPORT` socket (the kernel spreads clients
+//! evenly; one shared socket left most of them to one thread): a client,
+//! its upstream connection and the tasks between them stay on one thread,
+//! so a request never wakes another thread. Measured faster than the
+//! multi-thread runtime here (see bench/). Before that, the address is
+//! probed with a plain socket, so a second kiln started on the same port by
+//! mistake fails to start instead of silently sharing the traffic.
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -62,12 +65,12 @@ fn main() -> ExitCode {
     }
 }
 
-/// A listener that shares its port with the other workers' listeners.
-fn reuseport_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+/// One worker's client-facing socket; `share` sets SO_REUSEPORT.
+fn client_listener(addr: SocketAddr, share: bool) -> std::io::Result<std::net::TcpListener> {
     use socket2::{Domain, Socket, Type};
     let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     s.set_reuse_address(true)?;
-    s.set_reuse_port(true)?;
+    s.set_reuse_port(share)?;
     s.bind(&addr.into())?;
     s.listen(1024)?;
     s.set_nonblocking(true)?;
@@ -86,17 +89,20 @@ fn serve(config: Config) -> anyhow::Result<()> {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
     };
-    let mut addr: SocketAddr = config
+    let addr: SocketAddr = config
         .server
         .listen
         .parse()
         .with_context(|| format!("server.listen `{}`", config.server.listen))?;
+    // A socket without SO_REUSEPORT cannot bind a port another socket holds,
+    // shared or not: this fails if the address is taken.
+    let probe = client_listener(addr, false).with_context(|| format!("cannot listen on {addr}"))?;
+    let addr = probe.local_addr()?;
+    drop(probe);
     let mut listeners = Vec::with_capacity(threads);
     for _ in 0..threads {
-        let l = reuseport_listener(addr).with_context(|| format!("cannot listen on {addr}"))?;
-        // With port 0, every worker takes the port the first one got.
-        addr = l.local_addr()?;
-        listeners.push(l);
+        listeners
+            .push(client_listener(addr, true).with_context(|| format!("cannot listen on {addr}"))?);
     }
     let sidecar = std::net::TcpListener::bind(&config.metrics.listen).with_context(|| {
         format!(
