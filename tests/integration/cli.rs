@@ -314,3 +314,32 @@ async fn skip_cache_warmup_stops_automatic_runs_only() {
             .all(|l| !l.contains("automatic warmup started"))
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_kiln_on_the_same_port_fails_to_start() {
+    let redis = Redis::start();
+    let first = Child::start(&format!("[upstream]\nurl = \"{}\"\n", redis.url()), &[]).await;
+    let out = kiln()
+        .args([
+            "--listen",
+            &first.addr.to_string(),
+            "--upstream",
+            &redis.url(),
+            "--metrics",
+            "127.0.0.1:0",
+        ])
+        .output()
+        .expect("run kiln");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("cannot listen on") && err.contains("in use"),
+        "{err}"
+    );
+    // The first one still serves every client.
+    let mut c = Conn::connect(first.addr).await;
+    for _ in 0..10 {
+        assert_eq!(c.cmd(&["PING"]).await, "+PONG\r\n");
+        c = Conn::connect(first.addr).await;
+    }
+}
