@@ -18,11 +18,6 @@ use std::time::{Duration, Instant};
 use kiln::config::CoherenceMode;
 use util::{Kiln, Redis, bulk};
 
-fn pct(sorted: &[Duration], p: f64) -> Duration {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i]
-}
-
 async fn measure(mode: CoherenceMode, writes: usize) -> Vec<Duration> {
     let redis = Redis::start();
     let kiln = Kiln::start_with(&redis, |c| c.coherence.mode = mode).await;
@@ -56,8 +51,8 @@ async fn main() {
         let lags = measure(mode, writes).await;
         let line = format!(
             "| {mode:?} | {writes} | {:?} | {:?} | {:?} |\n",
-            pct(&lags, 0.5),
-            pct(&lags, 0.99),
+            util::percentile(&lags, 0.5),
+            util::percentile(&lags, 0.99),
             lags[lags.len() - 1]
         );
         print!("{line}");

@@ -17,10 +17,6 @@ use std::time::{Duration, Instant};
 use kiln::config::{LockScope, MIB};
 use util::{Kiln, Redis, bulk_payload, seed};
 
-fn pct(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
-
 /// Latencies of direct GETs to the Redis on `port`, until `stop`.
 async fn probe(port: u16, stop: Arc<AtomicBool>) -> Vec<Duration> {
     let mut c = util::Conn::connect(std::net::SocketAddr::from(([127, 0, 0, 1], port))).await;
@@ -57,8 +53,8 @@ async fn main() {
     );
     table.push_str(&format!(
         "| no warmup | - | - | - | {:?} | {:?} |\n",
-        pct(&base, 0.5),
-        pct(&base, 0.99)
+        util::percentile(&base, 0.5),
+        util::percentile(&base, 0.99)
     ));
     for rate in [0u64, 50_000] {
         let kiln = Kiln::start_with(&redis, |c| {
@@ -95,8 +91,8 @@ async fn main() {
         table.push_str(&format!(
             "| rate_limit = {rate} | {warmed} | {took:.2?} | {:.0} | {:?} | {:?} |\n",
             warmed as f64 / took.as_secs_f64(),
-            pct(&lat, 0.5),
-            pct(&lat, 0.99)
+            util::percentile(&lat, 0.5),
+            util::percentile(&lat, 0.99)
         ));
     }
     print!("{table}");

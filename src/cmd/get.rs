@@ -40,9 +40,8 @@ pub fn get(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
             return;
         }
     };
-    let key = cmd.args[1].clone();
     let l1 = &c.ctx.l1;
-    if let Some(e) = l1.get(c.db, &key) {
+    if let Some(e) = l1.get(c.db, &cmd.args[1]) {
         l1.stats.hits.fetch_add(1, Ordering::Relaxed);
         c.op.class = Class::Hit;
         let proto = c.proto;
@@ -53,6 +52,7 @@ pub fn get(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
         return;
     }
     l1.stats.misses.fetch_add(1, Ordering::Relaxed);
+    let key = cmd.args[1].clone();
     let token = l1.token(&key);
     let rx = match l1.flights.join(c.db, &key, token) {
         Join::Wait(rx) => rx,

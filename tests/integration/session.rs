@@ -54,7 +54,13 @@ async fn blocking_pop_is_woken_by_another_client() {
     // Blocked upstream, and longer than command_timeout: blocking commands
     // are exempt from it.
     direct.wait_for(&["EVAL", "return tonumber(string.match(redis.call('INFO','clients'), 'blocked_clients:(%d+)'))", "0"], ":1\r\n").await;
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(
+        waiter
+            .try_read_within(std::time::Duration::from_millis(300))
+            .await
+            .is_err(),
+        "no reply (and no timeout error) while blocked past command_timeout"
+    );
     assert_eq!(pusher.cmd(&["RPUSH", "queue", "job"]).await, ":1\r\n");
     assert_eq!(
         waiter.read().await,

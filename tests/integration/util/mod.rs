@@ -470,3 +470,8 @@ pub async fn seed(redis: &Redis, prefix: &str, n: usize, value: impl Fn(usize) -
         assert_eq!(c.read().await, "+OK\r\n");
     }
 }
+
+/// The `p` quantile (0..=1) of sorted durations.
+pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
