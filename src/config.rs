@@ -117,6 +117,34 @@ pub struct UpstreamConfig {
     /// Reply deadline for shared traffic; blocking commands are exempt.
     #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
     pub command_timeout: Duration,
+    pub breaker: BreakerConfig,
+    /// CA certificates (PEM) trusted for a `rediss://` upstream, on top of
+    /// the system's roots.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_ca: Option<String>,
+}
+
+/// `[upstream.breaker]`: when to stop sending to a failing upstream.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BreakerConfig {
+    /// Consecutive upstream failures that open the circuit.
+    pub failures: u32,
+    /// How long it stays open before half-open probes.
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
+    pub open_for: Duration,
+    /// Requests let through while half-open.
+    pub half_open_probes: u32,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        Self {
+            failures: 5,
+            open_for: Duration::from_secs(1),
+            half_open_probes: 3,
+        }
+    }
 }
 
 impl Default for UpstreamConfig {
@@ -127,6 +155,8 @@ impl Default for UpstreamConfig {
             max_sessions: 1024,
             connect_timeout: Duration::from_secs(1),
             command_timeout: Duration::from_secs(1),
+            breaker: BreakerConfig::default(),
+            tls_ca: None,
         }
     }
 }
@@ -148,6 +178,11 @@ pub struct CacheConfig {
     pub negative_ttl: Duration,
     /// First match wins; keys that match none are cached with `ttl`.
     pub rules: Vec<CacheRule>,
+    /// When upstream fails, answer GET/MGET from an entry past its TTL (or
+    /// past the loss of its tracking channel) by at most `max_stale`.
+    pub serve_stale_on_error: bool,
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
+    pub max_stale: Duration,
 }
 
 impl Default for CacheConfig {
@@ -158,6 +193,8 @@ impl Default for CacheConfig {
             ttl: Duration::from_secs(300),
             negative_ttl: Duration::from_secs(5),
             rules: Vec::new(),
+            serve_stale_on_error: false,
+            max_stale: Duration::from_secs(60),
         }
     }
 }
@@ -540,6 +577,14 @@ impl Config {
             ("server.max_pipeline", self.server.max_pipeline as u64),
             ("upstream.connections", self.upstream.connections as u64),
             ("upstream.max_sessions", self.upstream.max_sessions as u64),
+            (
+                "upstream.breaker.failures",
+                self.upstream.breaker.failures as u64,
+            ),
+            (
+                "upstream.breaker.half_open_probes",
+                self.upstream.breaker.half_open_probes as u64,
+            ),
             ("cache.max_memory", self.cache.max_memory),
         ];
         for (key, v) in positive {
@@ -557,6 +602,7 @@ impl Config {
             ("upstream.connect_timeout", self.upstream.connect_timeout),
             ("upstream.command_timeout", self.upstream.command_timeout),
             ("coherence.check_interval", self.coherence.check_interval),
+            ("upstream.breaker.open_for", self.upstream.breaker.open_for),
         ] {
             if d.is_zero() {
                 return Err(bad(key, "must be greater than 0".into()));

@@ -128,10 +128,9 @@ impl Context {
         })
     }
 
-    /// The upstream circuit breaker: 0 closed, 1 open, 2 half-open. There
-    /// is no breaker yet, so traffic always flows.
+    /// The upstream circuit breaker: 0 closed, 1 open, 2 half-open.
     pub fn breaker_state(&self) -> u8 {
-        0
+        self.upstream.breaker.state() as u8
     }
 
     pub fn next_client_id(&self) -> u64 {

@@ -22,6 +22,12 @@ pub enum UpstreamError {
     Setup(String),
     #[error("too many sessions (upstream.max_sessions = {0})")]
     SessionsExhausted(usize),
+    /// Not sent: the connection is waiting to reconnect after this failure.
+    #[error("reconnecting after: {0}")]
+    Reconnecting(String),
+    /// The circuit breaker is open: not sent at all.
+    #[error("unavailable (circuit open)")]
+    CircuitOpen,
 }
 
 /// Kinds of upstream failure; `as_str` is the `kind` metric label.
@@ -32,15 +38,18 @@ pub enum ErrorKind {
     ConnectionLost,
     Protocol,
     Sessions,
+    /// Refused at once by the open circuit breaker.
+    CircuitOpen,
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 5] = [
+    pub const ALL: [ErrorKind; 6] = [
         ErrorKind::Connect,
         ErrorKind::Timeout,
         ErrorKind::ConnectionLost,
         ErrorKind::Protocol,
         ErrorKind::Sessions,
+        ErrorKind::CircuitOpen,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -50,13 +59,14 @@ impl ErrorKind {
             ErrorKind::ConnectionLost => "connection_lost",
             ErrorKind::Protocol => "protocol",
             ErrorKind::Sessions => "sessions",
+            ErrorKind::CircuitOpen => "circuit_open",
         }
     }
 }
 
 /// Upstream failures counted by kind.
 #[derive(Debug, Default)]
-pub struct ErrorCounts(pub [std::sync::atomic::AtomicU64; 5]);
+pub struct ErrorCounts(pub [std::sync::atomic::AtomicU64; 6]);
 
 impl ErrorCounts {
     pub fn count(&self, e: &UpstreamError) {
@@ -71,11 +81,12 @@ impl ErrorCounts {
 impl UpstreamError {
     pub fn kind(&self) -> ErrorKind {
         match self {
-            UpstreamError::Connect { .. } => ErrorKind::Connect,
+            UpstreamError::Connect { .. } | UpstreamError::Reconnecting(_) => ErrorKind::Connect,
             UpstreamError::ConnectTimeout { .. } | UpstreamError::Timeout(_) => ErrorKind::Timeout,
             UpstreamError::Lost(_) => ErrorKind::ConnectionLost,
             UpstreamError::Setup(_) => ErrorKind::Protocol,
             UpstreamError::SessionsExhausted(_) => ErrorKind::Sessions,
+            UpstreamError::CircuitOpen => ErrorKind::CircuitOpen,
         }
     }
 
@@ -87,6 +98,18 @@ impl UpstreamError {
 
     /// The RESP error line (without `-`) a client sees.
     pub fn reply_text(&self) -> String {
-        format!("ERR upstream: {self}")
+        match self {
+            UpstreamError::CircuitOpen => "ERR upstream unavailable (circuit open)".into(),
+            _ => format!("ERR upstream: {self}"),
+        }
+    }
+
+    /// Whether this says something about upstream's health (the breaker
+    /// counts it), rather than about kiln's own limits.
+    pub fn is_upstream_failure(&self) -> bool {
+        !matches!(
+            self,
+            UpstreamError::SessionsExhausted(_) | UpstreamError::CircuitOpen
+        )
     }
 }

@@ -55,8 +55,9 @@ impl Equivalent<Key> for KeyRef<'_> {
     }
 }
 
-/// A cached `GET` answer: one allocation holding the expiry (milliseconds
-/// since the cache was made, 8 bytes little-endian) and then the bulk-string
+/// A cached `GET` answer: one allocation holding a header (8 bytes little
+/// endian: the expiry in milliseconds since the cache was made in the low
+/// 48 bits, the freshness epoch it was filled in above) and then the bulk-string
 /// frame as Redis sent it (`$3\r\nabc\r\n`), or nothing for a cached nil
 /// (which each client gets in its own protocol). A hit clones it out of the
 /// cache: one reference count, on the same cache line as the expiry and the
@@ -65,17 +66,24 @@ impl Equivalent<Key> for KeyRef<'_> {
 pub struct Entry(Arc<[u8]>);
 
 const EXPIRY: usize = 8;
+const EPOCH_SHIFT: u32 = 48;
+const EXPIRY_MASK: u64 = (1 << EPOCH_SHIFT) - 1;
+const EPOCH_MASK: u64 = 0xFFFF;
+/// Freshness epochs whose end time is remembered; an entry from an older
+/// one is never served, even as stale.
+const EPOCHS_KEPT: usize = 16;
 
 impl Entry {
-    fn new(expires_ms: u64, frame: Option<&[u8]>) -> Entry {
+    fn new(expires_ms: u64, epoch: u64, frame: Option<&[u8]>) -> Entry {
         let frame = frame.unwrap_or_default();
         let mut buf = Vec::with_capacity(EXPIRY + frame.len());
-        buf.extend_from_slice(&expires_ms.to_le_bytes());
+        let header = (expires_ms & EXPIRY_MASK) | ((epoch & EPOCH_MASK) << EPOCH_SHIFT);
+        buf.extend_from_slice(&header.to_le_bytes());
         buf.extend_from_slice(frame);
         Entry(buf.into())
     }
 
-    fn expires_ms(&self) -> u64 {
+    fn header(&self) -> u64 {
         let mut b = [0u8; EXPIRY];
         b.copy_from_slice(&self.0[..EXPIRY]);
         u64::from_le_bytes(b)
@@ -134,6 +142,14 @@ pub struct L1 {
     generations: Box<[AtomicU64]>,
     /// Bumped by `clear`, so fills in flight across a flush are dropped.
     epoch: AtomicU64,
+    /// Bumped by `lose_tracking` when stale entries are kept: entries from
+    /// an earlier freshness epoch are stale since that epoch ended.
+    fresh_epoch: AtomicU64,
+    /// When each of the last `EPOCHS_KEPT` freshness epochs ended (ms).
+    epoch_ended: [AtomicU64; EPOCHS_KEPT],
+    /// `cache.serve_stale_on_error`, and `cache.max_stale` in ms.
+    serve_stale: bool,
+    max_stale_ms: u64,
     /// Highest database that ever held an entry: invalidating a key drops it
     /// from every database up to here (Redis tracking is not per database
     /// either, and MOVE/COPY/SWAPDB cross databases).
@@ -193,6 +209,8 @@ pub struct Stats {
     pub bypasses: AtomicU64,
     /// Entries pushed out by the memory budget.
     pub evictions: Arc<AtomicU64>,
+    /// GET/MGET keys answered from a stale entry because upstream failed.
+    pub stale_served: AtomicU64,
     /// Invalidations (keys, or whole clears) by `Source`.
     pub invalidations: [AtomicU64; 4],
 }
@@ -249,6 +267,10 @@ impl L1 {
             hasher: DefaultHashBuilder::default(),
             generations: (0..GENERATIONS).map(|_| AtomicU64::new(0)).collect(),
             epoch: AtomicU64::new(0),
+            fresh_epoch: AtomicU64::new(0),
+            epoch_ended: Default::default(),
+            serve_stale: cfg.serve_stale_on_error,
+            max_stale_ms: cfg.max_stale.as_millis() as u64,
             max_db: AtomicU32::new(0),
             rules,
             born: Instant::now(),
@@ -278,15 +300,69 @@ impl L1 {
         }
     }
 
-    /// A fresh entry, or `None`; an expired one is dropped on the way.
+    /// A fresh entry, or `None`. A stale one is dropped on the way, unless
+    /// it may still be served by `get_stale`.
     pub fn get(&self, db: u32, key: &[u8]) -> Option<Entry> {
         let k = KeyRef { db, key };
         let e = self.store.get(&k)?;
-        if e.expires_ms() <= self.now_ms() {
+        let header = e.header();
+        let now = self.now_ms();
+        let epoch = self.fresh_epoch.load(Ordering::SeqCst) & EPOCH_MASK;
+        if header >> EPOCH_SHIFT == epoch && header & EXPIRY_MASK > now {
+            return Some(e);
+        }
+        if !self.stale_usable(header, now) {
             self.store.remove(&k);
+        }
+        None
+    }
+
+    /// An entry that is fresh or at most `cache.max_stale` past being
+    /// fresh, for when upstream cannot answer; `None` unless
+    /// `cache.serve_stale_on_error` is on. The caller counts what it
+    /// serves in `stats.stale_served`.
+    pub fn get_stale(&self, db: u32, key: &[u8]) -> Option<Entry> {
+        if !self.serve_stale {
             return None;
         }
-        Some(e)
+        let e = self.store.get(&KeyRef { db, key })?;
+        self.stale_usable(e.header(), self.now_ms()).then_some(e)
+    }
+
+    /// Whether an entry with this header may be served as stale at `now`.
+    fn stale_usable(&self, header: u64, now: u64) -> bool {
+        if !self.serve_stale {
+            return false;
+        }
+        let expires = header & EXPIRY_MASK;
+        let current = self.fresh_epoch.load(Ordering::SeqCst);
+        let behind = current.wrapping_sub(header >> EPOCH_SHIFT) & EPOCH_MASK;
+        let stale_since = match behind {
+            0 => expires,
+            n if (n as usize) < EPOCHS_KEPT => {
+                let e = (header >> EPOCH_SHIFT) as usize % EPOCHS_KEPT;
+                expires.min(self.epoch_ended[e].load(Ordering::SeqCst))
+            }
+            _ => return false,
+        };
+        now < stale_since.saturating_add(self.max_stale_ms)
+    }
+
+    /// A tracking channel was lost: nothing in L1 is known fresh any more.
+    /// Without `serve_stale_on_error` that is `clear`; with it, entries are
+    /// kept but stop being fresh now, so they can be served as stale for
+    /// `max_stale` if upstream fails. Fills in flight are fenced either way.
+    pub fn lose_tracking(&self) -> usize {
+        if !self.serve_stale {
+            return self.clear(Source::Tracking);
+        }
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        let current = self.fresh_epoch.load(Ordering::SeqCst);
+        self.epoch_ended[(current & EPOCH_MASK) as usize % EPOCHS_KEPT]
+            .store(self.now_ms(), Ordering::SeqCst);
+        self.fresh_epoch.fetch_add(1, Ordering::SeqCst);
+        self.stats.invalidations[Source::Tracking as usize].fetch_add(1, Ordering::Relaxed);
+        self.store.len()
     }
 
     /// Milliseconds since the cache was made: what expiries count in.
@@ -351,12 +427,13 @@ impl L1 {
         self.max_db.fetch_max(db, Ordering::SeqCst);
         // Copied out of the read buffer so the entry does not pin it.
         let expires = self.now_ms() + lifetime.as_millis() as u64;
+        let epoch = self.fresh_epoch.load(Ordering::SeqCst);
         self.store.insert(
             Key {
                 db,
                 key: key[..].into(),
             },
-            Entry::new(expires, frame),
+            Entry::new(expires, epoch, frame),
         );
         // An invalidation may have landed between the check and the insert:
         // it bumped the generation first, so seeing it unchanged here means
@@ -514,6 +591,55 @@ mod tests {
             !c.fill(0, &k, Some(b"$1\r\nx\r\n"), -2, TTL, c.token(&k)),
             "gone upstream"
         );
+    }
+
+    #[test]
+    fn stale_entries_are_kept_only_with_serve_stale() {
+        let k = Bytes::from_static(b"a");
+        let frame = &b"$1\r\nx\r\n"[..];
+        let plain = l1();
+        assert!(plain.fill(0, &k, Some(frame), -1, TTL, plain.token(&k)));
+        plain.lose_tracking();
+        assert!(plain.get(0, b"a").is_none() && plain.is_empty());
+        assert!(plain.get_stale(0, b"a").is_none());
+
+        let c = L1::new(&CacheConfig {
+            max_memory: 1 << 20,
+            max_value_size: 1000,
+            serve_stale_on_error: true,
+            max_stale: Duration::from_secs(60),
+            ..CacheConfig::default()
+        })
+        .expect("valid cache config");
+        assert!(c.fill(0, &k, Some(frame), -1, TTL, c.token(&k)));
+        let t = c.token(&k);
+        c.lose_tracking();
+        assert!(c.get(0, b"a").is_none(), "not fresh after the loss");
+        assert_eq!(
+            c.get_stale(0, b"a")
+                .and_then(|e| e.frame().map(<[u8]>::to_vec)),
+            Some(frame.to_vec()),
+            "kept for stale serving"
+        );
+        assert!(
+            !c.fill(0, &k, Some(frame), -1, TTL, t),
+            "fills in flight fenced"
+        );
+        assert!(c.fill(0, &k, Some(frame), -1, TTL, c.token(&k)));
+        assert!(c.get(0, b"a").is_some(), "a new fill is fresh again");
+        c.invalidate(&k, Source::Write);
+        assert!(
+            c.get_stale(0, b"a").is_none(),
+            "an invalidated entry is gone"
+        );
+        // Past its PTTL and within max_stale: stale, not fresh.
+        assert!(c.fill(0, &k, Some(frame), 1, TTL, c.token(&k)));
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while c.get(0, b"a").is_some() {
+            assert!(Instant::now() < deadline, "entry outlived its PTTL");
+            std::thread::yield_now();
+        }
+        assert!(c.get_stale(0, b"a").is_some());
     }
 
     #[test]

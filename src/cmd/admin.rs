@@ -328,8 +328,10 @@ pub fn status_fields(ctx: &Context, w: &Snapshot) -> Vec<(&'static str, Val)> {
             "coherence",
             Val::Str(format!("{:?}:{}", ctx.coherence.mode, ctx.coherence.state()).to_lowercase()),
         ),
-        // No circuit breaker yet: upstream traffic always flows.
-        ("upstream", Val::Str("closed".into())),
+        (
+            "upstream",
+            Val::Str(ctx.upstream.breaker.state().as_str().into()),
+        ),
         ("uptime_s", Val::Int(ctx.started.elapsed().as_secs() as i64)),
         ("version", Val::Str(env!("CARGO_PKG_VERSION").into())),
     ]

@@ -66,11 +66,20 @@ pub fn get(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
             let ctx = c.ctx.clone();
             let db = c.db;
             tokio::spawn(async move {
-                let answer = match get_rx.await {
+                let mut answer = match get_rx.await {
                     Ok(Ok(bytes)) => classify(bytes),
                     Ok(Err(e)) => GetAnswer::Failed(e.reply_text()),
                     Err(_) => GetAnswer::Failed("ERR upstream: request dropped".into()),
                 };
+                if let GetAnswer::Failed(_) = answer {
+                    if let Some(e) = ctx.l1.get_stale(db, &key) {
+                        ctx.l1.stats.stale_served.fetch_add(1, Ordering::Relaxed);
+                        answer = match e.frame() {
+                            Some(f) => GetAnswer::Value(Bytes::copy_from_slice(f)),
+                            None => GetAnswer::Nil,
+                        };
+                    }
+                }
                 let pttl = pttl_of(pttl_rx.await.ok());
                 fill_one(&ctx, db, &key, &answer, pttl, ttl, token);
                 ctx.l1.flights.finish(flight, answer);
@@ -208,13 +217,12 @@ pub fn mget(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
         let reply = match mget_rx.await {
             Ok(Ok(bytes)) => bytes,
             Ok(Err(e)) => {
-                let _ = tx.send(Err(e));
+                let _ = tx.send(stale_mget(&ctx, db, &slots, &missing, proto).ok_or(e));
                 return;
             }
             Err(_) => {
-                let _ = tx.send(Err(crate::error::UpstreamError::Lost(
-                    "request dropped".into(),
-                )));
+                let e = crate::error::UpstreamError::Lost("request dropped".into());
+                let _ = tx.send(stale_mget(&ctx, db, &slots, &missing, proto).ok_or(e));
                 return;
             }
         };
@@ -239,6 +247,30 @@ pub fn mget(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
         let _ = tx.send(Ok(out.freeze()));
     });
     c.expect(r, rx, Then::Nothing);
+}
+
+/// The MGET reply from stale entries, when upstream failed and every
+/// missing key has one (see `cache.serve_stale_on_error`).
+fn stale_mget(
+    ctx: &Context,
+    db: u32,
+    slots: &[Option<Entry>],
+    missing: &[Miss],
+    proto: Proto,
+) -> Option<Bytes> {
+    let mut stale = Vec::with_capacity(missing.len());
+    for m in missing {
+        m.fill?;
+        stale.push(ctx.l1.get_stale(db, &m.key)?);
+    }
+    ctx.l1
+        .stats
+        .stale_served
+        .fetch_add(stale.len() as u64, Ordering::Relaxed);
+    let mut fetched = stale.iter().map(|e| e.frame().map(Bytes::copy_from_slice));
+    let mut out = BytesMut::new();
+    assemble(&mut out, slots, &mut fetched, proto);
+    Some(out.freeze())
 }
 
 struct Miss {

@@ -104,8 +104,8 @@ impl Coherence {
             on_lost: Some(Arc::new(move |err| {
                 down.healthy.store(false, Ordering::SeqCst);
                 down.losses.fetch_add(1, Ordering::Relaxed);
-                let dropped = lost_l1.clear(Source::Tracking);
-                tracing::warn!(error = %err, dropped, "tracking connection lost: L1 cleared, fills resume once tracking is back");
+                let dropped = lost_l1.lose_tracking();
+                tracing::warn!(error = %err, dropped, "tracking connection lost: L1 no longer fresh, fills resume once tracking is back");
             })),
             keepalive: Some(self.check_interval),
         }

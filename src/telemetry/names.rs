@@ -37,7 +37,7 @@ pub const ALL: &[(&str, &str, &str)] = &[
     (
         REQUESTS,
         "counter",
-        "GET/MGET keys by cache status: hit, miss, bypass",
+        "GET/MGET keys by cache status: hit, miss, bypass, stale (served past freshness because upstream failed)",
     ),
     (
         HIT_RATE,

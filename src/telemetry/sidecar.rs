@@ -56,6 +56,7 @@ pub fn render(ctx: &Context) -> String {
         ("hit", hits),
         ("miss", misses),
         ("bypass", load(&s.bypasses)),
+        ("stale", load(&s.stale_served)),
     ] {
         m.counter(names::REQUESTS, &[("status", status)])
             .absolute(n);

@@ -21,7 +21,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use super::Connector;
+use super::{Breaker, Connector, breaker};
 use crate::error::UpstreamError;
 use crate::protocol::scan::Scanner;
 
@@ -65,13 +65,15 @@ pub struct Hooks {
 #[derive(Clone)]
 pub struct ConnHandle {
     tx: mpsc::UnboundedSender<Request>,
+    breaker: Arc<Breaker>,
 }
 
 impl ConnHandle {
     pub fn spawn(connector: Arc<Connector>, hooks: Hooks) -> ConnHandle {
         let (tx, rx) = mpsc::unbounded_channel();
+        let breaker = connector.breaker.clone();
         tokio::spawn(run(rx, connector, hooks));
-        ConnHandle { tx }
+        ConnHandle { tx, breaker }
     }
 
     /// Queues a command; the receiver gets its reply.
@@ -82,6 +84,16 @@ impl ConnHandle {
         timed: bool,
     ) -> oneshot::Receiver<Reply> {
         let (reply, rx) = oneshot::channel();
+        if !self.breaker.allow() {
+            let req = Request {
+                wire,
+                reply,
+                on_reply,
+                timed,
+            };
+            fail(req, UpstreamError::CircuitOpen);
+            return rx;
+        }
         if let Err(mpsc::error::SendError(req)) = self.tx.send(Request {
             wire,
             reply,
@@ -147,9 +159,12 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Request>, connector: Arc<Connector>
                 },
             };
             if let Some((at, err)) = &retry_at {
-                if Instant::now() < *at {
+                // A half-open probe tries at once: recovery should not wait
+                // out this connection's own backoff.
+                let probe = req.is_some() && connector.breaker.state() == breaker::State::HalfOpen;
+                if Instant::now() < *at && !probe {
                     if let Some(req) = req {
-                        fail(req, err.clone());
+                        fail(req, UpstreamError::Reconnecting(err.to_string()));
                     }
                     continue;
                 }
@@ -180,7 +195,7 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Request>, connector: Arc<Connector>
                     }
                 }
                 Err(err) => {
-                    connector.errors.count(&err);
+                    connector.failed(&err);
                     tracing::warn!(error = %err, retry_in = ?backoff, "upstream connect failed");
                     retry_at = Some((Instant::now() + backoff, err.clone()));
                     backoff = (backoff * 2).min(MAX_BACKOFF);
@@ -226,7 +241,12 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Request>, connector: Arc<Connector>
                 Ok(0) => Err(UpstreamError::Lost("upstream closed the connection".into())),
                 Ok(_) => {
                     last_io = Instant::now();
-                    dispatch(&mut rbuf, &mut scanner, &mut fifo, hooks.push.as_ref())
+                    let waiting = fifo.len();
+                    let r = dispatch(&mut rbuf, &mut scanner, &mut fifo, hooks.push.as_ref());
+                    if fifo.len() < waiting {
+                        connector.breaker.success();
+                    }
+                    r
                 }
                 Err(e) => Err(UpstreamError::Lost(e.to_string())),
             },
@@ -242,7 +262,7 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Request>, connector: Arc<Connector>
             }
         };
         if let Err(err) = outcome {
-            connector.errors.count(&err);
+            connector.failed(&err);
             tracing::warn!(error = %err, in_flight = fifo.len(), "upstream connection failed");
             if let Some(f) = &hooks.on_lost {
                 f(&err);

@@ -16,6 +16,7 @@
 //! Routing lives behind this one type so a Redis Cluster router can replace
 //! the single-node one later. Nothing here knows about the cache.
 
+pub mod breaker;
 pub mod conn;
 
 use std::collections::HashMap;
@@ -26,6 +27,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+pub use breaker::Breaker;
 pub use conn::{ConnHandle, Hooks, OnReply, Reply};
 
 use crate::config::{Config, UpstreamAddr};
@@ -43,9 +45,18 @@ pub struct Connector {
     extra: Vec<Vec<Vec<u8>>>,
     /// Where this connection's failures are counted.
     pub errors: Arc<ErrorCounts>,
+    pub breaker: Arc<Breaker>,
 }
 
 impl Connector {
+    /// Counts a failure, and tells the breaker when it was upstream's.
+    pub fn failed(&self, e: &UpstreamError) {
+        self.errors.count(e);
+        if e.is_upstream_failure() {
+            self.breaker.failure();
+        }
+    }
+
     fn target(&self) -> String {
         format!("{}:{}", self.addr.host, self.addr.port)
     }
@@ -167,6 +178,7 @@ pub struct Upstream {
     readers: Mutex<HashMap<(u32, usize), Conns>>,
     /// Connection failures by kind, for `upstream_errors_total`.
     pub errors: Arc<ErrorCounts>,
+    pub breaker: Arc<Breaker>,
 }
 
 /// A dedicated connection checked out for one client's session. Give it
@@ -212,6 +224,7 @@ impl Upstream {
             reader_spec,
             readers: Mutex::new(HashMap::new()),
             errors: Arc::default(),
+            breaker: Arc::new(Breaker::new(&cfg.upstream.breaker)),
         })
     }
 
@@ -233,6 +246,7 @@ impl Upstream {
             command_timeout: self.command_timeout,
             extra,
             errors: self.errors.clone(),
+            breaker: self.breaker.clone(),
         })
     }
 
@@ -315,8 +329,17 @@ impl Upstream {
     }
 
     pub async fn raw(&self, db: u32, proto: Proto) -> Result<RawSession, UpstreamError> {
+        if !self.breaker.allow() {
+            self.errors.count(&UpstreamError::CircuitOpen);
+            return Err(UpstreamError::CircuitOpen);
+        }
         let permit = self.permit().await?;
-        let (stream, leftover) = self.connector(db, proto).connect().await?;
+        let connector = self.connector(db, proto);
+        let (stream, leftover) = connector
+            .connect()
+            .await
+            .inspect_err(|e| connector.failed(e))?;
+        self.breaker.success();
         Ok(RawSession {
             stream,
             leftover,

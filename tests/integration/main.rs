@@ -3,6 +3,7 @@
 
 mod bad_input;
 mod cache;
+mod chaos;
 mod cli;
 mod coherence;
 mod frames;

@@ -66,7 +66,31 @@ impl Redis {
 
     pub fn start_with(extra: &[&str]) -> Redis {
         for _ in 0..10 {
-            let port = free_port();
+            if let Some(r) = Self::spawn_on(free_port(), extra) {
+                return r;
+            }
+        }
+        panic!("could not start redis-server");
+    }
+
+    /// Starts a fresh, empty server on the same port after `kill` (an
+    /// upstream restart). Retries while the port is briefly unavailable.
+    pub fn restart(&mut self) {
+        self.kill();
+        let deadline = Instant::now() + WAIT;
+        while Instant::now() < deadline {
+            if let Some(r) = Self::spawn_on(self.port, &[]) {
+                // The old child is already reaped; dropping it is a no-op.
+                drop(std::mem::replace(self, r));
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("could not restart redis-server on port {}", self.port);
+    }
+
+    fn spawn_on(port: u16, extra: &[&str]) -> Option<Redis> {
+        {
             let mut cmd = Command::new("redis-server");
             cmd.args([
                 "--port",
@@ -98,14 +122,14 @@ impl Redis {
                     break; // lost the port race: try another
                 }
                 if serves_pid(port, child.id()) {
-                    return Redis { port, child };
+                    return Some(Redis { port, child });
                 }
                 std::thread::sleep(Duration::from_millis(10));
             }
             let _ = child.kill();
             let _ = child.wait();
         }
-        panic!("could not start redis-server");
+        None
     }
 
     pub fn addr(&self) -> SocketAddr {

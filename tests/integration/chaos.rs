@@ -1,0 +1,294 @@
+//! Upstream failures under load: killed and restarted, stalled with
+//! `CLIENT PAUSE`. Clients get errors within `command_timeout` (never a hang
+//! or a wrong value), the circuit breaker opens and fails fast, kiln recovers
+//! by itself, and a write that timed out is never run twice.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::util::*;
+
+const COMMAND_TIMEOUT: Duration = Duration::from_millis(300);
+const CIRCUIT_OPEN: &str = "-ERR upstream unavailable (circuit open)\r\n";
+
+/// Sends `args` until the reply satisfies `ok`, each reply bounded by
+/// `limit`; returns the reply and how long it took to get there.
+async fn until<A: AsRef<[u8]>>(
+    c: &mut Conn,
+    args: &[A],
+    limit: Duration,
+    ok: impl Fn(&[u8]) -> bool,
+) -> (bytes::Bytes, Duration) {
+    let start = Instant::now();
+    loop {
+        c.send(args).await;
+        let r = c
+            .try_read_within(limit)
+            .await
+            .expect("a reply within the bound, not a hang")
+            .expect("connection stays open");
+        if ok(&r) {
+            return (r, start.elapsed());
+        }
+        assert!(start.elapsed() < WAIT, "condition never met; last {r:?}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn breaker_state(kiln: &Kiln) -> String {
+    let mut c = kiln.conn().await;
+    let status = c.cmd(&["CACHE.STATUS", "JSON"]).await;
+    let json: serde_json::Value =
+        serde_json::from_slice(&bulk_payload(&status).expect("bulk")).expect("json");
+    json["upstream"]
+        .as_str()
+        .expect("upstream field")
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_killed_under_load_then_recovers() {
+    let mut redis = Redis::start();
+    seed(&redis, "k", 50, |i| format!("before-{i}")).await;
+    let kiln = Kiln::start_with(&redis, |c| {
+        c.upstream.command_timeout = COMMAND_TIMEOUT;
+        c.upstream.connect_timeout = COMMAND_TIMEOUT;
+    })
+    .await;
+    // Warm L1 with the pre-outage values.
+    let mut c = kiln.conn().await;
+    for i in 0..50 {
+        assert_eq!(
+            c.cmd_text(&["GET", &format!("k{i}")]).await,
+            format!("before-{i}")
+        );
+    }
+
+    // Load: readers and writers through kiln; every reply must come within
+    // the bound and be either an error or a value the key really had.
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for w in 0..4 {
+        let stop = stop.clone();
+        let mut conn = kiln.conn().await;
+        workers.push(tokio::spawn(async move {
+            let (mut replies, mut errors, mut slowest) = (0u64, 0u64, Duration::ZERO);
+            let mut i = w;
+            while !stop.load(Ordering::Relaxed) {
+                // Writes go to other keys: the k keys must come back empty
+                // from the restarted upstream.
+                let args: Vec<String> = if i % 5 == 0 {
+                    vec!["SET".into(), format!("w{}", i % 50), "during".into()]
+                } else {
+                    vec!["GET".into(), format!("k{}", i % 50)]
+                };
+                let t = Instant::now();
+                conn.send(&args).await;
+                let r = conn
+                    .try_read_within(COMMAND_TIMEOUT * 4)
+                    .await
+                    .expect("no hang")
+                    .expect("connection stays open");
+                slowest = slowest.max(t.elapsed());
+                replies += 1;
+                if r.starts_with(b"-") {
+                    assert!(r.starts_with(b"-ERR upstream"), "{r:?}");
+                    errors += 1;
+                } else if args[0] == "GET" {
+                    let v = bulk_payload(&r).map(|v| String::from_utf8_lossy(&v).into_owned());
+                    let n = i % 50;
+                    assert!(
+                        v == Some(format!("before-{n}")) || r.starts_with(b"$-1"),
+                        "k{n} = {r:?}"
+                    );
+                }
+                i += 4;
+            }
+            (replies, errors, slowest)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    redis.kill();
+    let killed = Instant::now();
+    // An outage of at least half a second, with the load going on.
+    let outage_end = tokio::time::Instant::now() + Duration::from_millis(500);
+
+    // The breaker opens and requests fail fast.
+    let mut probe = kiln.conn().await;
+    let (_, to_open) = until(&mut probe, &["INCR", "n"], COMMAND_TIMEOUT * 4, |r| {
+        r == CIRCUIT_OPEN.as_bytes()
+    })
+    .await;
+    assert_eq!(breaker_state(&kiln).await, "open");
+    let (status, _) = http_get(kiln.metrics, "/metrics").await;
+    assert_eq!(status, 200);
+    tokio::time::sleep_until(outage_end).await;
+
+    redis.restart();
+    let restarted = Instant::now();
+    // kiln finds upstream again by itself.
+    let (_, recovery) = until(
+        &mut probe,
+        &["SET", "fresh", "1"],
+        COMMAND_TIMEOUT * 4,
+        |r| r == b"+OK\r\n",
+    )
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    let (mut replies, mut errors, mut slowest) = (0, 0, Duration::ZERO);
+    for w in workers {
+        let (r, e, s) = w.await.expect("worker");
+        replies += r;
+        errors += e;
+        slowest = slowest.max(s);
+    }
+    eprintln!(
+        "killed: breaker open after {to_open:?}; outage {:?}; recovered {recovery:?} after restart; \
+         {replies} replies, {errors} errors, slowest {slowest:?}",
+        restarted - killed
+    );
+    assert!(errors > 0, "the outage was seen");
+    assert_eq!(breaker_state(&kiln).await, "closed");
+    // The restarted upstream is empty: nothing from before the outage may
+    // come back from L1.
+    let mut c = kiln.conn().await;
+    for i in 0..50 {
+        let key = format!("k{i}");
+        until(&mut c, &["GET", &key], COMMAND_TIMEOUT * 4, |r| {
+            !r.starts_with(b"-")
+        })
+        .await;
+        assert_eq!(c.cmd(&["GET", &key]).await, "$-1\r\n", "{key}");
+    }
+    assert_eq!(c.cmd_text(&["GET", "fresh"]).await, "1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_stalled_times_out_opens_and_never_reruns_a_write() {
+    let redis = Redis::start();
+    let kiln = Kiln::start_with(&redis, |c| {
+        c.upstream.command_timeout = COMMAND_TIMEOUT;
+        c.upstream.connect_timeout = COMMAND_TIMEOUT;
+        c.upstream.breaker.failures = 3;
+    })
+    .await;
+    let mut c = kiln.conn().await;
+    assert_eq!(c.cmd(&["SET", "n", "0"]).await, "+OK\r\n");
+    let mut direct = redis.conn().await;
+    assert_eq!(
+        direct.cmd(&["CLIENT", "PAUSE", "2000", "ALL"]).await,
+        "+OK\r\n"
+    );
+    let paused = Instant::now();
+
+    // INCRs during the stall: each answered within the bound, by a timeout
+    // first and then by the open circuit.
+    let mut sent_upstream = 0u64;
+    let mut timeouts = 0u64;
+    let mut saw_open = false;
+    while paused.elapsed() < Duration::from_millis(1700) {
+        let t = Instant::now();
+        c.send(&["INCR", "n"]).await;
+        let r = c
+            .try_read_within(COMMAND_TIMEOUT * 4)
+            .await
+            .expect("no hang")
+            .expect("open");
+        if r == CIRCUIT_OPEN.as_bytes() {
+            saw_open = true;
+            assert!(
+                t.elapsed() < COMMAND_TIMEOUT,
+                "fails fast: {:?}",
+                t.elapsed()
+            );
+        } else if r.starts_with(b"-ERR upstream: reconnecting after") {
+            // Not sent: the connection waits out its reconnect backoff.
+            assert!(
+                t.elapsed() < COMMAND_TIMEOUT,
+                "fails fast: {:?}",
+                t.elapsed()
+            );
+        } else {
+            // Sent, and then no reply in time: it may still run.
+            assert!(r.starts_with(b"-ERR upstream: no reply within"), "{r:?}");
+            sent_upstream += 1;
+            timeouts += 1;
+        }
+    }
+    assert!(
+        timeouts > 0 && saw_open,
+        "timeouts {timeouts}, open {saw_open}"
+    );
+
+    // Once the pause ends, kiln closes the circuit by itself.
+    let (r, recovery) = until(&mut c, &["INCR", "n"], COMMAND_TIMEOUT * 4, |r| {
+        r.starts_with(b":")
+    })
+    .await;
+    sent_upstream += 1;
+    eprintln!(
+        "stalled: {timeouts} timeouts, recovered {recovery:?} after the stall window; last INCR {r:?}"
+    );
+    assert_eq!(breaker_state(&kiln).await, "closed");
+    // Every INCR that reached upstream ran at most once: none was resent.
+    let n: u64 = direct
+        .cmd_text(&["GET", "n"])
+        .await
+        .parse()
+        .expect("number");
+    assert!(n <= sent_upstream, "n = {n}, sent {sent_upstream}");
+    let last: u64 = std::str::from_utf8(&r[1..r.len() - 2])
+        .expect("utf8")
+        .parse()
+        .expect("int");
+    assert_eq!(n, last, "the value kiln returned is upstream's");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_stale_on_error_answers_from_l1_while_upstream_is_down() {
+    let mut redis = Redis::start();
+    seed(&redis, "s", 3, |i| format!("v{i}")).await;
+    let kiln = Kiln::start_with(&redis, |c| {
+        c.upstream.command_timeout = COMMAND_TIMEOUT;
+        c.upstream.connect_timeout = COMMAND_TIMEOUT;
+        c.cache.serve_stale_on_error = true;
+        c.cache.max_stale = Duration::from_secs(30);
+    })
+    .await;
+    let mut c = kiln.conn().await;
+    assert_eq!(c.cmd_text(&["GET", "s0"]).await, "v0");
+    assert_eq!(c.cmd_text(&["GET", "s1"]).await, "v1");
+    redis.kill();
+    // The tracking channel is gone: nothing is fresh, but s0 and s1 may be
+    // served as stale instead of an error; s2 was never cached.
+    let (r, _) = until(&mut c, &["GET", "s0"], COMMAND_TIMEOUT * 4, |r| {
+        r == b"$2\r\nv0\r\n"
+    })
+    .await;
+    assert_eq!(r, "$2\r\nv0\r\n");
+    assert_eq!(
+        c.cmd(&["MGET", "s1", "s0"]).await,
+        "*2\r\n$2\r\nv1\r\n$2\r\nv0\r\n"
+    );
+    let miss = c.cmd(&["GET", "s2"]).await;
+    assert!(miss.starts_with(b"-ERR upstream"), "{miss:?}");
+    let partial = c.cmd(&["MGET", "s0", "s2"]).await;
+    assert!(partial.starts_with(b"-ERR upstream"), "{partial:?}");
+    let (_, body) = http_get(kiln.metrics, "/metrics").await;
+    let stale = body
+        .lines()
+        .find_map(|l| l.strip_prefix("cache_requests_total{status=\"stale\"} "))
+        .and_then(|n| n.trim().parse::<u64>().ok())
+        .expect("stale status exported");
+    assert!(stale >= 3, "{stale}");
+
+    // Back up: the stale entries are not fresh, so the new values are read.
+    redis.restart();
+    seed(&redis, "s", 3, |i| format!("new{i}")).await;
+    until(&mut c, &["GET", "s0"], COMMAND_TIMEOUT * 4, |r| {
+        r == b"$4\r\nnew0\r\n"
+    })
+    .await;
+    assert_eq!(c.cmd_text(&["GET", "s1"]).await, "new1");
+}
