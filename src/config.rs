@@ -50,6 +50,74 @@ pub struct Config {
     pub alerts: AlertsConfig,
     pub log: LogConfig,
     pub metrics: MetricsConfig,
+    /// `[[users]]`: client users and their roles (see `cmd::auth`).
+    pub users: Vec<UserConfig>,
+}
+
+/// What a client user may run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Commands that do not write.
+    Read,
+    /// Everything but Redis admin commands and `CACHE.*`.
+    Write,
+    /// Everything.
+    Admin,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    pub name: String,
+    pub password: Secret,
+    pub role: Role,
+}
+
+/// Secrets are printed (check-config, Debug) as this, never as themselves.
+pub const REDACTED: &str = "<redacted>";
+
+/// A password: read from the config like a string, but printed, serialized
+/// or debug-formatted only as `REDACTED`.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(REDACTED)
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(REDACTED)
+    }
+}
+
+fn ser_url<S: Serializer>(v: &str, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&redact_url(v))
+}
+
+/// `upstream.url` with its password, if any, replaced: for logs and
+/// check-config.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    match rest.rsplit_once('@') {
+        Some((auth, host)) => match auth.split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:{REDACTED}@{host}"),
+            None => format!("{scheme}://{REDACTED}@{host}"),
+        },
+        None => url.to_string(),
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -83,6 +151,10 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// Commands answered with `-ERR command 'X' is disabled on this proxy`.
     pub deny_commands: Vec<String>,
+    /// The password of the `default` user (admin role); with it or
+    /// `[[users]]`, clients must authenticate.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub requirepass: Option<Secret>,
 }
 
 impl Default for ServerConfig {
@@ -99,14 +171,16 @@ impl Default for ServerConfig {
             threads: 0,
             shutdown_grace: Duration::from_secs(10),
             deny_commands: Vec::new(),
+            requirepass: None,
         }
     }
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct UpstreamConfig {
-    /// `redis://[user:pass@]host:port[/db]`.
+    /// `redis://[user:pass@]host:port[/db]`, or `rediss://` for TLS.
+    #[serde(serialize_with = "ser_url")]
     pub url: String,
     /// Shared multiplexed connections per (database, protocol).
     pub connections: usize,
@@ -122,6 +196,21 @@ pub struct UpstreamConfig {
     /// the system's roots.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_ca: Option<String>,
+}
+
+/// By hand, so the password in `url` is not printed.
+impl std::fmt::Debug for UpstreamConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamConfig")
+            .field("url", &redact_url(&self.url))
+            .field("connections", &self.connections)
+            .field("max_sessions", &self.max_sessions)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("command_timeout", &self.command_timeout)
+            .field("breaker", &self.breaker)
+            .field("tls_ca", &self.tls_ca)
+            .finish()
+    }
 }
 
 /// `[upstream.breaker]`: when to stop sending to a failing upstream.
@@ -697,6 +786,37 @@ impl Config {
             }
             parse_rate(rate).map_err(|m| bad("admin.rate_limits", m))?;
         }
+        if self
+            .server
+            .requirepass
+            .as_ref()
+            .is_some_and(|p| p.0.is_empty())
+        {
+            return Err(bad("server.requirepass", "must not be empty".into()));
+        }
+        let mut seen = std::collections::HashSet::new();
+        if self.server.requirepass.is_some() {
+            seen.insert("default".to_string());
+        }
+        for (i, u) in self.users.iter().enumerate() {
+            let at = |message: String| ConfigError::Invalid {
+                key: format!("users[{i}]"),
+                line: LineRef(nth_table_line(text, "users", i)),
+                message,
+            };
+            if u.name.is_empty() || u.name.contains(char::is_whitespace) {
+                return Err(at(format!("`{}` is not a user name", u.name)));
+            }
+            if u.password.0.is_empty() {
+                return Err(at("password must not be empty".into()));
+            }
+            if !seen.insert(u.name.clone()) {
+                return Err(at(format!(
+                    "user `{}` is defined twice (server.requirepass is the `default` user's password)",
+                    u.name
+                )));
+            }
+        }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return Err(bad(
                 "log.level",
@@ -887,6 +1007,32 @@ mod tests {
         assert_eq!(parse_redis_url("redis://h").expect("valid").port, 6379);
         assert!(parse_redis_url("http://h").is_err());
         assert!(parse_redis_url("redis://h:x").is_err());
+    }
+
+    #[test]
+    fn secrets_are_never_printed() {
+        let text = "[server]\nrequirepass = \"hunter2\"\n[upstream]\nurl = \"redis://u:pw9@h:1\"\n\
+                    [[users]]\nname = \"r\"\npassword = \"s3cret\"\nrole = \"read\"\n";
+        let cfg = Config::from_toml(text).expect("parses");
+        cfg.validate(text).expect("valid");
+        let printed = format!("{}\n{cfg:?}", toml::to_string(&cfg).expect("serializes"));
+        for secret in ["hunter2", "pw9", "s3cret"] {
+            assert!(!printed.contains(secret), "{secret} printed:\n{printed}");
+        }
+        assert!(printed.contains("redis://u:<redacted>@h:1"));
+    }
+
+    #[test]
+    fn users_are_checked() {
+        let text = "[server]\nrequirepass = \"x\"\n\n[[users]]\nname = \"default\"\npassword = \"y\"\nrole = \"admin\"\n";
+        let cfg = Config::from_toml(text).expect("parses");
+        let msg = cfg.validate(text).expect_err("twice").to_string();
+        assert!(msg.contains("users[0]") && msg.contains("line 4"), "{msg}");
+        let bad_role = "[[users]]\nname = \"a\"\npassword = \"b\"\nrole = \"root\"\n";
+        let err = Config::from_toml(bad_role)
+            .expect_err("bad role")
+            .to_string();
+        assert!(err.contains("line 4") && err.contains("root"), "{err}");
     }
 
     #[test]

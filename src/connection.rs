@@ -243,6 +243,14 @@ async fn relay(
                 encode::simple(out, "RESET");
                 return RelayEnd::Reset;
             }
+            if let Some(role) = c.role {
+                if let Err(e) = cmd::auth::permit(&ctx, role, name, &cmd.args) {
+                    // Answered at once: it may overtake replies still due
+                    // from upstream (a relay does not track them).
+                    encode::error(out, &e);
+                    continue;
+                }
+            }
             match Stale::of(&ctx, &cmd.args) {
                 Some(stale) => {
                     stale.apply(&ctx);

@@ -25,6 +25,8 @@ pub struct Context {
     pub control: ConnHandle,
     /// Admin command rate limits, by lowercase command name.
     pub admin: crate::cmd::admin::AdminLimits,
+    /// Client users (`server.requirepass`, `[[users]]`).
+    pub users: crate::cmd::auth::Users,
     pub metrics: crate::telemetry::metrics::Metrics,
     pub health: crate::telemetry::health::Health,
     pub table: Table,
@@ -102,6 +104,7 @@ impl Context {
                 Hooks::default(),
             ),
             admin: crate::cmd::admin::AdminLimits::new(&cfg.admin),
+            users: crate::cmd::auth::Users::new(cfg),
             metrics: crate::telemetry::metrics::Metrics::new(table.names()),
             health: crate::telemetry::health::Health::new(cfg),
             upstream,
@@ -131,6 +134,12 @@ impl Context {
     /// The upstream circuit breaker: 0 closed, 1 open, 2 half-open.
     pub fn breaker_state(&self) -> u8 {
         self.upstream.breaker.state() as u8
+    }
+
+    /// A new client's role: none until it authenticates when auth is
+    /// configured, else admin.
+    pub fn default_role(&self) -> Option<crate::config::Role> {
+        (!self.users.enabled()).then_some(crate::config::Role::Admin)
     }
 
     pub fn next_client_id(&self) -> u64 {

@@ -95,7 +95,7 @@ impl Node {
             tracing::info!(listen = %at, "sidecar serving");
             tokio::spawn(telemetry::sidecar::serve(l, ctx.clone(), shutdown.clone()));
         }
-        tracing::info!(upstream = %config.upstream.url, "kiln started");
+        tracing::info!(upstream = %config::redact_url(&config.upstream.url), "kiln started");
         Ok(Node {
             ctx,
             permits: Arc::new(tokio::sync::Semaphore::new(config.server.max_clients)),

@@ -106,7 +106,8 @@ pub fn dispatch(c: &mut Client, name: &[u8], cmd: Command, r: &mut Replies<'_>) 
         r.error(&unknown_command(a));
         return Flow::Continue;
     }
-    if !c.ctx.admin.admits(c.addr) {
+    // With auth configured, the admin role decides instead (see `auth`).
+    if !c.ctx.users.enabled() && !c.ctx.admin.admits(c.addr) {
         let msg = format!(
             "NOPERM {} is accepted only from loopback clients (admin.allow_remote = false)",
             lname.to_ascii_uppercase()

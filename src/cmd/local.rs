@@ -1,13 +1,13 @@
 //! Connection state kiln answers itself, with Redis's replies and errors:
 //! PING, ECHO, QUIT, RESET, SELECT (per client; L1 is keyed by database),
 //! HELLO (the client's protocol: later commands use upstream connections of
-//! the same version), AUTH (no client auth is configured in this version:
-//! answered as Redis answers with no password set), and the CLIENT
-//! subcommands about the client itself.
+//! the same version), AUTH (against `cmd::auth`'s users; with none
+//! configured, answered as Redis answers with no password set), and the
+//! CLIENT subcommands about the client itself.
 
 use bytes::Bytes;
 
-use super::{Client, Flow, Replies, arity_error, table};
+use super::{Client, Flow, Replies, arity_error, auth, table};
 use crate::protocol::request::Command;
 use crate::protocol::{Proto, encode};
 
@@ -33,7 +33,7 @@ pub fn dispatch(c: &mut Client, name: &[u8], cmd: Command, r: &mut Replies<'_>) 
         }
         b"select" => select(c, a, r),
         b"hello" => hello(c, a, r),
-        b"auth" => auth(a, r),
+        b"auth" => auth(c, a, r),
         b"client" => return client(c, cmd, r),
         _ => unreachable_local(r),
     }
@@ -52,6 +52,10 @@ pub fn reset(c: &mut Client) {
     c.db = c.ctx.upstream.default_db();
     c.proto = Proto::Resp2;
     c.name = None;
+    // Back to the default user: unauthenticated when auth is configured,
+    // as Redis does when the default user has a password.
+    c.role = c.ctx.default_role();
+    c.user = None;
     c.reroute();
     c.meta_update();
 }
@@ -108,7 +112,7 @@ fn hello(c: &mut Client, a: &[Bytes], r: &mut Replies<'_>) {
         let more = a.len() - 1 - j;
         let opt = &a[j];
         if opt.eq_ignore_ascii_case(b"AUTH") && more >= 2 {
-            if let Err(e) = check_credentials(&a[j + 1], &a[j + 2]) {
+            if let Err(e) = check_credentials(c, &a[j + 1], &a[j + 2]) {
                 return r.error(e);
             }
             j += 3;
@@ -125,6 +129,13 @@ fn hello(c: &mut Client, a: &[Bytes], r: &mut Replies<'_>) {
             );
             return r.error(&msg);
         }
+    }
+    if c.role.is_none() {
+        return r.error(
+            "NOAUTH HELLO must be called with the client already authenticated, otherwise the \
+             HELLO AUTH <user> <pass> option can be used to authenticate the client and \
+             select the RESP protocol version at the same time",
+        );
     }
     if let Some(n) = setname {
         c.name = (!n.is_empty()).then_some(n);
@@ -154,24 +165,44 @@ fn hello(c: &mut Client, a: &[Bytes], r: &mut Replies<'_>) {
     });
 }
 
-/// With no client auth configured, Redis's `default` user has no password:
-/// any password is accepted for it and no other user exists.
-fn check_credentials(user: &[u8], _pass: &[u8]) -> Result<(), &'static str> {
-    if user == b"default" {
-        Ok(())
-    } else {
-        Err("WRONGPASS invalid username-password pair or user is disabled.")
+/// Authenticates the client as `user`. With no client auth configured,
+/// Redis's `default` user has no password: any password is accepted for it
+/// and no other user exists.
+fn check_credentials(c: &mut Client, user: &[u8], pass: &[u8]) -> Result<(), &'static str> {
+    let users = &c.ctx.users;
+    if !users.enabled() {
+        return if user == b"default" {
+            Ok(())
+        } else {
+            Err(auth::WRONGPASS)
+        };
+    }
+    match users.check(user, pass) {
+        Some(u) => {
+            c.role = Some(u.role);
+            c.user = Some(u.name.clone());
+            Ok(())
+        }
+        None => {
+            // Never the password itself.
+            tracing::warn!(client = c.id, addr = %c.addr, user = %String::from_utf8_lossy(user), "authentication failed");
+            Err(auth::WRONGPASS)
+        }
     }
 }
 
-fn auth(a: &[Bytes], r: &mut Replies<'_>) {
+fn auth(c: &mut Client, a: &[Bytes], r: &mut Replies<'_>) {
     match a.len() {
         0 | 1 => r.error(&arity_error("auth")),
-        2 => r.error(
+        2 if !c.ctx.users.enabled() => r.error(
             "ERR AUTH <password> called without any password configured for the default user. \
              Are you sure your configuration is correct?",
         ),
-        3 => match check_credentials(&a[1], &a[2]) {
+        2 => match check_credentials(c, b"default", &a[1]) {
+            Ok(()) => r.ready(|o| encode::simple(o, "OK")),
+            Err(e) => r.error(e),
+        },
+        3 => match check_credentials(c, &a[1], &a[2]) {
             Ok(()) => r.ready(|o| encode::simple(o, "OK")),
             Err(e) => r.error(e),
         },

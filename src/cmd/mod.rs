@@ -13,6 +13,7 @@
 //! them as they resolve.
 
 pub mod admin;
+pub mod auth;
 pub mod get;
 pub mod local;
 pub mod session;
@@ -126,6 +127,11 @@ pub struct Client {
     /// The command being dispatched: set by the connection loop, its class
     /// refined by the handler.
     pub op: Timing,
+    /// What this client may run; `None` until it authenticates (only when
+    /// auth is configured: otherwise every client is admin).
+    pub role: Option<crate::config::Role>,
+    /// The user it authenticated as.
+    pub user: Option<String>,
     pub ctx: Arc<Context>,
 }
 
@@ -152,6 +158,8 @@ impl Client {
                 start: std::time::Instant::now(),
                 class: Class::Local,
             },
+            role: ctx.default_role(),
+            user: None,
             ctx,
         }
     }
@@ -212,6 +220,20 @@ impl Client {
             );
             r.error(&msg);
             return Flow::Continue;
+        }
+        match self.role {
+            Some(role) => {
+                if let Err(e) = auth::permit(&self.ctx, role, name, &cmd.args) {
+                    session::refused_in_session(self);
+                    r.error(&e);
+                    return Flow::Continue;
+                }
+            }
+            None if !auth::allowed_before_auth(name) => {
+                r.error(auth::NOAUTH);
+                return Flow::Continue;
+            }
+            None => {}
         }
         if self.session.is_some() {
             return session::dispatch(self, name, cmd, r).await;

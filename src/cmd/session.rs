@@ -27,6 +27,19 @@ pub struct SessionState {
     queued_db: Option<u32>,
     /// SELECT ran on the connection: it cannot go back to the pool.
     dirty: bool,
+    /// A command was refused while queueing (NOPERM): EXEC aborts, as in
+    /// Redis.
+    aborted: bool,
+}
+
+/// A command the client's role may not run arrived: inside MULTI it also
+/// dooms the transaction, as Redis flags it.
+pub fn refused_in_session(c: &mut Client) {
+    if let Some(s) = c.session.as_mut() {
+        if s.in_multi {
+            s.aborted = true;
+        }
+    }
 }
 
 pub fn is_relay(name: &[u8], args: &[Bytes]) -> bool {
@@ -51,6 +64,7 @@ async fn open(c: &mut Client, r: &mut Replies<'_>) -> bool {
                 flush_on_exec: false,
                 queued_db: None,
                 dirty: false,
+                aborted: false,
             });
             true
         }
@@ -103,6 +117,29 @@ pub async fn dispatch(c: &mut Client, name: &[u8], cmd: Command, r: &mut Replies
             return local::dispatch(c, name, cmd, r);
         }
         b"multi" => s.in_multi = true,
+        b"exec" if s.in_multi && s.aborted => {
+            // Upstream queued only what was allowed: drop it all there (the
+            // reply is not needed: FIFO order keeps the connection in step)
+            // and answer as Redis does for a transaction with errors.
+            drop(
+                s.session
+                    .conn
+                    .send(Bytes::from_static(b"*1\r\n$7\r\nDISCARD\r\n"), None, true),
+            );
+            s.in_multi = false;
+            s.watching = false;
+            s.aborted = false;
+            s.queued.clear();
+            s.flush_on_exec = false;
+            s.queued_db = None;
+            r.error("EXECABORT Transaction discarded because of previous errors.");
+            if c.upstream_pending == 0 {
+                if let Some(s) = c.session.take() {
+                    c.ctx.upstream.release(s.session, !s.dirty);
+                }
+            }
+            return Flow::Continue;
+        }
         b"exec" if s.in_multi => {
             s.in_multi = false;
             s.watching = false;
@@ -117,6 +154,7 @@ pub async fn dispatch(c: &mut Client, name: &[u8], cmd: Command, r: &mut Replies
         b"discard" if s.in_multi => {
             s.in_multi = false;
             s.watching = false;
+            s.aborted = false;
             s.queued.clear();
             s.flush_on_exec = false;
             s.queued_db = None;

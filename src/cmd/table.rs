@@ -19,6 +19,8 @@ pub struct CmdInfo {
     pub step: i32,
     /// A container (`XGROUP`, `OBJECT`): look up `name|sub` instead.
     pub container: bool,
+    /// Redis's `admin` flag (CONFIG, SHUTDOWN, DEBUG, ...): admin role only.
+    pub admin: bool,
 }
 
 /// Where a write's keys are.
@@ -95,16 +97,8 @@ impl Table {
             None => return Some(Keys::AllArgs),
         };
         if info.container {
-            let sub = args.get(1)?;
-            let mut full = Vec::with_capacity(name.len() + 1 + sub.len());
-            full.extend_from_slice(name);
-            full.push(b'|');
-            full.extend(sub.iter().map(|b| b.to_ascii_lowercase()));
-            info = match self.map.get(&full) {
-                Some(i) => *i,
-                // An unknown subcommand: upstream will refuse it.
-                None => return None,
-            };
+            // An unknown subcommand: upstream will refuse it.
+            info = *self.sub(name, args.get(1)?)?;
         }
         if !info.write {
             return None;
@@ -120,6 +114,31 @@ impl Table {
                 step: info.step.max(1),
             }
         })
+    }
+
+    /// `name|sub` of a container command.
+    fn sub(&self, name: &[u8], sub: &[u8]) -> Option<&CmdInfo> {
+        let mut full = Vec::with_capacity(name.len() + 1 + sub.len());
+        full.extend_from_slice(name);
+        full.push(b'|');
+        full.extend(sub.iter().map(|b| b.to_ascii_lowercase()));
+        self.map.get(&full)
+    }
+
+    /// Whether the command (or subcommand) has Redis's `admin` flag.
+    pub fn is_admin(&self, args: &[Bytes]) -> bool {
+        let mut buf = [0u8; 64];
+        let Some(name) = lower(&args[0], &mut buf) else {
+            return false;
+        };
+        match self.map.get(name) {
+            Some(i) if i.container => args
+                .get(1)
+                .and_then(|s| self.sub(name, s))
+                .is_some_and(|i| i.admin),
+            Some(i) => i.admin,
+            None => false,
+        }
     }
 
     pub fn is_blocking(&self, args: &[Bytes]) -> bool {
@@ -212,6 +231,7 @@ fn add_entry(map: &mut HashMap<Vec<u8>, CmdInfo>, c: &OwnedFrame, _parent: Optio
         last: int(4),
         step: int(5),
         container: subs.is_some(),
+        admin: has(b"admin"),
     };
     map.insert(name.to_ascii_lowercase(), info);
     for s in subs.into_iter().flatten() {
@@ -228,6 +248,7 @@ const fn w(first: i32, last: i32, step: i32) -> CmdInfo {
         last,
         step,
         container: false,
+        admin: false,
     }
 }
 const R: CmdInfo = CmdInfo {
@@ -238,6 +259,7 @@ const R: CmdInfo = CmdInfo {
     last: 1,
     step: 1,
     container: false,
+    admin: false,
 };
 const B: CmdInfo = CmdInfo {
     write: true,
@@ -247,6 +269,7 @@ const B: CmdInfo = CmdInfo {
     last: -2,
     step: 1,
     container: false,
+    admin: false,
 };
 const ALL: CmdInfo = CmdInfo {
     write: true,
@@ -256,6 +279,7 @@ const ALL: CmdInfo = CmdInfo {
     last: 0,
     step: 0,
     container: false,
+    admin: false,
 };
 const NOKEYS: CmdInfo = w(0, 0, 0);
 
@@ -295,6 +319,11 @@ const BUILTIN: &[(&str, CmdInfo)] = &[
         w(1, -1, 1),
     ),
     ("flushdb flushall swapdb", NOKEYS),
+    (
+        "config debug shutdown monitor slaveof replicaof bgsave save bgrewriteaof acl \
+         module failover slowlog latency",
+        CmdInfo { admin: true, ..R },
+    ),
     ("blpop brpop bzpopmin bzpopmax", B),
     ("blmove brpoplpush", CmdInfo { last: 2, ..B }),
     ("blmpop bzmpop", CmdInfo { movable: true, ..B }),
