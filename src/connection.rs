@@ -76,7 +76,7 @@ async fn run(
     let mut stalled: Option<Command> = None;
     // No more input is taken: write what is owed, then close.
     let mut closing = false;
-    let mut last_read = tokio::time::Instant::now();
+    let mut last_active = tokio::time::Instant::now();
     // Whether we yielded since the last read (see below).
     let mut yielded = false;
 
@@ -84,7 +84,9 @@ async fn run(
     loop {
         // Replies given at once in this round, by latency class.
         let mut immediate = [0usize; 4];
-        while !closing && pending.len() < ctx.max_pipeline {
+        // Stop taking commands once the replies owed pass the output limit:
+        // one read of pipelined GETs of large values must not balloon.
+        while !closing && pending.len() < ctx.max_pipeline && out.len() <= ctx.max_output_buffer {
             let cmd = match stalled.take() {
                 Some(cmd) => cmd,
                 None => match request::parse(&mut inbuf, &ctx.limits) {
@@ -92,6 +94,7 @@ async fn run(
                     Ok(Parsed::Empty) => continue,
                     Ok(Parsed::Incomplete) => break,
                     Err(e) => {
+                        ctx.metrics.limit_hit(e.1);
                         tracing::debug!(client = c.id, error = %e, "protocol error, closing");
                         Replies {
                             pending: &mut pending,
@@ -149,6 +152,7 @@ async fn run(
             return;
         }
         if out.len() > ctx.max_output_buffer {
+            ctx.metrics.limit_hit("max_output_buffer");
             tracing::warn!(
                 client = c.id,
                 buffered = out.len(),
@@ -175,17 +179,26 @@ async fn run(
                 if !matches!(r, Ok(n) if n > 0) {
                     return;
                 }
+                // Idle time counts from the last read or write, as in Redis:
+                // a reply that took long (BLPOP) is activity.
+                if !ctx.idle_timeout.is_zero() {
+                    last_active = tokio::time::Instant::now();
+                }
             }
             r = rd.read_buf(&mut inbuf), if can_read => match r {
                 Ok(n) if n > 0 => {
-                    last_read = tokio::time::Instant::now();
-                    batch_start = last_read.into_std();
+                    last_active = tokio::time::Instant::now();
+                    batch_start = last_active.into_std();
                     yielded = false;
                 }
                 // Redis drops a client on EOF without answering the rest.
                 _ => return,
             },
-            _ = tokio::time::sleep_until(last_read + ctx.idle_timeout), if idle => return,
+            _ = tokio::time::sleep_until(last_active + ctx.idle_timeout), if idle => {
+                ctx.metrics.limit_hit("idle_timeout");
+                tracing::debug!(client = c.id, "idle timeout, closing");
+                return;
+            }
         }
     }
 }
@@ -230,6 +243,7 @@ async fn relay(
                 Ok(Parsed::Empty) => continue,
                 Ok(Parsed::Incomplete) => break,
                 Err(e) => {
+                    ctx.metrics.limit_hit(e.1);
                     encode::error(out, &format!("ERR {e}"));
                     let _ = wr.write_all(out).await;
                     return RelayEnd::Closed;
@@ -262,6 +276,7 @@ async fn relay(
             to_up.extend_from_slice(&cmd.wire());
         }
         if out.len() > ctx.max_output_buffer {
+            ctx.metrics.limit_hit("max_output_buffer");
             tracing::warn!(
                 client = c.id,
                 "subscriber output buffer limit reached, disconnecting"

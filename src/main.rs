@@ -55,6 +55,7 @@ fn main() -> ExitCode {
         }
     }
     kiln::telemetry::init(&config.log);
+    raise_fd_limit(&config);
     match serve(config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -62,6 +63,22 @@ fn main() -> ExitCode {
             eprintln!("kiln: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Each client takes a file descriptor, and so may each of its sessions:
+/// raise the soft limit to the hard one (as Redis does for maxclients), and
+/// warn when even that cannot hold `server.max_clients`.
+fn raise_fd_limit(config: &Config) {
+    let want = (config.server.max_clients + config.upstream.max_sessions + 64) as u64;
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(got) if got < want => tracing::warn!(
+            limit = got,
+            max_clients = config.server.max_clients,
+            "the open-files limit is below server.max_clients plus sessions; raise it (ulimit -n)"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-files limit"),
     }
 }
 

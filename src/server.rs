@@ -41,6 +41,7 @@ pub async fn accept_loop(
                         });
                     }
                     Err(_) => {
+                        ctx.metrics.limit_hit("max_clients");
                         tracing::warn!(%addr, max_clients, "max clients reached, refusing");
                         tracker.spawn(async move {
                             let _ = stream

@@ -28,10 +28,14 @@ impl Default for Limits {
     }
 }
 
-/// A malformed request: the text after `-ERR Protocol error: `.
+/// A malformed request: the text after `-ERR Protocol error: `, and which
+/// `[server]` limit it broke (`"malformed"` when it broke none).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("Protocol error: {0}")]
-pub struct ProtocolError(pub String);
+pub struct ProtocolError(pub String, pub &'static str);
+
+/// The `limit` labels of `proxy_client_limit_total`.
+pub const MALFORMED: &str = "malformed";
 
 /// One client command.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -116,16 +120,17 @@ fn parse_int(digits: &[u8]) -> Option<i64> {
 }
 
 fn parse_multibulk(buf: &mut BytesMut, limits: &Limits) -> Result<Parsed, ProtocolError> {
-    let err = |m: &str| Err(ProtocolError(m.to_string()));
+    let err = |m: &str, limit| Err(ProtocolError(m.to_string(), limit));
     let Some(cr) = line_end(buf, 0) else {
         if buf.len() as u64 > limits.max_inline_len {
-            return err("too big mbulk count string");
+            return err("too big mbulk count string", "max_inline_len");
         }
         return Ok(Parsed::Incomplete);
     };
     let count = match parse_int(&buf[1..cr]) {
         Some(n) if n <= limits.max_multibulk_len as i64 => n,
-        _ => return err("invalid multibulk length"),
+        Some(_) => return err("invalid multibulk length", "max_multibulk_len"),
+        None => return err("invalid multibulk length", MALFORMED),
     };
     let mut pos = cr + 2;
     if count <= 0 {
@@ -139,19 +144,20 @@ fn parse_multibulk(buf: &mut BytesMut, limits: &Limits) -> Result<Parsed, Protoc
         }
         let Some(cr) = line_end(buf, pos) else {
             if (buf.len() - pos) as u64 > limits.max_inline_len {
-                return err("too big bulk count string");
+                return err("too big bulk count string", "max_inline_len");
             }
             return Ok(Parsed::Incomplete);
         };
         if buf[pos] != b'$' {
-            return Err(ProtocolError(format!(
-                "expected '$', got '{}'",
-                buf[pos] as char
-            )));
+            return Err(ProtocolError(
+                format!("expected '$', got '{}'", buf[pos] as char),
+                MALFORMED,
+            ));
         }
         let len = match parse_int(&buf[pos + 1..cr]) {
             Some(n) if n >= 0 && n as u64 <= limits.max_bulk_len => n as usize,
-            _ => return err("invalid bulk length"),
+            Some(n) if n >= 0 => return err("invalid bulk length", "max_bulk_len"),
+            _ => return err("invalid bulk length", MALFORMED),
         };
         let start = cr + 2;
         let end = start + len;
@@ -175,7 +181,10 @@ fn parse_multibulk(buf: &mut BytesMut, limits: &Limits) -> Result<Parsed, Protoc
 fn parse_inline(buf: &mut BytesMut, limits: &Limits) -> Result<Parsed, ProtocolError> {
     let Some(nl) = memchr(b'\n', buf) else {
         if buf.len() as u64 > limits.max_inline_len {
-            return Err(ProtocolError("too big inline request".into()));
+            return Err(ProtocolError(
+                "too big inline request".into(),
+                "max_inline_len",
+            ));
         }
         return Ok(Parsed::Incomplete);
     };
@@ -184,8 +193,8 @@ fn parse_inline(buf: &mut BytesMut, limits: &Limits) -> Result<Parsed, ProtocolE
     if text.last() == Some(&b'\r') {
         text = &text[..text.len() - 1];
     }
-    let args =
-        split_args(text).ok_or_else(|| ProtocolError("unbalanced quotes in request".into()))?;
+    let args = split_args(text)
+        .ok_or_else(|| ProtocolError("unbalanced quotes in request".into(), MALFORMED))?;
     if args.is_empty() {
         return Ok(Parsed::Empty);
     }

@@ -56,7 +56,21 @@ pub struct Metrics {
     other_commands: AtomicU64,
     /// Replies that were upstream failures (for the error rate).
     pub failed_replies: AtomicU64,
+    /// Clients refused or cut off by a `[server]` limit, by `LIMITS`.
+    limit_hits: [AtomicU64; LIMITS.len()],
 }
+
+/// The `limit` label of `proxy_client_limit_total`: a `[server]` limit, or
+/// `malformed` for a protocol error that broke none.
+pub const LIMITS: [&str; 7] = [
+    "max_clients",
+    "max_bulk_len",
+    "max_multibulk_len",
+    "max_inline_len",
+    "idle_timeout",
+    "max_output_buffer",
+    crate::protocol::request::MALFORMED,
+];
 
 impl Metrics {
     pub fn new<'a>(command_names: impl Iterator<Item = &'a [u8]>) -> Metrics {
@@ -88,7 +102,22 @@ impl Metrics {
                 .collect(),
             other_commands: AtomicU64::new(0),
             failed_replies: AtomicU64::new(0),
+            limit_hits: Default::default(),
         }
+    }
+
+    /// Counts a client refused or disconnected by `limit` (one of `LIMITS`).
+    pub fn limit_hit(&self, limit: &str) {
+        if let Some(i) = LIMITS.iter().position(|l| *l == limit) {
+            self.limit_hits[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn limit_hits(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        LIMITS
+            .iter()
+            .zip(&self.limit_hits)
+            .map(|(l, n)| (*l, n.load(Ordering::Relaxed)))
     }
 
     /// Counts a client command by its lowercase name.

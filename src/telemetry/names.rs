@@ -25,6 +25,8 @@ pub const COMMANDS: &str = "proxy_commands_total";
 /// Not in the SPEC's list: the tracking state, so the "tracking lost" alert
 /// can be written as a Prometheus rule.
 pub const TRACKING_LOST: &str = "cache_tracking_lost";
+/// Not in the SPEC's list: clients refused or cut off by a `[server]` limit.
+pub const CLIENT_LIMITS: &str = "proxy_client_limit_total";
 
 /// Every metric kiln exports, with its Prometheus type and help text.
 pub const ALL: &[(&str, &str, &str)] = &[
@@ -113,6 +115,11 @@ pub const ALL: &[(&str, &str, &str)] = &[
         "Upstream connection failures by kind",
     ),
     (CONNECTED, "gauge", "Clients connected to kiln"),
+    (
+        CLIENT_LIMITS,
+        "counter",
+        "Clients refused or disconnected by a [server] limit, by limit (malformed: a protocol error)",
+    ),
     (COMMANDS, "counter", "Client commands by name"),
     (
         TRACKING_LOST,

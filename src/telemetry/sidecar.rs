@@ -112,6 +112,10 @@ pub fn render(ctx: &Context) -> String {
     }
     m.gauge(names::CONNECTED, &[])
         .set(ctx.clients().len() as f64);
+    for (limit, n) in ctx.metrics.limit_hits() {
+        m.counter(names::CLIENT_LIMITS, &[("limit", limit)])
+            .absolute(n);
+    }
     let lost = ctx.coherence.state() == "lost";
     m.gauge(names::TRACKING_LOST, &[])
         .set(if lost { 1.0 } else { 0.0 });

@@ -5,11 +5,11 @@ use std::process::{Command, Stdio};
 
 use crate::util::{Conn, Redis, WAIT, bulk};
 
-fn kiln() -> Command {
+pub fn kiln() -> Command {
     Command::new(env!("CARGO_BIN_EXE_kiln"))
 }
 
-fn temp_config(name: &str, text: &str) -> std::path::PathBuf {
+pub fn temp_config(name: &str, text: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("kiln-test-{}-{name}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let path = dir.join("kiln.toml");
@@ -149,14 +149,15 @@ async fn sigterm_drains_in_flight_commands_and_exits_zero() {
 }
 
 /// kiln as a child process with its stderr collected line by line.
-struct Child {
-    child: std::process::Child,
+/// The kiln binary as a child process, its stderr lines collected.
+pub struct Child {
+    pub child: std::process::Child,
     lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
-    addr: std::net::SocketAddr,
+    pub addr: std::net::SocketAddr,
 }
 
 impl Child {
-    async fn start(config: &str, env: &[(&str, &str)]) -> Child {
+    pub async fn start(config: &str, env: &[(&str, &str)]) -> Child {
         use std::io::BufRead;
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
@@ -199,7 +200,7 @@ impl Child {
     }
 
     /// Waits for a log line containing `needle`.
-    async fn log_line(&self, needle: &str) -> String {
+    pub async fn log_line(&self, needle: &str) -> String {
         let deadline = std::time::Instant::now() + WAIT;
         loop {
             if let Some(l) = self

@@ -8,6 +8,7 @@ mod chaos;
 mod cli;
 mod coherence;
 mod frames;
+mod limits;
 mod session;
 mod sidecar;
 mod transparency;
