@@ -22,6 +22,7 @@ pub mod config;
 pub mod connection;
 pub mod context;
 pub mod error;
+pub mod fuzzing;
 pub mod protocol;
 pub mod server;
 pub mod shutdown;

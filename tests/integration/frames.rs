@@ -169,3 +169,86 @@ proptest! {
         prop_assert_eq!(scan_in_pieces(&bytes, &cuts), Some((bytes.len(), false)));
     }
 }
+
+/// Bytes that look like requests more often than random ones do: command
+/// frames, inline lines, and fragments of the RESP grammar, mixed.
+fn requestish() -> impl Strategy<Value = Vec<u8>> {
+    let names = prop_oneof![
+        Just("GET".to_string()),
+        Just("SET".to_string()),
+        Just("MGET".to_string()),
+        Just("DEL".to_string()),
+        Just("EVAL".to_string()),
+        Just("XGROUP".to_string()),
+        Just("BLPOP".to_string()),
+        Just("CLIENT".to_string()),
+        Just("CONFIG".to_string()),
+        Just("SUBSCRIBE".to_string()),
+        "[a-zA-Z.|]{0,12}",
+    ];
+    let piece = prop_oneof![
+        (
+            names,
+            proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..12), 0..5)
+        )
+            .prop_map(|(n, rest)| {
+                let mut args = vec![n.as_bytes().to_vec()];
+                args.extend(rest);
+                let mut out = format!("*{}\r\n", args.len()).into_bytes();
+                for a in args {
+                    out.extend(format!("${}\r\n", a.len()).into_bytes());
+                    out.extend(a);
+                    out.extend(b"\r\n");
+                }
+                out
+            }),
+        "[ -~]{0,40}\r\n".prop_map(String::into_bytes),
+        prop_oneof![
+            Just(&b"*"[..]),
+            Just(&b"$"[..]),
+            Just(&b"\r\n"[..]),
+            Just(&b"-1"[..]),
+            Just(&b"99999999999"[..]),
+            Just(&b"\""[..]),
+            Just(&b"'"[..]),
+            Just(&b"\\x"[..]),
+            Just(&b">"[..]),
+            Just(&b"%"[..]),
+        ]
+        .prop_map(<[u8]>::to_vec),
+        proptest::collection::vec(any::<u8>(), 0..16),
+    ];
+    proptest::collection::vec(piece, 0..12).prop_map(|v| v.concat())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    /// The checks the fuzz targets run (`fuzz/`), on generated input.
+    #[test]
+    fn fuzz_checks_hold_on_requestish_bytes(data in requestish()) {
+        kiln::fuzzing::frame_decoder(&data);
+        kiln::fuzzing::classify(&data);
+    }
+
+    #[test]
+    fn fuzz_checks_hold_on_arbitrary_bytes(data in proptest::collection::vec(any::<u8>(), 0..512)) {
+        kiln::fuzzing::frame_decoder(&data);
+        kiln::fuzzing::classify(&data);
+    }
+}
+
+/// The fuzz targets' seed corpus is the bad-input corpus: the checks hold on
+/// each of its inputs.
+#[test]
+fn fuzz_checks_hold_on_the_bad_input_corpus() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/corpus/bad_input");
+    let mut n = 0;
+    for entry in std::fs::read_dir(dir).expect("corpus") {
+        let data = std::fs::read(entry.expect("entry").path()).expect("read");
+        kiln::fuzzing::frame_decoder(&data);
+        kiln::fuzzing::classify(&data);
+        n += 1;
+    }
+    assert!(n >= 50);
+}

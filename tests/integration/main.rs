@@ -7,6 +7,7 @@ mod cache;
 mod chaos;
 mod cli;
 mod coherence;
+mod corpus;
 mod frames;
 mod limits;
 mod session;
