@@ -155,6 +155,18 @@ pub struct ServerConfig {
     /// `[[users]]`, clients must authenticate.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub requirepass: Option<Secret>,
+    /// `[server.tls]`: serve clients over TLS only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ServerTlsConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerTlsConfig {
+    /// Certificate chain, PEM.
+    pub cert: String,
+    /// Private key, PEM (PKCS#8, PKCS#1 or SEC1).
+    pub key: String,
 }
 
 impl Default for ServerConfig {
@@ -172,6 +184,7 @@ impl Default for ServerConfig {
             shutdown_grace: Duration::from_secs(10),
             deny_commands: Vec::new(),
             requirepass: None,
+            tls: None,
         }
     }
 }
@@ -609,6 +622,8 @@ pub struct UpstreamAddr {
     pub username: Option<String>,
     pub password: Option<String>,
     pub db: u32,
+    /// `rediss://`.
+    pub tls: bool,
 }
 
 pub const KIB: u64 = 1024;
@@ -656,7 +671,29 @@ impl Config {
                 return Err(bad(key, format!("`{addr}` is not an ip:port address")));
             }
         }
-        self.upstream_addr().map_err(|m| bad("upstream.url", m))?;
+        let upstream = self.upstream_addr().map_err(|m| bad("upstream.url", m))?;
+        if let Some(tls) = &self.server.tls {
+            crate::tls::acceptor(tls).map_err(|m| {
+                let key = if m.contains(&tls.key) && !m.contains("do not go together") {
+                    "server.tls.key"
+                } else {
+                    "server.tls.cert"
+                };
+                bad(key, m)
+            })?;
+        }
+        if let Some(ca) = &self.upstream.tls_ca {
+            if !upstream.tls {
+                return Err(bad(
+                    "upstream.tls_ca",
+                    "set, but upstream.url is not rediss://".into(),
+                ));
+            }
+            crate::tls::connector(Some(ca)).map_err(|m| bad("upstream.tls_ca", m))?;
+        }
+        if upstream.tls {
+            crate::tls::server_name(&upstream.host).map_err(|m| bad("upstream.url", m))?;
+        }
         let positive = [
             ("server.max_clients", self.server.max_clients as u64),
             ("server.max_bulk_len", self.server.max_bulk_len),
@@ -833,12 +870,15 @@ impl Config {
 
 /// Parses `redis://[user:pass@]host:port[/db]`.
 pub fn parse_redis_url(url: &str) -> Result<UpstreamAddr, String> {
-    let rest = if let Some(r) = url.strip_prefix("redis://") {
-        r
-    } else if url.starts_with("rediss://") {
-        return Err("rediss:// (TLS) upstreams are not supported yet".into());
+    let (rest, tls) = if let Some(r) = url.strip_prefix("redis://") {
+        (r, false)
+    } else if let Some(r) = url.strip_prefix("rediss://") {
+        (r, true)
     } else {
-        return Err(format!("`{url}` does not start with redis://"));
+        return Err(format!(
+            "`{}` does not start with redis:// or rediss://",
+            redact_url(url)
+        ));
     };
     let (auth, hostpart) = match rest.rsplit_once('@') {
         Some((a, h)) => (Some(a), h),
@@ -881,6 +921,7 @@ pub fn parse_redis_url(url: &str) -> Result<UpstreamAddr, String> {
         username,
         password,
         db,
+        tls,
     })
 }
 
@@ -1001,7 +1042,8 @@ mod tests {
                 port: 7000,
                 username: Some("u".into()),
                 password: Some("p".into()),
-                db: 3
+                db: 3,
+                tls: false,
             }
         );
         assert_eq!(parse_redis_url("redis://h").expect("valid").port, 6379);
@@ -1020,6 +1062,26 @@ mod tests {
             assert!(!printed.contains(secret), "{secret} printed:\n{printed}");
         }
         assert!(printed.contains("redis://u:<redacted>@h:1"));
+    }
+
+    #[test]
+    fn tls_files_are_checked_at_load() {
+        let text =
+            "[server.tls]\ncert = \"/nonexistent/cert.pem\"\nkey = \"/nonexistent/key.pem\"\n";
+        let cfg = Config::from_toml(text).expect("parses");
+        let msg = cfg.validate(text).expect_err("missing files").to_string();
+        assert!(
+            msg.contains("server.tls.cert") && msg.contains("line 2"),
+            "{msg}"
+        );
+        let text = "[upstream]\nurl = \"redis://h:1\"\ntls_ca = \"/x.pem\"\n";
+        let cfg = Config::from_toml(text).expect("parses");
+        let msg = cfg.validate(text).expect_err("not rediss").to_string();
+        assert!(
+            msg.contains("upstream.tls_ca") && msg.contains("line 3"),
+            "{msg}"
+        );
+        assert!(parse_redis_url("rediss://h:6380").expect("valid").tls);
     }
 
     #[test]

@@ -16,9 +16,8 @@ use std::task::{Context as TaskContext, Waker};
 use std::time::Instant;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio_util::sync::CancellationToken;
 
 use crate::cmd::write::Stale;
@@ -28,6 +27,13 @@ use crate::protocol::request::{self, Command, Parsed};
 use crate::protocol::scan::Scanner;
 use crate::protocol::{Proto, encode};
 use crate::telemetry::metrics::Class;
+use crate::upstream::conn::write_some;
+
+/// Writes all of `out` and flushes it (a TLS stream buffers).
+async fn write_all_flush<W: AsyncWrite + Unpin>(wr: &mut W, out: &[u8]) -> std::io::Result<()> {
+    wr.write_all(out).await?;
+    wr.flush().await
+}
 
 pub async fn serve(
     stream: TcpStream,
@@ -36,6 +42,47 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     let _ = stream.set_nodelay(true);
+    let (rd, wr) = stream.into_split();
+    serve_io(rd, wr, addr, ctx, shutdown).await;
+}
+
+/// A client on the TLS listener: the handshake, then as `serve`. A client
+/// that does not speak TLS (or takes longer than `HANDSHAKE_TIMEOUT`) is
+/// closed without a word: nothing it sent was readable.
+pub async fn serve_tls(
+    stream: TcpStream,
+    addr: SocketAddr,
+    acceptor: tokio_rustls::TlsAcceptor,
+    ctx: Arc<Context>,
+    shutdown: CancellationToken,
+) {
+    let _ = stream.set_nodelay(true);
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            ctx.metrics.limit_hit("tls_handshake");
+            tracing::info!(%addr, error = %e, "TLS handshake failed, closing");
+            return;
+        }
+        Err(_) => {
+            ctx.metrics.limit_hit("tls_handshake");
+            tracing::info!(%addr, "TLS handshake timed out, closing");
+            return;
+        }
+    };
+    let (rd, wr) = tokio::io::split(tls);
+    serve_io(rd, wr, addr, ctx, shutdown).await;
+}
+
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+async fn serve_io<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    rd: R,
+    wr: W,
+    addr: SocketAddr,
+    ctx: Arc<Context>,
+    shutdown: CancellationToken,
+) {
     let mut client = Client::new(ctx.clone(), addr);
     ctx.clients().insert(
         client.id,
@@ -46,7 +93,6 @@ pub async fn serve(
             connected: Instant::now(),
         },
     );
-    let (rd, wr) = stream.into_split();
     run(rd, wr, &mut client, &shutdown).await;
     ctx.clients().remove(&client.id);
 }
@@ -62,9 +108,9 @@ fn drain_ready(pending: &mut VecDeque<Pending>, c: &mut Client, out: &mut BytesM
     }
 }
 
-async fn run(
-    mut rd: OwnedReadHalf,
-    mut wr: OwnedWriteHalf,
+async fn run<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    mut rd: R,
+    mut wr: W,
     c: &mut Client,
     shutdown: &CancellationToken,
 ) {
@@ -175,7 +221,7 @@ async fn run(
             biased;
             _ = shutdown.cancelled(), if !closing => closing = true,
             _ = std::future::poll_fn(|cx| cmd::poll_front(&mut pending, cx)), if !pending.is_empty() => {}
-            r = wr.write_buf(&mut out), if !out.is_empty() => {
+            r = write_some(&mut wr, &mut out), if !out.is_empty() => {
                 if !matches!(r, Ok(n) if n > 0) {
                     return;
                 }
@@ -212,9 +258,9 @@ enum RelayEnd {
 /// Relays bytes between the client and a dedicated upstream connection.
 /// Writes sent through the relay invalidate their keys before they go and
 /// again when their reply frame comes back.
-async fn relay(
-    rd: &mut OwnedReadHalf,
-    wr: &mut OwnedWriteHalf,
+async fn relay<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    rd: &mut R,
+    wr: &mut W,
     inbuf: &mut BytesMut,
     out: &mut BytesMut,
     c: &mut Client,
@@ -229,7 +275,7 @@ async fn relay(
             return RelayEnd::Reset;
         }
     };
-    let (mut urd, mut uwr) = raw.stream.into_split();
+    let (mut urd, mut uwr) = raw.stream.split();
     let mut to_up = BytesMut::from(&first[..]);
     let mut from_up = raw.leftover;
     from_up.reserve(16 * 1024);
@@ -245,7 +291,7 @@ async fn relay(
                 Err(e) => {
                     ctx.metrics.limit_hit(e.1);
                     encode::error(out, &format!("ERR {e}"));
-                    let _ = wr.write_all(out).await;
+                    let _ = write_all_flush(wr, out).await;
                     return RelayEnd::Closed;
                 }
             };
@@ -286,15 +332,15 @@ async fn relay(
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => {
-                let _ = wr.write_all(out).await;
+                let _ = write_all_flush(wr, out).await;
                 return RelayEnd::Closed;
             }
-            r = wr.write_buf(out), if !out.is_empty() => {
+            r = write_some(wr, out), if !out.is_empty() => {
                 if !matches!(r, Ok(n) if n > 0) {
                     return RelayEnd::Closed;
                 }
             }
-            r = uwr.write_buf(&mut to_up), if !to_up.is_empty() => {
+            r = write_some(&mut uwr, &mut to_up), if !to_up.is_empty() => {
                 if !matches!(r, Ok(n) if n > 0) {
                     return upstream_gone(wr, out).await;
                 }
@@ -328,9 +374,9 @@ async fn relay(
     }
 }
 
-async fn upstream_gone(wr: &mut OwnedWriteHalf, out: &mut BytesMut) -> RelayEnd {
+async fn upstream_gone<W: AsyncWrite + Unpin>(wr: &mut W, out: &mut BytesMut) -> RelayEnd {
     encode::error(out, "ERR upstream: connection lost");
-    let _ = wr.write_all(out).await;
+    let _ = write_all_flush(wr, out).await;
     RelayEnd::Closed
 }
 

@@ -27,6 +27,8 @@ pub struct Context {
     pub admin: crate::cmd::admin::AdminLimits,
     /// Client users (`server.requirepass`, `[[users]]`).
     pub users: crate::cmd::auth::Users,
+    /// `[server.tls]`: clients must speak TLS.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
     pub metrics: crate::telemetry::metrics::Metrics,
     pub health: crate::telemetry::health::Health,
     pub table: Table,
@@ -105,6 +107,12 @@ impl Context {
             ),
             admin: crate::cmd::admin::AdminLimits::new(&cfg.admin),
             users: crate::cmd::auth::Users::new(cfg),
+            tls: cfg
+                .server
+                .tls
+                .as_ref()
+                .map(crate::tls::acceptor)
+                .transpose()?,
             metrics: crate::telemetry::metrics::Metrics::new(table.names()),
             health: crate::telemetry::health::Health::new(cfg),
             upstream,

@@ -27,6 +27,7 @@ pub mod protocol;
 pub mod server;
 pub mod shutdown;
 pub mod telemetry;
+pub mod tls;
 pub mod upstream;
 pub mod warmup;
 

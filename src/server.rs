@@ -36,17 +36,36 @@ pub async fn accept_loop(
                         let ctx = ctx.clone();
                         let shutdown = shutdown.clone();
                         tracker.spawn(async move {
-                            connection::serve(stream, addr, ctx, shutdown).await;
+                            match ctx.tls.clone() {
+                                None => connection::serve(stream, addr, ctx, shutdown).await,
+                                Some(tls) => {
+                                    connection::serve_tls(stream, addr, tls, ctx, shutdown).await
+                                }
+                            }
                             drop(permit);
                         });
                     }
                     Err(_) => {
                         ctx.metrics.limit_hit("max_clients");
                         tracing::warn!(%addr, max_clients, "max clients reached, refusing");
+                        let tls = ctx.tls.clone();
                         tracker.spawn(async move {
-                            let _ = stream
-                                .write_all(b"-ERR max number of clients reached\r\n")
-                                .await;
+                            const FULL: &[u8] = b"-ERR max number of clients reached\r\n";
+                            match tls {
+                                None => {
+                                    let _ = stream.write_all(FULL).await;
+                                }
+                                // The error must be readable: over TLS.
+                                Some(tls) => {
+                                    let hs = tls.accept(stream);
+                                    if let Ok(Ok(mut s)) =
+                                        tokio::time::timeout(Duration::from_secs(5), hs).await
+                                    {
+                                        let _ = s.write_all(FULL).await;
+                                        let _ = s.shutdown().await;
+                                    }
+                                }
+                            }
                         });
                     }
                 }

@@ -62,7 +62,7 @@ pub struct Metrics {
 
 /// The `limit` label of `proxy_client_limit_total`: a `[server]` limit, or
 /// `malformed` for a protocol error that broke none.
-pub const LIMITS: [&str; 7] = [
+pub const LIMITS: [&str; 8] = [
     "max_clients",
     "max_bulk_len",
     "max_multibulk_len",
@@ -70,6 +70,8 @@ pub const LIMITS: [&str; 7] = [
     "idle_timeout",
     "max_output_buffer",
     crate::protocol::request::MALFORMED,
+    // Not a limit: a client on the TLS listener that failed the handshake.
+    "tls_handshake",
 ];
 
 impl Metrics {

@@ -15,15 +15,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::{Breaker, Connector, breaker};
 use crate::error::UpstreamError;
 use crate::protocol::scan::Scanner;
+use crate::tls::{BoxRead, BoxWrite};
 
 pub type Reply = Result<Bytes, UpstreamError>;
 
@@ -120,8 +120,8 @@ fn fail(req: Request, err: UpstreamError) {
 }
 
 struct Live {
-    read: OwnedReadHalf,
-    write: OwnedWriteHalf,
+    read: BoxRead,
+    write: BoxWrite,
 }
 
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
@@ -171,7 +171,7 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Request>, connector: Arc<Connector>
             }
             match connector.connect().await {
                 Ok((stream, leftover)) => {
-                    let (read, write) = stream.into_split();
+                    let (read, write) = stream.split();
                     live = Some(Live { read, write });
                     retry_at = None;
                     backoff = MIN_BACKOFF;
@@ -232,7 +232,7 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Request>, connector: Arc<Connector>
                     return;
                 }
             },
-            r = conn.write.write_buf(&mut wbuf), if !wbuf.is_empty() => match r {
+            r = write_some(&mut conn.write, &mut wbuf), if !wbuf.is_empty() => match r {
                 Ok(0) => Err(UpstreamError::Lost("upstream closed the connection".into())),
                 Ok(_) => Ok(()),
                 Err(e) => Err(UpstreamError::Lost(e.to_string())),
@@ -279,6 +279,19 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Request>, connector: Arc<Connector>
             backoff = (backoff * 2).min(MAX_BACKOFF);
         }
     }
+}
+
+/// Writes what it can of `buf`; once all is written, flushes, so a TLS
+/// stream sends what it buffered (a no-op for plain TCP).
+pub async fn write_some<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    buf: &mut BytesMut,
+) -> std::io::Result<usize> {
+    let n = w.write_buf(buf).await?;
+    if buf.is_empty() {
+        w.flush().await?;
+    }
+    Ok(n)
 }
 
 async fn sleep_until_opt(deadline: Option<Instant>) {
@@ -331,7 +344,10 @@ fn dispatch(
 }
 
 /// Reads exactly one reply from a freshly connected stream (setup commands).
-pub async fn read_one(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<Bytes, UpstreamError> {
+pub async fn read_one<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    buf: &mut BytesMut,
+) -> Result<Bytes, UpstreamError> {
     let mut scanner = Scanner::new();
     loop {
         if let Some(f) = scanner
@@ -357,8 +373,8 @@ pub async fn read_one(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<Byte
 /// belongs to the connection's next reader: once tracking is on,
 /// invalidations may follow the last reply at once, and dropping part of one
 /// would leave the stream mid-frame.
-pub async fn setup(
-    stream: &mut TcpStream,
+pub async fn setup<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
     cmds: &[Vec<Vec<u8>>],
 ) -> Result<(Vec<Bytes>, BytesMut), UpstreamError> {
     let mut out = BytesMut::new();
@@ -367,6 +383,10 @@ pub async fn setup(
     }
     stream
         .write_all(&out)
+        .await
+        .map_err(|e| UpstreamError::Setup(e.to_string()))?;
+    stream
+        .flush()
         .await
         .map_err(|e| UpstreamError::Setup(e.to_string()))?;
     let mut buf = BytesMut::new();

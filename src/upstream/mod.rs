@@ -25,6 +25,8 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use tokio::net::TcpStream;
+
+use crate::tls::Stream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 pub use breaker::Breaker;
@@ -46,6 +48,15 @@ pub struct Connector {
     /// Where this connection's failures are counted.
     pub errors: Arc<ErrorCounts>,
     pub breaker: Arc<Breaker>,
+    /// For a `rediss://` upstream.
+    tls: Option<UpstreamTls>,
+}
+
+/// How to wrap an upstream connection in TLS.
+#[derive(Clone)]
+pub struct UpstreamTls {
+    connector: tokio_rustls::TlsConnector,
+    name: rustls::pki_types::ServerName<'static>,
 }
 
 impl Connector {
@@ -63,9 +74,9 @@ impl Connector {
 
     /// Connects and brings the connection to the wanted protocol, user and
     /// database. Also returns what upstream sent after the setup replies.
-    pub async fn connect(&self) -> Result<(TcpStream, BytesMut), UpstreamError> {
+    pub async fn connect(&self) -> Result<(Stream, BytesMut), UpstreamError> {
         let target = self.target();
-        let mut stream =
+        let stream =
             match tokio::time::timeout(self.connect_timeout, TcpStream::connect(&target)).await {
                 Err(_) => {
                     return Err(UpstreamError::ConnectTimeout {
@@ -82,6 +93,27 @@ impl Connector {
                 Ok(Ok(s)) => s,
             };
         let _ = stream.set_nodelay(true);
+        let mut stream = match &self.tls {
+            None => Stream::Plain(stream),
+            Some(tls) => {
+                let handshake = tls.connector.connect(tls.name.clone(), stream);
+                match tokio::time::timeout(self.connect_timeout, handshake).await {
+                    Err(_) => {
+                        return Err(UpstreamError::ConnectTimeout {
+                            addr: target,
+                            after: self.connect_timeout,
+                        });
+                    }
+                    Ok(Err(e)) => {
+                        return Err(UpstreamError::Connect {
+                            addr: target,
+                            reason: format!("TLS: {e}"),
+                        });
+                    }
+                    Ok(Ok(s)) => Stream::Tls(Box::new(s)),
+                }
+            }
+        };
         let mut cmds: Vec<Vec<Vec<u8>>> = Vec::new();
         let auth: Option<Vec<Vec<u8>>> = self.addr.password.as_ref().map(|p| {
             let user = self
@@ -179,6 +211,7 @@ pub struct Upstream {
     /// Connection failures by kind, for `upstream_errors_total`.
     pub errors: Arc<ErrorCounts>,
     pub breaker: Arc<Breaker>,
+    tls: Option<UpstreamTls>,
 }
 
 /// A dedicated connection checked out for one client's session. Give it
@@ -191,7 +224,7 @@ pub struct Session {
 
 /// A raw dedicated socket (pub/sub, MONITOR, CLIENT TRACKING).
 pub struct RawSession {
-    pub stream: TcpStream,
+    pub stream: Stream,
     /// Bytes upstream sent right after the setup: the relay's first output.
     pub leftover: BytesMut,
     pub _permit: OwnedSemaphorePermit,
@@ -210,8 +243,18 @@ const IDLE_PER_KEY: usize = 16;
 
 impl Upstream {
     pub fn new(cfg: &Config, reader_spec: ReaderSpec) -> Result<Upstream, String> {
+        let addr = cfg.upstream_addr()?;
+        let tls = if addr.tls {
+            Some(UpstreamTls {
+                connector: crate::tls::connector(cfg.upstream.tls_ca.as_deref())?,
+                name: crate::tls::server_name(&addr.host)?,
+            })
+        } else {
+            None
+        };
         Ok(Upstream {
-            addr: cfg.upstream_addr()?,
+            tls,
+            addr,
             // `upstream.connections` is the process-wide count per
             // (database, protocol), shared out among the worker threads.
             per_key: (cfg.upstream.connections / workers(cfg)).max(1),
@@ -247,6 +290,7 @@ impl Upstream {
             extra,
             errors: self.errors.clone(),
             breaker: self.breaker.clone(),
+            tls: self.tls.clone(),
         })
     }
 

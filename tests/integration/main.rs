@@ -12,6 +12,7 @@ mod frames;
 mod limits;
 mod session;
 mod sidecar;
+mod tls;
 mod transparency;
 mod util;
 mod warmup;

@@ -198,6 +198,19 @@ impl Kiln {
         Self::start_with_url(&upstream.url(), tweak).await
     }
 
+    /// kiln serving clients over TLS only.
+    pub async fn start_tls(
+        url: &str,
+        tls: kiln::config::ServerTlsConfig,
+        tweak: impl FnOnce(&mut Config),
+    ) -> Kiln {
+        Self::start_with_url(url, |c| {
+            c.server.tls = Some(tls);
+            tweak(c);
+        })
+        .await
+    }
+
     /// kiln in front of `url` (a password, another scheme ...).
     pub async fn start_with_url(url: &str, tweak: impl FnOnce(&mut Config)) -> Kiln {
         let mut cfg = Config::default();
@@ -207,6 +220,7 @@ impl Kiln {
         cfg.warmup.hotkeys.enabled = false;
         tweak(&mut cfg);
         cfg.validate("").expect("test config is valid");
+        let tls = cfg.server.tls.is_some();
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let sidecar = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -224,6 +238,10 @@ impl Kiln {
             shutdown,
             task: Some(task),
         };
+        if tls {
+            // Plain PING cannot be used; the listener is bound already.
+            return k;
+        }
         // Ready once it answers (NOAUTH is an answer too).
         let mut c = k.conn().await;
         let pong = c.cmd(&["PING"]).await;
@@ -362,7 +380,7 @@ impl Conn {
 
 /// The length of the complete reply at the front of `buf`: RESP2's decoder
 /// first (RESP3's rejects `$-1`), RESP3's for the types only it knows.
-fn frame_len(buf: &[u8]) -> Option<usize> {
+pub fn frame_len(buf: &[u8]) -> Option<usize> {
     // Status and error lines may hold any bytes (Redis echoes a binary
     // command name); the decoders insist on UTF-8 there.
     if matches!(buf.first(), Some(b'+' | b'-')) {
