@@ -109,6 +109,16 @@ async fn limits_and_abandoned_sockets() {
         kiln.conn().await.cmd(&["GET", "alive"]).await,
         crate::util::bulk("yes")
     );
+    // Each limit was counted under its own name.
+    let (_, body) = crate::util::http_get(kiln.metrics, "/metrics").await;
+    for (limit, want) in [
+        ("max_multibulk_len", 1),
+        ("max_bulk_len", 1),
+        ("max_inline_len", 2),
+    ] {
+        let line = format!("proxy_client_limit_total{{limit=\"{limit}\"}} {want}");
+        assert!(body.contains(&line), "no `{line}` in:\n{body}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -121,8 +121,17 @@ async fn upstream_killed_under_load_then_recovers() {
     })
     .await;
     assert_eq!(breaker_state(&kiln).await, "open");
-    let (status, _) = http_get(kiln.metrics, "/metrics").await;
-    assert_eq!(status, 200);
+    // The built-in alert fires while the circuit is open.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (status, body) = http_get(kiln.metrics, "/metrics/alerts").await;
+        assert_eq!(status, 200);
+        if body.contains("\"circuit_open\"") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no circuit_open alert: {body}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     tokio::time::sleep_until(outage_end).await;
 
     redis.restart();
