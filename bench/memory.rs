@@ -60,7 +60,7 @@ fn main() {
     if full {
         let out = concat!(env!("CARGO_MANIFEST_DIR"), "/bench/results/memory.md");
         let text = format!(
-            "# L1 memory per entry\n\n16-byte keys, 100-byte values (stored as the 107-byte bulk frame),\n\
+            "# L1 memory per entry\n\n16-byte keys, 100-byte values (stored as the bytes alone, with the key, in one allocation),\n\
              release build, RSS from /proc/self/statm. \"Weighed as\" is the per-entry overhead the\n\
              cache charges against cache.max_memory.\n\n{table}\n"
         );

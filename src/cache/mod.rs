@@ -24,22 +24,47 @@ use quick_cache::{DefaultHashBuilder, Equivalent, Weighter};
 
 use crate::config::CacheConfig;
 
-/// Bytes charged per entry on top of the key and the stored entry (expiry
-/// and frame), so that `cache.max_memory` bounds what L1 really takes:
-/// measured with `cargo bench --bench memory` (1,000,000 entries, 16-byte
-/// keys, 100-byte values: 243 bytes of RSS each, 112 beyond key and entry).
-/// It is quick_cache's slab slot (two 16-byte handles, its links and
-/// flags), its table slot, and the two heap allocations' headers and
-/// rounding.
-pub const ENTRY_OVERHEAD: u64 = 112;
+/// Bytes charged per entry on top of its key and value, so that
+/// `cache.max_memory` bounds what L1 really takes: measured with `cargo
+/// bench --bench memory` (1,000,000 entries, 16-byte keys, 100-byte values:
+/// 210.9 bytes of RSS each, 94.9 beyond key and value). It is the entry's
+/// allocation header (reference count, `Meta`, length: 32 bytes) and malloc
+/// rounding, quick_cache's slab slot (two 8-byte handles, its links and
+/// flags) and its table slot.
+pub const ENTRY_OVERHEAD: u64 = 96;
 
 const GENERATIONS: usize = 1 << 16;
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Key {
-    db: u32,
-    /// A thin 16-byte handle: the slab holds a million of these.
-    key: Box<[u8]>,
+/// The cache's key: a second handle on the entry's own allocation, which
+/// holds the database and the key bytes. Hash and equality are those of
+/// `KeyRef`, so lookups borrow the client's argument.
+#[derive(Clone)]
+pub struct Key(Entry);
+
+impl Key {
+    fn db(&self) -> u32 {
+        self.0.0.header.header.db
+    }
+
+    fn key(&self) -> &[u8] {
+        self.0.key()
+    }
+}
+
+impl PartialEq for Key {
+    fn eq(&self, other: &Key) -> bool {
+        self.db() == other.db() && self.key() == other.key()
+    }
+}
+
+impl Eq for Key {}
+
+impl Hash for Key {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        // Exactly as the derived `Hash` of `KeyRef`: field by field.
+        self.db().hash(state);
+        self.key().hash(state);
+    }
 }
 
 /// A lookup key borrowing the client's argument: no allocation per GET.
@@ -51,21 +76,41 @@ struct KeyRef<'a> {
 
 impl Equivalent<Key> for KeyRef<'_> {
     fn equivalent(&self, k: &Key) -> bool {
-        self.db == k.db && self.key == &k.key[..]
+        self.db == k.db() && self.key == k.key()
     }
 }
 
-/// A cached `GET` answer: one allocation holding a header (8 bytes little
-/// endian: the expiry in milliseconds since the cache was made in the low
-/// 48 bits, the freshness epoch it was filled in above) and then the bulk-string
-/// frame as Redis sent it (`$3\r\nabc\r\n`), or nothing for a cached nil
-/// (which each client gets in its own protocol). A hit clones it out of the
-/// cache: one reference count, on the same cache line as the expiry and the
-/// start of the frame.
-#[derive(Debug, Clone)]
-pub struct Entry(Arc<[u8]>);
+/// What an entry's allocation holds before its bytes.
+#[derive(Debug, Clone, Copy)]
+struct Meta {
+    /// The expiry in milliseconds since the cache was made (low 48 bits)
+    /// and the freshness epoch it was filled in (high 16).
+    header: u64,
+    db: u32,
+    /// The key's length; the top bit marks a cached nil.
+    key_len: u32,
+}
 
-const EXPIRY: usize = 8;
+const NIL: u32 = 1 << 31;
+
+/// A cached `GET` answer, in a single allocation behind a thin (8-byte)
+/// pointer: reference count, `Meta`, length, then the key and the value's
+/// bytes (without RESP framing, which is written on the way out). The
+/// cache's key is a second handle on the same allocation. A hit clones it
+/// out of the cache: one reference count, on the same cache line as the
+/// expiry and the start of the key.
+#[derive(Clone)]
+pub struct Entry(triomphe::ThinArc<Meta, u8>);
+
+impl std::fmt::Debug for Entry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Entry")
+            .field("meta", &self.0.header.header)
+            .field("bytes", &self.0.slice.len())
+            .finish()
+    }
+}
+
 const EPOCH_SHIFT: u32 = 48;
 const EXPIRY_MASK: u64 = (1 << EPOCH_SHIFT) - 1;
 const EPOCH_MASK: u64 = 0xFFFF;
@@ -74,24 +119,51 @@ const EPOCH_MASK: u64 = 0xFFFF;
 const EPOCHS_KEPT: usize = 16;
 
 impl Entry {
-    fn new(expires_ms: u64, epoch: u64, frame: Option<&[u8]>) -> Entry {
-        let frame = frame.unwrap_or_default();
-        let mut buf = Vec::with_capacity(EXPIRY + frame.len());
+    /// `value` is the bulk string's data, `None` for a nil.
+    fn new(db: u32, key: &[u8], expires_ms: u64, epoch: u64, value: Option<&[u8]>) -> Entry {
         let header = (expires_ms & EXPIRY_MASK) | ((epoch & EPOCH_MASK) << EPOCH_SHIFT);
-        buf.extend_from_slice(&header.to_le_bytes());
-        buf.extend_from_slice(frame);
-        Entry(buf.into())
+        let data = value.unwrap_or_default();
+        let mut bytes = Vec::with_capacity(key.len() + data.len());
+        bytes.extend_from_slice(key);
+        bytes.extend_from_slice(data);
+        let meta = Meta {
+            header,
+            db,
+            key_len: key.len() as u32 | if value.is_none() { NIL } else { 0 },
+        };
+        Entry(triomphe::ThinArc::from_header_and_slice(meta, &bytes))
     }
 
     fn header(&self) -> u64 {
-        let mut b = [0u8; EXPIRY];
-        b.copy_from_slice(&self.0[..EXPIRY]);
-        u64::from_le_bytes(b)
+        self.0.header.header.header
     }
 
-    /// The bulk frame, or `None` for a cached nil.
-    pub fn frame(&self) -> Option<&[u8]> {
-        (self.0.len() > EXPIRY).then(|| &self.0[EXPIRY..])
+    fn key(&self) -> &[u8] {
+        let n = (self.0.header.header.key_len & !NIL) as usize;
+        &self.0.slice[..n]
+    }
+
+    /// The value's bytes, or `None` for a cached nil.
+    pub fn value(&self) -> Option<&[u8]> {
+        let len = self.0.header.header.key_len;
+        (len & NIL == 0).then(|| &self.0.slice[len as usize..])
+    }
+
+    /// The `GET` reply: a bulk string, or nil in the client's protocol.
+    pub fn write_reply(&self, out: &mut bytes::BytesMut, proto: crate::protocol::Proto) {
+        match self.value() {
+            Some(v) => crate::protocol::encode::bulk(out, v),
+            None => crate::protocol::encode::nil(out, proto),
+        }
+    }
+
+    /// The bulk frame as Redis would send it, or `None` for a nil.
+    pub fn frame(&self) -> Option<Bytes> {
+        self.value().map(|v| {
+            let mut out = bytes::BytesMut::with_capacity(v.len() + 16);
+            crate::protocol::encode::bulk(&mut out, v);
+            out.freeze()
+        })
     }
 }
 
@@ -111,8 +183,8 @@ impl quick_cache::Lifecycle<Key, Entry> for CountEvictions {
 struct ByteWeight;
 
 impl Weighter<Key, Entry> for ByteWeight {
-    fn weight(&self, k: &Key, v: &Entry) -> u64 {
-        (k.key.len() + v.0.len()) as u64 + ENTRY_OVERHEAD
+    fn weight(&self, _: &Key, v: &Entry) -> u64 {
+        v.0.slice.len() as u64 + ENTRY_OVERHEAD
     }
 }
 
@@ -428,13 +500,8 @@ impl L1 {
         // Copied out of the read buffer so the entry does not pin it.
         let expires = self.now_ms() + lifetime.as_millis() as u64;
         let epoch = self.fresh_epoch.load(Ordering::SeqCst);
-        self.store.insert(
-            Key {
-                db,
-                key: key[..].into(),
-            },
-            Entry::new(expires, epoch, frame),
-        );
+        let entry = Entry::new(db, key, expires, epoch, frame.map(bulk_data));
+        self.store.insert(Key(entry.clone()), entry);
         // An invalidation may have landed between the check and the insert:
         // it bumped the generation first, so seeing it unchanged here means
         // its removal comes after our insert.
@@ -463,8 +530,8 @@ impl L1 {
     pub fn invalidate_matching(&self, pattern: &[u8], source: Source) -> usize {
         let removed = AtomicU64::new(0);
         self.store.retain(|k, _| {
-            if glob::matches(pattern, &k.key) {
-                self.slot(&k.key).fetch_add(1, Ordering::SeqCst);
+            if glob::matches(pattern, k.key()) {
+                self.slot(k.key()).fetch_add(1, Ordering::SeqCst);
                 removed.fetch_add(1, Ordering::Relaxed);
                 false
             } else {
@@ -506,6 +573,16 @@ impl L1 {
     }
 }
 
+/// The data of a `$n\r\n...\r\n` frame (all of it if it is not one).
+fn bulk_data(frame: &[u8]) -> &[u8] {
+    match frame.iter().position(|&b| b == b'\n') {
+        Some(nl) if frame.first() == Some(&b'$') && frame.len() >= nl + 3 => {
+            &frame[nl + 1..frame.len() - 2]
+        }
+        _ => frame,
+    }
+}
+
 /// The data length of a `$n\r\n...` frame.
 fn bulk_len(frame: &[u8]) -> usize {
     let end = frame.iter().position(|&b| b == b'\r').unwrap_or(1);
@@ -544,11 +621,19 @@ mod tests {
         assert!(c.fill(0, &k, Some(b"$1\r\nx\r\n"), -1, TTL, t));
         assert_eq!(
             c.get(0, b"a")
-                .and_then(|e| e.frame().map(<[u8]>::to_vec))
+                .and_then(|e| e.frame().map(|f| f.to_vec()))
                 .as_deref(),
             Some(&b"$1\r\nx\r\n"[..])
         );
         assert!(c.get(1, b"a").is_none(), "databases are separate");
+        // An empty string is a value, not a nil.
+        let e = Bytes::from_static(b"empty");
+        assert!(c.fill(0, &e, Some(b"$0\r\n\r\n"), -1, TTL, c.token(&e)));
+        let got = c.get(0, b"empty").expect("cached");
+        assert_eq!(got.value(), Some(&b""[..]));
+        let n = Bytes::from_static(b"nil");
+        assert!(c.fill(0, &n, None, -1, TTL, c.token(&n)));
+        assert_eq!(c.get(0, b"nil").expect("cached nil").value(), None);
     }
 
     #[test]
@@ -617,7 +702,7 @@ mod tests {
         assert!(c.get(0, b"a").is_none(), "not fresh after the loss");
         assert_eq!(
             c.get_stale(0, b"a")
-                .and_then(|e| e.frame().map(<[u8]>::to_vec)),
+                .and_then(|e| e.frame().map(|f| f.to_vec())),
             Some(frame.to_vec()),
             "kept for stale serving"
         );

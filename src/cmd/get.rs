@@ -45,10 +45,7 @@ pub fn get(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
         l1.stats.hits.fetch_add(1, Ordering::Relaxed);
         c.op.class = Class::Hit;
         let proto = c.proto;
-        r.ready(|o| match e.frame() {
-            Some(f) => o.extend_from_slice(f),
-            None => encode::nil(o, proto),
-        });
+        r.ready(|o| e.write_reply(o, proto));
         return;
     }
     l1.stats.misses.fetch_add(1, Ordering::Relaxed);
@@ -75,7 +72,7 @@ pub fn get(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
                     if let Some(e) = ctx.l1.get_stale(db, &key) {
                         ctx.l1.stats.stale_served.fetch_add(1, Ordering::Relaxed);
                         answer = match e.frame() {
-                            Some(f) => GetAnswer::Value(Bytes::copy_from_slice(f)),
+                            Some(f) => GetAnswer::Value(f),
                             None => GetAnswer::Nil,
                         };
                     }
@@ -267,7 +264,7 @@ fn stale_mget(
         .stats
         .stale_served
         .fetch_add(stale.len() as u64, Ordering::Relaxed);
-    let mut fetched = stale.iter().map(|e| e.frame().map(Bytes::copy_from_slice));
+    let mut fetched = stale.iter().map(Entry::frame);
     let mut out = BytesMut::new();
     assemble(&mut out, slots, &mut fetched, proto);
     Some(out.freeze())
@@ -290,10 +287,7 @@ fn assemble(
     encode::array(out, slots.len());
     for s in slots {
         match s {
-            Some(cached) => match cached.frame() {
-                Some(f) => out.extend_from_slice(f),
-                None => encode::nil(out, proto),
-            },
+            Some(cached) => cached.write_reply(out, proto),
             None => match fetched.next().flatten() {
                 Some(f) => out.extend_from_slice(&f),
                 None => encode::nil(out, proto),
