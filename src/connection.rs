@@ -127,6 +127,9 @@ async fn run<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     let mut yielded = false;
 
     let mut batch_start = Instant::now();
+    // What L1 expiry is checked against: the read's time, refreshed after
+    // a wait (latency still counts from the read).
+    let mut clock = batch_start;
     loop {
         // Replies given at once in this round, by latency class.
         let mut immediate = [0usize; 4];
@@ -166,6 +169,7 @@ async fn run<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                 start: batch_start,
                 class: Class::Local,
             };
+            c.now = clock;
             let waiting = c.upstream_pending;
             let flow = c.dispatch(cmd, &mut r).await;
             if c.upstream_pending == waiting {
@@ -220,7 +224,11 @@ async fn run<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         tokio::select! {
             biased;
             _ = shutdown.cancelled(), if !closing => closing = true,
-            _ = std::future::poll_fn(|cx| cmd::poll_front(&mut pending, cx)), if !pending.is_empty() => {}
+            _ = std::future::poll_fn(|cx| cmd::poll_front(&mut pending, cx)), if !pending.is_empty() => {
+                // Commands still buffered run now, not when they were read:
+                // their clock (L1 expiry checks) must not lag behind a wait.
+                clock = Instant::now();
+            }
             r = write_some(&mut wr, &mut out), if !out.is_empty() => {
                 if !matches!(r, Ok(n) if n > 0) {
                     return;
@@ -235,6 +243,7 @@ async fn run<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                 Ok(n) if n > 0 => {
                     last_active = tokio::time::Instant::now();
                     batch_start = last_active.into_std();
+                    clock = batch_start;
                     yielded = false;
                 }
                 // Redis drops a client on EOF without answering the rest.

@@ -21,6 +21,7 @@ pub mod coherence;
 pub mod config;
 pub mod connection;
 pub mod context;
+pub mod counter;
 pub mod error;
 pub mod fuzzing;
 pub mod protocol;

@@ -271,14 +271,14 @@ impl Source {
 /// Counters read by `CACHE.STATUS` and the metrics sidecar.
 #[derive(Default)]
 pub struct Stats {
-    pub hits: AtomicU64,
-    pub misses: AtomicU64,
+    pub hits: crate::counter::Striped,
+    pub misses: crate::counter::Striped,
     pub fills: AtomicU64,
     pub fills_dropped: AtomicU64,
     pub not_cached_too_large: AtomicU64,
     pub penetrations: AtomicU64,
     /// GETs (and MGET keys) a rule kept out of L1, or read behind a write.
-    pub bypasses: AtomicU64,
+    pub bypasses: crate::counter::Striped,
     /// Entries pushed out by the memory budget.
     pub evictions: Arc<AtomicU64>,
     /// GET/MGET keys answered from a stale entry because upstream failed.
@@ -375,10 +375,17 @@ impl L1 {
     /// A fresh entry, or `None`. A stale one is dropped on the way, unless
     /// it may still be served by `get_stale`.
     pub fn get(&self, db: u32, key: &[u8]) -> Option<Entry> {
+        self.get_at(db, key, Instant::now())
+    }
+
+    /// `get` as of `now`: the connection passes the time its read arrived,
+    /// as Redis checks expiry against the command's start, so a hit takes
+    /// no clock reading of its own.
+    pub fn get_at(&self, db: u32, key: &[u8], now: Instant) -> Option<Entry> {
         let k = KeyRef { db, key };
         let e = self.store.get(&k)?;
         let header = e.header();
-        let now = self.now_ms();
+        let now = now.saturating_duration_since(self.born).as_millis() as u64;
         let epoch = self.fresh_epoch.load(Ordering::SeqCst) & EPOCH_MASK;
         if header >> EPOCH_SHIFT == epoch && header & EXPIRY_MASK > now {
             return Some(e);

@@ -41,7 +41,7 @@ pub fn get(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
         }
     };
     let l1 = &c.ctx.l1;
-    if let Some(e) = l1.get(c.db, &cmd.args[1]) {
+    if let Some(e) = l1.get_at(c.db, &cmd.args[1], c.now) {
         l1.stats.hits.fetch_add(1, Ordering::Relaxed);
         c.op.class = Class::Hit;
         let proto = c.proto;
@@ -159,7 +159,7 @@ pub fn mget(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
         c.ctx.warmup.record(key);
         let policy = l1.policy(key);
         let hit = match policy {
-            Policy::Cache { .. } => l1.get(c.db, key),
+            Policy::Cache { .. } => l1.get_at(c.db, key, c.now),
             Policy::Bypass => {
                 l1.stats.bypasses.fetch_add(1, Ordering::Relaxed);
                 None

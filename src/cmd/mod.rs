@@ -132,6 +132,9 @@ pub struct Client {
     pub role: Option<crate::config::Role>,
     /// The user it authenticated as.
     pub user: Option<String>,
+    /// The time L1 expiry is checked against for the current command (see
+    /// `L1::get_at`).
+    pub now: std::time::Instant,
     pub ctx: Arc<Context>,
 }
 
@@ -160,6 +163,7 @@ impl Client {
             },
             role: ctx.default_role(),
             user: None,
+            now: std::time::Instant::now(),
             ctx,
         }
     }

@@ -137,7 +137,10 @@ fn parse_multibulk(buf: &mut BytesMut, limits: &Limits) -> Result<Parsed, Protoc
         let _ = buf.split_to(pos);
         return Ok(Parsed::Empty);
     }
-    let mut ranges = Vec::with_capacity(count as usize);
+    // On the stack for the usual short command: one allocation fewer per
+    // request than a Vec.
+    let mut ranges: smallvec::SmallVec<[(usize, usize); 8]> =
+        smallvec::SmallVec::with_capacity(count as usize);
     for _ in 0..count {
         if pos >= buf.len() {
             return Ok(Parsed::Incomplete);

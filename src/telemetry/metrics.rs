@@ -8,6 +8,7 @@
 //! live through handles registered once; the exporter's histogram is a
 //! lock-free atomic bucket.
 
+use crate::counter::Striped;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -52,8 +53,8 @@ pub struct Metrics {
     handle: PrometheusHandle,
     latency: [Histogram; 4],
     /// Per command name (lowercase), fixed at start: lookups take no lock.
-    commands: HashMap<Vec<u8>, AtomicU64, quick_cache::DefaultHashBuilder>,
-    other_commands: AtomicU64,
+    commands: HashMap<Vec<u8>, Striped, quick_cache::DefaultHashBuilder>,
+    other_commands: Striped,
     /// Replies that were upstream failures (for the error rate).
     pub failed_replies: AtomicU64,
     /// Clients refused or cut off by a `[server]` limit, by `LIMITS`.
@@ -100,9 +101,9 @@ impl Metrics {
             latency,
             commands: command_names
                 .filter(|n| !n.contains(&b'|'))
-                .map(|n| (n.to_vec(), AtomicU64::new(0)))
+                .map(|n| (n.to_vec(), Striped::default()))
                 .collect(),
-            other_commands: AtomicU64::new(0),
+            other_commands: Striped::default(),
             failed_replies: AtomicU64::new(0),
             limit_hits: Default::default(),
         }
