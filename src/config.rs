@@ -450,6 +450,8 @@ pub struct HotkeysConfig {
     #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
     pub save_every: Duration,
     pub key: String,
+    /// One GET in this many is recorded (at random); 1 = every GET.
+    pub sample: u32,
 }
 
 impl Default for HotkeysConfig {
@@ -459,6 +461,7 @@ impl Default for HotkeysConfig {
             keep: 10_000,
             save_every: Duration::from_secs(60),
             key: "kiln:hotkeys".into(),
+            sample: 16,
         }
     }
 }
@@ -754,6 +757,7 @@ impl Config {
             ("warmup.batch_size", w.batch_size as u64),
             ("warmup.concurrency", w.concurrency as u64),
             ("warmup.hotkeys.keep", w.hotkeys.keep as u64),
+            ("warmup.hotkeys.sample", w.hotkeys.sample as u64),
         ] {
             if v == 0 {
                 return Err(bad(key, "must be greater than 0".into()));

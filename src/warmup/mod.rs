@@ -165,7 +165,7 @@ impl Warmup {
             hot: cfg
                 .hotkeys
                 .enabled
-                .then(|| Arc::new(HotKeys::new(cfg.hotkeys.keep))),
+                .then(|| Arc::new(HotKeys::new(cfg.hotkeys.keep, cfg.hotkeys.sample))),
             runs: Default::default(),
         })
     }

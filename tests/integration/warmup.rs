@@ -359,6 +359,8 @@ async fn hot_keys_of_one_instance_warm_the_next_one_first() {
     let one = Kiln::start_with(&redis, |c| {
         fast(c);
         c.warmup.hotkeys.enabled = true;
+        // Every GET counted: the test checks exact counts.
+        c.warmup.hotkeys.sample = 1;
         c.warmup.hotkeys.keep = 10;
         c.warmup.hotkeys.save_every = Duration::from_millis(200);
     })
@@ -397,6 +399,8 @@ async fn hot_keys_of_one_instance_warm_the_next_one_first() {
         c.warmup.on_start = true;
         c.warmup.start_delay = Duration::ZERO;
         c.warmup.hotkeys.enabled = true;
+        // Every GET counted: the test checks exact counts.
+        c.warmup.hotkeys.sample = 1;
         c.warmup.phase = vec![phase("rest", 1, "item:1*")];
     })
     .await;
@@ -425,6 +429,8 @@ async fn hotkeys_command_lists_the_hottest_first() {
     let kiln = Kiln::start_with(&redis, |c| {
         fast(c);
         c.warmup.hotkeys.enabled = true;
+        // Every GET counted: the test checks exact counts.
+        c.warmup.hotkeys.sample = 1;
         c.warmup.hotkeys.save_every = Duration::from_secs(3600);
     })
     .await;
