@@ -32,6 +32,18 @@ pub struct SessionState {
     aborted: bool,
 }
 
+impl SessionState {
+    /// EXEC (aborted) or DISCARD: the transaction and its WATCH are over.
+    fn end_transaction(&mut self) {
+        self.in_multi = false;
+        self.watching = false;
+        self.aborted = false;
+        self.queued.clear();
+        self.flush_on_exec = false;
+        self.queued_db = None;
+    }
+}
+
 /// A command the client's role may not run arrived: inside MULTI it also
 /// dooms the transaction, as Redis flags it.
 pub fn refused_in_session(c: &mut Client) {
@@ -126,12 +138,7 @@ pub async fn dispatch(c: &mut Client, name: &[u8], cmd: Command, r: &mut Replies
                     .conn
                     .send(Bytes::from_static(b"*1\r\n$7\r\nDISCARD\r\n"), None, true),
             );
-            s.in_multi = false;
-            s.watching = false;
-            s.aborted = false;
-            s.queued.clear();
-            s.flush_on_exec = false;
-            s.queued_db = None;
+            s.end_transaction();
             r.error("EXECABORT Transaction discarded because of previous errors.");
             if c.upstream_pending == 0 {
                 if let Some(s) = c.session.take() {
@@ -151,14 +158,7 @@ pub async fn dispatch(c: &mut Client, name: &[u8], cmd: Command, r: &mut Replies
             };
             on_reply = Some(stale.now_and_on_reply(&ctx));
         }
-        b"discard" if s.in_multi => {
-            s.in_multi = false;
-            s.watching = false;
-            s.aborted = false;
-            s.queued.clear();
-            s.flush_on_exec = false;
-            s.queued_db = None;
-        }
+        b"discard" if s.in_multi => s.end_transaction(),
         b"watch" if !s.in_multi => s.watching = true,
         b"unwatch" if !s.in_multi => s.watching = false,
         b"select" => {

@@ -60,6 +60,27 @@ pub struct UpstreamTls {
 }
 
 impl Connector {
+    /// A connect step, bounded by `connect_timeout`; its failure names the
+    /// target (and `what` failed: "" for TCP, "TLS: ").
+    async fn within<T>(
+        &self,
+        target: &str,
+        what: &str,
+        step: impl std::future::Future<Output = std::io::Result<T>>,
+    ) -> Result<T, UpstreamError> {
+        match tokio::time::timeout(self.connect_timeout, step).await {
+            Err(_) => Err(UpstreamError::ConnectTimeout {
+                addr: target.to_string(),
+                after: self.connect_timeout,
+            }),
+            Ok(Err(e)) => Err(UpstreamError::Connect {
+                addr: target.to_string(),
+                reason: format!("{what}{e}"),
+            }),
+            Ok(Ok(v)) => Ok(v),
+        }
+    }
+
     /// Counts a failure, and tells the breaker when it was upstream's.
     pub fn failed(&self, e: &UpstreamError) {
         self.errors.count(e);
@@ -76,42 +97,15 @@ impl Connector {
     /// database. Also returns what upstream sent after the setup replies.
     pub async fn connect(&self) -> Result<(Stream, BytesMut), UpstreamError> {
         let target = self.target();
-        let stream =
-            match tokio::time::timeout(self.connect_timeout, TcpStream::connect(&target)).await {
-                Err(_) => {
-                    return Err(UpstreamError::ConnectTimeout {
-                        addr: target,
-                        after: self.connect_timeout,
-                    });
-                }
-                Ok(Err(e)) => {
-                    return Err(UpstreamError::Connect {
-                        addr: target,
-                        reason: e.to_string(),
-                    });
-                }
-                Ok(Ok(s)) => s,
-            };
+        let stream = self
+            .within(&target, "", TcpStream::connect(&target))
+            .await?;
         let _ = stream.set_nodelay(true);
         let mut stream = match &self.tls {
             None => Stream::Plain(stream),
             Some(tls) => {
                 let handshake = tls.connector.connect(tls.name.clone(), stream);
-                match tokio::time::timeout(self.connect_timeout, handshake).await {
-                    Err(_) => {
-                        return Err(UpstreamError::ConnectTimeout {
-                            addr: target,
-                            after: self.connect_timeout,
-                        });
-                    }
-                    Ok(Err(e)) => {
-                        return Err(UpstreamError::Connect {
-                            addr: target,
-                            reason: format!("TLS: {e}"),
-                        });
-                    }
-                    Ok(Ok(s)) => Stream::Tls(Box::new(s)),
-                }
+                Stream::Tls(Box::new(self.within(&target, "TLS: ", handshake).await?))
             }
         };
         let mut cmds: Vec<Vec<Vec<u8>>> = Vec::new();
