@@ -4,7 +4,9 @@
 //! `-ERR upstream unavailable (circuit open)` instead of queueing behind a
 //! dead or stalled upstream. Then it is half-open: up to
 //! `upstream.breaker.half_open_probes` requests go through; the first reply
-//! closes it, a failure opens it again.
+//! closes it, a failure opens it again. A reply that arrives after
+//! `open_for` without any probe (a tracking connection's keepalive) closes
+//! it too, so an idle kiln does not report an open circuit forever.
 //!
 //! A failure is an event, not a request: a connect that fails or times out,
 //! a connection lost, a reply overdue past `command_timeout`. A connection
@@ -131,9 +133,19 @@ impl Breaker {
                     tracing::info!("circuit breaker closed: upstream answers again");
                 }
             }
-            // A late reply to a request let through before it opened says
-            // little; the half-open probes decide.
-            _ => {}
+            // Open: a late reply to a request let through before it opened
+            // says little. Once `open_for` has passed, a reply (a tracking
+            // connection's keepalive PING, say) closes it: without client
+            // traffic there would be no probe, and the circuit_open alert
+            // would go on firing against a healthy upstream.
+            _ => {
+                let inner = self.lock();
+                if self.state() == State::Open && Instant::now() >= inner.until {
+                    self.consecutive.store(0, Ordering::Relaxed);
+                    self.state.store(State::Closed as u8, Ordering::Relaxed);
+                    tracing::info!("circuit breaker closed: upstream answers again");
+                }
+            }
         }
     }
 
@@ -216,5 +228,18 @@ mod tests {
         b.success();
         assert_eq!(b.state(), State::Closed);
         assert!(b.allow());
+    }
+
+    #[test]
+    fn a_reply_after_the_open_window_closes_it_without_probes() {
+        let b = breaker(Duration::from_millis(20));
+        for _ in 0..3 {
+            b.failure();
+        }
+        b.success();
+        assert_eq!(b.state(), State::Open, "too early: still open");
+        std::thread::sleep(Duration::from_millis(30));
+        b.success();
+        assert_eq!(b.state(), State::Closed);
     }
 }
