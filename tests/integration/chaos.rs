@@ -301,3 +301,38 @@ async fn serve_stale_on_error_answers_from_l1_while_upstream_is_down() {
     .await;
     assert_eq!(c.cmd_text(&["GET", "s1"]).await, "new1");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fresh_l1_hits_are_served_while_the_circuit_is_open() {
+    // In ttl mode a lost upstream does not make L1 stale: its entries stay
+    // fresh until their TTL, and are served while everything else fails
+    // fast.
+    let mut redis = Redis::start();
+    seed(&redis, "h", 2, |i| format!("v{i}")).await;
+    let kiln = Kiln::start_with(&redis, |c| {
+        c.coherence.mode = kiln::config::CoherenceMode::Ttl;
+        c.upstream.command_timeout = COMMAND_TIMEOUT;
+        c.upstream.connect_timeout = COMMAND_TIMEOUT;
+        c.upstream.breaker.open_for = Duration::from_secs(30);
+    })
+    .await;
+    let mut c = kiln.conn().await;
+    assert_eq!(c.cmd_text(&["GET", "h0"]).await, "v0");
+    redis.kill();
+    until(&mut c, &["SET", "x", "1"], COMMAND_TIMEOUT * 4, |r| {
+        r == CIRCUIT_OPEN.as_bytes()
+    })
+    .await;
+    assert_eq!(breaker_state(&kiln).await, "open");
+    assert_eq!(c.cmd_text(&["GET", "h0"]).await, "v0", "an L1 hit");
+    assert_eq!(
+        c.cmd(&["GET", "h1"]).await,
+        CIRCUIT_OPEN,
+        "a miss fails fast"
+    );
+    assert_eq!(
+        c.cmd(&["PING"]).await,
+        "+PONG\r\n",
+        "kiln's own commands go on"
+    );
+}
