@@ -61,12 +61,12 @@ pub async fn serve_tls(
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
             ctx.metrics.limit_hit("tls_handshake");
-            tracing::info!(%addr, error = %e, "TLS handshake failed, closing");
+            tracing::debug!(%addr, error = %e, "TLS handshake failed, closing");
             return;
         }
         Err(_) => {
             ctx.metrics.limit_hit("tls_handshake");
-            tracing::info!(%addr, "TLS handshake timed out, closing");
+            tracing::debug!(%addr, "TLS handshake timed out, closing");
             return;
         }
     };
