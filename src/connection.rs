@@ -210,11 +210,12 @@ async fn run<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
             );
             return;
         }
-        if !out.is_empty() && !yielded {
-            // Let the other ready tasks on this thread run first: replies
-            // that become ready meanwhile go out in the same write, and the
-            // upstream connection gets bigger batches. Redis likewise writes
-            // replies just before it sleeps.
+        if !out.is_empty() && !yielded && !pending.is_empty() {
+            // Replies are still owed: let the other ready tasks on this
+            // thread run first, so replies that become ready meanwhile go
+            // out in the same write and the upstream connection gets bigger
+            // batches. Redis likewise writes replies just before it sleeps.
+            // With nothing owed, nothing can join this write: it goes now.
             yielded = true;
             tokio::task::yield_now().await;
             continue;
