@@ -259,6 +259,14 @@ async fn run<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     }
 }
 
+/// What a relayed client is owed, in order (see `relay`).
+enum Due {
+    /// A reply frame from upstream, and what its write invalidates then.
+    Reply(Option<Stale>),
+    /// kiln's refusal of a command, to be written after the replies before it.
+    Refused(bytes::Bytes),
+}
+
 enum RelayEnd {
     /// RESET: the client is back to normal.
     Reset,
@@ -290,8 +298,9 @@ async fn relay<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     let mut from_up = raw.leftover;
     from_up.reserve(16 * 1024);
     let mut scanner = Scanner::new();
-    // Per forwarded command that gets a reply frame: what to invalidate then.
-    let mut due: VecDeque<Option<Stale>> = VecDeque::new();
+    // In command order: per forwarded command that gets a reply frame, what
+    // to invalidate then; and kiln's own refusals, written in their turn.
+    let mut due: VecDeque<Due> = VecDeque::new();
     loop {
         loop {
             let cmd = match request::parse(inbuf, &ctx.limits) {
@@ -315,18 +324,23 @@ async fn relay<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
             }
             if let Some(role) = c.role {
                 if let Err(e) = cmd::auth::permit(&ctx, role, name, &cmd.args) {
-                    // Answered at once: it may overtake replies still due
-                    // from upstream (a relay does not track them).
-                    encode::error(out, &e);
+                    // After the replies upstream still owes, not before.
+                    if due.is_empty() {
+                        encode::error(out, &e);
+                    } else {
+                        let mut b = BytesMut::new();
+                        encode::error(&mut b, &e);
+                        due.push_back(Due::Refused(b.freeze()));
+                    }
                     continue;
                 }
             }
             match Stale::of(&ctx, &cmd.args) {
                 Some(stale) => {
                     stale.apply(&ctx);
-                    due.push_back(Some(stale));
+                    due.push_back(Due::Reply(Some(stale)));
                 }
-                None if !session::is_relay(name, &cmd.args) => due.push_back(None),
+                None if !session::is_relay(name, &cmd.args) => due.push_back(Due::Reply(None)),
                 None => {}
             }
             to_up.extend_from_slice(&cmd.wire());
@@ -363,12 +377,18 @@ async fn relay<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                     match scanner.next_frame(&from_up) {
                         Ok(Some(f)) => {
                             let frame = from_up.split_to(f.len);
-                            if !f.push && !out_of_band(&frame, c.proto) {
-                                if let Some(Some(stale)) = due.pop_front() {
+                            let reply = !f.push && !out_of_band(&frame, c.proto);
+                            if reply {
+                                if let Some(Due::Reply(Some(stale))) = due.pop_front() {
                                     stale.apply(&ctx);
                                 }
                             }
                             out.extend_from_slice(&frame);
+                            while let Some(Due::Refused(_)) = due.front() {
+                                if let Some(Due::Refused(e)) = due.pop_front() {
+                                    out.extend_from_slice(&e);
+                                }
+                            }
                         }
                         Ok(None) => break,
                         Err(_) => return upstream_gone(wr, out).await,

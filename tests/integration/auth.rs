@@ -153,3 +153,25 @@ async fn roles_limit_what_a_user_may_run() {
         "-NOAUTH Authentication required.\r\n"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_inside_a_relay_keeps_its_place_in_the_replies() {
+    let redis = Redis::start();
+    seed(&redis, "a", 1, |_| "1".into()).await;
+    let kiln = Kiln::start_with_url(&redis.url(), users).await;
+    let mut c = kiln.conn().await;
+    let hello = c.cmd(&["HELLO", "3", "AUTH", "reader", "rp"]).await;
+    assert!(hello.starts_with(b"%7\r\n"), "{hello:?}");
+    // RESP3 SUBSCRIBE hands the client to a relay.
+    let sub = c.cmd(&["SUBSCRIBE", "ch"]).await;
+    assert!(sub.starts_with(b">3\r\n"), "{sub:?}");
+    // Pipelined: upstream owes the first reply when the refusal is made.
+    let mut batch = encode(&["GET", "a0"]);
+    batch.extend(encode(&["SET", "a0", "2"]));
+    batch.extend(encode(&["ECHO", "after"]));
+    c.send_raw(&batch).await;
+    assert_eq!(c.read().await, "$1\r\n1\r\n");
+    assert_eq!(c.read().await, noperm("set"));
+    assert_eq!(c.read().await, "$5\r\nafter\r\n");
+    assert_eq!(redis.conn().await.cmd_text(&["GET", "a0"]).await, "1");
+}
