@@ -33,7 +33,7 @@ pub fn get(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
     let ttl = match c.ctx.l1.policy(&cmd.args[1]) {
         Policy::Cache { ttl } if c.writes_pending.is_empty() || !c.writing(&cmd.args[1]) => ttl,
         _ => {
-            c.ctx.l1.stats.bypasses.fetch_add(1, Ordering::Relaxed);
+            c.ctx.l1.stats.bypasses.add(1);
             c.op.class = Class::Forward;
             let rx = c.conn.send(cmd.wire(), None, true);
             c.expect(r, rx, Then::Nothing);
@@ -42,13 +42,13 @@ pub fn get(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
     };
     let l1 = &c.ctx.l1;
     if let Some(e) = l1.get_at(c.db, &cmd.args[1], c.now) {
-        l1.stats.hits.fetch_add(1, Ordering::Relaxed);
+        l1.stats.hits.add(1);
         c.op.class = Class::Hit;
         let proto = c.proto;
         r.ready(|o| e.write_reply(o, proto));
         return;
     }
-    l1.stats.misses.fetch_add(1, Ordering::Relaxed);
+    l1.stats.misses.add(1);
     let key = cmd.args[1].clone();
     let token = l1.token(&key);
     let rx = match l1.flights.join(c.db, &key, token) {
@@ -68,6 +68,10 @@ pub fn get(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
                     Ok(Err(e)) => GetAnswer::Failed(e.reply_text()),
                     Err(_) => GetAnswer::Failed("ERR upstream: request dropped".into()),
                 };
+                let pttl = pttl_of(pttl_rx.await.ok());
+                fill_one(&ctx, db, &key, &answer, pttl, ttl, token);
+                // Only after the fill: a stale answer never goes back into
+                // L1 as fresh.
                 if let GetAnswer::Failed(_) = answer {
                     if let Some(e) = ctx.l1.get_stale(db, &key) {
                         ctx.l1.stats.stale_served.fetch_add(1, Ordering::Relaxed);
@@ -77,8 +81,6 @@ pub fn get(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
                         };
                     }
                 }
-                let pttl = pttl_of(pttl_rx.await.ok());
-                fill_one(&ctx, db, &key, &answer, pttl, ttl, token);
                 ctx.l1.flights.finish(flight, answer);
             });
             rx
@@ -144,7 +146,7 @@ pub fn mget(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
     }
     if !c.writes_pending.is_empty() && cmd.args[1..].iter().any(|k| c.writing(k)) {
         let n = cmd.args.len() as u64 - 1;
-        c.ctx.l1.stats.bypasses.fetch_add(n, Ordering::Relaxed);
+        c.ctx.l1.stats.bypasses.add(n);
         c.op.class = Class::Forward;
         let rx = c.conn.send(cmd.wire(), None, true);
         c.expect(r, rx, Then::Nothing);
@@ -161,18 +163,18 @@ pub fn mget(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
         let hit = match policy {
             Policy::Cache { .. } => l1.get_at(c.db, key, c.now),
             Policy::Bypass => {
-                l1.stats.bypasses.fetch_add(1, Ordering::Relaxed);
+                l1.stats.bypasses.add(1);
                 None
             }
         };
         match hit {
             Some(e) => {
-                l1.stats.hits.fetch_add(1, Ordering::Relaxed);
+                l1.stats.hits.add(1);
                 slots.push(Some(e));
             }
             None => {
                 if let Policy::Cache { ttl } = policy {
-                    l1.stats.misses.fetch_add(1, Ordering::Relaxed);
+                    l1.stats.misses.add(1);
                     missing.push(Miss {
                         key: key.clone(),
                         fill: Some((ttl, l1.token(key))),

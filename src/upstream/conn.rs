@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::{Breaker, Connector, breaker};
-use crate::error::UpstreamError;
+use crate::error::{ErrorCounts, UpstreamError};
 use crate::protocol::scan::Scanner;
 use crate::tls::{BoxRead, BoxWrite};
 
@@ -66,14 +66,20 @@ pub struct Hooks {
 pub struct ConnHandle {
     tx: mpsc::UnboundedSender<Request>,
     breaker: Arc<Breaker>,
+    /// Where requests the open circuit refuses are counted.
+    errors: Arc<ErrorCounts>,
 }
 
 impl ConnHandle {
     pub fn spawn(connector: Arc<Connector>, hooks: Hooks) -> ConnHandle {
         let (tx, rx) = mpsc::unbounded_channel();
-        let breaker = connector.breaker.clone();
+        let (breaker, errors) = (connector.breaker.clone(), connector.errors.clone());
         tokio::spawn(run(rx, connector, hooks));
-        ConnHandle { tx, breaker }
+        ConnHandle {
+            tx,
+            breaker,
+            errors,
+        }
     }
 
     /// Queues a command; the receiver gets its reply.
@@ -91,6 +97,7 @@ impl ConnHandle {
                 on_reply,
                 timed,
             };
+            self.errors.count(&UpstreamError::CircuitOpen);
             fail(req, UpstreamError::CircuitOpen);
             return rx;
         }

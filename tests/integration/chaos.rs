@@ -4,7 +4,7 @@
 //! by itself, and a write that timed out is never run twice.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::util::*;
@@ -68,9 +68,10 @@ async fn upstream_killed_under_load_then_recovers() {
     // Load: readers and writers through kiln; every reply must come within
     // the bound and be either an error or a value the key really had.
     let stop = Arc::new(AtomicBool::new(false));
+    let answered = Arc::new(AtomicU64::new(0));
     let mut workers = Vec::new();
     for w in 0..4 {
-        let stop = stop.clone();
+        let (stop, answered) = (stop.clone(), answered.clone());
         let mut conn = kiln.conn().await;
         workers.push(tokio::spawn(async move {
             let (mut replies, mut errors, mut slowest) = (0u64, 0u64, Duration::ZERO);
@@ -92,6 +93,7 @@ async fn upstream_killed_under_load_then_recovers() {
                     .expect("connection stays open");
                 slowest = slowest.max(t.elapsed());
                 replies += 1;
+                answered.fetch_add(1, Ordering::Relaxed);
                 if r.starts_with(b"-") {
                     assert!(r.starts_with(b"-ERR upstream"), "{r:?}");
                     errors += 1;
@@ -108,7 +110,12 @@ async fn upstream_killed_under_load_then_recovers() {
             (replies, errors, slowest)
         }));
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Kill upstream once the load is really running.
+    let deadline = Instant::now() + WAIT;
+    while answered.load(Ordering::Relaxed) < 500 {
+        assert!(Instant::now() < deadline, "the load never got going");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     redis.kill();
     let killed = Instant::now();
     // An outage of at least half a second, with the load going on.
@@ -337,4 +344,12 @@ async fn fresh_l1_hits_are_served_while_the_circuit_is_open() {
         "+PONG\r\n",
         "kiln's own commands go on"
     );
+    // The refusals are counted as such.
+    let (_, body) = http_get(kiln.metrics, "/metrics").await;
+    let refused: u64 = body
+        .lines()
+        .find_map(|l| l.strip_prefix("upstream_errors_total{kind=\"circuit_open\"} "))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("circuit_open errors exported");
+    assert!(refused >= 2, "{refused} refusals counted");
 }
