@@ -676,14 +676,8 @@ impl Config {
         }
         let upstream = self.upstream_addr().map_err(|m| bad("upstream.url", m))?;
         if let Some(tls) = &self.server.tls {
-            crate::tls::acceptor(tls).map_err(|m| {
-                let key = if m.contains(&tls.key) && !m.contains("do not go together") {
-                    "server.tls.key"
-                } else {
-                    "server.tls.cert"
-                };
-                bad(key, m)
-            })?;
+            crate::tls::acceptor(tls)
+                .map_err(|e| bad(&format!("server.tls.{}", e.key), e.message))?;
         }
         if let Some(ca) = &self.upstream.tls_ca {
             if !upstream.tls {

@@ -74,7 +74,7 @@ pub async fn serve_tls(
     serve_io(rd, wr, addr, ctx, shutdown).await;
 }
 
-const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 async fn serve_io<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     rd: R,

@@ -112,7 +112,8 @@ impl Context {
                 .tls
                 .as_ref()
                 .map(crate::tls::acceptor)
-                .transpose()?,
+                .transpose()
+                .map_err(|e| e.to_string())?,
             metrics: crate::telemetry::metrics::Metrics::new(table.names()),
             health: crate::telemetry::health::Health::new(cfg),
             upstream,

@@ -59,7 +59,8 @@ pub async fn accept_loop(
                                 Some(tls) => {
                                     let hs = tls.accept(stream);
                                     if let Ok(Ok(mut s)) =
-                                        tokio::time::timeout(Duration::from_secs(5), hs).await
+                                        tokio::time::timeout(connection::HANDSHAKE_TIMEOUT, hs)
+                                            .await
                                     {
                                         let _ = s.write_all(FULL).await;
                                         let _ = s.shutdown().await;

@@ -32,17 +32,35 @@ fn certs(path: &str) -> Result<Vec<CertificateDer<'static>>, String> {
     Ok(certs)
 }
 
+/// Why `[server.tls]` cannot be used, and which of its keys is at fault.
+#[derive(Debug)]
+pub struct ServerTlsError {
+    /// `"cert"` or `"key"`.
+    pub key: &'static str,
+    pub message: String,
+}
+
+impl std::fmt::Display for ServerTlsError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "server.tls.{}: {}", self.key, self.message)
+    }
+}
+
 /// The client-facing TLS settings, loaded and checked.
-pub fn acceptor(cfg: &ServerTlsConfig) -> Result<tokio_rustls::TlsAcceptor, String> {
-    let chain = certs(&cfg.cert)?;
+pub fn acceptor(cfg: &ServerTlsConfig) -> Result<tokio_rustls::TlsAcceptor, ServerTlsError> {
+    let at = |key: &'static str| move |message: String| ServerTlsError { key, message };
+    let chain = certs(&cfg.cert).map_err(at("cert"))?;
     let key = PrivateKeyDer::from_pem_file(&cfg.key)
-        .map_err(|e| format!("cannot read a private key from `{}`: {e}", cfg.key))?;
+        .map_err(|e| format!("cannot read a private key from `{}`: {e}", cfg.key))
+        .map_err(at("key"))?;
     let config = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())
+        .map_err(at("cert"))?
         .with_no_client_auth()
         .with_single_cert(chain, key)
-        .map_err(|e| format!("certificate and key do not go together: {e}"))?;
+        .map_err(|e| format!("the certificate and the key do not go together: {e}"))
+        .map_err(at("key"))?;
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 

@@ -282,8 +282,8 @@ pub enum Val {
 
 pub fn status_fields(ctx: &Context, w: &Snapshot) -> Vec<(&'static str, Val)> {
     let s = &ctx.l1.stats;
-    let hits = s.hits.load(std::sync::atomic::Ordering::Relaxed);
-    let misses = s.misses.load(std::sync::atomic::Ordering::Relaxed);
+    let hits = s.hits.load();
+    let misses = s.misses.load();
     let hit_rate = if hits + misses == 0 {
         0.0
     } else {

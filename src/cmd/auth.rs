@@ -105,11 +105,16 @@ fn about_self(name: &[u8], args: &[Bytes]) -> bool {
     match name {
         b"ping" | b"echo" | b"select" | b"hello" | b"auth" | b"quit" | b"reset" => true,
         b"client" => args.get(1).is_some_and(|s| {
-            let s = s.to_ascii_lowercase();
-            matches!(
-                &s[..],
-                b"id" | b"getname" | b"setname" | b"setinfo" | b"info" | b"list"
-            )
+            [
+                &b"id"[..],
+                b"getname",
+                b"setname",
+                b"setinfo",
+                b"info",
+                b"list",
+            ]
+            .iter()
+            .any(|sub| s.eq_ignore_ascii_case(sub))
         }),
         _ => false,
     }

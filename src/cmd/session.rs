@@ -140,11 +140,7 @@ pub async fn dispatch(c: &mut Client, name: &[u8], cmd: Command, r: &mut Replies
             );
             s.end_transaction();
             r.error("EXECABORT Transaction discarded because of previous errors.");
-            if c.upstream_pending == 0 {
-                if let Some(s) = c.session.take() {
-                    c.ctx.upstream.release(s.session, !s.dirty);
-                }
-            }
+            release_if_over(c);
             return Flow::Continue;
         }
         b"exec" if s.in_multi => {
@@ -204,6 +200,12 @@ pub fn after_reply(c: &mut Client, reply: &Reply, select: Option<u32>) {
             c.meta_update();
         }
     }
+    release_if_over(c);
+}
+
+/// Gives the session connection back once the transaction and WATCH are
+/// over and no reply is pending on it.
+fn release_if_over(c: &mut Client) {
     let over = c
         .session
         .as_ref()

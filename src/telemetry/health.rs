@@ -80,8 +80,8 @@ impl Health {
     fn sample(ctx: &Context) -> Sample {
         let s = &ctx.l1.stats;
         Sample {
-            hits: s.hits.load(Ordering::Relaxed),
-            misses: s.misses.load(Ordering::Relaxed),
+            hits: s.hits.load(),
+            misses: s.misses.load(),
             penetrations: s.penetrations.load(Ordering::Relaxed),
             failed: ctx.metrics.failed_replies.load(Ordering::Relaxed),
             commands: ctx.metrics.commands_total(),

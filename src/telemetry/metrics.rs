@@ -128,15 +128,11 @@ impl Metrics {
         self.commands
             .get(lower)
             .unwrap_or(&self.other_commands)
-            .fetch_add(1, Ordering::Relaxed);
+            .add(1);
     }
 
     pub fn commands_total(&self) -> u64 {
-        self.commands
-            .values()
-            .map(|c| c.load(Ordering::Relaxed))
-            .sum::<u64>()
-            + self.other_commands.load(Ordering::Relaxed)
+        self.commands.values().map(Striped::load).sum::<u64>() + self.other_commands.load()
     }
 
     pub fn latency(&self, class: Class, took: Duration) {
@@ -163,15 +159,10 @@ impl Metrics {
         let mut v: Vec<(String, u64)> = self
             .commands
             .iter()
-            .map(|(k, c)| {
-                (
-                    String::from_utf8_lossy(k).into_owned(),
-                    c.load(Ordering::Relaxed),
-                )
-            })
+            .map(|(k, c)| (String::from_utf8_lossy(k).into_owned(), c.load()))
             .filter(|(_, n)| *n > 0)
             .collect();
-        let other = self.other_commands.load(Ordering::Relaxed);
+        let other = self.other_commands.load();
         if other > 0 {
             v.push(("other".into(), other));
         }

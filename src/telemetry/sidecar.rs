@@ -49,16 +49,13 @@ pub fn render(ctx: &Context) -> String {
     let m = &ctx.metrics;
     let s = &ctx.l1.stats;
     let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-    let (hits, misses) = (
-        s.hits.load(Ordering::Relaxed),
-        s.misses.load(Ordering::Relaxed),
-    );
+    let (hits, misses) = (s.hits.load(), s.misses.load());
     m.counter(names::HITS, &[]).absolute(hits);
     m.counter(names::MISSES, &[]).absolute(misses);
     for (status, n) in [
         ("hit", hits),
         ("miss", misses),
-        ("bypass", s.bypasses.load(Ordering::Relaxed)),
+        ("bypass", s.bypasses.load()),
         ("stale", load(&s.stale_served)),
     ] {
         m.counter(names::REQUESTS, &[("status", status)])
@@ -153,7 +150,7 @@ async fn metrics_json(State(ctx): State<Arc<Context>>) -> Json<serde_json::Value
         .collect();
     if let Some(o) = v.as_object_mut() {
         o.insert("penetrations".into(), load(&s.penetrations).into());
-        o.insert("bypasses".into(), s.bypasses.load(Ordering::Relaxed).into());
+        o.insert("bypasses".into(), s.bypasses.load().into());
         o.insert("evictions".into(), load(&s.evictions).into());
         o.insert("invalidations".into(), invalidations.into());
         o.insert("upstream_errors".into(), errors.into());
