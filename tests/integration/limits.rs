@@ -14,12 +14,10 @@ use crate::util::*;
 
 /// `proxy_client_limit_total{limit="..."}` from the sidecar.
 async fn limit_count(kiln: &Kiln, limit: &str) -> u64 {
-    let (_, body) = http_get(kiln.metrics, "/metrics").await;
-    let prefix = format!("proxy_client_limit_total{{limit=\"{limit}\"}} ");
-    body.lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .and_then(|n| n.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {prefix} in the exposition"))
+    let series = format!("proxy_client_limit_total{{limit=\"{limit}\"}}");
+    metric(kiln.metrics, &series)
+        .await
+        .unwrap_or_else(|| panic!("no {series} in the exposition")) as u64
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
