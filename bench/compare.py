@@ -114,6 +114,7 @@ def kiln_config(port, upstream, metrics, forward_only):
     rule = '[[cache.rules]]\nmatch = "key:*"\ncache = false\n' if forward_only else ""
     return f"""[server]
 listen = "127.0.0.1:{port}"
+threads = {os.environ.get("KILN_THREADS", 0)}
 [upstream]
 url = "redis://127.0.0.1:{upstream}"
 [cache]

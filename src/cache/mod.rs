@@ -1,5 +1,5 @@
 //! The L1 cache: `(db, key) -> GET reply or nil` in a byte-weighted
-//! `quick_cache`, with rules, TTLs, negative entries and the two guards that
+//! table (`store`), with rules, TTLs, negative entries and the two guards that
 //! keep it coherent with writes made through kiln:
 //!
 //! * a generation per key (striped, so memory does not grow with the key
@@ -13,71 +13,35 @@
 
 pub mod flight;
 pub mod glob;
+mod store;
 
-use std::hash::{BuildHasher, Hash};
+use std::hash::BuildHasher;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use quick_cache::{DefaultHashBuilder, Equivalent, Weighter};
+use foldhash::fast::RandomState;
 
 use crate::config::CacheConfig;
 
 /// Bytes charged per entry on top of its key and value, so that
-/// `cache.max_memory` bounds what L1 really takes: measured with `cargo
-/// bench --bench memory` (1,000,000 entries, 16-byte keys, 100-byte values:
-/// 210.9 bytes of RSS each, 94.9 beyond key and value). It is the entry's
-/// allocation header (reference count, `Meta`, length: 32 bytes) and malloc
-/// rounding, quick_cache's slab slot (two 8-byte handles, its links and
-/// flags) and its table slot.
+/// `cache.max_memory` bounds what L1 really takes. It is the entry's
+/// allocation header (reference count, `Meta`, length: 32 bytes) with
+/// malloc's header and rounding (about 44 bytes for a 16-byte key and a
+/// 100-byte value), and its share of the table's 16-byte slots: 21 to 43
+/// bytes, as a table is kept between 3/8 and 3/4 full. `cargo bench --bench
+/// memory` measured 77.8 beyond key and value (1,000,000 entries); the charge
+/// covers the emptiest table too.
 pub const ENTRY_OVERHEAD: u64 = 96;
 
 const GENERATIONS: usize = 1 << 16;
 
-/// The cache's key: a second handle on the entry's own allocation, which
-/// holds the database and the key bytes. Hash and equality are those of
-/// `KeyRef`, so lookups borrow the client's argument.
-#[derive(Clone)]
-pub struct Key(Entry);
-
-impl Key {
-    fn db(&self) -> u32 {
-        self.0.0.header.header.db
-    }
-
-    fn key(&self) -> &[u8] {
-        self.0.key()
-    }
-}
-
-impl PartialEq for Key {
-    fn eq(&self, other: &Key) -> bool {
-        self.db() == other.db() && self.key() == other.key()
-    }
-}
-
-impl Eq for Key {}
-
-impl Hash for Key {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        // Exactly as the derived `Hash` of `KeyRef`: field by field.
-        self.db().hash(state);
-        self.key().hash(state);
-    }
-}
-
-/// A lookup key borrowing the client's argument: no allocation per GET.
+/// What the table hashes: the database and the key, borrowed.
 #[derive(Hash)]
 struct KeyRef<'a> {
     db: u32,
     key: &'a [u8],
-}
-
-impl Equivalent<Key> for KeyRef<'_> {
-    fn equivalent(&self, k: &Key) -> bool {
-        self.db == k.db() && self.key == k.key()
-    }
 }
 
 /// What an entry's allocation holds before its bytes.
@@ -95,10 +59,9 @@ const NIL: u32 = 1 << 31;
 
 /// A cached `GET` answer, in a single allocation behind a thin (8-byte)
 /// pointer: reference count, `Meta`, length, then the key and the value's
-/// bytes (without RESP framing, which is written on the way out). The
-/// cache's key is a second handle on the same allocation. A hit clones it
-/// out of the cache: one reference count, on the same cache line as the
-/// expiry and the start of the key.
+/// bytes (without RESP framing, which is written on the way out). A hit
+/// clones it out of the cache: one reference count, on the same cache line
+/// as the expiry and the start of the key.
 #[derive(Clone)]
 pub struct Entry(triomphe::ThinArc<Meta, u8>);
 
@@ -138,6 +101,10 @@ impl Entry {
         self.0.header.header.header
     }
 
+    fn db(&self) -> u32 {
+        self.0.header.header.db
+    }
+
     fn key(&self) -> &[u8] {
         let n = (self.0.header.header.key_len & !NIL) as usize;
         &self.0.slice[..n]
@@ -167,25 +134,9 @@ impl Entry {
     }
 }
 
-/// Counts what quick_cache evicts for lack of room.
-#[derive(Clone)]
-struct CountEvictions(Arc<AtomicU64>);
-
-impl quick_cache::Lifecycle<Key, Entry> for CountEvictions {
-    type RequestState = ();
-
-    fn on_evict(&self, _: &mut (), _: Key, _: Entry) {
-        self.0.fetch_add(1, Ordering::Relaxed);
-    }
-}
-
-#[derive(Clone)]
-struct ByteWeight;
-
-impl Weighter<Key, Entry> for ByteWeight {
-    fn weight(&self, _: &Key, v: &Entry) -> u64 {
-        v.0.slice.len() as u64 + ENTRY_OVERHEAD
-    }
+/// What an entry is charged against `cache.max_memory`.
+fn weigh(e: &Entry) -> u64 {
+    e.0.slice.len() as u64 + ENTRY_OVERHEAD
 }
 
 /// What a fill must present to be accepted: the state seen when the read
@@ -209,8 +160,8 @@ struct Rule {
 }
 
 pub struct L1 {
-    store: quick_cache::sync::Cache<Key, Entry, ByteWeight, DefaultHashBuilder, CountEvictions>,
-    hasher: DefaultHashBuilder,
+    store: store::Store,
+    hasher: RandomState,
     generations: Box<[AtomicU64]>,
     /// Bumped by `clear`, so fills in flight across a flush are dropped.
     epoch: AtomicU64,
@@ -295,9 +246,9 @@ impl Stats {
 
 impl L1 {
     pub fn new(cfg: &CacheConfig) -> Result<L1, String> {
-        // quick_cache splits capacity evenly over shards and silently refuses
-        // an item above ~97% of a shard, so keep a shard at least 4x the
-        // largest value kiln may cache.
+        // The budget is split evenly over shards and an entry above a
+        // shard's share is refused, so keep a shard at least 4x the largest
+        // value kiln may cache.
         let max_item = cfg.max_value_size + 1024;
         let shards = (cfg.max_memory / (4 * max_item))
             .clamp(1, 64)
@@ -307,19 +258,8 @@ impl L1 {
         } else {
             shards
         };
-        let options = quick_cache::OptionsBuilder::new()
-            .shards(shards)
-            .weight_capacity(cfg.max_memory)
-            .estimated_items_capacity((cfg.max_memory / 256).clamp(1024, 4_000_000) as usize)
-            .build()
-            .map_err(|e| format!("cache: {e}"))?;
         let evictions = Arc::new(AtomicU64::new(0));
-        let store = quick_cache::sync::Cache::with_options(
-            options,
-            ByteWeight,
-            DefaultHashBuilder::default(),
-            CountEvictions(evictions.clone()),
-        );
+        let store = store::Store::new(shards, cfg.max_memory, weigh, evictions.clone());
         let rules = cfg
             .rules
             .iter()
@@ -336,7 +276,7 @@ impl L1 {
             .collect();
         Ok(L1 {
             store,
-            hasher: DefaultHashBuilder::default(),
+            hasher: RandomState::default(),
             generations: (0..GENERATIONS).map(|_| AtomicU64::new(0)).collect(),
             epoch: AtomicU64::new(0),
             fresh_epoch: AtomicU64::new(0),
@@ -382,8 +322,8 @@ impl L1 {
     /// as Redis checks expiry against the command's start, so a hit takes
     /// no clock reading of its own.
     pub fn get_at(&self, db: u32, key: &[u8], now: Instant) -> Option<Entry> {
-        let k = KeyRef { db, key };
-        let e = self.store.get(&k)?;
+        let hash = self.hash(db, key);
+        let e = self.store.get(hash, db, key)?;
         let header = e.header();
         let now = now.saturating_duration_since(self.born).as_millis() as u64;
         let epoch = self.fresh_epoch.load(Ordering::SeqCst) & EPOCH_MASK;
@@ -391,7 +331,7 @@ impl L1 {
             return Some(e);
         }
         if !self.stale_usable(header, now) {
-            self.store.remove(&k);
+            self.store.remove(hash, db, key);
         }
         None
     }
@@ -404,7 +344,7 @@ impl L1 {
         if !self.serve_stale {
             return None;
         }
-        let e = self.store.get(&KeyRef { db, key })?;
+        let e = self.store.get(self.hash(db, key), db, key)?;
         self.stale_usable(e.header(), self.now_ms()).then_some(e)
     }
 
@@ -447,6 +387,10 @@ impl L1 {
     /// Milliseconds since the cache was made: what expiries count in.
     fn now_ms(&self) -> u64 {
         self.born.elapsed().as_millis() as u64
+    }
+
+    fn hash(&self, db: u32, key: &[u8]) -> u64 {
+        self.hasher.hash_one(KeyRef { db, key })
     }
 
     fn slot(&self, key: &[u8]) -> &AtomicU64 {
@@ -508,12 +452,19 @@ impl L1 {
         let expires = self.now_ms() + lifetime.as_millis() as u64;
         let epoch = self.fresh_epoch.load(Ordering::SeqCst);
         let entry = Entry::new(db, key, expires, epoch, frame.map(bulk_data));
-        self.store.insert(Key(entry.clone()), entry);
+        let hash = self.hash(db, key);
+        if !self.store.insert(hash, entry) {
+            // Larger than a shard's share of the budget.
+            self.stats
+                .not_cached_too_large
+                .fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
         // An invalidation may have landed between the check and the insert:
         // it bumped the generation first, so seeing it unchanged here means
         // its removal comes after our insert.
         if !self.current(key, t) {
-            self.store.remove(&KeyRef { db, key });
+            self.store.remove(hash, db, key);
             self.stats.fills_dropped.fetch_add(1, Ordering::Relaxed);
             return false;
         }
@@ -527,7 +478,7 @@ impl L1 {
         self.slot(key).fetch_add(1, Ordering::SeqCst);
         let max_db = self.max_db.load(Ordering::SeqCst);
         let removed = (0..=max_db)
-            .filter(|&db| self.store.remove(&KeyRef { db, key }).is_some())
+            .filter(|&db| self.store.remove(self.hash(db, key), db, key).is_some())
             .count();
         self.stats.invalidations[source as usize].fetch_add(1, Ordering::Relaxed);
         removed
@@ -536,9 +487,9 @@ impl L1 {
     /// Drops every entry whose key matches the glob; returns how many.
     pub fn invalidate_matching(&self, pattern: &[u8], source: Source) -> usize {
         let removed = AtomicU64::new(0);
-        self.store.retain(|k, _| {
-            if glob::matches(pattern, k.key()) {
-                self.slot(k.key()).fetch_add(1, Ordering::SeqCst);
+        self.store.retain(|e| {
+            if glob::matches(pattern, e.key()) {
+                self.slot(e.key()).fetch_add(1, Ordering::SeqCst);
                 removed.fetch_add(1, Ordering::Relaxed);
                 false
             } else {

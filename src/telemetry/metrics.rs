@@ -53,7 +53,7 @@ pub struct Metrics {
     handle: PrometheusHandle,
     latency: [Histogram; 4],
     /// Per command name (lowercase), fixed at start: lookups take no lock.
-    commands: HashMap<Vec<u8>, Striped, quick_cache::DefaultHashBuilder>,
+    commands: HashMap<Vec<u8>, Striped, foldhash::fast::RandomState>,
     other_commands: Striped,
     /// Replies that were upstream failures (for the error rate).
     pub failed_replies: AtomicU64,
