@@ -246,6 +246,13 @@ async fn run<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                     batch_start = last_active.into_std();
                     clock = batch_start;
                     yielded = false;
+                    // A pipelined run of GETs: start loading their L1
+                    // slots and entries together, before serving them one
+                    // by one.
+                    let keys = request::leading_get_keys(&inbuf, 32);
+                    if keys.len() > 1 {
+                        ctx.l1.prefetch(c.db, &keys);
+                    }
                 }
                 // Redis drops a client on EOF without answering the rest.
                 _ => return,

@@ -336,6 +336,19 @@ impl L1 {
         None
     }
 
+    /// Starts loading what looking up `keys` will read, so that the memory
+    /// reads of a pipelined batch of GETs overlap: first every key's slot,
+    /// then (with the slots in the CPU cache by then) every entry.
+    pub fn prefetch(&self, db: u32, keys: &[&[u8]]) {
+        let hashes: smallvec::SmallVec<[u64; 32]> = keys.iter().map(|k| self.hash(db, k)).collect();
+        for &h in &hashes {
+            self.store.prefetch_slot(h);
+        }
+        for &h in &hashes {
+            self.store.prefetch_entry(h);
+        }
+    }
+
     /// An entry that is fresh or at most `cache.max_stale` past being
     /// fresh, for when upstream cannot answer; `None` unless
     /// `cache.serve_stale_on_error` is on. The caller counts what it

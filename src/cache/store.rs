@@ -158,6 +158,22 @@ impl Table {
     }
 }
 
+/// A hint to the CPU to load the line at `p`: lets the misses of a batch
+/// of lookups overlap instead of coming one after another.
+#[inline]
+fn prefetch<T>(p: *const T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch only hints the cache: it never faults and does not
+    // read or write memory as far as the program can tell, whatever the
+    // address (the lines after an entry's first may lie past its end).
+    #[allow(unsafe_code)]
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
 #[repr(align(64))]
 struct Shard(RwLock<Table>);
 
@@ -211,6 +227,39 @@ impl Store {
 
     fn tag(hash: u64) -> u64 {
         (hash & !FLAGS) | OCCUPIED
+    }
+
+    /// Starts loading the line of the slot where a lookup of `hash` begins.
+    pub fn prefetch_slot(&self, hash: u64) {
+        let t = self.shard(hash).read();
+        prefetch(&t.slots[Slot::home(Self::tag(hash), t.mask())]);
+    }
+
+    /// Starts loading the entry a lookup of `hash` would compare first, if
+    /// any. Best after `prefetch_slot` had time to land.
+    pub fn prefetch_entry(&self, hash: u64) {
+        let tag = Self::tag(hash);
+        let t = self.shard(hash).read();
+        let mask = t.mask();
+        let mut i = Slot::home(tag, mask);
+        loop {
+            let s = &t.slots[i];
+            let found = s.tag.load(Ordering::Relaxed);
+            if found == 0 {
+                return;
+            }
+            if found & !REFERENCED == tag {
+                if let Some(e) = &s.entry {
+                    // Its header and key, and the start of its value.
+                    let p = e.0.ptr().cast::<u8>();
+                    prefetch(p);
+                    prefetch(p.wrapping_add(64));
+                    prefetch(p.wrapping_add(128));
+                }
+                return;
+            }
+            i = (i + 1) & mask;
+        }
     }
 
     pub fn get(&self, hash: u64, db: u32, key: &[u8]) -> Option<Entry> {

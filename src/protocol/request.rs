@@ -100,6 +100,48 @@ pub fn parse(buf: &mut BytesMut, limits: &Limits) -> Result<Parsed, ProtocolErro
     }
 }
 
+/// The keys of the run of complete `GET key` requests (in the multibulk
+/// form clients send) at the start of `buf`, at most `max` of them: what a
+/// batch is about to look up, for `L1::prefetch`. Only a hint: it stops at
+/// anything else, and `parse` still checks every request.
+pub fn leading_get_keys(buf: &[u8], max: usize) -> smallvec::SmallVec<[&[u8]; 32]> {
+    let mut keys = smallvec::SmallVec::new();
+    let mut rest = buf;
+    while keys.len() < max {
+        // `*2\r\n$3\r\nGET\r\n`, then the key's `$`.
+        let Some(after) = rest
+            .get(..14)
+            .filter(|h| {
+                h[..8] == *b"*2\r\n$3\r\n"
+                    && h[8..11].eq_ignore_ascii_case(b"GET")
+                    && h[11..] == *b"\r\n$"
+            })
+            .map(|_| &rest[13..])
+        else {
+            break;
+        };
+        let Some(cr) = memchr(b'\r', &after[1..]).map(|i| i + 1) else {
+            break;
+        };
+        let Some(len) = parse_int(&after[1..cr])
+            .and_then(|n| usize::try_from(n).ok())
+            .filter(|&n| n <= 512)
+        else {
+            break;
+        };
+        let start = cr + 2;
+        let Some(key) = after.get(start..start + len) else {
+            break;
+        };
+        if after.get(start + len..start + len + 2) != Some(b"\r\n") {
+            break;
+        }
+        keys.push(key);
+        rest = &after[start + len + 2..];
+    }
+    keys
+}
+
 /// Finds the `\r\n`-terminated line starting at `pos`; returns the index of `\r`.
 fn line_end(buf: &[u8], pos: usize) -> Option<usize> {
     let cr = memchr(b'\r', &buf[pos..])? + pos;
@@ -286,6 +328,26 @@ pub fn split_args(line: &[u8]) -> Option<Vec<Vec<u8>>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn leading_get_keys_finds_the_run_of_gets() {
+        let mut buf = Vec::new();
+        for k in ["a", "key:1", "get"] {
+            buf.extend_from_slice(&encode_command(&["GET", k]));
+        }
+        buf.extend_from_slice(&encode_command(&["get", "lower"]));
+        buf.extend_from_slice(&encode_command(&["SET", "x", "1"]));
+        buf.extend_from_slice(&encode_command(&["GET", "after-set"]));
+        let keys = leading_get_keys(&buf, 32);
+        assert_eq!(keys.as_slice(), [&b"a"[..], b"key:1", b"get", b"lower"]);
+        assert_eq!(leading_get_keys(&buf, 2).len(), 2);
+        // A request cut short is not a key.
+        let one = encode_command(&["GET", "abc"]);
+        for cut in 0..one.len() {
+            assert!(leading_get_keys(&one[..cut], 32).is_empty(), "cut at {cut}");
+        }
+        assert!(leading_get_keys(b"GET a\r\n", 32).is_empty(), "inline");
+    }
 
     fn one(input: &[u8]) -> Result<Parsed, ProtocolError> {
         let mut b = BytesMut::from(input);
