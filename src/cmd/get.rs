@@ -154,6 +154,11 @@ pub fn mget(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
     }
     let l1 = &c.ctx.l1;
     let keys = &cmd.args[1..];
+    if keys.len() > 1 {
+        // Let the keys' memory reads overlap (see `L1::prefetch`).
+        let refs: smallvec::SmallVec<[&[u8]; 32]> = keys.iter().take(32).map(|k| &k[..]).collect();
+        l1.prefetch(c.db, &refs);
+    }
     // Per key: the cached entry (a frame or a nil), or None for a miss.
     let mut slots: Vec<Option<Entry>> = Vec::with_capacity(keys.len());
     let mut missing: Vec<Miss> = Vec::new();
