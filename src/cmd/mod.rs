@@ -123,7 +123,7 @@ pub struct Client {
     /// (`None`: keys unknown, e.g. FLUSHDB). A GET of such a key goes
     /// upstream behind the write instead of to L1, so a client always reads
     /// its own writes; other keys are still served from L1.
-    pub writes_pending: VecDeque<Option<Vec<Bytes>>>,
+    pub writes_pending: VecDeque<Option<write::WriteKeys>>,
     /// The command being dispatched: set by the connection loop, its class
     /// refined by the handler.
     pub op: Timing,

@@ -11,7 +11,7 @@
 
 use bytes::Bytes;
 
-use super::write::Stale;
+use super::write::{Stale, WriteKeys};
 use super::{Client, Flow, Replies, Then, local};
 use crate::protocol::request::Command;
 use crate::upstream::{Reply, Session};
@@ -150,7 +150,7 @@ pub async fn dispatch(c: &mut Client, name: &[u8], cmd: Command, r: &mut Replies
             let stale = if std::mem::take(&mut s.flush_on_exec) {
                 Stale::Everything
             } else {
-                Stale::Keys(std::mem::take(&mut s.queued))
+                Stale::Keys(WriteKeys::from_vec(std::mem::take(&mut s.queued)))
             };
             on_reply = Some(stale.now_and_on_reply(&ctx));
         }

@@ -9,6 +9,11 @@ use std::collections::HashMap;
 use bytes::Bytes;
 use redis_protocol::resp2::types::OwnedFrame;
 
+/// Looked up for every forwarded command, so foldhash rather than SipHash:
+/// clients only look names up, they never insert, so there is no table to
+/// flood.
+type Map = HashMap<Vec<u8>, CmdInfo, foldhash::fast::RandomState>;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct CmdInfo {
     pub write: bool,
@@ -37,7 +42,7 @@ pub enum Keys {
 }
 
 pub struct Table {
-    map: HashMap<Vec<u8>, CmdInfo>,
+    map: Map,
     pub from_upstream: bool,
 }
 
@@ -51,7 +56,7 @@ impl Table {
         let OwnedFrame::Array(cmds) = frame else {
             return None;
         };
-        let mut map = HashMap::with_capacity(cmds.len() * 2);
+        let mut map = Map::with_capacity_and_hasher(cmds.len() * 2, Default::default());
         for c in &cmds {
             add_entry(&mut map, c, None);
         }
@@ -62,7 +67,7 @@ impl Table {
     }
 
     pub fn builtin() -> Table {
-        let mut map = HashMap::new();
+        let mut map = Map::default();
         for (names, info) in BUILTIN {
             for n in names.split_whitespace() {
                 map.insert(n.as_bytes().to_vec(), *info);
@@ -197,7 +202,7 @@ pub fn lower<'a>(name: &[u8], buf: &'a mut [u8; 64]) -> Option<&'a [u8]> {
     Some(out)
 }
 
-fn add_entry(map: &mut HashMap<Vec<u8>, CmdInfo>, c: &OwnedFrame, _parent: Option<&[u8]>) {
+fn add_entry(map: &mut Map, c: &OwnedFrame, _parent: Option<&[u8]>) {
     let OwnedFrame::Array(f) = c else { return };
     let text = |i: usize| match f.get(i) {
         Some(OwnedFrame::BulkString(b)) | Some(OwnedFrame::SimpleString(b)) => Some(b.clone()),

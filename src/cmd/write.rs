@@ -17,9 +17,13 @@ use crate::context::Context;
 use crate::protocol::request::Command;
 use crate::upstream::OnReply;
 
+/// The keys a write names: most name one or two, held inline so the
+/// forward path does not allocate for them.
+pub type WriteKeys = smallvec::SmallVec<[Bytes; 2]>;
+
 /// What a write makes stale in L1.
 pub enum Stale {
-    Keys(Vec<Bytes>),
+    Keys(WriteKeys),
     /// FLUSHDB, FLUSHALL, SWAPDB and other writes without keys.
     Everything,
 }
