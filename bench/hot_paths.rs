@@ -80,6 +80,22 @@ fn l1_lookup(c: &mut Criterion) {
             black_box(l1.get(0, &keys[i]))
         })
     });
+    // As a pipelined batch is served: the 16 keys' slots and entries
+    // prefetched, then looked up (the time is for all 16).
+    c.bench_function("L1 lookup (16 hits prefetched, 100k entries)", |b| {
+        b.iter(|| {
+            let batch: Vec<&[u8]> = (0..16)
+                .map(|_| {
+                    i = (i + 7919) % keys.len();
+                    &keys[i][..]
+                })
+                .collect();
+            l1.prefetch(0, &batch);
+            for k in batch {
+                black_box(l1.get(0, k));
+            }
+        })
+    });
 }
 
 fn encode_bulk(c: &mut Criterion) {
