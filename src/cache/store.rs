@@ -315,7 +315,8 @@ impl Store {
     pub fn retain(&self, mut keep: impl FnMut(&Entry) -> bool) {
         for shard in self.shards.iter() {
             let mut t = shard.write();
-            let old = std::mem::replace(&mut *t, Table::with_slots(0));
+            // A usable table in place meanwhile, should `keep` panic.
+            let old = std::mem::replace(&mut *t, Table::with_slots(MIN_SLOTS));
             let mut kept = Table::with_slots(old.slots.len());
             for mut s in old.slots {
                 if let Some(e) = s.entry.take()

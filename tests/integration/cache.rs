@@ -279,3 +279,42 @@ async fn a_pending_write_bypasses_l1_for_its_key_only() {
     assert_eq!(redis.calls("get").await, 1, "only GET a went upstream");
     assert_eq!(redis.calls("mget").await, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_memory_budget_evicts_cold_keys_and_keeps_a_hot_one() {
+    let redis = Redis::start();
+    let value = "x".repeat(1000);
+    crate::util::seed(&redis, "cold", 3000, |_| value.clone()).await;
+    crate::util::seed(&redis, "hot", 1, |_| "h".into()).await;
+    let kiln = Kiln::start_with(&redis, |c| {
+        c.cache.max_memory = 1 << 20;
+        c.cache.max_value_size = 4096;
+    })
+    .await;
+    let mut c = kiln.conn().await;
+    assert_eq!(c.cmd(&["GET", "hot0"]).await, bulk("h"));
+    redis.reset_stats().await;
+    // 3 MB of values through a 1 MiB L1, the hot key read between fills.
+    for i in 0..3000 {
+        assert_eq!(c.cmd_text(&["GET", &format!("cold{i}")]).await, value);
+        if i % 10 == 0 {
+            assert_eq!(c.cmd(&["GET", "hot0"]).await, bulk("h"));
+        }
+    }
+    assert_eq!(redis.calls("get").await, 3000, "every hot0 read a hit");
+    let status = c.cmd(&["CACHE.STATUS", "JSON"]).await;
+    let json: serde_json::Value =
+        serde_json::from_slice(&crate::util::bulk_payload(&status).expect("bulk")).expect("json");
+    let bytes = json["l1_bytes"].as_i64().expect("l1_bytes");
+    let capacity = json["l1_capacity_bytes"].as_i64().expect("capacity");
+    assert!(
+        bytes <= capacity && capacity <= 1 << 20,
+        "{bytes} of {capacity}"
+    );
+    let entries = json["l1_entries"].as_i64().expect("l1_entries");
+    assert!((500..1000).contains(&entries), "{entries} entries");
+    let evictions = crate::util::metric(kiln.metrics, "cache_evictions_total")
+        .await
+        .expect("evictions exported");
+    assert!(evictions >= 2000.0, "{evictions} evictions");
+}
