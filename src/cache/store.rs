@@ -64,8 +64,9 @@ impl Table {
         self.slots.len() - 1
     }
 
-    /// The slot holding `(db, key)`, if any.
-    fn find(&self, tag: u64, db: u32, key: &[u8]) -> Option<usize> {
+    /// The first slot of `tag`'s probe run whose tag matches and whose
+    /// entry `accept`s.
+    fn probe(&self, tag: u64, accept: impl Fn(&Entry) -> bool) -> Option<usize> {
         let mask = self.mask();
         let mut i = Slot::home(tag, mask);
         loop {
@@ -76,13 +77,17 @@ impl Table {
             }
             if t & !REFERENCED == tag
                 && let Some(e) = &s.entry
-                && e.db() == db
-                && e.key() == key
+                && accept(e)
             {
                 return Some(i);
             }
             i = (i + 1) & mask;
         }
+    }
+
+    /// The slot holding `(db, key)`, if any.
+    fn find(&self, tag: u64, db: u32, key: &[u8]) -> Option<usize> {
+        self.probe(tag, |e| e.db() == db && e.key() == key)
     }
 
     /// Places an entry known not to be in the table, with room for it.
@@ -238,27 +243,17 @@ impl Store {
     /// Starts loading the entry a lookup of `hash` would compare first, if
     /// any. Best after `prefetch_slot` had time to land.
     pub fn prefetch_entry(&self, hash: u64) {
-        let tag = Self::tag(hash);
         let t = self.shard(hash).read();
-        let mask = t.mask();
-        let mut i = Slot::home(tag, mask);
-        loop {
-            let s = &t.slots[i];
-            let found = s.tag.load(Ordering::Relaxed);
-            if found == 0 {
-                return;
-            }
-            if found & !REFERENCED == tag {
-                if let Some(e) = &s.entry {
-                    // Its header and key, and the start of its value.
-                    let p = e.0.ptr().cast::<u8>();
-                    prefetch(p);
-                    prefetch(p.wrapping_add(64));
-                    prefetch(p.wrapping_add(128));
-                }
-                return;
-            }
-            i = (i + 1) & mask;
+        // The first whose hash matches, without reading any entry.
+        if let Some(e) = t
+            .probe(Self::tag(hash), |_| true)
+            .and_then(|i| t.slots[i].entry.as_ref())
+        {
+            // Its header and key, and the start of its value.
+            let p = e.0.ptr().cast::<u8>();
+            prefetch(p);
+            prefetch(p.wrapping_add(64));
+            prefetch(p.wrapping_add(128));
         }
     }
 
