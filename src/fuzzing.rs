@@ -7,7 +7,7 @@
 use bytes::{Bytes, BytesMut};
 
 use crate::cmd::{session, table, write};
-use crate::protocol::request::{Limits, Parsed, encode_command, parse};
+use crate::protocol::request::{Limits, Parsed, encode_command, leading_get_keys, parse};
 use crate::protocol::scan::Scanner;
 
 /// Small limits, so the fuzzer reaches them.
@@ -48,6 +48,16 @@ pub fn frame_decoder(data: &[u8]) {
             other => panic!("re-encoded {args:?} parsed as {other:?}"),
         }
         assert!(buf.is_empty());
+    }
+    // The prefetch scan names only keys the parser agrees are the keys of
+    // the GETs at the head of the stream.
+    for (i, key) in leading_get_keys(data, 64).iter().enumerate() {
+        match whole.get(i) {
+            Some(Some(args)) if args.len() == 2 && args[0].eq_ignore_ascii_case(b"get") => {
+                assert_eq!(&args[1][..], *key, "prefetch scan key {i}")
+            }
+            other => panic!("prefetch scan found GET {key:?} where the parser found {other:?}"),
+        }
     }
     scan_replies(data);
 }

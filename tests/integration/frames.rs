@@ -231,6 +231,26 @@ proptest! {
         kiln::fuzzing::classify(&data);
     }
 
+    /// Runs of GETs (what the prefetch scan looks for), then anything.
+    #[test]
+    fn fuzz_checks_hold_on_runs_of_gets(
+        keys in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..20), 0..20),
+        upper in any::<bool>(),
+        tail in requestish(),
+    ) {
+        let mut data = Vec::new();
+        for k in &keys {
+            data.extend_from_slice(b"*2\r\n$3\r\n");
+            data.extend_from_slice(if upper { b"GET" } else { b"get" });
+            data.extend_from_slice(format!("\r\n${}\r\n", k.len()).as_bytes());
+            data.extend_from_slice(k);
+            data.extend_from_slice(b"\r\n");
+        }
+        data.extend(tail);
+        kiln::fuzzing::frame_decoder(&data);
+        prop_assert!(kiln::protocol::request::leading_get_keys(&data, 64).len() >= keys.len());
+    }
+
     #[test]
     fn fuzz_checks_hold_on_arbitrary_bytes(data in proptest::collection::vec(any::<u8>(), 0..512)) {
         kiln::fuzzing::frame_decoder(&data);
