@@ -1066,28 +1066,26 @@ mod tests {
     fn tls_files_are_checked_at_load() {
         let text =
             "[server.tls]\ncert = \"/nonexistent/cert.pem\"\nkey = \"/nonexistent/key.pem\"\n";
-        let cfg = Config::from_toml(text).expect("parses");
-        let msg = cfg.validate(text).expect_err("missing files").to_string();
-        assert!(
-            msg.contains("server.tls.cert") && msg.contains("line 2"),
-            "{msg}"
-        );
+        assert_invalid(text, "server.tls.cert", 2);
         let text = "[upstream]\nurl = \"redis://h:1\"\ntls_ca = \"/x.pem\"\n";
+        assert_invalid(text, "upstream.tls_ca", 3);
+        assert!(parse_redis_url("rediss://h:6380").expect("valid").tls);
+    }
+
+    /// `text` parses but fails validation, naming `key` and its line.
+    fn assert_invalid(text: &str, key: &str, line: usize) {
         let cfg = Config::from_toml(text).expect("parses");
-        let msg = cfg.validate(text).expect_err("not rediss").to_string();
+        let msg = cfg.validate(text).expect_err("invalid").to_string();
         assert!(
-            msg.contains("upstream.tls_ca") && msg.contains("line 3"),
+            msg.contains(key) && msg.contains(&format!("line {line}")),
             "{msg}"
         );
-        assert!(parse_redis_url("rediss://h:6380").expect("valid").tls);
     }
 
     #[test]
     fn users_are_checked() {
         let text = "[server]\nrequirepass = \"x\"\n\n[[users]]\nname = \"default\"\npassword = \"y\"\nrole = \"admin\"\n";
-        let cfg = Config::from_toml(text).expect("parses");
-        let msg = cfg.validate(text).expect_err("twice").to_string();
-        assert!(msg.contains("users[0]") && msg.contains("line 4"), "{msg}");
+        assert_invalid(text, "users[0]", 4);
         let bad_role = "[[users]]\nname = \"a\"\npassword = \"b\"\nrole = \"root\"\n";
         let err = Config::from_toml(bad_role)
             .expect_err("bad role")
@@ -1105,13 +1103,7 @@ mod tests {
 
     #[test]
     fn bad_value_names_key_and_line() {
-        let text = "[upstream]\nconnections = 0\n";
-        let cfg = Config::from_toml(text).expect("parses");
-        let msg = cfg.validate(text).expect_err("invalid").to_string();
-        assert!(
-            msg.contains("upstream.connections") && msg.contains("line 2"),
-            "{msg}"
-        );
+        assert_invalid("[upstream]\nconnections = 0\n", "upstream.connections", 2);
         let err = Config::from_toml("[cache]\nttl = \"5 parsecs\"\n").expect_err("bad duration");
         assert!(err.to_string().contains("line 2"), "{err}");
     }

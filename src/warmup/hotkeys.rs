@@ -187,16 +187,20 @@ pub const DECAY: &str = "0.5";
 mod tests {
     use super::*;
 
-    #[test]
-    fn finds_the_hot_keys_in_bounded_memory() {
-        let h = HotKeys::new(10, 1);
-        // 100,000 distinct cold keys, and ten hot ones read 1,000 times each.
+    /// 100,000 distinct cold keys, and ten hot ones read 1,000 times each.
+    fn feed(h: &HotKeys) {
         for i in 0..100_000u32 {
             h.record(format!("cold:{i}").as_bytes());
             if i % 10 == 0 {
                 h.record(format!("hot:{}", (i / 10) % 10).as_bytes());
             }
         }
+    }
+
+    #[test]
+    fn finds_the_hot_keys_in_bounded_memory() {
+        let h = HotKeys::new(10, 1);
+        feed(&h);
         assert_eq!(h.len(), 10, "the top-K never grows past keep");
         let top = h.top(10);
         assert!(top.iter().all(|(k, _)| k.starts_with(b"hot:")), "{top:?}");
@@ -209,12 +213,7 @@ mod tests {
     #[test]
     fn sampling_still_finds_the_hot_keys() {
         let h = HotKeys::new(10, 16);
-        for i in 0..100_000u32 {
-            h.record(format!("cold:{i}").as_bytes());
-            if i % 10 == 0 {
-                h.record(format!("hot:{}", (i / 10) % 10).as_bytes());
-            }
-        }
+        feed(&h);
         let top = h.top(10);
         assert_eq!(top.len(), 10, "{top:?}");
         for (k, n) in &top {
