@@ -91,7 +91,8 @@ impl Node {
             &ctx.l1,
             &config.cache,
             shutdown.clone(),
-        );
+        )
+        .await;
         ctx.warmup.spawn_background(&ctx, shutdown.clone());
         telemetry::health::Health::spawn(ctx.clone(), shutdown.clone());
         if let Some(l) = sidecar {

@@ -12,6 +12,12 @@ use crate::protocol::request::Command;
 use crate::protocol::{Proto, encode};
 
 pub fn dispatch(c: &mut Client, name: &[u8], cmd: Command, r: &mut Replies<'_>) -> Flow {
+    let sub = (name == b"client").then(|| cmd.args.get(1)).flatten();
+    if !c.ctx.table.exists(name, sub.map(|s| &s[..])) {
+        // Not in upstream's version: its own error, not kiln's answer.
+        super::write::forward(c, cmd, r);
+        return Flow::Continue;
+    }
     let a = &cmd.args;
     match name {
         b"ping" => match a.len() {

@@ -89,6 +89,23 @@ impl Table {
         self.map.get(lower)
     }
 
+    /// Whether upstream has this command (`sub`: of a container), as its
+    /// `COMMAND` table says. With the built-in table (upstream could not
+    /// be asked) everything kiln knows is taken to exist. Commands kiln
+    /// answers itself check this first, so a client sees upstream's own
+    /// "unknown command" or "unknown subcommand" error for what its
+    /// version lacks (`CLIENT SETINFO` before Redis 7.2).
+    pub fn exists(&self, lower: &[u8], sub: Option<&[u8]>) -> bool {
+        if !self.from_upstream {
+            return true;
+        }
+        match (self.map.get(lower), sub) {
+            (None, _) => false,
+            (Some(i), Some(sub)) if i.container => self.sub(lower, sub).is_some(),
+            (Some(_), _) => true,
+        }
+    }
+
     /// Where the keys of a write are, or `None` for a command that does not
     /// write. Unknown commands are treated as writes to all their arguments.
     pub fn write_keys(&self, args: &[Bytes]) -> Option<Keys> {

@@ -136,7 +136,7 @@ impl Coherence {
     }
 
     /// Starts the background work: the bcast channel, and the SWAPDB check.
-    pub fn start(
+    pub async fn start(
         self: &Arc<Self>,
         upstream: &Upstream,
         control: ConnHandle,
@@ -157,11 +157,22 @@ impl Coherence {
             )
         });
         let (me, l1) = (self.clone(), l1.clone());
+        let info = encode_command(&["INFO", "commandstats"]);
+        // The baseline is read before kiln serves a client, so before
+        // anything is cached: a SWAPDB done upstream right after start is
+        // then a change from it, not part of it.
+        let first = tokio::time::timeout(
+            self.check_interval.max(Duration::from_secs(1)),
+            control.send(info.clone(), None, true),
+        )
+        .await;
+        let mut last: Option<u64> = match first {
+            Ok(Ok(Ok(reply))) => Some(swapdb_calls(&reply)),
+            _ => None,
+        };
         tokio::spawn(async move {
             // Holding the handle keeps the bcast channel open.
             let _bcast = bcast;
-            let info = encode_command(&["INFO", "commandstats"]);
-            let mut last: Option<u64> = None;
             loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
@@ -171,10 +182,14 @@ impl Coherence {
                     continue;
                 };
                 let swaps = swapdb_calls(&reply);
-                if last.is_some_and(|l| l != swaps) {
-                    me.swaps_seen.fetch_add(1, Ordering::Relaxed);
+                // No baseline (upstream was down at start): what L1 took
+                // meanwhile cannot be checked against one, so it goes.
+                if last.is_none_or(|l| l != swaps) {
+                    if last.is_some() {
+                        me.swaps_seen.fetch_add(1, Ordering::Relaxed);
+                    }
                     let dropped = l1.clear(Source::Flush);
-                    tracing::info!(dropped, "upstream ran SWAPDB: L1 cleared");
+                    tracing::info!(dropped, "upstream ran SWAPDB (or no baseline yet): L1 cleared");
                 }
                 last = Some(swaps);
             }
