@@ -308,8 +308,12 @@ async fn relay<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     // In command order: per forwarded command that gets a reply frame, what
     // to invalidate then; and kiln's own refusals, written in their turn.
     let mut due: VecDeque<Due> = VecDeque::new();
+    // RESET or QUIT was sent upstream: nothing more is read from the
+    // client until upstream has answered everything before it (the rest of
+    // `inbuf` is served after a RESET, as on a fresh connection).
+    let mut ending: Option<Ending> = None;
     loop {
-        loop {
+        while ending.is_none() {
             let cmd = match request::parse(inbuf, &ctx.limits) {
                 Ok(Parsed::Command(cmd)) => cmd,
                 Ok(Parsed::Empty) => continue,
@@ -323,11 +327,18 @@ async fn relay<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
             };
             let mut buf = [0u8; 64];
             let name = table::lower(cmd.name(), &mut buf).unwrap_or(b"");
-            if name == b"reset" {
-                // Dropping the upstream connection ends its subscriptions.
-                local::reset(c);
-                encode::simple(out, "RESET");
-                return RelayEnd::Reset;
+            if name == b"reset" || name == b"quit" {
+                // Upstream answers it after every reply it still owes, so
+                // the client gets each of those first, in order (a SUBSCRIBE
+                // confirmation pipelined before a RESET is not lost).
+                to_up.extend_from_slice(&cmd.wire());
+                ending = Some(if name == b"reset" {
+                    Ending::Reset
+                } else {
+                    due.push_back(Due::Reply(None));
+                    Ending::Quit
+                });
+                break;
             }
             if let Some(role) = c.role {
                 if let Err(e) = cmd::auth::permit(&ctx, role, name, &cmd.args) {
@@ -373,18 +384,27 @@ async fn relay<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
             }
             r = write_some(&mut uwr, &mut to_up), if !to_up.is_empty() => {
                 if !matches!(r, Ok(n) if n > 0) {
-                    return upstream_gone(wr, out).await;
+                    return upstream_gone(wr, out, c, ending).await;
                 }
             }
             r = urd.read_buf(&mut from_up) => {
                 if !matches!(r, Ok(n) if n > 0) {
-                    return upstream_gone(wr, out).await;
+                    return upstream_gone(wr, out, c, ending).await;
                 }
                 loop {
                     match scanner.next_frame(&from_up) {
                         Ok(Some(f)) => {
                             let frame = from_up.split_to(f.len);
                             let reply = !f.push && !out_of_band(&frame, c.proto);
+                            if reply && due.is_empty() && ending == Some(Ending::Reset) && &frame[..] == b"+RESET\r\n" {
+                                // Upstream's RESET ended its subscriptions,
+                                // MONITOR and tracking; the connection is
+                                // dropped all the same (RESET also logged it
+                                // out of kiln's upstream user).
+                                local::reset(c);
+                                out.extend_from_slice(&frame);
+                                return RelayEnd::Reset;
+                            }
                             if reply {
                                 if let Some(Due::Reply(Some(stale))) = due.pop_front() {
                                     stale.apply(&ctx);
@@ -398,11 +418,11 @@ async fn relay<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                             }
                         }
                         Ok(None) => break,
-                        Err(_) => return upstream_gone(wr, out).await,
+                        Err(_) => return upstream_gone(wr, out, c, ending).await,
                     }
                 }
             }
-            r = rd.read_buf(inbuf) => {
+            r = rd.read_buf(inbuf), if ending.is_none() => {
                 if !matches!(r, Ok(n) if n > 0) {
                     return RelayEnd::Closed;
                 }
@@ -411,8 +431,31 @@ async fn relay<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     }
 }
 
-async fn upstream_gone<W: AsyncWrite + Unpin>(wr: &mut W, out: &mut BytesMut) -> RelayEnd {
-    encode::error(out, "ERR upstream: connection lost");
+/// How a relay is being ended by the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    Reset,
+    Quit,
+}
+
+/// The relay's upstream connection closed or broke. After QUIT that is
+/// the expected end (Redis answers `+OK` and closes); after RESET the
+/// client is reset all the same.
+async fn upstream_gone<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    out: &mut BytesMut,
+    c: &mut Client,
+    ending: Option<Ending>,
+) -> RelayEnd {
+    match ending {
+        Some(Ending::Quit) => {}
+        Some(Ending::Reset) => {
+            local::reset(c);
+            encode::simple(out, "RESET");
+            return RelayEnd::Reset;
+        }
+        None => encode::error(out, "ERR upstream: connection lost"),
+    }
     let _ = write_all_flush(wr, out).await;
     RelayEnd::Closed
 }
