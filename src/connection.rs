@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use crate::cmd::write::Stale;
 use crate::cmd::{self, Client, Flow, Pending, Replies, local, session, table};
 use crate::context::{ClientMeta, Context};
-use crate::protocol::request::{self, Command, Parsed};
+use crate::protocol::request::{self, Command, Parsed, encode_command};
 use crate::protocol::scan::Scanner;
 use crate::protocol::{Proto, encode};
 use crate::telemetry::metrics::Class;
@@ -168,10 +168,16 @@ async fn run<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
             c.op = cmd::Timing {
                 start: batch_start,
                 class: Class::Local,
+                silent: false,
             };
             c.now = clock;
             let waiting = c.upstream_pending;
+            let marks = (r.pending.len(), r.out.len());
             let flow = c.dispatch(cmd, &mut r).await;
+            let answered = c.reply.after_command();
+            if !answered && !matches!(flow, Flow::Relay(_)) {
+                cmd::silence(&mut pending, marks.0, &mut out, marks.1);
+            }
             if c.upstream_pending == waiting {
                 // Answered at once (L1 hit, kiln's own reply): recorded
                 // when the batch is done.
@@ -182,6 +188,16 @@ async fn run<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                 Flow::Close => closing = true,
                 Flow::Relay(first) => {
                     drain_ready(&mut pending, c, &mut out);
+                    // The relay's connection is the client's own: it gets
+                    // the client's CLIENT REPLY state, and upstream then
+                    // decides what is sent, pub/sub messages included.
+                    let first = if c.reply.off {
+                        [encode_command(&["CLIENT", "REPLY", "OFF"]), first].concat().into()
+                    } else if !answered {
+                        [encode_command(&["CLIENT", "REPLY", "SKIP"]), first].concat().into()
+                    } else {
+                        first
+                    };
                     match relay(&mut rd, &mut wr, &mut inbuf, &mut out, c, first, shutdown).await {
                         RelayEnd::Reset => continue,
                         RelayEnd::Closed => return,
@@ -196,6 +212,11 @@ async fn run<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
             }
         }
         drain_ready(&mut pending, c, &mut out);
+        if stalled.as_ref().is_some_and(|s| !c.needs_barrier(s)) {
+            // The replies it waited for are in (and wrote nothing, under
+            // CLIENT REPLY OFF): run it now rather than wait for I/O.
+            continue;
+        }
         if closing && pending.is_empty() {
             let _ = wr.write_all(&out).await;
             let _ = wr.shutdown().await;
@@ -353,13 +374,29 @@ async fn relay<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                     continue;
                 }
             }
-            match Stale::of(&ctx, &cmd.args) {
-                Some(stale) => {
-                    stale.apply(&ctx);
-                    due.push_back(Due::Reply(Some(stale)));
-                }
-                None if !session::is_relay(name, &cmd.args) => due.push_back(Due::Reply(None)),
-                None => {}
+            // CLIENT REPLY goes upstream too (the connection is this
+            // client's alone); kiln follows it to know which commands get a
+            // reply frame.
+            let reply_cmd = name == b"client"
+                && cmd.args.len() == 3
+                && cmd.args[1].eq_ignore_ascii_case(b"reply");
+            let mut r = Replies {
+                pending: &mut VecDeque::new(),
+                out: &mut BytesMut::new(),
+            };
+            if reply_cmd {
+                local::client_reply(c, &cmd.args[2], &mut r);
+            }
+            let answered = c.reply.after_command()
+                && !(reply_cmd
+                    && (cmd.args[2].eq_ignore_ascii_case(b"off")
+                        || cmd.args[2].eq_ignore_ascii_case(b"skip")));
+            let stale = Stale::of(&ctx, &cmd.args);
+            if let Some(stale) = &stale {
+                stale.apply(&ctx);
+            }
+            if answered && !session::is_relay(name, &cmd.args) {
+                due.push_back(Due::Reply(stale));
             }
             to_up.extend_from_slice(&cmd.wire());
         }

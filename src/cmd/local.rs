@@ -62,6 +62,7 @@ pub fn reset(c: &mut Client) {
     // as Redis does when the default user has a password.
     c.role = c.ctx.default_role();
     c.user = None;
+    c.reply = super::ReplyMode::default();
     c.reroute();
     c.meta_update();
 }
@@ -270,7 +271,9 @@ fn client(c: &mut Client, cmd: Command, r: &mut Replies<'_>) -> Flow {
             r.ready(|o| verbatim(o, text.as_bytes(), proto));
         }
         b"tracking" => return Flow::Relay(cmd.wire()),
-        b"reply" | b"caching" | b"getredir" | b"trackinginfo" | b"no-evict" | b"no-touch" => {
+        b"reply" if a.len() == 3 => client_reply(c, &a[2], r),
+        b"reply" => argc_err(r, sub),
+        b"caching" | b"getredir" | b"trackinginfo" | b"no-evict" | b"no-touch" => {
             let msg = format!(
                 "ERR 'CLIENT {}' is refused by kiln: it would change a shared upstream connection",
                 String::from_utf8_lossy(sub).to_ascii_uppercase()
@@ -283,6 +286,23 @@ fn client(c: &mut Client, cmd: Command, r: &mut Replies<'_>) -> Flow {
         _ => super::write::forward(c, cmd, r),
     }
     Flow::Continue
+}
+
+/// `CLIENT REPLY ON|OFF|SKIP`, as Redis's `clientCommand`: OFF and SKIP
+/// have no reply of their own; SKIP while OFF does nothing.
+pub fn client_reply(c: &mut Client, mode: &[u8], r: &mut Replies<'_>) {
+    if mode.eq_ignore_ascii_case(b"on") {
+        c.reply = super::ReplyMode::default();
+        r.ready(|o| encode::simple(o, "OK"));
+    } else if mode.eq_ignore_ascii_case(b"off") {
+        c.reply.off = true;
+    } else if mode.eq_ignore_ascii_case(b"skip") {
+        if !c.reply.off {
+            c.reply.skip_next = true;
+        }
+    } else {
+        r.error("ERR syntax error");
+    }
 }
 
 fn info_line(id: u64, ctx: &crate::context::Context) -> String {

@@ -59,6 +59,9 @@ pub enum Resolved {
 pub struct Timing {
     pub start: std::time::Instant,
     pub class: Class,
+    /// `CLIENT REPLY OFF|SKIP` was in force for this command: its reply is
+    /// consumed in turn but not written.
+    pub silent: bool,
 }
 
 /// What a reply changes in the client's state once it arrives.
@@ -132,10 +135,36 @@ pub struct Client {
     pub role: Option<crate::config::Role>,
     /// The user it authenticated as.
     pub user: Option<String>,
+    /// `CLIENT REPLY`: which replies this client is sent.
+    pub reply: ReplyMode,
     /// The time L1 expiry is checked against for the current command (see
     /// `L1::get_at`).
     pub now: std::time::Instant,
     pub ctx: Arc<Context>,
+}
+
+/// What `CLIENT REPLY` set, as Redis keeps it (`CLIENT_REPLY_OFF`,
+/// `CLIENT_REPLY_SKIP`, `CLIENT_REPLY_SKIP_NEXT`). It only decides what
+/// this client is sent, so kiln keeps it itself: upstream connections are
+/// shared and never see it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ReplyMode {
+    pub off: bool,
+    /// The current command's reply is dropped.
+    pub skip: bool,
+    /// Set by `CLIENT REPLY SKIP`: the next command's reply is dropped.
+    pub skip_next: bool,
+}
+
+impl ReplyMode {
+    /// Whether the command just dispatched is answered, judged after it ran
+    /// (as Redis does: `CLIENT REPLY ON` clears the flags, then answers).
+    /// Moves a pending SKIP on to the next command.
+    pub fn after_command(&mut self) -> bool {
+        let silent = self.off || self.skip;
+        self.skip = std::mem::take(&mut self.skip_next);
+        !silent
+    }
 }
 
 pub fn arity_error(name: &str) -> String {
@@ -160,7 +189,9 @@ impl Client {
             op: Timing {
                 start: std::time::Instant::now(),
                 class: Class::Local,
+                silent: false,
             },
+            reply: ReplyMode::default(),
             role: ctx.default_role(),
             user: None,
             now: std::time::Instant::now(),
@@ -269,12 +300,15 @@ impl Client {
             Resolved::Get(a, timing) => {
                 self.upstream_pending -= 1;
                 self.done(timing, matches!(a, GetAnswer::Failed(_)));
-                get::write_answer(&a, self.proto, out);
+                if !timing.silent {
+                    get::write_answer(&a, self.proto, out);
+                }
             }
             Resolved::Reply(reply, then, timing) => {
                 self.upstream_pending -= 1;
                 self.done(timing, reply.is_err());
                 match &reply {
+                    _ if timing.silent => {}
                     Ok(bytes) => out.extend_from_slice(bytes),
                     Err(e) => encode::error(out, &e.reply_text()),
                 }
@@ -308,6 +342,30 @@ impl Client {
                 .as_ref()
                 .map(|n| String::from_utf8_lossy(n).into_owned());
         }
+    }
+}
+
+/// Drops the replies of the command just dispatched (`CLIENT REPLY OFF` or
+/// `SKIP`): those already in `out` past `out_mark`, those queued ready past
+/// `pending_mark`; upstream's are still awaited in turn, then dropped.
+pub fn silence(
+    pending: &mut VecDeque<Pending>,
+    pending_mark: usize,
+    out: &mut BytesMut,
+    out_mark: usize,
+) {
+    out.truncate(out_mark);
+    let tail = pending.split_off(pending_mark);
+    for mut p in tail {
+        match &mut p {
+            Pending::Ready(_) => continue,
+            Pending::Reply(_, _, t) | Pending::Get(_, t) => t.silent = true,
+            Pending::Done(Resolved::Reply(_, _, t)) | Pending::Done(Resolved::Get(_, t)) => {
+                t.silent = true
+            }
+            Pending::Done(Resolved::Bytes(_)) => continue,
+        }
+        pending.push_back(p);
     }
 }
 
