@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cmd::write::Stale;
 use crate::cmd::{self, Client, Flow, Pending, Replies, local, session, table};
-use crate::context::{ClientMeta, Context};
+use crate::context::{ClientMeta, Context, RelayKind};
 use crate::protocol::request::{self, Command, Parsed, encode_command};
 use crate::protocol::scan::Scanner;
 use crate::protocol::{Proto, encode};
@@ -42,8 +42,24 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     let _ = stream.set_nodelay(true);
+    let meta = meta_of(&stream, addr, &ctx);
     let (rd, wr) = stream.into_split();
-    serve_io(rd, wr, addr, ctx, shutdown).await;
+    serve_io(rd, wr, meta, ctx, shutdown).await;
+}
+
+/// A new client's entry for `CLIENT LIST`: its addresses and socket.
+fn meta_of(stream: &TcpStream, addr: SocketAddr, ctx: &Context) -> ClientMeta {
+    use std::os::fd::AsRawFd;
+    let laddr = stream
+        .local_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    ClientMeta::new(
+        ctx.next_client_id(),
+        addr,
+        laddr,
+        stream.as_raw_fd(),
+        ctx.upstream.default_db(),
+    )
 }
 
 /// A client on the TLS listener: the handshake, then as `serve`. A client
@@ -57,6 +73,7 @@ pub async fn serve_tls(
     shutdown: CancellationToken,
 ) {
     let _ = stream.set_nodelay(true);
+    let meta = meta_of(&stream, addr, &ctx);
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
@@ -71,7 +88,7 @@ pub async fn serve_tls(
         }
     };
     let (rd, wr) = tokio::io::split(tls);
-    serve_io(rd, wr, addr, ctx, shutdown).await;
+    serve_io(rd, wr, meta, ctx, shutdown).await;
 }
 
 pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -79,22 +96,24 @@ pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_sec
 async fn serve_io<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     rd: R,
     wr: W,
-    addr: SocketAddr,
+    meta: ClientMeta,
     ctx: Arc<Context>,
     shutdown: CancellationToken,
 ) {
-    let mut client = Client::new(ctx.clone(), addr);
-    ctx.clients().insert(
-        client.id,
-        ClientMeta {
-            addr,
-            name: None,
-            db: client.db,
-            connected: Instant::now(),
-        },
-    );
-    run(rd, wr, &mut client, &shutdown).await;
-    ctx.clients().remove(&client.id);
+    let meta = Arc::new(meta);
+    ctx.clients().insert(meta.id, meta.clone());
+    let mut client = Client::new(ctx.clone(), meta.clone());
+    let kill = meta.kill.clone();
+    // CLIENT KILL from another client: the connection closes at once, with
+    // what it was owed dropped, as Redis frees a killed client.
+    tokio::select! {
+        _ = run(rd, wr, &mut client, &shutdown) => {}
+        _ = kill.cancelled() => {
+            tracing::debug!(client = meta.id, "killed by CLIENT KILL");
+        }
+    }
+    drop(client);
+    ctx.clients().remove(&meta.id);
 }
 
 /// Moves every resolved reply at the front of the queue into `out`.
@@ -133,6 +152,7 @@ async fn run<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     loop {
         // Replies given at once in this round, by latency class.
         let mut immediate = [0usize; 4];
+        let mut dispatched = 0usize;
         // Stop taking commands once the replies owed pass the output limit:
         // one read of pipelined GETs of large values must not balloon.
         while !closing && pending.len() < ctx.max_pipeline && out.len() <= ctx.max_output_buffer {
@@ -173,6 +193,7 @@ async fn run<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
             c.now = clock;
             let waiting = c.upstream_pending;
             let marks = (r.pending.len(), r.out.len());
+            dispatched += 1;
             let flow = c.dispatch(cmd, &mut r).await;
             let answered = c.reply.after_command();
             if !answered && !matches!(flow, Flow::Relay(_)) {
@@ -191,19 +212,24 @@ async fn run<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                     // The relay's connection is the client's own: it gets
                     // the client's CLIENT REPLY state, and upstream then
                     // decides what is sent, pub/sub messages included.
-                    let first = if c.reply.off {
-                        [encode_command(&["CLIENT", "REPLY", "OFF"]), first].concat().into()
+                    let prefix = if c.reply.off {
+                        encode_command(&["CLIENT", "REPLY", "OFF"])
                     } else if !answered {
-                        [encode_command(&["CLIENT", "REPLY", "SKIP"]), first].concat().into()
+                        encode_command(&["CLIENT", "REPLY", "SKIP"])
                     } else {
-                        first
+                        bytes::Bytes::new()
                     };
-                    match relay(&mut rd, &mut wr, &mut inbuf, &mut out, c, first, shutdown).await {
+                    let relayed = relay(&mut rd, &mut wr, &mut inbuf, &mut out, c, prefix, first, shutdown).await;
+                    relay_over(c);
+                    match relayed {
                         RelayEnd::Reset => continue,
                         RelayEnd::Closed => return,
                     }
                 }
             }
+        }
+        if dispatched > 0 {
+            c.publish_activity();
         }
         if immediate.iter().any(|n| *n > 0) {
             let took = batch_start.elapsed();
@@ -291,8 +317,97 @@ async fn run<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
 enum Due {
     /// A reply frame from upstream, and what its write invalidates then.
     Reply(Option<Stale>),
-    /// kiln's refusal of a command, to be written after the replies before it.
-    Refused(bytes::Bytes),
+    /// kiln's own reply (a refusal, or a command about clients that kiln
+    /// answers), to be written after the replies before it.
+    Local(bytes::Bytes),
+}
+
+/// What kiln tracks of a relayed client for `CLIENT LIST`: the channels,
+/// patterns and shard channels it subscribed to.
+#[derive(Default)]
+struct Subscriptions([std::collections::HashSet<bytes::Bytes>; 3]);
+
+impl Subscriptions {
+    /// Follows a (P|S)(UN)SUBSCRIBE the client sent.
+    fn follow(&mut self, name: &[u8], args: &[bytes::Bytes]) {
+        let (i, add) = match name {
+            b"subscribe" => (0, true),
+            b"psubscribe" => (1, true),
+            b"ssubscribe" => (2, true),
+            b"unsubscribe" => (0, false),
+            b"punsubscribe" => (1, false),
+            b"sunsubscribe" => (2, false),
+            _ => return,
+        };
+        let set = &mut self.0[i];
+        match (add, args.len()) {
+            (true, _) => set.extend(args[1..].iter().cloned()),
+            (false, 1) => set.clear(),
+            (false, _) => args[1..].iter().for_each(|a| {
+                set.remove(a);
+            }),
+        }
+    }
+
+    fn any(&self) -> bool {
+        self.0.iter().any(|s| !s.is_empty())
+    }
+}
+
+/// Per relayed command: what CLIENT LIST shows changes, and a command that
+/// names a kiln client id gets upstream's id instead (`CLIENT TRACKING ...
+/// REDIRECT`, `CLIENT UNBLOCK`). Returns the bytes to send upstream.
+fn relay_command(c: &Client, name: &[u8], cmd: &Command, subs: &mut Subscriptions) -> bytes::Bytes {
+    subs.follow(name, &cmd.args);
+    let mut st = c.meta.state();
+    st.cmd = String::from_utf8_lossy(name).into_owned();
+    st.last_active = Instant::now();
+    let [sub, psub, ssub] = &subs.0;
+    (st.sub, st.psub, st.ssub) = (sub.len(), psub.len(), ssub.len());
+    let sub_is = |w: &[u8]| name == b"client" && cmd.args.get(1).is_some_and(|s| s.eq_ignore_ascii_case(w));
+    if name == b"monitor" {
+        st.relay = Some(RelayKind::Monitor);
+    } else if subs.any() {
+        st.relay = Some(RelayKind::Pubsub);
+    } else if sub_is(b"tracking") {
+        let on = cmd.args.get(2).is_some_and(|a| a.eq_ignore_ascii_case(b"on"));
+        let (args, redir) = cmd::clients::tracking_args(&c.ctx, &cmd.args);
+        st.redir = if on { redir.unwrap_or(-1) } else { -1 };
+        if st.relay.is_none() || on {
+            st.relay = Some(RelayKind::Tracking);
+        }
+        return encode_command(&args);
+    } else if st.relay == Some(RelayKind::Pubsub) {
+        st.relay = None;
+    }
+    if sub_is(b"unblock") {
+        return encode_command(&cmd::clients::unblock_args(&c.ctx, &cmd.args));
+    }
+    cmd.wire()
+}
+
+/// The client left its relay: it is pinned to nothing, subscribed to
+/// nothing.
+fn relay_over(c: &Client) {
+    c.meta.pin(None);
+    let mut st = c.meta.state();
+    st.relay = None;
+    (st.sub, st.psub, st.ssub) = (0, 0, 0);
+    st.redir = -1;
+}
+
+/// Commands about clients that kiln answers itself inside a relay too (its
+/// ids and clients, not upstream's), unless a RESP2 subscriber sent them:
+/// Redis refuses those in that context, and upstream says so.
+fn answered_by_kiln_in_relay(name: &[u8], args: &[bytes::Bytes], proto: Proto, subs: &Subscriptions) -> bool {
+    if name != b"client" || (proto == Proto::Resp2 && subs.any()) {
+        return false;
+    }
+    args.get(1).is_some_and(|s| {
+        [&b"id"[..], b"getname", b"setname", b"info", b"list", b"getredir", b"kill"]
+            .iter()
+            .any(|w| s.eq_ignore_ascii_case(w))
+    })
 }
 
 enum RelayEnd {
@@ -310,7 +425,8 @@ async fn relay<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     inbuf: &mut BytesMut,
     out: &mut BytesMut,
     c: &mut Client,
-    first: bytes::Bytes,
+    prefix: bytes::Bytes,
+    first: Command,
     shutdown: &CancellationToken,
 ) -> RelayEnd {
     let ctx = c.ctx.clone();
@@ -321,8 +437,15 @@ async fn relay<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
             return RelayEnd::Reset;
         }
     };
+    c.meta.pin(Some(raw.id.clone()));
     let (mut urd, mut uwr) = raw.stream.split();
-    let mut to_up = BytesMut::from(&first[..]);
+    let mut subs = Subscriptions::default();
+    let mut to_up = BytesMut::from(&prefix[..]);
+    {
+        let mut buf = [0u8; 64];
+        let name = table::lower(first.name(), &mut buf).unwrap_or(b"");
+        to_up.extend_from_slice(&relay_command(c, name, &first, &mut subs));
+    }
     let mut from_up = raw.leftover;
     from_up.reserve(16 * 1024);
     let mut scanner = Scanner::new();
@@ -369,10 +492,26 @@ async fn relay<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                     } else {
                         let mut b = BytesMut::new();
                         encode::error(&mut b, &e);
-                        due.push_back(Due::Refused(b.freeze()));
+                        due.push_back(Due::Local(b.freeze()));
                     }
                     continue;
                 }
+            }
+            if answered_by_kiln_in_relay(name, &cmd.args, c.proto, &subs) {
+                let (mut pending, mut b) = (VecDeque::new(), BytesMut::new());
+                let mut r = Replies {
+                    pending: &mut pending,
+                    out: &mut b,
+                };
+                let _ = local::dispatch(c, b"client", cmd, &mut r);
+                if c.reply.after_command() {
+                    if due.is_empty() {
+                        out.extend_from_slice(&b);
+                    } else {
+                        due.push_back(Due::Local(b.freeze()));
+                    }
+                }
+                continue;
             }
             // CLIENT REPLY goes upstream too (the connection is this
             // client's alone); kiln follows it to know which commands get a
@@ -398,7 +537,7 @@ async fn relay<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
             if answered && !session::is_relay(name, &cmd.args) {
                 due.push_back(Due::Reply(stale));
             }
-            to_up.extend_from_slice(&cmd.wire());
+            to_up.extend_from_slice(&relay_command(c, name, &cmd, &mut subs));
         }
         if out.len() > ctx.max_output_buffer {
             ctx.metrics.limit_hit("max_output_buffer");
@@ -448,8 +587,8 @@ async fn relay<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                                 }
                             }
                             out.extend_from_slice(&frame);
-                            while let Some(Due::Refused(_)) = due.front() {
-                                if let Some(Due::Refused(e)) = due.pop_front() {
+                            while let Some(Due::Local(_)) = due.front() {
+                                if let Some(Due::Local(e)) = due.pop_front() {
                                     out.extend_from_slice(&e);
                                 }
                             }

@@ -42,18 +42,111 @@ pub struct Context {
     pub databases: u32,
     /// Upstream's version, reported by HELLO.
     pub redis_version: String,
-    pub clients: Mutex<HashMap<u64, ClientMeta>>,
+    pub clients: Mutex<HashMap<u64, Arc<ClientMeta>>>,
     next_client_id: AtomicU64,
     pub started: Instant,
 }
 
-/// What `CLIENT LIST` shows about one of kiln's clients.
-#[derive(Debug, Clone)]
+/// One of kiln's clients as other clients see it: `CLIENT LIST`,
+/// `CLIENT KILL`, and the kiln ids that `CLIENT UNBLOCK` and
+/// `CLIENT TRACKING ... REDIRECT` name. Created with the connection and
+/// removed when it ends.
 pub struct ClientMeta {
+    pub id: u64,
     pub addr: SocketAddr,
+    /// The listener address the client connected to (`laddr=`).
+    pub laddr: SocketAddr,
+    /// The client socket's file descriptor (`fd=`), -1 if unknown.
+    pub fd: i32,
+    pub connected: Instant,
+    /// Cancelled by `CLIENT KILL`: the client's task closes the connection.
+    pub kill: tokio_util::sync::CancellationToken,
+    /// The upstream client id of the connection this client is pinned to
+    /// (its session or relay connection), read when a command names this
+    /// client; `None` while it has none.
+    pub pinned: Mutex<Option<Arc<AtomicU64>>>,
+    pub state: Mutex<ClientState>,
+}
+
+/// The changing part of `ClientMeta`, updated by the client's own task
+/// (the command name once per batch of commands read).
+#[derive(Debug, Clone)]
+pub struct ClientState {
     pub name: Option<String>,
     pub db: u32,
-    pub connected: Instant,
+    pub user: String,
+    pub resp: u8,
+    /// The last command, lowercase, `name|sub` for a container (`cmd=`).
+    pub cmd: String,
+    pub last_active: Instant,
+    /// Commands queued in MULTI; -1 outside a transaction (`multi=`).
+    pub multi: i64,
+    /// Waiting in a blocking command (`b` flag).
+    pub blocked: bool,
+    /// Relayed as a subscriber, a monitor or with its own tracking.
+    pub relay: Option<RelayKind>,
+    pub sub: usize,
+    pub psub: usize,
+    pub ssub: usize,
+    /// `CLIENT TRACKING ... REDIRECT` target, a kiln id; -1 for none.
+    pub redir: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelayKind {
+    Pubsub,
+    Monitor,
+    Tracking,
+}
+
+impl ClientMeta {
+    pub fn new(id: u64, addr: SocketAddr, laddr: SocketAddr, fd: i32, db: u32) -> ClientMeta {
+        let now = Instant::now();
+        ClientMeta {
+            id,
+            addr,
+            laddr,
+            fd,
+            connected: now,
+            kill: Default::default(),
+            pinned: Mutex::new(None),
+            state: Mutex::new(ClientState {
+                name: None,
+                db,
+                user: "default".into(),
+                resp: 2,
+                cmd: "NULL".into(),
+                last_active: now,
+                multi: -1,
+                blocked: false,
+                relay: None,
+                sub: 0,
+                psub: 0,
+                ssub: 0,
+                redir: -1,
+            }),
+        }
+    }
+
+    pub fn state(&self) -> std::sync::MutexGuard<'_, ClientState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Pins the client to an upstream connection whose id is in `id`, or
+    /// unpins it.
+    pub fn pin(&self, id: Option<Arc<AtomicU64>>) {
+        *self.pinned.lock().unwrap_or_else(|e| e.into_inner()) = id;
+    }
+
+    /// Upstream's id of the connection this client is pinned to.
+    pub fn upstream_id(&self) -> Option<u64> {
+        self.pinned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|a| a.load(Ordering::Relaxed))
+            .filter(|id| *id != 0)
+    }
 }
 
 impl Context {
@@ -155,7 +248,7 @@ impl Context {
         self.next_client_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    pub fn clients(&self) -> std::sync::MutexGuard<'_, HashMap<u64, ClientMeta>> {
+    pub fn clients(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<ClientMeta>>> {
         self.clients.lock().unwrap_or_else(|e| e.into_inner())
     }
 }

@@ -112,6 +112,8 @@ fn about_self(name: &[u8], args: &[Bytes]) -> bool {
                 b"setinfo",
                 b"info",
                 b"list",
+                b"reply",
+                b"getredir",
             ]
             .iter()
             .any(|sub| s.eq_ignore_ascii_case(sub))

@@ -7,7 +7,7 @@
 
 use bytes::Bytes;
 
-use super::{Client, Flow, Replies, arity_error, auth, table};
+use super::{Client, Flow, Replies, arity_error, auth, clients, table};
 use crate::protocol::request::Command;
 use crate::protocol::{Proto, encode};
 
@@ -53,7 +53,13 @@ fn unreachable_local(r: &mut Replies<'_>) {
 /// RESET: back to a fresh connection's state.
 pub fn reset(c: &mut Client) {
     if let Some(s) = c.session.take() {
+        c.meta.pin(None);
         c.ctx.upstream.release(s.session, false);
+    }
+    {
+        let mut st = c.meta.state();
+        st.multi = -1;
+        st.blocked = false;
     }
     c.db = c.ctx.upstream.default_db();
     c.proto = Proto::Resp2;
@@ -259,30 +265,60 @@ fn client(c: &mut Client, cmd: Command, r: &mut Replies<'_>) -> Flow {
         // Client libraries announce themselves; nothing upstream needs it.
         b"setinfo" if a.len() == 4 => r.ready(|o| encode::simple(o, "OK")),
         b"info" if a.len() == 2 => {
-            let line = info_line(c.id, &c.ctx);
+            // The command shows itself as the last one run, as in Redis.
+            c.publish_activity();
+            let line = clients::info_line(&c.meta);
             let proto = c.proto;
             r.ready(|o| verbatim(o, line.as_bytes(), proto));
         }
         b"list" => {
-            let mut ids: Vec<u64> = c.ctx.clients().keys().copied().collect();
-            ids.sort_unstable();
-            let text: String = ids.iter().map(|id| info_line(*id, &c.ctx)).collect();
-            let proto = c.proto;
-            r.ready(|o| verbatim(o, text.as_bytes(), proto));
+            c.publish_activity();
+            match clients::list(&c.ctx, a) {
+                Ok(text) => {
+                    let proto = c.proto;
+                    r.ready(|o| verbatim(o, text.as_bytes(), proto));
+                }
+                Err(e) => r.error(&e),
+            }
         }
-        b"tracking" => return Flow::Relay(cmd.wire()),
+        b"kill" => {
+            let killed = clients::kill(&c.ctx, c.id, a);
+            match killed.reply {
+                Ok(clients::KillReply::Ok) => r.ready(|o| encode::simple(o, "OK")),
+                Ok(clients::KillReply::Count(n)) => r.ready(|o| encode::int(o, n)),
+                Err(e) => r.error(&e),
+            }
+            if killed.close_self {
+                return Flow::Close;
+            }
+        }
+        b"unblock" => {
+            let args = clients::unblock_args(&c.ctx, a);
+            let cmd = Command { args, raw: None };
+            super::write::forward(c, cmd, r);
+        }
+        b"getredir" if a.len() == 2 => {
+            let st = c.meta.state();
+            let redir = match st.relay {
+                Some(crate::context::RelayKind::Tracking) => st.redir.max(0),
+                _ => -1,
+            };
+            drop(st);
+            r.ready(|o| encode::int(o, redir));
+        }
+        b"tracking" => return Flow::Relay(cmd),
         b"reply" if a.len() == 3 => client_reply(c, &a[2], r),
         b"reply" => argc_err(r, sub),
-        b"caching" | b"getredir" | b"trackinginfo" | b"no-evict" | b"no-touch" => {
+        b"caching" | b"trackinginfo" | b"no-evict" | b"no-touch" => {
             let msg = format!(
                 "ERR 'CLIENT {}' is refused by kiln: it would change a shared upstream connection",
                 String::from_utf8_lossy(sub).to_ascii_uppercase()
             );
             r.error(&msg);
         }
-        b"id" | b"getname" | b"setname" | b"setinfo" | b"info" => argc_err(r, sub),
-        // KILL, PAUSE, UNPAUSE, UNBLOCK, HELP, unknown subcommands: upstream
-        // answers, errors included.
+        b"id" | b"getname" | b"setname" | b"setinfo" | b"info" | b"getredir" => argc_err(r, sub),
+        // PAUSE, UNPAUSE, HELP, unknown subcommands: upstream answers,
+        // errors included.
         _ => super::write::forward(c, cmd, r),
     }
     Flow::Continue
@@ -305,21 +341,8 @@ pub fn client_reply(c: &mut Client, mode: &[u8], r: &mut Replies<'_>) {
     }
 }
 
-fn info_line(id: u64, ctx: &crate::context::Context) -> String {
-    match ctx.clients().get(&id) {
-        Some(m) => format!(
-            "id={id} addr={} name={} age={} db={}\n",
-            m.addr,
-            m.name.as_deref().unwrap_or(""),
-            m.connected.elapsed().as_secs(),
-            m.db
-        ),
-        None => String::new(),
-    }
-}
-
 /// A verbatim text reply: `=` in RESP3, a bulk string in RESP2.
-fn verbatim(o: &mut bytes::BytesMut, text: &[u8], proto: Proto) {
+pub fn verbatim(o: &mut bytes::BytesMut, text: &[u8], proto: Proto) {
     match proto {
         Proto::Resp2 => encode::bulk(o, text),
         Proto::Resp3 => {

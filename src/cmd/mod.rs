@@ -14,6 +14,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod clients;
 pub mod get;
 pub mod local;
 pub mod session;
@@ -106,13 +107,18 @@ pub enum Flow {
     /// Write what is queued, then close (QUIT).
     Close,
     /// Hand the client to a raw upstream relay, starting with this command.
-    Relay(Bytes),
+    Relay(Command),
 }
 
 /// One client connection's state.
 pub struct Client {
     pub id: u64,
     pub addr: SocketAddr,
+    /// What other clients see of this one (`CLIENT LIST`, `CLIENT KILL`).
+    pub meta: Arc<crate::context::ClientMeta>,
+    /// The last command dispatched (lowercase name, and the start of its
+    /// first argument for `cmd=name|sub`), published once per batch.
+    last_cmd: LastCmd,
     pub db: u32,
     pub proto: Proto,
     pub name: Option<Bytes>,
@@ -171,14 +177,38 @@ pub fn arity_error(name: &str) -> String {
     format!("ERR wrong number of arguments for '{name}' command")
 }
 
+/// A command name and the start of its first argument, copied on the
+/// stack per command; turned into `cmd=` text only when published.
+#[derive(Default)]
+struct LastCmd {
+    name: [u8; 24],
+    name_len: u8,
+    sub: [u8; 24],
+    sub_len: u8,
+}
+
+impl LastCmd {
+    fn set(&mut self, name: &[u8], sub: Option<&Bytes>) {
+        let n = name.len().min(24);
+        self.name[..n].copy_from_slice(&name[..n]);
+        self.name_len = n as u8;
+        let sub = sub.map_or(&[][..], |s| &s[..]);
+        let m = sub.len().min(24);
+        self.sub[..m].copy_from_slice(&sub[..m]);
+        self.sub_len = m as u8;
+    }
+}
+
 impl Client {
-    pub fn new(ctx: Arc<Context>, addr: SocketAddr) -> Client {
-        let id = ctx.next_client_id();
+    pub fn new(ctx: Arc<Context>, meta: Arc<crate::context::ClientMeta>) -> Client {
+        let (id, addr) = (meta.id, meta.addr);
         let db = ctx.upstream.default_db();
         let conn = ctx.upstream.shared(db, Proto::Resp2, id);
         Client {
             id,
             addr,
+            meta,
+            last_cmd: LastCmd::default(),
             db,
             proto: Proto::Resp2,
             name: None,
@@ -248,6 +278,7 @@ impl Client {
             return Flow::Continue;
         };
         self.ctx.metrics.command(name);
+        self.last_cmd.set(name, cmd.args.get(1));
         if !self.ctx.deny.is_empty() && self.ctx.deny.contains(name) {
             let msg = format!(
                 "ERR command '{}' is disabled on this proxy",
@@ -281,7 +312,7 @@ impl Client {
             }
             b"multi" | b"watch" => return session::begin(self, name, cmd, r).await,
             _ if admin::is_admin(name) => return admin::dispatch(self, name, cmd, r),
-            _ if session::is_relay(name, &cmd.args) => return Flow::Relay(cmd.wire()),
+            _ if session::is_relay(name, &cmd.args) => return Flow::Relay(cmd),
             _ if self.ctx.table.is_blocking(&cmd.args) => {
                 return session::blocking(self, cmd, r).await;
             }
@@ -334,13 +365,33 @@ impl Client {
         }
     }
 
+    /// Publishes the connection state `CLIENT LIST` shows: name, database,
+    /// user and protocol.
     pub fn meta_update(&self) {
-        if let Some(m) = self.ctx.clients().get_mut(&self.id) {
-            m.db = self.db;
-            m.name = self
-                .name
-                .as_ref()
-                .map(|n| String::from_utf8_lossy(n).into_owned());
+        let mut st = self.meta.state();
+        st.db = self.db;
+        st.name = self
+            .name
+            .as_ref()
+            .map(|n| String::from_utf8_lossy(n).into_owned());
+        st.user = self.user.clone().unwrap_or_else(|| "default".into());
+        st.resp = if self.proto == Proto::Resp3 { 3 } else { 2 };
+    }
+
+    /// Publishes the last command and the time of activity; called once
+    /// per batch of commands, not per command.
+    pub fn publish_activity(&self) {
+        let l = &self.last_cmd;
+        let name = &l.name[..l.name_len as usize];
+        let container = self.ctx.table.get(name).is_some_and(|i| i.container);
+        let mut st = self.meta.state();
+        st.last_active = std::time::Instant::now();
+        st.cmd.clear();
+        st.cmd.push_str(&String::from_utf8_lossy(name));
+        if container && l.sub_len > 0 {
+            st.cmd.push('|');
+            let sub = String::from_utf8_lossy(&l.sub[..l.sub_len as usize]).to_ascii_lowercase();
+            st.cmd.push_str(&sub);
         }
     }
 }

@@ -68,6 +68,7 @@ pub fn is_relay(name: &[u8], args: &[Bytes]) -> bool {
 async fn open(c: &mut Client, r: &mut Replies<'_>) -> bool {
     match c.ctx.upstream.session(c.db, c.proto).await {
         Ok(session) => {
+            c.meta.pin(Some(session.conn.id.clone()));
             c.session = Some(SessionState {
                 session,
                 in_multi: false,
@@ -130,6 +131,7 @@ pub async fn dispatch(c: &mut Client, name: &[u8], cmd: Command, r: &mut Replies
         }
         b"multi" => s.in_multi = true,
         b"exec" if s.in_multi && s.aborted => {
+            c.meta.state().multi = -1;
             // Upstream queued only what was allowed: drop it all there (the
             // reply is not needed: FIFO order keeps the connection in step)
             // and answer as Redis does for a transaction with errors.
@@ -184,7 +186,19 @@ pub async fn dispatch(c: &mut Client, name: &[u8], cmd: Command, r: &mut Replies
         }
     }
     c.op.class = crate::telemetry::metrics::Class::Forward;
-    let timed = s.in_multi || !ctx.table.is_blocking(&cmd.args);
+    let blocking = !s.in_multi && ctx.table.is_blocking(&cmd.args);
+    {
+        // What CLIENT LIST shows: `multi=` and the `x` and `b` flags.
+        let mut st = c.meta.state();
+        match name {
+            b"multi" if st.multi < 0 => st.multi = 0,
+            b"exec" | b"discard" => st.multi = -1,
+            _ if s.in_multi => st.multi += 1,
+            _ => {}
+        }
+        st.blocked |= blocking;
+    }
+    let timed = !blocking;
     let rx = s.session.conn.send(cmd.wire(), on_reply, timed);
     c.expect(r, rx, Then::Session { select });
     Flow::Continue
@@ -193,6 +207,7 @@ pub async fn dispatch(c: &mut Client, name: &[u8], cmd: Command, r: &mut Replies
 /// After a reply on the session connection: apply a SELECT that succeeded,
 /// and give the connection back once the session is over.
 pub fn after_reply(c: &mut Client, reply: &Reply, select: Option<u32>) {
+    c.meta.state().blocked = false;
     if let (Some(db), Ok(bytes)) = (select, reply) {
         if bytes.starts_with(b"+OK") || bytes.starts_with(b"*") {
             c.db = db;
@@ -212,6 +227,7 @@ fn release_if_over(c: &mut Client) {
         .is_some_and(|s| !s.in_multi && !s.watching && c.upstream_pending == 0);
     if over {
         if let Some(s) = c.session.take() {
+            c.meta.pin(None);
             c.ctx.upstream.release(s.session, !s.dirty);
         }
     }

@@ -65,6 +65,9 @@ pub struct Hooks {
 #[derive(Clone)]
 pub struct ConnHandle {
     tx: mpsc::UnboundedSender<Request>,
+    /// Upstream's client id of the live connection, when its connector
+    /// asks (pinned connections); 0 otherwise or before it connects.
+    pub id: Arc<std::sync::atomic::AtomicU64>,
     breaker: Arc<Breaker>,
     /// Where requests the open circuit refuses are counted.
     errors: Arc<ErrorCounts>,
@@ -74,9 +77,11 @@ impl ConnHandle {
     pub fn spawn(connector: Arc<Connector>, hooks: Hooks) -> ConnHandle {
         let (tx, rx) = mpsc::unbounded_channel();
         let (breaker, errors) = (connector.breaker.clone(), connector.errors.clone());
-        tokio::spawn(run(rx, connector, hooks));
+        let id: Arc<std::sync::atomic::AtomicU64> = Arc::default();
+        tokio::spawn(run(rx, connector, hooks, id.clone()));
         ConnHandle {
             tx,
+            id,
             breaker,
             errors,
         }
@@ -134,7 +139,12 @@ struct Live {
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 const MIN_BACKOFF: Duration = Duration::from_millis(50);
 
-async fn run(mut rx: mpsc::UnboundedReceiver<Request>, connector: Arc<Connector>, hooks: Hooks) {
+async fn run(
+    mut rx: mpsc::UnboundedReceiver<Request>,
+    connector: Arc<Connector>,
+    hooks: Hooks,
+    id: Arc<std::sync::atomic::AtomicU64>,
+) {
     let mut live: Option<Live> = None;
     let mut fifo: VecDeque<InFlight> = VecDeque::new();
     let mut wbuf = BytesMut::new();
@@ -176,8 +186,9 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Request>, connector: Arc<Connector>
                     continue;
                 }
             }
-            match connector.connect().await {
-                Ok((stream, leftover)) => {
+            match connector.connect_with_id().await {
+                Ok((stream, leftover, upstream_id)) => {
+                    id.store(upstream_id, std::sync::atomic::Ordering::Relaxed);
                     let (read, write) = stream.split();
                     live = Some(Live { read, write });
                     retry_at = None;
@@ -348,6 +359,25 @@ fn dispatch(
         rbuf.reserve(16 * 1024);
     }
     Ok(())
+}
+
+/// Sends one command on a freshly set up stream and reads its reply,
+/// error replies included.
+pub async fn ask<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    cmd: &[Vec<u8>],
+) -> Result<Bytes, UpstreamError> {
+    let mut out = BytesMut::new();
+    crate::protocol::request::encode_command_into(&mut out, cmd);
+    stream
+        .write_all(&out)
+        .await
+        .map_err(|e| UpstreamError::Setup(e.to_string()))?;
+    stream
+        .flush()
+        .await
+        .map_err(|e| UpstreamError::Setup(e.to_string()))?;
+    read_one(stream, &mut BytesMut::new()).await
 }
 
 /// Reads exactly one reply from a freshly connected stream (setup commands).

@@ -50,6 +50,10 @@ pub struct Connector {
     pub breaker: Arc<Breaker>,
     /// For a `rediss://` upstream.
     tls: Option<UpstreamTls>,
+    /// Ask upstream for the connection's `CLIENT ID` after setup: a
+    /// connection pinned to one client (session, relay) is what kiln's
+    /// `CLIENT UNBLOCK`, `CLIENT TRACKING ... REDIRECT` name upstream.
+    want_id: bool,
 }
 
 /// How to wrap an upstream connection in TLS.
@@ -96,6 +100,12 @@ impl Connector {
     /// Connects and brings the connection to the wanted protocol, user and
     /// database. Also returns what upstream sent after the setup replies.
     pub async fn connect(&self) -> Result<(Stream, BytesMut), UpstreamError> {
+        self.connect_with_id().await.map(|(s, b, _)| (s, b))
+    }
+
+    /// `connect`, plus upstream's id of the connection when the connector
+    /// asks for it (0 otherwise, or when upstream refuses `CLIENT ID`).
+    pub async fn connect_with_id(&self) -> Result<(Stream, BytesMut, u64), UpstreamError> {
         let target = self.target();
         let stream = self
             .within(&target, "", TcpStream::connect(&target))
@@ -136,16 +146,26 @@ impl Connector {
         }
         cmds.extend(self.extra.iter().cloned());
         let mut leftover = BytesMut::new();
+        let timed_out = || UpstreamError::ConnectTimeout {
+            addr: target.clone(),
+            after: self.connect_timeout,
+        };
         if !cmds.is_empty() {
             let setup = conn::setup(&mut stream, &cmds);
             (_, leftover) = tokio::time::timeout(self.connect_timeout, setup)
                 .await
-                .map_err(|_| UpstreamError::ConnectTimeout {
-                    addr: target,
-                    after: self.connect_timeout,
-                })??;
+                .map_err(|_| timed_out())??;
         }
-        Ok((stream, leftover))
+        let mut id = 0;
+        if self.want_id && leftover.is_empty() {
+            let client_id = [b"CLIENT".to_vec(), b"ID".to_vec()];
+            let ask = conn::ask(&mut stream, &client_id);
+            let reply = tokio::time::timeout(self.connect_timeout, ask)
+                .await
+                .map_err(|_| timed_out())??;
+            id = crate::protocol::reply::integer(&reply).map_or(0, |n| n as u64);
+        }
+        Ok((stream, leftover, id))
     }
 }
 
@@ -221,6 +241,8 @@ pub struct RawSession {
     pub stream: Stream,
     /// Bytes upstream sent right after the setup: the relay's first output.
     pub leftover: BytesMut,
+    /// Upstream's client id of this connection.
+    pub id: Arc<std::sync::atomic::AtomicU64>,
     pub _permit: OwnedSemaphorePermit,
 }
 
@@ -285,7 +307,18 @@ impl Upstream {
             errors: self.errors.clone(),
             breaker: self.breaker.clone(),
             tls: self.tls.clone(),
+            want_id: false,
         })
+    }
+
+    /// A connector for connections pinned to one client: they learn their
+    /// upstream client id.
+    fn pinned_connector(&self, db: u32, proto: Proto) -> Arc<Connector> {
+        let mut c = self.connector(db, proto);
+        if let Some(c) = Arc::get_mut(&mut c) {
+            c.want_id = true;
+        }
+        c
     }
 
     /// The protocol of reader connections (and so of their replies).
@@ -346,7 +379,9 @@ impl Upstream {
         let conn = lock(&self.idle)
             .get_mut(&key)
             .and_then(|v| v.pop())
-            .unwrap_or_else(|| ConnHandle::spawn(self.connector(db, proto), Hooks::default()));
+            .unwrap_or_else(|| {
+                ConnHandle::spawn(self.pinned_connector(db, proto), Hooks::default())
+            });
         Ok(Session {
             conn,
             key,
@@ -372,15 +407,16 @@ impl Upstream {
             return Err(UpstreamError::CircuitOpen);
         }
         let permit = self.permit().await?;
-        let connector = self.connector(db, proto);
-        let (stream, leftover) = connector
-            .connect()
+        let connector = self.pinned_connector(db, proto);
+        let (stream, leftover, id) = connector
+            .connect_with_id()
             .await
             .inspect_err(|e| connector.failed(e))?;
         self.breaker.success();
         Ok(RawSession {
             stream,
             leftover,
+            id: Arc::new(std::sync::atomic::AtomicU64::new(id)),
             _permit: permit,
         })
     }
