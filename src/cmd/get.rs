@@ -35,7 +35,7 @@ pub fn get(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
         _ => {
             c.ctx.l1.stats.bypasses.add(1);
             c.op.class = Class::Forward;
-            let rx = c.conn.send(cmd.wire(), None, true);
+            let rx = c.conn().send(cmd.wire(), None, true);
             c.expect(r, rx, Then::Nothing);
             return;
         }
@@ -148,7 +148,7 @@ pub fn mget(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
         let n = cmd.args.len() as u64 - 1;
         c.ctx.l1.stats.bypasses.add(n);
         c.op.class = Class::Forward;
-        let rx = c.conn.send(cmd.wire(), None, true);
+        let rx = c.conn().send(cmd.wire(), None, true);
         c.expect(r, rx, Then::Nothing);
         return;
     }

@@ -234,6 +234,22 @@ impl Client {
         self.conn = self.ctx.upstream.shared(self.db, self.proto, self.id);
     }
 
+    /// The client's shared connection. One stalled behind a slow command
+    /// (a script, `KEYS`, `DEBUG SLEEP`) is swapped for another when
+    /// nothing of this client is in flight, so its next commands get what
+    /// Redis gives them directly (`-BUSY`, or a wait for Redis itself)
+    /// rather than a place in line behind another client's command. With
+    /// something in flight it stays, so its commands keep their order.
+    pub fn conn(&mut self) -> &ConnHandle {
+        if self.upstream_pending == 0 && self.conn.stalled(self.now) {
+            self.conn = self
+                .ctx
+                .upstream
+                .shared_unstalled(self.db, self.proto, self.id, self.now);
+        }
+        &self.conn
+    }
+
     /// Queues upstream's reply to a request.
     pub fn expect(&mut self, r: &mut Replies<'_>, rx: oneshot::Receiver<Reply>, then: Then) {
         self.upstream_pending += 1;
@@ -268,6 +284,7 @@ impl Client {
             b"multi" | b"watch" | b"select" | b"hello" | b"reset" | b"client"
         ) || session::is_relay(name, &cmd.args)
             || self.ctx.table.is_blocking(&cmd.args)
+            || self.ctx.table.allows_busy(&cmd.args)
     }
 
     pub async fn dispatch(&mut self, cmd: Command, r: &mut Replies<'_>) -> Flow {

@@ -26,6 +26,9 @@ pub struct CmdInfo {
     pub container: bool,
     /// Redis's `admin` flag (CONFIG, SHUTDOWN, DEBUG, ...): admin role only.
     pub admin: bool,
+    /// Redis's `allow_busy` flag: runs while a script is busy (SCRIPT KILL,
+    /// FUNCTION KILL, SHUTDOWN, ...).
+    pub allow_busy: bool,
 }
 
 /// Where a write's keys are.
@@ -44,6 +47,9 @@ pub enum Keys {
 pub struct Table {
     map: Map,
     pub from_upstream: bool,
+    /// Top-level names with an `allow_busy` command or subcommand: checked
+    /// first, so other commands pay no second lookup.
+    busy_names: Vec<Vec<u8>>,
 }
 
 /// Commands whose keys sit behind a count argument, and which may write.
@@ -60,10 +66,7 @@ impl Table {
         for c in &cmds {
             add_entry(&mut map, c, None);
         }
-        (!map.is_empty()).then_some(Table {
-            map,
-            from_upstream: true,
-        })
+        (!map.is_empty()).then(|| Table::with(map, true))
     }
 
     pub fn builtin() -> Table {
@@ -73,9 +76,41 @@ impl Table {
                 map.insert(n.as_bytes().to_vec(), *info);
             }
         }
+        Table::with(map, false)
+    }
+
+    fn with(map: Map, from_upstream: bool) -> Table {
+        let mut busy_names: Vec<Vec<u8>> = map
+            .iter()
+            .filter(|(_, i)| i.allow_busy)
+            .map(|(n, _)| n.split(|&b| b == b'|').next().unwrap_or(n).to_vec())
+            .collect();
+        busy_names.sort();
+        busy_names.dedup();
         Table {
             map,
-            from_upstream: false,
+            from_upstream,
+            busy_names,
+        }
+    }
+
+    /// Whether the command (or subcommand) has Redis's `allow_busy` flag:
+    /// upstream runs it even while a script keeps it busy.
+    pub fn allows_busy(&self, args: &[Bytes]) -> bool {
+        let mut buf = [0u8; 64];
+        let Some(name) = lower(&args[0], &mut buf) else {
+            return false;
+        };
+        if !self.busy_names.iter().any(|n| n == name) {
+            return false;
+        }
+        match self.map.get(name) {
+            Some(i) if i.container => args
+                .get(1)
+                .and_then(|s| self.sub(name, s))
+                .is_some_and(|i| i.allow_busy),
+            Some(i) => i.allow_busy,
+            None => false,
         }
     }
 
@@ -254,6 +289,7 @@ fn add_entry(map: &mut Map, c: &OwnedFrame, _parent: Option<&[u8]>) {
         step: int(5),
         container: subs.is_some(),
         admin: has(b"admin"),
+        allow_busy: has(b"allow_busy"),
     };
     map.insert(name.to_ascii_lowercase(), info);
     for s in subs.into_iter().flatten() {
@@ -271,6 +307,7 @@ const fn w(first: i32, last: i32, step: i32) -> CmdInfo {
         step,
         container: false,
         admin: false,
+        allow_busy: false,
     }
 }
 const R: CmdInfo = CmdInfo {
@@ -282,6 +319,7 @@ const R: CmdInfo = CmdInfo {
     step: 1,
     container: false,
     admin: false,
+    allow_busy: false,
 };
 const B: CmdInfo = CmdInfo {
     write: true,
@@ -292,6 +330,7 @@ const B: CmdInfo = CmdInfo {
     step: 1,
     container: false,
     admin: false,
+    allow_busy: false,
 };
 const ALL: CmdInfo = CmdInfo {
     write: true,
@@ -302,6 +341,7 @@ const ALL: CmdInfo = CmdInfo {
     step: 0,
     container: false,
     admin: false,
+    allow_busy: false,
 };
 const NOKEYS: CmdInfo = w(0, 0, 0);
 
@@ -342,9 +382,15 @@ const BUILTIN: &[(&str, CmdInfo)] = &[
     ),
     ("flushdb flushall swapdb", NOKEYS),
     (
-        "config debug shutdown monitor slaveof replicaof bgsave save bgrewriteaof acl \
+        "config debug monitor slaveof replicaof bgsave save bgrewriteaof acl \
          module failover slowlog latency",
         CmdInfo { admin: true, ..R },
+    ),
+    ("shutdown", CmdInfo { admin: true, allow_busy: true, ..R }),
+    ("script function", CmdInfo { container: true, ..R }),
+    (
+        "script|kill function|kill function|stats",
+        CmdInfo { allow_busy: true, ..R },
     ),
     ("blpop brpop bzpopmin bzpopmax", B),
     ("blmove brpoplpush", CmdInfo { last: 2, ..B }),

@@ -70,7 +70,13 @@ pub fn forward(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
         None => Then::Nothing,
     };
     let on_reply = stale.map(|s| s.now_and_on_reply(&c.ctx));
-    let rx = c.conn.send(cmd.wire(), on_reply, true);
+    let rx = if c.ctx.table.allows_busy(&cmd.args) {
+        // Past a busy script on the client's own connection, at once.
+        let conn = c.ctx.upstream.priority(c.db, c.proto);
+        conn.send(cmd.wire(), on_reply, true)
+    } else {
+        c.conn().send(cmd.wire(), on_reply, true)
+    };
     c.expect(r, rx, then);
 }
 

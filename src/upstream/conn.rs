@@ -6,9 +6,17 @@
 //! The connection is made lazily and re-made after a failure, with
 //! exponential backoff; while backing off, requests fail at once rather than
 //! queue. A request in flight when the connection fails gets an error and is
-//! not resent: it may have run. A request whose reply is overdue (the head of
-//! the FIFO past `command_timeout`) fails the connection, since later replies
-//! could no longer be matched.
+//! not resent: it may have run.
+//!
+//! A slow reply is not a failure. When the head of the FIFO is past
+//! `command_timeout`, kiln checks that upstream is still reachable (a new
+//! TCP connection within `connect_timeout`). If it is, upstream is busy (a
+//! slow script, `DEBUG SLEEP`, `CLIENT PAUSE`) and kiln keeps waiting, as a
+//! client connected directly would; only an unreachable upstream fails the
+//! connection and what is in flight on it. While the head is overdue past
+//! `STALL_AFTER`, the handle reports the connection stalled, so clients with
+//! nothing in flight move to another connection instead of queueing behind
+//! the slow command.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -65,6 +73,9 @@ pub struct Hooks {
 #[derive(Clone)]
 pub struct ConnHandle {
     tx: mpsc::UnboundedSender<Request>,
+    /// When the oldest request still waiting for its reply was queued, in
+    /// nanoseconds since `epoch()`; 0 when none waits.
+    head_since: Arc<std::sync::atomic::AtomicU64>,
     /// Upstream's client id of the live connection, when its connector
     /// asks (pinned connections); 0 otherwise or before it connects.
     pub id: Arc<std::sync::atomic::AtomicU64>,
@@ -78,13 +89,27 @@ impl ConnHandle {
         let (tx, rx) = mpsc::unbounded_channel();
         let (breaker, errors) = (connector.breaker.clone(), connector.errors.clone());
         let id: Arc<std::sync::atomic::AtomicU64> = Arc::default();
-        tokio::spawn(run(rx, connector, hooks, id.clone()));
+        let head_since: Arc<std::sync::atomic::AtomicU64> = Arc::default();
+        let shared = Shared {
+            id: id.clone(),
+            head_since: head_since.clone(),
+        };
+        tokio::spawn(run(rx, connector, hooks, shared));
         ConnHandle {
             tx,
             id,
+            head_since,
             breaker,
             errors,
         }
+    }
+
+    /// Whether a reply on this connection has been overdue for longer than
+    /// `STALL_AFTER` at `now`: upstream is busy with something slow sent on
+    /// it, and a request queued now would wait behind it.
+    pub fn stalled(&self, now: std::time::Instant) -> bool {
+        let since = self.head_since.load(std::sync::atomic::Ordering::Relaxed);
+        since != 0 && nanos_since_epoch(now).saturating_sub(since) > STALL_AFTER.as_nanos() as u64
     }
 
     /// Queues a command; the receiver gets its reply.
@@ -122,6 +147,36 @@ struct InFlight {
     reply: oneshot::Sender<Reply>,
     on_reply: Option<OnReply>,
     deadline: Option<Instant>,
+    queued: std::time::Instant,
+}
+
+/// How long a reply may be outstanding before the connection counts as
+/// stalled for requests not yet sent (see `ConnHandle::stalled`). Far above
+/// a loaded pipeline's latency, far below a slow command's.
+pub const STALL_AFTER: Duration = Duration::from_millis(100);
+
+/// The base of `head_since` timestamps.
+fn epoch() -> std::time::Instant {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(std::time::Instant::now)
+}
+
+/// Nanoseconds from `epoch()` to `t`, at least 1 (0 means "none").
+fn nanos_since_epoch(t: std::time::Instant) -> u64 {
+    (t.saturating_duration_since(epoch()).as_nanos() as u64).max(1)
+}
+
+/// What the connection task publishes to its handles.
+struct Shared {
+    id: Arc<std::sync::atomic::AtomicU64>,
+    head_since: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Shared {
+    fn head(&self, fifo: &VecDeque<InFlight>) {
+        let v = fifo.front().map_or(0, |f| nanos_since_epoch(f.queued));
+        self.head_since.store(v, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 fn fail(req: Request, err: UpstreamError) {
@@ -143,8 +198,9 @@ async fn run(
     mut rx: mpsc::UnboundedReceiver<Request>,
     connector: Arc<Connector>,
     hooks: Hooks,
-    id: Arc<std::sync::atomic::AtomicU64>,
+    shared: Shared,
 ) {
+    let id = &shared.id;
     let mut live: Option<Live> = None;
     let mut fifo: VecDeque<InFlight> = VecDeque::new();
     let mut wbuf = BytesMut::new();
@@ -268,7 +324,23 @@ async fn run(
                 }
                 Err(e) => Err(UpstreamError::Lost(e.to_string())),
             },
-            _ = sleep_until_opt(head_deadline) => Err(UpstreamError::Timeout(timeout)),
+            _ = sleep_until_opt(head_deadline) => {
+                // Overdue: slow, or gone? Only an upstream that cannot be
+                // reached fails what is in flight; a busy one is waited for.
+                match connector.reachable().await {
+                    Ok(()) => {
+                        tracing::debug!(overdue = ?timeout, in_flight = fifo.len(), "upstream reply overdue but upstream reachable: waiting");
+                        if let Some(head) = fifo.front_mut() {
+                            head.deadline = Some(Instant::now() + timeout);
+                        }
+                        Ok(())
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "upstream reply overdue and upstream unreachable");
+                        Err(UpstreamError::Timeout(timeout))
+                    }
+                }
+            }
             _ = sleep_until_opt(ping_at) => {
                 // Nobody waits for this reply; its timeout still fails a
                 // connection that stopped answering.
@@ -296,6 +368,7 @@ async fn run(
             retry_at = Some((Instant::now() + backoff, err));
             backoff = (backoff * 2).min(MAX_BACKOFF);
         }
+        shared.head(&fifo);
     }
 }
 
@@ -321,10 +394,12 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
 
 fn enqueue(req: Request, wbuf: &mut BytesMut, fifo: &mut VecDeque<InFlight>, timeout: Duration) {
     wbuf.extend_from_slice(&req.wire);
+    let queued = std::time::Instant::now();
     fifo.push_back(InFlight {
         reply: req.reply,
         on_reply: req.on_reply,
-        deadline: req.timed.then(|| Instant::now() + timeout),
+        deadline: req.timed.then(|| Instant::from_std(queued) + timeout),
+        queued,
     });
 }
 

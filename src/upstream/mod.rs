@@ -93,6 +93,17 @@ impl Connector {
         }
     }
 
+    /// Whether upstream accepts a new TCP connection within
+    /// `connect_timeout`: told apart from a reply that is only slow, an
+    /// unreachable upstream is the one reason to give up on a request in
+    /// flight.
+    pub async fn reachable(&self) -> Result<(), UpstreamError> {
+        let target = self.target();
+        self.within(&target, "", TcpStream::connect(&target))
+            .await
+            .map(drop)
+    }
+
     fn target(&self) -> String {
         format!("{}:{}", self.addr.host, self.addr.port)
     }
@@ -216,6 +227,8 @@ pub struct Upstream {
     max_sessions: usize,
     /// By (database, protocol, worker).
     shared: Mutex<HashMap<(u32, Proto, usize), Conns>>,
+    /// For `allow_busy` commands, by (database, protocol, worker).
+    priority: Mutex<HashMap<(u32, Proto, usize), ConnHandle>>,
     /// Idle, clean session connections.
     idle: Mutex<HashMap<PoolKey, Vec<ConnHandle>>>,
     sessions: Arc<Semaphore>,
@@ -278,6 +291,7 @@ impl Upstream {
             command_timeout: cfg.upstream.command_timeout,
             max_sessions: cfg.upstream.max_sessions,
             shared: Mutex::new(HashMap::new()),
+            priority: Mutex::new(HashMap::new()),
             idle: Mutex::new(HashMap::new()),
             sessions: Arc::new(Semaphore::new(cfg.upstream.max_sessions)),
             reader_spec,
@@ -358,6 +372,49 @@ impl Upstream {
                 .collect()
         });
         conns[client_id as usize % conns.len()].clone()
+    }
+
+    /// A shared connection for (db, proto) that is not stalled behind a
+    /// slow command at `now`, for a client whose own connection is and
+    /// which has nothing in flight. When every one is stalled, one more is
+    /// opened, up to twice `upstream.connections`; past that, the least
+    /// recently stalled one.
+    pub fn shared_unstalled(
+        &self,
+        db: u32,
+        proto: Proto,
+        client_id: u64,
+        now: std::time::Instant,
+    ) -> ConnHandle {
+        let mut map = lock(&self.shared);
+        let key = (db, proto, worker());
+        if let Some(c) = map
+            .get(&key)
+            .and_then(|conns| conns.iter().find(|c| !c.stalled(now)))
+        {
+            return c.clone();
+        }
+        let conns = map.entry(key).or_insert_with(|| Arc::from(Vec::new()));
+        if conns.len() < self.per_key * 2 {
+            let extra = ConnHandle::spawn(self.connector(db, proto), Hooks::default());
+            let mut grown: Vec<ConnHandle> = conns.to_vec();
+            grown.push(extra.clone());
+            *conns = Arc::from(grown);
+            tracing::debug!(db, connections = conns.len(), "every shared connection is behind a slow command: one more opened");
+            return extra;
+        }
+        conns[client_id as usize % conns.len()].clone()
+    }
+
+    /// The connection for commands Redis runs while it is busy with a
+    /// script (`allow_busy`: SCRIPT KILL, FUNCTION KILL, SHUTDOWN, ...).
+    /// It carries nothing else, so such a command is never queued behind
+    /// the script it is meant to stop.
+    pub fn priority(&self, db: u32, proto: Proto) -> ConnHandle {
+        let mut map = lock(&self.priority);
+        map.entry((db, proto, worker()))
+            .or_insert_with(|| ConnHandle::spawn(self.connector(db, proto), Hooks::default()))
+            .clone()
     }
 
     async fn permit(&self) -> Result<OwnedSemaphorePermit, UpstreamError> {
