@@ -468,11 +468,38 @@ fn dechunk(mut body: &str) -> String {
 }
 
 /// A TCP relay in front of a server that can cut every connection through
-/// it on demand: upstream "failures" without killing the server.
+/// it on demand: upstream "failures" without killing the server. `freeze`
+/// makes the server unreachable instead: open connections stop carrying
+/// bytes (without closing) and new ones are refused, as a host that went
+/// away behind a network fault.
 pub struct Relay {
     pub addr: SocketAddr,
     conns: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
     accept: tokio::task::JoinHandle<()>,
+    frozen: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Copies `from` to `to` until either closes; once `frozen`, holds what it
+/// reads and keeps both open.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    frozen: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if frozen.load(std::sync::atomic::Ordering::SeqCst) {
+            let _hold = (from, to);
+            return std::future::pending().await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
 }
 
 impl Relay {
@@ -481,12 +508,19 @@ impl Relay {
         let addr = listener.local_addr().expect("addr");
         let conns: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>> =
             Default::default();
-        let held = conns.clone();
+        let frozen: std::sync::Arc<std::sync::atomic::AtomicBool> = Default::default();
+        let (held, ice) = (conns.clone(), frozen.clone());
         let accept = tokio::spawn(async move {
-            while let Ok((mut client, _)) = listener.accept().await {
+            while let Ok((client, _)) = listener.accept().await {
+                let ice = ice.clone();
                 let task = tokio::spawn(async move {
-                    if let Ok(mut server) = TcpStream::connect(target).await {
-                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    if let Ok(server) = TcpStream::connect(target).await {
+                        let (cr, cw) = client.into_split();
+                        let (sr, sw) = server.into_split();
+                        tokio::select! {
+                            _ = pump(cr, sw, ice.clone()) => {}
+                            _ = pump(sr, cw, ice) => {}
+                        }
                     }
                 });
                 held.lock().expect("lock").push(task.abort_handle());
@@ -496,6 +530,7 @@ impl Relay {
             addr,
             conns,
             accept,
+            frozen,
         }
     }
 
@@ -511,6 +546,13 @@ impl Relay {
             c.abort();
         }
         n
+    }
+
+    /// The server becomes unreachable: bytes stop flowing on open
+    /// connections, which stay open, and new connections are refused.
+    pub fn freeze(&self) {
+        self.frozen.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.accept.abort();
     }
 }
 
