@@ -23,6 +23,9 @@ pub struct SessionState {
     /// Keys written by commands queued in MULTI, invalidated at EXEC.
     queued: Vec<Bytes>,
     flush_on_exec: bool,
+    /// A command queued in MULTI may write keys kiln cannot name: EXEC's
+    /// reply waits for upstream's invalidations (`write::settle`).
+    settle_on_exec: bool,
     /// A SELECT queued in MULTI, applied to the client if EXEC succeeds.
     queued_db: Option<u32>,
     /// SELECT ran on the connection: it cannot go back to the pool.
@@ -40,6 +43,7 @@ impl SessionState {
         self.aborted = false;
         self.queued.clear();
         self.flush_on_exec = false;
+        self.settle_on_exec = false;
         self.queued_db = None;
     }
 }
@@ -75,6 +79,7 @@ async fn open(c: &mut Client, r: &mut Replies<'_>) -> bool {
                 watching: false,
                 queued: Vec::new(),
                 flush_on_exec: false,
+                settle_on_exec: false,
                 queued_db: None,
                 dirty: false,
                 aborted: false,
@@ -116,6 +121,7 @@ pub async fn dispatch(c: &mut Client, name: &[u8], cmd: Command, r: &mut Replies
     };
     let mut select = None;
     let mut on_reply = None;
+    let mut settle = false;
     match name {
         b"reset" | b"quit" => return local::dispatch(c, name, cmd, r),
         b"hello" => {
@@ -155,6 +161,7 @@ pub async fn dispatch(c: &mut Client, name: &[u8], cmd: Command, r: &mut Replies
                 Stale::Keys(WriteKeys::from_vec(std::mem::take(&mut s.queued)))
             };
             on_reply = Some(stale.now_and_on_reply(&ctx));
+            settle = std::mem::take(&mut s.settle_on_exec);
         }
         b"discard" if s.in_multi => s.end_transaction(),
         b"watch" if !s.in_multi => s.watching = true,
@@ -172,8 +179,9 @@ pub async fn dispatch(c: &mut Client, name: &[u8], cmd: Command, r: &mut Replies
             }
         }
         _ => {
-            if let Some(stale) = Stale::of(&ctx, &cmd.args) {
+            if let Some((stale, unnamed)) = Stale::of_write(&ctx, &cmd.args) {
                 if s.in_multi {
+                    s.settle_on_exec |= unnamed;
                     stale.apply(&ctx);
                     match stale {
                         Stale::Everything => s.flush_on_exec = true,
@@ -181,6 +189,7 @@ pub async fn dispatch(c: &mut Client, name: &[u8], cmd: Command, r: &mut Replies
                     }
                 } else {
                     on_reply = Some(stale.now_and_on_reply(&ctx));
+                    settle = unnamed;
                 }
             }
         }
@@ -200,6 +209,11 @@ pub async fn dispatch(c: &mut Client, name: &[u8], cmd: Command, r: &mut Replies
     }
     let timed = !blocking;
     let rx = s.session.conn.send(cmd.wire(), on_reply, timed);
+    let rx = if settle {
+        super::write::settle(&ctx, rx)
+    } else {
+        rx
+    };
     c.expect(r, rx, Then::Session { select });
     Flow::Continue
 }

@@ -31,9 +31,19 @@ pub enum Stale {
 impl Stale {
     /// What `args` writes, or `None` for a command that does not write.
     pub fn of(ctx: &Context, args: &[Bytes]) -> Option<Stale> {
+        Stale::of_write(ctx, args).map(|(s, _)| s)
+    }
+
+    /// What `args` writes, and whether it may write keys kiln cannot name
+    /// (a script's undeclared keys, a module or movable-keys command): its
+    /// reply must then wait for upstream's invalidations (`settle`).
+    pub fn of_write(ctx: &Context, args: &[Bytes]) -> Option<(Stale, bool)> {
         Some(match ctx.table.write_keys(args)? {
-            Keys::Everything => Stale::Everything,
-            keys => Stale::Keys(key_args(keys, args).cloned().collect()),
+            Keys::Everything => (Stale::Everything, false),
+            keys => (
+                Stale::Keys(key_args(keys, args).cloned().collect()),
+                matches!(keys, Keys::NumKeys(_) | Keys::AllArgs),
+            ),
         })
     }
 
@@ -58,10 +68,14 @@ impl Stale {
 
 pub fn forward(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
     c.op.class = crate::telemetry::metrics::Class::Forward;
-    let stale = Stale::of(&c.ctx, &cmd.args);
+    let write = Stale::of_write(&c.ctx, &cmd.args);
+    let unnamed = write.as_ref().is_some_and(|(_, u)| *u);
+    let stale = write.map(|(s, _)| s);
     let then = match &stale {
         Some(s) => {
             c.writes_pending.push_back(match s {
+                // May write any key: the client's reads wait behind it.
+                _ if unnamed => None,
                 Stale::Keys(keys) => Some(keys.clone()),
                 Stale::Everything => None,
             });
@@ -77,7 +91,29 @@ pub fn forward(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
     } else {
         c.conn().send(cmd.wire(), on_reply, true)
     };
+    let rx = if unnamed { settle(&c.ctx, rx) } else { rx };
     c.expect(r, rx, then);
+}
+
+/// Holds a write's reply until the invalidations it caused upstream have
+/// been applied to L1 (`Coherence::settle`).
+pub fn settle(
+    ctx: &Arc<Context>,
+    rx: tokio::sync::oneshot::Receiver<crate::upstream::Reply>,
+) -> tokio::sync::oneshot::Receiver<crate::upstream::Reply> {
+    if ctx.coherence.mode == crate::config::CoherenceMode::Ttl {
+        return rx;
+    }
+    let (tx, out) = tokio::sync::oneshot::channel();
+    let ctx = ctx.clone();
+    tokio::spawn(async move {
+        let reply = rx.await.unwrap_or_else(|_| {
+            Err(crate::error::UpstreamError::Lost("request dropped".into()))
+        });
+        ctx.coherence.settle(&ctx.upstream).await;
+        let _ = tx.send(reply);
+    });
+    out
 }
 
 /// Commands that would change the state of a shared upstream connection

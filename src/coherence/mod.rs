@@ -54,6 +54,8 @@ pub struct Coherence {
     pub losses: AtomicU64,
     /// SWAPDBs seen upstream (by the commandstats check).
     pub swaps_seen: AtomicU64,
+    /// The `bcast` invalidation channel, once started.
+    bcast: std::sync::Mutex<Option<ConnHandle>>,
 }
 
 fn cmd(args: &[&str]) -> Vec<Vec<u8>> {
@@ -74,7 +76,41 @@ impl Coherence {
             healthy: AtomicBool::new(mode != CoherenceMode::Bcast),
             losses: AtomicU64::new(0),
             swaps_seen: AtomicU64::new(0),
+            bcast: std::sync::Mutex::new(None),
         })
+    }
+
+    /// Waits until every invalidation upstream sent before now has been
+    /// applied: a `PING` round trip on each connection invalidations arrive
+    /// on (the tracking readers, or the bcast channel). Redis queues an
+    /// invalidation on the tracking connection while the write runs, so it
+    /// arrives before the reply to anything sent there later. Used after a
+    /// write whose keys kiln cannot name (a script writing undeclared
+    /// keys, a module command), before its reply reaches the client, so
+    /// the client's next read cannot see L1's old value. Nothing to wait
+    /// for in `ttl` mode.
+    pub async fn settle(&self, upstream: &Upstream) {
+        let conns = match self.mode {
+            CoherenceMode::Tracking => upstream.readers_all(),
+            CoherenceMode::Bcast => self
+                .bcast
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .cloned()
+                .collect(),
+            CoherenceMode::Ttl => return,
+        };
+        let ping = Bytes::from_static(b"*1\r\n$4\r\nPING\r\n");
+        let replies: Vec<_> = conns
+            .iter()
+            .map(|c| c.send(ping.clone(), None, true))
+            .collect();
+        for r in replies {
+            // A lost connection clears what it covered before its requests
+            // fail, so an error here also means "applied".
+            let _ = r.await;
+        }
     }
 
     /// Whether a read may be filled into L1 now.
@@ -156,6 +192,7 @@ impl Coherence {
                 self.hooks(l1),
             )
         });
+        *self.bcast.lock().unwrap_or_else(|e| e.into_inner()) = bcast.clone();
         let (me, l1) = (self.clone(), l1.clone());
         let info = encode_command(&["INFO", "commandstats"]);
         // The baseline is read before kiln serves a client, so before

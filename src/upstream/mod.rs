@@ -340,6 +340,14 @@ impl Upstream {
         self.reader_spec.proto
     }
 
+    /// Every reader connection opened so far, of every database and worker.
+    pub fn readers_all(&self) -> Vec<ConnHandle> {
+        lock(&self.readers)
+            .values()
+            .flat_map(|c| c.iter().cloned())
+            .collect()
+    }
+
     /// A connection that fills L1 for `db`, spread over clients.
     pub fn reader(&self, db: u32, client_id: u64) -> ConnHandle {
         let mut map = lock(&self.readers);
