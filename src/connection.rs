@@ -430,7 +430,7 @@ async fn relay<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     shutdown: &CancellationToken,
 ) -> RelayEnd {
     let ctx = c.ctx.clone();
-    let raw = match ctx.upstream.raw(c.db, c.proto).await {
+    let raw = match ctx.upstream.raw(c.db, c.proto, &c.upstream_as).await {
         Ok(raw) => raw,
         Err(e) => {
             encode::error(out, &e.reply_text());

@@ -27,6 +27,8 @@ pub struct Context {
     pub admin: crate::cmd::admin::AdminLimits,
     /// Client users (`server.requirepass`, `[[users]]`).
     pub users: crate::cmd::auth::Users,
+    /// What upstream's ACL lets its users read, for L1 hits (`cmd::acl`).
+    pub acl: crate::cmd::acl::Permissions,
     /// `[server.tls]`: clients must speak TLS.
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     pub metrics: crate::telemetry::metrics::Metrics,
@@ -200,6 +202,7 @@ impl Context {
             ),
             admin: crate::cmd::admin::AdminLimits::new(&cfg.admin),
             users: crate::cmd::auth::Users::new(cfg),
+            acl: Default::default(),
             tls: cfg
                 .server
                 .tls

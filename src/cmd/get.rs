@@ -31,6 +31,13 @@ pub fn get(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
     }
     c.ctx.warmup.record(&cmd.args[1]);
     let ttl = match c.ctx.l1.policy(&cmd.args[1]) {
+        _ if !may_read_l1(c, "get", &cmd.args[1..]) => {
+            // Upstream decides, as that user: -NOPERM included.
+            c.op.class = Class::Forward;
+            let rx = c.conn().send(cmd.wire(), None, true);
+            c.expect(r, rx, Then::Nothing);
+            return;
+        }
         Policy::Cache { ttl } if c.writes_pending.is_empty() || !c.writing(&cmd.args[1]) => ttl,
         _ => {
             c.ctx.l1.stats.bypasses.add(1);
@@ -91,6 +98,29 @@ pub fn get(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
     r.pending.push_back(super::Pending::Get(rx, c.op));
 }
 
+/// Whether L1 may answer `cmd` on `keys` for this client: always for
+/// kiln's own users; for a client logged in as an upstream ACL user, only
+/// once upstream said that user may (`cmd::acl`). An unknown answer is
+/// asked for in the background and the read goes upstream meanwhile.
+fn may_read_l1(c: &Client, cmd: &'static str, keys: &[Bytes]) -> bool {
+    let Some(who) = &c.upstream_as else {
+        return true;
+    };
+    let generation = super::acl::generation(&c.ctx);
+    let mut all = true;
+    for key in keys {
+        match c.ctx.acl.allowed(generation, who, cmd, key) {
+            Some(true) => {}
+            Some(false) => all = false,
+            None => {
+                super::acl::learn(&c.ctx, who, cmd, key);
+                all = false;
+            }
+        }
+    }
+    all
+}
+
 fn fill_one(
     ctx: &Context,
     db: u32,
@@ -144,7 +174,9 @@ pub fn mget(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
         r.error(&arity_error("mget"));
         return;
     }
-    if !c.writes_pending.is_empty() && cmd.args[1..].iter().any(|k| c.writing(k)) {
+    if (!c.writes_pending.is_empty() && cmd.args[1..].iter().any(|k| c.writing(k)))
+        || !may_read_l1(c, "mget", &cmd.args[1..])
+    {
         let n = cmd.args.len() as u64 - 1;
         c.ctx.l1.stats.bypasses.add(n);
         c.op.class = Class::Forward;

@@ -68,6 +68,7 @@ pub fn reset(c: &mut Client) {
     // as Redis does when the default user has a password.
     c.role = c.ctx.default_role();
     c.user = None;
+    c.upstream_as = None;
     c.reply = super::ReplyMode::default();
     c.reroute();
     c.meta_update();
@@ -157,6 +158,7 @@ fn hello(c: &mut Client, a: &[Bytes], r: &mut Replies<'_>) {
     if proto != c.proto {
         c.proto = proto;
         c.reroute();
+        c.meta_update();
     }
     let (id, version) = (c.id, c.ctx.redis_version.clone());
     r.ready(|o| {
@@ -178,13 +180,46 @@ fn hello(c: &mut Client, a: &[Bytes], r: &mut Replies<'_>) {
     });
 }
 
+/// The credentials an `AUTH` or `HELLO ... AUTH` carries, when it is
+/// well formed enough for upstream to check them: `(user, password)`,
+/// user `None` for `AUTH password`.
+pub fn auth_args<'a>(name: &[u8], a: &'a [Bytes]) -> Option<(Option<&'a [u8]>, &'a [u8])> {
+    match name {
+        b"auth" => match a.len() {
+            2 => Some((None, &a[1])),
+            3 => Some((Some(&a[1]), &a[2])),
+            _ => None,
+        },
+        _ => {
+            // HELLO checks the protocol version before the credentials.
+            if a.len() >= 2 && !matches!(parse_i64(&a[1]), Some(2 | 3)) {
+                return None;
+            }
+            let at = a.iter().skip(2).position(|o| o.eq_ignore_ascii_case(b"AUTH"))? + 2;
+            Some((Some(a.get(at + 1)?), a.get(at + 2)?))
+        }
+    }
+}
+
+/// Upstream accepted `user`/`pass`: the client's commands now run as that
+/// user (kiln's own connections when it is kiln's own upstream user).
+pub fn logged_in_upstream(c: &mut Client, user: &[u8], pass: &[u8]) {
+    c.upstream_as = (user != c.ctx.upstream.own_user().as_bytes())
+        .then(|| std::sync::Arc::new(crate::upstream::Creds::new(user, pass)));
+    c.user = Some(String::from_utf8_lossy(user).into_owned());
+    c.reroute();
+    c.meta_update();
+}
+
 /// Authenticates the client as `user`. With no client auth configured,
 /// Redis's `default` user has no password: any password is accepted for it
 /// and no other user exists.
 fn check_credentials(c: &mut Client, user: &[u8], pass: &[u8]) -> Result<(), &'static str> {
     let users = &c.ctx.users;
     if !users.enabled() {
-        return if user == b"default" {
+        // Upstream checked these already (`Client::dispatch`).
+        let checked = c.user.as_deref().is_some_and(|u| u.as_bytes() == user);
+        return if user == b"default" || checked {
             Ok(())
         } else {
             Err(auth::WRONGPASS)

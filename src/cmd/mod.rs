@@ -12,6 +12,7 @@
 //! Replies are queued in order as `Pending` items; the connection loop writes
 //! them as they resolve.
 
+pub mod acl;
 pub mod admin;
 pub mod auth;
 pub mod clients;
@@ -141,6 +142,10 @@ pub struct Client {
     pub role: Option<crate::config::Role>,
     /// The user it authenticated as.
     pub user: Option<String>,
+    /// The upstream ACL user it logged in as through kiln (no kiln users
+    /// configured): its commands run on connections of that user, and L1
+    /// serves it only what upstream lets that user read (`cmd::acl`).
+    pub upstream_as: crate::upstream::As,
     /// `CLIENT REPLY`: which replies this client is sent.
     pub reply: ReplyMode,
     /// The time L1 expiry is checked against for the current command (see
@@ -203,7 +208,7 @@ impl Client {
     pub fn new(ctx: Arc<Context>, meta: Arc<crate::context::ClientMeta>) -> Client {
         let (id, addr) = (meta.id, meta.addr);
         let db = ctx.upstream.default_db();
-        let conn = ctx.upstream.shared(db, Proto::Resp2, id);
+        let conn = ctx.upstream.shared(db, Proto::Resp2, id, &None);
         Client {
             id,
             addr,
@@ -224,6 +229,7 @@ impl Client {
             reply: ReplyMode::default(),
             role: ctx.default_role(),
             user: None,
+            upstream_as: None,
             now: std::time::Instant::now(),
             ctx,
         }
@@ -231,7 +237,10 @@ impl Client {
 
     /// Re-picks the shared connection after a database or protocol change.
     pub fn reroute(&mut self) {
-        self.conn = self.ctx.upstream.shared(self.db, self.proto, self.id);
+        self.conn = self
+            .ctx
+            .upstream
+            .shared(self.db, self.proto, self.id, &self.upstream_as);
     }
 
     /// The client's shared connection. One stalled behind a slow command
@@ -245,7 +254,7 @@ impl Client {
             self.conn = self
                 .ctx
                 .upstream
-                .shared_unstalled(self.db, self.proto, self.id, self.now);
+                .shared_unstalled(self.db, self.proto, self.id, &self.upstream_as, self.now);
         }
         &self.conn
     }
@@ -317,6 +326,31 @@ impl Client {
                 return Flow::Continue;
             }
             None => {}
+        }
+        if matches!(name, b"auth" | b"hello") && !self.ctx.users.enabled() {
+            // No kiln users: upstream's ACL users log in, checked by
+            // upstream itself.
+            if let Some((user, pass)) = local::auth_args(name, &cmd.args) {
+                match self.ctx.upstream.authenticate(user, pass).await {
+                    Ok(None) => local::logged_in_upstream(self, user.unwrap_or(b"default"), pass),
+                    Ok(Some(refused)) => {
+                        r.ready(|o| o.extend_from_slice(&refused));
+                        return Flow::Continue;
+                    }
+                    Err(e) => {
+                        r.error(&e.reply_text());
+                        return Flow::Continue;
+                    }
+                }
+                if name == b"auth" {
+                    r.ready(|o| encode::simple(o, "OK"));
+                    return Flow::Continue;
+                }
+            }
+        }
+        if name == b"acl" {
+            // Users or rights may change: forget what upstream said.
+            self.ctx.coherence.acl_changes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         if self.session.is_some() {
             return session::dispatch(self, name, cmd, r).await;

@@ -70,7 +70,7 @@ pub fn is_relay(name: &[u8], args: &[Bytes]) -> bool {
 }
 
 async fn open(c: &mut Client, r: &mut Replies<'_>) -> bool {
-    match c.ctx.upstream.session(c.db, c.proto).await {
+    match c.ctx.upstream.session(c.db, c.proto, &c.upstream_as).await {
         Ok(session) => {
             c.meta.pin(Some(session.conn.id.clone()));
             c.session = Some(SessionState {

@@ -83,10 +83,20 @@ pub fn forward(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
         }
         None => Then::Nothing,
     };
-    let on_reply = stale.map(|s| s.now_and_on_reply(&c.ctx));
+    let on_reply = if cmd.args[0].eq_ignore_ascii_case(b"acl") {
+        // Once it ran, what upstream said about users' rights is old.
+        let ctx = c.ctx.clone();
+        Some(Box::new(move || {
+            ctx.coherence
+                .acl_changes
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }) as OnReply)
+    } else {
+        stale.map(|s| s.now_and_on_reply(&c.ctx))
+    };
     let rx = if c.ctx.table.allows_busy(&cmd.args) {
         // Past a busy script on the client's own connection, at once.
-        let conn = c.ctx.upstream.priority(c.db, c.proto);
+        let conn = c.ctx.upstream.priority(c.db, c.proto, &c.upstream_as);
         conn.send(cmd.wire(), on_reply, true)
     } else {
         c.conn().send(cmd.wire(), on_reply, true)

@@ -54,6 +54,10 @@ pub struct Coherence {
     pub losses: AtomicU64,
     /// SWAPDBs seen upstream (by the commandstats check).
     pub swaps_seen: AtomicU64,
+    /// Bumped when upstream's ACLs may have changed (its `ACL SETUSER`,
+    /// `DELUSER` or `LOAD` call counts moved, or an `ACL` command went
+    /// through kiln): what `ACL DRYRUN` said before is forgotten.
+    pub acl_changes: AtomicU64,
     /// The `bcast` invalidation channel, once started.
     bcast: std::sync::Mutex<Option<ConnHandle>>,
 }
@@ -76,6 +80,7 @@ impl Coherence {
             healthy: AtomicBool::new(mode != CoherenceMode::Bcast),
             losses: AtomicU64::new(0),
             swaps_seen: AtomicU64::new(0),
+            acl_changes: AtomicU64::new(0),
             bcast: std::sync::Mutex::new(None),
         })
     }
@@ -203,9 +208,9 @@ impl Coherence {
             control.send(info.clone(), None, true),
         )
         .await;
-        let mut last: Option<u64> = match first {
-            Ok(Ok(Ok(reply))) => Some(swapdb_calls(&reply)),
-            _ => None,
+        let (mut last, mut last_acl) = match first {
+            Ok(Ok(Ok(reply))) => (Some(swapdb_calls(&reply)), acl_calls(&reply)),
+            _ => (None, 0),
         };
         tokio::spawn(async move {
             // Holding the handle keeps the bcast channel open.
@@ -218,6 +223,11 @@ impl Coherence {
                 let Ok(Ok(reply)) = control.send(info.clone(), None, true).await else {
                     continue;
                 };
+                let acl = acl_calls(&reply);
+                if acl != last_acl {
+                    me.acl_changes.fetch_add(1, Ordering::Relaxed);
+                    last_acl = acl;
+                }
                 let swaps = swapdb_calls(&reply);
                 // No baseline (upstream was down at start): what L1 took
                 // meanwhile cannot be checked against one, so it goes.
@@ -263,9 +273,23 @@ pub fn handle_push(l1: &L1, frame: &Bytes) {
 
 /// `cmdstat_swapdb:calls=N` from INFO commandstats; 0 when absent.
 fn swapdb_calls(info: &[u8]) -> u64 {
+    calls(info, "swapdb")
+}
+
+/// Calls of the commands that change upstream's users and their rights.
+fn acl_calls(info: &[u8]) -> u64 {
+    ["acl|setuser", "acl|deluser", "acl|load"]
+        .iter()
+        .map(|c| calls(info, c))
+        .sum()
+}
+
+/// `cmdstat_<name>:calls=N` from INFO commandstats; 0 when absent.
+fn calls(info: &[u8], name: &str) -> u64 {
+    let prefix = format!("cmdstat_{name}:calls=");
     String::from_utf8_lossy(info)
         .lines()
-        .find_map(|l| l.strip_prefix("cmdstat_swapdb:calls="))
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
         .and_then(|rest| rest.split(',').next())
         .and_then(|n| n.parse().ok())
         .unwrap_or(0)

@@ -180,7 +180,35 @@ impl Connector {
     }
 }
 
-type PoolKey = (u32, Proto);
+/// An upstream ACL user a client logged in as through kiln (see
+/// `cmd::local` AUTH): its commands go over connections authenticated as
+/// that user, so upstream's ACLs decide as they would directly. Never
+/// printed: it holds a password.
+#[derive(PartialEq, Eq, Hash)]
+pub struct Creds {
+    pub user: String,
+    pass: Vec<u8>,
+}
+
+impl Creds {
+    pub fn new(user: &[u8], pass: &[u8]) -> Creds {
+        Creds {
+            user: String::from_utf8_lossy(user).into_owned(),
+            pass: pass.to_vec(),
+        }
+    }
+}
+
+impl std::fmt::Debug for Creds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Creds({}, <redacted>)", self.user)
+    }
+}
+
+/// Whose connections: kiln's own upstream user (`None`) or a client's.
+pub type As = Option<Arc<Creds>>;
+
+type PoolKey = (u32, Proto, As);
 
 /// A set of connections clients are spread over.
 type Conns = Arc<[ConnHandle]>;
@@ -225,10 +253,10 @@ pub struct Upstream {
     connect_timeout: Duration,
     command_timeout: Duration,
     max_sessions: usize,
-    /// By (database, protocol, worker).
-    shared: Mutex<HashMap<(u32, Proto, usize), Conns>>,
-    /// For `allow_busy` commands, by (database, protocol, worker).
-    priority: Mutex<HashMap<(u32, Proto, usize), ConnHandle>>,
+    /// By (database, protocol, worker, user).
+    shared: Mutex<HashMap<(u32, Proto, usize, As), Conns>>,
+    /// For `allow_busy` commands, by (database, protocol, worker, user).
+    priority: Mutex<HashMap<(u32, Proto, usize, As), ConnHandle>>,
     /// Idle, clean session connections.
     idle: Mutex<HashMap<PoolKey, Vec<ConnHandle>>>,
     sessions: Arc<Semaphore>,
@@ -302,12 +330,51 @@ impl Upstream {
     }
 
     /// The database named in `upstream.url`: a client starts there.
+    /// The upstream user kiln itself logs in as (`upstream.url`).
+    pub fn own_user(&self) -> &str {
+        self.addr.username.as_deref().unwrap_or("default")
+    }
+
     pub fn default_db(&self) -> u32 {
         self.addr.db
     }
 
     fn connector(&self, db: u32, proto: Proto) -> Arc<Connector> {
         self.connector_with(db, proto, Vec::new())
+    }
+
+    /// A connector logging in as `who` (kiln's own user when `None`).
+    fn connector_as(&self, db: u32, proto: Proto, who: &As, pinned: bool) -> Arc<Connector> {
+        let mut c = self.connector(db, proto);
+        if let Some(c) = Arc::get_mut(&mut c) {
+            c.want_id = pinned;
+            if let Some(creds) = who {
+                c.addr.username = Some(creds.user.clone());
+                c.addr.password = Some(String::from_utf8_lossy(&creds.pass).into_owned());
+            }
+        }
+        c
+    }
+
+    /// Checks `user`/`pass` against upstream's ACL (`AUTH`, or `AUTH pass`
+    /// for the default user when `user` is `None`) on a connection of its
+    /// own. `Ok(None)` when upstream accepted them, `Ok(Some(reply))` with
+    /// upstream's error reply (WRONGPASS, ...) when it did not.
+    pub async fn authenticate(
+        &self,
+        user: Option<&[u8]>,
+        pass: &[u8],
+    ) -> Result<Option<Bytes>, UpstreamError> {
+        let connector = self.connector(0, Proto::Resp2);
+        let (mut stream, _) = connector.connect().await?;
+        let mut cmd = vec![b"AUTH".to_vec()];
+        cmd.extend(user.map(<[u8]>::to_vec));
+        cmd.push(pass.to_vec());
+        let ask = conn::ask(&mut stream, &cmd);
+        let reply = tokio::time::timeout(self.command_timeout * 5, ask)
+            .await
+            .map_err(|_| UpstreamError::Timeout(self.command_timeout * 5))??;
+        Ok((!reply.starts_with(b"+")).then_some(reply))
     }
 
     fn connector_with(&self, db: u32, proto: Proto, extra: Vec<Vec<Vec<u8>>>) -> Arc<Connector> {
@@ -323,16 +390,6 @@ impl Upstream {
             tls: self.tls.clone(),
             want_id: false,
         })
-    }
-
-    /// A connector for connections pinned to one client: they learn their
-    /// upstream client id.
-    fn pinned_connector(&self, db: u32, proto: Proto) -> Arc<Connector> {
-        let mut c = self.connector(db, proto);
-        if let Some(c) = Arc::get_mut(&mut c) {
-            c.want_id = true;
-        }
-        c
     }
 
     /// The protocol of reader connections (and so of their replies).
@@ -372,13 +429,17 @@ impl Upstream {
 
     /// The shared connection for a client; the same one every time for the
     /// same client, database and protocol.
-    pub fn shared(&self, db: u32, proto: Proto, client_id: u64) -> ConnHandle {
+    pub fn shared(&self, db: u32, proto: Proto, client_id: u64, who: &As) -> ConnHandle {
         let mut map = lock(&self.shared);
-        let conns = map.entry((db, proto, worker())).or_insert_with(|| {
-            (0..self.per_key)
-                .map(|_| ConnHandle::spawn(self.connector(db, proto), Hooks::default()))
-                .collect()
-        });
+        let conns = map
+            .entry((db, proto, worker(), who.clone()))
+            .or_insert_with(|| {
+                (0..self.per_key)
+                    .map(|_| {
+                        ConnHandle::spawn(self.connector_as(db, proto, who, false), Hooks::default())
+                    })
+                    .collect()
+            });
         conns[client_id as usize % conns.len()].clone()
     }
 
@@ -392,10 +453,11 @@ impl Upstream {
         db: u32,
         proto: Proto,
         client_id: u64,
+        who: &As,
         now: std::time::Instant,
     ) -> ConnHandle {
         let mut map = lock(&self.shared);
-        let key = (db, proto, worker());
+        let key = (db, proto, worker(), who.clone());
         if let Some(c) = map
             .get(&key)
             .and_then(|conns| conns.iter().find(|c| !c.stalled(now)))
@@ -404,7 +466,7 @@ impl Upstream {
         }
         let conns = map.entry(key).or_insert_with(|| Arc::from(Vec::new()));
         if conns.len() < self.per_key * 2 {
-            let extra = ConnHandle::spawn(self.connector(db, proto), Hooks::default());
+            let extra = ConnHandle::spawn(self.connector_as(db, proto, who, false), Hooks::default());
             let mut grown: Vec<ConnHandle> = conns.to_vec();
             grown.push(extra.clone());
             *conns = Arc::from(grown);
@@ -418,10 +480,12 @@ impl Upstream {
     /// script (`allow_busy`: SCRIPT KILL, FUNCTION KILL, SHUTDOWN, ...).
     /// It carries nothing else, so such a command is never queued behind
     /// the script it is meant to stop.
-    pub fn priority(&self, db: u32, proto: Proto) -> ConnHandle {
+    pub fn priority(&self, db: u32, proto: Proto, who: &As) -> ConnHandle {
         let mut map = lock(&self.priority);
-        map.entry((db, proto, worker()))
-            .or_insert_with(|| ConnHandle::spawn(self.connector(db, proto), Hooks::default()))
+        map.entry((db, proto, worker(), who.clone()))
+            .or_insert_with(|| {
+                ConnHandle::spawn(self.connector_as(db, proto, who, false), Hooks::default())
+            })
             .clone()
     }
 
@@ -438,14 +502,14 @@ impl Upstream {
         }
     }
 
-    pub async fn session(&self, db: u32, proto: Proto) -> Result<Session, UpstreamError> {
+    pub async fn session(&self, db: u32, proto: Proto, who: &As) -> Result<Session, UpstreamError> {
         let permit = self.permit().await?;
-        let key = (db, proto);
+        let key = (db, proto, who.clone());
         let conn = lock(&self.idle)
             .get_mut(&key)
             .and_then(|v| v.pop())
             .unwrap_or_else(|| {
-                ConnHandle::spawn(self.pinned_connector(db, proto), Hooks::default())
+                ConnHandle::spawn(self.connector_as(db, proto, who, true), Hooks::default())
             });
         Ok(Session {
             conn,
@@ -466,13 +530,13 @@ impl Upstream {
         }
     }
 
-    pub async fn raw(&self, db: u32, proto: Proto) -> Result<RawSession, UpstreamError> {
+    pub async fn raw(&self, db: u32, proto: Proto, who: &As) -> Result<RawSession, UpstreamError> {
         if !self.breaker.allow() {
             self.errors.count(&UpstreamError::CircuitOpen);
             return Err(UpstreamError::CircuitOpen);
         }
         let permit = self.permit().await?;
-        let connector = self.pinned_connector(db, proto);
+        let connector = self.connector_as(db, proto, who, true);
         let (stream, leftover, id) = connector
             .connect_with_id()
             .await

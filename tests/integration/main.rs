@@ -14,5 +14,6 @@ mod session;
 mod sidecar;
 mod tls;
 mod transparency;
+mod transparency_stress;
 mod util;
 mod warmup;

@@ -1,0 +1,98 @@
+//! Clients logged in as an upstream ACL user (no kiln users configured:
+//! `AUTH` and `HELLO ... AUTH` are checked by upstream). Their commands run
+//! on connections of that user, so upstream's ACL decides everything it
+//! sees. What upstream does not see is an L1 hit: L1 serves such a client a
+//! key only once upstream said that user may run that read on that key
+//! (`ACL DRYRUN user GET key`, Redis 7.0), remembered here. Until then, and
+//! whenever it said no, the read goes upstream as that user and gets
+//! upstream's own answer, `-NOPERM` included.
+//!
+//! What upstream said is forgotten when ACLs may have changed: an `ACL`
+//! command through kiln, or a change of upstream's `ACL SETUSER|DELUSER|
+//! LOAD` call counts, which the coherence check reads every
+//! `coherence.check_interval` (a change made directly upstream is therefore
+//! seen within that interval).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+
+use crate::context::Context;
+use crate::protocol::request::encode_command;
+use crate::upstream::Creds;
+
+/// Most (user, command, key) answers kept; past it they are all dropped
+/// and learned again, so the table stays bounded.
+const MAX_ENTRIES: usize = 100_000;
+
+/// Upstream's answers to `ACL DRYRUN`, by (user, command, key).
+#[derive(Default)]
+pub struct Permissions {
+    known: Mutex<Known>,
+}
+
+#[derive(Default)]
+struct Known {
+    /// The ACL generation (`Coherence::acl_changes`) these answers are for.
+    generation: u64,
+    map: HashMap<(String, &'static str, Bytes), bool>,
+}
+
+impl Permissions {
+    /// Whether `who` may run `cmd key`: `Some` when upstream said so for
+    /// the ACLs in force, `None` when not known yet.
+    pub fn allowed(&self, generation: u64, who: &Creds, cmd: &'static str, key: &Bytes) -> Option<bool> {
+        let mut k = self.known.lock().unwrap_or_else(|e| e.into_inner());
+        if k.generation != generation {
+            k.map.clear();
+            k.generation = generation;
+            return None;
+        }
+        k.map.get(&(who.user.clone(), cmd, key.clone())).copied()
+    }
+
+    fn learned(&self, generation: u64, user: &str, cmd: &'static str, key: Bytes, allowed: bool) {
+        let mut k = self.known.lock().unwrap_or_else(|e| e.into_inner());
+        if k.generation != generation {
+            return;
+        }
+        if k.map.len() >= MAX_ENTRIES {
+            k.map.clear();
+        }
+        k.map.insert((user.to_string(), cmd, key), allowed);
+    }
+
+    /// Forgets every answer (ACLs changed through kiln).
+    pub fn clear(&self) {
+        self.known
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .map
+            .clear();
+    }
+}
+
+/// The current ACL generation: bumped by the coherence check when upstream's
+/// ACLs changed, and by kiln when an `ACL` command went through it.
+pub fn generation(ctx: &Context) -> u64 {
+    ctx.coherence.acl_changes.load(Ordering::Relaxed)
+}
+
+/// Asks upstream, in the background, whether `who` may run `cmd key`, and
+/// remembers the answer. The reply is `+OK` when allowed; anything else (a
+/// reason, an error such as kiln's own user lacking `ACL DRYRUN`) counts
+/// as not allowed.
+pub fn learn(ctx: &std::sync::Arc<Context>, who: &Creds, cmd: &'static str, key: &Bytes) {
+    let generation = generation(ctx);
+    let ask = encode_command(&[&b"ACL"[..], b"DRYRUN", who.user.as_bytes(), cmd.as_bytes(), key]);
+    let rx = ctx.control.send(ask, None, true);
+    let (ctx, user, key) = (ctx.clone(), who.user.clone(), key.clone());
+    tokio::spawn(async move {
+        if let Ok(Ok(reply)) = rx.await {
+            let allowed = &reply[..] == b"+OK\r\n";
+            ctx.acl.learned(generation, &user, cmd, key, allowed);
+        }
+    });
+}
