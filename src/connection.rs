@@ -219,7 +219,16 @@ async fn run<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                     } else {
                         bytes::Bytes::new()
                     };
-                    let relayed = relay(&mut rd, &mut wr, &mut inbuf, &mut out, c, prefix, first, shutdown).await;
+                    let relayed = relay(
+                        &mut rd,
+                        &mut wr,
+                        &mut inbuf,
+                        &mut out,
+                        c,
+                        (prefix, first),
+                        shutdown,
+                    )
+                    .await;
                     relay_over(c);
                     match relayed {
                         RelayEnd::Reset => continue,
@@ -364,13 +373,17 @@ fn relay_command(c: &Client, name: &[u8], cmd: &Command, subs: &mut Subscription
     st.last_active = Instant::now();
     let [sub, psub, ssub] = &subs.0;
     (st.sub, st.psub, st.ssub) = (sub.len(), psub.len(), ssub.len());
-    let sub_is = |w: &[u8]| name == b"client" && cmd.args.get(1).is_some_and(|s| s.eq_ignore_ascii_case(w));
+    let sub_is =
+        |w: &[u8]| name == b"client" && cmd.args.get(1).is_some_and(|s| s.eq_ignore_ascii_case(w));
     if name == b"monitor" {
         st.relay = Some(RelayKind::Monitor);
     } else if subs.any() {
         st.relay = Some(RelayKind::Pubsub);
     } else if sub_is(b"tracking") {
-        let on = cmd.args.get(2).is_some_and(|a| a.eq_ignore_ascii_case(b"on"));
+        let on = cmd
+            .args
+            .get(2)
+            .is_some_and(|a| a.eq_ignore_ascii_case(b"on"));
         let (args, redir) = cmd::clients::tracking_args(&c.ctx, &cmd.args);
         st.redir = if on { redir.unwrap_or(-1) } else { -1 };
         if st.relay.is_none() || on {
@@ -399,14 +412,27 @@ fn relay_over(c: &Client) {
 /// Commands about clients that kiln answers itself inside a relay too (its
 /// ids and clients, not upstream's), unless a RESP2 subscriber sent them:
 /// Redis refuses those in that context, and upstream says so.
-fn answered_by_kiln_in_relay(name: &[u8], args: &[bytes::Bytes], proto: Proto, subs: &Subscriptions) -> bool {
+fn answered_by_kiln_in_relay(
+    name: &[u8],
+    args: &[bytes::Bytes],
+    proto: Proto,
+    subs: &Subscriptions,
+) -> bool {
     if name != b"client" || (proto == Proto::Resp2 && subs.any()) {
         return false;
     }
     args.get(1).is_some_and(|s| {
-        [&b"id"[..], b"getname", b"setname", b"info", b"list", b"getredir", b"kill"]
-            .iter()
-            .any(|w| s.eq_ignore_ascii_case(w))
+        [
+            &b"id"[..],
+            b"getname",
+            b"setname",
+            b"info",
+            b"list",
+            b"getredir",
+            b"kill",
+        ]
+        .iter()
+        .any(|w| s.eq_ignore_ascii_case(w))
     })
 }
 
@@ -425,8 +451,7 @@ async fn relay<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     inbuf: &mut BytesMut,
     out: &mut BytesMut,
     c: &mut Client,
-    prefix: bytes::Bytes,
-    first: Command,
+    (prefix, first): (bytes::Bytes, Command),
     shutdown: &CancellationToken,
 ) -> RelayEnd {
     let ctx = c.ctx.clone();

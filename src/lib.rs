@@ -85,14 +85,15 @@ impl Node {
         shutdown: CancellationToken,
     ) -> Result<Node, String> {
         let ctx = Arc::new(context::Context::new(config).await?);
-        ctx.coherence.start(
-            &ctx.upstream,
-            ctx.control.clone(),
-            &ctx.l1,
-            &config.cache,
-            shutdown.clone(),
-        )
-        .await;
+        ctx.coherence
+            .start(
+                &ctx.upstream,
+                ctx.control.clone(),
+                &ctx.l1,
+                &config.cache,
+                shutdown.clone(),
+            )
+            .await;
         ctx.warmup.spawn_background(&ctx, shutdown.clone());
         telemetry::health::Health::spawn(ctx.clone(), shutdown.clone());
         if let Some(l) = sidecar {

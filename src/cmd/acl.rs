@@ -43,7 +43,13 @@ struct Known {
 impl Permissions {
     /// Whether `who` may run `cmd key`: `Some` when upstream said so for
     /// the ACLs in force, `None` when not known yet.
-    pub fn allowed(&self, generation: u64, who: &Creds, cmd: &'static str, key: &Bytes) -> Option<bool> {
+    pub fn allowed(
+        &self,
+        generation: u64,
+        who: &Creds,
+        cmd: &'static str,
+        key: &Bytes,
+    ) -> Option<bool> {
         let mut k = self.known.lock().unwrap_or_else(|e| e.into_inner());
         if k.generation != generation {
             k.map.clear();
@@ -86,7 +92,13 @@ pub fn generation(ctx: &Context) -> u64 {
 /// as not allowed.
 pub fn learn(ctx: &std::sync::Arc<Context>, who: &Creds, cmd: &'static str, key: &Bytes) {
     let generation = generation(ctx);
-    let ask = encode_command(&[&b"ACL"[..], b"DRYRUN", who.user.as_bytes(), cmd.as_bytes(), key]);
+    let ask = encode_command(&[
+        &b"ACL"[..],
+        b"DRYRUN",
+        who.user.as_bytes(),
+        cmd.as_bytes(),
+        key,
+    ]);
     let rx = ctx.control.send(ask, None, true);
     let (ctx, user, key) = (ctx.clone(), who.user.clone(), key.clone());
     tokio::spawn(async move {

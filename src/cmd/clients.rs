@@ -79,11 +79,11 @@ pub fn info_line(m: &ClientMeta) -> String {
         flags.push('N');
     }
     let mut line = String::with_capacity(320);
-    let _ = write!(
+    let _ = writeln!(
         line,
         "id={} addr={} laddr={} fd={} name={} age={} idle={} flags={flags} db={} \
          sub={} psub={} ssub={} multi={} qbuf=0 qbuf-free=0 argv-mem=0 multi-mem=0 \
-         rbs=0 rbp=0 obl=0 oll=0 omem=0 tot-mem=0 events=r cmd={} user={} redir={} resp={}\n",
+         rbs=0 rbp=0 obl=0 oll=0 omem=0 tot-mem=0 events=r cmd={} user={} redir={} resp={}",
         m.id,
         m.addr,
         m.laddr,
@@ -194,8 +194,8 @@ pub fn kill(ctx: &Context, me: u64, args: &[Bytes]) -> Killed {
                     // kiln knows the users of its clients (and `default`);
                     // a name none of them has is reported as Redis reports
                     // a user that does not exist.
-                    let known = text == "default"
-                        || ctx.clients().values().any(|m| m.state().user == text);
+                    let known =
+                        text == "default" || ctx.clients().values().any(|m| m.state().user == text);
                     if !known {
                         return err(format!("ERR No such user '{text}'"));
                     }
@@ -313,7 +313,10 @@ mod tests {
             "id addr laddr fd name age idle flags db sub psub ssub multi qbuf qbuf-free \
              argv-mem multi-mem rbs rbp obl oll omem tot-mem events cmd user redir resp"
         );
-        assert!(line.contains(" flags=N ") && line.ends_with("resp=2\n"), "{line}");
+        assert!(
+            line.contains(" flags=N ") && line.ends_with("resp=2\n"),
+            "{line}"
+        );
         m.state().multi = 2;
         m.state().relay = Some(RelayKind::Pubsub);
         assert!(info_line(&m).contains(" flags=Px "));

@@ -195,7 +195,11 @@ pub fn auth_args<'a>(name: &[u8], a: &'a [Bytes]) -> Option<(Option<&'a [u8]>, &
             if a.len() >= 2 && !matches!(parse_i64(&a[1]), Some(2 | 3)) {
                 return None;
             }
-            let at = a.iter().skip(2).position(|o| o.eq_ignore_ascii_case(b"AUTH"))? + 2;
+            let at = a
+                .iter()
+                .skip(2)
+                .position(|o| o.eq_ignore_ascii_case(b"AUTH"))?
+                + 2;
             Some((Some(a.get(at + 1)?), a.get(at + 2)?))
         }
     }

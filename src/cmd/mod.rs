@@ -251,10 +251,13 @@ impl Client {
     /// something in flight it stays, so its commands keep their order.
     pub fn conn(&mut self) -> &ConnHandle {
         if self.upstream_pending == 0 && self.conn.stalled(self.now) {
-            self.conn = self
-                .ctx
-                .upstream
-                .shared_unstalled(self.db, self.proto, self.id, &self.upstream_as, self.now);
+            self.conn = self.ctx.upstream.shared_unstalled(
+                self.db,
+                self.proto,
+                self.id,
+                &self.upstream_as,
+                self.now,
+            );
         }
         &self.conn
     }
@@ -350,7 +353,10 @@ impl Client {
         }
         if name == b"acl" {
             // Users or rights may change: forget what upstream said.
-            self.ctx.coherence.acl_changes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.ctx
+                .coherence
+                .acl_changes
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         if self.session.is_some() {
             return session::dispatch(self, name, cmd, r).await;

@@ -386,11 +386,27 @@ const BUILTIN: &[(&str, CmdInfo)] = &[
          module failover slowlog latency",
         CmdInfo { admin: true, ..R },
     ),
-    ("shutdown", CmdInfo { admin: true, allow_busy: true, ..R }),
-    ("script function", CmdInfo { container: true, ..R }),
+    (
+        "shutdown",
+        CmdInfo {
+            admin: true,
+            allow_busy: true,
+            ..R
+        },
+    ),
+    (
+        "script function",
+        CmdInfo {
+            container: true,
+            ..R
+        },
+    ),
     (
         "script|kill function|kill function|stats",
-        CmdInfo { allow_busy: true, ..R },
+        CmdInfo {
+            allow_busy: true,
+            ..R
+        },
     ),
     ("blpop brpop bzpopmin bzpopmax", B),
     ("blmove brpoplpush", CmdInfo { last: 2, ..B }),

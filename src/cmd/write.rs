@@ -117,9 +117,9 @@ pub fn settle(
     let (tx, out) = tokio::sync::oneshot::channel();
     let ctx = ctx.clone();
     tokio::spawn(async move {
-        let reply = rx.await.unwrap_or_else(|_| {
-            Err(crate::error::UpstreamError::Lost("request dropped".into()))
-        });
+        let reply = rx
+            .await
+            .unwrap_or_else(|_| Err(crate::error::UpstreamError::Lost("request dropped".into())));
         ctx.coherence.settle(&ctx.upstream).await;
         let _ = tx.send(reply);
     });

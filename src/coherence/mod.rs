@@ -236,7 +236,10 @@ impl Coherence {
                         me.swaps_seen.fetch_add(1, Ordering::Relaxed);
                     }
                     let dropped = l1.clear(Source::Flush);
-                    tracing::info!(dropped, "upstream ran SWAPDB (or no baseline yet): L1 cleared");
+                    tracing::info!(
+                        dropped,
+                        "upstream ran SWAPDB (or no baseline yet): L1 cleared"
+                    );
                 }
                 last = Some(swaps);
             }

@@ -175,7 +175,8 @@ struct Shared {
 impl Shared {
     fn head(&self, fifo: &VecDeque<InFlight>) {
         let v = fifo.front().map_or(0, |f| nanos_since_epoch(f.queued));
-        self.head_since.store(v, std::sync::atomic::Ordering::Relaxed);
+        self.head_since
+            .store(v, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

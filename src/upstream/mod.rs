@@ -436,7 +436,10 @@ impl Upstream {
             .or_insert_with(|| {
                 (0..self.per_key)
                     .map(|_| {
-                        ConnHandle::spawn(self.connector_as(db, proto, who, false), Hooks::default())
+                        ConnHandle::spawn(
+                            self.connector_as(db, proto, who, false),
+                            Hooks::default(),
+                        )
                     })
                     .collect()
             });
@@ -466,11 +469,16 @@ impl Upstream {
         }
         let conns = map.entry(key).or_insert_with(|| Arc::from(Vec::new()));
         if conns.len() < self.per_key * 2 {
-            let extra = ConnHandle::spawn(self.connector_as(db, proto, who, false), Hooks::default());
+            let extra =
+                ConnHandle::spawn(self.connector_as(db, proto, who, false), Hooks::default());
             let mut grown: Vec<ConnHandle> = conns.to_vec();
             grown.push(extra.clone());
             *conns = Arc::from(grown);
-            tracing::debug!(db, connections = conns.len(), "every shared connection is behind a slow command: one more opened");
+            tracing::debug!(
+                db,
+                connections = conns.len(),
+                "every shared connection is behind a slow command: one more opened"
+            );
             return extra;
         }
         conns[client_id as usize % conns.len()].clone()

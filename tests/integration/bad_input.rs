@@ -144,9 +144,9 @@ async fn wrong_arity_and_unknown_commands() {
         "-ERR command 'keys' is disabled on this proxy\r\n"
     );
     assert!(
-        c.cmd(&["CLIENT", "REPLY", "OFF"])
+        c.cmd(&["CLIENT", "CACHING", "yes"])
             .await
-            .starts_with(b"-ERR 'CLIENT REPLY' is refused by kiln")
+            .starts_with(b"-ERR 'CLIENT CACHING' is refused by kiln")
     );
     assert_eq!(c.cmd(&["PING"]).await, "+PONG\r\n");
 }

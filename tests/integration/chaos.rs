@@ -210,7 +210,10 @@ async fn upstream_paused_is_waited_for_and_every_write_runs_once() {
     let mut values = Vec::new();
     for k in &mut clients {
         let r = k.read().await;
-        assert!(r.starts_with(b":"), "a paused upstream is waited for: {r:?}");
+        assert!(
+            r.starts_with(b":"),
+            "a paused upstream is waited for: {r:?}"
+        );
         values.push(String::from_utf8_lossy(&r[1..r.len() - 2]).into_owned());
     }
     let waited = paused.elapsed();
@@ -252,10 +255,19 @@ async fn upstream_unreachable_mid_request_fails_and_opens() {
     })
     .await;
     assert_eq!(r, CIRCUIT_OPEN);
-    eprintln!("unreachable upstream: first error after {:?}, circuit open {took:?} later", t.elapsed());
+    eprintln!(
+        "unreachable upstream: first error after {:?}, circuit open {took:?} later",
+        t.elapsed()
+    );
     assert_eq!(breaker_state(&kiln).await, "open");
     // Nothing was run twice: upstream saw at most the one INCR.
-    let n: u64 = redis.conn().await.cmd_text(&["GET", "n"]).await.parse().expect("number");
+    let n: u64 = redis
+        .conn()
+        .await
+        .cmd_text(&["GET", "n"])
+        .await
+        .parse()
+        .expect("number");
     assert!(n <= 1, "n = {n}");
 }
 

@@ -1,6 +1,7 @@
 //! kiln's integration tests: one binary, every test against a real
 //! `redis-server` started on a free port (see `util`).
 
+mod acl;
 mod auth;
 mod bad_input;
 mod cache;
