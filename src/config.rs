@@ -201,7 +201,10 @@ pub struct UpstreamConfig {
     pub max_sessions: usize,
     #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
     pub connect_timeout: Duration,
-    /// Reply deadline for shared traffic; blocking commands are exempt.
+    /// How long a reply may be overdue before kiln checks that upstream is
+    /// reachable; a reachable upstream is waited for (a slow command is not
+    /// an error), an unreachable one fails what is in flight. Blocking
+    /// commands are exempt.
     #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
     pub command_timeout: Duration,
     pub breaker: BreakerConfig,
