@@ -150,15 +150,17 @@ async fn run<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     // a wait (latency still counts from the read).
     let mut clock = batch_start;
     loop {
+        c.refresh_live();
+        let live = c.live.clone();
         // Replies given at once in this round, by latency class.
         let mut immediate = [0usize; 4];
         let mut dispatched = 0usize;
         // Stop taking commands once the replies owed pass the output limit:
         // one read of pipelined GETs of large values must not balloon.
-        while !closing && pending.len() < ctx.max_pipeline && out.len() <= ctx.max_output_buffer {
+        while !closing && pending.len() < live.max_pipeline && out.len() <= live.max_output_buffer {
             let cmd = match stalled.take() {
                 Some(cmd) => cmd,
-                None => match request::parse(&mut inbuf, &ctx.limits) {
+                None => match request::parse(&mut inbuf, &live.limits) {
                     Ok(Parsed::Command(cmd)) => cmd,
                     Ok(Parsed::Empty) => continue,
                     Ok(Parsed::Incomplete) => break,
@@ -257,7 +259,7 @@ async fn run<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
             let _ = wr.shutdown().await;
             return;
         }
-        if out.len() > ctx.max_output_buffer {
+        if out.len() > live.max_output_buffer {
             ctx.metrics.limit_hit("max_output_buffer");
             tracing::warn!(
                 client = c.id,
@@ -276,8 +278,8 @@ async fn run<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
             tokio::task::yield_now().await;
             continue;
         }
-        let can_read = !closing && stalled.is_none() && pending.len() < ctx.max_pipeline;
-        let idle = !ctx.idle_timeout.is_zero() && pending.is_empty() && !closing;
+        let can_read = !closing && stalled.is_none() && pending.len() < live.max_pipeline;
+        let idle = !live.idle_timeout.is_zero() && pending.is_empty() && !closing;
         tokio::select! {
             biased;
             _ = shutdown.cancelled(), if !closing => closing = true,
@@ -292,7 +294,7 @@ async fn run<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                 }
                 // Idle time counts from the last read or write, as in Redis:
                 // a reply that took long (BLPOP) is activity.
-                if !ctx.idle_timeout.is_zero() {
+                if !live.idle_timeout.is_zero() {
                     last_active = tokio::time::Instant::now();
                 }
             }
@@ -313,7 +315,7 @@ async fn run<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                 // Redis drops a client on EOF without answering the rest.
                 _ => return,
             },
-            _ = tokio::time::sleep_until(last_active + ctx.idle_timeout), if idle => {
+            _ = tokio::time::sleep_until(last_active + live.idle_timeout), if idle => {
                 ctx.metrics.limit_hit("idle_timeout");
                 tracing::debug!(client = c.id, "idle timeout, closing");
                 return;
@@ -455,6 +457,7 @@ async fn relay<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     shutdown: &CancellationToken,
 ) -> RelayEnd {
     let ctx = c.ctx.clone();
+    let live = c.live.clone();
     let raw = match ctx.upstream.raw(c.db, c.proto, &c.upstream_as).await {
         Ok(raw) => raw,
         Err(e) => {
@@ -483,7 +486,7 @@ async fn relay<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     let mut ending: Option<Ending> = None;
     loop {
         while ending.is_none() {
-            let cmd = match request::parse(inbuf, &ctx.limits) {
+            let cmd = match request::parse(inbuf, &live.limits) {
                 Ok(Parsed::Command(cmd)) => cmd,
                 Ok(Parsed::Empty) => continue,
                 Ok(Parsed::Incomplete) => break,
@@ -564,7 +567,7 @@ async fn relay<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
             }
             to_up.extend_from_slice(&relay_command(c, name, &cmd, &mut subs));
         }
-        if out.len() > ctx.max_output_buffer {
+        if out.len() > live.max_output_buffer {
             ctx.metrics.limit_hit("max_output_buffer");
             tracing::warn!(
                 client = c.id,

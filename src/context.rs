@@ -23,23 +23,17 @@ pub struct Context {
     /// kiln's own requests to upstream: the SWAPDB check, the warmup lock,
     /// hot-key saves.
     pub control: ConnHandle,
-    /// Admin command rate limits, by lowercase command name.
-    pub admin: crate::cmd::admin::AdminLimits,
-    /// Client users (`server.requirepass`, `[[users]]`).
-    pub users: crate::cmd::auth::Users,
+    /// What a reload replaces whole (`reload`): client limits, users,
+    /// TLS, admin limits. Read through `live()`.
+    live: arc_swap::ArcSwap<Live>,
+    /// Bumped by each reload that replaced `live`, so a connection knows to
+    /// take the new one (`cmd::Client::live`).
+    pub live_generation: AtomicU64,
     /// What upstream's ACL lets its users read, for L1 hits (`cmd::acl`).
     pub acl: crate::cmd::acl::Permissions,
-    /// `[server.tls]`: clients must speak TLS.
-    pub tls: Option<tokio_rustls::TlsAcceptor>,
     pub metrics: crate::telemetry::metrics::Metrics,
     pub health: crate::telemetry::health::Health,
     pub table: Table,
-    pub limits: Limits,
-    pub max_pipeline: usize,
-    pub max_output_buffer: usize,
-    pub idle_timeout: std::time::Duration,
-    /// Lowercase names from `server.deny_commands`.
-    pub deny: HashSet<Vec<u8>>,
     /// Upstream's `databases`, for SELECT's range check.
     pub databases: u32,
     /// Upstream's version, reported by HELLO.
@@ -47,6 +41,56 @@ pub struct Context {
     pub clients: Mutex<HashMap<u64, Arc<ClientMeta>>>,
     next_client_id: AtomicU64,
     pub started: Instant,
+}
+
+/// The settings a config reload applies to clients at once: taken from
+/// `[server]`, `[[users]]` and `[admin]`.
+pub struct Live {
+    pub limits: Limits,
+    pub max_pipeline: usize,
+    pub max_output_buffer: usize,
+    pub idle_timeout: std::time::Duration,
+    /// Lowercase names from `server.deny_commands`.
+    pub deny: HashSet<Vec<u8>>,
+    /// Client users (`server.requirepass`, `[[users]]`).
+    pub users: crate::cmd::auth::Users,
+    /// `[server.tls]`: clients must speak TLS (new handshakes use the
+    /// certificate in force then; open connections keep theirs).
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    /// Admin command rate limits, by lowercase command name.
+    pub admin: crate::cmd::admin::AdminLimits,
+}
+
+impl Live {
+    /// Builds them from a validated config; fails only on TLS files that
+    /// changed on disk since validation.
+    pub fn new(cfg: &Config) -> Result<Live, String> {
+        Ok(Live {
+            limits: Limits {
+                max_bulk_len: cfg.server.max_bulk_len,
+                max_multibulk_len: cfg.server.max_multibulk_len,
+                max_inline_len: cfg.server.max_inline_len,
+            },
+            max_pipeline: cfg.server.max_pipeline,
+            max_output_buffer: cfg.server.max_output_buffer as usize,
+            idle_timeout: cfg.server.idle_timeout,
+            deny: cfg
+                .server
+                .deny_commands
+                .iter()
+                .map(|c| c.to_ascii_lowercase().into_bytes())
+                .collect(),
+            users: crate::cmd::auth::Users::new(cfg),
+            tls: cfg
+                .server
+                .tls
+                .as_ref()
+                .map(crate::tls::acceptor)
+                .transpose()
+                .map_err(|e| e.to_string())?,
+            admin: crate::cmd::admin::AdminLimits::new(&cfg.admin),
+        })
+    }
 }
 
 /// One of kiln's clients as other clients see it: `CLIENT LIST`,
@@ -200,34 +244,13 @@ impl Context {
                 ]],
                 Hooks::default(),
             ),
-            admin: crate::cmd::admin::AdminLimits::new(&cfg.admin),
-            users: crate::cmd::auth::Users::new(cfg),
+            live: arc_swap::ArcSwap::from_pointee(Live::new(cfg)?),
+            live_generation: AtomicU64::new(0),
             acl: Default::default(),
-            tls: cfg
-                .server
-                .tls
-                .as_ref()
-                .map(crate::tls::acceptor)
-                .transpose()
-                .map_err(|e| e.to_string())?,
             metrics: crate::telemetry::metrics::Metrics::new(table.names()),
             health: crate::telemetry::health::Health::new(cfg),
             upstream,
             table,
-            limits: Limits {
-                max_bulk_len: cfg.server.max_bulk_len,
-                max_multibulk_len: cfg.server.max_multibulk_len,
-                max_inline_len: cfg.server.max_inline_len,
-            },
-            max_pipeline: cfg.server.max_pipeline,
-            max_output_buffer: cfg.server.max_output_buffer as usize,
-            idle_timeout: cfg.server.idle_timeout,
-            deny: cfg
-                .server
-                .deny_commands
-                .iter()
-                .map(|c| c.to_ascii_lowercase().into_bytes())
-                .collect(),
             databases,
             redis_version,
             clients: Mutex::new(HashMap::new()),
@@ -244,7 +267,18 @@ impl Context {
     /// A new client's role: none until it authenticates when auth is
     /// configured, else admin.
     pub fn default_role(&self) -> Option<crate::config::Role> {
-        (!self.users.enabled()).then_some(crate::config::Role::Admin)
+        (!self.live().users.enabled()).then_some(crate::config::Role::Admin)
+    }
+
+    /// The settings in force now (see `Live`).
+    pub fn live(&self) -> Arc<Live> {
+        self.live.load_full()
+    }
+
+    /// Puts `live` in force for every client from its next command on.
+    pub fn set_live(&self, live: Live) {
+        self.live.store(Arc::new(live));
+        self.live_generation.fetch_add(1, Ordering::Release);
     }
 
     pub fn next_client_id(&self) -> u64 {

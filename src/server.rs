@@ -36,7 +36,8 @@ pub async fn accept_loop(
                         let ctx = ctx.clone();
                         let shutdown = shutdown.clone();
                         tracker.spawn(async move {
-                            match ctx.tls.clone() {
+                            let tls = ctx.live().tls.clone();
+                            match tls {
                                 None => connection::serve(stream, addr, ctx, shutdown).await,
                                 Some(tls) => {
                                     connection::serve_tls(stream, addr, tls, ctx, shutdown).await
@@ -48,7 +49,7 @@ pub async fn accept_loop(
                     Err(_) => {
                         ctx.metrics.limit_hit("max_clients");
                         tracing::warn!(%addr, max_clients, "max clients reached, refusing");
-                        let tls = ctx.tls.clone();
+                        let tls = ctx.live().tls.clone();
                         tracker.spawn(async move {
                             const FULL: &[u8] = b"-ERR max number of clients reached\r\n";
                             match tls {

@@ -107,7 +107,7 @@ pub fn dispatch(c: &mut Client, name: &[u8], cmd: Command, r: &mut Replies<'_>) 
         return Flow::Continue;
     }
     // With auth configured, the admin role decides instead (see `auth`).
-    if !c.ctx.users.enabled() && !c.ctx.admin.admits(c.addr) {
+    if !c.live.users.enabled() && !c.live.admin.admits(c.addr) {
         let msg = format!(
             "NOPERM {} is accepted only from loopback clients (admin.allow_remote = false)",
             lname.to_ascii_uppercase()
@@ -128,7 +128,7 @@ pub fn dispatch(c: &mut Client, name: &[u8], cmd: Command, r: &mut Replies<'_>) 
     }
     let cancel = name == b"cache.warmup" && a.len() == 2 && a[1].eq_ignore_ascii_case(b"CANCEL");
     if !cancel {
-        if let Err(wait) = c.ctx.admin.take(&lname) {
+        if let Err(wait) = c.live.admin.take(&lname) {
             let msg = format!(
                 "ERR rate limit exceeded for {}, retry in {wait}s",
                 lname.to_ascii_uppercase()

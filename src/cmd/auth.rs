@@ -58,6 +58,16 @@ impl Users {
         Users { users }
     }
 
+    /// The role of the user named `name`, if it exists.
+    pub fn role_of(&self, name: &str) -> Option<Role> {
+        self.users.iter().find(|u| u.name == name).map(|u| u.role)
+    }
+
+    /// Whether a user named `name` exists.
+    pub fn has(&self, name: &str) -> bool {
+        self.users.iter().any(|u| u.name == name)
+    }
+
     /// Whether clients must authenticate.
     pub fn enabled(&self) -> bool {
         !self.users.is_empty()

@@ -219,7 +219,8 @@ pub fn logged_in_upstream(c: &mut Client, user: &[u8], pass: &[u8]) {
 /// Redis's `default` user has no password: any password is accepted for it
 /// and no other user exists.
 fn check_credentials(c: &mut Client, user: &[u8], pass: &[u8]) -> Result<(), &'static str> {
-    let users = &c.ctx.users;
+    let live = c.live.clone();
+    let users = &live.users;
     if !users.enabled() {
         // Upstream checked these already (`Client::dispatch`).
         let checked = c.user.as_deref().is_some_and(|u| u.as_bytes() == user);
@@ -246,7 +247,7 @@ fn check_credentials(c: &mut Client, user: &[u8], pass: &[u8]) -> Result<(), &'s
 fn auth(c: &mut Client, a: &[Bytes], r: &mut Replies<'_>) {
     match a.len() {
         0 | 1 => r.error(&arity_error("auth")),
-        2 if !c.ctx.users.enabled() => r.error(
+        2 if !c.live.users.enabled() => r.error(
             "ERR AUTH <password> called without any password configured for the default user. \
              Are you sure your configuration is correct?",
         ),

@@ -146,6 +146,9 @@ pub struct Client {
     /// configured): its commands run on connections of that user, and L1
     /// serves it only what upstream lets that user read (`cmd::acl`).
     pub upstream_as: crate::upstream::As,
+    /// The reloadable settings this client goes by (see `refresh_live`).
+    pub live: Arc<crate::context::Live>,
+    live_generation: u64,
     /// `CLIENT REPLY`: which replies this client is sent.
     pub reply: ReplyMode,
     /// The time L1 expiry is checked against for the current command (see
@@ -227,11 +230,41 @@ impl Client {
                 silent: false,
             },
             reply: ReplyMode::default(),
+            live: ctx.live(),
+            live_generation: ctx.live_generation.load(std::sync::atomic::Ordering::Acquire),
             role: ctx.default_role(),
             user: None,
             upstream_as: None,
             now: std::time::Instant::now(),
             ctx,
+        }
+    }
+
+    /// Takes the settings of a reload that happened since the last call
+    /// (one atomic load when there was none). A user whose role changed
+    /// gets the new one at once, as Redis applies `ACL SETUSER` to clients
+    /// already logged in.
+    pub fn refresh_live(&mut self) {
+        let now = self
+            .ctx
+            .live_generation
+            .load(std::sync::atomic::Ordering::Acquire);
+        if now == self.live_generation {
+            return;
+        }
+        self.live_generation = now;
+        self.live = self.ctx.live();
+        let users = &self.live.users;
+        if !users.enabled() {
+            if self.upstream_as.is_none() {
+                self.role = Some(crate::config::Role::Admin);
+            }
+        } else if let Some(name) = &self.user {
+            self.role = users.role_of(name);
+        } else if self.role.is_some() && self.user.is_none() {
+            // Logged in before auth was configured: still the default
+            // user, with the rights `requirepass` gives it, if any.
+            self.role = users.role_of("default");
         }
     }
 
@@ -308,7 +341,7 @@ impl Client {
         };
         self.ctx.metrics.command(name);
         self.last_cmd.set(name, cmd.args.get(1));
-        if !self.ctx.deny.is_empty() && self.ctx.deny.contains(name) {
+        if !self.live.deny.is_empty() && self.live.deny.contains(name) {
             let msg = format!(
                 "ERR command '{}' is disabled on this proxy",
                 String::from_utf8_lossy(cmd.name())
@@ -330,7 +363,7 @@ impl Client {
             }
             None => {}
         }
-        if matches!(name, b"auth" | b"hello") && !self.ctx.users.enabled() {
+        if matches!(name, b"auth" | b"hello") && !self.live.users.enabled() {
             // No kiln users: upstream's ACL users log in, checked by
             // upstream itself.
             if let Some((user, pass)) = local::auth_args(name, &cmd.args) {
