@@ -288,6 +288,9 @@ pub struct CacheConfig {
     pub serve_stale_on_error: bool,
     #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
     pub max_stale: Duration,
+    /// false: every read is forwarded and L1 holds nothing (a kill switch
+    /// that applies on reload).
+    pub enabled: bool,
 }
 
 impl Default for CacheConfig {
@@ -300,6 +303,7 @@ impl Default for CacheConfig {
             rules: Vec::new(),
             serve_stale_on_error: false,
             max_stale: Duration::from_secs(60),
+            enabled: true,
         }
     }
 }
@@ -319,10 +323,19 @@ pub struct CacheRule {
         skip_serializing_if = "Option::is_none"
     )]
     pub ttl: Option<Duration>,
+    /// The share of the rule's keys that is cached, 0-100, picked by a
+    /// stable hash of the key (CRC-32); the others are forwarded as with
+    /// `cache = false`. For gradual rollout.
+    #[serde(default = "hundred")]
+    pub percent: u8,
 }
 
 fn yes() -> bool {
     true
+}
+
+fn hundred() -> u8 {
+    100
 }
 
 /// How L1 learns of writes made by other Redis clients.
@@ -746,6 +759,13 @@ impl Config {
                     key: format!("cache.rules[{i}].match"),
                     line: LineRef(nth_table_line(text, "cache.rules", i)),
                     message: "must not be empty".into(),
+                });
+            }
+            if rule.percent > 100 {
+                return Err(ConfigError::Invalid {
+                    key: format!("cache.rules[{i}].percent"),
+                    line: LineRef(nth_table_line(text, "cache.rules", i)),
+                    message: "must be between 0 and 100".into(),
                 });
             }
         }

@@ -154,9 +154,84 @@ pub enum Policy {
     Bypass,
 }
 
+#[derive(PartialEq)]
 struct Rule {
     pattern: Vec<u8>,
     policy: Policy,
+    /// The share of matching keys cached, 0-100 (`cache.rules[].percent`).
+    percent: u8,
+}
+
+/// What `[cache]` says about what is cached and how long: replaced whole on
+/// a reload (`L1::configure`), read lock-free by every lookup.
+#[derive(PartialEq)]
+struct Settings {
+    enabled: bool,
+    rules: Vec<Rule>,
+    default_ttl: Duration,
+    negative_ttl: Duration,
+    max_value_size: usize,
+    /// `cache.serve_stale_on_error`, and `cache.max_stale` in ms.
+    serve_stale: bool,
+    max_stale_ms: u64,
+}
+
+impl Settings {
+    fn new(cfg: &CacheConfig) -> Settings {
+        Settings {
+            enabled: cfg.enabled,
+            rules: cfg
+                .rules
+                .iter()
+                .map(|r| Rule {
+                    pattern: r.pattern.as_bytes().to_vec(),
+                    policy: if r.cache {
+                        Policy::Cache {
+                            ttl: r.ttl.unwrap_or(cfg.ttl),
+                        }
+                    } else {
+                        Policy::Bypass
+                    },
+                    percent: r.percent,
+                })
+                .collect(),
+            default_ttl: cfg.ttl,
+            negative_ttl: cfg.negative_ttl,
+            max_value_size: cfg.max_value_size as usize,
+            serve_stale: cfg.serve_stale_on_error,
+            max_stale_ms: cfg.max_stale.as_millis() as u64,
+        }
+    }
+
+    fn policy(&self, key: &[u8]) -> Policy {
+        if !self.enabled {
+            return Policy::Bypass;
+        }
+        for r in &self.rules {
+            if glob::matches(&r.pattern, key) {
+                return if in_share(key, r.percent) {
+                    r.policy
+                } else {
+                    Policy::Bypass
+                };
+            }
+        }
+        if self.default_ttl.is_zero() {
+            Policy::Bypass
+        } else {
+            Policy::Cache {
+                ttl: self.default_ttl,
+            }
+        }
+    }
+}
+
+/// Whether `key` is among the `percent` share of keys a rollout caches:
+/// CRC-32 of the key, stable across processes, restarts and versions, so
+/// every kiln of a fleet picks the same keys and raising the share only
+/// adds keys.
+pub fn in_share(key: &[u8], percent: u8) -> bool {
+    percent >= 100 || crc32fast::hash(key) % 100 < u32::from(percent)
 }
 
 pub struct L1 {
@@ -170,19 +245,13 @@ pub struct L1 {
     fresh_epoch: AtomicU64,
     /// When each of the last `EPOCHS_KEPT` freshness epochs ended (ms).
     epoch_ended: [AtomicU64; EPOCHS_KEPT],
-    /// `cache.serve_stale_on_error`, and `cache.max_stale` in ms.
-    serve_stale: bool,
-    max_stale_ms: u64,
     /// Highest database that ever held an entry: invalidating a key drops it
     /// from every database up to here (Redis tracking is not per database
     /// either, and MOVE/COPY/SWAPDB cross databases).
     max_db: AtomicU32,
-    rules: Vec<Rule>,
+    settings: arc_swap::ArcSwap<Settings>,
     /// When the cache was made; expiries are milliseconds since.
     born: Instant,
-    default_ttl: Duration,
-    negative_ttl: Duration,
-    max_value_size: usize,
     pub flights: flight::Flights,
     pub stats: Stats,
 }
@@ -260,20 +329,6 @@ impl L1 {
         };
         let evictions = Arc::new(AtomicU64::new(0));
         let store = store::Store::new(shards, cfg.max_memory, weigh, evictions.clone());
-        let rules = cfg
-            .rules
-            .iter()
-            .map(|r| Rule {
-                pattern: r.pattern.as_bytes().to_vec(),
-                policy: if r.cache {
-                    Policy::Cache {
-                        ttl: r.ttl.unwrap_or(cfg.ttl),
-                    }
-                } else {
-                    Policy::Bypass
-                },
-            })
-            .collect();
         Ok(L1 {
             store,
             hasher: RandomState::default(),
@@ -281,14 +336,9 @@ impl L1 {
             epoch: AtomicU64::new(0),
             fresh_epoch: AtomicU64::new(0),
             epoch_ended: Default::default(),
-            serve_stale: cfg.serve_stale_on_error,
-            max_stale_ms: cfg.max_stale.as_millis() as u64,
             max_db: AtomicU32::new(0),
-            rules,
+            settings: arc_swap::ArcSwap::from_pointee(Settings::new(cfg)),
             born: Instant::now(),
-            default_ttl: cfg.ttl,
-            negative_ttl: cfg.negative_ttl,
-            max_value_size: cfg.max_value_size as usize,
             flights: flight::Flights::new(),
             stats: Stats {
                 evictions,
@@ -298,18 +348,45 @@ impl L1 {
     }
 
     pub fn policy(&self, key: &[u8]) -> Policy {
-        for r in &self.rules {
-            if glob::matches(&r.pattern, key) {
-                return r.policy;
-            }
+        self.settings.load().policy(key)
+    }
+
+    /// Puts a reloaded `[cache]` in force: the new budget (a smaller one
+    /// evicts down to it), and the entries whose rule, TTL or rollout share
+    /// changed are dropped (all of them when caching is turned off).
+    /// Returns how many entries were dropped.
+    pub fn configure(&self, cfg: &CacheConfig) -> usize {
+        let new = Settings::new(cfg);
+        let old = self.settings.load_full();
+        if cfg.max_memory != self.capacity() {
+            self.store.set_budget(cfg.max_memory);
         }
-        if self.default_ttl.is_zero() {
-            Policy::Bypass
-        } else {
-            Policy::Cache {
-                ttl: self.default_ttl,
-            }
+        if *old == new {
+            return 0;
         }
+        let before = self.store.len();
+        // Swapped first: a fill racing the retain below is judged by the
+        // new rules (`fill` reads them), and the generation bump of `clear`
+        // drops fills in flight when caching is switched off.
+        self.settings.store(Arc::new(new));
+        let new = self.settings.load_full();
+        if !new.enabled {
+            return self.clear(Source::Admin);
+        }
+        self.store
+            .retain(|e| old.policy(e.key()) == new.policy(e.key()));
+        before.saturating_sub(self.store.len())
+    }
+
+    /// Each rule's pattern and rollout share (`percent`), for the
+    /// `cache_rollout_percent` metric.
+    pub fn rollout(&self) -> Vec<(String, u8)> {
+        self.settings
+            .load()
+            .rules
+            .iter()
+            .map(|r| (String::from_utf8_lossy(&r.pattern).into_owned(), r.percent))
+            .collect()
     }
 
     /// A fresh entry, or `None`. A stale one is dropped on the way, unless
@@ -354,7 +431,7 @@ impl L1 {
     /// `cache.serve_stale_on_error` is on. The caller counts what it
     /// serves in `stats.stale_served`.
     pub fn get_stale(&self, db: u32, key: &[u8]) -> Option<Entry> {
-        if !self.serve_stale {
+        if !self.settings.load().serve_stale {
             return None;
         }
         let e = self.store.get(self.hash(db, key), db, key)?;
@@ -363,7 +440,7 @@ impl L1 {
 
     /// Whether an entry with this header may be served as stale at `now`.
     fn stale_usable(&self, header: u64, now: u64) -> bool {
-        if !self.serve_stale {
+        if !self.settings.load().serve_stale {
             return false;
         }
         let expires = header & EXPIRY_MASK;
@@ -377,7 +454,7 @@ impl L1 {
             }
             _ => return false,
         };
-        now < stale_since.saturating_add(self.max_stale_ms)
+        now < stale_since.saturating_add(self.settings.load().max_stale_ms)
     }
 
     /// A tracking channel was lost: nothing in L1 is known fresh any more.
@@ -385,7 +462,7 @@ impl L1 {
     /// kept but stop being fresh now, so they can be served as stale for
     /// `max_stale` if upstream fails. Fills in flight are fenced either way.
     pub fn lose_tracking(&self) -> usize {
-        if !self.serve_stale {
+        if !self.settings.load().serve_stale {
             return self.clear(Source::Tracking);
         }
         self.epoch.fetch_add(1, Ordering::SeqCst);
@@ -434,15 +511,21 @@ impl L1 {
         ttl: Duration,
         t: FillToken,
     ) -> bool {
+        let s = self.settings.load();
+        // Judged by the rules in force now: a reload since the miss may have
+        // taken the key out of L1.
+        if s.policy(key) == Policy::Bypass {
+            return false;
+        }
         let lifetime = match frame {
             None => {
-                if self.negative_ttl.is_zero() {
+                if s.negative_ttl.is_zero() {
                     return false;
                 }
-                self.negative_ttl.min(ttl)
+                s.negative_ttl.min(ttl)
             }
             Some(f) => {
-                if f.len() > self.max_value_size + 16 && bulk_len(f) > self.max_value_size {
+                if f.len() > s.max_value_size + 16 && bulk_len(f) > s.max_value_size {
                     self.stats
                         .not_cached_too_large
                         .fetch_add(1, Ordering::Relaxed);
@@ -528,7 +611,7 @@ impl L1 {
     }
 
     pub fn max_value_size(&self) -> usize {
-        self.max_value_size
+        self.settings.load().max_value_size
     }
 
     pub fn is_empty(&self) -> bool {
@@ -576,6 +659,7 @@ mod tests {
                 pattern: "nocache:*".into(),
                 cache: false,
                 ttl: None,
+                percent: 100,
             }],
             ..CacheConfig::default()
         })

@@ -199,7 +199,8 @@ pub struct Store {
     /// `hash >> shard_shift` picks the shard (the top bits; slots use the
     /// low ones).
     shard_shift: u32,
-    shard_budget: u64,
+    /// Bytes per shard; a reload may change it (`set_budget`).
+    shard_budget: AtomicU64,
     weigh: fn(&Entry) -> u64,
     evictions: Arc<AtomicU64>,
 }
@@ -219,7 +220,7 @@ impl Store {
                 .map(|_| Shard(RwLock::new(Table::with_slots(MIN_SLOTS))))
                 .collect(),
             shard_shift: 64 - shards.trailing_zeros(),
-            shard_budget: budget / shards as u64,
+            shard_budget: AtomicU64::new(budget / shards as u64),
             weigh,
             evictions,
         }
@@ -272,7 +273,8 @@ impl Store {
     /// stored (returns false). Makes room by evicting first.
     pub fn insert(&self, hash: u64, entry: Entry) -> bool {
         let w = (self.weigh)(&entry);
-        if w > self.shard_budget {
+        let budget = self.shard_budget.load(Ordering::Relaxed);
+        if w > budget {
             return false;
         }
         let tag = Self::tag(hash);
@@ -281,7 +283,7 @@ impl Store {
             .find(tag, entry.db(), entry.key())
             .map(|i| t.delete_at(i, self.weigh));
         let mut evicted = 0;
-        while t.weight + w > self.shard_budget && t.evict_one(self.weigh).is_some() {
+        while t.weight + w > budget && t.evict_one(self.weigh).is_some() {
             evicted += 1;
         }
         if (t.len + 1) * 4 > t.slots.len() * 3 {
@@ -347,7 +349,24 @@ impl Store {
     }
 
     pub fn capacity(&self) -> u64 {
-        self.shard_budget * self.shards.len() as u64
+        self.shard_budget.load(Ordering::Relaxed) * self.shards.len() as u64
+    }
+
+    /// A new total budget, split over the same shards; a smaller one evicts
+    /// (CLOCK, as on insert) until every shard fits.
+    pub fn set_budget(&self, budget: u64) {
+        let per = budget / self.shards.len() as u64;
+        self.shard_budget.store(per, Ordering::Relaxed);
+        let mut evicted = 0;
+        for shard in self.shards.iter() {
+            let mut t = shard.write();
+            while t.weight > per && t.evict_one(self.weigh).is_some() {
+                evicted += 1;
+            }
+        }
+        if evicted > 0 {
+            self.evictions.fetch_add(evicted, Ordering::Relaxed);
+        }
     }
 }
 

@@ -338,6 +338,7 @@ mod tests {
             pattern: p.into(),
             cache,
             ttl: None,
+            percent: 100,
         }
     }
 

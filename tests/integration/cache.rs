@@ -168,6 +168,7 @@ async fn rules_bypass_and_select_isolation() {
             pattern: "session:*".into(),
             cache: false,
             ttl: None,
+            percent: 100,
         })
     })
     .await;
