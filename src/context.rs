@@ -39,6 +39,10 @@ pub struct Context {
     /// Upstream's version, reported by HELLO.
     pub redis_version: String,
     pub clients: Mutex<HashMap<u64, Arc<ClientMeta>>>,
+    /// `server.max_clients`: a connection holds a permit while it lives.
+    pub permits: Arc<tokio::sync::Semaphore>,
+    /// The config in force, and how to reload it (`reload`).
+    pub reloader: crate::reload::Reloader,
     next_client_id: AtomicU64,
     pub started: Instant,
 }
@@ -125,6 +129,9 @@ pub struct ClientState {
     /// The last command, lowercase, `name|sub` for a container (`cmd=`).
     pub cmd: String,
     pub last_active: Instant,
+    /// Authenticated (or auth is off): a reload that removes its user
+    /// closes the connection.
+    pub logged_in: bool,
     /// Commands queued in MULTI; -1 outside a transaction (`multi=`).
     pub multi: i64,
     /// Waiting in a blocking command (`b` flag).
@@ -160,6 +167,7 @@ impl ClientMeta {
                 name: None,
                 db,
                 user: "default".into(),
+                logged_in: false,
                 resp: 2,
                 cmd: "NULL".into(),
                 last_active: now,
@@ -254,6 +262,8 @@ impl Context {
             databases,
             redis_version,
             clients: Mutex::new(HashMap::new()),
+            permits: Arc::new(tokio::sync::Semaphore::new(cfg.server.max_clients)),
+            reloader: crate::reload::Reloader::new(cfg, &toml::to_string(cfg).unwrap_or_default()),
             next_client_id: AtomicU64::new(1),
             started: Instant::now(),
         })
@@ -273,6 +283,25 @@ impl Context {
     /// The settings in force now (see `Live`).
     pub fn live(&self) -> Arc<Live> {
         self.live.load_full()
+    }
+
+    /// Resizes the connection limit: more permits at once; fewer as
+    /// connections end (open connections are never closed for it).
+    pub fn set_max_clients(&self, old: usize, new: usize) {
+        if new > old {
+            self.permits.add_permits(new - old);
+        } else if new < old {
+            let want = old - new;
+            let forgot = self.permits.forget_permits(want);
+            if forgot < want {
+                let (permits, rest) = (self.permits.clone(), (want - forgot) as u32);
+                tokio::spawn(async move {
+                    if let Ok(p) = permits.acquire_many(rest).await {
+                        p.forget();
+                    }
+                });
+            }
+        }
     }
 
     /// Puts `live` in force for every client from its next command on.

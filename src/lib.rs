@@ -26,6 +26,7 @@ pub mod counter;
 pub mod error;
 pub mod fuzzing;
 pub mod protocol;
+pub mod reload;
 pub mod server;
 pub mod shutdown;
 pub mod telemetry;
@@ -61,7 +62,30 @@ pub async fn run_with(
     config: Config,
     shutdown: CancellationToken,
 ) -> Result<(), String> {
+    run_with_source(listener, sidecar, config, None, shutdown).await
+}
+
+/// Where a config came from: the file's path and text, and the flags that
+/// override it. With one, `CACHE.RELOAD` (and SIGHUP, in the binary)
+/// re-read the file.
+pub struct ConfigSource {
+    pub path: String,
+    pub text: String,
+    pub overrides: config::Overrides,
+}
+
+/// `run_with`, reloadable from `source`.
+pub async fn run_with_source(
+    listener: TcpListener,
+    sidecar: Option<TcpListener>,
+    config: Config,
+    source: Option<ConfigSource>,
+    shutdown: CancellationToken,
+) -> Result<(), String> {
     let node = Node::start(&config, sidecar, shutdown).await?;
+    if let Some(s) = source {
+        node.ctx.reloader.set_source(&s.path, &s.text, s.overrides);
+    }
     node.serve(listener).await;
     Ok(())
 }
@@ -71,9 +95,7 @@ pub async fn run_with(
 #[derive(Clone)]
 pub struct Node {
     pub ctx: Arc<context::Context>,
-    permits: Arc<tokio::sync::Semaphore>,
     shutdown: CancellationToken,
-    grace: std::time::Duration,
 }
 
 impl Node {
@@ -102,12 +124,7 @@ impl Node {
             tokio::spawn(telemetry::sidecar::serve(l, ctx.clone(), shutdown.clone()));
         }
         tracing::info!(upstream = %config::redact_url(&config.upstream.url), "kiln started");
-        Ok(Node {
-            ctx,
-            permits: Arc::new(tokio::sync::Semaphore::new(config.server.max_clients)),
-            shutdown,
-            grace: config.server.shutdown_grace,
-        })
+        Ok(Node { ctx, shutdown })
     }
 
     /// Accepts on `listener` until shutdown, then drains the connections
@@ -122,18 +139,20 @@ impl Node {
         server::accept_loop(
             listener,
             self.ctx.clone(),
-            self.permits.clone(),
+            self.ctx.permits.clone(),
             self.shutdown.clone(),
             tracker.clone(),
         )
         .await;
         tracker.close();
         let open = tracker.len();
-        if tokio::time::timeout(self.grace, tracker.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!(open = tracker.len(), grace = ?self.grace, "shutdown grace elapsed; closing remaining connections");
+        let grace = self.ctx.reloader.shutdown_grace();
+        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+            tracing::warn!(
+                open = tracker.len(),
+                ?grace,
+                "shutdown grace elapsed; closing remaining connections"
+            );
         } else {
             tracing::info!(drained = open, "connections drained");
         }

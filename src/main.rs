@@ -33,11 +33,12 @@ fn main() -> ExitCode {
         },
         None => (Config::default(), String::new()),
     };
-    config.apply(&Overrides {
+    let overrides = Overrides {
         listen: cli.listen.clone(),
         upstream: cli.upstream.clone(),
         metrics: cli.metrics.clone(),
-    });
+    };
+    config.apply(&overrides);
     if let Err(e) = config.validate(&text) {
         eprintln!("kiln: {}: {e}", cli.config.as_deref().unwrap_or("config"));
         return ExitCode::from(2);
@@ -56,7 +57,12 @@ fn main() -> ExitCode {
     }
     kiln::telemetry::init(&config.log);
     raise_fd_limit(&config);
-    match serve(config) {
+    let source = cli.config.clone().map(|path| kiln::ConfigSource {
+        path,
+        text,
+        overrides,
+    });
+    match serve(config, source) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -101,7 +107,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("cannot start a runtime")
 }
 
-fn serve(config: Config) -> anyhow::Result<()> {
+fn serve(config: Config, source: Option<kiln::ConfigSource>) -> anyhow::Result<()> {
     let threads = match config.server.threads {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
@@ -137,6 +143,23 @@ fn serve(config: Config) -> anyhow::Result<()> {
             .await
             .map_err(anyhow::Error::msg)
     })?;
+    if let Some(s) = source {
+        node.ctx.reloader.set_source(&s.path, &s.text, s.overrides);
+        let ctx = node.ctx.clone();
+        rt.spawn(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            let Ok(mut hup) = signal(SignalKind::hangup()) else {
+                tracing::warn!("cannot listen for SIGHUP: reload with CACHE.RELOAD");
+                return;
+            };
+            while hup.recv().await.is_some() {
+                let start = std::time::Instant::now();
+                if ctx.reloader.reload(&ctx).is_ok() {
+                    tracing::info!(took = ?start.elapsed(), "SIGHUP: new config in force");
+                }
+            }
+        });
+    }
     let mut listeners = listeners.into_iter();
     let first = listeners.next().context("no listener")?;
     let mut workers = Vec::new();

@@ -56,6 +56,17 @@ impl AdminLimits {
     }
 
     /// Takes a token for `name` (lowercase); `Err(seconds)` to wait.
+    /// Carries the rate-limit state of `old` over, so a reload does not
+    /// hand out fresh tokens.
+    pub fn inherit(&self, old: &AdminLimits) {
+        let old = old
+            .buckets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        *self.buckets.lock().unwrap_or_else(|e| e.into_inner()) = old;
+    }
+
     fn take(&self, name: &str) -> Result<(), u64> {
         let (count, per) = self.rates.get(name).copied().unwrap_or(self.default);
         let refill = count as f64 / per.as_secs_f64();
@@ -100,7 +111,12 @@ pub fn dispatch(c: &mut Client, name: &[u8], cmd: Command, r: &mut Replies<'_>) 
     let lname = String::from_utf8_lossy(name).into_owned();
     let known = matches!(
         name,
-        b"cache.warmup" | b"cache.status" | b"cache.clear" | b"cache.invalidate" | b"cache.hotkeys"
+        b"cache.warmup"
+            | b"cache.status"
+            | b"cache.clear"
+            | b"cache.invalidate"
+            | b"cache.hotkeys"
+            | b"cache.reload"
     );
     if !known {
         r.error(&unknown_command(a));
@@ -117,7 +133,7 @@ pub fn dispatch(c: &mut Client, name: &[u8], cmd: Command, r: &mut Replies<'_>) 
     }
     let arity_ok = match name {
         b"cache.status" => a.len() <= 2,
-        b"cache.clear" => a.len() == 1,
+        b"cache.clear" | b"cache.reload" => a.len() == 1,
         b"cache.invalidate" => a.len() >= 2,
         b"cache.hotkeys" => a.len() == 1 || a.len() == 3,
         _ => true,
@@ -165,6 +181,17 @@ pub fn dispatch(c: &mut Client, name: &[u8], cmd: Command, r: &mut Replies<'_>) 
             let n = ctx.l1.clear(Source::Admin);
             r.ready(|o| encode::int(o, n as i64));
         }
+        b"cache.reload" => match ctx.reloader.reload(&ctx) {
+            Ok(applied) if applied.needs_restart.is_empty() => r.ready(|o| encode::simple(o, "OK")),
+            Ok(applied) => {
+                let text = format!(
+                    "OK; kept running values, needs a restart: {}",
+                    applied.needs_restart.join(", ")
+                );
+                r.ready(|o| encode::simple(o, &text));
+            }
+            Err(e) => r.error(&e.replace(['\r', '\n'], " ")),
+        },
         b"cache.invalidate" => {
             let n = if a.len() == 3 && a[1].eq_ignore_ascii_case(b"MATCH") {
                 ctx.l1.invalidate_matching(&a[2], Source::Admin)
@@ -334,6 +361,11 @@ pub fn status_fields(ctx: &Context, w: &Snapshot) -> Vec<(&'static str, Val)> {
             Val::Str(ctx.upstream.breaker.state().as_str().into()),
         ),
         ("uptime_s", Val::Int(ctx.started.elapsed().as_secs() as i64)),
+        (
+            "config_loaded",
+            Val::Str(humantime::format_rfc3339_millis(ctx.reloader.loaded().0).to_string()),
+        ),
+        ("config_hash", Val::Str(ctx.reloader.loaded().1)),
         ("version", Val::Str(env!("CARGO_PKG_VERSION").into())),
     ]
 }

@@ -234,6 +234,7 @@ fn check_credentials(c: &mut Client, user: &[u8], pass: &[u8]) -> Result<(), &'s
         Some(u) => {
             c.role = Some(u.role);
             c.user = Some(u.name.clone());
+            c.meta_update();
             Ok(())
         }
         None => {

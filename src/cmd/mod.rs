@@ -212,7 +212,7 @@ impl Client {
         let (id, addr) = (meta.id, meta.addr);
         let db = ctx.upstream.default_db();
         let conn = ctx.upstream.shared(db, Proto::Resp2, id, &None);
-        Client {
+        let c = Client {
             id,
             addr,
             meta,
@@ -231,13 +231,17 @@ impl Client {
             },
             reply: ReplyMode::default(),
             live: ctx.live(),
-            live_generation: ctx.live_generation.load(std::sync::atomic::Ordering::Acquire),
+            live_generation: ctx
+                .live_generation
+                .load(std::sync::atomic::Ordering::Acquire),
             role: ctx.default_role(),
             user: None,
             upstream_as: None,
             now: std::time::Instant::now(),
             ctx,
-        }
+        };
+        c.meta_update();
+        c
     }
 
     /// Takes the settings of a reload that happened since the last call
@@ -465,6 +469,7 @@ impl Client {
             .as_ref()
             .map(|n| String::from_utf8_lossy(n).into_owned());
         st.user = self.user.clone().unwrap_or_else(|| "default".into());
+        st.logged_in = self.role.is_some();
         st.resp = if self.proto == Proto::Resp3 { 3 } else { 2 };
     }
 

@@ -49,7 +49,8 @@ pub struct Alert {
 }
 
 pub struct Health {
-    cfg: AlertsConfig,
+    /// `[alerts]`, replaced whole by a reload.
+    cfg: arc_swap::ArcSwap<AlertsConfig>,
     window: Mutex<VecDeque<(Instant, Sample)>>,
     active: Mutex<HashMap<&'static str, (SystemTime, Alert)>>,
     pub upstream_ok: AtomicBool,
@@ -63,11 +64,16 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Health {
+    /// Puts reloaded alert thresholds in force.
+    pub fn configure(&self, cfg: &AlertsConfig) {
+        self.cfg.store(std::sync::Arc::new(cfg.clone()));
+    }
+
     pub fn new(cfg: &Config) -> Health {
         let skip = std::env::var("SKIP_CACHE_WARMUP")
             .is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
         Health {
-            cfg: cfg.alerts.clone(),
+            cfg: arc_swap::ArcSwap::from_pointee(cfg.alerts.clone()),
             window: Mutex::new(VecDeque::new()),
             active: Mutex::new(HashMap::new()),
             upstream_ok: AtomicBool::new(false),
@@ -95,7 +101,7 @@ impl Health {
         // Keep one sample at or before the window's start as the base.
         while w.len() > 2
             && w.get(1)
-                .is_some_and(|(t, _)| now.duration_since(*t) >= self.cfg.window)
+                .is_some_and(|(t, _)| now.duration_since(*t) >= self.cfg.load().window)
         {
             w.pop_front();
         }
@@ -109,20 +115,20 @@ impl Health {
         let (hits, misses) = (now.hits - base.hits, now.misses - base.misses);
         let requests = hits + misses;
         let commands = now.commands - base.commands;
-        let enough = requests >= self.cfg.min_requests && requests > 0;
+        let enough = requests >= self.cfg.load().min_requests && requests > 0;
         let frac = |n: u64, d: u64| n as f64 / d as f64;
         Rates {
             requests,
             hit_rate: enough.then(|| frac(hits, requests)),
             miss_rate: enough.then(|| frac(misses, requests)),
             penetration_rate: enough.then(|| frac(now.penetrations - base.penetrations, requests)),
-            error_rate: (commands >= self.cfg.min_requests && commands > 0)
+            error_rate: (commands >= self.cfg.load().min_requests && commands > 0)
                 .then(|| frac(now.failed - base.failed, commands)),
         }
     }
 
     fn evaluate(&self, ctx: &Context) {
-        let c = &self.cfg;
+        let c = self.cfg.load();
         let r = self.rates(ctx);
         let w = ctx.warmup.snapshot();
         let pct = |v: f64| format!("{:.1}%", v * 100.0);
@@ -273,7 +279,7 @@ impl Health {
         let err = r.error_rate.unwrap_or(0.0);
         let status = if hit < 0.5 || err > 0.1 {
             "unhealthy"
-        } else if hit < self.cfg.hit_rate_warning
+        } else if hit < self.cfg.load().hit_rate_warning
             || ctx.coherence.state() == "lost"
             || ctx.breaker_state() != 0
         {

@@ -178,6 +178,13 @@ impl Metrics {
         self.recorder.register_counter(&k, &META).absolute(n);
     }
 
+    /// A gauge with one label whose value is not known in advance (a rule's
+    /// pattern).
+    pub fn set_labelled(&self, name: &'static str, label: &'static str, value: &str, v: f64) {
+        let k = Key::from_parts(name, vec![Label::new(label, value.to_string())]);
+        self.recorder.register_gauge(&k, &META).set(v);
+    }
+
     pub fn render(&self) -> String {
         self.handle.run_upkeep();
         self.handle.render()

@@ -27,6 +27,11 @@ pub const COMMANDS: &str = "proxy_commands_total";
 pub const TRACKING_LOST: &str = "cache_tracking_lost";
 /// Not in the SPEC's list: clients refused or cut off by a `[server]` limit.
 pub const CLIENT_LIMITS: &str = "proxy_client_limit_total";
+/// Config reloads (SIGHUP, `CACHE.RELOAD`) by `result`: `ok`, `error`.
+pub const CONFIG_RELOADS: &str = "config_reloads_total";
+/// Not in the SPEC's list: each cache rule's rollout share (`percent`), by
+/// its `match` pattern as `rule`.
+pub const ROLLOUT: &str = "cache_rollout_percent";
 
 /// Every metric kiln exports, with its Prometheus type and help text.
 pub const ALL: &[(&str, &str, &str)] = &[
@@ -125,6 +130,16 @@ pub const ALL: &[(&str, &str, &str)] = &[
         TRACKING_LOST,
         "gauge",
         "1 while a CLIENT TRACKING channel is lost (L1 not filled), else 0",
+    ),
+    (
+        CONFIG_RELOADS,
+        "counter",
+        "Config reloads (SIGHUP, CACHE.RELOAD) by result: ok, error (nothing changed)",
+    ),
+    (
+        ROLLOUT,
+        "gauge",
+        "Share of a cache rule's keys that is cached (percent), by the rule's match pattern",
     ),
 ];
 

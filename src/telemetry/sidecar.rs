@@ -119,6 +119,13 @@ pub fn render(ctx: &Context) -> String {
     let lost = ctx.coherence.state() == "lost";
     m.gauge(names::TRACKING_LOST, &[])
         .set(if lost { 1.0 } else { 0.0 });
+    for (i, result) in ["ok", "error"].into_iter().enumerate() {
+        m.counter(names::CONFIG_RELOADS, &[("result", result)])
+            .absolute(load(&ctx.reloader.results[i]));
+    }
+    for (rule, percent) in ctx.l1.rollout() {
+        m.set_labelled(names::ROLLOUT, "rule", &rule, f64::from(percent));
+    }
     for (cmd, n) in m.command_counts() {
         m.set_command(&cmd, n);
     }

@@ -135,7 +135,10 @@ pub struct Snapshot {
 }
 
 pub struct Warmup {
-    cfg: Arc<WarmupConfig>,
+    /// `[warmup]`, replaced whole by a reload (`configure`).
+    cfg: arc_swap::ArcSwap<WarmupConfig>,
+    /// Wakes the schedule after a reload, so a new schedule applies at once.
+    reconfigured: tokio::sync::Notify,
     state: Mutex<State>,
     pub hot: Option<Arc<HotKeys>>,
     /// Runs ended, by `Outcome` index.
@@ -160,7 +163,8 @@ enum Source {
 impl Warmup {
     pub fn new(cfg: &WarmupConfig) -> Arc<Warmup> {
         Arc::new(Warmup {
-            cfg: Arc::new(cfg.clone()),
+            cfg: arc_swap::ArcSwap::from_pointee(cfg.clone()),
+            reconfigured: tokio::sync::Notify::new(),
             state: Mutex::default(),
             hot: cfg
                 .hotkeys
@@ -168,6 +172,20 @@ impl Warmup {
                 .then(|| Arc::new(HotKeys::new(cfg.hotkeys.keep, cfg.hotkeys.sample))),
             runs: Default::default(),
         })
+    }
+
+    /// The `[warmup]` in force.
+    fn cfg(&self) -> Arc<WarmupConfig> {
+        self.cfg.load_full()
+    }
+
+    /// Puts a reloaded `[warmup]` in force: phases, limits and the lock for
+    /// the next run, the schedule at once. The hot-key sketch keeps the
+    /// size it started with (`warmup.hotkeys.keep`/`sample` need a
+    /// restart).
+    pub fn configure(&self, cfg: &WarmupConfig) {
+        self.cfg.store(Arc::new(cfg.clone()));
+        self.reconfigured.notify_waiters();
     }
 
     /// Counts a key access for the hot-key sketch.
@@ -178,7 +196,7 @@ impl Warmup {
     }
 
     pub fn has_phase(&self, name: &str) -> bool {
-        self.cfg
+        self.cfg()
             .phase
             .iter()
             .any(|p| p.name.eq_ignore_ascii_case(name))
@@ -199,8 +217,8 @@ impl Warmup {
                 ttl: None,
             }];
         }
-        let mut phases: Vec<&PhaseConfig> = self
-            .cfg
+        let cfg = self.cfg();
+        let mut phases: Vec<&PhaseConfig> = cfg
             .phase
             .iter()
             .filter(|p| {
@@ -252,9 +270,9 @@ impl Warmup {
         });
         drop(state);
         let (tx, rx) = oneshot::channel();
-        let limit = req.limit.unwrap_or(u64::MAX).min(self.cfg.max_keys);
+        let limit = req.limit.unwrap_or(u64::MAX).min(self.cfg().max_keys);
         let span = tracing::info_span!("warmup", trace_id = %id);
-        let (me, ctx, cfg, run_id) = (self.clone(), ctx.clone(), self.cfg.clone(), id.clone());
+        let (me, ctx, cfg, run_id) = (self.clone(), ctx.clone(), self.cfg(), id.clone());
         tokio::spawn(
             async move {
                 let report =
@@ -346,21 +364,22 @@ impl Warmup {
             tokio::spawn(async move { me.automatic(&ctx, stop).await });
         }
         if let Some(hot) = self.hot.clone() {
-            let (cfg, ctx) = (self.cfg.clone(), ctx.clone());
+            let (me, ctx) = (self.clone(), ctx.clone());
             tokio::spawn(async move {
                 loop {
+                    let every = me.cfg().hotkeys.save_every;
                     tokio::select! {
                         _ = shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(cfg.hotkeys.save_every) => {}
+                        _ = tokio::time::sleep(every) => {}
                     }
-                    save_hotkeys(&ctx, &cfg, &hot).await;
+                    save_hotkeys(&ctx, &me.cfg(), &hot).await;
                 }
             });
         }
     }
 
     async fn automatic(self: Arc<Self>, ctx: &Arc<Context>, shutdown: CancellationToken) {
-        let cfg = self.cfg.clone();
+        let cfg = self.cfg();
         let run = |why: &'static str| match self.start(ctx, Request::default()) {
             Ok((id, _)) => tracing::info!(trace_id = %id, why, "automatic warmup started"),
             Err(busy) => {
@@ -373,11 +392,11 @@ impl Warmup {
                 _ = tokio::time::sleep(cfg.start_delay) => run("start"),
             }
         }
-        let schedule: Option<croner::Cron> = cfg.schedule.as_deref().and_then(|s| s.parse().ok());
-        if schedule.is_none() && cfg.interval.is_none() {
-            return;
-        }
         loop {
+            // Read each time: a reload may have changed the schedule.
+            let cfg = self.cfg();
+            let schedule: Option<croner::Cron> =
+                cfg.schedule.as_deref().and_then(|s| s.parse().ok());
             let wait = match (&schedule, cfg.interval) {
                 (Some(cron), _) => {
                     let now = chrono::Utc::now();
@@ -390,11 +409,13 @@ impl Warmup {
                     }
                 }
                 (None, Some(every)) => every,
-                (None, None) => return,
+                // No schedule: nothing to do until a reload gives one.
+                (None, None) => Duration::MAX,
             };
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(wait) => run("schedule"),
+                _ = self.reconfigured.notified() => {}
+                _ = tokio::time::sleep(wait.min(Duration::from_secs(365 * 86400))) => run("schedule"),
             }
         }
     }

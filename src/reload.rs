@@ -1,0 +1,288 @@
+//! Live reload (`SIGHUP`, `CACHE.RELOAD`): the config file is read again,
+//! merged with the command-line flags and validated as at start. An invalid
+//! file changes nothing and the error names the key and line. A valid one
+//! is put in force at once, with no connection dropped: `[cache]` (the L1
+//! drops the entries whose rule, TTL or rollout share changed), `[warmup]`,
+//! `[alerts]`, `[admin]`, the `[server]` client limits, `deny_commands`,
+//! users and `requirepass` (clients logged in stay logged in; a removed
+//! user's connections are closed), `[server.tls]` (new handshakes), and
+//! `log.level`.
+//!
+//! What cannot change in a running process keeps its running value and is
+//! reported as needing a restart: listen addresses, `server.threads`,
+//! `upstream.*`, `coherence.*`, `metrics.*`, `log.format`, and the hot-key
+//! sketch's size (`warmup.hotkeys`).
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::SystemTime;
+
+use crate::config::{Config, Overrides};
+use crate::context::Context;
+
+/// Where the config came from, and what is in force.
+pub struct Reloader {
+    /// The file given with `--config` and the flags that override it;
+    /// `None` when kiln runs on built-in defaults (nothing to re-read).
+    source: Mutex<Option<(String, Overrides)>>,
+    current: Mutex<Loaded>,
+    /// Reloads by result: `[ok, error]`.
+    pub results: [AtomicU64; 2],
+}
+
+struct Loaded {
+    config: Config,
+    at: SystemTime,
+    hash: String,
+}
+
+/// What a reload did.
+#[derive(Debug, Default)]
+pub struct Applied {
+    /// Dotted keys whose values changed and are now in force.
+    pub changed: Vec<String>,
+    /// Dotted keys that changed in the file but keep their running values.
+    pub needs_restart: Vec<String>,
+    /// L1 entries dropped because their rule, TTL or share changed.
+    pub dropped: usize,
+    /// Client connections closed because their user was removed.
+    pub closed: usize,
+}
+
+/// The keys a running process cannot change, as config paths.
+const RESTART_ONLY: &[&str] = &[
+    "server.listen",
+    "server.threads",
+    "upstream",
+    "coherence",
+    "metrics",
+    "log.format",
+    "warmup.hotkeys",
+];
+
+/// A short hash of the config text, to tell configs apart in
+/// `CACHE.STATUS` (`config_hash`): the first 16 hex digits of its SHA-256.
+pub fn hash_text(text: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(text.as_bytes());
+    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl Reloader {
+    pub fn new(config: &Config, text: &str) -> Reloader {
+        Reloader {
+            source: Mutex::new(None),
+            current: Mutex::new(Loaded {
+                config: config.clone(),
+                at: SystemTime::now(),
+                hash: hash_text(text),
+            }),
+            results: Default::default(),
+        }
+    }
+
+    /// Names the file later reloads read (its text as loaded at start),
+    /// with the flags that override it.
+    pub fn set_source(&self, path: &str, text: &str, overrides: Overrides) {
+        *lock(&self.source) = Some((path.to_string(), overrides));
+        lock(&self.current).hash = hash_text(text);
+    }
+
+    /// `server.shutdown_grace` in force.
+    pub fn shutdown_grace(&self) -> std::time::Duration {
+        lock(&self.current).config.server.shutdown_grace
+    }
+
+    /// When the config in force was loaded, and its hash.
+    pub fn loaded(&self) -> (SystemTime, String) {
+        let c = lock(&self.current);
+        (c.at, c.hash.clone())
+    }
+
+    /// Re-reads and applies the config file. `Err` is the message to show
+    /// (key and line for a bad value); nothing has changed then.
+    pub fn reload(&self, ctx: &Context) -> Result<Applied, String> {
+        let result = self.try_reload(ctx);
+        let i = usize::from(result.is_err());
+        self.results[i].fetch_add(1, Ordering::Relaxed);
+        match &result {
+            Ok(a) => tracing::info!(
+                changed = ?a.changed,
+                needs_restart = ?a.needs_restart,
+                l1_dropped = a.dropped,
+                clients_closed = a.closed,
+                "config reloaded"
+            ),
+            Err(e) => {
+                tracing::error!(error = %e, "config reload rejected; the running config stays in force")
+            }
+        }
+        result
+    }
+
+    fn try_reload(&self, ctx: &Context) -> Result<Applied, String> {
+        let Some((path, overrides)) = lock(&self.source).clone() else {
+            return Err("ERR no config file to reload (kiln was started without --config)".into());
+        };
+        let (mut new, text) = Config::load(&path).map_err(|e| format!("ERR {path}: {e}"))?;
+        new.apply(&overrides);
+        new.validate(&text)
+            .map_err(|e| format!("ERR {path}: {e}"))?;
+        let mut current = lock(&self.current);
+        let old = &current.config;
+        let mut applied = Applied::default();
+        // Restart-only keys keep their running values.
+        for key in RESTART_ONLY {
+            if value_at(old, key) != value_at(&new, key) {
+                applied.needs_restart.push((*key).to_string());
+            }
+        }
+        new.server.listen = old.server.listen.clone();
+        new.server.threads = old.server.threads;
+        new.upstream = old.upstream.clone();
+        new.coherence = old.coherence.clone();
+        new.metrics = old.metrics.clone();
+        new.log.format = old.log.format;
+        new.warmup.hotkeys = old.warmup.hotkeys.clone();
+        applied.changed = changed_keys(old, &new);
+        // Build what can fail first, so a failure changes nothing.
+        let live = crate::context::Live::new(&new).map_err(|e| format!("ERR {path}: {e}"))?;
+        live.admin.inherit(&ctx.live().admin);
+        crate::telemetry::set_level(&new.log.level)
+            .map_err(|e| format!("ERR {path}: log.level: {e}"))?;
+        ctx.set_live(live);
+        ctx.set_max_clients(old.server.max_clients, new.server.max_clients);
+        applied.dropped = ctx.l1.configure(&new.cache);
+        ctx.warmup.configure(&new.warmup);
+        ctx.health.configure(&new.alerts);
+        applied.closed = close_removed_users(ctx);
+        *current = Loaded {
+            config: new,
+            at: SystemTime::now(),
+            hash: hash_text(&text),
+        };
+        Ok(applied)
+    }
+}
+
+/// Closes the connections of clients logged in as a user the config in
+/// force no longer has (when client auth is on at all).
+fn close_removed_users(ctx: &Context) -> usize {
+    let live = ctx.live();
+    if !live.users.enabled() {
+        return 0;
+    }
+    let clients: Vec<_> = ctx.clients().values().cloned().collect();
+    let mut closed = 0;
+    for m in clients {
+        let st = m.state().clone();
+        if st.logged_in && !live.users.has(&st.user) {
+            tracing::info!(client = m.id, user = %st.user, "user removed by reload: closing its connection");
+            m.kill.cancel();
+            closed += 1;
+        }
+    }
+    closed
+}
+
+/// The TOML value at a dotted path of a config (secrets come out redacted,
+/// so a changed password shows as a changed user, see `changed_keys`).
+fn value_at(cfg: &Config, path: &str) -> Option<toml::Value> {
+    let mut v = toml::Value::try_from(cfg).ok()?;
+    for part in path.split('.') {
+        v = v.get(part)?.clone();
+    }
+    Some(v)
+}
+
+/// The dotted keys whose values differ between two configs. Secrets are
+/// compared, never printed.
+fn changed_keys(old: &Config, new: &Config) -> Vec<String> {
+    let mut out = Vec::new();
+    if let (Ok(a), Ok(b)) = (toml::Value::try_from(old), toml::Value::try_from(new)) {
+        diff("", &a, &b, &mut out);
+    }
+    let pass = |c: &Config| {
+        (
+            c.server
+                .requirepass
+                .as_ref()
+                .map(|p| p.expose().to_string()),
+            c.users
+                .iter()
+                .map(|u| (u.name.clone(), u.password.expose().to_string()))
+                .collect::<Vec<_>>(),
+        )
+    };
+    if pass(old) != pass(new) && !out.iter().any(|k| k == "users") {
+        out.push("passwords".into());
+    }
+    out
+}
+
+fn diff(prefix: &str, a: &toml::Value, b: &toml::Value, out: &mut Vec<String>) {
+    match (a, b) {
+        (toml::Value::Table(x), toml::Value::Table(y)) => {
+            let mut keys: Vec<&String> = x.keys().chain(y.keys()).collect();
+            keys.sort();
+            keys.dedup();
+            for k in keys {
+                let path = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                match (x.get(k), y.get(k)) {
+                    (Some(p), Some(q)) => diff(&path, p, q, out),
+                    _ => out.push(path),
+                }
+            }
+        }
+        _ if a != b => out.push(prefix.to_string()),
+        _ => {}
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn changed_keys_name_leaves_and_passwords() {
+        let old = Config::default();
+        let mut new = Config::default();
+        new.cache.ttl = std::time::Duration::from_secs(1);
+        new.server.max_clients = 5;
+        assert_eq!(
+            changed_keys(&old, &new),
+            ["cache.ttl", "server.max_clients"]
+        );
+        let mut with_pass = Config::default();
+        with_pass.server.requirepass = Some(crate::config::Secret("a".into()));
+        let mut other_pass = with_pass.clone();
+        other_pass.server.requirepass = Some(crate::config::Secret("b".into()));
+        let keys = changed_keys(&with_pass, &other_pass);
+        assert!(keys.contains(&"passwords".to_string()), "{keys:?}");
+        assert!(!format!("{keys:?}").contains('b'));
+    }
+
+    #[test]
+    fn restart_only_values_are_found() {
+        let mut new = Config::default();
+        new.upstream.connections = 9;
+        let old = Config::default();
+        assert_ne!(value_at(&old, "upstream"), value_at(&new, "upstream"));
+        assert_eq!(value_at(&old, "metrics"), value_at(&new, "metrics"));
+    }
+
+    #[test]
+    fn hash_is_short_and_stable() {
+        assert_eq!(hash_text("a"), hash_text("a"));
+        assert_ne!(hash_text("a"), hash_text("b"));
+        assert_eq!(hash_text("a").len(), 16);
+    }
+}
