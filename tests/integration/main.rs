@@ -11,6 +11,7 @@ mod coherence;
 mod corpus;
 mod frames;
 mod limits;
+mod reload;
 mod session;
 mod sidecar;
 mod tls;

@@ -13,13 +13,13 @@ use tokio::net::TcpStream;
 use crate::util::*;
 
 /// A CA and a certificate for 127.0.0.1/localhost it signed, as PEM files.
-struct Certs {
+pub struct Certs {
     dir: PathBuf,
     ca_der: CertificateDer<'static>,
 }
 
 impl Certs {
-    fn make(name: &str) -> Certs {
+    pub fn make(name: &str) -> Certs {
         let dir = std::env::temp_dir().join(format!("kiln-tls-{}-{name}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("dir");
         let ca_key = rcgen::KeyPair::generate().expect("key");
@@ -41,7 +41,7 @@ impl Certs {
         }
     }
 
-    fn path(&self, f: &str) -> String {
+    pub fn path(&self, f: &str) -> String {
         self.dir.join(f).display().to_string()
     }
 
@@ -52,7 +52,7 @@ impl Certs {
         }
     }
 
-    fn client(&self) -> tokio_rustls::TlsConnector {
+    pub fn client(&self) -> tokio_rustls::TlsConnector {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(self.ca_der.clone()).expect("ca");
         let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(

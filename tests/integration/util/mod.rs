@@ -220,16 +220,34 @@ impl Kiln {
         cfg.warmup.hotkeys.enabled = false;
         tweak(&mut cfg);
         cfg.validate("").expect("test config is valid");
+        Self::launch(cfg, None).await
+    }
+
+    /// kiln with the config in the file at `path` (its listen addresses
+    /// replaced by port-0 listeners), reloadable with `CACHE.RELOAD`.
+    pub async fn start_from_file(path: &str) -> Kiln {
+        let (cfg, text) = Config::load(path).expect("config file loads");
+        cfg.validate(&text).expect("config file is valid");
+        let source = kiln::ConfigSource {
+            path: path.to_string(),
+            text,
+            overrides: Default::default(),
+        };
+        Self::launch(cfg, Some(source)).await
+    }
+
+    async fn launch(cfg: Config, source: Option<kiln::ConfigSource>) -> Kiln {
         let tls = cfg.server.tls.is_some();
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let sidecar = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let metrics = sidecar.local_addr().expect("addr");
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(kiln::run_with(
+        let task = tokio::spawn(kiln::run_with_source(
             listener,
             Some(sidecar),
             cfg,
+            source,
             shutdown.clone(),
         ));
         let k = Kiln {
