@@ -60,7 +60,8 @@ async fn cached(c: &mut Conn, key: &str) -> bool {
 
 const RULE_ON: &str = "[[cache.rules]]\nmatch = \"r:*\"\ncache = true\n";
 const RULE_OFF: &str = "[[cache.rules]]\nmatch = \"r:*\"\ncache = false\n";
-const ADMIN: &str = "[admin]\nrate_limits = { \"CACHE.INVALIDATE\" = \"1000/s\", \"CACHE.RELOAD\" = \"1000/s\" }\n";
+const ADMIN: &str =
+    "[admin]\nrate_limits = { \"CACHE.INVALIDATE\" = \"1000/s\", \"CACHE.RELOAD\" = \"1000/s\" }\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reloads_under_load_drop_nothing_and_apply_each_time() {
@@ -97,14 +98,21 @@ async fn reloads_under_load_drop_nothing_and_apply_each_time() {
     let mut took = Vec::new();
     for round in 0..20 {
         let on = round % 2 == 1;
-        file.write(&redis, &format!("{ADMIN}{}", if on { RULE_ON } else { RULE_OFF }));
+        file.write(
+            &redis,
+            &format!("{ADMIN}{}", if on { RULE_ON } else { RULE_OFF }),
+        );
         let t = Instant::now();
         assert_eq!(reload(&mut admin).await, "+OK\r\n", "round {round}");
         took.push(t.elapsed());
         // The rule in force decides: read twice, then ask L1.
         admin.cmd(&["GET", "r:probe"]).await;
         admin.cmd(&["GET", "r:probe"]).await;
-        assert_eq!(cached(&mut admin, "r:probe").await, on, "round {round}: cache = {on}");
+        assert_eq!(
+            cached(&mut admin, "r:probe").await,
+            on,
+            "round {round}: cache = {on}"
+        );
     }
     stop.store(true, Ordering::Relaxed);
     for t in load {
@@ -137,7 +145,10 @@ async fn an_invalid_config_changes_nothing_and_names_key_and_line() {
     let r = reload(&mut c).await;
     let text = String::from_utf8_lossy(&r).into_owned();
     assert!(text.starts_with("-ERR "), "{text}");
-    assert!(text.contains("server.max_clients") && text.contains("line 5"), "{text}");
+    assert!(
+        text.contains("server.max_clients") && text.contains("line 5"),
+        "{text}"
+    );
     // An unknown key: named with its line too.
     file.write(&redis, &format!("{RULE_ON}[cache]\nttll = \"1s\"\n"));
     let r = reload(&mut c).await;
@@ -148,7 +159,10 @@ async fn an_invalid_config_changes_nothing_and_names_key_and_line() {
     c.cmd(&["SET", "r:1", "x"]).await;
     c.cmd(&["GET", "r:1"]).await;
     c.cmd(&["GET", "r:1"]).await;
-    assert!(!cached(&mut c, "r:1").await, "the rejected rule must not apply");
+    assert!(
+        !cached(&mut c, "r:1").await,
+        "the rejected rule must not apply"
+    );
     let after = c.cmd(&["CACHE.STATUS", "JSON"]).await;
     let hash = |s: &[u8]| {
         let v: serde_json::Value =
@@ -200,7 +214,11 @@ async fn cache_enabled_is_a_live_kill_switch() {
     file.write(&redis, "[cache]\nenabled = false\n");
     assert_eq!(reload(&mut c).await, "+OK\r\n");
     assert_eq!(c.cmd(&["GET", "k"]).await, bulk("v"));
-    assert_eq!(redis.calls("get").await, gets + 1, "the next GET reaches upstream");
+    assert_eq!(
+        redis.calls("get").await,
+        gets + 1,
+        "the next GET reaches upstream"
+    );
     c.cmd(&["GET", "k"]).await;
     assert_eq!(redis.calls("get").await, gets + 2, "and so does every one");
     let entries = c.cmd(&["CACHE.STATUS", "JSON"]).await;
@@ -247,7 +265,10 @@ async fn percent_caches_a_stable_share_and_raising_it_keeps_every_key() {
         v["l1_entries"].as_u64().expect("entries")
     };
     let at10 = entries(c.cmd(&["CACHE.STATUS", "JSON"]).await);
-    assert!((800..=1200).contains(&at10), "10% of 10,000 keys cached: {at10}");
+    assert!(
+        (800..=1200).contains(&at10),
+        "10% of 10,000 keys cached: {at10}"
+    );
     assert_eq!(
         metric(kiln.metrics, "cache_rollout_percent{rule=\"p:*\"}").await,
         Some(10.0)
@@ -286,7 +307,9 @@ async fn users_change_live_and_a_removed_user_is_closed() {
     let users = |names: &[&str]| {
         names
             .iter()
-            .map(|n| format!("[[users]]\nname = \"{n}\"\npassword = \"pw-{n}\"\nrole = \"admin\"\n"))
+            .map(|n| {
+                format!("[[users]]\nname = \"{n}\"\npassword = \"pw-{n}\"\nrole = \"admin\"\n")
+            })
             .collect::<String>()
     };
     file.write(&redis, &users(&["alice", "bob"]));
@@ -296,17 +319,29 @@ async fn users_change_live_and_a_removed_user_is_closed() {
     let mut bob = kiln.conn().await;
     assert_eq!(bob.cmd(&["AUTH", "bob", "pw-bob"]).await, "+OK\r\n");
     let mut carol = kiln.conn().await;
-    assert!(carol.cmd(&["AUTH", "carol", "pw-carol"]).await.starts_with(b"-WRONGPASS"));
+    assert!(
+        carol
+            .cmd(&["AUTH", "carol", "pw-carol"])
+            .await
+            .starts_with(b"-WRONGPASS")
+    );
 
     file.write(&redis, &users(&["alice", "carol"]));
     assert_eq!(reload(&mut alice).await, "+OK\r\n");
-    assert!(bob.closed().await, "bob was removed: his connection is closed");
+    assert!(
+        bob.closed().await,
+        "bob was removed: his connection is closed"
+    );
     assert_eq!(carol.cmd(&["AUTH", "carol", "pw-carol"]).await, "+OK\r\n");
     assert_eq!(carol.cmd(&["SET", "a", "1"]).await, "+OK\r\n");
     // alice stays logged in, without a new AUTH.
     assert_eq!(alice.cmd(&["GET", "a"]).await, bulk("1"));
     let mut bob2 = kiln.conn().await;
-    assert!(bob2.cmd(&["AUTH", "bob", "pw-bob"]).await.starts_with(b"-WRONGPASS"));
+    assert!(
+        bob2.cmd(&["AUTH", "bob", "pw-bob"])
+            .await
+            .starts_with(b"-WRONGPASS")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -344,11 +379,17 @@ async fn a_certificate_swapped_on_disk_is_used_by_new_handshakes() {
 
     install(&second);
     let mut admin = connect(&first).await.expect("still the first one");
-    admin.write_all(&encode(&["CACHE.RELOAD"])).await.expect("write");
+    admin
+        .write_all(&encode(&["CACHE.RELOAD"]))
+        .await
+        .expect("write");
     assert_eq!(tls_read(&mut admin).await, "+OK\r\n");
     // New handshakes see the new certificate: a client trusting only the
     // old CA is refused, one trusting the new CA gets in.
-    assert!(connect(&first).await.is_err(), "the old certificate is gone");
+    assert!(
+        connect(&first).await.is_err(),
+        "the old certificate is gone"
+    );
     let mut fresh = connect(&second).await.expect("the new certificate");
     assert_eq!(tls_ping(&mut fresh).await, "+PONG\r\n");
     // The connection opened before keeps working.
@@ -384,7 +425,8 @@ async fn sighup_reloads_the_binary_and_its_log_file_has_no_colour_codes() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         l.local_addr().expect("addr").port()
     };
-    let head = format!("[server]\nlisten = \"127.0.0.1:{port}\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n");
+    let head =
+        format!("[server]\nlisten = \"127.0.0.1:{port}\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n");
     file.write(&redis, &format!("{head}{RULE_OFF}"));
     let log = file.dir.join("kiln.log");
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
@@ -425,5 +467,8 @@ async fn sighup_reloads_the_binary_and_its_log_file_has_no_colour_codes() {
     let _ = child.wait();
     let text = std::fs::read_to_string(&log).expect("log");
     assert!(text.contains("config reloaded"), "{text}");
-    assert!(!text.contains('\x1b'), "escape codes in a log file: {text:?}");
+    assert!(
+        !text.contains('\x1b'),
+        "escape codes in a log file: {text:?}"
+    );
 }
