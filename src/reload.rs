@@ -133,7 +133,10 @@ impl Reloader {
         let mut applied = Applied::default();
         // Restart-only keys keep their running values.
         for key in RESTART_ONLY {
-            if value_at(old, key) != value_at(&new, key) {
+            // The URL is compared as written: serialized, its password is
+            // redacted, and a new password must not pass unnoticed.
+            let url_moved = *key == "upstream" && old.upstream.url != new.upstream.url;
+            if url_moved || value_at(old, key) != value_at(&new, key) {
                 applied.needs_restart.push((*key).to_string());
             }
         }

@@ -38,7 +38,16 @@ async fn scrape(kiln: &Kiln) -> (String, prometheus_parse::Scrape) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_metric_is_exported_with_its_type_and_counters_move() {
     let redis = Redis::start();
-    let kiln = Kiln::start(&redis).await;
+    // A rule, so the per-rule rollout gauge has a series to export.
+    let kiln = Kiln::start_with(&redis, |c| {
+        c.cache.rules.push(kiln::config::CacheRule {
+            pattern: "rolled:*".into(),
+            cache: true,
+            ttl: None,
+            percent: 25,
+        })
+    })
+    .await;
     let mut c = kiln.conn().await;
     c.cmd(&["SET", "k", "v"]).await;
     let (text, before) = scrape(&kiln).await;
