@@ -104,12 +104,18 @@ impl Table {
         if !self.busy_names.iter().any(|n| n == name) {
             return false;
         }
+        self.flag(name, args, |i| i.allow_busy)
+    }
+
+    /// A flag of the command named `name` (lowercase), or of its
+    /// subcommand for a container.
+    fn flag(&self, name: &[u8], args: &[Bytes], f: impl Fn(&CmdInfo) -> bool) -> bool {
         match self.map.get(name) {
             Some(i) if i.container => args
                 .get(1)
                 .and_then(|s| self.sub(name, s))
-                .is_some_and(|i| i.allow_busy),
-            Some(i) => i.allow_busy,
+                .is_some_and(f),
+            Some(i) => f(i),
             None => false,
         }
     }
@@ -188,14 +194,7 @@ impl Table {
         let Some(name) = lower(&args[0], &mut buf) else {
             return false;
         };
-        match self.map.get(name) {
-            Some(i) if i.container => args
-                .get(1)
-                .and_then(|s| self.sub(name, s))
-                .is_some_and(|i| i.admin),
-            Some(i) => i.admin,
-            None => false,
-        }
+        self.flag(name, args, |i| i.admin)
     }
 
     pub fn is_blocking(&self, args: &[Bytes]) -> bool {

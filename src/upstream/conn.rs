@@ -443,8 +443,19 @@ pub async fn ask<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     cmd: &[Vec<u8>],
 ) -> Result<Bytes, UpstreamError> {
+    send_setup(stream, std::slice::from_ref(&cmd.to_vec())).await?;
+    read_one(stream, &mut BytesMut::new()).await
+}
+
+/// Writes `cmds` on a stream being set up, and flushes them.
+async fn send_setup<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    cmds: &[Vec<Vec<u8>>],
+) -> Result<(), UpstreamError> {
     let mut out = BytesMut::new();
-    crate::protocol::request::encode_command_into(&mut out, cmd);
+    for c in cmds {
+        crate::protocol::request::encode_command_into(&mut out, c);
+    }
     stream
         .write_all(&out)
         .await
@@ -452,8 +463,7 @@ pub async fn ask<S: AsyncRead + AsyncWrite + Unpin>(
     stream
         .flush()
         .await
-        .map_err(|e| UpstreamError::Setup(e.to_string()))?;
-    read_one(stream, &mut BytesMut::new()).await
+        .map_err(|e| UpstreamError::Setup(e.to_string()))
 }
 
 /// Reads exactly one reply from a freshly connected stream (setup commands).
@@ -490,18 +500,7 @@ pub async fn setup<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     cmds: &[Vec<Vec<u8>>],
 ) -> Result<(Vec<Bytes>, BytesMut), UpstreamError> {
-    let mut out = BytesMut::new();
-    for c in cmds {
-        crate::protocol::request::encode_command_into(&mut out, c);
-    }
-    stream
-        .write_all(&out)
-        .await
-        .map_err(|e| UpstreamError::Setup(e.to_string()))?;
-    stream
-        .flush()
-        .await
-        .map_err(|e| UpstreamError::Setup(e.to_string()))?;
+    send_setup(stream, cmds).await?;
     let mut buf = BytesMut::new();
     let mut replies = Vec::with_capacity(cmds.len());
     let mut pushes = BytesMut::new();
