@@ -94,6 +94,7 @@ pub fn get(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
         }
     };
     c.upstream_pending += 1;
+    c.fills_pending += 1;
     c.op.class = Class::Miss;
     r.pending.push_back(super::Pending::Get(rx, c.op));
 }
@@ -282,7 +283,8 @@ pub fn mget(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
         assemble(&mut out, &slots, &mut values.into_iter(), proto);
         let _ = tx.send(Ok(out.freeze()));
     });
-    c.expect(r, rx, Then::Nothing);
+    c.fills_pending += 1;
+    c.expect(r, rx, Then::FillDone);
 }
 
 /// The MGET reply from stale entries, when upstream failed and every

@@ -72,6 +72,8 @@ pub enum Then {
     Nothing,
     /// A write through the shared connection completed.
     WriteDone,
+    /// An MGET that read its misses on a reader connection completed.
+    FillDone,
     /// A reply on the session connection; `db` is a SELECT to apply if the
     /// reply says it succeeded.
     Session {
@@ -129,6 +131,10 @@ pub struct Client {
     pub session: Option<SessionState>,
     /// Queued replies that wait on upstream (or on a fill).
     pub upstream_pending: usize,
+    /// Of those, GET/MGET misses read on a reader connection: a write this
+    /// client sends later waits for them (`needs_barrier`), or it could run
+    /// upstream before the read it follows.
+    pub fills_pending: usize,
     /// The keys of writes sent on `conn` and not yet answered, oldest first
     /// (`None`: keys unknown, e.g. FLUSHDB). A GET of such a key goes
     /// upstream behind the write instead of to L1, so a client always reads
@@ -223,6 +229,7 @@ impl Client {
             conn,
             session: None,
             upstream_pending: 0,
+            fills_pending: 0,
             writes_pending: VecDeque::new(),
             op: Timing {
                 start: std::time::Instant::now(),
@@ -325,6 +332,15 @@ impl Client {
         let Some(name) = table::lower(cmd.name(), &mut buf) else {
             return false;
         };
+        // A write must not overtake a read sent before it on another
+        // connection (a GET miss on a reader): Redis runs a client's
+        // commands in order.
+        if self.fills_pending > 0
+            && !matches!(name, b"get" | b"mget")
+            && self.ctx.table.write_keys(&cmd.args).is_some()
+        {
+            return true;
+        }
         if self.session.is_some() {
             return matches!(name, b"reset");
         }
@@ -388,6 +404,15 @@ impl Client {
                 }
             }
         }
+        if let Some(who) = self.upstream_as.clone() {
+            if let Some(shown) = acl::answered_by_kiln(name, &cmd.args) {
+                if let Err(e) = acl::permit_local(&self.ctx, &who, &shown, &cmd.args).await {
+                    session::refused_in_session(self);
+                    r.error(&e);
+                    return Flow::Continue;
+                }
+            }
+        }
         if name == b"acl" {
             // Users or rights may change: forget what upstream said.
             self.ctx
@@ -424,6 +449,7 @@ impl Client {
             Resolved::Bytes(b) => out.extend_from_slice(&b),
             Resolved::Get(a, timing) => {
                 self.upstream_pending -= 1;
+                self.fills_pending -= 1;
                 self.done(timing, matches!(a, GetAnswer::Failed(_)));
                 if !timing.silent {
                     get::write_answer(&a, self.proto, out);
@@ -442,6 +468,7 @@ impl Client {
                     Then::WriteDone => {
                         self.writes_pending.pop_front();
                     }
+                    Then::FillDone => self.fills_pending -= 1,
                     Then::Session { select } => session::after_reply(self, &reply, select),
                 }
             }
