@@ -28,6 +28,10 @@ pub enum UpstreamError {
     /// The circuit breaker is open: not sent at all.
     #[error("unavailable (circuit open)")]
     CircuitOpen,
+    /// Upstream answered a new connection's setup with `-BUSY` (a script
+    /// runs) or `-LOADING`: alive, and its own reply is the client's.
+    #[error("{0}")]
+    Busy(String),
 }
 
 /// Kinds of upstream failure; `as_str` is the `kind` metric label.
@@ -84,7 +88,7 @@ impl UpstreamError {
             UpstreamError::Connect { .. } | UpstreamError::Reconnecting(_) => ErrorKind::Connect,
             UpstreamError::ConnectTimeout { .. } | UpstreamError::Timeout(_) => ErrorKind::Timeout,
             UpstreamError::Lost(_) => ErrorKind::ConnectionLost,
-            UpstreamError::Setup(_) => ErrorKind::Protocol,
+            UpstreamError::Setup(_) | UpstreamError::Busy(_) => ErrorKind::Protocol,
             UpstreamError::SessionsExhausted(_) => ErrorKind::Sessions,
             UpstreamError::CircuitOpen => ErrorKind::CircuitOpen,
         }
@@ -100,6 +104,8 @@ impl UpstreamError {
     pub fn reply_text(&self) -> String {
         match self {
             UpstreamError::CircuitOpen => "ERR upstream unavailable (circuit open)".into(),
+            // As a direct client would get it.
+            UpstreamError::Busy(text) => text.clone(),
             _ => format!("ERR upstream: {self}"),
         }
     }
@@ -109,7 +115,7 @@ impl UpstreamError {
     pub fn is_upstream_failure(&self) -> bool {
         !matches!(
             self,
-            UpstreamError::SessionsExhausted(_) | UpstreamError::CircuitOpen
+            UpstreamError::SessionsExhausted(_) | UpstreamError::CircuitOpen | UpstreamError::Busy(_)
         )
     }
 }

@@ -269,6 +269,14 @@ async fn run(
                         }
                     }
                 }
+                Err(err @ UpstreamError::Busy(_)) => {
+                    // Alive but busy: the request gets upstream's own
+                    // reply, and the next one connects again.
+                    if let Some(req) = req {
+                        fail(req, err);
+                    }
+                    continue;
+                }
                 Err(err) => {
                     connector.failed(&err);
                     tracing::warn!(error = %err, retry_in = ?backoff, "upstream connect failed");
@@ -509,6 +517,10 @@ pub async fn setup<S: AsyncRead + AsyncWrite + Unpin>(
         while r.first() == Some(&b'>') {
             pushes.extend_from_slice(&r);
             r = read_one(stream, &mut buf).await?;
+        }
+        if r.starts_with(b"-BUSY") || r.starts_with(b"-LOADING") {
+            let text = String::from_utf8_lossy(r[1..].trim_ascii_end()).into_owned();
+            return Err(UpstreamError::Busy(text));
         }
         if r.first() == Some(&b'-') || r.first() == Some(&b'!') {
             let name = String::from_utf8_lossy(&c[0]).into_owned();

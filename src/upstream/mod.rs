@@ -104,6 +104,22 @@ impl Connector {
             .map(drop)
     }
 
+    /// Waits for `step` (setup replies) as long as upstream stays
+    /// reachable: setup replies, like any reply, may be slow (a script,
+    /// `DEBUG SLEEP`, `CLIENT PAUSE`). `Err` once it is not reachable.
+    async fn patiently<T>(
+        &self,
+        step: impl std::future::Future<Output = T>,
+    ) -> Result<T, UpstreamError> {
+        tokio::pin!(step);
+        loop {
+            tokio::select! {
+                r = &mut step => return Ok(r),
+                _ = tokio::time::sleep(self.connect_timeout) => self.reachable().await?,
+            }
+        }
+    }
+
     fn target(&self) -> String {
         format!("{}:{}", self.addr.host, self.addr.port)
     }
@@ -163,17 +179,13 @@ impl Connector {
         };
         if !cmds.is_empty() {
             let setup = conn::setup(&mut stream, &cmds);
-            (_, leftover) = tokio::time::timeout(self.connect_timeout, setup)
-                .await
-                .map_err(|_| timed_out())??;
+            (_, leftover) = self.patiently(setup).await.map_err(|_| timed_out())??;
         }
         let mut id = 0;
         if self.want_id && leftover.is_empty() {
             let client_id = [b"CLIENT".to_vec(), b"ID".to_vec()];
             let ask = conn::ask(&mut stream, &client_id);
-            let reply = tokio::time::timeout(self.connect_timeout, ask)
-                .await
-                .map_err(|_| timed_out())??;
+            let reply = self.patiently(ask).await.map_err(|_| timed_out())??;
             id = crate::protocol::reply::integer(&reply).map_or(0, |n| n as u64);
         }
         Ok((stream, leftover, id))
