@@ -21,7 +21,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::cmd::write::Stale;
-use crate::cmd::{self, Client, Flow, Pending, Replies, local, session, table};
+use crate::cmd::{self, Client, Flow, Pending, Replies, local, table};
 use crate::context::{ClientMeta, Context, RelayKind};
 use crate::protocol::request::{self, Command, Parsed, encode_command};
 use crate::protocol::scan::Scanner;
@@ -333,6 +333,33 @@ enum Due {
     Local(bytes::Bytes),
 }
 
+/// The marker kiln sends upstream in place of a command it answers itself
+/// inside a relay (`PING <marker>`): its reply comes after every reply and
+/// message upstream owes before it, and kiln's answer is written there.
+const MARKER: &[u8] = b"kiln:relay-local";
+
+/// Queues kiln's own reply `mine` in turn, behind what upstream still owes
+/// (subscribe confirmations and other replies kiln does not count).
+fn local_in_turn(to_up: &mut BytesMut, due: &mut VecDeque<Due>, mine: bytes::Bytes) {
+    to_up.extend_from_slice(&encode_command(&[&b"PING"[..], MARKER]));
+    due.push_back(Due::Local(mine));
+}
+
+/// Whether a command's reply is an ordinary reply frame, counted in `due`:
+/// everything but the (un)subscribe family, whose confirmations are
+/// messages (RESP2) or pushes (RESP3), one per channel.
+fn counted_reply(name: &[u8]) -> bool {
+    !matches!(
+        name,
+        b"subscribe" | b"psubscribe" | b"ssubscribe" | b"unsubscribe" | b"punsubscribe" | b"sunsubscribe"
+    )
+}
+
+/// A MONITOR line of kiln's own marker PING, not the client's business.
+fn is_marker_echo(frame: &[u8]) -> bool {
+    frame.first() == Some(&b'+') && frame.windows(MARKER.len()).any(|w| w == MARKER)
+}
+
 /// What kiln tracks of a relayed client for `CLIENT LIST`: the channels,
 /// patterns and shard channels it subscribed to.
 #[derive(Default)]
@@ -469,17 +496,20 @@ async fn relay<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     let (mut urd, mut uwr) = raw.stream.split();
     let mut subs = Subscriptions::default();
     let mut to_up = BytesMut::from(&prefix[..]);
-    {
-        let mut buf = [0u8; 64];
-        let name = table::lower(first.name(), &mut buf).unwrap_or(b"");
-        to_up.extend_from_slice(&relay_command(c, name, &first, &mut subs));
-    }
     let mut from_up = raw.leftover;
     from_up.reserve(16 * 1024);
     let mut scanner = Scanner::new();
     // In command order: per forwarded command that gets a reply frame, what
     // to invalidate then; and kiln's own refusals, written in their turn.
     let mut due: VecDeque<Due> = VecDeque::new();
+    {
+        let mut buf = [0u8; 64];
+        let name = table::lower(first.name(), &mut buf).unwrap_or(b"");
+        if prefix.is_empty() && counted_reply(name) {
+            due.push_back(Due::Reply(None));
+        }
+        to_up.extend_from_slice(&relay_command(c, name, &first, &mut subs));
+    }
     // RESET or QUIT was sent upstream: nothing more is read from the
     // client until upstream has answered everything before it (the rest of
     // `inbuf` is served after a RESET, as on a fresh connection).
@@ -514,13 +544,10 @@ async fn relay<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
             }
             if let Some(role) = c.role {
                 if let Err(e) = cmd::auth::permit(&ctx, role, name, &cmd.args) {
-                    // After the replies upstream still owes, not before.
-                    if due.is_empty() {
-                        encode::error(out, &e);
-                    } else {
-                        let mut b = BytesMut::new();
-                        encode::error(&mut b, &e);
-                        due.push_back(Due::Local(b.freeze()));
+                    let mut b = BytesMut::new();
+                    encode::error(&mut b, &e);
+                    if c.reply.after_command() {
+                        local_in_turn(&mut to_up, &mut due, b.freeze());
                     }
                     continue;
                 }
@@ -533,11 +560,7 @@ async fn relay<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                 };
                 let _ = local::dispatch(c, b"client", cmd, &mut r);
                 if c.reply.after_command() {
-                    if due.is_empty() {
-                        out.extend_from_slice(&b);
-                    } else {
-                        due.push_back(Due::Local(b.freeze()));
-                    }
+                    local_in_turn(&mut to_up, &mut due, b.freeze());
                 }
                 continue;
             }
@@ -562,7 +585,7 @@ async fn relay<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
             if let Some(stale) = &stale {
                 stale.apply(&ctx);
             }
-            if answered && !session::is_relay(name, &cmd.args) {
+            if answered && counted_reply(name) {
                 due.push_back(Due::Reply(stale));
             }
             to_up.extend_from_slice(&relay_command(c, name, &cmd, &mut subs));
@@ -609,16 +632,20 @@ async fn relay<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                                 out.extend_from_slice(&frame);
                                 return RelayEnd::Reset;
                             }
-                            if reply {
-                                if let Some(Due::Reply(Some(stale))) = due.pop_front() {
-                                    stale.apply(&ctx);
-                                }
+                            if !reply && is_marker_echo(&frame) {
+                                // MONITOR showing kiln's own marker.
+                                continue;
                             }
-                            out.extend_from_slice(&frame);
-                            while let Some(Due::Local(_)) = due.front() {
-                                if let Some(Due::Local(e)) = due.pop_front() {
-                                    out.extend_from_slice(&e);
+                            match if reply { due.pop_front() } else { None } {
+                                // kiln's answer, in the place of the marker's.
+                                Some(Due::Local(mine)) => out.extend_from_slice(&mine),
+                                Some(Due::Reply(stale)) => {
+                                    if let Some(stale) = stale {
+                                        stale.apply(&ctx);
+                                    }
+                                    out.extend_from_slice(&frame);
                                 }
+                                None => out.extend_from_slice(&frame),
                             }
                         }
                         Ok(None) => break,
