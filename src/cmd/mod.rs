@@ -78,6 +78,9 @@ pub enum Then {
     /// reply says it succeeded.
     Session {
         select: Option<u32>,
+        /// An `AUTH` sent on the session connection (no kiln users): if it
+        /// succeeds, the client is that upstream user from then on.
+        auth: bool,
     },
 }
 
@@ -148,6 +151,9 @@ pub struct Client {
     pub role: Option<crate::config::Role>,
     /// The user it authenticated as.
     pub user: Option<String>,
+    /// Credentials of an `AUTH` sent on the session connection, applied to
+    /// the client when upstream accepts them (`session::after_reply`).
+    pub session_auth: Option<(Bytes, Bytes)>,
     /// The upstream ACL user it logged in as through kiln (no kiln users
     /// configured): its commands run on connections of that user, and L1
     /// serves it only what upstream lets that user read (`cmd::acl`).
@@ -244,6 +250,7 @@ impl Client {
             role: ctx.default_role(),
             user: None,
             upstream_as: None,
+            session_auth: None,
             now: std::time::Instant::now(),
             ctx,
         };
@@ -341,8 +348,9 @@ impl Client {
         {
             return true;
         }
-        if self.session.is_some() {
-            return matches!(name, b"reset");
+        if let Some(s) = &self.session {
+            return matches!(name, b"reset")
+                || (s.ending() && (name == b"hello" || session::is_relay(name, &cmd.args)));
         }
         matches!(
             name,
@@ -383,7 +391,7 @@ impl Client {
             }
             None => {}
         }
-        if matches!(name, b"auth" | b"hello") && !self.live.users.enabled() {
+        if matches!(name, b"auth" | b"hello") && !self.live.users.enabled() && self.session.is_none() {
             // No kiln users: upstream's ACL users log in, checked by
             // upstream itself.
             if let Some((user, pass)) = local::auth_args(name, &cmd.args) {
@@ -469,7 +477,9 @@ impl Client {
                         self.writes_pending.pop_front();
                     }
                     Then::FillDone => self.fills_pending -= 1,
-                    Then::Session { select } => session::after_reply(self, &reply, select),
+                    Then::Session { select, auth } => {
+                        session::after_reply(self, &reply, select, auth)
+                    }
                 }
             }
         }

@@ -36,6 +36,13 @@ pub struct SessionState {
 }
 
 impl SessionState {
+    /// Neither in MULTI nor WATCHing: the connection goes back once its
+    /// replies are in, and what cannot run in a session (HELLO, SUBSCRIBE)
+    /// waits for that rather than being refused.
+    pub fn ending(&self) -> bool {
+        !self.in_multi && !self.watching
+    }
+
     /// EXEC (aborted) or DISCARD: the transaction and its WATCH are over.
     fn end_transaction(&mut self) {
         self.in_multi = false;
@@ -122,6 +129,7 @@ pub async fn dispatch(c: &mut Client, name: &[u8], cmd: Command, r: &mut Replies
     let mut select = None;
     let mut on_reply = None;
     let mut settle = false;
+    let mut auth = false;
     match name {
         b"reset" | b"quit" => return local::dispatch(c, name, cmd, r),
         b"hello" => {
@@ -131,6 +139,22 @@ pub async fn dispatch(c: &mut Client, name: &[u8], cmd: Command, r: &mut Replies
         _ if is_relay(name, &cmd.args) => {
             r.error("ERR SUBSCRIBE, MONITOR and CLIENT TRACKING inside MULTI or WATCH are not supported by kiln");
             return Flow::Continue;
+        }
+        // No kiln users: the session's connection logs in as the upstream
+        // user (and is not pooled again); inside MULTI it is queued, as
+        // Redis queues it.
+        b"auth" if !c.live.users.enabled() => {
+            s.dirty = true;
+            if !s.in_multi {
+                if let Some((user, pass)) = local::auth_args(b"auth", &cmd.args) {
+                    let user = user.unwrap_or(b"default");
+                    c.session_auth = Some((
+                        Bytes::copy_from_slice(user),
+                        Bytes::copy_from_slice(pass),
+                    ));
+                    auth = true;
+                }
+            }
         }
         b"ping" | b"echo" | b"auth" | b"client" if !s.in_multi => {
             return local::dispatch(c, name, cmd, r);
@@ -214,14 +238,21 @@ pub async fn dispatch(c: &mut Client, name: &[u8], cmd: Command, r: &mut Replies
     } else {
         rx
     };
-    c.expect(r, rx, Then::Session { select });
+    c.expect(r, rx, Then::Session { select, auth });
     Flow::Continue
 }
 
 /// After a reply on the session connection: apply a SELECT that succeeded,
 /// and give the connection back once the session is over.
-pub fn after_reply(c: &mut Client, reply: &Reply, select: Option<u32>) {
+pub fn after_reply(c: &mut Client, reply: &Reply, select: Option<u32>, auth: bool) {
     c.meta.state().blocked = false;
+    if let (true, Ok(bytes)) = (auth, reply) {
+        if let Some((user, pass)) = c.session_auth.take() {
+            if bytes.starts_with(b"+OK") {
+                local::logged_in_upstream(c, &user, &pass);
+            }
+        }
+    }
     if let (Some(db), Ok(bytes)) = (select, reply) {
         if bytes.starts_with(b"+OK") || bytes.starts_with(b"*") {
             c.db = db;
