@@ -414,7 +414,8 @@ fn relay_command(c: &Client, name: &[u8], cmd: &Command, subs: &mut Subscription
             .get(2)
             .is_some_and(|a| a.eq_ignore_ascii_case(b"on"));
         let (args, redir) = cmd::clients::tracking_args(&c.ctx, &cmd.args);
-        st.redir = if on { redir.unwrap_or(-1) } else { -1 };
+        // As Redis shows it: 0 when tracking without a redirect.
+        st.redir = if on { redir.unwrap_or(0) } else { -1 };
         if st.relay.is_none() || on {
             st.relay = Some(RelayKind::Tracking);
         }
@@ -529,7 +530,7 @@ async fn relay<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
             };
             let mut buf = [0u8; 64];
             let name = table::lower(cmd.name(), &mut buf).unwrap_or(b"");
-            if name == b"reset" || name == b"quit" {
+            if (name == b"reset" && cmd.args.len() == 1) || name == b"quit" {
                 // Upstream answers it after every reply it still owes, so
                 // the client gets each of those first, in order (a SUBSCRIBE
                 // confirmation pipelined before a RESET is not lost).

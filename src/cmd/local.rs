@@ -33,6 +33,7 @@ pub fn dispatch(c: &mut Client, name: &[u8], cmd: Command, r: &mut Replies<'_>) 
             r.ready(|o| encode::simple(o, "OK"));
             return Flow::Close;
         }
+        b"reset" if a.len() != 1 => r.error(&arity_error("reset")),
         b"reset" => {
             reset(c);
             r.ready(|o| encode::simple(o, "RESET"));
@@ -322,6 +323,7 @@ fn client(c: &mut Client, cmd: Command, r: &mut Replies<'_>) -> Flow {
                 Err(e) => r.error(&e),
             }
         }
+        b"kill" if a.len() == 2 => argc_err(r, sub),
         b"kill" => {
             let killed = clients::kill(&c.ctx, c.id, a);
             match killed.reply {

@@ -65,6 +65,12 @@ pub fn refused_in_session(c: &mut Client) {
     }
 }
 
+/// Whether `args` is `CLIENT <one of subs>`.
+fn is_client_sub(args: &[Bytes], subs: &[&[u8]]) -> bool {
+    args.get(1)
+        .is_some_and(|s| subs.iter().any(|w| s.eq_ignore_ascii_case(w)))
+}
+
 pub fn is_relay(name: &[u8], args: &[Bytes]) -> bool {
     match name {
         b"subscribe" | b"psubscribe" | b"ssubscribe" | b"unsubscribe" | b"punsubscribe"
@@ -155,6 +161,20 @@ pub async fn dispatch(c: &mut Client, name: &[u8], cmd: Command, r: &mut Replies
                     auth = true;
                 }
             }
+        }
+        // CLIENT subcommands kiln answers (its ids, its clients, the
+        // client's reply mode) cannot be queued on upstream's transaction:
+        // refused, and the transaction fails as Redis fails one with a
+        // command refused when queued.
+        b"client" if s.in_multi && super::acl::answered_by_kiln(name, &cmd.args).is_some()
+            || s.in_multi && is_client_sub(&cmd.args, &[b"unblock", b"tracking"]) =>
+        {
+            s.aborted = true;
+            let sub = String::from_utf8_lossy(&cmd.args[1]).to_ascii_uppercase();
+            r.error(&format!(
+                "ERR 'CLIENT {sub}' inside MULTI is not supported by kiln"
+            ));
+            return Flow::Continue;
         }
         b"ping" | b"echo" | b"auth" | b"client" if !s.in_multi => {
             return local::dispatch(c, name, cmd, r);
