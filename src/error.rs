@@ -115,7 +115,9 @@ impl UpstreamError {
     pub fn is_upstream_failure(&self) -> bool {
         !matches!(
             self,
-            UpstreamError::SessionsExhausted(_) | UpstreamError::CircuitOpen | UpstreamError::Busy(_)
+            UpstreamError::SessionsExhausted(_)
+                | UpstreamError::CircuitOpen
+                | UpstreamError::Busy(_)
         )
     }
 }

@@ -391,7 +391,10 @@ impl Client {
             }
             None => {}
         }
-        if matches!(name, b"auth" | b"hello") && !self.live.users.enabled() && self.session.is_none() {
+        if matches!(name, b"auth" | b"hello")
+            && !self.live.users.enabled()
+            && self.session.is_none()
+        {
             // No kiln users: upstream's ACL users log in, checked by
             // upstream itself.
             if let Some((user, pass)) = local::auth_args(name, &cmd.args) {

@@ -154,10 +154,8 @@ pub async fn dispatch(c: &mut Client, name: &[u8], cmd: Command, r: &mut Replies
             if !s.in_multi {
                 if let Some((user, pass)) = local::auth_args(b"auth", &cmd.args) {
                     let user = user.unwrap_or(b"default");
-                    c.session_auth = Some((
-                        Bytes::copy_from_slice(user),
-                        Bytes::copy_from_slice(pass),
-                    ));
+                    c.session_auth =
+                        Some((Bytes::copy_from_slice(user), Bytes::copy_from_slice(pass)));
                     auth = true;
                 }
             }
@@ -166,8 +164,9 @@ pub async fn dispatch(c: &mut Client, name: &[u8], cmd: Command, r: &mut Replies
         // client's reply mode) cannot be queued on upstream's transaction:
         // refused, and the transaction fails as Redis fails one with a
         // command refused when queued.
-        b"client" if s.in_multi && super::acl::answered_by_kiln(name, &cmd.args).is_some()
-            || s.in_multi && is_client_sub(&cmd.args, &[b"unblock", b"tracking"]) =>
+        b"client"
+            if s.in_multi && super::acl::answered_by_kiln(name, &cmd.args).is_some()
+                || s.in_multi && is_client_sub(&cmd.args, &[b"unblock", b"tracking"]) =>
         {
             s.aborted = true;
             let sub = String::from_utf8_lossy(&cmd.args[1]).to_ascii_uppercase();

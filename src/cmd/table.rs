@@ -111,10 +111,7 @@ impl Table {
     /// subcommand for a container.
     fn flag(&self, name: &[u8], args: &[Bytes], f: impl Fn(&CmdInfo) -> bool) -> bool {
         match self.map.get(name) {
-            Some(i) if i.container => args
-                .get(1)
-                .and_then(|s| self.sub(name, s))
-                .is_some_and(f),
+            Some(i) if i.container => args.get(1).and_then(|s| self.sub(name, s)).is_some_and(f),
             Some(i) => f(i),
             None => false,
         }

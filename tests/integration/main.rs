@@ -11,6 +11,7 @@ mod coherence;
 mod corpus;
 mod frames;
 mod limits;
+mod pipelines;
 mod reload;
 mod session;
 mod sidecar;
