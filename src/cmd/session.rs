@@ -165,8 +165,9 @@ pub async fn dispatch(c: &mut Client, name: &[u8], cmd: Command, r: &mut Replies
         // refused, and the transaction fails as Redis fails one with a
         // command refused when queued.
         b"client"
-            if s.in_multi && super::acl::answered_by_kiln(name, &cmd.args).is_some()
-                || s.in_multi && is_client_sub(&cmd.args, &[b"unblock", b"tracking"]) =>
+            if s.in_multi
+                && (super::acl::answered_by_kiln(name, &cmd.args).is_some()
+                    || is_client_sub(&cmd.args, &[b"unblock", b"tracking"])) =>
         {
             s.aborted = true;
             let sub = String::from_utf8_lossy(&cmd.args[1]).to_ascii_uppercase();
