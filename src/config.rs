@@ -107,6 +107,43 @@ fn ser_url<S: Serializer>(v: &str, s: S) -> Result<S::Ok, S::Error> {
 
 /// `upstream.url` with its password, if any, replaced: for logs and
 /// check-config.
+/// Whether `level` is a log level or a filter of `target=level` directives.
+/// `EnvFilter` alone would take a mistyped level (`wran`) as a target name
+/// and silence every log line.
+pub fn valid_log_filter(level: &str) -> bool {
+    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+    let is_level = |l: &str| LEVELS.contains(&l.trim().to_ascii_lowercase().as_str());
+    tracing_subscriber::EnvFilter::try_new(level).is_ok()
+        && level.split(',').all(|d| match d.rsplit_once('=') {
+            Some((_, l)) => is_level(l),
+            None => is_level(d),
+        })
+}
+
+/// A TOML error quotes the offending line of the file: when that line may
+/// hold a secret (a password, a URL with credentials), its value is
+/// replaced, so a typo next to a password does not print the password to
+/// the log or to the client that asked for the reload.
+pub fn redact_snippet(msg: &str) -> String {
+    msg.lines()
+        .map(|line| {
+            // Only the quoted file lines (`12 | key = value`), not the
+            // message, which may list `requirepass` among expected keys.
+            let quoted =
+                line.trim_start().starts_with(|c: char| c.is_ascii_digit()) && line.contains(" | ");
+            let lower = line.to_ascii_lowercase();
+            let secret = quoted && (lower.contains("password") || lower.contains("requirepass"));
+            let url = quoted && line.contains("://") && line.contains('@');
+            match line.split_once('=') {
+                Some((key, _)) if secret || url => format!("{key}= {REDACTED}"),
+                None if secret || url => REDACTED.to_string(),
+                _ => line.to_string(),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_string();
@@ -652,7 +689,8 @@ pub const GIB: u64 = 1024 * MIB;
 impl Config {
     /// Parses a config file's text; `validate` must still be called.
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::Parse(format!("config error: {e}")))
+        toml::from_str(text)
+            .map_err(|e| ConfigError::Parse(redact_snippet(&format!("config error: {e}"))))
     }
 
     pub fn load(path: &str) -> Result<(Config, String), ConfigError> {
@@ -875,7 +913,7 @@ impl Config {
                 )));
             }
         }
-        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+        if !valid_log_filter(&self.log.level) {
             return Err(bad(
                 "log.level",
                 format!("`{}` is not a log level or filter", self.log.level),
@@ -910,7 +948,7 @@ pub fn parse_redis_url(url: &str) -> Result<UpstreamAddr, String> {
         Some((hp, db)) => (
             hp,
             db.parse::<u32>()
-                .map_err(|_| format!("database `{db}` in `{url}` is not a number"))?,
+                .map_err(|_| format!("database `{db}` in `{}` is not a number", redact_url(url)))?,
         ),
         None => (hostpart, 0),
     };
@@ -918,12 +956,12 @@ pub fn parse_redis_url(url: &str) -> Result<UpstreamAddr, String> {
         Some((h, p)) => (
             h,
             p.parse::<u16>()
-                .map_err(|_| format!("port `{p}` in `{url}` is not a port number"))?,
+                .map_err(|_| format!("port `{p}` in `{}` is not a port number", redact_url(url)))?,
         ),
         None => (hostport, 6379),
     };
     if host.is_empty() {
-        return Err(format!("`{url}` names no host"));
+        return Err(format!("`{}` names no host", redact_url(url)));
     }
     let (username, password) = match auth {
         None => (None, None),
@@ -1038,6 +1076,34 @@ fn ser_opt_duration<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, 
 
 fn de_opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
     de_duration(d).map(Some)
+}
+
+#[cfg(test)]
+mod redaction_tests {
+    use super::*;
+
+    #[test]
+    fn parse_errors_do_not_quote_secrets() {
+        for text in [
+            "[server]\nrequirepass = \"Sup3rSecret",
+            "[[users]]\nname = \"a\"\npassword=Sup3rSecret2\n",
+            "[upstream]\nurl = \"redis://u:Sup3rSecret5@127.0.0.1:x\"\nx = 1\n",
+        ] {
+            let e = Config::from_toml(text).expect_err("invalid").to_string();
+            assert!(!e.contains("Sup3rSecret"), "{e}");
+            assert!(e.contains("line"), "{e}");
+        }
+        let e = parse_redis_url("redis://u:Sup3rSecret@h:x").expect_err("bad port");
+        assert!(!e.contains("Sup3rSecret"), "{e}");
+        // A mistyped level is not a target name.
+        assert!(!valid_log_filter("wran"));
+        assert!(valid_log_filter("info") && valid_log_filter("warn,kiln=debug"));
+        // The list of expected keys is kept.
+        let e = Config::from_toml("[server]\nmax_clientz = 3\n")
+            .expect_err("unknown")
+            .to_string();
+        assert!(e.contains("requirepass"), "{e}");
+    }
 }
 
 #[cfg(test)]

@@ -535,6 +535,8 @@ async fn relay<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
             };
             let mut buf = [0u8; 64];
             let name = table::lower(cmd.name(), &mut buf).unwrap_or(b"");
+            // A reload's deny list and roles apply here too.
+            c.refresh_live();
             if (name == b"reset" && cmd.args.len() == 1) || name == b"quit" {
                 // Upstream answers it after every reply it still owes, so
                 // the client gets each of those first, in order (a SUBSCRIBE
@@ -547,6 +549,20 @@ async fn relay<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                     Ending::Quit
                 });
                 break;
+            }
+            let denied = (!c.live.deny.is_empty() && c.live.deny.contains(name)).then(|| {
+                format!(
+                    "ERR command '{}' is disabled on this proxy",
+                    String::from_utf8_lossy(cmd.name())
+                )
+            });
+            if let Some(e) = denied {
+                let mut b = BytesMut::new();
+                encode::error(&mut b, &e);
+                if c.reply.after_command() {
+                    local_in_turn(&mut to_up, &mut due, b.freeze());
+                }
+                continue;
             }
             if let Some(role) = c.role {
                 if let Err(e) = cmd::auth::permit(&ctx, role, name, &cmd.args) {

@@ -136,6 +136,10 @@ fn serve(config: Config, source: Option<kiln::ConfigSource>) -> anyhow::Result<(
     sidecar.set_nonblocking(true)?;
 
     let rt = runtime()?;
+    // Taken before start-up: a SIGHUP (systemctl reload, logrotate) must
+    // never kill kiln, even while it is still starting or without a file.
+    let hup = rt
+        .block_on(async { tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) });
     let shutdown = CancellationToken::new();
     let node = rt.block_on(async {
         let sidecar = tokio::net::TcpListener::from_std(sidecar)?;
@@ -143,22 +147,29 @@ fn serve(config: Config, source: Option<kiln::ConfigSource>) -> anyhow::Result<(
             .await
             .map_err(anyhow::Error::msg)
     })?;
+    let reloadable = source.is_some();
     if let Some(s) = source {
         node.ctx.reloader.set_source(&s.path, &s.text, s.overrides);
-        let ctx = node.ctx.clone();
-        rt.spawn(async move {
-            use tokio::signal::unix::{SignalKind, signal};
-            let Ok(mut hup) = signal(SignalKind::hangup()) else {
-                tracing::warn!("cannot listen for SIGHUP: reload with CACHE.RELOAD");
-                return;
-            };
-            while hup.recv().await.is_some() {
-                let start = std::time::Instant::now();
-                if ctx.reloader.reload(&ctx).is_ok() {
-                    tracing::info!(took = ?start.elapsed(), "SIGHUP: new config in force");
+    }
+    match hup {
+        Ok(mut hup) => {
+            let ctx = node.ctx.clone();
+            rt.spawn(async move {
+                while hup.recv().await.is_some() {
+                    if !reloadable {
+                        tracing::warn!("SIGHUP ignored: kiln was started without --config");
+                        continue;
+                    }
+                    let start = std::time::Instant::now();
+                    if ctx.reloader.reload(&ctx).is_ok() {
+                        tracing::info!(took = ?start.elapsed(), "SIGHUP: new config in force");
+                    }
                 }
-            }
-        });
+            });
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP: reload with CACHE.RELOAD")
+        }
     }
     let mut listeners = listeners.into_iter();
     let first = listeners.next().context("no listener")?;

@@ -147,6 +147,25 @@ impl Reloader {
         new.metrics = old.metrics.clone();
         new.log.format = old.log.format;
         new.warmup.hotkeys = old.warmup.hotkeys.clone();
+        // Turning TLS on or off changes what the listener speaks: a restart
+        // (a new certificate or key for it applies live).
+        if old.server.tls.is_some() != new.server.tls.is_some() {
+            applied.needs_restart.push("server.tls".into());
+            new.server.tls = old.server.tls.clone();
+        }
+        // In bcast mode the upstream channel tracks the prefixes of what is
+        // cached, fixed when it was opened: rules that would cache other
+        // keys (never invalidated) wait for a restart.
+        if old.coherence.mode == crate::config::CoherenceMode::Bcast
+            && crate::coherence::bcast_prefixes(&old.cache)
+                != crate::coherence::bcast_prefixes(&new.cache)
+        {
+            applied
+                .needs_restart
+                .push("cache.rules (bcast prefixes)".into());
+            new.cache.rules = old.cache.rules.clone();
+            new.cache.ttl = old.cache.ttl;
+        }
         applied.changed = changed_keys(old, &new);
         // Build what can fail first, so a failure changes nothing.
         let live = crate::context::Live::new(&new).map_err(|e| format!("ERR {path}: {e}"))?;

@@ -145,6 +145,9 @@ fn weigh(e: &Entry) -> u64 {
 pub struct FillToken {
     epoch: u64,
     generation: u64,
+    /// `L1::settings_generation`: a reload of `[cache]` since the miss
+    /// drops the fill, whose TTL came from the old rules.
+    settings: u64,
 }
 
 /// What the rules say about a key.
@@ -250,6 +253,8 @@ pub struct L1 {
     /// either, and MOVE/COPY/SWAPDB cross databases).
     max_db: AtomicU32,
     settings: arc_swap::ArcSwap<Settings>,
+    /// Bumped when a reload changes `settings`.
+    settings_generation: AtomicU64,
     /// When the cache was made; expiries are milliseconds since.
     born: Instant,
     pub flights: flight::Flights,
@@ -338,6 +343,7 @@ impl L1 {
             epoch_ended: Default::default(),
             max_db: AtomicU32::new(0),
             settings: arc_swap::ArcSwap::from_pointee(Settings::new(cfg)),
+            settings_generation: AtomicU64::new(0),
             born: Instant::now(),
             flights: flight::Flights::new(),
             stats: Stats {
@@ -369,12 +375,21 @@ impl L1 {
         // new rules (`fill` reads them), and the generation bump of `clear`
         // drops fills in flight when caching is switched off.
         self.settings.store(Arc::new(new));
+        self.settings_generation.fetch_add(1, Ordering::SeqCst);
         let new = self.settings.load_full();
         if !new.enabled {
             return self.clear(Source::Admin);
         }
-        self.store
-            .retain(|e| old.policy(e.key()) == new.policy(e.key()));
+        // Entries the new settings would not have stored go too: nils once
+        // negative caching is shorter, values now above the size limit.
+        let nils_go = new.negative_ttl < old.negative_ttl;
+        self.store.retain(|e| {
+            old.policy(e.key()) == new.policy(e.key())
+                && match e.value() {
+                    None => !nils_go,
+                    Some(v) => v.len() <= new.max_value_size,
+                }
+        });
         before.saturating_sub(self.store.len())
     }
 
@@ -493,6 +508,7 @@ impl L1 {
         FillToken {
             epoch: self.epoch.load(Ordering::SeqCst),
             generation: self.slot(key).load(Ordering::SeqCst),
+            settings: self.settings_generation.load(Ordering::SeqCst),
         }
     }
 

@@ -240,7 +240,7 @@ fn check_credentials(c: &mut Client, user: &[u8], pass: &[u8]) -> Result<(), &'s
         }
         None => {
             // Never the password itself.
-            tracing::warn!(client = c.id, addr = %c.addr, user = %String::from_utf8_lossy(user), "authentication failed");
+            tracing::warn!(client = c.id, addr = %c.addr, user = ?String::from_utf8_lossy(user), "authentication failed");
             Err(auth::WRONGPASS)
         }
     }

@@ -184,8 +184,12 @@ impl Warmup {
     /// size it started with (`warmup.hotkeys.keep`/`sample` need a
     /// restart).
     pub fn configure(&self, cfg: &WarmupConfig) {
-        self.cfg.store(Arc::new(cfg.clone()));
-        self.reconfigured.notify_waiters();
+        let old = self.cfg.swap(Arc::new(cfg.clone()));
+        // Only a new schedule restarts the countdown: reloads of anything
+        // else must not keep postponing the next run.
+        if old.schedule != cfg.schedule || old.interval != cfg.interval {
+            self.reconfigured.notify_waiters();
+        }
     }
 
     /// Counts a key access for the hot-key sketch.

@@ -472,3 +472,130 @@ async fn sighup_reloads_the_binary_and_its_log_file_has_no_colour_codes() {
         "escape codes in a log file: {text:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_a_reload_cannot_change_safely_waits_for_a_restart() {
+    let redis = Redis::start();
+    let file = File::new("bcast");
+    // bcast: the channel tracks the prefixes of the rules it was opened
+    // with; a rule caching other keys would never be invalidated.
+    let head = "[coherence]\nmode = \"bcast\"\n[cache]\nttl = \"0s\"\n";
+    let rule = |m: &str| format!("[[cache.rules]]\nmatch = \"{m}\"\nttl = \"1h\"\n");
+    file.write(&redis, &format!("{head}{}", rule("a:*")));
+    let kiln = Kiln::start_from_file(&file.path()).await;
+    let mut c = kiln.conn().await;
+    file.write(&redis, &format!("{head}{}{}", rule("a:*"), rule("b:*")));
+    let r = reload(&mut c).await;
+    assert!(
+        String::from_utf8_lossy(&r).contains("needs a restart: cache.rules (bcast prefixes)"),
+        "{r:?}"
+    );
+    let mut direct = redis.conn().await;
+    direct.cmd(&["SET", "b:1", "old"]).await;
+    c.cmd(&["GET", "b:1"]).await;
+    c.cmd(&["GET", "b:1"]).await;
+    assert!(
+        !cached(&mut c, "b:1").await,
+        "b:* is not cached until a restart"
+    );
+    direct.cmd(&["SET", "b:1", "new"]).await;
+    assert_eq!(c.cmd(&["GET", "b:1"]).await, bulk("new"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reloaded_deny_list_applies_to_relayed_clients_too() {
+    let redis = Redis::start();
+    let file = File::new("deny");
+    file.write(&redis, "");
+    let kiln = Kiln::start_from_file(&file.path()).await;
+    let mut admin = kiln.conn().await;
+    let mut tracked = kiln.conn().await;
+    assert_eq!(tracked.cmd(&["CLIENT", "TRACKING", "ON"]).await, "+OK\r\n");
+    file.write(&redis, "[server]\ndeny_commands = [\"FLUSHALL\"]\n");
+    assert_eq!(reload(&mut admin).await, "+OK\r\n");
+    admin.cmd(&["SET", "kept", "1"]).await;
+    assert_eq!(
+        tracked.cmd(&["FLUSHALL"]).await,
+        "-ERR command 'FLUSHALL' is disabled on this proxy\r\n"
+    );
+    assert_eq!(redis.conn().await.cmd(&["GET", "kept"]).await, bulk("1"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_the_new_settings_would_not_store_are_dropped() {
+    let redis = Redis::start();
+    let file = File::new("settings");
+    file.write(
+        &redis,
+        "[coherence]\nmode = \"ttl\"\n[cache]\nnegative_ttl = \"1h\"\n",
+    );
+    let kiln = Kiln::start_from_file(&file.path()).await;
+    let mut c = kiln.conn().await;
+    let big = "x".repeat(50_000);
+    c.cmd(&["SET", "big", &big]).await;
+    assert_eq!(c.cmd(&["GET", "n:1"]).await, "$-1\r\n");
+    c.cmd(&["GET", "big"]).await;
+    // A read in flight across the reload (upstream paused) is not filled
+    // with the old rules' lifetime.
+    let mut direct = redis.conn().await;
+    direct.cmd(&["SET", "f:1", "old"]).await;
+    direct.cmd(&["CLIENT", "PAUSE", "500", "ALL"]).await;
+    let mut reader = kiln.conn().await;
+    reader.send(&["GET", "f:1"]).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    file.write(
+        &redis,
+        "[coherence]\nmode = \"ttl\"\n[cache]\nnegative_ttl = \"0s\"\nmax_value_size = \"1KiB\"\n",
+    );
+    assert_eq!(reload(&mut c).await, "+OK\r\n");
+    assert_eq!(reader.read().await, bulk("old"));
+    // Negative caching is off now: the cached nil is gone; so is the value
+    // above the new size limit; and the in-flight read was not kept.
+    direct.cmd(&["SET", "n:1", "exists"]).await;
+    assert_eq!(c.cmd(&["GET", "n:1"]).await, bulk("exists"));
+    assert!(!cached(&mut c, "big").await);
+    direct.cmd(&["SET", "f:1", "new"]).await;
+    assert_eq!(c.cmd(&["GET", "f:1"]).await, bulk("new"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_without_a_config_file_is_logged_not_fatal() {
+    let redis = Redis::start();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    let listen = format!("127.0.0.1:{port}");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args([
+            "--listen",
+            &listen,
+            "--upstream",
+            &redis.url(),
+            "--metrics",
+            "127.0.0.1:0",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn kiln");
+    let addr: std::net::SocketAddr = listen.parse().expect("addr");
+    let deadline = Instant::now() + WAIT;
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        assert!(Instant::now() < deadline, "kiln did not start");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let hup = std::process::Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(hup.success());
+    let mut c = Conn::connect(addr).await;
+    assert_eq!(c.cmd(&["PING"]).await, "+PONG\r\n");
+    assert!(
+        child.try_wait().expect("wait").is_none(),
+        "SIGHUP killed kiln"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}
