@@ -229,6 +229,15 @@ impl Settings {
     }
 }
 
+/// The rules in force at one moment (`L1::rules`).
+pub struct Rules(arc_swap::Guard<Arc<Settings>>);
+
+impl Rules {
+    pub fn policy(&self, key: &[u8]) -> Policy {
+        self.0.policy(key)
+    }
+}
+
 /// Whether `key` is among the `percent` share of keys a rollout caches:
 /// CRC-32 of the key, stable across processes, restarts and versions, so
 /// every kiln of a fleet picks the same keys and raising the share only
@@ -355,6 +364,11 @@ impl L1 {
 
     pub fn policy(&self, key: &[u8]) -> Policy {
         self.settings.load().policy(key)
+    }
+
+    /// The rules in force, loaded once for many keys (an MGET).
+    pub fn rules(&self) -> Rules {
+        Rules(self.settings.load())
     }
 
     /// Puts a reloaded `[cache]` in force: the new budget (a smaller one

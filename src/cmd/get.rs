@@ -195,9 +195,10 @@ pub fn mget(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
     // Per key: the cached entry (a frame or a nil), or None for a miss.
     let mut slots: Vec<Option<Entry>> = Vec::with_capacity(keys.len());
     let mut missing: Vec<Miss> = Vec::new();
+    let rules = l1.rules();
     for key in keys {
         c.ctx.warmup.record(key);
-        let policy = l1.policy(key);
+        let policy = rules.policy(key);
         let hit = match policy {
             Policy::Cache { .. } => l1.get_at(c.db, key, c.now),
             Policy::Bypass => {

@@ -97,6 +97,10 @@ impl Table {
     /// Whether the command (or subcommand) has Redis's `allow_busy` flag:
     /// upstream runs it even while a script keeps it busy.
     pub fn allows_busy(&self, args: &[Bytes]) -> bool {
+        // Most commands differ in length from every busy one: no lowering.
+        if !self.busy_names.iter().any(|n| n.len() == args[0].len()) {
+            return false;
+        }
         let mut buf = [0u8; 64];
         let Some(name) = lower(&args[0], &mut buf) else {
             return false;
