@@ -229,8 +229,10 @@ impl Settings {
     }
 }
 
-/// The rules in force at one moment (`L1::rules`).
-pub struct Rules(arc_swap::Guard<Arc<Settings>>);
+/// The rules in force at one moment (`L1::rules`). A fill is still judged
+/// by the rules in force when it lands.
+#[derive(Clone)]
+pub struct Rules(Arc<Settings>);
 
 impl Rules {
     pub fn policy(&self, key: &[u8]) -> Policy {
@@ -366,9 +368,15 @@ impl L1 {
         self.settings.load().policy(key)
     }
 
-    /// The rules in force, loaded once for many keys (an MGET).
+    /// The rules in force, for a client to keep until they change
+    /// (`rules_generation`): a lookup then costs no atomic operation.
     pub fn rules(&self) -> Rules {
-        Rules(self.settings.load())
+        Rules(self.settings.load_full())
+    }
+
+    /// Bumped whenever the rules in force change (a reload).
+    pub fn rules_generation(&self) -> u64 {
+        self.settings_generation.load(Ordering::Acquire)
     }
 
     /// Puts a reloaded `[cache]` in force: the new budget (a smaller one

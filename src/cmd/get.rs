@@ -30,7 +30,7 @@ pub fn get(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
         return;
     }
     c.ctx.warmup.record(&cmd.args[1]);
-    let ttl = match c.ctx.l1.policy(&cmd.args[1]) {
+    let ttl = match c.rules.policy(&cmd.args[1]) {
         _ if !may_read_l1(c, "get", &cmd.args[1..]) => {
             // Upstream decides, as that user: -NOPERM included.
             c.op.class = Class::Forward;
@@ -195,7 +195,7 @@ pub fn mget(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
     // Per key: the cached entry (a frame or a nil), or None for a miss.
     let mut slots: Vec<Option<Entry>> = Vec::with_capacity(keys.len());
     let mut missing: Vec<Miss> = Vec::new();
-    let rules = l1.rules();
+    let rules = c.rules.clone();
     for key in keys {
         c.ctx.warmup.record(key);
         let policy = rules.policy(key);

@@ -161,6 +161,9 @@ pub struct Client {
     /// The reloadable settings this client goes by (see `refresh_live`).
     pub live: Arc<crate::context::Live>,
     live_generation: u64,
+    /// L1's rules, kept until a reload changes them (`refresh_live`).
+    pub rules: crate::cache::Rules,
+    rules_generation: u64,
     /// `CLIENT REPLY`: which replies this client is sent.
     pub reply: ReplyMode,
     /// The time L1 expiry is checked against for the current command (see
@@ -244,6 +247,8 @@ impl Client {
             },
             reply: ReplyMode::default(),
             live: ctx.live(),
+            rules: ctx.l1.rules(),
+            rules_generation: ctx.l1.rules_generation(),
             live_generation: ctx
                 .live_generation
                 .load(std::sync::atomic::Ordering::Acquire),
@@ -263,6 +268,12 @@ impl Client {
     /// gets the new one at once, as Redis applies `ACL SETUSER` to clients
     /// already logged in.
     pub fn refresh_live(&mut self) {
+        let rules = self.ctx.l1.rules_generation();
+        if rules != self.rules_generation {
+            // Generation first: a change racing this read is seen next time.
+            self.rules_generation = rules;
+            self.rules = self.ctx.l1.rules();
+        }
         let now = self
             .ctx
             .live_generation
