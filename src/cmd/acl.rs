@@ -94,19 +94,8 @@ pub fn answered_by_kiln(name: &[u8], args: &[Bytes]) -> Option<String> {
         b"ping" | b"echo" | b"select" => Some(String::from_utf8_lossy(name).into_owned()),
         b"client" => {
             let sub = args.get(1)?.to_ascii_lowercase();
-            let local = [
-                &b"id"[..],
-                b"getname",
-                b"setname",
-                b"setinfo",
-                b"info",
-                b"list",
-                b"kill",
-                b"reply",
-                b"getredir",
-            ];
-            local
-                .contains(&&sub[..])
+            let local = super::clients::ABOUT_SELF;
+            (local.contains(&&sub[..]) || sub == b"kill")
                 .then(|| format!("client|{}", String::from_utf8_lossy(&sub)))
         }
         _ => None,

@@ -115,18 +115,9 @@ fn about_self(name: &[u8], args: &[Bytes]) -> bool {
     match name {
         b"ping" | b"echo" | b"select" | b"hello" | b"auth" | b"quit" | b"reset" => true,
         b"client" => args.get(1).is_some_and(|s| {
-            [
-                &b"id"[..],
-                b"getname",
-                b"setname",
-                b"setinfo",
-                b"info",
-                b"list",
-                b"reply",
-                b"getredir",
-            ]
-            .iter()
-            .any(|sub| s.eq_ignore_ascii_case(sub))
+            super::clients::ABOUT_SELF
+                .iter()
+                .any(|sub| s.eq_ignore_ascii_case(sub))
         }),
         _ => false,
     }

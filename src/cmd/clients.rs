@@ -15,6 +15,18 @@
 //! `clientCommand` text.
 
 use std::fmt::Write;
+
+/// `CLIENT` subcommands about the calling client that kiln answers itself.
+pub const ABOUT_SELF: &[&[u8]] = &[
+    b"id",
+    b"getname",
+    b"setname",
+    b"setinfo",
+    b"info",
+    b"list",
+    b"reply",
+    b"getredir",
+];
 use std::sync::Arc;
 
 use bytes::Bytes;
