@@ -26,6 +26,7 @@ pub mod counter;
 pub mod error;
 pub mod fuzzing;
 pub mod protocol;
+pub mod relay;
 pub mod reload;
 pub mod server;
 pub mod shutdown;

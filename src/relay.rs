@@ -1,0 +1,452 @@
+//! A client handed to a raw upstream connection of its own: pub/sub,
+//! MONITOR and its own CLIENT TRACKING, where upstream speaks unprompted.
+//! Bytes are relayed as they come; kiln follows only what it must: the
+//! replies each command is owed (to invalidate a write's keys again when
+//! its reply arrives, and to put kiln's own answers in their turn), the
+//! subscriptions (for CLIENT LIST), and RESET or QUIT, which end the relay
+//! once upstream has answered everything before them.
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+
+use crate::cmd::write::Stale;
+use crate::cmd::{self, Client, Replies, local, table};
+use crate::context::RelayKind;
+use crate::protocol::request::{self, Command, Parsed, encode_command};
+use crate::protocol::scan::Scanner;
+use crate::protocol::{Proto, encode};
+use crate::upstream::conn::write_some;
+
+/// Writes all of `out` and flushes it (a TLS stream buffers).
+async fn write_all_flush<W: AsyncWrite + Unpin>(wr: &mut W, out: &[u8]) -> std::io::Result<()> {
+    wr.write_all(out).await?;
+    wr.flush().await
+}
+
+/// What a relayed client is owed, in order (see `relay`).
+enum Due {
+    /// A reply frame from upstream, and what its write invalidates then.
+    Reply(Option<Stale>),
+    /// kiln's own reply (a refusal, or a command about clients that kiln
+    /// answers), to be written after the replies before it.
+    Local(bytes::Bytes),
+}
+
+/// The marker kiln sends upstream in place of a command it answers itself
+/// inside a relay (`PING <marker>`): its reply comes after every reply and
+/// message upstream owes before it, and kiln's answer is written there.
+const MARKER: &[u8] = b"kiln:relay-local";
+
+/// Queues kiln's own reply `mine` in turn, behind what upstream still owes
+/// (subscribe confirmations and other replies kiln does not count).
+fn local_in_turn(to_up: &mut BytesMut, due: &mut VecDeque<Due>, mine: bytes::Bytes) {
+    to_up.extend_from_slice(&encode_command(&[&b"PING"[..], MARKER]));
+    due.push_back(Due::Local(mine));
+}
+
+/// Whether a command's reply is an ordinary reply frame, counted in `due`:
+/// everything but the (un)subscribe family, whose confirmations are
+/// messages (RESP2) or pushes (RESP3), one per channel.
+fn counted_reply(name: &[u8]) -> bool {
+    !matches!(
+        name,
+        b"subscribe"
+            | b"psubscribe"
+            | b"ssubscribe"
+            | b"unsubscribe"
+            | b"punsubscribe"
+            | b"sunsubscribe"
+    )
+}
+
+/// A MONITOR line of kiln's own marker PING, not the client's business.
+fn is_marker_echo(frame: &[u8]) -> bool {
+    frame.first() == Some(&b'+') && frame.windows(MARKER.len()).any(|w| w == MARKER)
+}
+
+/// What kiln tracks of a relayed client for `CLIENT LIST`: the channels,
+/// patterns and shard channels it subscribed to.
+#[derive(Default)]
+struct Subscriptions([std::collections::HashSet<bytes::Bytes>; 3]);
+
+impl Subscriptions {
+    /// Follows a (P|S)(UN)SUBSCRIBE the client sent.
+    fn follow(&mut self, name: &[u8], args: &[bytes::Bytes]) {
+        let (i, add) = match name {
+            b"subscribe" => (0, true),
+            b"psubscribe" => (1, true),
+            b"ssubscribe" => (2, true),
+            b"unsubscribe" => (0, false),
+            b"punsubscribe" => (1, false),
+            b"sunsubscribe" => (2, false),
+            _ => return,
+        };
+        let set = &mut self.0[i];
+        match (add, args.len()) {
+            (true, _) => set.extend(args[1..].iter().cloned()),
+            (false, 1) => set.clear(),
+            (false, _) => args[1..].iter().for_each(|a| {
+                set.remove(a);
+            }),
+        }
+    }
+
+    fn any(&self) -> bool {
+        self.0.iter().any(|s| !s.is_empty())
+    }
+}
+
+/// Per relayed command: what CLIENT LIST shows changes, and a command that
+/// names a kiln client id gets upstream's id instead (`CLIENT TRACKING ...
+/// REDIRECT`, `CLIENT UNBLOCK`). Returns the bytes to send upstream.
+fn relay_command(c: &Client, name: &[u8], cmd: &Command, subs: &mut Subscriptions) -> bytes::Bytes {
+    subs.follow(name, &cmd.args);
+    let mut st = c.meta.state();
+    st.cmd = String::from_utf8_lossy(name).into_owned();
+    st.last_active = Instant::now();
+    let [sub, psub, ssub] = &subs.0;
+    (st.sub, st.psub, st.ssub) = (sub.len(), psub.len(), ssub.len());
+    let sub_is =
+        |w: &[u8]| name == b"client" && cmd.args.get(1).is_some_and(|s| s.eq_ignore_ascii_case(w));
+    if name == b"monitor" {
+        st.relay = Some(RelayKind::Monitor);
+    } else if subs.any() {
+        st.relay = Some(RelayKind::Pubsub);
+    } else if sub_is(b"tracking") {
+        let on = cmd
+            .args
+            .get(2)
+            .is_some_and(|a| a.eq_ignore_ascii_case(b"on"));
+        let (args, redir) = cmd::clients::tracking_args(&c.ctx, &cmd.args);
+        // As Redis shows it: 0 when tracking without a redirect.
+        st.redir = if on { redir.unwrap_or(0) } else { -1 };
+        if st.relay.is_none() || on {
+            st.relay = Some(RelayKind::Tracking);
+        }
+        return encode_command(&args);
+    } else if st.relay == Some(RelayKind::Pubsub) {
+        st.relay = None;
+    }
+    if sub_is(b"unblock") {
+        return encode_command(&cmd::clients::unblock_args(&c.ctx, &cmd.args));
+    }
+    cmd.wire()
+}
+
+/// The client left its relay: it is pinned to nothing, subscribed to
+/// nothing.
+pub fn relay_over(c: &Client) {
+    c.meta.pin(None);
+    let mut st = c.meta.state();
+    st.relay = None;
+    (st.sub, st.psub, st.ssub) = (0, 0, 0);
+    st.redir = -1;
+}
+
+/// Commands about clients that kiln answers itself inside a relay too (its
+/// ids and clients, not upstream's), unless a RESP2 subscriber sent them:
+/// Redis refuses those in that context, and upstream says so.
+fn answered_by_kiln_in_relay(
+    name: &[u8],
+    args: &[bytes::Bytes],
+    proto: Proto,
+    subs: &Subscriptions,
+) -> bool {
+    if name != b"client" || (proto == Proto::Resp2 && subs.any()) {
+        return false;
+    }
+    args.get(1).is_some_and(|s| {
+        [
+            &b"id"[..],
+            b"getname",
+            b"setname",
+            b"info",
+            b"list",
+            b"getredir",
+            b"kill",
+        ]
+        .iter()
+        .any(|w| s.eq_ignore_ascii_case(w))
+    })
+}
+
+pub enum RelayEnd {
+    /// RESET: the client is back to normal.
+    Reset,
+    Closed,
+}
+
+/// Relays bytes between the client and a dedicated upstream connection.
+/// Writes sent through the relay invalidate their keys before they go and
+/// again when their reply frame comes back.
+pub async fn relay<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    rd: &mut R,
+    wr: &mut W,
+    inbuf: &mut BytesMut,
+    out: &mut BytesMut,
+    c: &mut Client,
+    (prefix, first): (bytes::Bytes, Command),
+    shutdown: &CancellationToken,
+) -> RelayEnd {
+    let ctx = c.ctx.clone();
+    let live = c.live.clone();
+    let raw = match ctx.upstream.raw(c.db, c.proto, &c.upstream_as).await {
+        Ok(raw) => raw,
+        Err(e) => {
+            encode::error(out, &e.reply_text());
+            return RelayEnd::Reset;
+        }
+    };
+    c.meta.pin(Some(raw.id.clone()));
+    let (mut urd, mut uwr) = raw.stream.split();
+    let mut subs = Subscriptions::default();
+    let mut to_up = BytesMut::from(&prefix[..]);
+    let mut from_up = raw.leftover;
+    from_up.reserve(16 * 1024);
+    let mut scanner = Scanner::new();
+    // In command order: per forwarded command that gets a reply frame, what
+    // to invalidate then; and kiln's own refusals, written in their turn.
+    let mut due: VecDeque<Due> = VecDeque::new();
+    {
+        let mut buf = [0u8; 64];
+        let name = table::lower(first.name(), &mut buf).unwrap_or(b"");
+        if prefix.is_empty() && counted_reply(name) {
+            due.push_back(Due::Reply(None));
+        }
+        to_up.extend_from_slice(&relay_command(c, name, &first, &mut subs));
+    }
+    // RESET or QUIT was sent upstream: nothing more is read from the
+    // client until upstream has answered everything before it (the rest of
+    // `inbuf` is served after a RESET, as on a fresh connection).
+    let mut ending: Option<Ending> = None;
+    loop {
+        while ending.is_none() {
+            let cmd = match request::parse(inbuf, &live.limits) {
+                Ok(Parsed::Command(cmd)) => cmd,
+                Ok(Parsed::Empty) => continue,
+                Ok(Parsed::Incomplete) => break,
+                Err(e) => {
+                    ctx.metrics.limit_hit(e.1);
+                    encode::error(out, &format!("ERR {e}"));
+                    let _ = write_all_flush(wr, out).await;
+                    return RelayEnd::Closed;
+                }
+            };
+            let mut buf = [0u8; 64];
+            let name = table::lower(cmd.name(), &mut buf).unwrap_or(b"");
+            // A reload's deny list and roles apply here too.
+            c.refresh_live();
+            if (name == b"reset" && cmd.args.len() == 1) || name == b"quit" {
+                // Upstream answers it after every reply it still owes, so
+                // the client gets each of those first, in order (a SUBSCRIBE
+                // confirmation pipelined before a RESET is not lost).
+                to_up.extend_from_slice(&cmd.wire());
+                ending = Some(if name == b"reset" {
+                    Ending::Reset
+                } else {
+                    due.push_back(Due::Reply(None));
+                    Ending::Quit
+                });
+                break;
+            }
+            let denied = (!c.live.deny.is_empty() && c.live.deny.contains(name)).then(|| {
+                format!(
+                    "ERR command '{}' is disabled on this proxy",
+                    String::from_utf8_lossy(cmd.name())
+                )
+            });
+            if let Some(e) = denied {
+                let mut b = BytesMut::new();
+                encode::error(&mut b, &e);
+                if c.reply.after_command() {
+                    local_in_turn(&mut to_up, &mut due, b.freeze());
+                }
+                continue;
+            }
+            if let Some(role) = c.role {
+                if let Err(e) = cmd::auth::permit(&ctx, role, name, &cmd.args) {
+                    let mut b = BytesMut::new();
+                    encode::error(&mut b, &e);
+                    if c.reply.after_command() {
+                        local_in_turn(&mut to_up, &mut due, b.freeze());
+                    }
+                    continue;
+                }
+            }
+            if answered_by_kiln_in_relay(name, &cmd.args, c.proto, &subs) {
+                let (mut pending, mut b) = (VecDeque::new(), BytesMut::new());
+                let mut r = Replies {
+                    pending: &mut pending,
+                    out: &mut b,
+                };
+                let _ = local::dispatch(c, b"client", cmd, &mut r);
+                if c.reply.after_command() {
+                    local_in_turn(&mut to_up, &mut due, b.freeze());
+                }
+                continue;
+            }
+            // CLIENT REPLY goes upstream too (the connection is this
+            // client's alone); kiln follows it to know which commands get a
+            // reply frame.
+            let reply_cmd = name == b"client"
+                && cmd.args.len() == 3
+                && cmd.args[1].eq_ignore_ascii_case(b"reply");
+            let mut r = Replies {
+                pending: &mut VecDeque::new(),
+                out: &mut BytesMut::new(),
+            };
+            if reply_cmd {
+                local::client_reply(c, &cmd.args[2], &mut r);
+            }
+            let answered = c.reply.after_command()
+                && !(reply_cmd
+                    && (cmd.args[2].eq_ignore_ascii_case(b"off")
+                        || cmd.args[2].eq_ignore_ascii_case(b"skip")));
+            let stale = Stale::of(&ctx, &cmd.args);
+            if let Some(stale) = &stale {
+                stale.apply(&ctx);
+            }
+            if answered && counted_reply(name) {
+                due.push_back(Due::Reply(stale));
+            }
+            to_up.extend_from_slice(&relay_command(c, name, &cmd, &mut subs));
+        }
+        if out.len() > live.max_output_buffer {
+            ctx.metrics.limit_hit("max_output_buffer");
+            tracing::warn!(
+                client = c.id,
+                "subscriber output buffer limit reached, disconnecting"
+            );
+            return RelayEnd::Closed;
+        }
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => {
+                let _ = write_all_flush(wr, out).await;
+                return RelayEnd::Closed;
+            }
+            r = write_some(wr, out), if !out.is_empty() => {
+                if !matches!(r, Ok(n) if n > 0) {
+                    return RelayEnd::Closed;
+                }
+            }
+            r = write_some(&mut uwr, &mut to_up), if !to_up.is_empty() => {
+                if !matches!(r, Ok(n) if n > 0) {
+                    return upstream_gone(wr, out, c, ending).await;
+                }
+            }
+            r = urd.read_buf(&mut from_up) => {
+                if !matches!(r, Ok(n) if n > 0) {
+                    return upstream_gone(wr, out, c, ending).await;
+                }
+                loop {
+                    match scanner.next_frame(&from_up) {
+                        Ok(Some(f)) => {
+                            let frame = from_up.split_to(f.len);
+                            let reply = !f.push && !out_of_band(&frame, c.proto);
+                            if reply && due.is_empty() && ending == Some(Ending::Reset) && &frame[..] == b"+RESET\r\n" {
+                                // Upstream's RESET ended its subscriptions,
+                                // MONITOR and tracking; the connection is
+                                // dropped all the same (RESET also logged it
+                                // out of kiln's upstream user).
+                                local::reset(c);
+                                out.extend_from_slice(&frame);
+                                return RelayEnd::Reset;
+                            }
+                            if !reply && is_marker_echo(&frame) {
+                                // MONITOR showing kiln's own marker.
+                                continue;
+                            }
+                            match if reply { due.pop_front() } else { None } {
+                                // kiln's answer, in the place of the marker's.
+                                Some(Due::Local(mine)) => out.extend_from_slice(&mine),
+                                Some(Due::Reply(stale)) => {
+                                    if let Some(stale) = stale {
+                                        stale.apply(&ctx);
+                                    }
+                                    out.extend_from_slice(&frame);
+                                }
+                                None => out.extend_from_slice(&frame),
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(_) => return upstream_gone(wr, out, c, ending).await,
+                    }
+                }
+            }
+            r = rd.read_buf(inbuf), if ending.is_none() => {
+                if !matches!(r, Ok(n) if n > 0) {
+                    return RelayEnd::Closed;
+                }
+            }
+        }
+    }
+}
+
+/// How a relay is being ended by the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    Reset,
+    Quit,
+}
+
+/// The relay's upstream connection closed or broke. After QUIT that is
+/// the expected end (Redis answers `+OK` and closes); after RESET the
+/// client is reset all the same.
+async fn upstream_gone<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    out: &mut BytesMut,
+    c: &mut Client,
+    ending: Option<Ending>,
+) -> RelayEnd {
+    match ending {
+        Some(Ending::Quit) => {}
+        Some(Ending::Reset) => {
+            local::reset(c);
+            encode::simple(out, "RESET");
+            return RelayEnd::Reset;
+        }
+        None => encode::error(out, "ERR upstream: connection lost"),
+    }
+    let _ = write_all_flush(wr, out).await;
+    RelayEnd::Closed
+}
+
+/// In RESP2 a pub/sub message or MONITOR line looks like a reply; tell them
+/// apart by their first element.
+fn out_of_band(frame: &[u8], proto: Proto) -> bool {
+    if proto == Proto::Resp3 {
+        return false;
+    }
+    if frame.first() == Some(&b'+') {
+        // MONITOR lines start with a timestamp.
+        return frame.get(1).is_some_and(|b| b.is_ascii_digit());
+    }
+    let Some(rest) = frame.strip_prefix(b"*") else {
+        return false;
+    };
+    let Some(nl) = rest.iter().position(|&b| b == b'\n') else {
+        return false;
+    };
+    let rest = &rest[nl + 1..];
+    let Some(nl) = rest.iter().position(|&b| b == b'\n') else {
+        return false;
+    };
+    let word = &rest[nl + 1..];
+    const KINDS: [&[u8]; 9] = [
+        b"message\r",
+        b"pmessage\r",
+        b"smessage\r",
+        b"subscribe\r",
+        b"psubscribe\r",
+        b"ssubscribe\r",
+        b"unsubscribe\r",
+        b"punsubscribe\r",
+        b"sunsubscribe\r",
+    ];
+    KINDS.iter().any(|k| word.starts_with(k))
+}
