@@ -7,25 +7,40 @@ use std::time::{Duration, Instant};
 
 use crate::util::*;
 
-/// Every reply that arrives until the connection is quiet for 300 ms.
-async fn quiet(c: &mut Conn) -> Vec<u8> {
+/// How many reply frames to read: a count, or up to this frame.
+#[derive(Clone, Copy)]
+enum Upto {
+    Frames(usize),
+    Frame(&'static str),
+}
+
+/// Reads replies as `upto` says, each bounded by `WAIT`.
+async fn replies(c: &mut Conn, upto: Upto) -> Vec<u8> {
     let mut all = Vec::new();
-    while let Ok(Some(r)) = c.try_read_within(Duration::from_millis(300)).await {
-        all.extend_from_slice(&r);
+    let mut n = 0;
+    loop {
+        let done = match upto {
+            Upto::Frames(want) => n == want,
+            Upto::Frame(last) => all.ends_with(last.as_bytes()),
+        };
+        if done {
+            return all;
+        }
+        all.extend_from_slice(&c.read().await);
+        n += 1;
     }
-    all
 }
 
 /// Sends `cmds` in one write to a fresh connection of each, returns both
 /// answers (kiln's, Redis's).
-async fn both(kiln: &Kiln, redis: &Redis, cmds: &[&[&str]]) -> (Vec<u8>, Vec<u8>) {
+async fn both(kiln: &Kiln, redis: &Redis, cmds: &[&[&str]], upto: Upto) -> (Vec<u8>, Vec<u8>) {
     let bytes: Vec<u8> = cmds.iter().flat_map(|c| encode(c)).collect();
     let mut k = kiln.conn().await;
     k.send_raw(&bytes).await;
-    let got = quiet(&mut k).await;
+    let got = replies(&mut k, upto).await;
     let mut d = redis.conn().await;
     d.send_raw(&bytes).await;
-    let want = quiet(&mut d).await;
+    let want = replies(&mut d, upto).await;
     (got, want)
 }
 
@@ -219,7 +234,7 @@ async fn starting_a_relay_keeps_reply_order() {
             &["RESET"],
         ],
     ] {
-        let (got, want) = both(&kiln, &redis, cmds).await;
+        let (got, want) = both(&kiln, &redis, cmds, Upto::Frame("+RESET\r\n")).await;
         // MONITOR shows the monitoring client's own commands; a command
         // kiln answers never reaches upstream, so it has no line there.
         let replies = |b: &[u8]| {
@@ -240,7 +255,7 @@ async fn starting_a_relay_keeps_reply_order() {
         &["UNSUBSCRIBE", "c"],
         &["CLIENT", "GETNAME"],
     ];
-    let (got, want) = both(&kiln, &redis, cmds).await;
+    let (got, want) = both(&kiln, &redis, cmds, Upto::Frames(5)).await;
     let after = |b: &[u8]| {
         let s = show(b);
         s[s.find("modules").expect("HELLO map")..].to_string()
@@ -274,11 +289,17 @@ async fn sessions_and_auth_pipelined_as_redis_runs_them() {
         &[&["MULTI"][..], &["DISCARD"], &["MONITOR"], &["RESET"]],
         &[&["RESET", "x"][..], &["CLIENT", "KILL"]],
     ] {
-        let (got, want) = both(&kiln, &redis, cmds).await;
+        let (got, want) = both(&kiln, &redis, cmds, Upto::Frames(cmds.len())).await;
         assert_eq!(show(&got), show(&want), "{cmds:?}");
     }
     // HELLO after EXEC waits for the session instead of being refused.
-    let (got, _) = both(&kiln, &redis, &[&["MULTI"], &["EXEC"], &["HELLO", "3"]]).await;
+    let (got, _) = both(
+        &kiln,
+        &redis,
+        &[&["MULTI"], &["EXEC"], &["HELLO", "3"]],
+        Upto::Frames(3),
+    )
+    .await;
     assert!(
         show(&got).starts_with("+OK\r\n*0\r\n%7\r\n"),
         "{}",
@@ -306,7 +327,7 @@ async fn client_commands_kiln_answers_abort_a_transaction_instead_of_reaching_it
     .flat_map(|c| encode(c))
     .collect();
     c.send_raw(&batch).await;
-    let got = quiet(&mut c).await;
+    let got = replies(&mut c, Upto::Frames(9)).await;
     let abort = "-EXECABORT Transaction discarded because of previous errors.\r\n";
     assert_eq!(
         show(&got),
