@@ -143,16 +143,22 @@ async fn run<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     let mut clock = batch_start;
     loop {
         c.refresh_live();
-        let live = c.live.clone();
+        // The limits in force, copied: the client is borrowed below.
+        let (limits, max_pipeline, max_output_buffer, idle_timeout) = (
+            c.live.limits,
+            c.live.max_pipeline,
+            c.live.max_output_buffer,
+            c.live.idle_timeout,
+        );
         // Replies given at once in this round, by latency class.
         let mut immediate = [0usize; 4];
         let mut dispatched = 0usize;
         // Stop taking commands once the replies owed pass the output limit:
         // one read of pipelined GETs of large values must not balloon.
-        while !closing && pending.len() < live.max_pipeline && out.len() <= live.max_output_buffer {
+        while !closing && pending.len() < max_pipeline && out.len() <= max_output_buffer {
             let cmd = match stalled.take() {
                 Some(cmd) => cmd,
-                None => match request::parse(&mut inbuf, &live.limits) {
+                None => match request::parse(&mut inbuf, &limits) {
                     Ok(Parsed::Command(cmd)) => cmd,
                     Ok(Parsed::Empty) => continue,
                     Ok(Parsed::Incomplete) => break,
@@ -251,7 +257,7 @@ async fn run<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
             let _ = wr.shutdown().await;
             return;
         }
-        if out.len() > live.max_output_buffer {
+        if out.len() > max_output_buffer {
             ctx.metrics.limit_hit("max_output_buffer");
             tracing::warn!(
                 client = c.id,
@@ -270,8 +276,8 @@ async fn run<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
             tokio::task::yield_now().await;
             continue;
         }
-        let can_read = !closing && stalled.is_none() && pending.len() < live.max_pipeline;
-        let idle = !live.idle_timeout.is_zero() && pending.is_empty() && !closing;
+        let can_read = !closing && stalled.is_none() && pending.len() < max_pipeline;
+        let idle = !idle_timeout.is_zero() && pending.is_empty() && !closing;
         tokio::select! {
             biased;
             _ = shutdown.cancelled(), if !closing => closing = true,
@@ -286,7 +292,7 @@ async fn run<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                 }
                 // Idle time counts from the last read or write, as in Redis:
                 // a reply that took long (BLPOP) is activity.
-                if !live.idle_timeout.is_zero() {
+                if !idle_timeout.is_zero() {
                     last_active = tokio::time::Instant::now();
                 }
             }
@@ -307,7 +313,7 @@ async fn run<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                 // Redis drops a client on EOF without answering the rest.
                 _ => return,
             },
-            _ = tokio::time::sleep_until(last_active + live.idle_timeout), if idle => {
+            _ = tokio::time::sleep_until(last_active + idle_timeout), if idle => {
                 ctx.metrics.limit_hit("idle_timeout");
                 tracing::debug!(client = c.id, "idle timeout, closing");
                 return;

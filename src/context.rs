@@ -66,6 +66,17 @@ pub struct Live {
 }
 
 impl Live {
+    /// `server.deny_commands`' error for the command `shown` (as sent,
+    /// `lower` its lowercase name), or `None` when it is allowed.
+    pub fn denied(&self, lower: &[u8], shown: &[u8]) -> Option<String> {
+        (!self.deny.is_empty() && self.deny.contains(lower)).then(|| {
+            format!(
+                "ERR command '{}' is disabled on this proxy",
+                String::from_utf8_lossy(shown)
+            )
+        })
+    }
+
     /// Builds them from a validated config; fails only on TLS files that
     /// changed on disk since validation.
     pub fn new(cfg: &Config) -> Result<Live, String> {

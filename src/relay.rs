@@ -253,13 +253,7 @@ pub async fn relay<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                 });
                 break;
             }
-            let denied = (!c.live.deny.is_empty() && c.live.deny.contains(name)).then(|| {
-                format!(
-                    "ERR command '{}' is disabled on this proxy",
-                    String::from_utf8_lossy(cmd.name())
-                )
-            });
-            if let Some(e) = denied {
+            if let Some(e) = c.live.denied(name, cmd.name()) {
                 let mut b = BytesMut::new();
                 encode::error(&mut b, &e);
                 if c.reply.after_command() {

@@ -27,7 +27,7 @@ use crate::upstream::Creds;
 /// and learned again, so the table stays bounded.
 const MAX_ENTRIES: usize = 100_000;
 
-/// Upstream's answers to `ACL DRYRUN`, by (user, command, key).
+/// Upstream's answers to `ACL DRYRUN`, by user, then (command, key).
 #[derive(Default)]
 pub struct Permissions {
     known: Mutex<Known>,
@@ -37,7 +37,11 @@ pub struct Permissions {
 struct Known {
     /// The ACL generation (`Coherence::acl_changes`) these answers are for.
     generation: u64,
-    map: HashMap<(String, &'static str, Bytes), bool>,
+    /// By user name first, so a lookup borrows the name rather than
+    /// copying it (one per GET of such a user).
+    map: HashMap<String, HashMap<(&'static str, Bytes), bool>>,
+    /// Answers held, over every user.
+    len: usize,
 }
 
 impl Permissions {
@@ -53,10 +57,14 @@ impl Permissions {
         let mut k = self.known.lock().unwrap_or_else(|e| e.into_inner());
         if k.generation != generation {
             k.map.clear();
+            k.len = 0;
             k.generation = generation;
             return None;
         }
-        k.map.get(&(who.user.clone(), cmd, key.clone())).copied()
+        k.map
+            .get(who.user.as_str())?
+            .get(&(cmd, key.clone()))
+            .copied()
     }
 
     fn learned(&self, generation: u64, user: &str, cmd: &'static str, key: Bytes, allowed: bool) {
@@ -64,19 +72,17 @@ impl Permissions {
         if k.generation != generation {
             return;
         }
-        if k.map.len() >= MAX_ENTRIES {
+        if k.len >= MAX_ENTRIES {
             k.map.clear();
+            k.len = 0;
         }
-        k.map.insert((user.to_string(), cmd, key), allowed);
-    }
-
-    /// Forgets every answer (ACLs changed through kiln).
-    pub fn clear(&self) {
-        self.known
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        let fresh = k
             .map
-            .clear();
+            .entry(user.to_string())
+            .or_default()
+            .insert((cmd, key), allowed)
+            .is_none();
+        k.len += usize::from(fresh);
     }
 }
 

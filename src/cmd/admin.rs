@@ -308,6 +308,7 @@ pub enum Val {
 }
 
 pub fn status_fields(ctx: &Context, w: &Snapshot) -> Vec<(&'static str, Val)> {
+    let (config_loaded, config_hash) = ctx.reloader.loaded();
     let s = &ctx.l1.stats;
     let hits = s.hits.load();
     let misses = s.misses.load();
@@ -363,9 +364,9 @@ pub fn status_fields(ctx: &Context, w: &Snapshot) -> Vec<(&'static str, Val)> {
         ("uptime_s", Val::Int(ctx.started.elapsed().as_secs() as i64)),
         (
             "config_loaded",
-            Val::Str(humantime::format_rfc3339_millis(ctx.reloader.loaded().0).to_string()),
+            Val::Str(humantime::format_rfc3339_millis(config_loaded).to_string()),
         ),
-        ("config_hash", Val::Str(ctx.reloader.loaded().1)),
+        ("config_hash", Val::Str(config_hash)),
         ("version", Val::Str(env!("CARGO_PKG_VERSION").into())),
     ]
 }

@@ -63,11 +63,6 @@ impl Users {
         self.users.iter().find(|u| u.name == name).map(|u| u.role)
     }
 
-    /// Whether a user named `name` exists.
-    pub fn has(&self, name: &str) -> bool {
-        self.users.iter().any(|u| u.name == name)
-    }
-
     /// Whether clients must authenticate.
     pub fn enabled(&self) -> bool {
         !self.users.is_empty()

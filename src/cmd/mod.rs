@@ -290,7 +290,7 @@ impl Client {
             }
         } else if let Some(name) = &self.user {
             self.role = users.role_of(name);
-        } else if self.role.is_some() && self.user.is_none() {
+        } else if self.role.is_some() {
             // Logged in before auth was configured: still the default
             // user, with the rights `requirepass` gives it, if any.
             self.role = users.role_of("default");
@@ -380,11 +380,7 @@ impl Client {
         };
         self.ctx.metrics.command(name);
         self.last_cmd.set(name, cmd.args.get(1));
-        if !self.live.deny.is_empty() && self.live.deny.contains(name) {
-            let msg = format!(
-                "ERR command '{}' is disabled on this proxy",
-                String::from_utf8_lossy(cmd.name())
-            );
+        if let Some(msg) = self.live.denied(name, cmd.name()) {
             r.error(&msg);
             return Flow::Continue;
         }

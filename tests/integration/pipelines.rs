@@ -151,8 +151,16 @@ async fn new_connections_wait_for_a_slow_upstream() {
     let mut a = kiln.conn().await;
     a.send(&["DEBUG", "SLEEP", "2"]).await;
     let mut direct = redis.conn().await;
-    // Wait until upstream is inside the sleep (its own PING stalls).
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Wait until upstream is inside the sleep: a direct PING stalls.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        direct.send(&["PING"]).await;
+        match direct.try_read_within(Duration::from_millis(100)).await {
+            Err(()) => break,
+            Ok(r) => assert_eq!(r.as_deref(), Some(&b"+PONG\r\n"[..])),
+        }
+        assert!(Instant::now() < deadline, "DEBUG SLEEP never started");
+    }
     let start = Instant::now();
     // Each needs a connection kiln has not opened yet.
     let mut sub = kiln.conn().await;

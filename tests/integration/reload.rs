@@ -541,8 +541,20 @@ async fn entries_the_new_settings_would_not_store_are_dropped() {
     direct.cmd(&["SET", "f:1", "old"]).await;
     direct.cmd(&["CLIENT", "PAUSE", "500", "ALL"]).await;
     let mut reader = kiln.conn().await;
+    let misses = metric(kiln.metrics, "cache_misses_total")
+        .await
+        .unwrap_or(0.0);
     reader.send(&["GET", "f:1"]).await;
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The read is on its way upstream (counted when it missed L1).
+    let deadline = Instant::now() + WAIT;
+    while metric(kiln.metrics, "cache_misses_total")
+        .await
+        .unwrap_or(0.0)
+        <= misses
+    {
+        assert!(Instant::now() < deadline, "the GET never missed");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     file.write(
         &redis,
         "[coherence]\nmode = \"ttl\"\n[cache]\nnegative_ttl = \"0s\"\nmax_value_size = \"1KiB\"\n",
