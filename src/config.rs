@@ -328,6 +328,65 @@ pub struct CacheConfig {
     /// false: every read is forwarded and L1 holds nothing (a kill switch
     /// that applies on reload).
     pub enabled: bool,
+    /// The read commands cached (any case); see `cache::reads` for those
+    /// allowed and why others are refused.
+    pub commands: Vec<String>,
+    /// How values are stored in L1.
+    pub compression: CompressionConfig,
+    /// A hit past this fraction of its entry's lifetime starts one
+    /// background refresh; 0 = off, else within (0, 1).
+    pub refresh_ahead: f64,
+    /// Lengthen the life of entries read often (off when absent; not in
+    /// `ttl` coherence mode).
+    pub adaptive_ttl: Option<AdaptiveTtl>,
+}
+
+/// `cache.compression = { algorithm = "lz4", min_size = "1KiB" }`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CompressionConfig {
+    pub algorithm: CompressionAlgorithm,
+    /// Values (bytes) at least this long are stored compressed.
+    #[serde(deserialize_with = "de_size")]
+    pub min_size: u64,
+}
+
+impl Default for CompressionConfig {
+    fn default() -> Self {
+        Self {
+            algorithm: CompressionAlgorithm::None,
+            min_size: KIB,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CompressionAlgorithm {
+    None,
+    /// LZ4 block format (`lz4_flex`): fast, modest ratio.
+    Lz4,
+    /// zstd level 3: better ratio, slower.
+    Zstd,
+}
+
+/// `cache.adaptive_ttl = { max = "1h", after_hits = 10 }`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AdaptiveTtl {
+    /// The longest life an entry can reach (never past the key's `PTTL`).
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
+    pub max: Duration,
+    /// Hits after which the entry's life becomes `max`.
+    pub after_hits: u32,
+}
+
+/// `cache.commands` by default: the reads of SPEC section 4.
+pub fn default_cached_commands() -> Vec<String> {
+    crate::cache::reads::COMMANDS[..crate::cache::reads::DEFAULTS]
+        .iter()
+        .map(|c| c.to_ascii_uppercase())
+        .collect()
 }
 
 impl Default for CacheConfig {
@@ -341,6 +400,10 @@ impl Default for CacheConfig {
             serve_stale_on_error: false,
             max_stale: Duration::from_secs(60),
             enabled: true,
+            commands: default_cached_commands(),
+            compression: CompressionConfig::default(),
+            refresh_ahead: 0.0,
+            adaptive_ttl: None,
         }
     }
 }
@@ -365,6 +428,9 @@ pub struct CacheRule {
     /// `cache = false`. For gradual rollout.
     #[serde(default = "hundred")]
     pub percent: u8,
+    /// Narrows `cache.commands` for the matching keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commands: Option<Vec<String>>,
 }
 
 fn yes() -> bool {
@@ -791,7 +857,45 @@ impl Config {
                 "must be at most a quarter of cache.max_memory".into(),
             ));
         }
+        let cached = crate::cache::reads::mask(&self.cache.commands)
+            .map_err(|m| bad("cache.commands", m))?;
+        let r = self.cache.refresh_ahead;
+        if !(r == 0.0 || (r > 0.0 && r < 1.0)) {
+            return Err(bad(
+                "cache.refresh_ahead",
+                format!("{r} must be 0 (off) or a fraction between 0 and 1 such as 0.8"),
+            ));
+        }
+        if let Some(a) = &self.cache.adaptive_ttl {
+            let key = if line_of(text, "cache.adaptive_ttl").is_some() {
+                "cache.adaptive_ttl"
+            } else {
+                "cache.adaptive_ttl.max"
+            };
+            if self.coherence.mode == CoherenceMode::Ttl {
+                return Err(bad(
+                    key,
+                    "cannot be used with coherence.mode = \"ttl\": with no invalidations, a longer life only means staler reads".into(),
+                ));
+            }
+            if a.after_hits == 0 || a.max.is_zero() {
+                return Err(bad(key, "max and after_hits must be greater than 0".into()));
+            }
+        }
         for (i, rule) in self.cache.rules.iter().enumerate() {
+            if let Some(cmds) = &rule.commands {
+                let at = |message: String| ConfigError::Invalid {
+                    key: format!("cache.rules[{i}].commands"),
+                    line: LineRef(nth_table_line(text, "cache.rules", i)),
+                    message,
+                };
+                let m = crate::cache::reads::mask(cmds).map_err(at)?;
+                if m & !cached != 0 {
+                    return Err(at(
+                        "a rule can only narrow cache.commands: it lists a command cache.commands does not cache".into(),
+                    ));
+                }
+            }
             if rule.pattern.is_empty() {
                 return Err(ConfigError::Invalid {
                     key: format!("cache.rules[{i}].match"),

@@ -219,7 +219,10 @@ impl Context {
     /// database count. Upstream being down at start is not fatal: kiln
     /// falls back to defaults and connects when traffic comes.
     pub async fn new(cfg: &Config) -> Result<Context, String> {
-        let l1 = Arc::new(L1::new(&cfg.cache)?);
+        let l1 = Arc::new(L1::with_mode(
+            &cfg.cache,
+            cfg.coherence.mode == crate::config::CoherenceMode::Ttl,
+        )?);
         let coherence = Coherence::new(cfg.coherence.mode, cfg.coherence.check_interval);
         let upstream = Upstream::new(cfg, coherence.reader_spec(&l1))?;
         let table = match upstream.probe(&[b"COMMAND"]).await {

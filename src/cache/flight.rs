@@ -37,7 +37,7 @@ const SHARDS: usize = 64;
 
 #[derive(Default)]
 struct Shard {
-    live: HashMap<(u32, Bytes), Flight>,
+    live: HashMap<(u32, Bytes, Bytes), Flight>,
     /// Flights replaced by a newer one (the key was written meanwhile): no
     /// one joins them, but their leader still answers who is waiting.
     retired: HashMap<u64, Waiters>,
@@ -62,6 +62,8 @@ pub enum Join {
 pub struct FlightId {
     db: u32,
     key: Bytes,
+    /// The read (`reads::read_key`), empty for `GET`.
+    read: Bytes,
     id: u64,
 }
 
@@ -82,12 +84,18 @@ impl Flights {
         &self.shards[h as usize % SHARDS]
     }
 
-    /// Joins the flight for `key` if one was started with `token`, else
-    /// starts one.
+    /// Joins the flight for `key`'s `GET` if one was started with
+    /// `token`, else starts one.
     pub fn join(&self, db: u32, key: &Bytes, token: FillToken) -> Join {
+        self.join_read(db, key, Bytes::new(), token)
+    }
+
+    /// `join` for another read of `key` (`read` as `reads::read_key`
+    /// makes it): reads differ in their flights as in their entries.
+    pub fn join_read(&self, db: u32, key: &Bytes, read: Bytes, token: FillToken) -> Join {
         let (tx, rx) = oneshot::channel();
         let mut shard = lock(self.shard(key));
-        let slot = (db, key.clone());
+        let slot = (db, key.clone(), read.clone());
         if let Some(f) = shard.live.get_mut(&slot) {
             if f.token == token {
                 f.waiters.push(tx);
@@ -108,6 +116,7 @@ impl Flights {
             FlightId {
                 db,
                 key: key.clone(),
+                read,
                 id,
             },
             rx,
@@ -118,7 +127,7 @@ impl Flights {
     pub fn finish(&self, f: FlightId, answer: GetAnswer) {
         let waiters = {
             let mut shard = lock(self.shard(&f.key));
-            let slot = (f.db, f.key);
+            let slot = (f.db, f.key, f.read);
             match shard.live.get(&slot) {
                 Some(cur) if cur.id == f.id => shard.live.remove(&slot).map(|x| x.waiters),
                 _ => shard.retired.remove(&f.id),

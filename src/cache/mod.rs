@@ -13,6 +13,7 @@
 
 pub mod flight;
 pub mod glob;
+pub mod reads;
 mod store;
 
 use std::hash::BuildHasher;
@@ -33,11 +34,13 @@ use crate::config::CacheConfig;
 /// bytes, as a table is kept between 3/8 and 3/4 full. `cargo bench --bench
 /// memory` measured 77.8 beyond key and value (1,000,000 entries); the charge
 /// covers the emptiest table too.
-pub const ENTRY_OVERHEAD: u64 = 96;
+pub const ENTRY_OVERHEAD: u64 = 112;
 
 const GENERATIONS: usize = 1 << 16;
 
-/// What the table hashes: the database and the key, borrowed.
+/// What the table hashes: the database and the key, borrowed. Every
+/// cached read of a key hashes alike, so they share one probe run and one
+/// lookup finds them all for an invalidation.
 #[derive(Hash)]
 struct KeyRef<'a> {
     db: u32,
@@ -45,23 +48,40 @@ struct KeyRef<'a> {
 }
 
 /// What an entry's allocation holds before its bytes.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 struct Meta {
     /// The expiry in milliseconds since the cache was made (low 48 bits)
-    /// and the freshness epoch it was filled in (high 16).
-    header: u64,
+    /// and the freshness epoch it was filled in (high 16). Atomic because
+    /// adaptive TTL lengthens a hot entry's life in place.
+    header: AtomicU64,
     db: u32,
     /// The key's length; the top bit marks a cached nil.
     key_len: u32,
+    /// The read's length (0 for `GET`); the top bits say how the value is
+    /// compressed (`LZ4`, `ZSTD`).
+    read_len: u32,
+    /// The entry's current lifetime in ms, from its fill to its expiry.
+    lifetime_ms: AtomicU32,
+    /// Ms from the fill to the key's expiry upstream (its `PTTL`), or
+    /// `u32::MAX` when it has none (or it is further off than that).
+    limit_ms: u32,
+    /// Hits so far (adaptive TTL); the top bit marks a refresh started.
+    hits: AtomicU32,
 }
 
 const NIL: u32 = 1 << 31;
+const LZ4: u32 = 1 << 31;
+const ZSTD: u32 = 1 << 30;
+const LEN_MASK: u32 = ZSTD - 1;
+const REFRESHING: u32 = 1 << 31;
 
-/// A cached `GET` answer, in a single allocation behind a thin (8-byte)
-/// pointer: reference count, `Meta`, length, then the key and the value's
-/// bytes (without RESP framing, which is written on the way out). A hit
-/// clones it out of the cache: one reference count, on the same cache line
-/// as the expiry and the start of the key.
+/// A cached reply, in a single allocation behind a thin (8-byte) pointer:
+/// reference count, `Meta`, length, then the key, the read and the value's
+/// bytes. For `GET` the read is empty and the value is the bulk string's
+/// data without framing (written on the way out, in the client's protocol);
+/// for any other read the value is upstream's reply as the client's
+/// protocol frames it. A hit clones it out of the cache: one reference
+/// count, on the same cache line as the expiry and the start of the key.
 #[derive(Clone)]
 pub struct Entry(triomphe::ThinArc<Meta, u8>);
 
@@ -81,57 +101,212 @@ const EPOCH_MASK: u64 = 0xFFFF;
 /// one is never served, even as stale.
 const EPOCHS_KEPT: usize = 16;
 
+/// How an entry's value bytes are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    None,
+    /// `lz4_flex` block format, the original length first (4 bytes LE).
+    Lz4,
+    /// zstd frame, level 3, the original length first (4 bytes LE).
+    Zstd,
+}
+
+impl Compression {
+    fn flag(self) -> u32 {
+        match self {
+            Compression::None => 0,
+            Compression::Lz4 => LZ4,
+            Compression::Zstd => ZSTD,
+        }
+    }
+
+    /// `data` compressed with the original length first, or `None` when
+    /// that would not be smaller.
+    fn compress(self, data: &[u8]) -> Option<Vec<u8>> {
+        let body = match self {
+            Compression::None => return None,
+            Compression::Lz4 => lz4_flex::block::compress(data),
+            Compression::Zstd => zstd::bulk::compress(data, 3).ok()?,
+        };
+        if body.len() + 4 >= data.len() {
+            return None;
+        }
+        let mut out = Vec::with_capacity(body.len() + 4);
+        out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        out.extend_from_slice(&body);
+        Some(out)
+    }
+}
+
+/// What one entry is made from.
+struct Parts<'a> {
+    db: u32,
+    key: &'a [u8],
+    read: &'a [u8],
+    /// `None` for a cached `GET` nil.
+    value: Option<&'a [u8]>,
+    expires_ms: u64,
+    epoch: u64,
+    lifetime_ms: u64,
+    limit_ms: u64,
+    compression: Compression,
+}
+
 impl Entry {
-    /// `value` is the bulk string's data, `None` for a nil.
+    #[cfg(test)]
     fn new(db: u32, key: &[u8], expires_ms: u64, epoch: u64, value: Option<&[u8]>) -> Entry {
-        let header = (expires_ms & EXPIRY_MASK) | ((epoch & EPOCH_MASK) << EPOCH_SHIFT);
-        let data = value.unwrap_or_default();
-        let mut bytes = Vec::with_capacity(key.len() + data.len());
-        bytes.extend_from_slice(key);
-        bytes.extend_from_slice(data);
-        let meta = Meta {
-            header,
+        Entry::build(Parts {
             db,
-            key_len: key.len() as u32 | if value.is_none() { NIL } else { 0 },
+            key,
+            read: &[],
+            value,
+            expires_ms,
+            epoch,
+            lifetime_ms: u64::from(u32::MAX),
+            limit_ms: u64::from(u32::MAX),
+            compression: Compression::None,
+        })
+    }
+
+    fn build(p: Parts<'_>) -> Entry {
+        let header = (p.expires_ms & EXPIRY_MASK) | ((p.epoch & EPOCH_MASK) << EPOCH_SHIFT);
+        let data = p.value.unwrap_or_default();
+        let packed = p.compression.compress(data);
+        let (stored, flag) = match &packed {
+            Some(c) => (&c[..], p.compression.flag()),
+            None => (data, 0),
+        };
+        let mut bytes = Vec::with_capacity(p.key.len() + p.read.len() + stored.len());
+        bytes.extend_from_slice(p.key);
+        bytes.extend_from_slice(p.read);
+        bytes.extend_from_slice(stored);
+        let meta = Meta {
+            header: AtomicU64::new(header),
+            db: p.db,
+            key_len: p.key.len() as u32 | if p.value.is_none() { NIL } else { 0 },
+            read_len: p.read.len() as u32 | flag,
+            lifetime_ms: AtomicU32::new(p.lifetime_ms.min(u64::from(u32::MAX)) as u32),
+            limit_ms: p.limit_ms.min(u64::from(u32::MAX)) as u32,
+            hits: AtomicU32::new(0),
         };
         Entry(triomphe::ThinArc::from_header_and_slice(meta, &bytes))
     }
 
+    fn meta(&self) -> &Meta {
+        &self.0.header.header
+    }
+
     fn header(&self) -> u64 {
-        self.0.header.header.header
+        self.meta().header.load(Ordering::Relaxed)
     }
 
     fn db(&self) -> u32 {
-        self.0.header.header.db
+        self.meta().db
+    }
+
+    fn key_len(&self) -> usize {
+        (self.meta().key_len & !NIL) as usize
     }
 
     fn key(&self) -> &[u8] {
-        let n = (self.0.header.header.key_len & !NIL) as usize;
-        &self.0.slice[..n]
+        &self.0.slice[..self.key_len()]
     }
 
-    /// The value's bytes, or `None` for a cached nil.
-    pub fn value(&self) -> Option<&[u8]> {
-        let len = self.0.header.header.key_len;
-        (len & NIL == 0).then(|| &self.0.slice[len as usize..])
+    /// The read this entry answers: empty for `GET`, else `read_key`'s
+    /// bytes (protocol, command, arguments after the key).
+    fn read(&self) -> &[u8] {
+        let k = self.key_len();
+        &self.0.slice[k..k + (self.meta().read_len & LEN_MASK) as usize]
     }
 
-    /// The `GET` reply: a bulk string, or nil in the client's protocol.
-    pub fn write_reply(&self, out: &mut bytes::BytesMut, proto: crate::protocol::Proto) {
-        match self.value() {
-            Some(v) => crate::protocol::encode::bulk(out, v),
-            None => crate::protocol::encode::nil(out, proto),
+    fn compression(&self) -> Compression {
+        let r = self.meta().read_len;
+        if r & LZ4 != 0 {
+            Compression::Lz4
+        } else if r & ZSTD != 0 {
+            Compression::Zstd
+        } else {
+            Compression::None
         }
     }
 
-    /// The bulk frame as Redis would send it, or `None` for a nil.
-    pub fn frame(&self) -> Option<Bytes> {
-        self.value().map(|v| {
-            let mut out = bytes::BytesMut::with_capacity(v.len() + 16);
-            crate::protocol::encode::bulk(&mut out, v);
-            out.freeze()
-        })
+    /// The value's bytes as stored (compressed or not), or `None` for a
+    /// cached nil.
+    fn stored(&self) -> Option<&[u8]> {
+        let m = self.meta();
+        if m.key_len & NIL != 0 {
+            return None;
+        }
+        Some(&self.0.slice[self.key_len() + (m.read_len & LEN_MASK) as usize..])
     }
+
+    /// The value's bytes (decompressed), or `None` for a cached nil: for
+    /// `GET` the string's data, for other reads the reply frame.
+    pub fn value(&self) -> Option<std::borrow::Cow<'_, [u8]>> {
+        let stored = self.stored()?;
+        let c = self.compression();
+        if c == Compression::None {
+            return Some(std::borrow::Cow::Borrowed(stored));
+        }
+        Some(std::borrow::Cow::Owned(decompress(c, stored)))
+    }
+
+    /// Whether this entry answers a read other than `GET`.
+    pub fn is_read(&self) -> bool {
+        self.meta().read_len & LEN_MASK != 0
+    }
+
+    /// The reply as the client gets it: for `GET` a bulk string or nil in
+    /// the client's protocol, for other reads the cached frame (already in
+    /// the protocol it was read for).
+    pub fn write_reply(&self, out: &mut bytes::BytesMut, proto: crate::protocol::Proto) {
+        let Some(stored) = self.stored() else {
+            crate::protocol::encode::nil(out, proto);
+            return;
+        };
+        let c = self.compression();
+        let read = self.is_read();
+        if c == Compression::None {
+            if read {
+                out.extend_from_slice(stored);
+            } else {
+                crate::protocol::encode::bulk(out, stored);
+            }
+            return;
+        }
+        let data = decompress(c, stored);
+        if read {
+            out.extend_from_slice(&data);
+        } else {
+            crate::protocol::encode::bulk(out, &data);
+        }
+    }
+
+    /// The reply frame as Redis would send it, or `None` for a `GET` nil.
+    pub fn frame(&self) -> Option<Bytes> {
+        self.stored()?;
+        let mut out = bytes::BytesMut::new();
+        self.write_reply(&mut out, crate::protocol::Proto::Resp2);
+        Some(out.freeze())
+    }
+}
+
+/// The original bytes of a compressed value (empty if they are corrupt,
+/// which only a bug could make: kiln wrote them).
+fn decompress(c: Compression, stored: &[u8]) -> Vec<u8> {
+    let Some((len, body)) = stored.split_first_chunk::<4>() else {
+        return Vec::new();
+    };
+    let len = u32::from_le_bytes(*len) as usize;
+    let out = match c {
+        Compression::None => Ok(body.to_vec()),
+        Compression::Lz4 => lz4_flex::block::decompress(body, len).map_err(|e| e.to_string()),
+        Compression::Zstd => zstd::bulk::decompress(body, len).map_err(|e| e.to_string()),
+    };
+    out.unwrap_or_else(|e| {
+        tracing::error!(error = %e, "L1 entry failed to decompress");
+        Vec::new()
+    })
 }
 
 /// What an entry is charged against `cache.max_memory`.
@@ -163,6 +338,8 @@ struct Rule {
     policy: Policy,
     /// The share of matching keys cached, 0-100 (`cache.rules[].percent`).
     percent: u8,
+    /// The reads cached for matching keys, a bit per `reads::COMMANDS` id.
+    commands: u64,
 }
 
 /// What `[cache]` says about what is cached and how long: replaced whole on
@@ -177,10 +354,27 @@ struct Settings {
     /// `cache.serve_stale_on_error`, and `cache.max_stale` in ms.
     serve_stale: bool,
     max_stale_ms: u64,
+    /// `cache.commands`, a bit per `reads::COMMANDS` id.
+    commands: u64,
+    /// `cache.compression`: how values of at least `min_size` bytes are
+    /// stored.
+    compression: Compression,
+    min_size: usize,
+    /// `cache.refresh_ahead`: the fraction of an entry's lifetime after
+    /// which a hit refreshes it; 0 = off.
+    refresh_ahead: f64,
+    /// `cache.adaptive_ttl`: (`max` in ms, `after_hits`).
+    adaptive: Option<(u64, u32)>,
+    /// `coherence.mode = "ttl"`: with refresh-ahead, an expired entry is
+    /// served within `max_stale` while its refresh runs.
+    ttl_mode: bool,
 }
 
 impl Settings {
-    fn new(cfg: &CacheConfig) -> Settings {
+    fn new(cfg: &CacheConfig, ttl_mode: bool) -> Settings {
+        // Validated at load (`Config::validate`): unknown names cannot get
+        // here, and would only narrow the mask.
+        let commands = reads::mask(&cfg.commands).unwrap_or(reads::DEFAULT_MASK);
         Settings {
             enabled: cfg.enabled,
             rules: cfg
@@ -196,6 +390,10 @@ impl Settings {
                         Policy::Bypass
                     },
                     percent: r.percent,
+                    commands: r
+                        .commands
+                        .as_ref()
+                        .map_or(commands, |c| reads::mask(c).unwrap_or(0) & commands),
                 })
                 .collect(),
             default_ttl: cfg.ttl,
@@ -203,23 +401,43 @@ impl Settings {
             max_value_size: cfg.max_value_size as usize,
             serve_stale: cfg.serve_stale_on_error,
             max_stale_ms: cfg.max_stale.as_millis() as u64,
+            commands,
+            compression: match cfg.compression.algorithm {
+                crate::config::CompressionAlgorithm::None => Compression::None,
+                crate::config::CompressionAlgorithm::Lz4 => Compression::Lz4,
+                crate::config::CompressionAlgorithm::Zstd => Compression::Zstd,
+            },
+            min_size: cfg.compression.min_size as usize,
+            refresh_ahead: cfg.refresh_ahead,
+            adaptive: cfg
+                .adaptive_ttl
+                .as_ref()
+                .map(|a| (a.max.as_millis() as u64, a.after_hits.max(1))),
+            ttl_mode,
         }
     }
 
+    /// The policy of `GET` on `key`.
     fn policy(&self, key: &[u8]) -> Policy {
+        self.policy_for(key, reads::GET)
+    }
+
+    /// The policy of read `id` (a `reads::COMMANDS` index) on `key`.
+    fn policy_for(&self, key: &[u8], id: u8) -> Policy {
         if !self.enabled {
             return Policy::Bypass;
         }
+        let bit = 1u64 << id;
         for r in &self.rules {
             if glob::matches(&r.pattern, key) {
-                return if in_share(key, r.percent) {
+                return if in_share(key, r.percent) && r.commands & bit != 0 {
                     r.policy
                 } else {
                     Policy::Bypass
                 };
             }
         }
-        if self.default_ttl.is_zero() {
+        if self.commands & bit == 0 || self.default_ttl.is_zero() {
             Policy::Bypass
         } else {
             Policy::Cache {
@@ -235,9 +453,30 @@ impl Settings {
 pub struct Rules(Arc<Settings>);
 
 impl Rules {
+    /// The policy of `GET` on `key`.
     pub fn policy(&self, key: &[u8]) -> Policy {
         self.0.policy(key)
     }
+
+    /// The policy of read `id` (a `reads::COMMANDS` index) on `key`.
+    pub fn policy_for(&self, key: &[u8], id: u8) -> Policy {
+        self.0.policy_for(key, id)
+    }
+
+    /// Whether `cache.commands` has read `id` at all (before any rule).
+    pub fn caches(&self, id: u8) -> bool {
+        self.0.enabled && self.0.commands & (1 << id) != 0
+    }
+}
+
+/// What a lookup found.
+pub struct Hit {
+    pub entry: Entry,
+    /// This hit should start the entry's refresh (`cache.refresh_ahead`):
+    /// it is past the refresh point, or, in `ttl` mode, past its expiry
+    /// and served within `cache.max_stale` meanwhile. Only one hit per
+    /// entry gets it.
+    pub refresh: bool,
 }
 
 /// Whether `key` is among the `percent` share of keys a rollout caches:
@@ -268,6 +507,8 @@ pub struct L1 {
     settings_generation: AtomicU64,
     /// When the cache was made; expiries are milliseconds since.
     born: Instant,
+    /// `coherence.mode = "ttl"` (see `Settings::ttl_mode`).
+    ttl_mode: bool,
     pub flights: flight::Flights,
     pub stats: Stats,
 }
@@ -321,6 +562,13 @@ pub struct Stats {
     pub stale_served: AtomicU64,
     /// Invalidations (keys, or whole clears) by `Source`.
     pub invalidations: [AtomicU64; 4],
+    /// Background refreshes started (`cache.refresh_ahead`).
+    pub refreshes: AtomicU64,
+    /// Entries whose lifetime adaptive TTL lengthened.
+    pub extended: AtomicU64,
+    /// Bytes of the values stored compressed, before and after.
+    pub compressed_in: AtomicU64,
+    pub compressed_out: AtomicU64,
 }
 
 impl Stats {
@@ -331,6 +579,12 @@ impl Stats {
 
 impl L1 {
     pub fn new(cfg: &CacheConfig) -> Result<L1, String> {
+        L1::with_mode(cfg, false)
+    }
+
+    /// `ttl_mode`: `coherence.mode = "ttl"`, where refresh-ahead also
+    /// serves an expired entry while it refreshes.
+    pub fn with_mode(cfg: &CacheConfig, ttl_mode: bool) -> Result<L1, String> {
         // The budget is split evenly over shards and an entry above a
         // shard's share is refused, so keep a shard at least 4x the largest
         // value kiln may cache.
@@ -353,9 +607,10 @@ impl L1 {
             fresh_epoch: AtomicU64::new(0),
             epoch_ended: Default::default(),
             max_db: AtomicU32::new(0),
-            settings: arc_swap::ArcSwap::from_pointee(Settings::new(cfg)),
+            settings: arc_swap::ArcSwap::from_pointee(Settings::new(cfg, ttl_mode)),
             settings_generation: AtomicU64::new(0),
             born: Instant::now(),
+            ttl_mode,
             flights: flight::Flights::new(),
             stats: Stats {
                 evictions,
@@ -384,7 +639,7 @@ impl L1 {
     /// changed are dropped (all of them when caching is turned off).
     /// Returns how many entries were dropped.
     pub fn configure(&self, cfg: &CacheConfig) -> usize {
-        let new = Settings::new(cfg);
+        let new = Settings::new(cfg, self.ttl_mode);
         let old = self.settings.load_full();
         if cfg.max_memory != self.capacity() {
             self.store.set_budget(cfg.max_memory);
@@ -406,7 +661,8 @@ impl L1 {
         // negative caching is shorter, values now above the size limit.
         let nils_go = new.negative_ttl < old.negative_ttl;
         self.store.retain(|e| {
-            old.policy(e.key()) == new.policy(e.key())
+            let id = reads::id_of_read(e.read()).unwrap_or(reads::GET);
+            old.policy_for(e.key(), id) == new.policy_for(e.key(), id)
                 && match e.value() {
                     None => !nils_go,
                     Some(v) => v.len() <= new.max_value_size,
@@ -426,8 +682,8 @@ impl L1 {
             .collect()
     }
 
-    /// A fresh entry, or `None`. A stale one is dropped on the way, unless
-    /// it may still be served by `get_stale`.
+    /// A fresh `GET` entry, or `None`. A stale one is dropped on the way,
+    /// unless it may still be served by `get_stale`.
     pub fn get(&self, db: u32, key: &[u8]) -> Option<Entry> {
         self.get_at(db, key, Instant::now())
     }
@@ -436,18 +692,100 @@ impl L1 {
     /// as Redis checks expiry against the command's start, so a hit takes
     /// no clock reading of its own.
     pub fn get_at(&self, db: u32, key: &[u8], now: Instant) -> Option<Entry> {
+        let settings = self.settings.load();
+        self.lookup(&settings, db, key, &[], now).map(|h| h.entry)
+    }
+
+    /// The entry of `read` (empty for `GET`, else `reads::read_key`) on
+    /// `(db, key)` as of `now`, judged by `rules` (the client's snapshot):
+    /// fresh, or (`ttl` mode with refresh-ahead) expired by less than
+    /// `max_stale` while its refresh runs. Counts the hit for adaptive TTL.
+    pub fn find(
+        &self,
+        rules: &Rules,
+        db: u32,
+        key: &[u8],
+        read: &[u8],
+        now: Instant,
+    ) -> Option<Hit> {
+        self.lookup(&rules.0, db, key, read, now)
+    }
+
+    fn lookup(&self, s: &Settings, db: u32, key: &[u8], read: &[u8], now: Instant) -> Option<Hit> {
         let hash = self.hash(db, key);
-        let e = self.store.get(hash, db, key)?;
-        let header = e.header();
+        let entry = self.store.get(hash, db, key, read)?;
+        let header = entry.header();
         let now = now.saturating_duration_since(self.born).as_millis() as u64;
         let epoch = self.fresh_epoch.load(Ordering::SeqCst) & EPOCH_MASK;
-        if header >> EPOCH_SHIFT == epoch && header & EXPIRY_MASK > now {
-            return Some(e);
+        let expires = header & EXPIRY_MASK;
+        if header >> EPOCH_SHIFT == epoch {
+            if expires > now {
+                let refresh = (s.adaptive.is_some() || s.refresh_ahead > 0.0)
+                    && self.on_hit(&entry, s, header, now);
+                return Some(Hit { entry, refresh });
+            }
+            // Stale-while-revalidate: only where no invalidation could
+            // have come (ttl mode), only an entry whose life the rule set
+            // (the key itself was still to live upstream), and only within
+            // max_stale.
+            let m = entry.meta();
+            if s.ttl_mode
+                && s.refresh_ahead > 0.0
+                && m.lifetime_ms.load(Ordering::Relaxed) < m.limit_ms
+                && now < expires.saturating_add(s.max_stale_ms)
+            {
+                let refresh = m.hits.fetch_or(REFRESHING, Ordering::Relaxed) & REFRESHING == 0;
+                if refresh {
+                    self.stats.refreshes.fetch_add(1, Ordering::Relaxed);
+                }
+                return Some(Hit { entry, refresh });
+            }
         }
         if !self.stale_usable(header, now) {
-            self.store.remove(hash, db, key);
+            self.store.remove(hash, db, key, read);
         }
         None
+    }
+
+    /// Adaptive TTL and refresh-ahead on a fresh hit; returns whether this
+    /// hit starts the entry's refresh.
+    fn on_hit(&self, e: &Entry, s: &Settings, header: u64, now: u64) -> bool {
+        let m = e.meta();
+        let expires = header & EXPIRY_MASK;
+        let mut life = u64::from(m.lifetime_ms.load(Ordering::Relaxed));
+        if let Some((max, after)) = s.adaptive {
+            let hits = m.hits.load(Ordering::Relaxed) & !REFRESHING;
+            if hits < after && (m.hits.fetch_add(1, Ordering::Relaxed) & !REFRESHING) + 1 == after {
+                // Never past the key's own expiry upstream.
+                let longer = max.min(u64::from(m.limit_ms));
+                if longer > life {
+                    let filled = expires.saturating_sub(life);
+                    let new = ((filled + longer) & EXPIRY_MASK) | (header & !EXPIRY_MASK);
+                    if m.header
+                        .compare_exchange(header, new, Ordering::Relaxed, Ordering::Relaxed)
+                        .is_ok()
+                    {
+                        m.lifetime_ms
+                            .store(longer.min(u64::from(u32::MAX)) as u32, Ordering::Relaxed);
+                        self.stats.extended.fetch_add(1, Ordering::Relaxed);
+                        life = longer;
+                    }
+                }
+            }
+        }
+        if s.refresh_ahead <= 0.0 {
+            return false;
+        }
+        let expires = m.header.load(Ordering::Relaxed) & EXPIRY_MASK;
+        let left = (life as f64 * (1.0 - s.refresh_ahead)) as u64;
+        if now < expires.saturating_sub(left) || m.hits.load(Ordering::Relaxed) & REFRESHING != 0 {
+            return false;
+        }
+        let first = m.hits.fetch_or(REFRESHING, Ordering::Relaxed) & REFRESHING == 0;
+        if first {
+            self.stats.refreshes.fetch_add(1, Ordering::Relaxed);
+        }
+        first
     }
 
     /// Starts loading what looking up `keys` will read, so that the memory
@@ -467,11 +805,11 @@ impl L1 {
     /// fresh, for when upstream cannot answer; `None` unless
     /// `cache.serve_stale_on_error` is on. The caller counts what it
     /// serves in `stats.stale_served`.
-    pub fn get_stale(&self, db: u32, key: &[u8]) -> Option<Entry> {
+    pub fn get_stale(&self, db: u32, key: &[u8], read: &[u8]) -> Option<Entry> {
         if !self.settings.load().serve_stale {
             return None;
         }
-        let e = self.store.get(self.hash(db, key), db, key)?;
+        let e = self.store.get(self.hash(db, key), db, key, read)?;
         self.stale_usable(e.header(), self.now_ms()).then_some(e)
     }
 
@@ -549,32 +887,90 @@ impl L1 {
         ttl: Duration,
         t: FillToken,
     ) -> bool {
+        if let Some(f) = frame {
+            let max = self.settings.load().max_value_size;
+            if f.len() > max + 16 && bulk_len(f) > max {
+                self.stats
+                    .not_cached_too_large
+                    .fetch_add(1, Ordering::Relaxed);
+                return false;
+            }
+        }
+        self.store_fill(
+            db,
+            key,
+            &[],
+            frame.map(bulk_data),
+            frame.is_none(),
+            pttl_ms,
+            ttl,
+            t,
+        )
+    }
+
+    /// Stores the reply to a read other than `GET` (`read` as made by
+    /// `reads::read_key`), as the bytes the client is sent. `pttl_ms` is
+    /// the key's `PTTL` read right after: -2 (no such key) makes it a
+    /// negative entry, living `cache.negative_ttl`. The caller keeps error
+    /// replies out. Returns whether it was stored.
+    #[allow(clippy::too_many_arguments)]
+    pub fn fill_read(
+        &self,
+        db: u32,
+        key: &Bytes,
+        read: &[u8],
+        reply: &[u8],
+        pttl_ms: i64,
+        ttl: Duration,
+        t: FillToken,
+    ) -> bool {
+        if reply.len() > self.settings.load().max_value_size {
+            self.stats
+                .not_cached_too_large
+                .fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        self.store_fill(db, key, read, Some(reply), pttl_ms == -2, pttl_ms, ttl, t)
+    }
+
+    /// `missing`: the key did not exist (a nil `GET`, or `PTTL` -2).
+    #[allow(clippy::too_many_arguments)]
+    fn store_fill(
+        &self,
+        db: u32,
+        key: &Bytes,
+        read: &[u8],
+        value: Option<&[u8]>,
+        missing: bool,
+        pttl_ms: i64,
+        ttl: Duration,
+        t: FillToken,
+    ) -> bool {
         let s = self.settings.load();
         // Judged by the rules in force now: a reload since the miss may have
         // taken the key out of L1.
-        if s.policy(key) == Policy::Bypass {
+        let id = reads::id_of_read(read).unwrap_or(reads::GET);
+        let allowed = if read.is_empty() {
+            // GET entries are filled by GET, MGET and warmup.
+            s.policy_for(key, reads::GET) != Policy::Bypass
+                || s.policy_for(key, reads::MGET) != Policy::Bypass
+        } else {
+            s.policy_for(key, id) != Policy::Bypass
+        };
+        if !allowed {
             return false;
         }
-        let lifetime = match frame {
-            None => {
-                if s.negative_ttl.is_zero() {
-                    return false;
-                }
-                s.negative_ttl.min(ttl)
+        let lifetime = if missing {
+            if s.negative_ttl.is_zero() {
+                return false;
             }
-            Some(f) => {
-                if f.len() > s.max_value_size + 16 && bulk_len(f) > s.max_value_size {
-                    self.stats
-                        .not_cached_too_large
-                        .fetch_add(1, Ordering::Relaxed);
-                    return false;
-                }
-                match pttl_ms {
-                    -1 => ttl,
-                    n if n > 0 => ttl.min(Duration::from_millis(n as u64)),
-                    // -2 (gone since the read) or 0: nothing worth keeping.
-                    _ => return false,
-                }
+            s.negative_ttl.min(ttl)
+        } else {
+            match pttl_ms {
+                -1 => ttl,
+                n if n > 0 => ttl.min(Duration::from_millis(n as u64)),
+                // -2 (gone since the read) or 0: nothing worth keeping.
+                _ => return false,
             }
         };
         if !self.current(key, t) {
@@ -582,13 +978,43 @@ impl L1 {
             return false;
         }
         self.max_db.fetch_max(db, Ordering::SeqCst);
-        // Copied out of the read buffer so the entry does not pin it.
-        let expires = self.now_ms() + lifetime.as_millis() as u64;
+        let lifetime_ms = lifetime.as_millis() as u64;
+        let expires = self.now_ms() + lifetime_ms;
         let epoch = self.fresh_epoch.load(Ordering::SeqCst);
-        let entry = Entry::new(db, key, expires, epoch, frame.map(bulk_data));
+        let compression = match value {
+            Some(v) if v.len() >= s.min_size.max(1) => s.compression,
+            _ => Compression::None,
+        };
+        // Copied out of the read buffer so the entry does not pin it.
+        let entry = Entry::build(Parts {
+            db,
+            key,
+            read,
+            value,
+            expires_ms: expires,
+            epoch,
+            lifetime_ms,
+            limit_ms: if pttl_ms > 0 {
+                pttl_ms as u64
+            } else {
+                u64::MAX
+            },
+            compression,
+        });
+        if compression != Compression::None && entry.compression() != Compression::None {
+            let stored = entry.stored().map_or(0, <[u8]>::len) as u64;
+            let original = value.map_or(0, <[u8]>::len) as u64;
+            self.stats
+                .compressed_in
+                .fetch_add(original, Ordering::Relaxed);
+            self.stats
+                .compressed_out
+                .fetch_add(stored, Ordering::Relaxed);
+        }
         let hash = self.hash(db, key);
         if !self.store.insert(hash, entry) {
-            // Larger than a shard's share of the budget.
+            // Larger than a shard's share of the budget, or the key has
+            // `MAX_READS_PER_KEY` cached reads already.
             self.stats
                 .not_cached_too_large
                 .fetch_add(1, Ordering::Relaxed);
@@ -598,7 +1024,7 @@ impl L1 {
         // it bumped the generation first, so seeing it unchanged here means
         // its removal comes after our insert.
         if !self.current(key, t) {
-            self.store.remove(hash, db, key);
+            self.store.remove(hash, db, key, read);
             self.stats.fills_dropped.fetch_add(1, Ordering::Relaxed);
             return false;
         }
@@ -612,8 +1038,8 @@ impl L1 {
         self.slot(key).fetch_add(1, Ordering::SeqCst);
         let max_db = self.max_db.load(Ordering::SeqCst);
         let removed = (0..=max_db)
-            .filter(|&db| self.store.remove(self.hash(db, key), db, key).is_some())
-            .count();
+            .map(|db| self.store.remove_key(self.hash(db, key), db, key))
+            .sum();
         self.stats.invalidations[source as usize].fetch_add(1, Ordering::Relaxed);
         removed
     }
@@ -698,6 +1124,7 @@ mod tests {
                 cache: false,
                 ttl: None,
                 percent: 100,
+                commands: None,
             }],
             ..CacheConfig::default()
         })
@@ -723,7 +1150,7 @@ mod tests {
         let e = Bytes::from_static(b"empty");
         assert!(c.fill(0, &e, Some(b"$0\r\n\r\n"), -1, TTL, c.token(&e)));
         let got = c.get(0, b"empty").expect("cached");
-        assert_eq!(got.value(), Some(&b""[..]));
+        assert_eq!(got.value().as_deref(), Some(&b""[..]));
         let n = Bytes::from_static(b"nil");
         assert!(c.fill(0, &n, None, -1, TTL, c.token(&n)));
         assert_eq!(c.get(0, b"nil").expect("cached nil").value(), None);
@@ -779,7 +1206,7 @@ mod tests {
         assert!(plain.fill(0, &k, Some(frame), -1, TTL, plain.token(&k)));
         plain.lose_tracking();
         assert!(plain.get(0, b"a").is_none() && plain.is_empty());
-        assert!(plain.get_stale(0, b"a").is_none());
+        assert!(plain.get_stale(0, b"a", b"").is_none());
 
         let c = L1::new(&CacheConfig {
             max_memory: 1 << 20,
@@ -794,7 +1221,7 @@ mod tests {
         c.lose_tracking();
         assert!(c.get(0, b"a").is_none(), "not fresh after the loss");
         assert_eq!(
-            c.get_stale(0, b"a")
+            c.get_stale(0, b"a", b"")
                 .and_then(|e| e.frame().map(|f| f.to_vec())),
             Some(frame.to_vec()),
             "kept for stale serving"
@@ -807,7 +1234,7 @@ mod tests {
         assert!(c.get(0, b"a").is_some(), "a new fill is fresh again");
         c.invalidate(&k, Source::Write);
         assert!(
-            c.get_stale(0, b"a").is_none(),
+            c.get_stale(0, b"a", b"").is_none(),
             "an invalidated entry is gone"
         );
         // Past its PTTL and within max_stale: stale, not fresh.
@@ -817,7 +1244,7 @@ mod tests {
             assert!(Instant::now() < deadline, "entry outlived its PTTL");
             std::thread::yield_now();
         }
-        assert!(c.get_stale(0, b"a").is_some());
+        assert!(c.get_stale(0, b"a", b"").is_some());
     }
 
     #[test]
@@ -831,5 +1258,226 @@ mod tests {
             assert!(Instant::now() < deadline, "entry outlived its key's PTTL");
             std::thread::yield_now();
         }
+    }
+
+    fn read(id: u8, args: &[&str]) -> Vec<u8> {
+        let args: Vec<Bytes> = args.iter().map(|a| Bytes::from(a.to_string())).collect();
+        reads::read_key(crate::protocol::Proto::Resp2, id, &args)
+    }
+
+    #[test]
+    fn one_invalidation_drops_every_read_of_the_key() {
+        let c = l1();
+        let h = Bytes::from_static(b"h");
+        let hget = read(2, &["HGET", "h", "a"]);
+        let hgetall = read(4, &["HGETALL", "h"]);
+        assert!(c.fill_read(0, &h, &hget, b"$1\r\n1\r\n", -1, TTL, c.token(&h)));
+        assert!(c.fill_read(
+            0,
+            &h,
+            &hgetall,
+            b"*2\r\n$1\r\na\r\n$1\r\n1\r\n",
+            -1,
+            TTL,
+            c.token(&h)
+        ));
+        assert!(c.fill(0, &h, Some(b"$1\r\nx\r\n"), -1, TTL, c.token(&h)));
+        let rules = c.rules();
+        let now = Instant::now();
+        let got = c.find(&rules, 0, b"h", &hget, now).expect("hit").entry;
+        assert_eq!(got.frame().as_deref(), Some(&b"$1\r\n1\r\n"[..]));
+        assert!(c.find(&rules, 0, b"h", &hgetall, now).is_some());
+        assert!(
+            c.find(&rules, 0, b"h", &read(2, &["HGET", "h", "b"]), now)
+                .is_none()
+        );
+        assert_eq!(
+            c.invalidate(b"h", Source::Tracking),
+            3,
+            "GET and both reads"
+        );
+        assert!(c.is_empty());
+        // A fill that raced the invalidation is fenced, for any read.
+        let t = c.token(&h);
+        c.invalidate(b"h", Source::Write);
+        assert!(!c.fill_read(0, &h, &hget, b":1\r\n", -1, TTL, t));
+    }
+
+    #[test]
+    fn missing_keys_are_negative_entries_and_errors_bounded() {
+        let c = l1();
+        let k = Bytes::from_static(b"nokey");
+        let hlen = read(6, &["HLEN", "nokey"]);
+        assert!(c.fill_read(0, &k, &hlen, b":0\r\n", -2, TTL, c.token(&k)));
+        let e = c
+            .find(&c.rules(), 0, b"nokey", &hlen, Instant::now())
+            .expect("negative entry");
+        let left = (e.entry.header() & EXPIRY_MASK).saturating_sub(c.now_ms());
+        assert!(
+            left <= 5_000,
+            "lives negative_ttl, not the rule's TTL: {left}"
+        );
+        assert!(
+            !c.fill_read(0, &k, &hlen, b":0\r\n", 0, TTL, c.token(&k)),
+            "PTTL 0"
+        );
+    }
+
+    #[test]
+    fn reads_per_key_are_bounded() {
+        let c = l1();
+        let k = Bytes::from_static(b"z");
+        let stored = (0..100)
+            .filter(|i| {
+                let r = read(20, &["LRANGE", "z", "0", &i.to_string()]);
+                c.fill_read(0, &k, &r, b"*0\r\n", -1, TTL, c.token(&k))
+            })
+            .count();
+        assert_eq!(stored, store::MAX_READS_PER_KEY);
+        assert_eq!(c.invalidate(b"z", Source::Write), store::MAX_READS_PER_KEY);
+    }
+
+    fn with(f: impl FnOnce(&mut CacheConfig)) -> L1 {
+        let mut cfg = CacheConfig {
+            max_memory: 1 << 24,
+            max_value_size: 1 << 20,
+            ..CacheConfig::default()
+        };
+        f(&mut cfg);
+        L1::new(&cfg).expect("valid cache config")
+    }
+
+    #[test]
+    fn compression_round_trips_around_min_size() {
+        for algorithm in [
+            crate::config::CompressionAlgorithm::Lz4,
+            crate::config::CompressionAlgorithm::Zstd,
+        ] {
+            let c = with(|c| {
+                c.compression = crate::config::CompressionConfig {
+                    algorithm,
+                    min_size: 1024,
+                }
+            });
+            for len in [1023usize, 1024, 1025, 5000] {
+                // Compressible but binary: every byte value, repeated.
+                let data: Vec<u8> = (0..len).map(|i| (i % 256) as u8).collect();
+                let mut frame = bytes::BytesMut::new();
+                crate::protocol::encode::bulk(&mut frame, &data);
+                let k = Bytes::from(format!("k{len}"));
+                assert!(c.fill(0, &k, Some(&frame), -1, TTL, c.token(&k)));
+                let e = c.get(0, &k).expect("cached");
+                assert_eq!(e.compression() != Compression::None, len >= 1024, "{len}");
+                assert_eq!(e.value().as_deref(), Some(&data[..]), "{algorithm:?} {len}");
+                let mut out = bytes::BytesMut::new();
+                e.write_reply(&mut out, crate::protocol::Proto::Resp2);
+                assert_eq!(&out[..], &frame[..]);
+                // A read's reply frame too.
+                let r = read(8, &["GETRANGE", &String::from_utf8_lossy(&k), "0", "-1"]);
+                assert!(c.fill_read(0, &k, &r, &frame, -1, TTL, c.token(&k)));
+                let e = c
+                    .find(&c.rules(), 0, &k, &r, Instant::now())
+                    .expect("hit")
+                    .entry;
+                assert_eq!(e.frame().as_deref(), Some(&frame[..]));
+            }
+            let (i, o) = (
+                c.stats.compressed_in.load(Ordering::Relaxed),
+                c.stats.compressed_out.load(Ordering::Relaxed),
+            );
+            assert!(o > 0 && o * 3 < i, "{algorithm:?}: {i} -> {o}");
+            assert!(
+                c.weight() < (2 * (1024 + 1025 + 5000)) as u64,
+                "weighed compressed"
+            );
+        }
+    }
+
+    #[test]
+    fn adaptive_ttl_lengthens_hot_entries_up_to_the_keys_pttl() {
+        let c = with(|c| {
+            c.adaptive_ttl = Some(crate::config::AdaptiveTtl {
+                max: Duration::from_secs(3600),
+                after_hits: 3,
+            })
+        });
+        let rules = c.rules();
+        let (a, b) = (Bytes::from_static(b"a"), Bytes::from_static(b"b"));
+        assert!(c.fill(0, &a, Some(b"$1\r\nx\r\n"), -1, TTL, c.token(&a)));
+        assert!(c.fill(0, &b, Some(b"$1\r\nx\r\n"), 120_000, TTL, c.token(&b)));
+        let left = |k: &[u8]| {
+            // Read past `lookup`, which would count a hit.
+            let e = c.store.get(c.hash(0, k), 0, k, &[]).expect("cached");
+            (e.header() & EXPIRY_MASK).saturating_sub(c.now_ms())
+        };
+        for _ in 0..2 {
+            c.find(&rules, 0, b"a", &[], Instant::now()).expect("hit");
+        }
+        assert!(left(b"a") <= 60_000, "not yet hot");
+        c.find(&rules, 0, b"a", &[], Instant::now()).expect("hit");
+        assert!(left(b"a") > 3_000_000, "hot: up to max");
+        for _ in 0..3 {
+            c.find(&rules, 0, b"b", &[], Instant::now()).expect("hit");
+        }
+        let l = left(b"b");
+        assert!(l > 60_000 && l <= 120_000, "never past its PTTL: {l}");
+        assert_eq!(c.stats.extended.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn refresh_ahead_is_started_once_past_the_fraction() {
+        let c = with(|c| c.refresh_ahead = 0.5);
+        let rules = c.rules();
+        let k = Bytes::from_static(b"k");
+        assert!(c.fill(0, &k, Some(b"$1\r\nx\r\n"), 200, TTL, c.token(&k)));
+        let first = c.find(&rules, 0, b"k", &[], Instant::now()).expect("hit");
+        assert!(!first.refresh, "early in its life");
+        let later = Instant::now() + Duration::from_millis(120);
+        assert!(c.find(&rules, 0, b"k", &[], later).expect("hit").refresh);
+        assert!(
+            !c.find(&rules, 0, b"k", &[], later).expect("hit").refresh,
+            "once"
+        );
+        assert_eq!(c.stats.refreshes.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn ttl_mode_serves_expired_entries_while_they_refresh() {
+        let mut cfg = CacheConfig {
+            max_memory: 1 << 20,
+            max_value_size: 1000,
+            refresh_ahead: 0.8,
+            max_stale: Duration::from_secs(10),
+            ..CacheConfig::default()
+        };
+        cfg.ttl = Duration::from_millis(100);
+        let c = L1::with_mode(&cfg, true).expect("l1");
+        let rules = c.rules();
+        let (k, bound) = (Bytes::from_static(b"k"), Bytes::from_static(b"bound"));
+        assert!(c.fill(0, &k, Some(b"$1\r\nx\r\n"), -1, cfg.ttl, c.token(&k)));
+        assert!(c.fill(
+            0,
+            &bound,
+            Some(b"$1\r\nx\r\n"),
+            50,
+            cfg.ttl,
+            c.token(&bound)
+        ));
+        let later = Instant::now() + Duration::from_millis(500);
+        let hit = c.find(&rules, 0, b"k", &[], later).expect("served stale");
+        assert!(hit.refresh);
+        assert!(
+            c.find(&rules, 0, b"k", &[], later).is_some(),
+            "still, while it refreshes"
+        );
+        let past = Instant::now() + Duration::from_secs(11);
+        assert!(
+            c.find(&rules, 0, b"k", &[], past).is_none(),
+            "max_stale bounds it"
+        );
+        assert!(
+            c.find(&rules, 0, b"bound", &[], later).is_none(),
+            "an entry its key's PTTL ended is never served past it"
+        );
     }
 }

@@ -26,6 +26,10 @@ const REFERENCED: u64 = 2;
 const FLAGS: u64 = OCCUPIED | REFERENCED;
 /// Slots a shard starts with, and returns to on `clear`.
 const MIN_SLOTS: usize = 64;
+/// Cached reads kept per key (`HGET h a`, `HGET h b`, ... each is one): a
+/// key's entries share a probe run, so this bounds the walk of every
+/// lookup near it. Reads past it are answered by upstream, uncached.
+pub const MAX_READS_PER_KEY: usize = 64;
 
 #[derive(Default)]
 struct Slot {
@@ -85,9 +89,31 @@ impl Table {
         }
     }
 
-    /// The slot holding `(db, key)`, if any.
-    fn find(&self, tag: u64, db: u32, key: &[u8]) -> Option<usize> {
-        self.probe(tag, |e| e.db() == db && e.key() == key)
+    /// The slot holding `(db, key, read)`, if any.
+    fn find(&self, tag: u64, db: u32, key: &[u8], read: &[u8]) -> Option<usize> {
+        self.probe(tag, |e| e.db() == db && e.key() == key && e.read() == read)
+    }
+
+    /// How many entries of `(db, key)` (any read) the table holds.
+    fn reads_of(&self, tag: u64, db: u32, key: &[u8]) -> usize {
+        let mask = self.mask();
+        let mut i = Slot::home(tag, mask);
+        let mut n = 0;
+        loop {
+            let s = &self.slots[i];
+            let t = s.tag.load(Ordering::Relaxed);
+            if t == 0 {
+                return n;
+            }
+            if t & !REFERENCED == tag
+                && let Some(e) = &s.entry
+                && e.db() == db
+                && e.key() == key
+            {
+                n += 1;
+            }
+            i = (i + 1) & mask;
+        }
     }
 
     /// Places an entry known not to be in the table, with room for it.
@@ -258,10 +284,10 @@ impl Store {
         }
     }
 
-    pub fn get(&self, hash: u64, db: u32, key: &[u8]) -> Option<Entry> {
+    pub fn get(&self, hash: u64, db: u32, key: &[u8], read: &[u8]) -> Option<Entry> {
         let tag = Self::tag(hash);
         let t = self.shard(hash).read();
-        let i = t.find(tag, db, key)?;
+        let i = t.find(tag, db, key, read)?;
         let s = &t.slots[i];
         if s.tag.load(Ordering::Relaxed) & REFERENCED == 0 {
             s.tag.fetch_or(REFERENCED, Ordering::Relaxed);
@@ -280,8 +306,11 @@ impl Store {
         let tag = Self::tag(hash);
         let mut t = self.shard(hash).write();
         let replaced = t
-            .find(tag, entry.db(), entry.key())
+            .find(tag, entry.db(), entry.key(), entry.read())
             .map(|i| t.delete_at(i, self.weigh));
+        if replaced.is_none() && t.reads_of(tag, entry.db(), entry.key()) >= MAX_READS_PER_KEY {
+            return false;
+        }
         let mut evicted = 0;
         while t.weight + w > budget && t.evict_one(self.weigh).is_some() {
             evicted += 1;
@@ -301,11 +330,25 @@ impl Store {
         true
     }
 
-    pub fn remove(&self, hash: u64, db: u32, key: &[u8]) -> Option<Entry> {
+    pub fn remove(&self, hash: u64, db: u32, key: &[u8], read: &[u8]) -> Option<Entry> {
         let tag = Self::tag(hash);
         let mut t = self.shard(hash).write();
-        let i = t.find(tag, db, key)?;
+        let i = t.find(tag, db, key, read)?;
         Some(t.delete_at(i, self.weigh))
+    }
+
+    /// Removes every entry of `(db, key)`, whatever its read; returns how
+    /// many. They share the key's probe run, so this is one walk of it
+    /// per entry removed.
+    pub fn remove_key(&self, hash: u64, db: u32, key: &[u8]) -> usize {
+        let tag = Self::tag(hash);
+        let mut t = self.shard(hash).write();
+        let mut removed = Vec::new();
+        while let Some(i) = t.probe(tag, |e| e.db() == db && e.key() == key) {
+            removed.push(t.delete_at(i, self.weigh));
+        }
+        drop(t);
+        removed.len()
     }
 
     /// Keeps the entries for which `keep` is true.
@@ -398,18 +441,18 @@ mod tests {
         }
         assert_eq!(s.len(), 500);
         for (i, k) in keys.iter().enumerate().filter(|(i, _)| i % 3 == 0) {
-            assert!(s.remove(colliding(i as u32), 0, k).is_some());
+            assert!(s.remove(colliding(i as u32), 0, k, b"").is_some());
         }
         for (i, k) in keys.iter().enumerate() {
-            let got = s.get(colliding(i as u32), 0, k);
+            let got = s.get(colliding(i as u32), 0, k, b"");
             assert_eq!(got.is_some(), i % 3 != 0, "key {i}");
-            assert!(s.get(colliding(i as u32), 1, k).is_none(), "other db");
+            assert!(s.get(colliding(i as u32), 1, k, b"").is_none(), "other db");
         }
         s.retain(|e| e.key().ends_with(b"1"));
         assert!(!s.is_empty());
         for (i, k) in keys.iter().enumerate() {
             let want = i % 3 != 0 && k.ends_with(b"1");
-            assert_eq!(s.get(colliding(i as u32), 0, k).is_some(), want);
+            assert_eq!(s.get(colliding(i as u32), 0, k, b"").is_some(), want);
         }
         s.clear();
         assert!(s.is_empty() && s.weight() == 0);
@@ -431,10 +474,10 @@ mod tests {
                         model.insert(k, ());
                     }
                     1 => {
-                        proptest::prop_assert_eq!(s.remove(h, 0, &key).is_some(), model.remove(&k).is_some());
+                        proptest::prop_assert_eq!(s.remove(h, 0, &key, b"").is_some(), model.remove(&k).is_some());
                     }
                     _ => {
-                        proptest::prop_assert_eq!(s.get(h, 0, &key).is_some(), model.contains_key(&k));
+                        proptest::prop_assert_eq!(s.get(h, 0, &key, b"").is_some(), model.contains_key(&k));
                     }
                 }
             }
@@ -442,7 +485,7 @@ mod tests {
             for k in 0..40u32 {
                 let h = colliding(k) | (u64::from(k % 2) << 63);
                 let key = format!("k{k}").into_bytes();
-                proptest::prop_assert_eq!(s.get(h, 0, &key).is_some(), model.contains_key(&k));
+                proptest::prop_assert_eq!(s.get(h, 0, &key, b"").is_some(), model.contains_key(&k));
             }
         }
     }
@@ -459,7 +502,7 @@ mod tests {
         assert_eq!(s.weight(), 140);
         // Touch the first five: the next inserts evict among the others.
         for (i, k) in keys.iter().enumerate().take(5) {
-            assert!(s.get(i as u64 * 4097, 0, k).is_some());
+            assert!(s.get(i as u64 * 4097, 0, k, b"").is_some());
         }
         for i in 20..25u32 {
             assert!(s.insert(i as u64 * 4097, entry(format!("k{i}").as_bytes())));
@@ -467,7 +510,10 @@ mod tests {
         assert_eq!(evictions.load(Ordering::Relaxed), 5);
         assert!(s.weight() <= 140);
         for (i, k) in keys.iter().enumerate().take(5) {
-            assert!(s.get(i as u64 * 4097, 0, k).is_some(), "referenced kept");
+            assert!(
+                s.get(i as u64 * 4097, 0, k, b"").is_some(),
+                "referenced kept"
+            );
         }
         assert!(
             !s.insert(1, Entry::new(0, &[b'x'; 200], 0, 0, None)),

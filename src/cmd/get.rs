@@ -17,7 +17,7 @@ use bytes::{Bytes, BytesMut};
 
 use super::{Client, Replies, Then, arity_error};
 use crate::cache::flight::{GetAnswer, Join};
-use crate::cache::{Entry, FillToken, Policy};
+use crate::cache::{Entry, FillToken, Policy, reads};
 use crate::context::Context;
 use crate::protocol::request::{Command, encode_command};
 use crate::protocol::{Proto, encode, reply};
@@ -48,11 +48,14 @@ pub fn get(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
         }
     };
     let l1 = &c.ctx.l1;
-    if let Some(e) = l1.get_at(c.db, &cmd.args[1], c.now) {
+    if let Some(hit) = l1.find(&c.rules, c.db, &cmd.args[1], &[], c.now) {
         l1.stats.hits.add(1);
         c.op.class = Class::Hit;
+        if hit.refresh {
+            refresh(c, cmd.args[1].clone(), ttl);
+        }
         let proto = c.proto;
-        r.ready(|o| e.write_reply(o, proto));
+        r.ready(|o| hit.entry.write_reply(o, proto));
         return;
     }
     l1.stats.misses.add(1);
@@ -80,7 +83,7 @@ pub fn get(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
                 // Only after the fill: a stale answer never goes back into
                 // L1 as fresh.
                 if let GetAnswer::Failed(_) = answer {
-                    if let Some(e) = ctx.l1.get_stale(db, &key) {
+                    if let Some(e) = ctx.l1.get_stale(db, &key, &[]) {
                         ctx.l1.stats.stale_served.fetch_add(1, Ordering::Relaxed);
                         answer = match e.frame() {
                             Some(f) => GetAnswer::Value(f),
@@ -99,11 +102,28 @@ pub fn get(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
     r.pending.push_back(super::Pending::Get(rx, c.op));
 }
 
+/// Re-reads `key` in the background (`cache.refresh_ahead`): `GET` and
+/// `PTTL` on a reader connection, then a fill as a miss's. No client waits
+/// for it; the entry it replaces is served meanwhile.
+fn refresh(c: &Client, key: Bytes, ttl: std::time::Duration) {
+    let token = c.ctx.l1.token(&key);
+    let reader = c.ctx.upstream.reader(c.db, c.id);
+    let get_rx = reader.send(encode_command(&[&b"GET"[..], &key]), None, true);
+    let pttl_rx = reader.send(encode_command(&[&b"PTTL"[..], &key]), None, true);
+    let (ctx, db) = (c.ctx.clone(), c.db);
+    tokio::spawn(async move {
+        if let Ok(Ok(bytes)) = get_rx.await {
+            let pttl = pttl_of(pttl_rx.await.ok());
+            fill_one(&ctx, db, &key, &classify(bytes), pttl, ttl, token);
+        }
+    });
+}
+
 /// Whether L1 may answer `cmd` on `keys` for this client: always for
 /// kiln's own users; for a client logged in as an upstream ACL user, only
 /// once upstream said that user may (`cmd::acl`). An unknown answer is
 /// asked for in the background and the read goes upstream meanwhile.
-fn may_read_l1(c: &Client, cmd: &'static str, keys: &[Bytes]) -> bool {
+pub(super) fn may_read_l1(c: &Client, cmd: &'static str, keys: &[Bytes]) -> bool {
     let Some(who) = &c.upstream_as else {
         return true;
     };
@@ -198,9 +218,14 @@ pub fn mget(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
     let rules = c.rules.clone();
     for key in keys {
         c.ctx.warmup.record(key);
-        let policy = rules.policy(key);
+        let policy = rules.policy_for(key, reads::MGET);
         let hit = match policy {
-            Policy::Cache { .. } => l1.get_at(c.db, key, c.now),
+            Policy::Cache { ttl } => l1.find(&rules, c.db, key, &[], c.now).map(|h| {
+                if h.refresh {
+                    refresh(c, key.clone(), ttl);
+                }
+                h.entry
+            }),
             Policy::Bypass => {
                 l1.stats.bypasses.add(1);
                 None
@@ -300,7 +325,7 @@ fn stale_mget(
     let mut stale = Vec::with_capacity(missing.len());
     for m in missing {
         m.fill?;
-        stale.push(ctx.l1.get_stale(db, &m.key)?);
+        stale.push(ctx.l1.get_stale(db, &m.key, &[])?);
     }
     ctx.l1
         .stats

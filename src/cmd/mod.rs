@@ -18,6 +18,7 @@ pub mod auth;
 pub mod clients;
 pub mod get;
 pub mod local;
+pub mod read;
 pub mod session;
 pub mod table;
 pub mod write;
@@ -354,7 +355,7 @@ impl Client {
         // connection (a GET miss on a reader): Redis runs a client's
         // commands in order.
         if self.fills_pending > 0
-            && !matches!(name, b"get" | b"mget")
+            && crate::cache::reads::id(name).is_none()
             && self.ctx.table.write_keys(&cmd.args).is_some()
         {
             return true;
@@ -453,9 +454,12 @@ impl Client {
             _ if self.ctx.table.is_blocking(&cmd.args) => {
                 return session::blocking(self, cmd, r).await;
             }
-            _ => match write::refused(name) {
-                Some(msg) => r.error(&msg),
-                None => write::forward(self, cmd, r),
+            _ => match read::cacheable(self, name, &cmd.args) {
+                Some(id) => read::cached(self, id, cmd, r),
+                None => match write::refused(name) {
+                    Some(msg) => r.error(&msg),
+                    None => write::forward(self, cmd, r),
+                },
             },
         }
         Flow::Continue

@@ -339,6 +339,7 @@ mod tests {
             cache,
             ttl: None,
             percent: 100,
+            commands: None,
         }
     }
 

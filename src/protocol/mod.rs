@@ -7,6 +7,7 @@
 pub mod encode;
 pub mod reply;
 pub mod request;
+pub mod resp3;
 pub mod scan;
 
 /// RESP protocol version spoken on a connection.

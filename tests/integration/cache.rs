@@ -169,6 +169,7 @@ async fn rules_bypass_and_select_isolation() {
             cache: false,
             ttl: None,
             percent: 100,
+            commands: None,
         })
     })
     .await;

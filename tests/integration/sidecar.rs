@@ -45,6 +45,7 @@ async fn every_metric_is_exported_with_its_type_and_counters_move() {
             cache: true,
             ttl: None,
             percent: 25,
+            commands: None,
         })
     })
     .await;
