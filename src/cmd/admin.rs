@@ -358,6 +358,29 @@ pub fn status_fields(ctx: &Context, w: &Snapshot) -> Vec<(&'static str, Val)> {
             Val::Str(format!("{:?}:{}", ctx.coherence.mode, ctx.coherence.state()).to_lowercase()),
         ),
         (
+            "tracking_table_max_keys",
+            Val::Int(
+                ctx.coherence
+                    .tracking_table_max
+                    .load(std::sync::atomic::Ordering::Relaxed),
+            ),
+        ),
+        (
+            "l1_entries_capacity",
+            Val::Int(ctx.l1.entries_capacity() as i64),
+        ),
+        (
+            "tracking_table_warning",
+            Val::Str(
+                ctx.coherence
+                    .tracking_table_small(&ctx.l1)
+                    .map(|(table, l1)| {
+                        format!("L1 holds up to ~{l1} entries but upstream tracks at most {table} keys (tracking-table-max-keys): L1 churns; raise it or use coherence.mode = \"bcast\"")
+                    })
+                    .unwrap_or_default(),
+            ),
+        ),
+        (
             "upstream",
             Val::Str(ctx.upstream.breaker.state().as_str().into()),
         ),

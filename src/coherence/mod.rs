@@ -60,6 +60,8 @@ pub struct Coherence {
     pub acl_changes: AtomicU64,
     /// The `bcast` invalidation channel, once started.
     bcast: std::sync::Mutex<Option<ConnHandle>>,
+    /// Upstream's `tracking-table-max-keys` (0 = unlimited), -1 until read.
+    pub tracking_table_max: std::sync::atomic::AtomicI64,
 }
 
 fn cmd(args: &[&str]) -> Vec<Vec<u8>> {
@@ -82,7 +84,50 @@ impl Coherence {
             swaps_seen: AtomicU64::new(0),
             acl_changes: AtomicU64::new(0),
             bcast: std::sync::Mutex::new(None),
+            tracking_table_max: std::sync::atomic::AtomicI64::new(-1),
         })
+    }
+
+    /// In `tracking` mode, when L1 can hold more entries than upstream's
+    /// tracking table (`tracking-table-max-keys`): Redis then evicts keys
+    /// from the table with invalidations, so L1 churns and holds about
+    /// that many keys at most. `Some((table, l1_entries))` when so.
+    pub fn tracking_table_small(&self, l1: &L1) -> Option<(u64, u64)> {
+        let max = self.tracking_table_max.load(Ordering::Relaxed);
+        if self.mode != CoherenceMode::Tracking || max <= 0 {
+            return None;
+        }
+        let l1_entries = l1.entries_capacity();
+        (l1_entries > max as u64).then_some((max as u64, l1_entries))
+    }
+
+    /// Reads upstream's `tracking-table-max-keys`, and logs when L1 starts
+    /// or stops being larger than it.
+    async fn check_tracking_table(&self, control: &ConnHandle, l1: &L1) {
+        if self.mode != CoherenceMode::Tracking {
+            return;
+        }
+        let ask = encode_command(&["CONFIG", "GET", "tracking-table-max-keys"]);
+        let Ok(Ok(reply)) = control.send(ask, None, true).await else {
+            return;
+        };
+        let Some(max) = config_value(&reply) else {
+            return;
+        };
+        let was = self.tracking_table_small(l1);
+        self.tracking_table_max.store(max, Ordering::Relaxed);
+        match (was, self.tracking_table_small(l1)) {
+            (None, Some((table, entries))) => tracing::warn!(
+                tracking_table_max_keys = table,
+                l1_entries_capacity = entries,
+                "L1 can hold more keys than upstream's tracking table: Redis will evict tracked keys with invalidations and L1 will churn; raise tracking-table-max-keys upstream (0 = unlimited) or use coherence.mode = \"bcast\""
+            ),
+            (Some(_), None) => tracing::info!(
+                tracking_table_max_keys = max,
+                "upstream's tracking table is no longer smaller than L1"
+            ),
+            _ => {}
+        }
     }
 
     /// Waits until every invalidation upstream sent before now has been
@@ -212,6 +257,11 @@ impl Coherence {
             Ok(Ok(Ok(reply))) => (Some(swapdb_calls(&reply)), acl_calls(&reply)),
             _ => (None, 0),
         };
+        let _ = tokio::time::timeout(
+            self.check_interval.max(Duration::from_secs(1)),
+            self.check_tracking_table(&control, &l1),
+        )
+        .await;
         tokio::spawn(async move {
             // Holding the handle keeps the bcast channel open.
             let _bcast = bcast;
@@ -220,6 +270,7 @@ impl Coherence {
                     _ = shutdown.cancelled() => return,
                     _ = tokio::time::sleep(me.check_interval) => {}
                 }
+                me.check_tracking_table(&control, &l1).await;
                 let Ok(Ok(reply)) = control.send(info.clone(), None, true).await else {
                     continue;
                 };
@@ -245,6 +296,15 @@ impl Coherence {
             }
         });
     }
+}
+
+/// The value of a one-parameter `CONFIG GET` reply (`*2 name value`, or
+/// a RESP3 map), as a number.
+fn config_value(reply: &[u8]) -> Option<i64> {
+    let text = String::from_utf8_lossy(reply);
+    let mut lines = text.split("\r\n").filter(|l| !l.is_empty());
+    // `*2`/`%1`, `$n`, name, `$n`, value.
+    lines.nth(4)?.parse().ok()
 }
 
 /// Applies one RESP3 push: `invalidate` with keys, or with null for a flush.

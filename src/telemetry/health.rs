@@ -225,6 +225,17 @@ impl Health {
                 0.0,
             ));
         }
+        if let Some((table, l1)) = ctx.coherence.tracking_table_small(&ctx.l1) {
+            firing.push((
+                "tracking_table_small",
+                "warning",
+                format!(
+                    "L1 holds ~{l1} entries, upstream's tracking table {table} keys: L1 churns"
+                ),
+                l1 as f64,
+                table as f64,
+            ));
+        }
         let mut active = lock(&self.active);
         let now = SystemTime::now();
         let names: Vec<&'static str> = firing.iter().map(|f| f.0).collect();

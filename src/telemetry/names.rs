@@ -32,14 +32,30 @@ pub const CONFIG_RELOADS: &str = "config_reloads_total";
 /// Not in the SPEC's list: each cache rule's rollout share (`percent`), by
 /// its `match` pattern as `rule`.
 pub const ROLLOUT: &str = "cache_rollout_percent";
+/// Background refreshes started by `cache.refresh_ahead` (SPEC section 4).
+pub const REFRESHES: &str = "cache_refreshes_total";
+/// Not in the SPEC's list: original over stored bytes of the values L1
+/// stored compressed since start (1 when none were).
+pub const COMPRESSION_RATIO: &str = "cache_compression_ratio";
+/// Not in the SPEC's list: upstream's `tracking-table-max-keys` (0 =
+/// unlimited), named as `redis_memory_usage_bytes` is: a polled upstream
+/// value.
+pub const TRACKING_TABLE: &str = "redis_tracking_table_max_keys";
+/// Not in the SPEC's list: about how many entries `cache.max_memory` holds
+/// at the current average entry size (see `L1::entries_capacity`).
+pub const L1_CAPACITY_ENTRIES: &str = "cache_l1_entries_capacity";
 
 /// Every metric kiln exports, with its Prometheus type and help text.
 pub const ALL: &[(&str, &str, &str)] = &[
-    (HITS, "counter", "GET/MGET keys answered from L1"),
+    (
+        HITS,
+        "counter",
+        "Cached reads (GET, each MGET key, and the other cache.commands) answered from L1",
+    ),
     (
         MISSES,
         "counter",
-        "GET/MGET keys L1 did not have (read from upstream)",
+        "Cached reads L1 did not have (read from upstream)",
     ),
     (
         REQUESTS,
@@ -140,6 +156,26 @@ pub const ALL: &[(&str, &str, &str)] = &[
         ROLLOUT,
         "gauge",
         "Share of a cache rule's keys that is cached (percent), by the rule's match pattern",
+    ),
+    (
+        REFRESHES,
+        "counter",
+        "Background refreshes of entries near (or, in ttl mode, past) their expiry (cache.refresh_ahead)",
+    ),
+    (
+        COMPRESSION_RATIO,
+        "gauge",
+        "Original over stored bytes of the values L1 stored compressed since start (1 when none)",
+    ),
+    (
+        TRACKING_TABLE,
+        "gauge",
+        "Upstream tracking-table-max-keys (0 unlimited, -1 not read); tracking mode only",
+    ),
+    (
+        L1_CAPACITY_ENTRIES,
+        "gauge",
+        "About how many entries cache.max_memory holds at the current average entry size",
     ),
 ];
 

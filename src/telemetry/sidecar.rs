@@ -123,6 +123,14 @@ pub fn render(ctx: &Context) -> String {
         m.counter(names::CONFIG_RELOADS, &[("result", result)])
             .absolute(load(&ctx.reloader.results[i]));
     }
+    m.counter(names::REFRESHES, &[])
+        .absolute(load(&s.refreshes));
+    m.gauge(names::COMPRESSION_RATIO, &[])
+        .set(ctx.l1.compression_ratio());
+    m.gauge(names::TRACKING_TABLE, &[])
+        .set(ctx.coherence.tracking_table_max.load(Ordering::Relaxed) as f64);
+    m.gauge(names::L1_CAPACITY_ENTRIES, &[])
+        .set(ctx.l1.entries_capacity() as f64);
     for (rule, percent) in ctx.l1.rollout() {
         m.set_labelled(names::ROLLOUT, "rule", &rule, f64::from(percent));
     }
@@ -159,6 +167,11 @@ async fn metrics_json(State(ctx): State<Arc<Context>>) -> Json<serde_json::Value
         o.insert("penetrations".into(), load(&s.penetrations).into());
         o.insert("bypasses".into(), s.bypasses.load().into());
         o.insert("evictions".into(), load(&s.evictions).into());
+        o.insert("refreshes".into(), load(&s.refreshes).into());
+        o.insert(
+            "compression_ratio".into(),
+            ctx.l1.compression_ratio().into(),
+        );
         o.insert("invalidations".into(), invalidations.into());
         o.insert("upstream_errors".into(), errors.into());
         o.insert("commands".into(), ctx.metrics.commands_total().into());

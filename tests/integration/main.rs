@@ -12,6 +12,7 @@ mod corpus;
 mod frames;
 mod limits;
 mod pipelines;
+mod reads;
 mod reload;
 mod session;
 mod sidecar;
