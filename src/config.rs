@@ -1300,4 +1300,60 @@ mod tests {
         let err = Config::from_toml("[cache]\nttl = \"5 parsecs\"\n").expect_err("bad duration");
         assert!(err.to_string().contains("line 2"), "{err}");
     }
+
+    #[test]
+    fn unsafe_cached_commands_name_the_key_the_line_and_why() {
+        for (text, key, line, why) in [
+            (
+                "[cache]\nttl = \"1m\"\ncommands = [\"GET\", \"TTL\"]\n",
+                "cache.commands",
+                3,
+                "changes without a write",
+            ),
+            (
+                "[cache]\ncommands = [\"srandmember\"]\n",
+                "cache.commands",
+                2,
+                "random",
+            ),
+            (
+                "[cache]\ncommands = [\"SCAN\"]\n",
+                "cache.commands",
+                2,
+                "cursor",
+            ),
+            (
+                "[cache]\ncommands = [\"GET\"]\n[[cache.rules]]\nmatch = \"a*\"\ncommands = [\"HGET\"]\n",
+                "cache.rules[0].commands",
+                3,
+                "only narrow",
+            ),
+            (
+                "[cache]\nrefresh_ahead = 1.5\n",
+                "cache.refresh_ahead",
+                2,
+                "fraction",
+            ),
+            (
+                "[coherence]\nmode = \"ttl\"\n[cache]\nadaptive_ttl = { max = \"1h\", after_hits = 10 }\n",
+                "cache.adaptive_ttl",
+                4,
+                "ttl",
+            ),
+        ] {
+            let msg = Config::from_toml(text)
+                .and_then(|c| c.validate(text))
+                .expect_err(text)
+                .to_string();
+            assert!(
+                msg.contains(key) && msg.contains(&format!("line {line}")) && msg.contains(why),
+                "{text}: {msg}"
+            );
+        }
+        let text = "[cache]\ncommands = [\"get\", \"HGETALL\", \"zrangebyscore\"]\ncompression = { algorithm = \"zstd\", min_size = \"2KiB\" }\nadaptive_ttl = { max = \"1h\", after_hits = 10 }\nrefresh_ahead = 0.8\n";
+        let ok = Config::from_toml(text).expect("parses");
+        ok.validate(text).expect("valid");
+        assert_eq!(ok.cache.compression.min_size, 2048);
+        assert_eq!(ok.cache.commands.len(), 3);
+    }
 }
