@@ -5,7 +5,8 @@
 
 Both kilns (one worker, L1 warmed, bench/compare.py's config) sit in front of
 the same redis-server; redis-benchmark -c 50 -d 100 -r 100000 runs MGET of
-10 and GET at -P 16, SET at -P 16 and GET at -P 1 against each in turn, the
+10 and GET at -P 16, SET at -P 16, GET at -P 1 and HGETALL of 10,000
+hashes at -P 16 (every hash read once first) against each in turn, the
 order alternating per round. CPU is utime + stime of the kiln process from
 /proc, before and after each run, divided by the requests: a figure that is
 kiln's own, where throughput on this shared 2-core machine moves by tens of
@@ -24,7 +25,7 @@ def cpu(pid):
     return (int(f[11]) + int(f[12])) / tick
 rport = C.free_port()
 redis = subprocess.Popen(["redis-server", "--port", str(rport), "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL)
-C.wait_port(rport, redis, "redis"); C.fill(rport)
+C.wait_port(rport, redis, "redis"); C.fill(rport); C.fill_hashes(rport)
 procs = {}
 for name, path in bins.items():
     port, metrics = C.free_port(), C.free_port()
@@ -33,13 +34,16 @@ for name, path in bins.items():
     p = subprocess.Popen([path, "--config", cfg]); C.wait_port(port, p, name)
     C.call(port, "CACHE.WARMUP", "SYNC", "MATCH", "key:*")
     procs[name] = (p, port)
-workloads = [("mget10", 16, 300_000), ("get", 16, 1_000_000), ("set", 16, 1_000_000), ("get", 1, 200_000)]
+workloads = [("mget10", 16, 300_000), ("get", 16, 1_000_000), ("set", 16, 1_000_000), ("get", 1, 200_000),
+             ("hgetall", 16, 500_000)]
 res = {}
 try:
     for rnd in range(int(sys.argv[3]) if len(sys.argv) > 3 else 3):
         for w, P, n in workloads:
             for name in (["base", "main"] if rnd % 2 == 0 else ["main", "base"]):
                 p, port = procs[name]
+                if w == "hgetall":
+                    C.warm_hashes(port)
                 c0 = cpu(p.pid)
                 rps, p50, p99 = C.bench(port, w, P, n)
                 us = (cpu(p.pid) - c0) / n * 1e6

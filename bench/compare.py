@@ -8,7 +8,8 @@ Builds kiln in release mode; starts on loopback a redis-server, twemproxy
 kiln whose rule turns caching off for the benchmark keys (pure forwarding);
 fills 100,000 keys of 100 bytes; then runs redis-benchmark against the
 targets in turn (the order rotates each round): GET (L1 hits for kiln), GET
-through the forwarding kiln, SET and MGET of 10 keys; -c 50 -d 100 -r 100000,
+through the forwarding kiln, SET, MGET of 10 keys and HGETALL of 10,000
+hashes (L1 hits for kiln); -c 50 -d 100 -r 100000,
 at -P 1 and -P 16. kiln runs one worker thread (`server.threads = 1`,
 or KILN_THREADS=n), as Redis serves from one: on 2 cores redis-benchmark
 takes the other, and a second worker only competes with it. Reports medians over the rounds as a markdown table with
@@ -30,6 +31,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS = 100_000
+# Hashes h:000000000000 ... of five 20-byte fields, for HGETALL.
+HASHES = 10_000
 
 
 def free_port():
@@ -100,11 +103,37 @@ def fill(port):
             got += s.recv(1 << 16)
 
 
+def fill_hashes(port):
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        batch = b""
+        for i in range(HASHES):
+            args = [b"HSET", b"h:%012d" % i]
+            for f in range(1, 6):
+                args += [b"f%d" % f, b"%020d" % (i * 10 + f)]
+            batch += resp(*args)
+        s.sendall(batch)
+        got = b""
+        while got.count(b"\r\n") < HASHES:
+            got += s.recv(1 << 16)
+
+
+def warm_hashes(port):
+    """Reads every hash once through kiln, so HGETALL runs are L1 hits."""
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(b"".join(resp("HGETALL", b"h:%012d" % i) for i in range(HASHES)))
+        got = b""
+        while got.count(b"*10\r\n") < HASHES:
+            got += s.recv(1 << 16)
+
+
 def bench(port, test, pipeline, n):
+    keys = HASHES if test == "hgetall" else KEYS
     cmd = ["redis-benchmark", "-p", str(port), "-c", "50", "-n", str(n), "-d", "100",
-           "-r", str(KEYS), "-P", str(pipeline), "--csv"]
+           "-r", str(keys), "-P", str(pipeline), "--csv"]
     if test == "mget10":
         cmd += ["MGET"] + ["key:__rand_int__"] * 10
+    elif test == "hgetall":
+        cmd += ["HGETALL", "h:__rand_int__"]
     else:
         cmd += ["-t", test]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
@@ -179,6 +208,7 @@ def main():
         procs.append(redis)
         wait_port(rport, redis, "redis-server")
         fill(rport)
+        fill_hashes(rport)
 
         tport, tstats = free_port(), free_port()
         conf = os.path.join(tmp, "nutcracker.yml")
@@ -208,7 +238,8 @@ def main():
                 sys.exit(f"warmup failed: {reply[:200]!r}")
 
         workloads = [("get_hit", "get", "kiln"), ("get_forward", "get", "kiln_fwd"),
-                     ("set", "set", "kiln"), ("mget10", "mget10", "kiln")]
+                     ("set", "set", "kiln"), ("mget10", "mget10", "kiln"),
+                     ("hgetall_hit", "hgetall", "kiln")]
         results = {}
         for rnd in range(args.rounds):
             for pipeline in [1, 16]:
@@ -219,6 +250,8 @@ def main():
                     for tname, port in targets[shift:] + targets[:shift]:
                         if tname == "kiln" and wname in ("get_hit", "mget10"):
                             warm()
+                        if tname == "kiln" and wname == "hgetall_hit":
+                            warm_hashes(port)
                         r = bench(port, test, pipeline, n)
                         results.setdefault((wname, pipeline, tname), []).append(r)
                         print(f"round {rnd+1} {wname:12} P{pipeline:<2} {tname:10} {r[0]:>12.0f} rps  p50 {r[1]:.3f} ms  p99 {r[2]:.3f} ms",
@@ -247,6 +280,7 @@ def main():
                   f"{args.rounds} rounds{' (quick)' if args.quick else ''}; loopback, 2 cores shared by the client, "
                   f"kiln and Redis; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.\n"
                   "get_hit: kiln answers from a warmed L1. get_forward: a kiln whose rule turns caching off. "
+                  f"hgetall_hit: HGETALL of {HASHES:,} hashes of five 20-byte fields, every one read once through kiln first. "
                   f"kiln threads = {os.environ.get('KILN_THREADS', 1)}, like Redis's one.\n\n")
         with open(os.path.join(ROOT, "bench/results/compare.md"), "w") as f:
             f.write(header + table + "\n\n![ratios](compare.svg)\n")

@@ -5,6 +5,12 @@
 //! drops a key on every write would have kept from upstream on the same
 //! operations: the ceiling for a coherent cache.
 //!
+//! A second mix does the same for the other cached reads: zipf(0.99) over
+//! 200,000 hashes and sorted sets, 95% reads (`HGETALL`, `HGET` of one of
+//! four fields, `ZRANGE 0 9 WITHSCORES`) and 5% writes (`HSET`, `ZADD`).
+//! Its ceiling is an unbounded cache of replies that drops every reply of
+//! a key on a write to it.
+//!
 //! `cargo bench --bench skewed` writes `bench/results/skewed.md`; under
 //! `cargo test` it runs 20,000 keys as a smoke test.
 
@@ -59,6 +65,92 @@ fn operations(keys: usize, count: usize, s: f64) -> Vec<Op> {
         .collect()
 }
 
+/// One operation of the hash and sorted-set mix, by key rank.
+#[derive(Clone, Copy)]
+enum ROp {
+    HGetAll(u32),
+    HGet(u32, u8),
+    ZRange(u32),
+    HSet(u32, u8),
+    ZAdd(u32, u8),
+}
+
+impl ROp {
+    fn encode(self, out: &mut Vec<u8>) {
+        let h = |k: u32| format!("h:{k}");
+        let z = |k: u32| format!("z:{k}");
+        out.extend(match self {
+            ROp::HGetAll(k) => encode(&["HGETALL", &h(k)]),
+            ROp::HGet(k, f) => encode(&["HGET", &h(k), &format!("f{f}")]),
+            ROp::ZRange(k) => encode(&["ZRANGE", &z(k), "0", "9", "WITHSCORES"]),
+            ROp::HSet(k, f) => encode(&["HSET", &h(k), &format!("f{f}"), &"w".repeat(25)]),
+            ROp::ZAdd(k, m) => encode(&["ZADD", &z(k), &m.to_string(), &format!("m{m}")]),
+        });
+    }
+}
+
+/// The mix: keys by zipf(s) rank; 40% HGETALL, 30% HGET, 25% ZRANGE, 5%
+/// writes (HSET or ZADD).
+fn read_operations(keys: usize, count: usize, s: f64) -> Vec<ROp> {
+    let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+    let ranks = operations(keys, count, s);
+    ranks
+        .iter()
+        .map(|op| {
+            let k = match *op {
+                Op::Get(k) | Op::Set(k) => k,
+            };
+            let u = rng.unit();
+            let small = (rng.next() % 4) as u8;
+            if u < 0.40 {
+                ROp::HGetAll(k)
+            } else if u < 0.70 {
+                ROp::HGet(k, small)
+            } else if u < 0.95 {
+                ROp::ZRange(k)
+            } else if u < 0.975 {
+                ROp::HSet(k, small)
+            } else {
+                ROp::ZAdd(k, small)
+            }
+        })
+        .collect()
+}
+
+/// Share of the mix's reads an unbounded reply cache that drops every
+/// reply of a key on a write to it keeps from upstream, starting empty.
+fn read_ceiling(ops: &[ROp], keys: usize) -> f64 {
+    // Per hash: HGETALL and the four HGET replies; per sorted set: ZRANGE.
+    let mut hash = vec![0u8; keys];
+    let mut zset = vec![false; keys];
+    let (mut reads, mut kept) = (0u64, 0u64);
+    for op in ops {
+        match *op {
+            ROp::HGetAll(k) | ROp::HGet(k, _) => {
+                let bit = match *op {
+                    ROp::HGet(_, f) => 1 << f,
+                    _ => 1 << 4,
+                };
+                reads += 1;
+                if hash[k as usize] & bit != 0 {
+                    kept += 1;
+                }
+                hash[k as usize] |= bit;
+            }
+            ROp::ZRange(k) => {
+                reads += 1;
+                if zset[k as usize] {
+                    kept += 1;
+                }
+                zset[k as usize] = true;
+            }
+            ROp::HSet(k, _) => hash[k as usize] = 0,
+            ROp::ZAdd(k, _) => zset[k as usize] = false,
+        }
+    }
+    kept as f64 / reads as f64
+}
+
 /// Share of GETs an unbounded cache that drops a key on every write keeps
 /// from upstream, starting empty and starting with every key cached.
 fn ceilings(ops: &[Op], keys: usize) -> (f64, f64) {
@@ -82,27 +174,35 @@ fn ceilings(ops: &[Op], keys: usize) -> (f64, f64) {
     (share(false), share(true))
 }
 
-/// Sends the operations over `conns` connections, `depth` in flight on
-/// each; returns the time taken.
-async fn drive(addr: std::net::SocketAddr, ops: &[Op], conns: usize, depth: usize) -> Duration {
+/// The commands of the GET/SET mix.
+fn encoded(ops: &[Op]) -> Vec<Vec<u8>> {
     let value = "v".repeat(100);
-    let chunk = ops.len().div_ceil(conns);
+    ops.iter()
+        .map(|op| match *op {
+            Op::Get(k) => encode(&["GET", &format!("key:{k}")]),
+            Op::Set(k) => encode(&["SET", &format!("key:{k}"), &value]),
+        })
+        .collect()
+}
+
+/// Sends the commands over `conns` connections, `depth` in flight on
+/// each; returns the time taken.
+async fn drive(
+    addr: std::net::SocketAddr,
+    cmds: &std::sync::Arc<Vec<Vec<u8>>>,
+    conns: usize,
+    depth: usize,
+) -> Duration {
+    let chunk = cmds.len().div_ceil(conns);
     let start = Instant::now();
     let mut tasks = Vec::new();
-    for part in ops.chunks(chunk) {
-        let part = part.to_vec();
-        let value = value.clone();
+    for from in (0..cmds.len()).step_by(chunk) {
+        let cmds = cmds.clone();
         tasks.push(tokio::spawn(async move {
+            let part = &cmds[from..(from + chunk).min(cmds.len())];
             let mut c = Conn::connect(addr).await;
             for window in part.chunks(depth) {
-                let mut batch = Vec::with_capacity(window.len() * 64);
-                for op in window {
-                    match *op {
-                        Op::Get(k) => batch.extend(encode(&["GET", &format!("key:{k}")])),
-                        Op::Set(k) => batch.extend(encode(&["SET", &format!("key:{k}"), &value])),
-                    }
-                }
-                c.send_raw(&batch).await;
+                c.send_raw(&window.concat()).await;
                 for _ in window {
                     c.read().await;
                 }
@@ -113,6 +213,33 @@ async fn drive(addr: std::net::SocketAddr, ops: &[Op], conns: usize, depth: usiz
         t.await.expect("driver");
     }
     start.elapsed()
+}
+
+/// Fills `keys` hashes (four 25-byte fields) and sorted sets (ten members).
+async fn seed_reads(redis: &Redis, keys: usize) {
+    let mut c = redis.conn().await;
+    for start in (0..keys).step_by(1000) {
+        let mut batch = Vec::new();
+        let end = (start + 1000).min(keys);
+        for k in start..end {
+            let h = format!("h:{k}");
+            let v = "v".repeat(25);
+            batch.extend(encode(&[
+                "HSET", &h, "f0", &v, "f1", &v, "f2", &v, "f3", &v,
+            ]));
+            let z = format!("z:{k}");
+            let mut args = vec!["ZADD".to_string(), z];
+            for m in 0..10 {
+                args.push(m.to_string());
+                args.push(format!("m{m}"));
+            }
+            batch.extend(encode(&args));
+        }
+        c.send_raw(&batch).await;
+        for _ in 0..2 * (end - start) {
+            c.read().await;
+        }
+    }
 }
 
 /// The release binary of kiln in front of `redis`, killed on drop.
@@ -178,7 +305,8 @@ async fn main() {
 
     let redis = Redis::start();
     seed(&redis, "key:", keys, |_| "v".repeat(100)).await;
-    let direct = drive(redis.addr(), &ops, conns, depth).await;
+    let cmds = std::sync::Arc::new(encoded(&ops));
+    let direct = drive(redis.addr(), &cmds, conns, depth).await;
 
     let mut rows = vec![format!(
         "| Redis direct | {:.0} | 100% | - | - |",
@@ -196,7 +324,7 @@ async fn main() {
                 .expect("open");
         }
         redis.reset_stats().await;
-        let took = drive(kiln.addr, &ops, conns, depth).await;
+        let took = drive(kiln.addr, &cmds, conns, depth).await;
         let upstream = redis.calls("get").await as f64;
         let reached = upstream / gets;
         let ceiling = if warm { ceiling_warm } else { ceiling_cold };
@@ -215,6 +343,47 @@ async fn main() {
         rows.join("\n")
     );
     println!("{table}");
+
+    // The hash and sorted-set mix, from a cold L1 (warmup fills strings).
+    let rkeys = keys / 5;
+    let rops = read_operations(rkeys, count, 0.99);
+    let reads = rops
+        .iter()
+        .filter(|o| !matches!(o, ROp::HSet(..) | ROp::ZAdd(..)))
+        .count() as f64;
+    let rceiling = read_ceiling(&rops, rkeys);
+    seed_reads(&redis, rkeys).await;
+    let rcmds = std::sync::Arc::new(
+        rops.iter()
+            .map(|o| {
+                let mut v = Vec::new();
+                o.encode(&mut v);
+                v
+            })
+            .collect::<Vec<_>>(),
+    );
+    let rdirect = drive(redis.addr(), &rcmds, conns, depth).await;
+    let mut k = Conn::connect(kiln.addr).await;
+    k.cmd(&["CACHE.CLEAR"]).await;
+    redis.reset_stats().await;
+    let took = drive(kiln.addr, &rcmds, conns, depth).await;
+    let mut upstream = 0.0;
+    for c in ["hgetall", "hget", "zrange"] {
+        upstream += redis.calls(c).await as f64;
+    }
+    let reached = upstream / reads;
+    let rtable = format!(
+        "| target | ops/s | reads reaching upstream | ceiling: reads kept by an ideal coherent reply cache | kept / ceiling |\n\
+         | --- | --- | --- | --- | --- |\n\
+         | Redis direct | {:.0} | 100% | - | - |\n\
+         | kiln, cold L1 | {:.0} | {:.2}% | {:.2}% | {:.1}% |",
+        count as f64 / rdirect.as_secs_f64(),
+        count as f64 / took.as_secs_f64(),
+        reached * 100.0,
+        rceiling * 100.0,
+        (1.0 - reached) / rceiling * 100.0
+    );
+    println!("{rtable}");
     if full {
         let out = concat!(env!("CARGO_MANIFEST_DIR"), "/bench/results/skewed.md");
         let text = format!(
@@ -222,7 +391,11 @@ async fn main() {
              {conns} connections, {depth} in flight each; values of 100 bytes; loopback, release build,\n\
              the load generator, kiln and Redis sharing 2 cores. The ceiling is the share of GETs an\n\
              unbounded cache that drops a key on every write keeps from upstream on the same operations\n\
-             (starting empty for the cold row, with every key cached for the warmed row).\n\n{table}\n"
+             (starting empty for the cold row, with every key cached for the warmed row).\n\n{table}\n\n\
+             ## Hashes and sorted sets: zipf(0.99) over {rkeys} keys, {count} operations\n\n\
+             40% HGETALL, 30% HGET (one of four 25-byte fields), 25% ZRANGE 0 9 WITHSCORES (ten members),\n\
+             5% writes (HSET, ZADD); same connections and depth, from a cold L1. The ceiling is an unbounded\n\
+             reply cache that drops every reply of a key on a write to it.\n\n{rtable}\n"
         );
         std::fs::write(out, text).expect("write results");
         println!("written to {out}");

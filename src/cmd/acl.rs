@@ -148,15 +148,22 @@ pub async fn permit_local(
 /// remembers the answer. The reply is `+OK` when allowed; anything else (a
 /// reason, an error such as kiln's own user lacking `ACL DRYRUN`) counts
 /// as not allowed.
-pub fn learn(ctx: &std::sync::Arc<Context>, who: &Creds, cmd: &'static str, key: &Bytes) {
+///
+/// `rest` are the call's arguments after the key: `ACL DRYRUN` checks the
+/// command's arity, so `HGET key` alone would be refused. The answer is
+/// kept by (command, key) only: ACLs grant by command and key pattern, not
+/// by the other arguments.
+pub fn learn(
+    ctx: &std::sync::Arc<Context>,
+    who: &Creds,
+    cmd: &'static str,
+    key: &Bytes,
+    rest: &[Bytes],
+) {
     let generation = generation(ctx);
-    let ask = encode_command(&[
-        &b"ACL"[..],
-        b"DRYRUN",
-        who.user.as_bytes(),
-        cmd.as_bytes(),
-        key,
-    ]);
+    let mut args: Vec<&[u8]> = vec![b"ACL", b"DRYRUN", who.user.as_bytes(), cmd.as_bytes(), key];
+    args.extend(rest.iter().map(|a| &a[..]));
+    let ask = encode_command(&args);
     let rx = ctx.control.send(ask, None, true);
     let (ctx, user, key) = (ctx.clone(), who.user.clone(), key.clone());
     tokio::spawn(async move {

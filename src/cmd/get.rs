@@ -31,7 +31,7 @@ pub fn get(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
     }
     c.ctx.warmup.record(&cmd.args[1]);
     let ttl = match c.rules.policy(&cmd.args[1]) {
-        _ if !may_read_l1(c, "get", &cmd.args[1..]) => {
+        _ if !may_read_l1(c, "get", &cmd.args[1..], &[]) => {
             // Upstream decides, as that user: -NOPERM included.
             c.op.class = Class::Forward;
             let rx = c.conn().send(cmd.wire(), None, true);
@@ -123,7 +123,9 @@ fn refresh(c: &Client, key: Bytes, ttl: std::time::Duration) {
 /// kiln's own users; for a client logged in as an upstream ACL user, only
 /// once upstream said that user may (`cmd::acl`). An unknown answer is
 /// asked for in the background and the read goes upstream meanwhile.
-pub(super) fn may_read_l1(c: &Client, cmd: &'static str, keys: &[Bytes]) -> bool {
+///
+/// `rest`: the call's arguments after its keys (for `ACL DRYRUN`'s arity).
+pub(super) fn may_read_l1(c: &Client, cmd: &'static str, keys: &[Bytes], rest: &[Bytes]) -> bool {
     let Some(who) = &c.upstream_as else {
         return true;
     };
@@ -134,7 +136,7 @@ pub(super) fn may_read_l1(c: &Client, cmd: &'static str, keys: &[Bytes]) -> bool
             Some(true) => {}
             Some(false) => all = false,
             None => {
-                super::acl::learn(&c.ctx, who, cmd, key);
+                super::acl::learn(&c.ctx, who, cmd, key, rest);
                 all = false;
             }
         }
@@ -196,7 +198,7 @@ pub fn mget(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
         return;
     }
     if (!c.writes_pending.is_empty() && cmd.args[1..].iter().any(|k| c.writing(k)))
-        || !may_read_l1(c, "mget", &cmd.args[1..])
+        || !may_read_l1(c, "mget", &cmd.args[1..], &[])
     {
         let n = cmd.args.len() as u64 - 1;
         c.ctx.l1.stats.bypasses.add(n);

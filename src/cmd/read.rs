@@ -41,7 +41,7 @@ pub fn cached(c: &mut Client, id: u8, cmd: Command, r: &mut Replies<'_>) {
     c.ctx.warmup.record(&key);
     let name = reads::name(id);
     let ttl = match c.rules.policy_for(&key, id) {
-        _ if !super::get::may_read_l1(c, name, &cmd.args[1..2]) => {
+        _ if !super::get::may_read_l1(c, name, &cmd.args[1..2], &cmd.args[2..]) => {
             c.op.class = Class::Forward;
             let rx = c.conn().send(cmd.wire(), None, true);
             c.expect(r, rx, Then::Nothing);

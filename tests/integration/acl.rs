@@ -123,3 +123,43 @@ async fn a_user_runs_its_sessions_as_itself() {
     let sub = c.cmd(&["SUBSCRIBE", "news"]).await;
     assert!(sub.starts_with(b"*3\r\n$9\r\nsubscribe"), "{sub:?}");
 }
+
+/// The same for the other cached reads, whose `ACL DRYRUN` needs the call's
+/// arguments (Redis checks arity there): an allowed user's `HGET` is served
+/// from L1, a refused one's gets upstream's `-NOPERM`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_reads_of_an_upstream_user_follow_its_rights() {
+    let redis = Redis::start();
+    let kiln = Kiln::start(&redis).await;
+    let mut direct = redis.conn().await;
+    direct
+        .cmd(&["ACL", "SETUSER", "bob", "on", ">pw", "~public:*", "+@all"])
+        .await;
+    direct.cmd(&["HSET", "public:h", "f", "v"]).await;
+    direct.cmd(&["HSET", "secret:h", "f", "s"]).await;
+    let mut b = bob(&kiln).await;
+    let start = Instant::now();
+    loop {
+        assert_eq!(b.cmd(&["HGET", "public:h", "f"]).await, bulk("v"));
+        let before = redis.calls("hget").await;
+        for _ in 0..5 {
+            assert_eq!(b.cmd(&["HGET", "public:h", "f"]).await, bulk("v"));
+        }
+        if redis.calls("hget").await == before {
+            break;
+        }
+        assert!(start.elapsed() < WAIT, "bob's HGETs never came from L1");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The default user caches the secret; bob still gets upstream's no.
+    let mut admin = kiln.conn().await;
+    assert_eq!(admin.cmd(&["HGET", "secret:h", "f"]).await, bulk("s"));
+    assert_eq!(
+        admin.cmd(&["HGETALL", "secret:h"]).await,
+        b"*2\r\n$1\r\nf\r\n$1\r\ns\r\n"[..]
+    );
+    for _ in 0..3 {
+        assert_eq!(b.cmd(&["HGET", "secret:h", "f"]).await, NOPERM);
+        assert_eq!(b.cmd(&["HGETALL", "secret:h"]).await, NOPERM);
+    }
+}
