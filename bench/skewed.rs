@@ -246,6 +246,7 @@ async fn seed_reads(redis: &Redis, keys: usize) {
 struct KilnProcess {
     child: std::process::Child,
     addr: std::net::SocketAddr,
+    metrics: std::net::SocketAddr,
 }
 
 impl KilnProcess {
@@ -254,6 +255,9 @@ impl KilnProcess {
             .and_then(|l| l.local_addr())
             .expect("port")
             .port();
+        let metrics = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("port");
         let path =
             std::env::temp_dir().join(format!("kiln-skewed-{}-{port}.toml", std::process::id()));
         std::fs::write(
@@ -262,7 +266,7 @@ impl KilnProcess {
                 "[server]\nlisten = \"127.0.0.1:{port}\"\n[upstream]\nurl = \"{}\"\n[cache]\nmax_memory = \"1GiB\"\n\
                  [warmup]\non_start = false\nmax_keys = {}\nrate_limit = 0\nlock = {{ scope = \"instance\" }}\n\
                  hotkeys = {{ enabled = false }}\n[admin]\nrate_limits = {{ \"CACHE.WARMUP\" = \"100/s\" }}\n\
-                 [metrics]\nlisten = \"127.0.0.1:0\"\n[log]\nlevel = \"warn\"\n",
+                 [metrics]\nlisten = \"{metrics}\"\n[log]\nlevel = \"warn\"\n",
                 redis.url(),
                 keys + 1
             ),
@@ -279,7 +283,11 @@ impl KilnProcess {
             assert!(Instant::now() < deadline, "kiln did not start");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        KilnProcess { child, addr }
+        KilnProcess {
+            child,
+            addr,
+            metrics,
+        }
     }
 }
 
@@ -344,7 +352,14 @@ async fn main() {
     );
     println!("{table}");
 
-    // The hash and sorted-set mix, from a cold L1 (warmup fills strings).
+    // The hash and sorted-set mix, from a cold L1 (warmup fills strings),
+    // on a Redis and a kiln of its own: the GET mix left its million keys
+    // in Redis's tracking table (`tracking-table-max-keys`, 1,000,000), and
+    // every key read past that evicts a tracked key with an invalidation.
+    drop(kiln);
+    drop(redis);
+    let redis = Redis::start();
+    let kiln = KilnProcess::start(&redis, keys).await;
     let rkeys = keys / 5;
     let rops = read_operations(rkeys, count, 0.99);
     let reads = rops
@@ -372,6 +387,16 @@ async fn main() {
         upstream += redis.calls(c).await as f64;
     }
     let reached = upstream / reads;
+    let (_, json) = util::http_get(kiln.metrics, "/metrics/json").await;
+    let stats: serde_json::Value = serde_json::from_str(&json).expect("metrics json");
+    println!(
+        "kiln: fills {} dropped {} joined {} bypasses {} invalidations {}",
+        stats["fills"],
+        stats["fills_dropped"],
+        stats["flights_joined"],
+        stats["bypasses"],
+        stats["invalidations"]
+    );
     let rtable = format!(
         "| target | ops/s | reads reaching upstream | ceiling: reads kept by an ideal coherent reply cache | kept / ceiling |\n\
          | --- | --- | --- | --- | --- |\n\

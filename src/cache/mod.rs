@@ -320,9 +320,26 @@ fn weigh(e: &Entry) -> u64 {
 pub struct FillToken {
     epoch: u64,
     generation: u64,
+    /// The key's tracking-push generation (see `L1::push_generations`).
+    push: u64,
     /// `L1::settings_generation`: a reload of `[cache]` since the miss
     /// drops the fill, whose TTL came from the old rules.
     settings: u64,
+}
+
+impl FillToken {
+    /// This token with the tracking-push generation `push` that
+    /// `L1::push_generation` read when the read's reply arrived on a
+    /// tracking reader connection (`coherence.mode = "tracking"`): pushes
+    /// that came before the reply on any connection were for writes the
+    /// read already saw, or that its own connection reports after the
+    /// reply (the read made that connection track the key). Not for reads
+    /// on other connections, nor in `bcast` mode, whose pushes come on a
+    /// channel of their own.
+    pub fn arrived(mut self, push: u64) -> FillToken {
+        self.push = push;
+        self
+    }
 }
 
 /// What the rules say about a key.
@@ -491,6 +508,14 @@ pub struct L1 {
     store: store::Store,
     hasher: RandomState,
     generations: Box<[AtomicU64]>,
+    /// Like `generations`, for invalidations pushed by upstream's tracking
+    /// (`Source::Tracking`). Kept apart because a fill read on a tracking
+    /// reader connection only needs the pushes that arrive on it after
+    /// its reply (`FillToken::arrived`): Redis sends a write's push on that
+    /// connection before the reply to any read executed after the write,
+    /// so an earlier push (the echo of kiln's own write, most often) is for
+    /// a write the read already saw.
+    push_generations: Box<[AtomicU64]>,
     /// Bumped by `clear`, so fills in flight across a flush are dropped.
     epoch: AtomicU64,
     /// Bumped by `lose_tracking` when stale entries are kept: entries from
@@ -603,6 +628,7 @@ impl L1 {
             store,
             hasher: RandomState::default(),
             generations: (0..GENERATIONS).map(|_| AtomicU64::new(0)).collect(),
+            push_generations: (0..GENERATIONS).map(|_| AtomicU64::new(0)).collect(),
             epoch: AtomicU64::new(0),
             fresh_epoch: AtomicU64::new(0),
             epoch_ended: Default::default(),
@@ -863,11 +889,24 @@ impl L1 {
         &self.generations[h & (GENERATIONS - 1)]
     }
 
+    fn push_slot(&self, key: &[u8]) -> &AtomicU64 {
+        let h = self.hasher.hash_one(key) as usize;
+        &self.push_generations[h & (GENERATIONS - 1)]
+    }
+
+    /// `key`'s tracking-push generation now: taken by a tracking reader's
+    /// `on_reply` hook, in order with the pushes of that connection, for
+    /// `FillToken::arrived`.
+    pub fn push_generation(&self, key: &[u8]) -> u64 {
+        self.push_slot(key).load(Ordering::SeqCst)
+    }
+
     /// To be taken before the read that will fill `key` is sent.
     pub fn token(&self, key: &[u8]) -> FillToken {
         FillToken {
             epoch: self.epoch.load(Ordering::SeqCst),
             generation: self.slot(key).load(Ordering::SeqCst),
+            push: self.push_slot(key).load(Ordering::SeqCst),
             settings: self.settings_generation.load(Ordering::SeqCst),
         }
     }
@@ -1035,7 +1074,11 @@ impl L1 {
     /// Drops `key` from every database and fences off fills in flight;
     /// returns how many entries were dropped.
     pub fn invalidate(&self, key: &[u8], source: Source) -> usize {
-        self.slot(key).fetch_add(1, Ordering::SeqCst);
+        if source == Source::Tracking {
+            self.push_slot(key).fetch_add(1, Ordering::SeqCst);
+        } else {
+            self.slot(key).fetch_add(1, Ordering::SeqCst);
+        }
         let max_db = self.max_db.load(Ordering::SeqCst);
         let removed = (0..=max_db)
             .map(|db| self.store.remove_key(self.hash(db, key), db, key))
@@ -1191,6 +1234,34 @@ mod tests {
             !c.fill(0, &k, Some(b"$1\r\nx\r\n"), -1, TTL, t),
             "a flush fences too"
         );
+    }
+
+    #[test]
+    fn pushes_before_a_tracked_reads_reply_do_not_fence_it() {
+        let c = l1();
+        let k = Bytes::from_static(b"a");
+        let sent = c.token(&k);
+        // A push (the echo of a write the read saw) before the reply...
+        c.invalidate(&k, Source::Tracking);
+        let arrived = sent.arrived(c.push_generation(&k));
+        assert!(
+            !c.fill(0, &k, Some(b"$1\r\nx\r\n"), -1, TTL, sent),
+            "fenced as sent"
+        );
+        assert!(
+            c.fill(0, &k, Some(b"$1\r\nx\r\n"), -1, TTL, arrived),
+            "forgiven as arrived"
+        );
+        // ...but one after the reply fences it, and kiln's own writes
+        // fence from the send whatever the reply.
+        let sent = c.token(&k);
+        let arrived = sent.arrived(c.push_generation(&k));
+        c.invalidate(&k, Source::Tracking);
+        assert!(!c.fill(0, &k, Some(b"$1\r\nx\r\n"), -1, TTL, arrived));
+        let sent = c.token(&k);
+        c.invalidate(&k, Source::Write);
+        let arrived = sent.arrived(c.push_generation(&k));
+        assert!(!c.fill(0, &k, Some(b"$1\r\nx\r\n"), -1, TTL, arrived));
     }
 
     #[test]

@@ -22,7 +22,37 @@ use crate::context::Context;
 use crate::protocol::request::{Command, encode_command};
 use crate::protocol::{Proto, encode, reply};
 use crate::telemetry::metrics::Class;
-use crate::upstream::Reply;
+use crate::upstream::{OnReply, Reply};
+
+/// Where a fill read on a tracking reader notes, as its reply arrives, the
+/// tracking-push generation of each key it reads (see
+/// `FillToken::arrived`). Inert outside `coherence.mode = "tracking"`.
+#[derive(Clone, Default)]
+pub(super) struct Arrival(Option<Arc<std::sync::OnceLock<Vec<u64>>>>);
+
+impl Arrival {
+    /// The hook to send the read with, and where it notes.
+    pub(super) fn hook(ctx: &Arc<Context>, keys: Vec<Bytes>) -> (Arrival, Option<OnReply>) {
+        if ctx.coherence.mode != crate::config::CoherenceMode::Tracking {
+            return (Arrival(None), None);
+        }
+        let cell = Arc::new(std::sync::OnceLock::new());
+        let (noted, ctx) = (cell.clone(), ctx.clone());
+        let hook: OnReply = Box::new(move || {
+            let _ = noted.set(keys.iter().map(|k| ctx.l1.push_generation(k)).collect());
+        });
+        (Arrival(Some(cell)), Some(hook))
+    }
+
+    /// `t` for the `i`th key, rebased on what was noted (unchanged if the
+    /// reply never came).
+    pub(super) fn token(&self, i: usize, t: FillToken) -> FillToken {
+        match self.0.as_ref().and_then(|c| c.get()).and_then(|v| v.get(i)) {
+            Some(&push) => t.arrived(push),
+            None => t,
+        }
+    }
+}
 
 pub fn get(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
     if cmd.args.len() != 2 {
@@ -68,7 +98,8 @@ pub fn get(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
             // exactly what L1 holds. The client has no write in flight, so
             // any connection sees its writes.
             let reader = c.ctx.upstream.reader(c.db, c.id);
-            let get_rx = reader.send(cmd.wire(), None, true);
+            let (arrival, hook) = Arrival::hook(&c.ctx, vec![key.clone()]);
+            let get_rx = reader.send(cmd.wire(), hook, true);
             let pttl_rx = reader.send(encode_command(&[&b"PTTL"[..], &key]), None, true);
             let ctx = c.ctx.clone();
             let db = c.db;
@@ -79,6 +110,7 @@ pub fn get(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
                     Err(_) => GetAnswer::Failed("ERR upstream: request dropped".into()),
                 };
                 let pttl = pttl_of(pttl_rx.await.ok());
+                let token = arrival.token(0, token);
                 fill_one(&ctx, db, &key, &answer, pttl, ttl, token);
                 // Only after the fill: a stale answer never goes back into
                 // L1 as fresh.
@@ -108,12 +140,14 @@ pub fn get(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
 fn refresh(c: &Client, key: Bytes, ttl: std::time::Duration) {
     let token = c.ctx.l1.token(&key);
     let reader = c.ctx.upstream.reader(c.db, c.id);
-    let get_rx = reader.send(encode_command(&[&b"GET"[..], &key]), None, true);
+    let (arrival, hook) = Arrival::hook(&c.ctx, vec![key.clone()]);
+    let get_rx = reader.send(encode_command(&[&b"GET"[..], &key]), hook, true);
     let pttl_rx = reader.send(encode_command(&[&b"PTTL"[..], &key]), None, true);
     let (ctx, db) = (c.ctx.clone(), c.db);
     tokio::spawn(async move {
         if let Ok(Ok(bytes)) = get_rx.await {
             let pttl = pttl_of(pttl_rx.await.ok());
+            let token = arrival.token(0, token);
             fill_one(&ctx, db, &key, &classify(bytes), pttl, ttl, token);
         }
     });
@@ -266,7 +300,8 @@ pub fn mget(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
     up.push(b"MGET");
     up.extend(missing.iter().map(|m| &m.key[..]));
     let reader = c.ctx.upstream.reader(c.db, c.id);
-    let mget_rx = reader.send(encode_command(&up), None, true);
+    let (arrival, hook) = Arrival::hook(&c.ctx, missing.iter().map(|m| m.key.clone()).collect());
+    let mget_rx = reader.send(encode_command(&up), hook, true);
     let pttl_rxs: Vec<_> = missing
         .iter()
         .map(|m| {
@@ -299,9 +334,10 @@ pub fn mget(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
                 return;
             }
         };
-        for ((m, v), pttl_rx) in missing.iter().zip(&values).zip(pttl_rxs) {
+        for (i, ((m, v), pttl_rx)) in missing.iter().zip(&values).zip(pttl_rxs).enumerate() {
             if let (Some((ttl, token)), Some(frame), Some(prx)) = (m.fill, v, pttl_rx) {
                 let pttl = pttl_of(prx.await.ok());
+                let token = arrival.token(i, token);
                 if ctx.coherence.can_fill() {
                     ctx.l1.fill(db, &m.key, Some(frame), pttl, ttl, token);
                 }

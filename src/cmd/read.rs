@@ -100,6 +100,8 @@ struct Fetch {
     wire: Bytes,
     /// Convert the reply from RESP3 (`Some(flatten_pairs)`).
     convert: Option<bool>,
+    /// Read on a tracking reader (not the client's own connection).
+    reader: bool,
     ttl: Duration,
     /// Taken before the read is sent (see `L1::token`).
     token: FillToken,
@@ -109,14 +111,15 @@ impl Fetch {
     fn new(c: &mut Client, id: u8, cmd: &Command, key: Bytes, read: Bytes, ttl: Duration) -> Fetch {
         let token = c.ctx.l1.token(&key);
         let reader_proto = c.ctx.upstream.reader_proto();
-        let (conn, convert) = match (reader_proto, c.proto) {
-            (a, b) if a == b => (c.ctx.upstream.reader(c.db, c.id), None),
+        let (conn, convert, reader) = match (reader_proto, c.proto) {
+            (a, b) if a == b => (c.ctx.upstream.reader(c.db, c.id), None, true),
             (Proto::Resp3, Proto::Resp2) => (
                 c.ctx.upstream.reader(c.db, c.id),
                 Some(reads::pairs_in_resp3(id, &cmd.args)),
+                true,
             ),
             // ttl mode: no tracking to keep, readers speak RESP2.
-            _ => (c.conn().clone(), None),
+            _ => (c.conn().clone(), None, false),
         };
         Fetch {
             ctx: c.ctx.clone(),
@@ -126,6 +129,7 @@ impl Fetch {
             read,
             wire: cmd.wire(),
             convert,
+            reader,
             ttl,
             token,
         }
@@ -134,8 +138,13 @@ impl Fetch {
     /// Sends the read and `PTTL`, fills L1 from the reply, and returns the
     /// reply in the client's protocol (a stale entry's when upstream fails
     /// and `cache.serve_stale_on_error` allows it).
-    async fn run(self) -> GetAnswer {
-        let rx = self.conn.send(self.wire.clone(), None, true);
+    async fn run(mut self) -> GetAnswer {
+        let (arrival, hook) = if self.reader {
+            super::get::Arrival::hook(&self.ctx, vec![self.key.clone()])
+        } else {
+            (super::get::Arrival::default(), None)
+        };
+        let rx = self.conn.send(self.wire.clone(), hook, true);
         let pttl_rx = self
             .conn
             .send(encode_command(&[&b"PTTL"[..], &self.key]), None, true);
@@ -146,6 +155,7 @@ impl Fetch {
                     // Without the key's TTL the entry cannot be bounded.
                     _ => 0,
                 };
+                self.token = arrival.token(0, self.token);
                 return self.filled(bytes, pttl);
             }
             Ok(Err(e)) => e.reply_text(),

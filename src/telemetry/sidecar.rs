@@ -168,6 +168,9 @@ async fn metrics_json(State(ctx): State<Arc<Context>>) -> Json<serde_json::Value
         o.insert("bypasses".into(), s.bypasses.load().into());
         o.insert("evictions".into(), load(&s.evictions).into());
         o.insert("refreshes".into(), load(&s.refreshes).into());
+        o.insert("fills".into(), load(&s.fills).into());
+        o.insert("fills_dropped".into(), load(&s.fills_dropped).into());
+        o.insert("flights_joined".into(), load(&ctx.l1.flights.joined).into());
         o.insert(
             "compression_ratio".into(),
             ctx.l1.compression_ratio().into(),
