@@ -37,6 +37,10 @@ use crate::config::CacheConfig;
 pub const ENTRY_OVERHEAD: u64 = 112;
 
 const GENERATIONS: usize = 1 << 16;
+/// The longest a miss waits for a write in flight to its key before it
+/// reads anyway (`L1::writes_settled`): a write that slow has a busy or
+/// lost upstream, which the read meets either way.
+const DEFER_MAX: Duration = Duration::from_secs(1);
 
 /// What the table hashes: the database and the key, borrowed. Every
 /// cached read of a key hashes alike, so they share one probe run and one
@@ -516,6 +520,14 @@ pub struct L1 {
     /// so an earlier push (the echo of kiln's own write, most often) is for
     /// a write the read already saw.
     push_generations: Box<[AtomicU64]>,
+    /// Writes through kiln in flight, by the same slots as `generations`
+    /// (`write_started`, `write_ended`): a miss on a key being written
+    /// waits for the write's reply before it reads (`writes_settled`), so
+    /// its fill is not dropped by the write's second invalidation.
+    writing: Box<[std::sync::atomic::AtomicU32]>,
+    /// Fills waiting in `writes_settled`, and their wake-up.
+    deferred: std::sync::atomic::AtomicUsize,
+    writes_done: tokio::sync::Notify,
     /// Bumped by `clear`, so fills in flight across a flush are dropped.
     epoch: AtomicU64,
     /// Bumped by `lose_tracking` when stale entries are kept: entries from
@@ -629,6 +641,11 @@ impl L1 {
             hasher: RandomState::default(),
             generations: (0..GENERATIONS).map(|_| AtomicU64::new(0)).collect(),
             push_generations: (0..GENERATIONS).map(|_| AtomicU64::new(0)).collect(),
+            writing: (0..GENERATIONS)
+                .map(|_| std::sync::atomic::AtomicU32::new(0))
+                .collect(),
+            deferred: std::sync::atomic::AtomicUsize::new(0),
+            writes_done: tokio::sync::Notify::new(),
             epoch: AtomicU64::new(0),
             fresh_epoch: AtomicU64::new(0),
             epoch_ended: Default::default(),
@@ -892,6 +909,62 @@ impl L1 {
     fn push_slot(&self, key: &[u8]) -> &AtomicU64 {
         let h = self.hasher.hash_one(key) as usize;
         &self.push_generations[h & (GENERATIONS - 1)]
+    }
+
+    fn slot_index(&self, key: &[u8]) -> usize {
+        self.hasher.hash_one(key) as usize & (GENERATIONS - 1)
+    }
+
+    /// A write through kiln naming `key` was sent; returns what
+    /// `write_ended` takes once its reply is in (or its connection failed).
+    pub fn write_started(&self, key: &[u8]) -> usize {
+        let i = self.slot_index(key);
+        self.writing[i].fetch_add(1, Ordering::SeqCst);
+        i
+    }
+
+    /// The write of `write_started` is over: after its second
+    /// invalidation, so a fill that waited reads after the write.
+    pub fn write_ended(&self, slot: usize) {
+        if self.writing[slot].fetch_sub(1, Ordering::SeqCst) == 1
+            && self.deferred.load(Ordering::SeqCst) > 0
+        {
+            self.writes_done.notify_waiters();
+        }
+    }
+
+    /// Waits (at most `DEFER_MAX`) until no write through kiln to any of
+    /// `keys` is in flight. A fill read sent while one is could have run
+    /// before it, so the write's reply drops it and the next read misses
+    /// again; sent after, it read the written value and stays. Returns
+    /// at once, without an await point, when none is (the common case:
+    /// callers check `being_written` first).
+    pub async fn writes_settled(&self, keys: &[&[u8]]) {
+        let deadline = tokio::time::Instant::now() + DEFER_MAX;
+        loop {
+            let woken = self.writes_done.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            // Counted before the check, and the writer counts down before
+            // it looks (both SeqCst): one of the two sees the other.
+            self.deferred.fetch_add(1, Ordering::SeqCst);
+            if !self.being_written(keys) {
+                self.deferred.fetch_sub(1, Ordering::SeqCst);
+                return;
+            }
+            let timed_out = tokio::time::timeout_at(deadline, woken).await.is_err();
+            self.deferred.fetch_sub(1, Ordering::SeqCst);
+            if timed_out {
+                return;
+            }
+        }
+    }
+
+    /// Whether a write through kiln to one of `keys` (or a key sharing its
+    /// slot) is in flight.
+    pub fn being_written(&self, keys: &[&[u8]]) -> bool {
+        keys.iter()
+            .any(|k| self.writing[self.slot_index(k)].load(Ordering::SeqCst) > 0)
     }
 
     /// `key`'s tracking-push generation now: taken by a tracking reader's

@@ -23,6 +23,7 @@ use crate::protocol::request::{Command, encode_command};
 use crate::protocol::{Proto, encode, reply};
 use crate::telemetry::metrics::Class;
 use crate::upstream::{OnReply, Reply};
+use tokio::sync::oneshot;
 
 /// Where a fill read on a tracking reader notes, as its reply arrives, the
 /// tracking-push generation of each key it reads (see
@@ -98,33 +99,23 @@ pub fn get(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
             // exactly what L1 holds. The client has no write in flight, so
             // any connection sees its writes.
             let reader = c.ctx.upstream.reader(c.db, c.id);
-            let (arrival, hook) = Arrival::hook(&c.ctx, vec![key.clone()]);
-            let get_rx = reader.send(cmd.wire(), hook, true);
-            let pttl_rx = reader.send(encode_command(&[&b"PTTL"[..], &key]), None, true);
-            let ctx = c.ctx.clone();
-            let db = c.db;
-            tokio::spawn(async move {
-                let mut answer = match get_rx.await {
-                    Ok(Ok(bytes)) => classify(bytes),
-                    Ok(Err(e)) => GetAnswer::Failed(e.reply_text()),
-                    Err(_) => GetAnswer::Failed("ERR upstream: request dropped".into()),
-                };
-                let pttl = pttl_of(pttl_rx.await.ok());
-                let token = arrival.token(0, token);
-                fill_one(&ctx, db, &key, &answer, pttl, ttl, token);
-                // Only after the fill: a stale answer never goes back into
-                // L1 as fresh.
-                if let GetAnswer::Failed(_) = answer {
-                    if let Some(e) = ctx.l1.get_stale(db, &key, &[]) {
-                        ctx.l1.stats.stale_served.fetch_add(1, Ordering::Relaxed);
-                        answer = match e.frame() {
-                            Some(f) => GetAnswer::Value(f),
-                            None => GetAnswer::Nil,
-                        };
-                    }
-                }
-                ctx.l1.flights.finish(flight, answer);
-            });
+            let miss = GetMiss {
+                ctx: c.ctx.clone(),
+                reader,
+                db: c.db,
+                key,
+                ttl,
+            };
+            if c.ctx.l1.being_written(&[&miss.key]) {
+                // Another client's write to it is in flight: read after it.
+                tokio::spawn(async move {
+                    miss.ctx.l1.writes_settled(&[&miss.key]).await;
+                    let token = miss.ctx.l1.token(&miss.key);
+                    miss.send(flight, token);
+                });
+            } else {
+                miss.send(flight, token);
+            }
             rx
         }
     };
@@ -132,6 +123,54 @@ pub fn get(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
     c.fills_pending += 1;
     c.op.class = Class::Miss;
     r.pending.push_back(super::Pending::Get(rx, c.op));
+}
+
+/// A `GET` miss that leads its flight.
+struct GetMiss {
+    ctx: Arc<Context>,
+    reader: crate::upstream::ConnHandle,
+    db: u32,
+    key: Bytes,
+    ttl: std::time::Duration,
+}
+
+impl GetMiss {
+    /// Sends `GET` and `PTTL` now; the fill and the flight's answer follow
+    /// in a task.
+    fn send(self, flight: crate::cache::flight::FlightId, token: FillToken) {
+        let GetMiss {
+            ctx,
+            reader,
+            db,
+            key,
+            ttl,
+        } = self;
+        let (arrival, hook) = Arrival::hook(&ctx, vec![key.clone()]);
+        let get_rx = reader.send(encode_command(&[&b"GET"[..], &key]), hook, true);
+        let pttl_rx = reader.send(encode_command(&[&b"PTTL"[..], &key]), None, true);
+        tokio::spawn(async move {
+            let mut answer = match get_rx.await {
+                Ok(Ok(bytes)) => classify(bytes),
+                Ok(Err(e)) => GetAnswer::Failed(e.reply_text()),
+                Err(_) => GetAnswer::Failed("ERR upstream: request dropped".into()),
+            };
+            let pttl = pttl_of(pttl_rx.await.ok());
+            let token = arrival.token(0, token);
+            fill_one(&ctx, db, &key, &answer, pttl, ttl, token);
+            // Only after the fill: a stale answer never goes back into L1
+            // as fresh.
+            if let GetAnswer::Failed(_) = answer {
+                if let Some(e) = ctx.l1.get_stale(db, &key, &[]) {
+                    ctx.l1.stats.stale_served.fetch_add(1, Ordering::Relaxed);
+                    answer = match e.frame() {
+                        Some(f) => GetAnswer::Value(f),
+                        None => GetAnswer::Nil,
+                    };
+                }
+            }
+            ctx.l1.flights.finish(flight, answer);
+        });
+    }
 }
 
 /// Re-reads `key` in the background (`cache.refresh_ahead`): `GET` and
@@ -296,59 +335,111 @@ pub fn mget(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
         return;
     }
     c.op.class = Class::Miss;
+    let reader = c.ctx.upstream.reader(c.db, c.id);
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let ctx: Arc<Context> = c.ctx.clone();
+    let db = c.db;
+    let written = {
+        let keys: smallvec::SmallVec<[&[u8]; 16]> = missing.iter().map(|m| &m.key[..]).collect();
+        ctx.l1.being_written(&keys)
+    };
+    if written {
+        // Another client's write to one of them is in flight: read after it.
+        tokio::spawn(async move {
+            let keys: Vec<&[u8]> = missing.iter().map(|m| &m.key[..]).collect();
+            ctx.l1.writes_settled(&keys).await;
+            let mut missing = missing;
+            for m in &mut missing {
+                if let Some((ttl, _)) = m.fill {
+                    m.fill = Some((ttl, ctx.l1.token(&m.key)));
+                }
+            }
+            let sent = send_mget(&ctx, &reader, &missing);
+            finish_mget(ctx, db, slots, missing, proto, sent, tx).await;
+        });
+    } else {
+        let sent = send_mget(&ctx, &reader, &missing);
+        tokio::spawn(finish_mget(ctx, db, slots, missing, proto, sent, tx));
+    }
+    c.fills_pending += 1;
+    c.expect(r, rx, Then::FillDone);
+}
+
+/// An MGET's upstream reads in flight: the MGET of its misses, and the
+/// `PTTL` of each that may be cached.
+struct MgetSent {
+    arrival: Arrival,
+    mget: oneshot::Receiver<Reply>,
+    pttls: Vec<Option<oneshot::Receiver<Reply>>>,
+}
+
+fn send_mget(
+    ctx: &Arc<Context>,
+    reader: &crate::upstream::ConnHandle,
+    missing: &[Miss],
+) -> MgetSent {
     let mut up: Vec<&[u8]> = Vec::with_capacity(missing.len() + 1);
     up.push(b"MGET");
     up.extend(missing.iter().map(|m| &m.key[..]));
-    let reader = c.ctx.upstream.reader(c.db, c.id);
-    let (arrival, hook) = Arrival::hook(&c.ctx, missing.iter().map(|m| m.key.clone()).collect());
-    let mget_rx = reader.send(encode_command(&up), hook, true);
-    let pttl_rxs: Vec<_> = missing
+    let (arrival, hook) = Arrival::hook(ctx, missing.iter().map(|m| m.key.clone()).collect());
+    let mget = reader.send(encode_command(&up), hook, true);
+    let pttls = missing
         .iter()
         .map(|m| {
             m.fill
                 .map(|_| reader.send(encode_command(&[&b"PTTL"[..], &m.key]), None, true))
         })
         .collect();
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let ctx: Arc<Context> = c.ctx.clone();
-    let db = c.db;
-    tokio::spawn(async move {
-        let reader_proto = ctx.upstream.reader_proto();
-        let reply = match mget_rx.await {
-            Ok(Ok(bytes)) => bytes,
-            Ok(Err(e)) => {
-                let _ = tx.send(stale_mget(&ctx, db, &slots, &missing, proto).ok_or(e));
-                return;
-            }
-            Err(_) => {
-                let e = crate::error::UpstreamError::Lost("request dropped".into());
-                let _ = tx.send(stale_mget(&ctx, db, &slots, &missing, proto).ok_or(e));
-                return;
-            }
-        };
-        let values = match reply::mget_values(&reply, missing.len(), reader_proto) {
-            Some(v) => v,
-            // Not an array (an error): pass it on as Redis sent it.
-            None => {
-                let _ = tx.send(Ok(reply));
-                return;
-            }
-        };
-        for (i, ((m, v), pttl_rx)) in missing.iter().zip(&values).zip(pttl_rxs).enumerate() {
-            if let (Some((ttl, token)), Some(frame), Some(prx)) = (m.fill, v, pttl_rx) {
-                let pttl = pttl_of(prx.await.ok());
-                let token = arrival.token(i, token);
-                if ctx.coherence.can_fill() {
-                    ctx.l1.fill(db, &m.key, Some(frame), pttl, ttl, token);
-                }
+    MgetSent {
+        arrival,
+        mget,
+        pttls,
+    }
+}
+
+/// Fills L1 from an MGET's upstream reads and sends the client its reply.
+async fn finish_mget(
+    ctx: Arc<Context>,
+    db: u32,
+    slots: Vec<Option<Entry>>,
+    missing: Vec<Miss>,
+    proto: Proto,
+    sent: MgetSent,
+    tx: oneshot::Sender<Reply>,
+) {
+    let reader_proto = ctx.upstream.reader_proto();
+    let reply = match sent.mget.await {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(e)) => {
+            let _ = tx.send(stale_mget(&ctx, db, &slots, &missing, proto).ok_or(e));
+            return;
+        }
+        Err(_) => {
+            let e = crate::error::UpstreamError::Lost("request dropped".into());
+            let _ = tx.send(stale_mget(&ctx, db, &slots, &missing, proto).ok_or(e));
+            return;
+        }
+    };
+    let values = match reply::mget_values(&reply, missing.len(), reader_proto) {
+        Some(v) => v,
+        // Not an array (an error): pass it on as Redis sent it.
+        None => {
+            let _ = tx.send(Ok(reply));
+            return;
+        }
+    };
+    for (i, ((m, v), pttl_rx)) in missing.iter().zip(&values).zip(sent.pttls).enumerate() {
+        if let (Some((ttl, token)), Some(frame), Some(prx)) = (m.fill, v, pttl_rx) {
+            let pttl = pttl_of(prx.await.ok());
+            let token = sent.arrival.token(i, token);
+            if ctx.coherence.can_fill() {
+                ctx.l1.fill(db, &m.key, Some(frame), pttl, ttl, token);
             }
         }
-        let mut out = BytesMut::new();
-        assemble(&mut out, &slots, &mut values.into_iter(), proto);
-        let _ = tx.send(Ok(out.freeze()));
-    });
-    c.fills_pending += 1;
-    c.expect(r, rx, Then::FillDone);
+    }
+    let mut out = BytesMut::new();
+    assemble(&mut out, &slots, &mut values.into_iter(), proto);
+    let _ = tx.send(Ok(out.freeze()));
 }
 
 /// The MGET reply from stale entries, when upstream failed and every

@@ -139,6 +139,11 @@ impl Fetch {
     /// reply in the client's protocol (a stale entry's when upstream fails
     /// and `cache.serve_stale_on_error` allows it).
     async fn run(mut self) -> GetAnswer {
+        if self.ctx.l1.being_written(&[&self.key]) {
+            // Another client's write to it is in flight: read after it.
+            self.ctx.l1.writes_settled(&[&self.key]).await;
+            self.token = self.ctx.l1.token(&self.key);
+        }
         let (arrival, hook) = if self.reader {
             super::get::Arrival::hook(&self.ctx, vec![self.key.clone()])
         } else {

@@ -59,10 +59,37 @@ impl Stale {
     }
 
     /// Applies now, and returns the same invalidation to run on reply.
+    /// Until then the keys count as being written (`L1::write_started`),
+    /// so misses on them wait for the reply rather than read a value the
+    /// reply's invalidation would drop. The count ends even if the hook is
+    /// dropped uncalled.
     pub fn now_and_on_reply(self, ctx: &Arc<Context>) -> OnReply {
         self.apply(ctx);
-        let ctx = ctx.clone();
-        Box::new(move || self.apply(&ctx))
+        let writing = InFlight {
+            slots: match &self {
+                Stale::Keys(keys) => keys.iter().map(|k| ctx.l1.write_started(k)).collect(),
+                Stale::Everything => smallvec::SmallVec::new(),
+            },
+            ctx: ctx.clone(),
+        };
+        Box::new(move || {
+            self.apply(&writing.ctx);
+            drop(writing);
+        })
+    }
+}
+
+/// A write's keys counted in `L1::write_started`, counted out on drop.
+struct InFlight {
+    slots: smallvec::SmallVec<[usize; 2]>,
+    ctx: Arc<Context>,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        for &s in &self.slots {
+            self.ctx.l1.write_ended(s);
+        }
     }
 }
 

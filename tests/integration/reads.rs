@@ -494,3 +494,74 @@ async fn hot_keys_of_a_quiet_instance_are_listed_hottest_first() {
     assert_eq!(keys, want, "{listed}");
     assert!(listed.contains("q9\r\n:10\r\n"), "exact counts: {listed}");
 }
+
+/// Waits until kiln's `CLIENT LIST` shows a client whose last command was
+/// `cmd` (published once it was dispatched).
+async fn dispatched(admin: &mut Conn, cmd: &str) {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let list = admin.cmd_text(&["CLIENT", "LIST"]).await;
+        if list.lines().any(|l| l.contains(&format!(" cmd={cmd} "))) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no client ran {cmd}: {list}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// A miss on a key another client is writing through kiln waits for that
+/// write: it reads the written value, and its fill is kept (a read sent
+/// while the write was in flight could have run before it, so the write's
+/// reply would drop it and the next read would miss again). Upstream
+/// holds the write with `CLIENT PAUSE WRITE`, which lets reads run. For
+/// GET, MGET and a cached read of another command.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_miss_during_another_clients_write_reads_after_it_and_stays_cached() {
+    let redis = Redis::start();
+    let kiln = Kiln::start(&redis).await;
+    let mut d = redis.conn().await;
+    let mut admin = kiln.conn().await;
+    let cases: [(&[&str], &[&str], &str, &[u8]); 3] = [
+        (&["SET", "k", "new"], &["GET", "k"], "get", b"$3\r\nnew\r\n"),
+        (
+            &["SET", "m", "new"],
+            &["MGET", "m"],
+            "mget",
+            b"*1\r\n$3\r\nnew\r\n",
+        ),
+        (
+            &["HSET", "h", "f", "new"],
+            &["HGET", "h", "f"],
+            "hget",
+            b"$3\r\nnew\r\n",
+        ),
+    ];
+    d.cmd(&["SET", "k", "old"]).await;
+    d.cmd(&["SET", "m", "old"]).await;
+    d.cmd(&["HSET", "h", "f", "old"]).await;
+    for (write, read, name, want) in cases {
+        let (mut w, mut r) = (kiln.conn().await, kiln.conn().await);
+        assert_eq!(
+            d.cmd(&["CLIENT", "PAUSE", "10000", "WRITE"]).await,
+            b"+OK\r\n"[..]
+        );
+        w.send(write).await;
+        dispatched(&mut admin, &write[0].to_ascii_lowercase()).await;
+        r.send(read).await;
+        dispatched(&mut admin, name).await;
+        redis.reset_stats().await;
+        assert_eq!(d.cmd(&["CLIENT", "UNPAUSE"]).await, b"+OK\r\n"[..]);
+        assert!(!w.read().await.starts_with(b"-"));
+        assert_eq!(r.read().await, want, "{read:?} reads after the write");
+        let calls = redis.calls(name).await;
+        assert_eq!(r.cmd(read).await, want);
+        assert_eq!(
+            redis.calls(name).await,
+            calls,
+            "{read:?}: the fill was kept, a hit"
+        );
+    }
+}
