@@ -524,7 +524,9 @@ async fn a_miss_during_another_clients_write_reads_after_it_and_stays_cached() {
     let kiln = Kiln::start(&redis).await;
     let mut d = redis.conn().await;
     let mut admin = kiln.conn().await;
-    let cases: [(&[&str], &[&str], &str, &[u8]); 3] = [
+    // (the write, the read, its name in commandstats, the reply after).
+    type Case<'a> = (&'a [&'a str], &'a [&'a str], &'a str, &'a [u8]);
+    let cases: [Case; 3] = [
         (&["SET", "k", "new"], &["GET", "k"], "get", b"$3\r\nnew\r\n"),
         (
             &["SET", "m", "new"],

@@ -519,7 +519,7 @@ async fn status_shapes_and_admin_errors() {
     k.cmd(&["HELLO", "3"]).await;
     let r3 = String::from_utf8_lossy(&k.cmd(&["CACHE.STATUS"]).await).into_owned();
     assert!(
-        r3.starts_with("%20\r\n$6\r\nstatus\r\n$4\r\nidle\r\n"),
+        r3.starts_with("%23\r\n$6\r\nstatus\r\n$4\r\nidle\r\n"),
         "{r3}"
     );
     assert!(
