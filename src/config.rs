@@ -878,8 +878,17 @@ impl Config {
                     "cannot be used with coherence.mode = \"ttl\": with no invalidations, a longer life only means staler reads".into(),
                 ));
             }
-            if a.after_hits == 0 || a.max.is_zero() {
-                return Err(bad(key, "max and after_hits must be greater than 0".into()));
+            if a.max.is_zero() {
+                return Err(bad(key, "max must be greater than 0".into()));
+            }
+            let most = crate::cache::MAX_AFTER_HITS;
+            if a.after_hits == 0 || a.after_hits > most {
+                return Err(bad(
+                    key,
+                    format!(
+                        "after_hits must be between 1 and {most} (an entry counts that many hits)"
+                    ),
+                ));
             }
         }
         for (i, rule) in self.cache.rules.iter().enumerate() {

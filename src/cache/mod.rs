@@ -51,33 +51,53 @@ struct KeyRef<'a> {
     key: &'a [u8],
 }
 
-/// What an entry's allocation holds before its bytes.
+/// What an entry's allocation holds before its bytes: 24 bytes, so with
+/// the reference count and the slice length the key starts 40 bytes in
+/// and a short key and the start of its value share the first cache line.
 #[derive(Debug)]
 struct Meta {
-    /// The expiry in milliseconds since the cache was made (low 48 bits)
-    /// and the freshness epoch it was filled in (high 16). Atomic because
-    /// adaptive TTL lengthens a hot entry's life in place.
+    /// The expiry in milliseconds since the cache was made (low 40 bits:
+    /// 34 years), the freshness epoch it was filled in (16 bits), hits so
+    /// far for adaptive TTL (7 bits, counted up to `after_hits`) and the
+    /// refresh-started flag (top bit). One atomic: adaptive TTL lengthens
+    /// a hot entry's life in place.
     header: AtomicU64,
-    db: u32,
+    /// The database; entries of databases from 65,536 up are not cached.
+    db: u16,
+    /// The read's length (0 for `GET`, at most `MAX_READ`); the top bits
+    /// say how the value is compressed (`LZ4`, `ZSTD`).
+    read_len: u16,
     /// The key's length; the top bit marks a cached nil.
     key_len: u32,
-    /// The read's length (0 for `GET`); the top bits say how the value is
-    /// compressed (`LZ4`, `ZSTD`).
-    read_len: u32,
     /// The entry's current lifetime in ms, from its fill to its expiry.
     lifetime_ms: AtomicU32,
     /// Ms from the fill to the key's expiry upstream (its `PTTL`), or
     /// `u32::MAX` when it has none (or it is further off than that).
     limit_ms: u32,
-    /// Hits so far (adaptive TTL); the top bit marks a refresh started.
-    hits: AtomicU32,
 }
 
 const NIL: u32 = 1 << 31;
-const LZ4: u32 = 1 << 31;
-const ZSTD: u32 = 1 << 30;
-const LEN_MASK: u32 = ZSTD - 1;
-const REFRESHING: u32 = 1 << 31;
+const LZ4: u16 = 1 << 15;
+const ZSTD: u16 = 1 << 14;
+const LEN_MASK: u16 = ZSTD - 1;
+/// The longest read (`reads::read_key`: the arguments after the key) an
+/// entry can name; longer ones are answered by upstream, uncached.
+pub const MAX_READ: usize = LEN_MASK as usize;
+
+const EPOCH_SHIFT: u32 = 40;
+const EXPIRY_MASK: u64 = (1 << EPOCH_SHIFT) - 1;
+const EPOCH_MASK: u64 = 0xFFFF;
+const HITS_SHIFT: u32 = 56;
+const HITS_MASK: u64 = 0x7F;
+/// The most `cache.adaptive_ttl.after_hits` can be: the hits an entry
+/// counts.
+pub const MAX_AFTER_HITS: u32 = HITS_MASK as u32;
+const REFRESHING: u64 = 1 << 63;
+
+/// The epoch bits of a header.
+fn epoch_of(header: u64) -> u64 {
+    (header >> EPOCH_SHIFT) & EPOCH_MASK
+}
 
 /// A cached reply, in a single allocation behind a thin (8-byte) pointer:
 /// reference count, `Meta`, length, then the key, the read and the value's
@@ -98,9 +118,6 @@ impl std::fmt::Debug for Entry {
     }
 }
 
-const EPOCH_SHIFT: u32 = 48;
-const EXPIRY_MASK: u64 = (1 << EPOCH_SHIFT) - 1;
-const EPOCH_MASK: u64 = 0xFFFF;
 /// Freshness epochs whose end time is remembered; an entry from an older
 /// one is never served, even as stale.
 const EPOCHS_KEPT: usize = 16;
@@ -116,7 +133,7 @@ pub enum Compression {
 }
 
 impl Compression {
-    fn flag(self) -> u32 {
+    fn flag(self) -> u16 {
         match self {
             Compression::None => 0,
             Compression::Lz4 => LZ4,
@@ -186,12 +203,11 @@ impl Entry {
         bytes.extend_from_slice(stored);
         let meta = Meta {
             header: AtomicU64::new(header),
-            db: p.db,
+            db: p.db as u16,
+            read_len: p.read.len() as u16 | flag,
             key_len: p.key.len() as u32 | if p.value.is_none() { NIL } else { 0 },
-            read_len: p.read.len() as u32 | flag,
             lifetime_ms: AtomicU32::new(p.lifetime_ms.min(u64::from(u32::MAX)) as u32),
             limit_ms: p.limit_ms.min(u64::from(u32::MAX)) as u32,
-            hits: AtomicU32::new(0),
         };
         Entry(triomphe::ThinArc::from_header_and_slice(meta, &bytes))
     }
@@ -205,7 +221,7 @@ impl Entry {
     }
 
     fn db(&self) -> u32 {
-        self.meta().db
+        u32::from(self.meta().db)
     }
 
     fn key_len(&self) -> usize {
@@ -430,10 +446,12 @@ impl Settings {
             },
             min_size: cfg.compression.min_size as usize,
             refresh_ahead: cfg.refresh_ahead,
-            adaptive: cfg
-                .adaptive_ttl
-                .as_ref()
-                .map(|a| (a.max.as_millis() as u64, a.after_hits.max(1))),
+            adaptive: cfg.adaptive_ttl.as_ref().map(|a| {
+                (
+                    a.max.as_millis() as u64,
+                    a.after_hits.clamp(1, MAX_AFTER_HITS),
+                )
+            }),
             ttl_mode,
         }
     }
@@ -761,7 +779,7 @@ impl L1 {
         let now = now.saturating_duration_since(self.born).as_millis() as u64;
         let epoch = self.fresh_epoch.load(Ordering::SeqCst) & EPOCH_MASK;
         let expires = header & EXPIRY_MASK;
-        if header >> EPOCH_SHIFT == epoch {
+        if epoch_of(header) == epoch {
             if expires > now {
                 let refresh = (s.adaptive.is_some() || s.refresh_ahead > 0.0)
                     && self.on_hit(&entry, s, header, now);
@@ -777,7 +795,7 @@ impl L1 {
                 && m.lifetime_ms.load(Ordering::Relaxed) < m.limit_ms
                 && now < expires.saturating_add(s.max_stale_ms)
             {
-                let refresh = m.hits.fetch_or(REFRESHING, Ordering::Relaxed) & REFRESHING == 0;
+                let refresh = m.header.fetch_or(REFRESHING, Ordering::Relaxed) & REFRESHING == 0;
                 if refresh {
                     self.stats.refreshes.fetch_add(1, Ordering::Relaxed);
                 }
@@ -794,24 +812,25 @@ impl L1 {
     /// hit starts the entry's refresh.
     fn on_hit(&self, e: &Entry, s: &Settings, header: u64, now: u64) -> bool {
         let m = e.meta();
-        let expires = header & EXPIRY_MASK;
         let mut life = u64::from(m.lifetime_ms.load(Ordering::Relaxed));
         if let Some((max, after)) = s.adaptive {
-            let hits = m.hits.load(Ordering::Relaxed) & !REFRESHING;
-            if hits < after && (m.hits.fetch_add(1, Ordering::Relaxed) & !REFRESHING) + 1 == after {
-                // Never past the key's own expiry upstream.
-                let longer = max.min(u64::from(m.limit_ms));
-                if longer > life {
-                    let filled = expires.saturating_sub(life);
-                    let new = ((filled + longer) & EXPIRY_MASK) | (header & !EXPIRY_MASK);
-                    if m.header
-                        .compare_exchange(header, new, Ordering::Relaxed, Ordering::Relaxed)
-                        .is_ok()
-                    {
-                        m.lifetime_ms
-                            .store(longer.min(u64::from(u32::MAX)) as u32, Ordering::Relaxed);
-                        self.stats.extended.fetch_add(1, Ordering::Relaxed);
-                        life = longer;
+            let mut h = header;
+            // Counted with a compare-and-swap up to `after`, so the count
+            // never spills into the flag above it; nothing once there.
+            while (h >> HITS_SHIFT) & HITS_MASK < u64::from(after) {
+                let counted = h + (1 << HITS_SHIFT);
+                match m.header.compare_exchange_weak(
+                    h,
+                    counted,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                ) {
+                    Err(now_h) => h = now_h,
+                    Ok(_) => {
+                        if (counted >> HITS_SHIFT) & HITS_MASK == u64::from(after) {
+                            life = self.lengthen(e, counted, max, life);
+                        }
+                        break;
                     }
                 }
             }
@@ -819,16 +838,39 @@ impl L1 {
         if s.refresh_ahead <= 0.0 {
             return false;
         }
-        let expires = m.header.load(Ordering::Relaxed) & EXPIRY_MASK;
+        let h = m.header.load(Ordering::Relaxed);
+        let expires = h & EXPIRY_MASK;
         let left = (life as f64 * (1.0 - s.refresh_ahead)) as u64;
-        if now < expires.saturating_sub(left) || m.hits.load(Ordering::Relaxed) & REFRESHING != 0 {
+        if now < expires.saturating_sub(left) || h & REFRESHING != 0 {
             return false;
         }
-        let first = m.hits.fetch_or(REFRESHING, Ordering::Relaxed) & REFRESHING == 0;
+        let first = m.header.fetch_or(REFRESHING, Ordering::Relaxed) & REFRESHING == 0;
         if first {
             self.stats.refreshes.fetch_add(1, Ordering::Relaxed);
         }
         first
+    }
+
+    /// Adaptive TTL: the entry lives `max` from its fill, never past its
+    /// key's expiry upstream. Returns its lifetime after.
+    fn lengthen(&self, e: &Entry, header: u64, max: u64, life: u64) -> u64 {
+        let m = e.meta();
+        let longer = max.min(u64::from(m.limit_ms));
+        if longer <= life {
+            return life;
+        }
+        let filled = (header & EXPIRY_MASK).saturating_sub(life);
+        let new = ((filled + longer) & EXPIRY_MASK) | (header & !EXPIRY_MASK);
+        if m.header
+            .compare_exchange(header, new, Ordering::Relaxed, Ordering::Relaxed)
+            .is_err()
+        {
+            return life;
+        }
+        m.lifetime_ms
+            .store(longer.min(u64::from(u32::MAX)) as u32, Ordering::Relaxed);
+        self.stats.extended.fetch_add(1, Ordering::Relaxed);
+        longer
     }
 
     /// Starts loading what looking up `keys` will read, so that the memory
@@ -863,11 +905,11 @@ impl L1 {
         }
         let expires = header & EXPIRY_MASK;
         let current = self.fresh_epoch.load(Ordering::SeqCst);
-        let behind = current.wrapping_sub(header >> EPOCH_SHIFT) & EPOCH_MASK;
+        let behind = current.wrapping_sub(epoch_of(header)) & EPOCH_MASK;
         let stale_since = match behind {
             0 => expires,
             n if (n as usize) < EPOCHS_KEPT => {
-                let e = (header >> EPOCH_SHIFT) as usize % EPOCHS_KEPT;
+                let e = epoch_of(header) as usize % EPOCHS_KEPT;
                 expires.min(self.epoch_ended[e].load(Ordering::SeqCst))
             }
             _ => return false,
@@ -1069,7 +1111,8 @@ impl L1 {
         } else {
             s.policy_for(key, id) != Policy::Bypass
         };
-        if !allowed {
+        // What an entry's header can name (see `Meta`).
+        if !allowed || db > u32::from(u16::MAX) || read.len() > MAX_READ {
             return false;
         }
         let lifetime = if missing {
@@ -1500,6 +1543,18 @@ mod tests {
             .count();
         assert_eq!(stored, store::MAX_READS_PER_KEY);
         assert_eq!(c.invalidate(b"z", Source::Write), store::MAX_READS_PER_KEY);
+    }
+
+    #[test]
+    fn what_an_entry_cannot_name_is_not_cached() {
+        let c = with(|_| {});
+        let k = Bytes::from_static(b"k");
+        assert!(!c.fill(70_000, &k, Some(b"$1\r\nx\r\n"), -1, TTL, c.token(&k)));
+        let long = read(2, &["HGET", "k", &"f".repeat(MAX_READ)]);
+        assert!(!c.fill_read(0, &k, &long, b"$1\r\nx\r\n", -1, TTL, c.token(&k)));
+        let fits = read(2, &["HGET", "k", &"f".repeat(MAX_READ - 10)]);
+        assert!(c.fill_read(0, &k, &fits, b"$1\r\nx\r\n", -1, TTL, c.token(&k)));
+        assert!(c.find(&c.rules(), 0, b"k", &fits, Instant::now()).is_some());
     }
 
     fn with(f: impl FnOnce(&mut CacheConfig)) -> L1 {
