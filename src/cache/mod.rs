@@ -220,6 +220,21 @@ impl Entry {
         self.meta().header.load(Ordering::Relaxed)
     }
 
+    /// Whether this is the entry of `(db, key, read)`: lengths first, so a
+    /// `GET` lookup (an empty read) compares only the key's bytes.
+    #[inline(always)]
+    fn is(&self, db: u32, key: &[u8], read: &[u8]) -> bool {
+        let m = self.meta();
+        let key_len = (m.key_len & !NIL) as usize;
+        let read_len = (m.read_len & LEN_MASK) as usize;
+        if u32::from(m.db) != db || key_len != key.len() || read_len != read.len() {
+            return false;
+        }
+        let bytes = &self.0.slice;
+        bytes.get(..key_len) == Some(key)
+            && (read.is_empty() || bytes.get(key_len..key_len + read_len) == Some(read))
+    }
+
     fn db(&self) -> u32 {
         u32::from(self.meta().db)
     }
@@ -280,6 +295,12 @@ impl Entry {
     /// the client's protocol, for other reads the cached frame (already in
     /// the protocol it was read for).
     pub fn write_reply(&self, out: &mut bytes::BytesMut, proto: crate::protocol::Proto) {
+        let m = self.meta();
+        if m.read_len == 0 && m.key_len & NIL == 0 {
+            // A GET value stored plain: the hit path.
+            crate::protocol::encode::bulk(out, &self.0.slice[m.key_len as usize..]);
+            return;
+        }
         let Some(stored) = self.stored() else {
             crate::protocol::encode::nil(out, proto);
             return;

@@ -70,6 +70,7 @@ impl Table {
 
     /// The first slot of `tag`'s probe run whose tag matches and whose
     /// entry `accept`s.
+    #[inline(always)]
     fn probe(&self, tag: u64, accept: impl Fn(&Entry) -> bool) -> Option<usize> {
         let mask = self.mask();
         let mut i = Slot::home(tag, mask);
@@ -90,8 +91,9 @@ impl Table {
     }
 
     /// The slot holding `(db, key, read)`, if any.
+    #[inline(always)]
     fn find(&self, tag: u64, db: u32, key: &[u8], read: &[u8]) -> Option<usize> {
-        self.probe(tag, |e| e.db() == db && e.key() == key && e.read() == read)
+        self.probe(tag, |e| e.is(db, key, read))
     }
 
     /// How many entries of `(db, key)` (any read) the table holds.
