@@ -147,7 +147,7 @@ impl Compression {
         let body = match self {
             Compression::None => return None,
             Compression::Lz4 => lz4_flex::block::compress(data),
-            Compression::Zstd => zstd::bulk::compress(data, 3).ok()?,
+            Compression::Zstd => zstd_compress(data)?,
         };
         if body.len() + 4 >= data.len() {
             return None;
@@ -315,11 +315,21 @@ impl Entry {
             }
             return;
         }
-        let data = decompress(c, stored);
-        if read {
-            out.extend_from_slice(&data);
-        } else {
-            crate::protocol::encode::bulk(out, &data);
+        // Straight into the output buffer: no copy of the value between.
+        let len = stored
+            .first_chunk::<4>()
+            .map_or(0, |l| u32::from_le_bytes(*l) as usize);
+        if !read {
+            crate::protocol::encode::header(out, b'$', len as i64);
+        }
+        let start = out.len();
+        out.resize(start + len, 0);
+        if let Err(e) = decompress_into(c, stored, &mut out[start..]) {
+            // Only a bug could make it: kiln wrote these bytes.
+            tracing::error!(error = %e, "L1 entry failed to decompress");
+        }
+        if !read {
+            out.extend_from_slice(b"\r\n");
         }
     }
 
@@ -332,22 +342,69 @@ impl Entry {
     }
 }
 
+thread_local! {
+    /// zstd contexts, one per thread: making one per value cost more than
+    /// the (de)compression of a 4 KiB value itself.
+    static ZSTD_IN: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+    static ZSTD_OUT: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// zstd level 3 (the library's default) with this thread's context.
+fn zstd_compress(data: &[u8]) -> Option<Vec<u8>> {
+    ZSTD_OUT.with(|z| {
+        let mut z = z.borrow_mut();
+        if z.is_none() {
+            *z = zstd::bulk::Compressor::new(3).ok();
+        }
+        z.as_mut()?.compress(data).ok()
+    })
+}
+
+/// Decompresses `stored` (the original length first, then the body) into
+/// `out`, which is exactly the original length.
+fn decompress_into(c: Compression, stored: &[u8], out: &mut [u8]) -> Result<(), String> {
+    let body = stored.get(4..).unwrap_or_default();
+    let n = match c {
+        Compression::None => {
+            out.copy_from_slice(body.get(..out.len()).ok_or("short value")?);
+            out.len()
+        }
+        Compression::Lz4 => {
+            lz4_flex::block::decompress_into(body, out).map_err(|e| e.to_string())?
+        }
+        Compression::Zstd => ZSTD_IN.with(|z| {
+            let mut z = z.borrow_mut();
+            if z.is_none() {
+                *z = Some(zstd::bulk::Decompressor::new().map_err(|e| e.to_string())?);
+            }
+            match z.as_mut() {
+                Some(d) => d.decompress_to_buffer(body, out).map_err(|e| e.to_string()),
+                None => Err("no zstd context".to_string()),
+            }
+        })?,
+    };
+    if n != out.len() {
+        return Err(format!("{n} bytes where {} were stored", out.len()));
+    }
+    Ok(())
+}
+
 /// The original bytes of a compressed value (empty if they are corrupt,
 /// which only a bug could make: kiln wrote them).
 fn decompress(c: Compression, stored: &[u8]) -> Vec<u8> {
-    let Some((len, body)) = stored.split_first_chunk::<4>() else {
-        return Vec::new();
-    };
-    let len = u32::from_le_bytes(*len) as usize;
-    let out = match c {
-        Compression::None => Ok(body.to_vec()),
-        Compression::Lz4 => lz4_flex::block::decompress(body, len).map_err(|e| e.to_string()),
-        Compression::Zstd => zstd::bulk::decompress(body, len).map_err(|e| e.to_string()),
-    };
-    out.unwrap_or_else(|e| {
-        tracing::error!(error = %e, "L1 entry failed to decompress");
-        Vec::new()
-    })
+    let len = stored
+        .first_chunk::<4>()
+        .map_or(0, |l| u32::from_le_bytes(*l) as usize);
+    let mut out = vec![0; len];
+    match decompress_into(c, stored, &mut out) {
+        Ok(()) => out,
+        Err(e) => {
+            tracing::error!(error = %e, "L1 entry failed to decompress");
+            Vec::new()
+        }
+    }
 }
 
 /// What an entry is charged against `cache.max_memory`.
