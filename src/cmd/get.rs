@@ -64,17 +64,13 @@ pub fn get(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
     let ttl = match c.rules.policy(&cmd.args[1]) {
         _ if !may_read_l1(c, "get", &cmd.args[1..], &[]) => {
             // Upstream decides, as that user: -NOPERM included.
-            c.op.class = Class::Forward;
-            let rx = c.conn().send(cmd.wire(), None, true);
-            c.expect(r, rx, Then::Nothing);
+            c.read_upstream(&cmd, r);
             return;
         }
         Policy::Cache { ttl } if c.writes_pending.is_empty() || !c.writing(&cmd.args[1]) => ttl,
         _ => {
             c.ctx.l1.stats.bypasses.add(1);
-            c.op.class = Class::Forward;
-            let rx = c.conn().send(cmd.wire(), None, true);
-            c.expect(r, rx, Then::Nothing);
+            c.read_upstream(&cmd, r);
             return;
         }
     };
@@ -119,10 +115,7 @@ pub fn get(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
             rx
         }
     };
-    c.upstream_pending += 1;
-    c.fills_pending += 1;
-    c.op.class = Class::Miss;
-    r.pending.push_back(super::Pending::Get(rx, c.op));
+    c.await_fill(rx, r);
 }
 
 /// A `GET` miss that leads its flight.
@@ -275,9 +268,7 @@ pub fn mget(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
     {
         let n = cmd.args.len() as u64 - 1;
         c.ctx.l1.stats.bypasses.add(n);
-        c.op.class = Class::Forward;
-        let rx = c.conn().send(cmd.wire(), None, true);
-        c.expect(r, rx, Then::Nothing);
+        c.read_upstream(&cmd, r);
         return;
     }
     let l1 = &c.ctx.l1;

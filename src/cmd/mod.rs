@@ -331,6 +331,23 @@ impl Client {
         r.pending.push_back(Pending::Reply(rx, then, self.op));
     }
 
+    /// Sends a read L1 may not answer on the client's connection, as it
+    /// would be forwarded.
+    pub fn read_upstream(&mut self, cmd: &Command, r: &mut Replies<'_>) {
+        self.op.class = Class::Forward;
+        let rx = self.conn().send(cmd.wire(), None, true);
+        self.expect(r, rx, Then::Nothing);
+    }
+
+    /// Queues the answer of a miss's flight (a fill read on a reader
+    /// connection: a write sent later waits for it, see `fills_pending`).
+    pub fn await_fill(&mut self, rx: oneshot::Receiver<GetAnswer>, r: &mut Replies<'_>) {
+        self.upstream_pending += 1;
+        self.fills_pending += 1;
+        self.op.class = Class::Miss;
+        r.pending.push_back(Pending::Get(rx, self.op));
+    }
+
     /// Whether a write of this client that names `key` (or may write any
     /// key) is still waiting for upstream's reply.
     pub fn writing(&self, key: &[u8]) -> bool {

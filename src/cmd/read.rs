@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::{Client, Replies, Then};
+use super::{Client, Replies};
 use crate::cache::flight::{GetAnswer, Join};
 use crate::cache::{FillToken, Policy, reads};
 use crate::context::Context;
@@ -42,17 +42,13 @@ pub fn cached(c: &mut Client, id: u8, cmd: Command, r: &mut Replies<'_>) {
     let name = reads::name(id);
     let ttl = match c.rules.policy_for(&key, id) {
         _ if !super::get::may_read_l1(c, name, &cmd.args[1..2], &cmd.args[2..]) => {
-            c.op.class = Class::Forward;
-            let rx = c.conn().send(cmd.wire(), None, true);
-            c.expect(r, rx, Then::Nothing);
+            c.read_upstream(&cmd, r);
             return;
         }
         Policy::Cache { ttl } if c.writes_pending.is_empty() || !c.writing(&key) => ttl,
         _ => {
             c.ctx.l1.stats.bypasses.add(1);
-            c.op.class = Class::Forward;
-            let rx = c.conn().send(cmd.wire(), None, true);
-            c.expect(r, rx, Then::Nothing);
+            c.read_upstream(&cmd, r);
             return;
         }
     };
@@ -84,10 +80,7 @@ pub fn cached(c: &mut Client, id: u8, cmd: Command, r: &mut Replies<'_>) {
             rx
         }
     };
-    c.upstream_pending += 1;
-    c.fills_pending += 1;
-    c.op.class = Class::Miss;
-    r.pending.push_back(super::Pending::Get(rx, c.op));
+    c.await_fill(rx, r);
 }
 
 /// One upstream read that fills an entry: a miss's, or a refresh's.
