@@ -38,9 +38,10 @@ pub const ENTRY_OVERHEAD: u64 = 112;
 
 const GENERATIONS: usize = 1 << 16;
 /// The longest a miss waits for a write in flight to its key before it
-/// reads anyway (`L1::writes_settled`): a write that slow has a busy or
-/// lost upstream, which the read meets either way.
-const DEFER_MAX: Duration = Duration::from_secs(1);
+/// reads anyway (`L1::writes_settled`): a few round trips of a loaded
+/// upstream. A write slower than that is held up upstream (`CLIENT PAUSE
+/// WRITE`, a busy server), and Redis would answer the read meanwhile.
+const DEFER_MAX: Duration = Duration::from_millis(10);
 
 /// What the table hashes: the database and the key, borrowed. Every
 /// cached read of a key hashes alike, so they share one probe run and one
@@ -1456,6 +1457,38 @@ mod tests {
         c.invalidate(&k, Source::Write);
         let arrived = sent.arrived(c.push_generation(&k));
         assert!(!c.fill(0, &k, Some(b"$1\r\nx\r\n"), -1, TTL, arrived));
+    }
+
+    /// Logical time (paused): a miss waits for a write in flight until it
+    /// ends, and never longer than `DEFER_MAX`.
+    #[tokio::test(start_paused = true)]
+    async fn a_miss_waits_briefly_for_a_write_in_flight() {
+        let c = Arc::new(l1());
+        let k: &[u8] = b"k";
+        let slot = c.write_started(k);
+        assert!(c.being_written(&[k]) && !c.being_written(&[b"other"]));
+        let ender = c.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            ender.write_ended(slot);
+        });
+        let start = tokio::time::Instant::now();
+        c.writes_settled(&[k]).await;
+        assert_eq!(
+            start.elapsed(),
+            Duration::from_millis(2),
+            "until the write ended"
+        );
+        assert!(!c.being_written(&[k]));
+        // A write that never ends (held upstream) holds reads DEFER_MAX.
+        let _held = c.write_started(k);
+        let start = tokio::time::Instant::now();
+        c.writes_settled(&[k]).await;
+        assert_eq!(start.elapsed(), DEFER_MAX);
+        // Nothing in flight: no wait at all.
+        let start = tokio::time::Instant::now();
+        c.writes_settled(&[b"other"]).await;
+        assert_eq!(start.elapsed(), Duration::ZERO);
     }
 
     #[test]

@@ -204,7 +204,7 @@ pub async fn dispatch(c: &mut Client, name: &[u8], cmd: Command, r: &mut Replies
             } else {
                 Stale::Keys(WriteKeys::from_vec(std::mem::take(&mut s.queued)))
             };
-            on_reply = Some(stale.now_and_on_reply(&ctx));
+            on_reply = Some(stale.now_and_on_reply(&ctx, false));
             settle = std::mem::take(&mut s.settle_on_exec);
         }
         b"discard" if s.in_multi => s.end_transaction(),
@@ -232,7 +232,7 @@ pub async fn dispatch(c: &mut Client, name: &[u8], cmd: Command, r: &mut Replies
                         Stale::Keys(k) => s.queued.extend(k),
                     }
                 } else {
-                    on_reply = Some(stale.now_and_on_reply(&ctx));
+                    on_reply = Some(stale.now_and_on_reply(&ctx, false));
                     settle = unnamed;
                 }
             }

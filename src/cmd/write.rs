@@ -59,16 +59,20 @@ impl Stale {
     }
 
     /// Applies now, and returns the same invalidation to run on reply.
-    /// Until then the keys count as being written (`L1::write_started`),
-    /// so misses on them wait for the reply rather than read a value the
-    /// reply's invalidation would drop. The count ends even if the hook is
-    /// dropped uncalled.
-    pub fn now_and_on_reply(self, ctx: &Arc<Context>) -> OnReply {
+    /// With `counted` (a plain write on a shared connection, never a
+    /// blocking command or a session's) the keys count as being written
+    /// until then (`L1::write_started`), so other clients' misses on them
+    /// wait briefly for the reply rather than read a value the reply's
+    /// invalidation would drop. The count ends even if the hook is dropped
+    /// uncalled.
+    pub fn now_and_on_reply(self, ctx: &Arc<Context>, counted: bool) -> OnReply {
         self.apply(ctx);
         let writing = InFlight {
             slots: match &self {
-                Stale::Keys(keys) => keys.iter().map(|k| ctx.l1.write_started(k)).collect(),
-                Stale::Everything => smallvec::SmallVec::new(),
+                Stale::Keys(keys) if counted => {
+                    keys.iter().map(|k| ctx.l1.write_started(k)).collect()
+                }
+                _ => smallvec::SmallVec::new(),
             },
             ctx: ctx.clone(),
         };
@@ -119,7 +123,7 @@ pub fn forward(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }) as OnReply)
     } else {
-        stale.map(|s| s.now_and_on_reply(&c.ctx))
+        stale.map(|s| s.now_and_on_reply(&c.ctx, true))
     };
     let rx = if c.ctx.table.allows_busy(&cmd.args) {
         // Past a busy script on the client's own connection, at once.
