@@ -852,13 +852,33 @@ impl Config {
             }
         }
         if self.cache.max_value_size > self.cache.max_memory / 4 {
+            // Blame the key the file sets: a small max_memory with the
+            // default max_value_size is the common case.
+            let key = if line_of(text, "cache.max_value_size").is_some()
+                || line_of(text, "cache.max_memory").is_none()
+            {
+                "cache.max_value_size"
+            } else {
+                "cache.max_memory"
+            };
             return Err(bad(
-                "cache.max_value_size",
-                "must be at most a quarter of cache.max_memory".into(),
+                key,
+                format!(
+                    "cache.max_value_size ({} bytes) must be at most a quarter of cache.max_memory ({} bytes): raise max_memory or set max_value_size lower",
+                    self.cache.max_value_size, self.cache.max_memory
+                ),
             ));
         }
-        let cached = crate::cache::reads::mask(&self.cache.commands)
-            .map_err(|m| bad("cache.commands", m))?;
+        let cached = crate::cache::reads::mask(&self.cache.commands).map_err(|(name, m)| {
+            ConfigError::Invalid {
+                key: "cache.commands".into(),
+                line: LineRef(
+                    element_line(text, line_of(text, "cache.commands"), &name)
+                        .or_else(|| line_of(text, "cache.commands")),
+                ),
+                message: m,
+            }
+        })?;
         let r = self.cache.refresh_ahead;
         if !(r == 0.0 || (r > 0.0 && r < 1.0)) {
             return Err(bad(
@@ -893,15 +913,28 @@ impl Config {
         }
         for (i, rule) in self.cache.rules.iter().enumerate() {
             if let Some(cmds) = &rule.commands {
-                let at = |message: String| ConfigError::Invalid {
+                let header = nth_table_line(text, "cache.rules", i);
+                let commands_line = element_line(text, header, "commands");
+                let at = |name: Option<&str>, message: String| ConfigError::Invalid {
                     key: format!("cache.rules[{i}].commands"),
-                    line: LineRef(nth_table_line(text, "cache.rules", i)),
+                    line: LineRef(
+                        name.and_then(|n| element_line(text, commands_line, n))
+                            .or(commands_line)
+                            .or(header),
+                    ),
                     message,
                 };
-                let m = crate::cache::reads::mask(cmds).map_err(at)?;
-                if m & !cached != 0 {
+                crate::cache::reads::mask(cmds).map_err(|(n, m)| at(Some(&n), m))?;
+                if let Some(wider) = cmds.iter().find(|c| {
+                    crate::cache::reads::mask(std::slice::from_ref(*c))
+                        .is_ok_and(|m| m & !cached != 0)
+                }) {
                     return Err(at(
-                        "a rule can only narrow cache.commands: it lists a command cache.commands does not cache".into(),
+                        Some(wider),
+                        format!(
+                            "`{}` is not in cache.commands: a rule can only narrow what cache.commands caches",
+                            wider.to_ascii_uppercase()
+                        ),
                     ));
                 }
             }
@@ -1119,6 +1152,21 @@ pub fn line_of(text: &str, dotted: &str) -> Option<usize> {
     None
 }
 
+/// The first line at or after `from` (1-based) that mentions `needle`, in
+/// quotes or as a key: where an element of a multi-line array, or a key of
+/// an array-of-tables entry, is written.
+fn element_line(text: &str, from: Option<usize>, needle: &str) -> Option<usize> {
+    let from = from?;
+    text.lines()
+        .enumerate()
+        .skip(from - 1)
+        .find(|(_, l)| {
+            l.contains(&format!("\"{needle}\""))
+                || l.split('=').next().is_some_and(|k| k.trim() == needle)
+        })
+        .map(|(n, _)| n + 1)
+}
+
 /// The line of the `i`th `[[name]]` header.
 fn nth_table_line(text: &str, name: &str, i: usize) -> Option<usize> {
     let header = format!("[[{name}]]");
@@ -1334,8 +1382,20 @@ mod tests {
             (
                 "[cache]\ncommands = [\"GET\"]\n[[cache.rules]]\nmatch = \"a*\"\ncommands = [\"HGET\"]\n",
                 "cache.rules[0].commands",
-                3,
-                "only narrow",
+                5,
+                "`HGET` is not in cache.commands",
+            ),
+            (
+                "[cache]\ncommands = [\n  \"GET\",\n  \"HGETALL\",\n  \"TTL\",\n]\n",
+                "cache.commands",
+                5,
+                "`TTL` cannot be cached",
+            ),
+            (
+                "[cache]\nmax_memory = \"1MiB\"\n",
+                "cache.max_memory",
+                2,
+                "at most a quarter",
             ),
             (
                 "[cache]\nrefresh_ahead = 1.5\n",

@@ -132,14 +132,15 @@ pub fn pairs_in_resp3(id: u8, args: &[bytes::Bytes]) -> bool {
     ) && args.iter().any(|a| a.eq_ignore_ascii_case(b"withscores"))
 }
 
-/// The mask of `names` (any case), or why one of them cannot be cached.
-pub fn mask(names: &[String]) -> Result<u64, String> {
+/// The mask of `names` (any case), or the first that cannot be cached (as
+/// written) and why.
+pub fn mask(names: &[String]) -> Result<u64, (String, String)> {
     let mut m = 0u64;
     for n in names {
         let lower = n.to_ascii_lowercase();
         match id(lower.as_bytes()) {
             Some(i) => m |= 1 << i,
-            None => return Err(refusal(&lower)),
+            None => return Err((n.clone(), refusal(&lower))),
         }
     }
     Ok(m)
@@ -171,7 +172,7 @@ pub fn refusal(name: &str) -> String {
         {
             "it writes"
         }
-        _ => "it is not a single-key read-only command kiln can cache",
+        _ => "kiln does not cache it (not among the reads it can reply to byte for byte)",
     };
     format!(
         "`{upper}` cannot be cached: {why}; cacheable: {}",
@@ -232,7 +233,7 @@ mod tests {
             ("SET", "writes"),
             ("SINTER", "several keys"),
         ] {
-            let e = mask(&[name.into()]).expect_err(name);
+            let (_, e) = mask(&[name.into()]).expect_err(name);
             assert!(e.contains(name) && e.contains(why), "{e}");
         }
     }

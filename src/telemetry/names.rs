@@ -60,12 +60,12 @@ pub const ALL: &[(&str, &str, &str)] = &[
     (
         REQUESTS,
         "counter",
-        "GET/MGET keys by cache status: hit, miss, bypass, stale (served past freshness because upstream failed)",
+        "Cached reads (GET, each MGET key, other cache.commands) by cache status: hit, miss, bypass, stale (served past freshness because upstream failed)",
     ),
     (
         HIT_RATE,
         "gauge",
-        "Share of GET/MGET keys answered from L1 over alerts.window",
+        "Share of cached reads answered from L1 over alerts.window",
     ),
     (
         PENETRATIONS,
@@ -75,7 +75,7 @@ pub const ALL: &[(&str, &str, &str)] = &[
     (
         PENETRATION_RATE,
         "gauge",
-        "Share of GET/MGET keys that were missing upstream, over alerts.window",
+        "Share of cached reads whose key was missing upstream, over alerts.window",
     ),
     (
         WARMUP_DURATION,
