@@ -869,9 +869,15 @@ impl L1 {
             // (the key itself was still to live upstream), and only within
             // max_stale.
             let m = entry.meta();
+            let life = u64::from(m.lifetime_ms.load(Ordering::Relaxed));
+            // When the key itself expires upstream, from the fill's PTTL.
+            let key_ends = match m.limit_ms {
+                u32::MAX => u64::MAX,
+                limit => expires.saturating_sub(life) + u64::from(limit),
+            };
             if s.ttl_mode
                 && s.refresh_ahead > 0.0
-                && m.lifetime_ms.load(Ordering::Relaxed) < m.limit_ms
+                && now < key_ends
                 && now < expires.saturating_add(s.max_stale_ms)
             {
                 let refresh = m.header.fetch_or(REFRESHING, Ordering::Relaxed) & REFRESHING == 0;
@@ -1809,6 +1815,27 @@ mod tests {
         assert!(
             c.find(&rules, 0, b"bound", &[], later).is_none(),
             "an entry its key's PTTL ended is never served past it"
+        );
+        // Rule TTL 100 ms, key PTTL 300 ms: served stale until the key's
+        // own end, not for all of max_stale.
+        let short = Bytes::from_static(b"short");
+        assert!(c.fill(
+            0,
+            &short,
+            Some(b"$1\r\nx\r\n"),
+            300,
+            cfg.ttl,
+            c.token(&short)
+        ));
+        let soon = Instant::now() + Duration::from_millis(150);
+        assert!(
+            c.find(&rules, 0, b"short", &[], soon).is_some(),
+            "rule TTL over, key alive"
+        );
+        let after_key = Instant::now() + Duration::from_millis(400);
+        assert!(
+            c.find(&rules, 0, b"short", &[], after_key).is_none(),
+            "never past the key's PTTL"
         );
     }
 }
