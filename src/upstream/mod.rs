@@ -18,6 +18,7 @@
 
 pub mod breaker;
 pub mod conn;
+pub mod slot;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

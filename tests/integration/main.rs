@@ -7,6 +7,7 @@ mod bad_input;
 mod cache;
 mod chaos;
 mod cli;
+mod cluster;
 mod coherence;
 mod corpus;
 mod frames;

@@ -14,6 +14,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
+pub mod cluster;
+
 pub const WAIT: Duration = Duration::from_secs(10);
 
 /// A `redis-server` child process, killed on drop.
@@ -92,6 +94,12 @@ impl Redis {
             std::thread::sleep(Duration::from_millis(50));
         }
         panic!("could not restart redis-server on port {}", self.port);
+    }
+
+    /// A server on `port` with `extra` arguments, or `None` if another
+    /// process won the port.
+    pub fn spawn_at(port: u16, extra: &[&str]) -> Option<Redis> {
+        Self::spawn_on(port, extra)
     }
 
     fn spawn_on(port: u16, extra: &[&str]) -> Option<Redis> {
