@@ -1,6 +1,7 @@
-//! Redis Cluster upstreams (issue 12), against a real 3 + 3 cluster started
-//! by the harness (`util::cluster`). So far: the hash slot kiln computes is
-//! the cluster's own.
+//! Redis Cluster and Sentinel upstreams (issue 12), against a real 3 + 3
+//! cluster (`util::cluster`) and a real primary, replica and three
+//! sentinels (`util::sentinel`), started by the harness. So far: the hash
+//! slot kiln computes is the cluster's own, and the harnesses themselves.
 
 use crate::util::cluster::Cluster;
 
@@ -36,4 +37,29 @@ async fn key_slots_match_cluster_keyslot() {
         );
     }
     assert_eq!(cluster.seeds().len(), 6);
+}
+
+/// The Sentinel harness: three sentinels agree on the primary, and follow
+/// a `SENTINEL FAILOVER` to the replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinels_report_the_primary_and_follow_a_failover() {
+    use crate::util::sentinel::{MASTER, Sentinels, cli};
+    let s = tokio::task::spawn_blocking(Sentinels::start)
+        .await
+        .expect("sentinels");
+    for &p in &s.ports {
+        assert_eq!(s.primary_port(p), Some(s.primary.port));
+    }
+    let reply = cli(s.ports[0], &["SENTINEL", "FAILOVER", MASTER]);
+    assert!(reply.contains("OK"), "{reply}");
+    let deadline = std::time::Instant::now() + crate::util::WAIT * 2;
+    for &p in &s.ports {
+        while s.primary_port(p) != Some(s.replica.port) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "sentinel {p} never switched"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
 }

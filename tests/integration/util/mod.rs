@@ -15,6 +15,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 pub mod cluster;
+pub mod sentinel;
 
 pub const WAIT: Duration = Duration::from_secs(10);
 
