@@ -43,7 +43,8 @@ async fn key_slots_match_cluster_keyslot() {
 /// a `SENTINEL FAILOVER` to the replica.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sentinels_report_the_primary_and_follow_a_failover() {
-    use crate::util::sentinel::{MASTER, Sentinels, cli};
+    use crate::util::cli;
+    use crate::util::sentinel::{MASTER, Sentinels};
     let s = tokio::task::spawn_blocking(Sentinels::start)
         .await
         .expect("sentinels");

@@ -8,7 +8,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use super::{Conn, Redis, WAIT};
+use super::{Conn, Redis, WAIT, cli};
 
 pub struct Cluster {
     pub nodes: Vec<Redis>,
@@ -105,17 +105,6 @@ impl Cluster {
             .map(|r| format!("127.0.0.1:{}", r.port))
             .collect()
     }
-}
-
-/// `redis-cli -p port args...`, its output as text.
-fn cli(port: u16, args: &[&str]) -> String {
-    std::process::Command::new("redis-cli")
-        .arg("-p")
-        .arg(port.to_string())
-        .args(args)
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default()
 }
 
 impl Drop for Cluster {

@@ -25,11 +25,23 @@ pub struct Redis {
     child: Child,
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     StdListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("a free port")
+}
+
+/// `redis-cli -p port args...`, its output as text (for the harnesses'
+/// set-up checks; tests read replies as bytes with `Conn`).
+pub fn cli(port: u16, args: &[&str]) -> String {
+    Command::new("redis-cli")
+        .arg("-p")
+        .arg(port.to_string())
+        .args(args)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
 }
 
 /// Whether the server on `port` is process `pid`: another test's server may

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{Redis, WAIT};
+use super::{Redis, WAIT, cli, free_port};
 
 pub const MASTER: &str = "mymaster";
 
@@ -19,24 +19,6 @@ pub struct Sentinels {
     pub ports: Vec<u16>,
     children: Vec<Child>,
     dir: PathBuf,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
-/// `redis-cli -p port args...`, its output as text.
-pub fn cli(port: u16, args: &[&str]) -> String {
-    Command::new("redis-cli")
-        .arg("-p")
-        .arg(port.to_string())
-        .args(args)
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default()
 }
 
 impl Sentinels {
