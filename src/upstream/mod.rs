@@ -260,26 +260,50 @@ impl Default for ReaderSpec {
     }
 }
 
-pub struct Upstream {
+/// One Redis server and the connections kiln keeps to it: its address
+/// (with credentials and TLS) and its pools. A standalone upstream is one
+/// node; a cluster will be one per shard's primary.
+struct Node {
     addr: UpstreamAddr,
-    per_key: usize,
-    connect_timeout: Duration,
-    command_timeout: Duration,
-    max_sessions: usize,
+    tls: Option<UpstreamTls>,
     /// By (database, protocol, worker, user).
     shared: Mutex<HashMap<(u32, Proto, usize, As), Conns>>,
     /// For `allow_busy` commands, by (database, protocol, worker, user).
     priority: Mutex<HashMap<(u32, Proto, usize, As), ConnHandle>>,
     /// Idle, clean session connections.
     idle: Mutex<HashMap<PoolKey, Vec<ConnHandle>>>,
-    sessions: Arc<Semaphore>,
-    reader_spec: ReaderSpec,
     /// By (database, worker).
     readers: Mutex<HashMap<(u32, usize), Conns>>,
+}
+
+impl Node {
+    fn new(addr: UpstreamAddr, tls: Option<UpstreamTls>) -> Node {
+        Node {
+            addr,
+            tls,
+            shared: Mutex::new(HashMap::new()),
+            priority: Mutex::new(HashMap::new()),
+            idle: Mutex::new(HashMap::new()),
+            readers: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+/// The upstream as the rest of kiln sees it: connections by purpose
+/// (shared, priority, session, raw, reader), limits and health that hold
+/// for the whole upstream (session permits, breaker, error counts).
+pub struct Upstream {
+    /// The server every connection goes to.
+    node: Node,
+    per_key: usize,
+    connect_timeout: Duration,
+    command_timeout: Duration,
+    max_sessions: usize,
+    sessions: Arc<Semaphore>,
+    reader_spec: ReaderSpec,
     /// Connection failures by kind, for `upstream_errors_total`.
     pub errors: Arc<ErrorCounts>,
     pub breaker: Arc<Breaker>,
-    tls: Option<UpstreamTls>,
 }
 
 /// A dedicated connection checked out for one client's session. Give it
@@ -323,20 +347,15 @@ impl Upstream {
             None
         };
         Ok(Upstream {
-            tls,
-            addr,
+            node: Node::new(addr, tls),
             // `upstream.connections` is the process-wide count per
             // (database, protocol), shared out among the worker threads.
             per_key: (cfg.upstream.connections / workers(cfg)).max(1),
             connect_timeout: cfg.upstream.connect_timeout,
             command_timeout: cfg.upstream.command_timeout,
             max_sessions: cfg.upstream.max_sessions,
-            shared: Mutex::new(HashMap::new()),
-            priority: Mutex::new(HashMap::new()),
-            idle: Mutex::new(HashMap::new()),
             sessions: Arc::new(Semaphore::new(cfg.upstream.max_sessions)),
             reader_spec,
-            readers: Mutex::new(HashMap::new()),
             errors: Arc::default(),
             breaker: Arc::new(Breaker::new(&cfg.upstream.breaker)),
         })
@@ -345,11 +364,11 @@ impl Upstream {
     /// The database named in `upstream.url`: a client starts there.
     /// The upstream user kiln itself logs in as (`upstream.url`).
     pub fn own_user(&self) -> &str {
-        self.addr.username.as_deref().unwrap_or("default")
+        self.node.addr.username.as_deref().unwrap_or("default")
     }
 
     pub fn default_db(&self) -> u32 {
-        self.addr.db
+        self.node.addr.db
     }
 
     fn connector(&self, db: u32, proto: Proto) -> Arc<Connector> {
@@ -392,7 +411,7 @@ impl Upstream {
 
     fn connector_with(&self, db: u32, proto: Proto, extra: Vec<Vec<Vec<u8>>>) -> Arc<Connector> {
         Arc::new(Connector {
-            addr: self.addr.clone(),
+            addr: self.node.addr.clone(),
             db,
             proto,
             connect_timeout: self.connect_timeout,
@@ -400,7 +419,7 @@ impl Upstream {
             extra,
             errors: self.errors.clone(),
             breaker: self.breaker.clone(),
-            tls: self.tls.clone(),
+            tls: self.node.tls.clone(),
             want_id: false,
         })
     }
@@ -412,7 +431,7 @@ impl Upstream {
 
     /// Every reader connection opened so far, of every database and worker.
     pub fn readers_all(&self) -> Vec<ConnHandle> {
-        lock(&self.readers)
+        lock(&self.node.readers)
             .values()
             .flat_map(|c| c.iter().cloned())
             .collect()
@@ -420,7 +439,7 @@ impl Upstream {
 
     /// A connection that fills L1 for `db`, spread over clients.
     pub fn reader(&self, db: u32, client_id: u64) -> ConnHandle {
-        let mut map = lock(&self.readers);
+        let mut map = lock(&self.node.readers);
         let conns = map.entry((db, worker())).or_insert_with(|| {
             let spec = &self.reader_spec;
             (0..self.per_key)
@@ -437,13 +456,13 @@ impl Upstream {
 
     /// A standalone connection with its own setup and hooks.
     pub fn channel(&self, proto: Proto, setup: Vec<Vec<Vec<u8>>>, hooks: Hooks) -> ConnHandle {
-        ConnHandle::spawn(self.connector_with(self.addr.db, proto, setup), hooks)
+        ConnHandle::spawn(self.connector_with(self.node.addr.db, proto, setup), hooks)
     }
 
     /// The shared connection for a client; the same one every time for the
     /// same client, database and protocol.
     pub fn shared(&self, db: u32, proto: Proto, client_id: u64, who: &As) -> ConnHandle {
-        let mut map = lock(&self.shared);
+        let mut map = lock(&self.node.shared);
         let conns = map
             .entry((db, proto, worker(), who.clone()))
             .or_insert_with(|| {
@@ -472,7 +491,7 @@ impl Upstream {
         who: &As,
         now: std::time::Instant,
     ) -> ConnHandle {
-        let mut map = lock(&self.shared);
+        let mut map = lock(&self.node.shared);
         let key = (db, proto, worker(), who.clone());
         if let Some(c) = map
             .get(&key)
@@ -502,7 +521,7 @@ impl Upstream {
     /// It carries nothing else, so such a command is never queued behind
     /// the script it is meant to stop.
     pub fn priority(&self, db: u32, proto: Proto, who: &As) -> ConnHandle {
-        let mut map = lock(&self.priority);
+        let mut map = lock(&self.node.priority);
         map.entry((db, proto, worker(), who.clone()))
             .or_insert_with(|| {
                 ConnHandle::spawn(self.connector_as(db, proto, who, false), Hooks::default())
@@ -526,7 +545,7 @@ impl Upstream {
     pub async fn session(&self, db: u32, proto: Proto, who: &As) -> Result<Session, UpstreamError> {
         let permit = self.permit().await?;
         let key = (db, proto, who.clone());
-        let conn = lock(&self.idle)
+        let conn = lock(&self.node.idle)
             .get_mut(&key)
             .and_then(|v| v.pop())
             .unwrap_or_else(|| {
@@ -543,7 +562,7 @@ impl Upstream {
     /// pending, no state left on it); otherwise it is closed.
     pub fn release(&self, s: Session, clean: bool) {
         if clean {
-            let mut idle = lock(&self.idle);
+            let mut idle = lock(&self.node.idle);
             let v = idle.entry(s.key).or_default();
             if v.len() < IDLE_PER_KEY {
                 v.push(s.conn);
