@@ -135,7 +135,8 @@ pub fn dispatch(c: &mut Client, name: &[u8], cmd: Command, r: &mut Replies<'_>) 
         b"cache.status" => a.len() <= 2,
         b"cache.clear" | b"cache.reload" => a.len() == 1,
         b"cache.invalidate" => a.len() >= 2,
-        b"cache.hotkeys" => a.len() == 1 || a.len() == 3,
+        // `COUNT` without its number is a syntax error, as Redis says it.
+        b"cache.hotkeys" => a.len() <= 3,
         _ => true,
     };
     if !arity_ok {
@@ -206,7 +207,7 @@ pub fn dispatch(c: &mut Client, name: &[u8], cmd: Command, r: &mut Replies<'_>) 
         b"cache.hotkeys" => {
             let count = match a.len() {
                 1 => Some(10),
-                _ if a[1].eq_ignore_ascii_case(b"COUNT") => super::local::parse_i64(&a[2])
+                3 if a[1].eq_ignore_ascii_case(b"COUNT") => super::local::parse_i64(&a[2])
                     .filter(|n| *n > 0)
                     .map(|n| n as usize),
                 _ => None,

@@ -450,9 +450,17 @@ async fn hotkeys_command_lists_the_hottest_first() {
             .await
             .starts_with(b"%3\r\n$1\r\na\r\n:30\r\n")
     );
-    assert_eq!(
-        k.cmd(&["CACHE.HOTKEYS", "COUNT", "x"]).await,
-        "-ERR syntax error\r\n"
+    for bad in [
+        &["CACHE.HOTKEYS", "COUNT", "x"][..],
+        &["CACHE.HOTKEYS", "COUNT"],
+        &["CACHE.HOTKEYS", "FOO"],
+    ] {
+        assert_eq!(k.cmd(bad).await, "-ERR syntax error\r\n", "{bad:?}");
+    }
+    assert!(
+        k.cmd(&["CACHE.HOTKEYS", "COUNT", "1", "x"])
+            .await
+            .starts_with(b"-ERR wrong number")
     );
 }
 
