@@ -1587,7 +1587,7 @@ mod tests {
 
     fn read(id: u8, args: &[&str]) -> Vec<u8> {
         let args: Vec<Bytes> = args.iter().map(|a| Bytes::from(a.to_string())).collect();
-        reads::read_key(crate::protocol::Proto::Resp2, id, &args)
+        reads::read_key(crate::protocol::Proto::Resp2, id, &args).to_vec()
     }
 
     #[test]

@@ -180,13 +180,17 @@ pub fn refusal(name: &str) -> String {
     )
 }
 
+/// The bytes that name a read, as built per request: on the stack for
+/// the usual short arguments, so a hit allocates nothing.
+pub type ReadKey = smallvec::SmallVec<[u8; 64]>;
+
 /// The bytes that name a read inside its entry: the client's protocol,
 /// the command's id, then each argument after the key, length first. The
 /// arguments are compared as sent, so `WITHSCORES` and `withscores` are two
 /// entries (both correct).
-pub fn read_key(proto: crate::protocol::Proto, id: u8, args: &[bytes::Bytes]) -> Vec<u8> {
+pub fn read_key(proto: crate::protocol::Proto, id: u8, args: &[bytes::Bytes]) -> ReadKey {
     let rest = args.get(2..).unwrap_or_default();
-    let mut out = Vec::with_capacity(2 + rest.iter().map(|a| a.len() + 4).sum::<usize>());
+    let mut out = ReadKey::with_capacity(2 + rest.iter().map(|a| a.len() + 4).sum::<usize>());
     out.push(match proto {
         crate::protocol::Proto::Resp2 => 2,
         crate::protocol::Proto::Resp3 => 3,

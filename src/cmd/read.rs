@@ -58,7 +58,7 @@ pub fn cached(c: &mut Client, id: u8, cmd: Command, r: &mut Replies<'_>) {
         l1.stats.hits.add(1);
         c.op.class = Class::Hit;
         if hit.refresh {
-            let fetch = Fetch::new(c, id, &cmd, key, Bytes::from(read), ttl);
+            let fetch = Fetch::new(c, id, &cmd, key, Bytes::copy_from_slice(&read), ttl);
             tokio::spawn(fetch.run());
         }
         let proto = c.proto;
@@ -66,7 +66,7 @@ pub fn cached(c: &mut Client, id: u8, cmd: Command, r: &mut Replies<'_>) {
         return;
     }
     l1.stats.misses.add(1);
-    let read = Bytes::from(read);
+    let read = Bytes::copy_from_slice(&read);
     let token = l1.token(&key);
     let rx = match l1.flights.join_read(c.db, &key, read.clone(), token) {
         Join::Wait(rx) => rx,

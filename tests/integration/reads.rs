@@ -236,17 +236,9 @@ async fn one_direct_hset_drops_every_cached_read_of_the_key() {
 }
 
 async fn kiln_hits(k: &mut Conn) -> u64 {
-    let status = k.cmd_text(&["CACHE.STATUS"]).await;
-    let mut lines = status.lines();
-    while let Some(l) = lines.next() {
-        if l == "hits" {
-            return lines
-                .next()
-                .and_then(|v| v.trim_start_matches(':').parse().ok())
-                .unwrap_or(0);
-        }
-    }
-    panic!("no hits in {status}");
+    crate::util::cache_status(k).await["hits"]
+        .as_u64()
+        .expect("hits in CACHE.STATUS")
 }
 
 /// Direct writers on hashes and sorted sets, readers through kiln; after
@@ -578,5 +570,8 @@ async fn a_write_held_upstream_does_not_hold_reads_of_its_key() {
     assert_eq!(r.cmd(&["TYPE", "q"]).await, b"+none\r\n"[..]);
     d.cmd(&["RPUSH", "q", "job"]).await;
     assert_eq!(consumer.read().await, b"*2\r\n$1\r\nq\r\n$3\r\njob\r\n"[..]);
-    r.wait_for(&["LLEN", "q"], b":0\r\n").await;
+    // The pop emptied it again: kiln answers what Redis holds.
+    let now = d.cmd(&["LRANGE", "q", "0", "-1"]).await;
+    assert_eq!(now, b"*0\r\n"[..]);
+    r.wait_for(&["LRANGE", "q", "0", "-1"], &now).await;
 }

@@ -35,8 +35,7 @@ fn fast(c: &mut Config) {
 }
 
 async fn status(k: &mut Conn) -> Value {
-    let r = k.cmd(&["CACHE.STATUS", "JSON"]).await;
-    serde_json::from_slice(&bulk_payload(&r).expect("a bulk string")).expect("JSON")
+    crate::util::cache_status(k).await
 }
 
 /// Polls CACHE.STATUS until the run is over.

@@ -32,6 +32,12 @@ pub fn free_port() -> u16 {
         .expect("a free port")
 }
 
+/// `CACHE.STATUS JSON` through `c`, parsed.
+pub async fn cache_status(c: &mut Conn) -> serde_json::Value {
+    let r = c.cmd(&["CACHE.STATUS", "JSON"]).await;
+    serde_json::from_slice(&bulk_payload(&r).expect("a bulk string")).expect("JSON")
+}
+
 /// `redis-cli -p port args...`, its output as text (for the harnesses'
 /// set-up checks; tests read replies as bytes with `Conn`).
 pub fn cli(port: u16, args: &[&str]) -> String {
