@@ -249,6 +249,79 @@ pub struct UpstreamConfig {
     /// the system's roots.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_ca: Option<String>,
+    /// `upstream.cluster`: seed nodes of a Redis Cluster, `host:port` or
+    /// `redis://` URLs (SPEC 3a). Credentials and TLS of the first seed
+    /// apply to every node.
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "ser_seeds")]
+    pub cluster: Option<Vec<String>>,
+    /// How often the cluster's topology is read again (besides at once on
+    /// `MOVED`, `CLUSTERDOWN` and connection loss).
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
+    pub topology_refresh: Duration,
+    /// `[upstream.sentinel]`: the primary is found through Sentinel.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sentinel: Option<SentinelConfig>,
+}
+
+/// `[upstream.sentinel]` (SPEC 3a): where the sentinels are and which
+/// primary (`master`, Sentinel's own term) to follow.
+#[derive(Clone, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct SentinelConfig {
+    /// The name the sentinels monitor the primary under.
+    pub master: String,
+    /// Sentinel addresses, `host:port`.
+    pub nodes: Vec<String>,
+    /// The sentinels' own password (`requirepass` of the sentinels).
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "ser_secret")]
+    pub password: Option<String>,
+    pub primary_username: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "ser_secret")]
+    pub primary_password: Option<String>,
+    pub db: u32,
+    /// TLS to the sentinels and the primary.
+    pub tls: bool,
+}
+
+impl std::fmt::Debug for SentinelConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SentinelConfig")
+            .field("master", &self.master)
+            .field("nodes", &self.nodes)
+            .field("db", &self.db)
+            .field("tls", &self.tls)
+            .finish_non_exhaustive()
+    }
+}
+
+fn ser_secret<S: serde::Serializer>(v: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(_) => s.serialize_some("<redacted>"),
+        None => s.serialize_none(),
+    }
+}
+
+fn ser_seeds<S: serde::Serializer>(v: &Option<Vec<String>>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(seeds) => s.collect_seq(seeds.iter().map(|u| redact_url(u))),
+        None => s.serialize_none(),
+    }
+}
+
+/// Which kind of upstream the config names (SPEC 3a): exactly one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Topology {
+    Standalone(UpstreamAddr),
+    /// Seed nodes; every node is reached with the first seed's
+    /// credentials and TLS.
+    Cluster(Vec<UpstreamAddr>),
+    Sentinel {
+        master: String,
+        sentinels: Vec<UpstreamAddr>,
+        /// Credentials, database and TLS for the primary; its host and
+        /// port are what the sentinels say.
+        primary: UpstreamAddr,
+    },
 }
 
 /// By hand, so the password in `url` is not printed.
@@ -262,6 +335,15 @@ impl std::fmt::Debug for UpstreamConfig {
             .field("command_timeout", &self.command_timeout)
             .field("breaker", &self.breaker)
             .field("tls_ca", &self.tls_ca)
+            .field(
+                "cluster",
+                &self
+                    .cluster
+                    .as_ref()
+                    .map(|c| c.iter().map(|u| redact_url(u)).collect::<Vec<_>>()),
+            )
+            .field("topology_refresh", &self.topology_refresh)
+            .field("sentinel", &self.sentinel)
             .finish()
     }
 }
@@ -299,6 +381,9 @@ impl Default for UpstreamConfig {
             command_timeout: Duration::from_secs(1),
             breaker: BreakerConfig::default(),
             tls_ca: None,
+            cluster: None,
+            topology_refresh: Duration::from_secs(30),
+            sentinel: None,
         }
     }
 }
@@ -794,7 +879,7 @@ impl Config {
                 return Err(bad(key, format!("`{addr}` is not an ip:port address")));
             }
         }
-        let upstream = self.upstream_addr().map_err(|m| bad("upstream.url", m))?;
+        let upstream = self.validate_topology(text)?;
         if let Some(tls) = &self.server.tls {
             crate::tls::acceptor(tls)
                 .map_err(|e| bad(&format!("server.tls.{}", e.key), e.message))?;
@@ -1070,6 +1155,149 @@ impl Config {
 
     pub fn upstream_addr(&self) -> Result<UpstreamAddr, String> {
         parse_redis_url(&self.upstream.url)
+    }
+
+    /// The upstream's topology (SPEC 3a): `upstream.url`, `upstream.cluster`
+    /// or `[upstream.sentinel]`, whichever is set. Check it with
+    /// `validate` first; `Err` names what is wrong.
+    pub fn topology(&self) -> Result<Topology, String> {
+        if let Some(seeds) = &self.upstream.cluster {
+            let seeds = seeds
+                .iter()
+                .map(|s| parse_node(s))
+                .collect::<Result<Vec<_>, _>>()?;
+            if seeds.is_empty() {
+                return Err("names no seed node".into());
+            }
+            return Ok(Topology::Cluster(seeds));
+        }
+        if let Some(s) = &self.upstream.sentinel {
+            let sentinels = s
+                .nodes
+                .iter()
+                .map(|n| {
+                    let mut a = parse_node(n)?;
+                    a.password = s.password.clone();
+                    a.tls = s.tls;
+                    Ok(a)
+                })
+                .collect::<Result<Vec<_>, String>>()?;
+            if sentinels.is_empty() {
+                return Err("nodes: names no sentinel".into());
+            }
+            if s.master.is_empty() {
+                return Err("master: empty (the name the sentinels monitor)".into());
+            }
+            return Ok(Topology::Sentinel {
+                master: s.master.clone(),
+                sentinels,
+                primary: UpstreamAddr {
+                    host: String::new(),
+                    port: 0,
+                    username: s.primary_username.clone(),
+                    password: s.primary_password.clone(),
+                    db: s.db,
+                    tls: s.tls,
+                },
+            });
+        }
+        self.upstream_addr().map(Topology::Standalone)
+    }
+
+    /// `topology`, with errors naming the key and line; returns the
+    /// address of credentials and TLS every node is reached with.
+    fn validate_topology(&self, text: &str) -> Result<UpstreamAddr, ConfigError> {
+        let url_line = line_of(text, "upstream.url");
+        let cluster_line = line_of(text, "upstream.cluster");
+        let sentinel_line = text
+            .lines()
+            .position(|l| l.trim() == "[upstream.sentinel]")
+            .map(|i| i + 1);
+        let set = [
+            ("upstream.url", url_line),
+            (
+                "upstream.cluster",
+                cluster_line.or(self.upstream.cluster.as_ref().map(|_| 0)),
+            ),
+            (
+                "upstream.sentinel",
+                sentinel_line.or(self.upstream.sentinel.as_ref().map(|_| 0)),
+            ),
+        ];
+        let named: Vec<_> = set.iter().filter(|(_, l)| l.is_some()).collect();
+        if named.len() > 1 {
+            let (key, line) = named[1];
+            return Err(ConfigError::Invalid {
+                key: key.to_string(),
+                line: LineRef(line.filter(|l| *l > 0)),
+                message: format!(
+                    "set together with {}: give exactly one of upstream.url, upstream.cluster, [upstream.sentinel]",
+                    named[0].0
+                ),
+            });
+        }
+        let key = if self.upstream.cluster.is_some() {
+            "upstream.cluster"
+        } else if self.upstream.sentinel.is_some() {
+            "upstream.sentinel"
+        } else {
+            "upstream.url"
+        };
+        let line = match key {
+            "upstream.sentinel" => sentinel_line,
+            k => line_of(text, k),
+        };
+        let invalid = |message: String| ConfigError::Invalid {
+            key: key.to_string(),
+            line: LineRef(line),
+            message,
+        };
+        if self.upstream.topology_refresh.is_zero() {
+            return Err(ConfigError::Invalid {
+                key: "upstream.topology_refresh".into(),
+                line: LineRef(line_of(text, "upstream.topology_refresh")),
+                message: "must be more than 0".into(),
+            });
+        }
+        match self.topology().map_err(invalid)? {
+            Topology::Standalone(a) => Ok(a),
+            Topology::Cluster(seeds) => {
+                if seeds.iter().any(|s| s.db != 0) {
+                    return Err(ConfigError::Invalid {
+                        key: key.into(),
+                        line: LineRef(line),
+                        message:
+                            "names a database other than 0: a Redis Cluster has only database 0"
+                                .into(),
+                    });
+                }
+                Ok(seeds[0].clone())
+            }
+            Topology::Sentinel { primary, .. } => Ok(UpstreamAddr {
+                host: "sentinel".into(),
+                ..primary
+            }),
+        }
+    }
+}
+
+/// A node given as `host:port` or as a `redis://` / `rediss://` URL.
+pub fn parse_node(s: &str) -> Result<UpstreamAddr, String> {
+    if s.contains("://") {
+        return parse_redis_url(s);
+    }
+    match s.rsplit_once(':') {
+        Some((h, p)) if !h.is_empty() => Ok(UpstreamAddr {
+            host: h.trim_start_matches('[').trim_end_matches(']').to_string(),
+            port: p
+                .parse()
+                .map_err(|_| format!("port `{p}` in `{s}` is not a port number"))?,
+            username: None,
+            password: None,
+            db: 0,
+            tls: false,
+        }),
+        _ => Err(format!("`{s}` is not host:port or a redis:// URL")),
     }
 }
 

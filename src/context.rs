@@ -12,7 +12,7 @@ use crate::cmd::table::Table;
 use crate::coherence::Coherence;
 use crate::config::Config;
 use crate::protocol::request::Limits;
-use crate::upstream::{ConnHandle, Hooks, Upstream};
+use crate::upstream::{Hooks, Link, Upstream};
 use crate::warmup::Warmup;
 
 pub struct Context {
@@ -22,7 +22,7 @@ pub struct Context {
     pub upstream: Upstream,
     /// kiln's own requests to upstream: the SWAPDB check, the warmup lock,
     /// hot-key saves.
-    pub control: ConnHandle,
+    pub control: Link,
     /// What a reload replaces whole (`reload`): client limits, users,
     /// TLS, admin limits. Read through `live()`.
     live: arc_swap::ArcSwap<Live>,
@@ -33,7 +33,7 @@ pub struct Context {
     pub acl: crate::cmd::acl::Permissions,
     pub metrics: crate::telemetry::metrics::Metrics,
     pub health: crate::telemetry::health::Health,
-    pub table: Table,
+    pub table: Arc<Table>,
     /// Upstream's `databases`, for SELECT's range check.
     pub databases: u32,
     /// Upstream's version, reported by HELLO.
@@ -218,13 +218,17 @@ impl Context {
     /// Builds the context, asking upstream for its command table, version and
     /// database count. Upstream being down at start is not fatal: kiln
     /// falls back to defaults and connects when traffic comes.
-    pub async fn new(cfg: &Config) -> Result<Context, String> {
+    pub async fn new(
+        cfg: &Config,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> Result<Context, String> {
         let l1 = Arc::new(L1::with_mode(
             &cfg.cache,
             cfg.coherence.mode == crate::config::CoherenceMode::Ttl,
         )?);
         let coherence = Coherence::new(cfg.coherence.mode, cfg.coherence.check_interval);
         let upstream = Upstream::new(cfg, coherence.reader_spec(&l1))?;
+        upstream.start(shutdown).await;
         let table = match upstream.probe(&[b"COMMAND"]).await {
             Ok(reply) => Table::from_command_reply(&reply),
             Err(e) => {
@@ -232,7 +236,8 @@ impl Context {
                 None
             }
         };
-        let table = table.unwrap_or_else(Table::builtin);
+        let table = Arc::new(table.unwrap_or_else(Table::builtin));
+        upstream.set_keys(table.clone());
         let databases = match upstream.probe(&[b"CONFIG", b"GET", b"databases"]).await {
             Ok(r) => last_bulk_number(&r).unwrap_or(16),
             Err(_) => 16,

@@ -107,7 +107,7 @@ impl Node {
         sidecar: Option<TcpListener>,
         shutdown: CancellationToken,
     ) -> Result<Node, String> {
-        let ctx = Arc::new(context::Context::new(config).await?);
+        let ctx = Arc::new(context::Context::new(config, shutdown.clone()).await?);
         ctx.coherence
             .start(
                 &ctx.upstream,

@@ -194,7 +194,19 @@ pub async fn relay<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
 ) -> RelayEnd {
     let ctx = c.ctx.clone();
     let live = c.live.clone();
-    let raw = match ctx.upstream.raw(c.db, c.proto, &c.upstream_as).await {
+    // Sharded pub/sub runs on the channel's shard (cluster); the rest on
+    // any node (Redis Cluster propagates PUBLISH to every node).
+    let slot = first
+        .name()
+        .eq_ignore_ascii_case(b"ssubscribe")
+        .then(|| {
+            first
+                .args
+                .get(1)
+                .map(|c| crate::upstream::slot::key_slot(c))
+        })
+        .flatten();
+    let raw = match ctx.upstream.raw(c.db, c.proto, &c.upstream_as, slot).await {
         Ok(raw) => raw,
         Err(e) => {
             encode::error(out, &e.reply_text());

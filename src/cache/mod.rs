@@ -1288,6 +1288,31 @@ impl L1 {
         removed
     }
 
+    /// Drops every entry whose key hashes to one of `slots` (Redis Cluster
+    /// hash slots: a node's whose tracking was lost, or slots that changed
+    /// owner) and fences off every fill in flight; returns how many
+    /// entries were dropped. The rest of L1 stays.
+    pub fn drop_slots(&self, slots: &[u16], source: Source) -> usize {
+        let mut set = vec![false; crate::upstream::slot::SLOTS as usize];
+        for &s in slots {
+            if let Some(v) = set.get_mut(s as usize) {
+                *v = true;
+            }
+        }
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        let removed = AtomicU64::new(0);
+        self.store.retain(|e| {
+            if set[crate::upstream::slot::key_slot(e.key()) as usize] {
+                removed.fetch_add(1, Ordering::Relaxed);
+                false
+            } else {
+                true
+            }
+        });
+        self.stats.invalidations[source as usize].fetch_add(1, Ordering::Relaxed);
+        removed.into_inner() as usize
+    }
+
     /// Drops every entry whose key matches the glob; returns how many.
     pub fn invalidate_matching(&self, pattern: &[u8], source: Source) -> usize {
         let removed = AtomicU64::new(0);

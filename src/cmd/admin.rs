@@ -332,7 +332,7 @@ pub fn status_fields(ctx: &Context, w: &Snapshot) -> Vec<(&'static str, Val)> {
             ]
         })
         .collect();
-    vec![
+    let mut fields = vec![
         ("status", Val::Str(w.status.into())),
         ("trace_id", Val::Str(w.trace_id.clone())),
         (
@@ -385,6 +385,9 @@ pub fn status_fields(ctx: &Context, w: &Snapshot) -> Vec<(&'static str, Val)> {
             "upstream",
             Val::Str(ctx.upstream.breaker.state().as_str().into()),
         ),
+    ];
+    fields.extend(topology_fields(ctx));
+    fields.extend([
         ("uptime_s", Val::Int(ctx.started.elapsed().as_secs() as i64)),
         (
             "config_loaded",
@@ -392,7 +395,68 @@ pub fn status_fields(ctx: &Context, w: &Snapshot) -> Vec<(&'static str, Val)> {
         ),
         ("config_hash", Val::Str(config_hash)),
         ("version", Val::Str(env!("CARGO_PKG_VERSION").into())),
-    ]
+    ]);
+    fields
+}
+
+/// What upstream is (SPEC 3a): `topology` (`standalone`, `cluster` or
+/// `sentinel`), `primary` (the node a standalone or Sentinel upstream's
+/// connections go to), `cluster_primaries` and `cluster_slots` (each
+/// primary's slot ranges), redirections and topology refreshes, Sentinel
+/// failovers and the last one's recovery time.
+fn topology_fields(ctx: &Context) -> Vec<(&'static str, Val)> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let up = &ctx.upstream;
+    let kind = match (up.cluster(), up.sentinel()) {
+        (Some(_), _) => "cluster",
+        (None, Some(_)) => "sentinel",
+        (None, None) => "standalone",
+    };
+    let mut out = vec![
+        ("topology", Val::Str(kind.into())),
+        ("primary", Val::Str(up.primary().unwrap_or_default())),
+    ];
+    let (primaries, slots, moved, ask, refreshes) = match up.cluster() {
+        Some(r) => {
+            let ranges = r.describe();
+            let mut names: Vec<&String> = ranges.iter().map(|r| &r.0).collect();
+            names.sort();
+            names.dedup();
+            let list = ranges
+                .iter()
+                .map(|(node, first, last)| {
+                    vec![
+                        ("node", Val::Str(node.clone())),
+                        ("slots", Val::Str(format!("{first}-{last}"))),
+                    ]
+                })
+                .collect();
+            (
+                names.len() as i64,
+                list,
+                r.stats.moved.load(Relaxed) as i64,
+                r.stats.ask.load(Relaxed) as i64,
+                r.stats.refreshes.load(Relaxed) as i64,
+            )
+        }
+        None => (0, Vec::new(), 0, 0, 0),
+    };
+    let (failovers, recovery) = up.sentinel().map_or((0, 0), |f| {
+        (
+            f.failovers.load(Relaxed) as i64,
+            f.last_recovery_ms.load(Relaxed) as i64,
+        )
+    });
+    out.extend([
+        ("cluster_primaries", Val::Int(primaries)),
+        ("cluster_slots", Val::List(slots)),
+        ("redirections_moved", Val::Int(moved)),
+        ("redirections_ask", Val::Int(ask)),
+        ("topology_refreshes", Val::Int(refreshes)),
+        ("failovers", Val::Int(failovers)),
+        ("last_failover_recovery_ms", Val::Int(recovery)),
+    ]);
+    out
 }
 
 pub fn encode_fields(o: &mut BytesMut, fields: &[(&'static str, Val)], proto: Proto) {

@@ -121,7 +121,7 @@ pub fn get(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
 /// A `GET` miss that leads its flight.
 struct GetMiss {
     ctx: Arc<Context>,
-    reader: crate::upstream::ConnHandle,
+    reader: crate::upstream::Link,
     db: u32,
     key: Bytes,
     ttl: std::time::Duration,
@@ -364,11 +364,7 @@ struct MgetSent {
     pttls: Vec<Option<oneshot::Receiver<Reply>>>,
 }
 
-fn send_mget(
-    ctx: &Arc<Context>,
-    reader: &crate::upstream::ConnHandle,
-    missing: &[Miss],
-) -> MgetSent {
+fn send_mget(ctx: &Arc<Context>, reader: &crate::upstream::Link, missing: &[Miss]) -> MgetSent {
     let mut up: Vec<&[u8]> = Vec::with_capacity(missing.len() + 1);
     up.push(b"MGET");
     up.extend(missing.iter().map(|m| &m.key[..]));

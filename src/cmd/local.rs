@@ -55,7 +55,9 @@ fn unreachable_local(r: &mut Replies<'_>) {
 pub fn reset(c: &mut Client) {
     if let Some(s) = c.session.take() {
         c.meta.pin(None);
-        c.ctx.upstream.release(s.session, false);
+        if let Some(session) = s.session {
+            c.ctx.upstream.release(session, false);
+        }
     }
     {
         let mut st = c.meta.state();
@@ -99,6 +101,9 @@ pub fn parse_db(databases: u32, arg: &[u8]) -> Result<u32, &'static str> {
 fn select(c: &mut Client, a: &[Bytes], r: &mut Replies<'_>) {
     if a.len() != 2 {
         return r.error(&arity_error("select"));
+    }
+    if let Some(e) = super::cluster::select_refused(c, &a[1]) {
+        return r.error(e);
     }
     match parse_db(c.ctx.databases, &a[1]) {
         Ok(db) => {

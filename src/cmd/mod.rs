@@ -16,6 +16,7 @@ pub mod acl;
 pub mod admin;
 pub mod auth;
 pub mod clients;
+pub mod cluster;
 pub mod get;
 pub mod local;
 pub mod read;
@@ -35,7 +36,7 @@ use crate::context::Context;
 use crate::protocol::request::Command;
 use crate::protocol::{Proto, encode};
 use crate::telemetry::metrics::Class;
-use crate::upstream::{ConnHandle, Reply};
+use crate::upstream::{Link, Reply};
 
 pub use session::SessionState;
 
@@ -131,7 +132,7 @@ pub struct Client {
     pub name: Option<Bytes>,
     /// The shared upstream connection for (db, proto): fixed per client so
     /// its pipelined commands run in the order sent.
-    pub conn: ConnHandle,
+    pub conn: Link,
     pub session: Option<SessionState>,
     /// Queued replies that wait on upstream (or on a fill).
     pub upstream_pending: usize,
@@ -312,7 +313,7 @@ impl Client {
     /// Redis gives them directly (`-BUSY`, or a wait for Redis itself)
     /// rather than a place in line behind another client's command. With
     /// something in flight it stays, so its commands keep their order.
-    pub fn conn(&mut self) -> &ConnHandle {
+    pub fn conn(&mut self) -> &Link {
         if self.upstream_pending == 0 && self.conn.stalled(self.now) {
             self.conn = self.ctx.upstream.shared_unstalled(
                 self.db,
@@ -455,6 +456,9 @@ impl Client {
                 .coherence
                 .acl_changes
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        if cluster::answers(self, name) {
+            return cluster::dispatch(self, name, cmd, r);
         }
         if self.session.is_some() {
             return session::dispatch(self, name, cmd, r).await;

@@ -28,7 +28,7 @@ use crate::context::Context;
 use crate::protocol::request::{Command, encode_command};
 use crate::protocol::{Proto, reply};
 use crate::telemetry::metrics::Class;
-use crate::upstream::ConnHandle;
+use crate::upstream::Link;
 
 /// The read id of `name` when this call of it may be answered from L1.
 pub fn cacheable(c: &Client, name: &[u8], args: &[Bytes]) -> Option<u8> {
@@ -86,7 +86,7 @@ pub fn cached(c: &mut Client, id: u8, cmd: Command, r: &mut Replies<'_>) {
 /// One upstream read that fills an entry: a miss's, or a refresh's.
 struct Fetch {
     ctx: Arc<Context>,
-    conn: ConnHandle,
+    conn: Link,
     db: u32,
     key: Bytes,
     read: Bytes,

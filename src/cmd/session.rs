@@ -17,7 +17,9 @@ use crate::protocol::request::Command;
 use crate::upstream::{Reply, Session};
 
 pub struct SessionState {
-    pub session: Session,
+    /// `None` only for a MULTI in a cluster before its first command: the
+    /// node that command's keys live on is the one the transaction runs on.
+    pub session: Option<Session>,
     in_multi: bool,
     watching: bool,
     /// Keys written by commands queued in MULTI, invalidated at EXEC.
@@ -33,6 +35,10 @@ pub struct SessionState {
     /// A command was refused while queueing (NOPERM): EXEC aborts, as in
     /// Redis.
     aborted: bool,
+    /// Cluster: the hash slot of the transaction's keys so far; a command
+    /// on another slot gets `-CROSSSLOT`, as Redis Cluster refuses a
+    /// transaction whose keys span slots.
+    slot: Option<u16>,
 }
 
 impl SessionState {
@@ -45,6 +51,7 @@ impl SessionState {
 
     /// EXEC (aborted) or DISCARD: the transaction and its WATCH are over.
     fn end_transaction(&mut self) {
+        self.slot = None;
         self.in_multi = false;
         self.watching = false;
         self.aborted = false;
@@ -82,12 +89,25 @@ pub fn is_relay(name: &[u8], args: &[Bytes]) -> bool {
     }
 }
 
-async fn open(c: &mut Client, r: &mut Replies<'_>) -> bool {
-    match c.ctx.upstream.session(c.db, c.proto, &c.upstream_as).await {
+/// The hash slot of `cmd`'s first key, when upstream is a cluster (where
+/// a session runs on that key's node).
+pub fn slot_of(c: &Client, cmd: &Command) -> Option<u16> {
+    c.ctx.upstream.cluster()?;
+    let keys = crate::upstream::KeyFinder::keys(&*c.ctx.table, &cmd.args);
+    keys.first().map(|k| crate::upstream::slot::key_slot(k))
+}
+
+async fn open(c: &mut Client, r: &mut Replies<'_>, slot: Option<u16>) -> bool {
+    match c
+        .ctx
+        .upstream
+        .session(c.db, c.proto, &c.upstream_as, slot)
+        .await
+    {
         Ok(session) => {
             c.meta.pin(Some(session.conn.id.clone()));
             c.session = Some(SessionState {
-                session,
+                session: Some(session),
                 in_multi: false,
                 watching: false,
                 queued: Vec::new(),
@@ -96,6 +116,7 @@ async fn open(c: &mut Client, r: &mut Replies<'_>) -> bool {
                 queued_db: None,
                 dirty: false,
                 aborted: false,
+                slot,
             });
             true
         }
@@ -106,9 +127,28 @@ async fn open(c: &mut Client, r: &mut Replies<'_>) -> bool {
     }
 }
 
-/// MULTI or WATCH outside a session.
+/// MULTI or WATCH outside a session. In a cluster, MULTI is answered by
+/// kiln and sent, ahead of the transaction's first command, to the node
+/// that command's keys live on; WATCH runs on its first key's node.
 pub async fn begin(c: &mut Client, name: &[u8], cmd: Command, r: &mut Replies<'_>) -> Flow {
-    if open(c, r).await {
+    if name == b"multi" && c.ctx.upstream.cluster().is_some() && cmd.args.len() == 1 {
+        c.session = Some(SessionState {
+            session: None,
+            in_multi: true,
+            watching: false,
+            queued: Vec::new(),
+            flush_on_exec: false,
+            settle_on_exec: false,
+            queued_db: None,
+            dirty: false,
+            aborted: false,
+            slot: None,
+        });
+        c.meta.state().multi = 0;
+        r.ready(|o| crate::protocol::encode::simple(o, "OK"));
+        return Flow::Continue;
+    }
+    if open(c, r, slot_of(c, &cmd)).await {
         return dispatch(c, name, cmd, r).await;
     }
     Flow::Continue
@@ -116,7 +156,7 @@ pub async fn begin(c: &mut Client, name: &[u8], cmd: Command, r: &mut Replies<'_
 
 /// A blocking command outside a session.
 pub async fn blocking(c: &mut Client, cmd: Command, r: &mut Replies<'_>) -> Flow {
-    if open(c, r).await {
+    if open(c, r, slot_of(c, &cmd)).await {
         let mut buf = [0u8; 64];
         let name = super::table::lower(cmd.name(), &mut buf)
             .unwrap_or(b"")
@@ -185,11 +225,13 @@ pub async fn dispatch(c: &mut Client, name: &[u8], cmd: Command, r: &mut Replies
             // Upstream queued only what was allowed: drop it all there (the
             // reply is not needed: FIFO order keeps the connection in step)
             // and answer as Redis does for a transaction with errors.
-            drop(
-                s.session
-                    .conn
-                    .send(Bytes::from_static(b"*1\r\n$7\r\nDISCARD\r\n"), None, true),
-            );
+            if let Some(session) = &s.session {
+                drop(
+                    session
+                        .conn
+                        .send(Bytes::from_static(b"*1\r\n$7\r\nDISCARD\r\n"), None, true),
+                );
+            }
             s.end_transaction();
             r.error("EXECABORT Transaction discarded because of previous errors.");
             release_if_over(c);
@@ -252,7 +294,79 @@ pub async fn dispatch(c: &mut Client, name: &[u8], cmd: Command, r: &mut Replies
         st.blocked |= blocking;
     }
     let timed = !blocking;
-    let rx = s.session.conn.send(cmd.wire(), on_reply, timed);
+    if s.in_multi && !matches!(name, b"multi" | b"exec" | b"discard") {
+        let slot = slot_of(c, &cmd);
+        let Some(s) = c.session.as_mut() else {
+            return Flow::Continue;
+        };
+        match (s.slot, slot) {
+            (Some(a), Some(b)) if a != b => {
+                s.aborted = true;
+                c.meta.state().multi -= 1;
+                r.error("CROSSSLOT Keys in request don't hash to the same slot");
+                return Flow::Continue;
+            }
+            (None, Some(b)) => s.slot = Some(b),
+            _ => {}
+        }
+    }
+    let Some(s) = c.session.as_mut() else {
+        return Flow::Continue;
+    };
+    if s.session.is_none() {
+        // A cluster MULTI that has not reached upstream yet.
+        match name {
+            b"exec" | b"discard" => {
+                // Nothing was queued: Redis's replies to an empty
+                // transaction.
+                c.session = None;
+                c.meta.state().multi = -1;
+                match name {
+                    b"exec" => r.ready(|o| o.extend_from_slice(b"*0\r\n")),
+                    _ => r.ready(|o| crate::protocol::encode::simple(o, "OK")),
+                }
+                if let Some(f) = on_reply {
+                    f();
+                }
+                return Flow::Continue;
+            }
+            _ => {
+                let slot = slot_of(c, &cmd);
+                let Some(s) = c.session.as_mut() else {
+                    return Flow::Continue;
+                };
+                match ctx
+                    .upstream
+                    .session(c.db, c.proto, &c.upstream_as, slot)
+                    .await
+                {
+                    Ok(session) => {
+                        c.meta.pin(Some(session.conn.id.clone()));
+                        // MULTI's +OK was kiln's; upstream's is not needed
+                        // (FIFO order keeps the connection in step).
+                        drop(session.conn.send(
+                            Bytes::from_static(b"*1\r\n$5\r\nMULTI\r\n"),
+                            None,
+                            true,
+                        ));
+                        s.session = Some(session);
+                    }
+                    Err(e) => {
+                        s.aborted = true;
+                        r.error(&e.reply_text());
+                        return Flow::Continue;
+                    }
+                }
+            }
+        }
+    }
+    let Some(s) = c.session.as_mut() else {
+        return Flow::Continue;
+    };
+    let Some(session) = s.session.as_ref() else {
+        return Flow::Continue;
+    };
+    let rx = session.conn.send(cmd.wire(), on_reply, timed);
     let rx = if settle {
         super::write::settle(&ctx, rx)
     } else {
@@ -293,7 +407,9 @@ fn release_if_over(c: &mut Client) {
     if over {
         if let Some(s) = c.session.take() {
             c.meta.pin(None);
-            c.ctx.upstream.release(s.session, !s.dirty);
+            if let Some(session) = s.session {
+                c.ctx.upstream.release(session, !s.dirty);
+            }
         }
     }
 }

@@ -212,6 +212,85 @@ impl Table {
     }
 }
 
+/// Commands whose keys move (COMMAND's `movablekeys`), by where they are:
+/// after a count at this index.
+const NUMKEYS_AT: &[(&str, usize)] = &[
+    ("eval", 2),
+    ("evalsha", 2),
+    ("eval_ro", 2),
+    ("evalsha_ro", 2),
+    ("fcall", 2),
+    ("fcall_ro", 2),
+    ("zunion", 1),
+    ("zinter", 1),
+    ("zdiff", 1),
+    ("zintercard", 1),
+    ("sintercard", 1),
+    ("lmpop", 1),
+    ("zmpop", 1),
+    ("blmpop", 2),
+    ("bzmpop", 2),
+];
+
+impl crate::upstream::KeyFinder for Table {
+    /// Every key of a command, read or write: the command table's
+    /// positions, with the movable-key commands Redis Cluster clients
+    /// special-case (numkeys, `STREAMS`, `*STORE` destinations) done here.
+    fn keys<'a>(&self, args: &'a [Bytes]) -> Vec<&'a Bytes> {
+        let mut buf = [0u8; 64];
+        let Some(name) = lower(&args[0], &mut buf) else {
+            return Vec::new();
+        };
+        if let Some((_, idx)) = NUMKEYS_AT.iter().find(|(n, _)| n.as_bytes() == name) {
+            return key_args(Keys::NumKeys(*idx), args).collect();
+        }
+        match name {
+            b"zunionstore" | b"zinterstore" | b"zdiffstore" => {
+                let mut k: Vec<&Bytes> = args.get(1).into_iter().collect();
+                k.extend(key_args(Keys::NumKeys(2), args));
+                return k;
+            }
+            b"xread" | b"xreadgroup" => {
+                let Some(at) = args.iter().position(|a| a.eq_ignore_ascii_case(b"streams")) else {
+                    return Vec::new();
+                };
+                let rest = &args[at + 1..];
+                return rest[..rest.len() / 2].iter().collect();
+            }
+            b"sort" | b"sort_ro" => {
+                let mut k: Vec<&Bytes> = args.get(1).into_iter().collect();
+                if let Some(at) = args.iter().position(|a| a.eq_ignore_ascii_case(b"store")) {
+                    k.extend(args.get(at + 1));
+                }
+                return k;
+            }
+            _ => {}
+        }
+        let mut info = match self.map.get(name) {
+            Some(i) => *i,
+            None => return args.get(1).into_iter().collect(),
+        };
+        if info.container {
+            match args.get(1).and_then(|s| self.sub(name, s)) {
+                Some(i) => info = *i,
+                None => return Vec::new(),
+            }
+        }
+        if info.first == 0 {
+            return Vec::new();
+        }
+        key_args(
+            Keys::Range {
+                first: info.first,
+                last: info.last,
+                step: info.step.max(1),
+            },
+            args,
+        )
+        .collect()
+    }
+}
+
 /// Resolves `keys` against the arguments of one command.
 pub fn key_args(keys: Keys, args: &[Bytes]) -> impl Iterator<Item = &Bytes> {
     let n = args.len() as i64;

@@ -42,7 +42,7 @@ use crate::cache::{L1, Source};
 use crate::config::{CacheConfig, CoherenceMode};
 use crate::protocol::Proto;
 use crate::protocol::request::encode_command;
-use crate::upstream::{ConnHandle, Hooks, ReaderSpec, Upstream};
+use crate::upstream::{Hooks, Link, ReaderSpec, Upstream};
 
 pub struct Coherence {
     pub mode: CoherenceMode,
@@ -59,7 +59,7 @@ pub struct Coherence {
     /// through kiln): what `ACL DRYRUN` said before is forgotten.
     pub acl_changes: AtomicU64,
     /// The `bcast` invalidation channel, once started.
-    bcast: std::sync::Mutex<Option<ConnHandle>>,
+    bcast: std::sync::Mutex<Option<Link>>,
     /// Upstream's `tracking-table-max-keys` (0 = unlimited), -1 until read.
     pub tracking_table_max: std::sync::atomic::AtomicI64,
 }
@@ -103,7 +103,7 @@ impl Coherence {
 
     /// Reads upstream's `tracking-table-max-keys`, and logs when L1 starts
     /// or stops being larger than it.
-    async fn check_tracking_table(&self, control: &ConnHandle, l1: &L1) {
+    async fn check_tracking_table(&self, control: &Link, l1: &L1) {
         if self.mode != CoherenceMode::Tracking {
             return;
         }
@@ -147,7 +147,7 @@ impl Coherence {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .iter()
-                .cloned()
+                .flat_map(|l| l.node_conns())
                 .collect(),
             CoherenceMode::Ttl => return,
         };
@@ -197,8 +197,43 @@ impl Coherence {
         }
     }
 
-    /// How the connections that fill L1 are set up in this mode.
+    /// How the connections that fill L1 are set up in this mode, and what
+    /// the cluster and Sentinel upstreams do to L1 (SPEC 3a): a node's lost
+    /// tracking drops its slots, a slot that moved drops its entries, a
+    /// Sentinel switch drops everything.
     pub fn reader_spec(self: &Arc<Self>, l1: &Arc<L1>) -> ReaderSpec {
+        let (lost_l1, moved_l1, switch_l1, down) =
+            (l1.clone(), l1.clone(), l1.clone(), self.clone());
+        let tracked = self.mode != CoherenceMode::Ttl;
+        ReaderSpec {
+            on_node_lost: Some(Arc::new(
+                move |slots: &[u16], err: &crate::error::UpstreamError| {
+                    if !tracked {
+                        return;
+                    }
+                    down.healthy.store(false, Ordering::SeqCst);
+                    down.losses.fetch_add(1, Ordering::Relaxed);
+                    let dropped = lost_l1.drop_slots(slots, Source::Tracking);
+                    tracing::warn!(error = %err, slots = slots.len(), dropped, "a cluster node's tracking connection was lost: its slots' entries dropped");
+                },
+            )),
+            on_slots_moved: Some(Arc::new(move |slots: &[u16]| {
+                let dropped = moved_l1.drop_slots(slots, Source::Flush);
+                tracing::info!(
+                    slots = slots.len(),
+                    dropped,
+                    "slots changed owner: their entries dropped"
+                );
+            })),
+            on_switch: Some(Arc::new(move || {
+                let dropped = switch_l1.clear(Source::Flush);
+                tracing::warn!(dropped, "upstream primary switched: L1 cleared");
+            })),
+            ..self.reader_spec_of_mode(l1)
+        }
+    }
+
+    fn reader_spec_of_mode(self: &Arc<Self>, l1: &Arc<L1>) -> ReaderSpec {
         match self.mode {
             CoherenceMode::Tracking => ReaderSpec {
                 proto: Proto::Resp3,
@@ -207,16 +242,17 @@ impl Coherence {
                     cmd(&["CLIENT", "TRACKING", "ON"]),
                 ],
                 hooks: self.hooks(l1),
+                ..Default::default()
             },
             CoherenceMode::Bcast => ReaderSpec {
                 proto: Proto::Resp3,
                 setup: vec![cmd(&["CLIENT", "SETNAME", "kiln-reader"])],
-                hooks: Hooks::default(),
+                ..Default::default()
             },
             CoherenceMode::Ttl => ReaderSpec {
                 proto: Proto::Resp2,
                 setup: vec![cmd(&["CLIENT", "SETNAME", "kiln-reader"])],
-                hooks: Hooks::default(),
+                ..Default::default()
             },
         }
     }
@@ -225,7 +261,7 @@ impl Coherence {
     pub async fn start(
         self: &Arc<Self>,
         upstream: &Upstream,
-        control: ConnHandle,
+        control: Link,
         l1: &Arc<L1>,
         cache: &CacheConfig,
         shutdown: CancellationToken,

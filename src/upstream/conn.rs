@@ -46,6 +46,89 @@ pub struct Request {
     pub on_reply: Option<OnReply>,
     /// Subject to `command_timeout`; blocking commands are not.
     pub timed: bool,
+    /// Who resends the request when a cluster node answers `-MOVED`,
+    /// `-ASK`, `-TRYAGAIN` or `-CLUSTERDOWN`, or when the node cannot be
+    /// reached before it was sent (see `Redirector`). `None`: replies are
+    /// handed back as they are.
+    pub redirect: Option<Arc<dyn Redirector>>,
+    /// Times it was resent so far.
+    pub hops: u8,
+    /// Replies to drop before the request's own (the `ASKING` sent in front
+    /// of it after an `-ASK`).
+    pub skip: u8,
+}
+
+impl Request {
+    /// A request as `ConnHandle::send` makes it.
+    pub fn new(
+        wire: Bytes,
+        reply: oneshot::Sender<Reply>,
+        on_reply: Option<OnReply>,
+        timed: bool,
+    ) -> Request {
+        Request {
+            wire,
+            reply,
+            on_reply,
+            timed,
+            redirect: None,
+            hops: 0,
+            skip: 0,
+        }
+    }
+
+    /// Hands `r` back as the request's reply (running its hook first).
+    pub fn answer(self, r: Reply) {
+        if let Some(f) = self.on_reply {
+            f();
+        }
+        let _ = self.reply.send(r);
+    }
+}
+
+/// Why a request goes back to its router instead of to its sender.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Redirection {
+    /// `-MOVED slot host:port`: the slot has a new owner.
+    Moved,
+    /// `-ASK slot host:port`: this key is being migrated; ask there once.
+    Ask,
+    /// `-TRYAGAIN`: a multi-key command during a slot migration.
+    TryAgain,
+    /// `-CLUSTERDOWN`: the cluster cannot serve the slot right now.
+    ClusterDown,
+}
+
+impl Redirection {
+    /// Which redirection a reply is, if any. Nothing ran upstream for any
+    /// of them, so the request may be sent again.
+    pub fn of(reply: &[u8]) -> Option<Redirection> {
+        if reply.first() != Some(&b'-') {
+            return None;
+        }
+        let r = &reply[1..];
+        if r.starts_with(b"MOVED ") {
+            Some(Redirection::Moved)
+        } else if r.starts_with(b"ASK ") {
+            Some(Redirection::Ask)
+        } else if r.starts_with(b"TRYAGAIN") {
+            Some(Redirection::TryAgain)
+        } else if r.starts_with(b"CLUSTERDOWN") {
+            Some(Redirection::ClusterDown)
+        } else {
+            None
+        }
+    }
+}
+
+/// A cluster router: takes back requests a node redirected or could not
+/// be sent to (the request never ran), and sends them where they belong,
+/// or answers them. Called on the node connection's task, in reply order,
+/// so a client's redirected requests keep their order.
+pub trait Redirector: Send + Sync {
+    fn redirected(&self, how: Redirection, reply: Bytes, req: Request);
+    /// The node could not be reached; `req` was never written.
+    fn unsent(&self, err: UpstreamError, req: Request);
 }
 
 /// Called for RESP3 pushes that arrive on the connection.
@@ -120,26 +203,28 @@ impl ConnHandle {
         timed: bool,
     ) -> oneshot::Receiver<Reply> {
         let (reply, rx) = oneshot::channel();
-        if !self.breaker.allow() {
-            let req = Request {
-                wire,
-                reply,
-                on_reply,
-                timed,
-            };
-            self.errors.count(&UpstreamError::CircuitOpen);
-            fail(req, UpstreamError::CircuitOpen);
-            return rx;
-        }
-        if let Err(mpsc::error::SendError(req)) = self.tx.send(Request {
-            wire,
-            reply,
-            on_reply,
-            timed,
-        }) {
-            fail(req, UpstreamError::Lost("connection task ended".into()));
-        }
+        self.submit(Request::new(wire, reply, on_reply, timed));
         rx
+    }
+
+    /// Queues a request made by the caller (a router resending one).
+    pub fn submit(&self, req: Request) {
+        if !self.breaker.allow() {
+            self.errors.count(&UpstreamError::CircuitOpen);
+            unsent(req, UpstreamError::CircuitOpen);
+            return;
+        }
+        if let Err(mpsc::error::SendError(req)) = self.tx.send(req) {
+            unsent(req, UpstreamError::Lost("connection task ended".into()));
+        }
+    }
+}
+
+/// A request that was never written: its router may send it elsewhere.
+fn unsent(req: Request, err: UpstreamError) {
+    match req.redirect.clone() {
+        Some(r) => r.unsent(err, req),
+        None => fail(req, err),
     }
 }
 
@@ -148,6 +233,12 @@ struct InFlight {
     on_reply: Option<OnReply>,
     deadline: Option<Instant>,
     queued: std::time::Instant,
+    /// Kept only for a request that may be redirected.
+    wire: Option<Bytes>,
+    redirect: Option<Arc<dyn Redirector>>,
+    timed: bool,
+    hops: u8,
+    skip: u8,
 }
 
 /// How long a reply may be outstanding before the connection counts as
@@ -181,10 +272,7 @@ impl Shared {
 }
 
 fn fail(req: Request, err: UpstreamError) {
-    if let Some(f) = req.on_reply {
-        f();
-    }
-    let _ = req.reply.send(Err(err));
+    req.answer(Err(err));
 }
 
 struct Live {
@@ -238,7 +326,7 @@ async fn run(
                 let probe = req.is_some() && connector.breaker.state() == breaker::State::HalfOpen;
                 if Instant::now() < *at && !probe {
                     if let Some(req) = req {
-                        fail(req, UpstreamError::Reconnecting(err.to_string()));
+                        unsent(req, UpstreamError::Reconnecting(err.to_string()));
                     }
                     continue;
                 }
@@ -283,7 +371,7 @@ async fn run(
                     retry_at = Some((Instant::now() + backoff, err.clone()));
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                     if let Some(req) = req {
-                        fail(req, err);
+                        unsent(req, err);
                     }
                     continue;
                 }
@@ -354,7 +442,7 @@ async fn run(
                 // Nobody waits for this reply; its timeout still fails a
                 // connection that stopped answering.
                 let (reply, _) = oneshot::channel();
-                let ping = Request { wire: Bytes::from_static(b"*1\r\n$4\r\nPING\r\n"), reply, on_reply: None, timed: true };
+                let ping = Request::new(Bytes::from_static(b"*1\r\n$4\r\nPING\r\n"), reply, None, true);
                 enqueue(ping, &mut wbuf, &mut fifo, timeout);
                 last_io = Instant::now();
                 Ok(())
@@ -409,6 +497,11 @@ fn enqueue(req: Request, wbuf: &mut BytesMut, fifo: &mut VecDeque<InFlight>, tim
         on_reply: req.on_reply,
         deadline: req.timed.then(|| Instant::from_std(queued) + timeout),
         queued,
+        wire: req.redirect.as_ref().map(|_| req.wire),
+        redirect: req.redirect,
+        timed: req.timed,
+        hops: req.hops,
+        skip: req.skip,
     });
 }
 
@@ -430,9 +523,29 @@ fn dispatch(
             }
             continue;
         }
-        let Some(f) = fifo.pop_front() else {
+        let Some(mut f) = fifo.pop_front() else {
             return Err(UpstreamError::Lost("reply with no request".into()));
         };
+        if f.skip > 0 {
+            f.skip -= 1;
+            fifo.push_front(f);
+            continue;
+        }
+        if let (Some(how), Some(router), Some(wire)) =
+            (Redirection::of(&bytes), f.redirect.clone(), f.wire.take())
+        {
+            let req = Request {
+                wire,
+                reply: f.reply,
+                on_reply: f.on_reply,
+                timed: f.timed,
+                redirect: f.redirect,
+                hops: f.hops,
+                skip: 0,
+            };
+            router.redirected(how, bytes, req);
+            continue;
+        }
         if let Some(cb) = f.on_reply {
             cb();
         }

@@ -13,11 +13,18 @@
 //! * channels: standalone connections with their own setup and hooks (the
 //!   `bcast` invalidation channel, start-up probes).
 //!
-//! Routing lives behind this one type so a Redis Cluster router can replace
-//! the single-node one later. Nothing here knows about the cache.
+//! Three topologies sit behind this one type (SPEC 3a): a standalone
+//! server (one `Node`), a Sentinel-managed primary (one `Node` whose
+//! address follows failovers, `sentinel`), and a Redis Cluster (a `Node`
+//! per primary, `cluster::Router` routing by hash slot). What clients hold
+//! is a `Link`: one node's connection, or a routed handle that picks the
+//! node per command and handles redirections. Nothing here knows about the
+//! cache.
 
 pub mod breaker;
+pub mod cluster;
 pub mod conn;
+pub mod sentinel;
 pub mod slot;
 
 use std::collections::HashMap;
@@ -31,15 +38,19 @@ use crate::tls::Stream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 pub use breaker::Breaker;
+pub use cluster::{KeyFinder, Link};
 pub use conn::{ConnHandle, Hooks, OnReply, Reply};
 
-use crate::config::{Config, UpstreamAddr};
+use crate::config::{Config, Topology, UpstreamAddr};
 use crate::error::{ErrorCounts, UpstreamError};
 use crate::protocol::Proto;
 
 /// How to open one upstream connection in a given state.
 pub struct Connector {
     addr: UpstreamAddr,
+    /// `host:port` to connect to, read at each connect: a Sentinel-managed
+    /// node's changes on failover.
+    target: Arc<arc_swap::ArcSwap<String>>,
     db: u32,
     proto: Proto,
     connect_timeout: Duration,
@@ -122,7 +133,7 @@ impl Connector {
     }
 
     fn target(&self) -> String {
-        format!("{}:{}", self.addr.host, self.addr.port)
+        self.target.load().as_ref().clone()
     }
 
     /// Connects and brings the connection to the wanted protocol, user and
@@ -248,7 +259,21 @@ pub struct ReaderSpec {
     pub proto: Proto,
     pub setup: Vec<Vec<Vec<u8>>>,
     pub hooks: Hooks,
+    /// Cluster: one node's tracking reader was lost; the slots it served
+    /// are given (replaces `hooks.on_lost`, which drops all of L1).
+    pub on_node_lost: Option<SlotsLost>,
+    /// Cluster: these slots changed owner (or may have): what L1 holds of
+    /// them is to go, since Redis sends no invalidation for a slot
+    /// reassigned without `MIGRATE`.
+    pub on_slots_moved: Option<SlotsMoved>,
+    /// Sentinel: the primary changed; nothing L1 holds is known fresh.
+    pub on_switch: Option<Arc<dyn Fn() + Send + Sync>>,
 }
+
+/// See `ReaderSpec::on_node_lost`.
+pub type SlotsLost = Arc<dyn Fn(&[u16], &UpstreamError) + Send + Sync>;
+/// See `ReaderSpec::on_slots_moved`.
+pub type SlotsMoved = Arc<dyn Fn(&[u16]) + Send + Sync>;
 
 impl Default for ReaderSpec {
     fn default() -> Self {
@@ -256,16 +281,55 @@ impl Default for ReaderSpec {
             proto: Proto::Resp2,
             setup: Vec::new(),
             hooks: Hooks::default(),
+            on_node_lost: None,
+            on_slots_moved: None,
+            on_switch: None,
         }
     }
 }
 
+/// What every node's connections are made with.
+pub(crate) struct Common {
+    per_key: usize,
+    connect_timeout: Duration,
+    command_timeout: Duration,
+    reader_spec: ReaderSpec,
+    errors: Arc<ErrorCounts>,
+    breaker: crate::config::BreakerConfig,
+    tls_ca: Option<String>,
+}
+
+impl Common {
+    fn tls_for(&self, addr: &UpstreamAddr) -> Result<Option<UpstreamTls>, String> {
+        if !addr.tls {
+            return Ok(None);
+        }
+        Ok(Some(UpstreamTls {
+            connector: crate::tls::connector(self.tls_ca.as_deref())?,
+            name: crate::tls::server_name(&addr.host)?,
+        }))
+    }
+}
+
+/// A channel's setup: a connection per node, made the same way.
+pub(crate) struct ChannelSpec {
+    id: usize,
+    proto: Proto,
+    setup: Vec<Vec<Vec<u8>>>,
+    hooks: Hooks,
+}
+
 /// One Redis server and the connections kiln keeps to it: its address
 /// (with credentials and TLS) and its pools. A standalone upstream is one
-/// node; a cluster will be one per shard's primary.
-struct Node {
+/// node; a cluster has one per primary.
+pub(crate) struct Node {
     addr: UpstreamAddr,
+    target: Arc<arc_swap::ArcSwap<String>>,
     tls: Option<UpstreamTls>,
+    breaker: Arc<Breaker>,
+    /// How its tracking readers report (a cluster node's loss drops only
+    /// its own slots).
+    reader_hooks: Hooks,
     /// By (database, protocol, worker, user).
     shared: Mutex<HashMap<(u32, Proto, usize, As), Conns>>,
     /// For `allow_busy` commands, by (database, protocol, worker, user).
@@ -274,18 +338,190 @@ struct Node {
     idle: Mutex<HashMap<PoolKey, Vec<ConnHandle>>>,
     /// By (database, worker).
     readers: Mutex<HashMap<(u32, usize), Conns>>,
+    /// By channel spec.
+    channels: Mutex<HashMap<usize, ConnHandle>>,
 }
 
 impl Node {
-    fn new(addr: UpstreamAddr, tls: Option<UpstreamTls>) -> Node {
+    fn new(
+        addr: UpstreamAddr,
+        tls: Option<UpstreamTls>,
+        breaker: Arc<Breaker>,
+        reader_hooks: Hooks,
+    ) -> Node {
         Node {
+            target: Arc::new(arc_swap::ArcSwap::from_pointee(format!(
+                "{}:{}",
+                addr.host, addr.port
+            ))),
             addr,
             tls,
+            breaker,
+            reader_hooks,
             shared: Mutex::new(HashMap::new()),
             priority: Mutex::new(HashMap::new()),
             idle: Mutex::new(HashMap::new()),
             readers: Mutex::new(HashMap::new()),
+            channels: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// `host:port`, as connections go to it now.
+    pub(crate) fn name(&self) -> String {
+        self.target.load().as_ref().clone()
+    }
+
+    fn connector_with(
+        &self,
+        common: &Common,
+        db: u32,
+        proto: Proto,
+        extra: Vec<Vec<Vec<u8>>>,
+    ) -> Arc<Connector> {
+        Arc::new(Connector {
+            addr: self.addr.clone(),
+            target: self.target.clone(),
+            db,
+            proto,
+            connect_timeout: common.connect_timeout,
+            command_timeout: common.command_timeout,
+            extra,
+            errors: common.errors.clone(),
+            breaker: self.breaker.clone(),
+            tls: self.tls.clone(),
+            want_id: false,
+        })
+    }
+
+    /// A connector logging in as `who` (kiln's own user when `None`).
+    fn connector_as(
+        &self,
+        common: &Common,
+        db: u32,
+        proto: Proto,
+        who: &As,
+        pinned: bool,
+    ) -> Arc<Connector> {
+        let mut c = self.connector_with(common, db, proto, Vec::new());
+        if let Some(c) = Arc::get_mut(&mut c) {
+            c.want_id = pinned;
+            if let Some(creds) = who {
+                c.addr.username = Some(creds.user.clone());
+                c.addr.password = Some(String::from_utf8_lossy(&creds.pass).into_owned());
+            }
+        }
+        c
+    }
+
+    fn readers_all(&self) -> Vec<ConnHandle> {
+        lock(&self.readers)
+            .values()
+            .flat_map(|c| c.iter().cloned())
+            .collect()
+    }
+
+    fn reader(&self, common: &Common, db: u32, client_id: u64) -> ConnHandle {
+        let mut map = lock(&self.readers);
+        let conns = map.entry((db, worker())).or_insert_with(|| {
+            let spec = &common.reader_spec;
+            (0..common.per_key)
+                .map(|_| {
+                    ConnHandle::spawn(
+                        self.connector_with(common, db, spec.proto, spec.setup.clone()),
+                        self.reader_hooks.clone(),
+                    )
+                })
+                .collect()
+        });
+        conns[client_id as usize % conns.len()].clone()
+    }
+
+    fn channel(&self, common: &Common, spec: &ChannelSpec) -> ConnHandle {
+        self.channel_with(common, spec, spec.hooks.clone())
+    }
+
+    fn channel_with(&self, common: &Common, spec: &ChannelSpec, hooks: Hooks) -> ConnHandle {
+        lock(&self.channels)
+            .entry(spec.id)
+            .or_insert_with(|| {
+                ConnHandle::spawn(
+                    self.connector_with(common, self.addr.db, spec.proto, spec.setup.clone()),
+                    hooks,
+                )
+            })
+            .clone()
+    }
+
+    fn shared(
+        &self,
+        common: &Common,
+        db: u32,
+        proto: Proto,
+        client_id: u64,
+        who: &As,
+    ) -> ConnHandle {
+        let mut map = lock(&self.shared);
+        let conns = map
+            .entry((db, proto, worker(), who.clone()))
+            .or_insert_with(|| {
+                (0..common.per_key)
+                    .map(|_| {
+                        ConnHandle::spawn(
+                            self.connector_as(common, db, proto, who, false),
+                            Hooks::default(),
+                        )
+                    })
+                    .collect()
+            });
+        conns[client_id as usize % conns.len()].clone()
+    }
+
+    fn shared_unstalled(
+        &self,
+        common: &Common,
+        db: u32,
+        proto: Proto,
+        client_id: u64,
+        who: &As,
+        now: std::time::Instant,
+    ) -> ConnHandle {
+        let mut map = lock(&self.shared);
+        let key = (db, proto, worker(), who.clone());
+        if let Some(c) = map
+            .get(&key)
+            .and_then(|conns| conns.iter().find(|c| !c.stalled(now)))
+        {
+            return c.clone();
+        }
+        let conns = map.entry(key).or_insert_with(|| Arc::from(Vec::new()));
+        if conns.len() < common.per_key * 2 {
+            let extra = ConnHandle::spawn(
+                self.connector_as(common, db, proto, who, false),
+                Hooks::default(),
+            );
+            let mut grown: Vec<ConnHandle> = conns.to_vec();
+            grown.push(extra.clone());
+            *conns = Arc::from(grown);
+            tracing::debug!(
+                db,
+                connections = conns.len(),
+                "every shared connection is behind a slow command: one more opened"
+            );
+            return extra;
+        }
+        conns[client_id as usize % conns.len()].clone()
+    }
+
+    fn priority(&self, common: &Common, db: u32, proto: Proto, who: &As) -> ConnHandle {
+        let mut map = lock(&self.priority);
+        map.entry((db, proto, worker(), who.clone()))
+            .or_insert_with(|| {
+                ConnHandle::spawn(
+                    self.connector_as(common, db, proto, who, false),
+                    Hooks::default(),
+                )
+            })
+            .clone()
     }
 }
 
@@ -293,17 +529,25 @@ impl Node {
 /// (shared, priority, session, raw, reader), limits and health that hold
 /// for the whole upstream (session permits, breaker, error counts).
 pub struct Upstream {
-    /// The server every connection goes to.
-    node: Node,
-    per_key: usize,
-    connect_timeout: Duration,
-    command_timeout: Duration,
+    kind: Kind,
+    common: Arc<Common>,
     max_sessions: usize,
     sessions: Arc<Semaphore>,
-    reader_spec: ReaderSpec,
+    next_channel: std::sync::atomic::AtomicUsize,
     /// Connection failures by kind, for `upstream_errors_total`.
     pub errors: Arc<ErrorCounts>,
+    /// The standalone (or Sentinel) node's breaker; in a cluster each node
+    /// has its own and this one stays closed.
     pub breaker: Arc<Breaker>,
+}
+
+enum Kind {
+    /// A standalone server, or the primary Sentinel names.
+    Single {
+        node: Arc<Node>,
+        sentinel: Option<Arc<sentinel::Follower>>,
+    },
+    Cluster(Arc<cluster::Router>),
 }
 
 /// A dedicated connection checked out for one client's session. Give it
@@ -311,6 +555,7 @@ pub struct Upstream {
 pub struct Session {
     pub conn: ConnHandle,
     key: PoolKey,
+    node: Arc<Node>,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -336,56 +581,144 @@ fn workers(cfg: &Config) -> usize {
 const IDLE_PER_KEY: usize = 16;
 
 impl Upstream {
+    /// Builds the upstream `cfg` names (SPEC 3a). A cluster's topology and
+    /// a Sentinel's primary are found by `start`.
     pub fn new(cfg: &Config, reader_spec: ReaderSpec) -> Result<Upstream, String> {
-        let addr = cfg.upstream_addr()?;
-        let tls = if addr.tls {
-            Some(UpstreamTls {
-                connector: crate::tls::connector(cfg.upstream.tls_ca.as_deref())?,
-                name: crate::tls::server_name(&addr.host)?,
-            })
-        } else {
-            None
-        };
-        Ok(Upstream {
-            node: Node::new(addr, tls),
+        let errors: Arc<ErrorCounts> = Arc::default();
+        let common = Arc::new(Common {
             // `upstream.connections` is the process-wide count per
             // (database, protocol), shared out among the worker threads.
             per_key: (cfg.upstream.connections / workers(cfg)).max(1),
             connect_timeout: cfg.upstream.connect_timeout,
             command_timeout: cfg.upstream.command_timeout,
+            reader_spec,
+            errors: errors.clone(),
+            breaker: cfg.upstream.breaker.clone(),
+            tls_ca: cfg.upstream.tls_ca.clone(),
+        });
+        let breaker = Arc::new(Breaker::new(&cfg.upstream.breaker));
+        let kind = match cfg.topology()? {
+            Topology::Standalone(addr) => {
+                let tls = common.tls_for(&addr)?;
+                let hooks = common.reader_spec.hooks.clone();
+                Kind::Single {
+                    node: Arc::new(Node::new(addr, tls, breaker.clone(), hooks)),
+                    sentinel: None,
+                }
+            }
+            Topology::Cluster(seeds) => Kind::Cluster(cluster::Router::new(
+                common.clone(),
+                seeds,
+                cfg.upstream.topology_refresh,
+            )?),
+            Topology::Sentinel {
+                master,
+                sentinels,
+                primary,
+            } => {
+                let follower =
+                    sentinel::Follower::new(master, sentinels, primary.clone(), common.clone());
+                let mut addr = primary;
+                // Until resolved (`start`): connections fail and retry.
+                addr.host = "127.0.0.1".into();
+                addr.port = 1;
+                let tls = match addr.tls {
+                    false => None,
+                    true => Some(UpstreamTls {
+                        connector: crate::tls::connector(common.tls_ca.as_deref())?,
+                        name: crate::tls::server_name("localhost")?,
+                    }),
+                };
+                let hooks = common.reader_spec.hooks.clone();
+                Kind::Single {
+                    node: Arc::new(Node::new(addr, tls, breaker.clone(), hooks)),
+                    sentinel: Some(follower),
+                }
+            }
+        };
+        Ok(Upstream {
+            kind,
+            common,
             max_sessions: cfg.upstream.max_sessions,
             sessions: Arc::new(Semaphore::new(cfg.upstream.max_sessions)),
-            reader_spec,
-            errors: Arc::default(),
-            breaker: Arc::new(Breaker::new(&cfg.upstream.breaker)),
+            next_channel: Default::default(),
+            errors,
+            breaker,
         })
     }
 
-    /// The database named in `upstream.url`: a client starts there.
+    /// Finds what `new` could not: a cluster's slot owners (and refreshes
+    /// them from then on), a Sentinel's primary (and follows it). Returns
+    /// once the first attempt is done, found or not: an upstream down at
+    /// start is not fatal.
+    pub async fn start(&self, shutdown: tokio_util::sync::CancellationToken) {
+        match &self.kind {
+            Kind::Single { sentinel: None, .. } => {}
+            Kind::Single {
+                node,
+                sentinel: Some(f),
+            } => f.clone().start(node.clone(), shutdown).await,
+            Kind::Cluster(router) => router.clone().start(shutdown).await,
+        }
+    }
+
+    /// Hands the router the command table's key positions (a cluster
+    /// routes by the first argument until then).
+    pub fn set_keys(&self, keys: Arc<dyn KeyFinder>) {
+        if let Kind::Cluster(r) = &self.kind {
+            r.set_keys(keys);
+        }
+    }
+
+    /// `host:port` of the node a standalone or Sentinel upstream's
+    /// connections go to now.
+    pub fn primary(&self) -> Option<String> {
+        match &self.kind {
+            Kind::Single { node, .. } => Some(node.name()),
+            Kind::Cluster(_) => None,
+        }
+    }
+
+    /// The cluster router, when upstream is a Redis Cluster.
+    pub fn cluster(&self) -> Option<&Arc<cluster::Router>> {
+        match &self.kind {
+            Kind::Cluster(r) => Some(r),
+            Kind::Single { .. } => None,
+        }
+    }
+
+    /// The Sentinel follower, when upstream is found through Sentinel.
+    pub fn sentinel(&self) -> Option<&Arc<sentinel::Follower>> {
+        match &self.kind {
+            Kind::Single { sentinel, .. } => sentinel.as_ref(),
+            Kind::Cluster(_) => None,
+        }
+    }
+
+    /// The node every connection of a standalone upstream goes to; a
+    /// cluster's first seed (probes, authentication).
+    fn home(&self) -> Arc<Node> {
+        match &self.kind {
+            Kind::Single { node, .. } => node.clone(),
+            Kind::Cluster(r) => r.home(),
+        }
+    }
+
     /// The upstream user kiln itself logs in as (`upstream.url`).
     pub fn own_user(&self) -> &str {
-        self.node.addr.username.as_deref().unwrap_or("default")
+        let addr = match &self.kind {
+            Kind::Single { node, .. } => &node.addr,
+            Kind::Cluster(r) => r.base(),
+        };
+        addr.username.as_deref().unwrap_or("default")
     }
 
+    /// The database named in `upstream.url`: a client starts there.
     pub fn default_db(&self) -> u32 {
-        self.node.addr.db
-    }
-
-    fn connector(&self, db: u32, proto: Proto) -> Arc<Connector> {
-        self.connector_with(db, proto, Vec::new())
-    }
-
-    /// A connector logging in as `who` (kiln's own user when `None`).
-    fn connector_as(&self, db: u32, proto: Proto, who: &As, pinned: bool) -> Arc<Connector> {
-        let mut c = self.connector(db, proto);
-        if let Some(c) = Arc::get_mut(&mut c) {
-            c.want_id = pinned;
-            if let Some(creds) = who {
-                c.addr.username = Some(creds.user.clone());
-                c.addr.password = Some(String::from_utf8_lossy(&creds.pass).into_owned());
-            }
+        match &self.kind {
+            Kind::Single { node, .. } => node.addr.db,
+            Kind::Cluster(_) => 0,
         }
-        c
     }
 
     /// Checks `user`/`pass` against upstream's ACL (`AUTH`, or `AUTH pass`
@@ -397,92 +730,101 @@ impl Upstream {
         user: Option<&[u8]>,
         pass: &[u8],
     ) -> Result<Option<Bytes>, UpstreamError> {
-        let connector = self.connector(0, Proto::Resp2);
+        let connector = self
+            .home()
+            .connector_with(&self.common, 0, Proto::Resp2, Vec::new());
         let (mut stream, _) = connector.connect().await?;
         let mut cmd = vec![b"AUTH".to_vec()];
         cmd.extend(user.map(<[u8]>::to_vec));
         cmd.push(pass.to_vec());
         let ask = conn::ask(&mut stream, &cmd);
-        let reply = tokio::time::timeout(self.command_timeout * 5, ask)
+        let reply = tokio::time::timeout(self.common.command_timeout * 5, ask)
             .await
-            .map_err(|_| UpstreamError::Timeout(self.command_timeout * 5))??;
+            .map_err(|_| UpstreamError::Timeout(self.common.command_timeout * 5))??;
         Ok((!reply.starts_with(b"+")).then_some(reply))
-    }
-
-    fn connector_with(&self, db: u32, proto: Proto, extra: Vec<Vec<Vec<u8>>>) -> Arc<Connector> {
-        Arc::new(Connector {
-            addr: self.node.addr.clone(),
-            db,
-            proto,
-            connect_timeout: self.connect_timeout,
-            command_timeout: self.command_timeout,
-            extra,
-            errors: self.errors.clone(),
-            breaker: self.breaker.clone(),
-            tls: self.node.tls.clone(),
-            want_id: false,
-        })
     }
 
     /// The protocol of reader connections (and so of their replies).
     pub fn reader_proto(&self) -> Proto {
-        self.reader_spec.proto
+        self.common.reader_spec.proto
     }
 
-    /// Every reader connection opened so far, of every database and worker.
+    /// Every reader connection opened so far, of every node, database and
+    /// worker.
     pub fn readers_all(&self) -> Vec<ConnHandle> {
-        lock(&self.node.readers)
-            .values()
-            .flat_map(|c| c.iter().cloned())
-            .collect()
+        match &self.kind {
+            Kind::Single { node, .. } => node.readers_all(),
+            Kind::Cluster(r) => r.nodes().iter().flat_map(|n| n.readers_all()).collect(),
+        }
+    }
+
+    fn routed(
+        &self,
+        purpose: cluster::Purpose,
+        db: u32,
+        proto: Proto,
+        client_id: u64,
+        who: &As,
+    ) -> Option<Link> {
+        match &self.kind {
+            Kind::Cluster(r) => Some(Link::Routed(cluster::Routed::new(
+                r.clone(),
+                purpose,
+                db,
+                proto,
+                client_id,
+                who.clone(),
+            ))),
+            Kind::Single { .. } => None,
+        }
     }
 
     /// A connection that fills L1 for `db`, spread over clients.
-    pub fn reader(&self, db: u32, client_id: u64) -> ConnHandle {
-        let mut map = lock(&self.node.readers);
-        let conns = map.entry((db, worker())).or_insert_with(|| {
-            let spec = &self.reader_spec;
-            (0..self.per_key)
-                .map(|_| {
-                    ConnHandle::spawn(
-                        self.connector_with(db, spec.proto, spec.setup.clone()),
-                        spec.hooks.clone(),
-                    )
-                })
-                .collect()
-        });
-        conns[client_id as usize % conns.len()].clone()
+    pub fn reader(&self, db: u32, client_id: u64) -> Link {
+        if let Some(l) = self.routed(
+            cluster::Purpose::Reader,
+            db,
+            self.reader_proto(),
+            client_id,
+            &None,
+        ) {
+            return l;
+        }
+        Link::Node(self.home().reader(&self.common, db, client_id))
     }
 
-    /// A standalone connection with its own setup and hooks.
-    pub fn channel(&self, proto: Proto, setup: Vec<Vec<Vec<u8>>>, hooks: Hooks) -> ConnHandle {
-        ConnHandle::spawn(self.connector_with(self.node.addr.db, proto, setup), hooks)
+    /// A connection with its own setup and hooks (per node in a cluster;
+    /// one with `keepalive` is opened on every primary at once).
+    pub fn channel(&self, proto: Proto, setup: Vec<Vec<Vec<u8>>>, hooks: Hooks) -> Link {
+        let spec = Arc::new(ChannelSpec {
+            id: self
+                .next_channel
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            proto,
+            setup,
+            hooks,
+        });
+        match &self.kind {
+            Kind::Cluster(r) => Link::Routed(cluster::Routed::channel(r.clone(), spec)),
+            Kind::Single { node, .. } => Link::Node(node.channel(&self.common, &spec)),
+        }
     }
 
     /// The shared connection for a client; the same one every time for the
     /// same client, database and protocol.
-    pub fn shared(&self, db: u32, proto: Proto, client_id: u64, who: &As) -> ConnHandle {
-        let mut map = lock(&self.node.shared);
-        let conns = map
-            .entry((db, proto, worker(), who.clone()))
-            .or_insert_with(|| {
-                (0..self.per_key)
-                    .map(|_| {
-                        ConnHandle::spawn(
-                            self.connector_as(db, proto, who, false),
-                            Hooks::default(),
-                        )
-                    })
-                    .collect()
-            });
-        conns[client_id as usize % conns.len()].clone()
+    pub fn shared(&self, db: u32, proto: Proto, client_id: u64, who: &As) -> Link {
+        if let Some(l) = self.routed(cluster::Purpose::Shared, db, proto, client_id, who) {
+            return l;
+        }
+        Link::Node(self.home().shared(&self.common, db, proto, client_id, who))
     }
 
     /// A shared connection for (db, proto) that is not stalled behind a
     /// slow command at `now`, for a client whose own connection is and
     /// which has nothing in flight. When every one is stalled, one more is
     /// opened, up to twice `upstream.connections`; past that, the least
-    /// recently stalled one.
+    /// recently stalled one. (A cluster link is never stalled: see
+    /// `Link::stalled`.)
     pub fn shared_unstalled(
         &self,
         db: u32,
@@ -490,48 +832,33 @@ impl Upstream {
         client_id: u64,
         who: &As,
         now: std::time::Instant,
-    ) -> ConnHandle {
-        let mut map = lock(&self.node.shared);
-        let key = (db, proto, worker(), who.clone());
-        if let Some(c) = map
-            .get(&key)
-            .and_then(|conns| conns.iter().find(|c| !c.stalled(now)))
-        {
-            return c.clone();
+    ) -> Link {
+        if let Some(l) = self.routed(cluster::Purpose::Shared, db, proto, client_id, who) {
+            return l;
         }
-        let conns = map.entry(key).or_insert_with(|| Arc::from(Vec::new()));
-        if conns.len() < self.per_key * 2 {
-            let extra =
-                ConnHandle::spawn(self.connector_as(db, proto, who, false), Hooks::default());
-            let mut grown: Vec<ConnHandle> = conns.to_vec();
-            grown.push(extra.clone());
-            *conns = Arc::from(grown);
-            tracing::debug!(
-                db,
-                connections = conns.len(),
-                "every shared connection is behind a slow command: one more opened"
-            );
-            return extra;
-        }
-        conns[client_id as usize % conns.len()].clone()
+        Link::Node(
+            self.home()
+                .shared_unstalled(&self.common, db, proto, client_id, who, now),
+        )
     }
 
     /// The connection for commands Redis runs while it is busy with a
     /// script (`allow_busy`: SCRIPT KILL, FUNCTION KILL, SHUTDOWN, ...).
     /// It carries nothing else, so such a command is never queued behind
     /// the script it is meant to stop.
-    pub fn priority(&self, db: u32, proto: Proto, who: &As) -> ConnHandle {
-        let mut map = lock(&self.node.priority);
-        map.entry((db, proto, worker(), who.clone()))
-            .or_insert_with(|| {
-                ConnHandle::spawn(self.connector_as(db, proto, who, false), Hooks::default())
-            })
-            .clone()
+    pub fn priority(&self, db: u32, proto: Proto, who: &As) -> Link {
+        if let Some(l) = self.routed(cluster::Purpose::Priority, db, proto, 0, who) {
+            return l;
+        }
+        Link::Node(self.home().priority(&self.common, db, proto, who))
     }
 
     async fn permit(&self) -> Result<OwnedSemaphorePermit, UpstreamError> {
-        match tokio::time::timeout(self.connect_timeout, self.sessions.clone().acquire_owned())
-            .await
+        match tokio::time::timeout(
+            self.common.connect_timeout,
+            self.sessions.clone().acquire_owned(),
+        )
+        .await
         {
             Ok(Ok(p)) => Ok(p),
             _ => {
@@ -542,18 +869,44 @@ impl Upstream {
         }
     }
 
-    pub async fn session(&self, db: u32, proto: Proto, who: &As) -> Result<Session, UpstreamError> {
+    /// The node a session whose first key is in `slot` runs on (`None`:
+    /// keyless; any primary).
+    fn node_for(&self, slot: Option<u16>, client_id: u64) -> Arc<Node> {
+        match &self.kind {
+            Kind::Single { node, .. } => node.clone(),
+            Kind::Cluster(r) => match slot {
+                Some(s) => r.owner(s),
+                None => r.any(client_id),
+            },
+        }
+    }
+
+    /// A dedicated connection for a session (MULTI/WATCH, a blocking
+    /// command); in a cluster on the node that owns `slot` (`None`: any
+    /// primary).
+    pub async fn session(
+        &self,
+        db: u32,
+        proto: Proto,
+        who: &As,
+        slot: Option<u16>,
+    ) -> Result<Session, UpstreamError> {
         let permit = self.permit().await?;
         let key = (db, proto, who.clone());
-        let conn = lock(&self.node.idle)
+        let node = self.node_for(slot, 0);
+        let conn = lock(&node.idle)
             .get_mut(&key)
             .and_then(|v| v.pop())
             .unwrap_or_else(|| {
-                ConnHandle::spawn(self.connector_as(db, proto, who, true), Hooks::default())
+                ConnHandle::spawn(
+                    node.connector_as(&self.common, db, proto, who, true),
+                    Hooks::default(),
+                )
             });
         Ok(Session {
             conn,
             key,
+            node,
             _permit: permit,
         })
     }
@@ -562,7 +915,7 @@ impl Upstream {
     /// pending, no state left on it); otherwise it is closed.
     pub fn release(&self, s: Session, clean: bool) {
         if clean {
-            let mut idle = lock(&self.node.idle);
+            let mut idle = lock(&s.node.idle);
             let v = idle.entry(s.key).or_default();
             if v.len() < IDLE_PER_KEY {
                 v.push(s.conn);
@@ -570,18 +923,28 @@ impl Upstream {
         }
     }
 
-    pub async fn raw(&self, db: u32, proto: Proto, who: &As) -> Result<RawSession, UpstreamError> {
-        if !self.breaker.allow() {
+    /// A raw dedicated socket; in a cluster on the node owning `slot`
+    /// (`None`: any primary; Redis Cluster propagates `PUBLISH` to every
+    /// node).
+    pub async fn raw(
+        &self,
+        db: u32,
+        proto: Proto,
+        who: &As,
+        slot: Option<u16>,
+    ) -> Result<RawSession, UpstreamError> {
+        let node = self.node_for(slot, 0);
+        if !node.breaker.allow() {
             self.errors.count(&UpstreamError::CircuitOpen);
             return Err(UpstreamError::CircuitOpen);
         }
         let permit = self.permit().await?;
-        let connector = self.connector_as(db, proto, who, true);
+        let connector = node.connector_as(&self.common, db, proto, who, true);
         let (stream, leftover, id) = connector
             .connect_with_id()
             .await
             .inspect_err(|e| connector.failed(e))?;
-        self.breaker.success();
+        node.breaker.success();
         Ok(RawSession {
             stream,
             leftover,
@@ -590,15 +953,24 @@ impl Upstream {
         })
     }
 
-    /// One request on a short-lived connection (start-up probes).
+    /// One request on a short-lived connection (start-up probes); in a
+    /// cluster to the first seed.
     pub async fn probe(&self, args: &[&[u8]]) -> Result<Bytes, UpstreamError> {
-        let (mut stream, _) = self.connector(0, Proto::Resp2).connect().await?;
-        let cmd: Vec<Vec<u8>> = args.iter().map(|a| a.to_vec()).collect();
-        let r = tokio::time::timeout(self.command_timeout * 5, conn::setup(&mut stream, &[cmd]))
-            .await
-            .map_err(|_| UpstreamError::Timeout(self.command_timeout * 5))??;
-        Ok(r.0.into_iter().next().unwrap_or_default())
+        probe_node(&self.home(), &self.common, args).await
     }
+}
+
+/// One request to `node` on a short-lived connection.
+async fn probe_node(node: &Node, common: &Common, args: &[&[u8]]) -> Result<Bytes, UpstreamError> {
+    let (mut stream, _) = node
+        .connector_with(common, 0, Proto::Resp2, Vec::new())
+        .connect()
+        .await?;
+    let cmd: Vec<Vec<u8>> = args.iter().map(|a| a.to_vec()).collect();
+    let r = tokio::time::timeout(common.command_timeout * 5, conn::setup(&mut stream, &[cmd]))
+        .await
+        .map_err(|_| UpstreamError::Timeout(common.command_timeout * 5))??;
+    Ok(r.0.into_iter().next().unwrap_or_default())
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -10,7 +10,7 @@ use bytes::Bytes;
 
 use crate::error::UpstreamError;
 use crate::protocol::request::encode_command;
-use crate::upstream::ConnHandle;
+use crate::upstream::Link;
 
 const EXTEND: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then \
                       return redis.call('PEXPIRE', KEYS[1], ARGV[2]) else return 0 end";
@@ -18,13 +18,13 @@ const RELEASE: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then \
                        return redis.call('DEL', KEYS[1]) else return 0 end";
 
 pub struct FleetLock {
-    conn: ConnHandle,
+    conn: Link,
     key: String,
     owner: String,
     ttl_ms: String,
 }
 
-async fn call(conn: &ConnHandle, args: &[&str]) -> Result<Bytes, UpstreamError> {
+async fn call(conn: &Link, args: &[&str]) -> Result<Bytes, UpstreamError> {
     conn.send(encode_command(args), None, true)
         .await
         .unwrap_or_else(|_| Err(UpstreamError::Lost("request dropped".into())))
@@ -43,7 +43,7 @@ fn is_one(reply: &[u8]) -> Result<bool, UpstreamError> {
 impl FleetLock {
     /// `Ok(None)` when another owner holds it.
     pub async fn acquire(
-        conn: ConnHandle,
+        conn: Link,
         key: &str,
         owner: &str,
         ttl: Duration,

@@ -26,7 +26,7 @@ use crate::context::Context;
 use crate::error::UpstreamError;
 use crate::protocol::reply;
 use crate::protocol::request::encode_command;
-use crate::upstream::ConnHandle;
+use crate::upstream::Link;
 
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn execute(
@@ -191,7 +191,7 @@ where
     Err(last)
 }
 
-async fn call(conn: &ConnHandle, args: &[&[u8]]) -> Result<Bytes, UpstreamError> {
+async fn call(conn: &Link, args: &[&[u8]]) -> Result<Bytes, UpstreamError> {
     conn.send(encode_command(args), None, true)
         .await
         .unwrap_or_else(|_| Err(UpstreamError::Lost("request dropped".into())))
@@ -206,7 +206,7 @@ fn unexpected(reply: &[u8]) -> UpstreamError {
 
 /// One SCAN page: the next cursor and the keys.
 async fn scan_page(
-    conn: &ConnHandle,
+    conn: &Link,
     cursor: &[u8],
     pattern: &[u8],
     count: &[u8],
@@ -238,7 +238,7 @@ async fn scan_page(
 }
 
 /// The hot-key set, hottest first.
-async fn hot_keys(conn: &ConnHandle, key: &[u8], keep: usize) -> Result<Vec<Bytes>, UpstreamError> {
+async fn hot_keys(conn: &Link, key: &[u8], keep: usize) -> Result<Vec<Bytes>, UpstreamError> {
     let stop = keep.saturating_sub(1).to_string();
     let r = call(conn, &[b"ZREVRANGE", key, b"0", stop.as_bytes()]).await?;
     let (frame, _) = redis_protocol::resp3::decode::complete::decode_bytes(&r)
@@ -262,7 +262,7 @@ async fn hot_keys(conn: &ConnHandle, key: &[u8], keep: usize) -> Result<Vec<Byte
 /// (warmed, too large).
 async fn fetch(
     ctx: &Context,
-    conn: &ConnHandle,
+    conn: &Link,
     db: u32,
     keys: &[(Bytes, Duration)],
 ) -> Result<(u64, u64), UpstreamError> {

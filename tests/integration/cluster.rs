@@ -64,3 +64,400 @@ async fn sentinels_report_the_primary_and_follow_a_failover() {
         }
     }
 }
+
+use crate::util::{Conn, Kiln};
+use kiln::upstream::slot::key_slot;
+
+/// A hash tag whose slot the `n`th of 3 primaries serves (`redis-cli
+/// --cluster create` gives 0-5460, 5461-10922, 10923-16383), different for
+/// each `i`.
+fn tag_on(n: usize, i: usize) -> String {
+    let (lo, hi) = [(0, 5460), (5461, 10922), (10923, 16383)][n % 3];
+    (0..)
+        .map(|j| format!("t{n}-{i}-{j}"))
+        .find(|t| (lo..=hi).contains(&key_slot(t.as_bytes())))
+        .expect("some tag lands in every range")
+}
+
+/// The reply of the node that owns `args`' key: sent to the first node,
+/// then to the one its `-MOVED` names.
+async fn direct(cluster: &Cluster, args: &[&str]) -> Vec<u8> {
+    let mut c = cluster.conn().await;
+    let reply = c.cmd(args).await;
+    if let Some(rest) = reply.strip_prefix(b"-MOVED ") {
+        let text = String::from_utf8_lossy(rest);
+        let to = text.trim().split(' ').nth(1).expect("MOVED names a node");
+        let addr: std::net::SocketAddr = to.parse().expect("host:port");
+        let mut c = Conn::connect(addr).await;
+        return c.cmd(args).await.to_vec();
+    }
+    reply.to_vec()
+}
+
+async fn start(cluster: &Cluster) -> Kiln {
+    Kiln::start_cluster(cluster.seeds(), |_| {}).await
+}
+
+/// Through kiln in front of the cluster, each call's reply equals the
+/// owning node's own reply to the same call on a key of the same slot,
+/// with keys on all three primaries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_equal_the_owning_nodes() {
+    let cluster = tokio::task::spawn_blocking(Cluster::start)
+        .await
+        .expect("cluster");
+    let kiln = start(&cluster).await;
+    let mut k = kiln.conn().await;
+    let groups: &[&[&[&str]]] = &[
+        &[
+            &["SET", "K", "v"],
+            &["GET", "K"],
+            &["GET", "K"],
+            &["APPEND", "K", "xy"],
+            &["STRLEN", "K"],
+            &["GETRANGE", "K", "0", "1"],
+            &["INCR", "K"],
+            &["TYPE", "K"],
+            &["EXISTS", "K"],
+            &["DEL", "K"],
+            &["GET", "K"],
+        ],
+        &[
+            &["INCR", "K"],
+            &["INCRBY", "K", "5"],
+            &["GET", "K"],
+            &["DECR", "K"],
+            &["GET", "K"],
+        ],
+        &[
+            &["HSET", "K", "f", "1", "g", "2"],
+            &["HGET", "K", "f"],
+            &["HGETALL", "K"],
+            &["HLEN", "K"],
+            &["HMGET", "K", "f", "x"],
+            &["HDEL", "K", "f"],
+            &["HGETALL", "K"],
+            &["GET", "K"],
+        ],
+        &[
+            &["RPUSH", "K", "a", "b", "c"],
+            &["LRANGE", "K", "0", "-1"],
+            &["LPOP", "K"],
+            &["LLEN", "K"],
+            &["LINDEX", "K", "0"],
+            &["LRANGE", "K", "0", "-1"],
+        ],
+        &[
+            &["ZADD", "K", "1", "a", "2.5", "b"],
+            &["ZRANGE", "K", "0", "-1", "WITHSCORES"],
+            &["ZSCORE", "K", "b"],
+            &["ZCARD", "K"],
+            &["ZRANGE", "K", "0", "-1"],
+        ],
+        &[
+            &["SADD", "K", "x"],
+            &["SISMEMBER", "K", "x"],
+            &["SCARD", "K"],
+            &["SMEMBERS", "K"],
+        ],
+        &[
+            &["SET", "K", "v", "EX", "100"],
+            &["TTL", "K"],
+            &["PERSIST", "K"],
+            &["TTL", "K"],
+        ],
+        &[
+            &["GET", "K"],
+            &["HGET", "K", "f"],
+            &["LRANGE", "K", "0", "-1"],
+            &["TTL", "K"],
+        ],
+        &[
+            &["SET", "K", "v"],
+            &["LPUSH", "K", "x"],
+            &["HGET", "K", "f"],
+            &["GET", "K"],
+        ],
+        &[
+            &["GET"],
+            &["SET", "K"],
+            &["NOSUCHCOMMAND", "K"],
+            &["GETRANGE", "K", "x", "1"],
+        ],
+    ];
+    let mut compared = 0;
+    for (g, calls) in groups.iter().enumerate() {
+        for n in 0..3 {
+            let tag = tag_on(n, g);
+            let (via, own) = (format!("{{{tag}}}:k"), format!("{{{tag}}}:d"));
+            for call in calls.iter() {
+                let through: Vec<&str> = call
+                    .iter()
+                    .map(|a| if *a == "K" { &via[..] } else { a })
+                    .collect();
+                let straight: Vec<&str> = call
+                    .iter()
+                    .map(|a| if *a == "K" { &own[..] } else { a })
+                    .collect();
+                let got = k.cmd(&through).await;
+                let want = direct(&cluster, &straight).await;
+                // Errors that name the command's arguments name the key.
+                let got = String::from_utf8_lossy(&got).replace(&via, "KEY");
+                let want = String::from_utf8_lossy(&want).replace(&own, "KEY");
+                assert_eq!(got, want, "{through:?} on primary {n}");
+                compared += 1;
+            }
+        }
+    }
+    assert!(compared > 150, "{compared}");
+    // The keys are on three different primaries.
+    let status = crate::util::cache_status(&mut k).await;
+    let text = status.to_string();
+    assert_eq!(status["cluster_primaries"], 3, "{text}");
+}
+
+/// `MGET`, `MSET`, `DEL`, `UNLINK`, `EXISTS` and `TOUCH` over keys on all
+/// three primaries are split and merged in order; other cross-slot
+/// commands get Redis Cluster's `CROSSSLOT`; keyless ones fan out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cross_slot_commands_split_or_refuse() {
+    let cluster = tokio::task::spawn_blocking(Cluster::start)
+        .await
+        .expect("cluster");
+    let kiln = start(&cluster).await;
+    let mut k = kiln.conn().await;
+    let keys: Vec<String> = (0..30)
+        .map(|i| format!("{}:{i}", tag_on(i % 3, i)))
+        .collect();
+    let slots: std::collections::HashSet<u16> =
+        keys.iter().map(|k| key_slot(k.as_bytes())).collect();
+    assert!(slots.len() >= 3);
+    let mut mset: Vec<String> = vec!["MSET".into()];
+    for (i, key) in keys.iter().enumerate() {
+        mset.push(key.clone());
+        mset.push(format!("v{i}"));
+    }
+    assert_eq!(k.cmd(&mset).await, "+OK\r\n");
+    for (i, key) in keys.iter().enumerate() {
+        let want = format!("${}\r\nv{i}\r\n", format!("v{i}").len());
+        assert_eq!(
+            String::from_utf8_lossy(&direct(&cluster, &["GET", key]).await),
+            want
+        );
+    }
+    // MGET in the client's order, a missing key in the middle, twice
+    // (the second from L1).
+    let mut mget: Vec<String> = vec!["MGET".into()];
+    mget.extend(keys.iter().take(10).cloned());
+    mget.insert(5, "{nokey}".into());
+    for _ in 0..2 {
+        let mut want = String::from("*11\r\n");
+        for (j, key) in mget[1..].iter().enumerate() {
+            match keys.iter().position(|k| k == key) {
+                Some(i) => want.push_str(&format!("${}\r\nv{i}\r\n", format!("v{i}").len())),
+                None => {
+                    assert_eq!(j, 4);
+                    want.push_str("$-1\r\n");
+                }
+            }
+        }
+        assert_eq!(k.cmd_text(&mget).await, want);
+    }
+    let count = |n: usize| format!(":{n}\r\n");
+    let mut exists: Vec<&str> = vec!["EXISTS"];
+    exists.extend(keys.iter().map(|s| &s[..]));
+    exists.push("{nokey}");
+    assert_eq!(k.cmd_text(&exists).await, count(30));
+    let mut touch = exists.clone();
+    touch[0] = "TOUCH";
+    assert_eq!(k.cmd_text(&touch).await, count(30));
+    let mut del: Vec<&str> = vec!["DEL"];
+    del.extend(keys[..10].iter().map(|s| &s[..]));
+    assert_eq!(k.cmd_text(&del).await, count(10));
+    assert_eq!(k.cmd_text(&del).await, count(0));
+    let mut unlink: Vec<&str> = vec!["UNLINK"];
+    unlink.extend(keys[10..20].iter().map(|s| &s[..]));
+    assert_eq!(k.cmd_text(&unlink).await, count(10));
+    assert_eq!(k.cmd_text(&exists).await, count(10));
+    // Deleted through kiln: no longer served from L1.
+    assert_eq!(k.cmd_text(&["GET", &keys[0]]).await, "$-1\r\n");
+    let crossslot = "-CROSSSLOT Keys in request don't hash to the same slot\r\n";
+    assert_eq!(
+        k.cmd_text(&["SUNION", &keys[20], &keys[21]]).await,
+        crossslot
+    );
+    assert_eq!(
+        k.cmd_text(&["RENAME", &keys[20], &keys[21]]).await,
+        crossslot
+    );
+    assert_eq!(
+        k.cmd_text(&["MSETNX", &keys[20], "a", &keys[21], "b"])
+            .await,
+        crossslot
+    );
+    // The same commands within one slot run.
+    let (a, b) = (
+        format!("{{{}}}a", tag_on(1, 99)),
+        format!("{{{}}}b", tag_on(1, 99)),
+    );
+    assert_eq!(k.cmd_text(&["MSETNX", &a, "1", &b, "2"]).await, ":1\r\n");
+    assert_eq!(
+        k.cmd_text(&["RENAME", &a, &format!("{{{}}}c", tag_on(1, 99))])
+            .await,
+        "+OK\r\n"
+    );
+    // DBSIZE and KEYS fan out: 10 of the 30 are left, plus b and c.
+    assert_eq!(k.cmd_text(&["DBSIZE"]).await, count(12));
+    let all = k.cmd_text(&["KEYS", "*"]).await;
+    assert!(all.starts_with("*12\r\n"), "{all}");
+    let random = k.cmd_text(&["RANDOMKEY"]).await;
+    assert!(all.contains(&random), "{random} is not one of {all}");
+    assert_eq!(k.cmd_text(&["FLUSHALL"]).await, "+OK\r\n");
+    assert_eq!(k.cmd_text(&["DBSIZE"]).await, count(0));
+    assert_eq!(k.cmd_text(&["RANDOMKEY"]).await, "$-1\r\n");
+}
+
+/// `SCAN` through kiln walks every primary with one cursor and returns
+/// each key exactly once over a full iteration, `MATCH` and `COUNT` kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scan_walks_every_primary_once() {
+    let cluster = tokio::task::spawn_blocking(Cluster::start)
+        .await
+        .expect("cluster");
+    let kiln = start(&cluster).await;
+    let mut k = kiln.conn().await;
+    for i in 0..300 {
+        assert_eq!(
+            k.cmd_text(&["SET", &format!("scan:{i}"), "x"]).await,
+            "+OK\r\n"
+        );
+    }
+    k.cmd(&["SET", "other", "x"]).await;
+    let mut seen: Vec<String> = Vec::new();
+    let mut cursor = "0".to_string();
+    let mut calls = 0;
+    loop {
+        let reply = k
+            .cmd(&["SCAN", &cursor, "MATCH", "scan:*", "COUNT", "40"])
+            .await;
+        calls += 1;
+        assert!(calls < 1000, "SCAN never ended");
+        let text = String::from_utf8_lossy(&reply).into_owned();
+        let lines: Vec<&str> = text.split("\r\n").collect();
+        assert_eq!(lines[0], "*2", "{text}");
+        cursor = lines[2].to_string();
+        seen.extend(
+            lines[4..]
+                .iter()
+                .filter(|l| l.starts_with("scan:"))
+                .map(|l| l.to_string()),
+        );
+        if cursor == "0" {
+            break;
+        }
+    }
+    let unique: std::collections::HashSet<&String> = seen.iter().collect();
+    assert_eq!(unique.len(), 300, "{} calls", calls);
+    assert_eq!(seen.len(), 300, "a key came back twice");
+    assert!(calls >= 3, "one call per primary at least: {calls}");
+    // A cursor that is not a number gets the node's own error.
+    let bad = k.cmd_text(&["SCAN", "abc"]).await;
+    assert_eq!(
+        bad,
+        direct(&cluster, &["SCAN", "abc"])
+            .await
+            .iter()
+            .map(|&b| b as char)
+            .collect::<String>()
+    );
+}
+
+/// What a cluster-aware client asks: kiln is one node holding every slot;
+/// `CLUSTER KEYSLOT` is the cluster's; only database 0 exists; a
+/// transaction runs on its keys' node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kiln_presents_one_node_with_every_slot() {
+    let cluster = tokio::task::spawn_blocking(Cluster::start)
+        .await
+        .expect("cluster");
+    let kiln = start(&cluster).await;
+    let mut k = kiln.conn().await;
+    let slots = k.cmd_text(&["CLUSTER", "SLOTS"]).await;
+    let port = kiln.addr.port().to_string();
+    assert!(
+        slots.starts_with("*1\r\n*3\r\n:0\r\n:16383\r\n*4\r\n$9\r\n127.0.0.1\r\n"),
+        "{slots}"
+    );
+    assert!(slots.contains(&format!(":{port}\r\n")), "{slots}");
+    let shards = k.cmd_text(&["CLUSTER", "SHARDS"]).await;
+    assert!(
+        shards.contains("master") && shards.contains(&port),
+        "{shards}"
+    );
+    let nodes = k.cmd_text(&["CLUSTER", "NODES"]).await;
+    assert!(
+        nodes.contains(&format!(
+            "127.0.0.1:{port}@0 myself,master - 0 0 1 connected 0-16383"
+        )),
+        "{nodes}"
+    );
+    let info = k.cmd_text(&["CLUSTER", "INFO"]).await;
+    assert!(
+        info.contains("cluster_state:ok") && info.contains("cluster_known_nodes:1"),
+        "{info}"
+    );
+    let id = k.cmd(&["CLUSTER", "MYID"]).await;
+    assert!(nodes.contains(
+        &String::from_utf8_lossy(&crate::util::bulk_payload(&id).expect("bulk")).into_owned()
+    ));
+    for key in ["a", "{user1000}.following", "x{y}z"] {
+        assert_eq!(
+            k.cmd_text(&["CLUSTER", "KEYSLOT", key]).await,
+            String::from_utf8_lossy(&direct(&cluster, &["CLUSTER", "KEYSLOT", key]).await)
+        );
+    }
+    assert_eq!(k.cmd_text(&["READONLY"]).await, "+OK\r\n");
+    assert_eq!(k.cmd_text(&["SELECT", "0"]).await, "+OK\r\n");
+    assert_eq!(
+        k.cmd_text(&["SELECT", "1"]).await,
+        "-ERR SELECT is not allowed in cluster mode\r\n"
+    );
+    assert!(
+        k.cmd_text(&["CLUSTER", "RESET"])
+            .await
+            .starts_with("-ERR unknown subcommand")
+    );
+    // A transaction on keys of one slot, on whichever primary owns it.
+    for n in 0..3 {
+        let t = tag_on(n, 7);
+        let (a, b) = (format!("{{{t}}}a"), format!("{{{t}}}b"));
+        assert_eq!(k.cmd_text(&["MULTI"]).await, "+OK\r\n");
+        assert_eq!(k.cmd_text(&["SET", &a, "1"]).await, "+QUEUED\r\n");
+        assert_eq!(k.cmd_text(&["INCR", &b]).await, "+QUEUED\r\n");
+        assert_eq!(k.cmd_text(&["EXEC"]).await, "*2\r\n+OK\r\n:1\r\n");
+        assert_eq!(
+            String::from_utf8_lossy(&direct(&cluster, &["GET", &a]).await),
+            "$1\r\n1\r\n"
+        );
+        // WATCH on that node; a write through kiln aborts the EXEC.
+        assert_eq!(k.cmd_text(&["WATCH", &a]).await, "+OK\r\n");
+        let mut other = kiln.conn().await;
+        assert_eq!(other.cmd_text(&["SET", &a, "2"]).await, "+OK\r\n");
+        assert_eq!(k.cmd_text(&["MULTI"]).await, "+OK\r\n");
+        assert_eq!(k.cmd_text(&["SET", &a, "3"]).await, "+QUEUED\r\n");
+        assert_eq!(k.cmd_text(&["EXEC"]).await, "*-1\r\n");
+        // Empty transactions are answered as Redis answers them.
+        assert_eq!(k.cmd_text(&["MULTI"]).await, "+OK\r\n");
+        assert_eq!(k.cmd_text(&["EXEC"]).await, "*0\r\n");
+    }
+    // A transaction across slots gets the node's CROSSSLOT and aborts.
+    let (x, y) = (format!("{}x", tag_on(0, 8)), format!("{}y", tag_on(1, 8)));
+    assert_eq!(k.cmd_text(&["MULTI"]).await, "+OK\r\n");
+    assert_eq!(k.cmd_text(&["SET", &x, "1"]).await, "+QUEUED\r\n");
+    let second = k.cmd_text(&["SET", &y, "1"]).await;
+    assert!(
+        second.starts_with("-MOVED") || second.starts_with("-CROSSSLOT"),
+        "{second}"
+    );
+    assert!(k.cmd_text(&["EXEC"]).await.starts_with("-EXECABORT"));
+}

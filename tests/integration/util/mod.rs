@@ -250,6 +250,35 @@ impl Kiln {
         Self::launch(cfg, None).await
     }
 
+    /// kiln in front of a Redis Cluster (`upstream.cluster` = its nodes).
+    pub async fn start_cluster(seeds: Vec<String>, tweak: impl FnOnce(&mut Config)) -> Kiln {
+        Self::start_with_url("redis://unused:1", |c| {
+            c.upstream.cluster = Some(seeds);
+            tweak(c);
+        })
+        .await
+    }
+
+    /// kiln in front of the primary the sentinels at `ports` monitor as
+    /// `master`.
+    pub async fn start_sentinel(
+        master: &str,
+        ports: &[u16],
+        tweak: impl FnOnce(&mut Config),
+    ) -> Kiln {
+        let nodes = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let master = master.to_string();
+        Self::start_with_url("redis://unused:1", move |c| {
+            c.upstream.sentinel = Some(kiln::config::SentinelConfig {
+                master,
+                nodes,
+                ..Default::default()
+            });
+            tweak(c);
+        })
+        .await
+    }
+
     /// kiln with the config in the file at `path` (its listen addresses
     /// replaced by port-0 listeners), reloadable with `CACHE.RELOAD`.
     pub async fn start_from_file(path: &str) -> Kiln {
