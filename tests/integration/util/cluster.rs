@@ -93,6 +93,121 @@ impl Cluster {
         }
     }
 
+    /// `(id, port, primary id)` of every node, as a live node's `CLUSTER
+    /// NODES` says (the primary id is `-` for a primary); failed nodes left
+    /// out.
+    pub fn table(&self) -> Vec<(String, u16, String)> {
+        for r in &self.nodes {
+            let text = cli(r.port, &["CLUSTER", "NODES"]);
+            if !text.contains("myself") {
+                continue;
+            }
+            return text
+                .lines()
+                .filter(|l| !l.contains("fail"))
+                .filter_map(|l| {
+                    let f: Vec<&str> = l.split(' ').collect();
+                    let port = f
+                        .get(1)?
+                        .split('@')
+                        .next()?
+                        .rsplit(':')
+                        .next()?
+                        .parse()
+                        .ok()?;
+                    Some((f[0].to_string(), port, f.get(3)?.to_string()))
+                })
+                .collect();
+        }
+        Vec::new()
+    }
+
+    /// The port of the primary that owns `slot` now.
+    pub fn owner_port(&self, slot: u16) -> u16 {
+        for r in &self.nodes {
+            let slots = cli(r.port, &["CLUSTER", "SLOTS"]);
+            // redis-cli prints one value per line: start, end, ip, port, id...
+            let lines: Vec<&str> = slots.lines().map(str::trim).collect();
+            let mut i = 0;
+            while i + 3 < lines.len() {
+                if let (Ok(a), Ok(b)) = (lines[i].parse::<u16>(), lines[i + 1].parse::<u16>()) {
+                    if lines[i + 2].contains('.') && (a..=b).contains(&slot) {
+                        if let Ok(p) = lines[i + 3].parse() {
+                            return p;
+                        }
+                    }
+                }
+                i += 1;
+            }
+        }
+        panic!("no node owns slot {slot}");
+    }
+
+    /// The node at `port`, to kill it.
+    pub fn node_mut(&mut self, port: u16) -> &mut Redis {
+        self.nodes
+            .iter_mut()
+            .find(|r| r.port == port)
+            .expect("a node of this cluster")
+    }
+
+    /// Waits (bounded) until every live node reports `cluster_state:ok`.
+    pub fn wait_state_ok(&self, live: &[u16]) {
+        let deadline = Instant::now() + WAIT * 3;
+        for &p in live {
+            loop {
+                if cli(p, &["CLUSTER", "INFO"]).contains("cluster_state:ok") {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "cluster never became ok again");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
+    /// Moves `slot` from the primary at `from` to the one at `to` as
+    /// `redis-cli --cluster reshard` does: IMPORTING and MIGRATING, MIGRATE
+    /// of its keys in batches (clients see ASK meanwhile), then SETSLOT
+    /// NODE on both and on every other primary (MOVED from then on).
+    pub fn migrate_slot(&self, slot: u16, from: u16, to: u16) {
+        let table = self.table();
+        let id = |port: u16| {
+            table
+                .iter()
+                .find(|(_, p, _)| *p == port)
+                .map(|(id, _, _)| id.clone())
+                .expect("node id")
+        };
+        let (from_id, to_id) = (id(from), id(to));
+        let s = slot.to_string();
+        assert!(cli(to, &["CLUSTER", "SETSLOT", &s, "IMPORTING", &from_id]).contains("OK"));
+        assert!(cli(from, &["CLUSTER", "SETSLOT", &s, "MIGRATING", &to_id]).contains("OK"));
+        loop {
+            let keys = cli(from, &["CLUSTER", "GETKEYSINSLOT", &s, "5"]);
+            let keys: Vec<&str> = keys
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect();
+            if keys.is_empty() {
+                break;
+            }
+            let to_s = to.to_string();
+            let mut args = vec!["MIGRATE", "127.0.0.1", &to_s, "", "0", "5000", "KEYS"];
+            args.extend(keys.iter().copied());
+            let out = cli(from, &args);
+            assert!(
+                out.contains("OK") || out.contains("NOKEY"),
+                "MIGRATE: {out}"
+            );
+        }
+        for (_, port, primary) in &table {
+            if primary == "-" {
+                cli(*port, &["CLUSTER", "SETSLOT", &s, "NODE", &to_id]);
+            }
+        }
+    }
+
     /// A connection to the first node.
     pub async fn conn(&self) -> Conn {
         self.nodes[0].conn().await
