@@ -117,6 +117,16 @@ impl Breaker {
         }
     }
 
+    /// Closes the circuit whatever its state: what it counted was another
+    /// server's (a Sentinel primary that was replaced).
+    pub fn reset(&self) {
+        let _inner = self.lock();
+        self.consecutive.store(0, Ordering::Relaxed);
+        if self.state.swap(State::Closed as u8, Ordering::Relaxed) != State::Closed as u8 {
+            tracing::info!("circuit breaker closed: upstream moved to a new primary");
+        }
+    }
+
     /// Upstream answered.
     pub fn success(&self) {
         match self.state.load(Ordering::Relaxed) {

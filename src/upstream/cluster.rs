@@ -90,11 +90,18 @@ pub trait KeyFinder: Send + Sync {
     fn keys<'a>(&self, args: &'a [Bytes]) -> Vec<&'a Bytes>;
 }
 
-/// Times a request is sent again before its last reply is handed back.
-const MAX_HOPS: u8 = 50;
+/// Redirections (`MOVED`, `ASK`) a request follows before the last one is
+/// handed back as its reply.
+const MAX_HOPS: u8 = 16;
 /// Wait before resending after `TRYAGAIN`, `CLUSTERDOWN` or an unreachable
-/// node: `MAX_HOPS` of them bound a failover's wait at about 5 s.
+/// node.
 const RETRY_DELAY: Duration = Duration::from_millis(100);
+/// Waits before the last error is handed back: a request waits up to
+/// about 10 s for a failed primary's replica to take over (a cluster with
+/// `cluster-node-timeout` 2000 ms promotes one in about 5 s; the default
+/// 15000 ms needs a longer wait than a client will want, and gets the
+/// error).
+const MAX_WAITS: u8 = 100;
 /// Topology reads at most this often.
 const MIN_REFRESH_GAP: Duration = Duration::from_millis(100);
 
@@ -806,11 +813,16 @@ fn scan_cursor(reply: &[u8]) -> Option<(u64, usize)> {
 
 impl Redirector for RoutedInner {
     fn redirected(&self, how: Redirection, reply: Bytes, mut req: Request) {
-        if req.hops >= MAX_HOPS {
+        let waits = matches!(how, Redirection::TryAgain | Redirection::ClusterDown);
+        if (waits && req.waits >= MAX_WAITS) || (!waits && req.hops >= MAX_HOPS) {
             req.answer(Ok(reply));
             return;
         }
-        req.hops += 1;
+        if waits {
+            req.waits += 1;
+        } else {
+            req.hops += 1;
+        }
         if let Some(rest) = req.wire.strip_prefix(ASKING) {
             req.wire = Bytes::copy_from_slice(rest);
         }
@@ -843,11 +855,11 @@ impl Redirector for RoutedInner {
     }
 
     fn unsent(&self, err: UpstreamError, mut req: Request) {
-        if req.hops >= MAX_HOPS {
+        if req.waits >= MAX_WAITS {
             req.answer(Err(err));
             return;
         }
-        req.hops += 1;
+        req.waits += 1;
         if let Some(rest) = req.wire.strip_prefix(ASKING) {
             req.wire = Bytes::copy_from_slice(rest);
             req.skip = 0;

@@ -51,8 +51,11 @@ pub struct Request {
     /// reached before it was sent (see `Redirector`). `None`: replies are
     /// handed back as they are.
     pub redirect: Option<Arc<dyn Redirector>>,
-    /// Times it was resent so far.
+    /// Times it was redirected (`MOVED`, `ASK`) so far.
     pub hops: u8,
+    /// Times it waited to be sent again (`TRYAGAIN`, `CLUSTERDOWN`, node
+    /// unreachable) so far.
+    pub waits: u8,
     /// Replies to drop before the request's own (the `ASKING` sent in front
     /// of it after an `-ASK`).
     pub skip: u8,
@@ -73,6 +76,7 @@ impl Request {
             timed,
             redirect: None,
             hops: 0,
+            waits: 0,
             skip: 0,
         }
     }
@@ -238,6 +242,7 @@ struct InFlight {
     redirect: Option<Arc<dyn Redirector>>,
     timed: bool,
     hops: u8,
+    waits: u8,
     skip: u8,
 }
 
@@ -278,9 +283,14 @@ fn fail(req: Request, err: UpstreamError) {
 struct Live {
     read: BoxRead,
     write: BoxWrite,
+    /// The connector's generation when it was made (see
+    /// `Connector::generation`).
+    generation: u64,
 }
 
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// How often a paused connection checks whether the pause is over.
+const PAUSE_POLL: Duration = Duration::from_millis(5);
 const MIN_BACKOFF: Duration = Duration::from_millis(50);
 
 async fn run(
@@ -291,6 +301,9 @@ async fn run(
 ) {
     let id = &shared.id;
     let mut live: Option<Live> = None;
+    // Requests taken while the connection was moving to a new address
+    // (`Connector::generation`): sent first on the new one.
+    let mut held: VecDeque<Request> = VecDeque::new();
     let mut fifo: VecDeque<InFlight> = VecDeque::new();
     let mut wbuf = BytesMut::new();
     let mut rbuf = BytesMut::with_capacity(16 * 1024);
@@ -301,23 +314,50 @@ async fn run(
     let mut last_io = Instant::now();
 
     loop {
+        // The node moved (a Sentinel switch): once nothing is in flight on
+        // the old address, the connection is closed and made again to the
+        // new one; nothing new is written to the old one meanwhile.
+        let moved = live
+            .as_ref()
+            .is_some_and(|l| l.generation != connector.generation());
+        if moved && fifo.is_empty() && wbuf.is_empty() {
+            tracing::debug!(held = held.len(), "upstream node moved: reconnecting");
+            live = None;
+            if let Some(f) = &hooks.on_lost {
+                f(&UpstreamError::Lost("the primary moved".into()));
+            }
+        }
+        if live.is_none() && connector.paused() {
+            // Between primaries: requests wait (bounded by whoever paused).
+            tokio::select! {
+                r = rx.recv() => match r {
+                    Some(r) => held.push_back(r),
+                    None => return,
+                },
+                _ = tokio::time::sleep(PAUSE_POLL) => {}
+            }
+            continue;
+        }
         if live.is_none() {
             // Disconnected: wait for work (or, with keepalive, for the end of
             // the backoff), then connect.
-            let req = match hooks.keepalive {
-                Some(_) => {
-                    let at = retry_at.as_ref().map_or_else(Instant::now, |(at, _)| *at);
-                    tokio::select! {
-                        r = rx.recv() => match r {
-                            Some(r) => Some(r),
-                            None => return,
-                        },
-                        _ = tokio::time::sleep_until(at) => None,
+            let req = match held.pop_front() {
+                Some(r) => Some(r),
+                None => match hooks.keepalive {
+                    Some(_) => {
+                        let at = retry_at.as_ref().map_or_else(Instant::now, |(at, _)| *at);
+                        tokio::select! {
+                            r = rx.recv() => match r {
+                                Some(r) => Some(r),
+                                None => return,
+                            },
+                            _ = tokio::time::sleep_until(at) => None,
+                        }
                     }
-                }
-                None => match rx.recv().await {
-                    Some(r) => Some(r),
-                    None => return,
+                    None => match rx.recv().await {
+                        Some(r) => Some(r),
+                        None => return,
+                    },
                 },
             };
             if let Some((at, err)) = &retry_at {
@@ -331,11 +371,16 @@ async fn run(
                     continue;
                 }
             }
+            let generation = connector.generation();
             match connector.connect_with_id().await {
                 Ok((stream, leftover, upstream_id)) => {
                     id.store(upstream_id, std::sync::atomic::Ordering::Relaxed);
                     let (read, write) = stream.split();
-                    live = Some(Live { read, write });
+                    live = Some(Live {
+                        read,
+                        write,
+                        generation,
+                    });
                     retry_at = None;
                     backoff = MIN_BACKOFF;
                     rbuf.clear();
@@ -346,6 +391,9 @@ async fn run(
                         f();
                     }
                     if let Some(req) = req {
+                        enqueue(req, &mut wbuf, &mut fifo, timeout);
+                    }
+                    for req in held.drain(..) {
                         enqueue(req, &mut wbuf, &mut fifo, timeout);
                     }
                     if !rbuf.is_empty() {
@@ -378,6 +426,8 @@ async fn run(
             }
         }
         let Some(conn) = live.as_mut() else { continue };
+        // Again: the connection may have been made anew above.
+        let moved = conn.generation != connector.generation();
         let head_deadline = fifo.front().and_then(|f| f.deadline);
         let ping_at = hooks
             .keepalive
@@ -386,6 +436,11 @@ async fn run(
         let outcome: Result<(), UpstreamError> = tokio::select! {
             biased;
             req = rx.recv() => match req {
+                Some(req) if moved => {
+                    tracing::debug!(in_flight = fifo.len(), "upstream node moved: request held");
+                    held.push_back(req);
+                    Ok(())
+                }
                 Some(req) => {
                     enqueue(req, &mut wbuf, &mut fifo, timeout);
                     // Take everything already queued: one write for the batch.
@@ -501,6 +556,7 @@ fn enqueue(req: Request, wbuf: &mut BytesMut, fifo: &mut VecDeque<InFlight>, tim
         redirect: req.redirect,
         timed: req.timed,
         hops: req.hops,
+        waits: req.waits,
         skip: req.skip,
     });
 }
@@ -541,6 +597,7 @@ fn dispatch(
                 timed: f.timed,
                 redirect: f.redirect,
                 hops: f.hops,
+                waits: f.waits,
                 skip: 0,
             };
             router.redirected(how, bytes, req);

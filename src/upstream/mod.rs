@@ -51,6 +51,8 @@ pub struct Connector {
     /// `host:port` to connect to, read at each connect: a Sentinel-managed
     /// node's changes on failover.
     target: Arc<arc_swap::ArcSwap<String>>,
+    /// Bumped when `target` changes: connections made before move.
+    moves: Arc<Moves>,
     db: u32,
     proto: Proto,
     connect_timeout: Duration,
@@ -134,6 +136,20 @@ impl Connector {
 
     fn target(&self) -> String {
         self.target.load().as_ref().clone()
+    }
+
+    /// How many times the node's address changed: a connection made at an
+    /// older generation goes to an old address.
+    pub fn generation(&self) -> u64 {
+        self.moves
+            .generation
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Whether the node is between primaries (a Sentinel failover in
+    /// progress): requests wait rather than go to either.
+    pub fn paused(&self) -> bool {
+        self.moves.paused.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Connects and brings the connection to the wanted protocol, user and
@@ -319,12 +335,22 @@ pub(crate) struct ChannelSpec {
     hooks: Hooks,
 }
 
+/// A node's address changes (Sentinel): see `Connector::generation` and
+/// `Connector::paused`.
+#[derive(Default)]
+pub(crate) struct Moves {
+    generation: std::sync::atomic::AtomicU64,
+    paused: std::sync::atomic::AtomicBool,
+}
+
 /// One Redis server and the connections kiln keeps to it: its address
 /// (with credentials and TLS) and its pools. A standalone upstream is one
 /// node; a cluster has one per primary.
 pub(crate) struct Node {
     addr: UpstreamAddr,
     target: Arc<arc_swap::ArcSwap<String>>,
+    /// See `Connector::generation`.
+    moves: Arc<Moves>,
     tls: Option<UpstreamTls>,
     breaker: Arc<Breaker>,
     /// How its tracking readers report (a cluster node's loss drops only
@@ -354,6 +380,7 @@ impl Node {
                 "{}:{}",
                 addr.host, addr.port
             ))),
+            moves: Arc::default(),
             addr,
             tls,
             breaker,
@@ -364,6 +391,37 @@ impl Node {
             readers: Mutex::new(HashMap::new()),
             channels: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Points the node's connections at `to` (a Sentinel switch): new ones
+    /// connect there, live ones move once idle.
+    pub(crate) fn move_to(&self, to: String) {
+        use std::sync::atomic::Ordering::AcqRel;
+        self.target.store(Arc::new(to));
+        self.breaker.reset();
+        self.moves.generation.fetch_add(1, AcqRel);
+        self.moves
+            .paused
+            .store(false, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Holds new requests and closes connections once what is in flight
+    /// on them is answered, until `move_to` or `resume`: a primary is
+    /// being replaced, and a write it took now could be lost.
+    pub(crate) fn pause(&self) {
+        self.moves
+            .paused
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.moves
+            .generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    /// Ends a pause without moving.
+    pub(crate) fn resume(&self) {
+        self.moves
+            .paused
+            .store(false, std::sync::atomic::Ordering::Release);
     }
 
     /// `host:port`, as connections go to it now.
@@ -381,6 +439,7 @@ impl Node {
         Arc::new(Connector {
             addr: self.addr.clone(),
             target: self.target.clone(),
+            moves: self.moves.clone(),
             db,
             proto,
             connect_timeout: common.connect_timeout,

@@ -30,6 +30,8 @@ use crate::protocol::scan::Scanner;
 
 /// How often the primary's `ROLE` is checked.
 const CHECK_EVERY: Duration = Duration::from_millis(250);
+/// How long requests are held while a replica is promoted.
+const PROMOTION_WAIT: Duration = Duration::from_secs(5);
 
 /// Follows one monitored primary; counts and times its failovers.
 pub struct Follower {
@@ -48,6 +50,13 @@ pub struct Follower {
     pub last_recovery_ms: AtomicU64,
     /// When the current primary was first seen failing.
     down_since: Mutex<Option<Instant>>,
+    /// The newest `config-epoch` the sentinels reported so far.
+    last_epoch: AtomicU64,
+    /// A primary kiln left when it saw its replica promoted, and the
+    /// newest epoch then: until the sentinels report a newer one, their
+    /// configuration still names it (they publish the failover's end
+    /// later), and it is not gone back to.
+    retired: Mutex<Option<(String, u64)>>,
 }
 
 impl Follower {
@@ -66,6 +75,8 @@ impl Follower {
             failovers: AtomicU64::new(0),
             last_recovery_ms: AtomicU64::new(0),
             down_since: Mutex::new(None),
+            last_epoch: AtomicU64::new(0),
+            retired: Mutex::new(None),
         })
     }
 
@@ -113,18 +124,32 @@ impl Follower {
     /// Asks the sentinels in turn; the first address that `ROLE` confirms
     /// as a primary.
     async fn resolve(&self) -> Option<String> {
+        // Every sentinel's view, newest configuration first: right after a
+        // failover a sentinel that has not heard of it yet still names the
+        // old primary, which answers `ROLE` as primary until Sentinel
+        // demotes it. The highest `config-epoch` is the latest failover.
+        let mut views: Vec<(u64, String)> = Vec::new();
         for s in &self.sentinels {
-            let ask: [&[u8]; 3] = [
-                b"SENTINEL",
-                b"GET-MASTER-ADDR-BY-NAME",
-                self.master.as_bytes(),
-            ];
-            let Ok(reply) = self.ask(s, &ask).await else {
+            let ask: [&[u8]; 3] = [b"SENTINEL", b"MASTER", self.master.as_bytes()];
+            if let Ok(reply) = self.ask(s, &ask).await {
+                if let Some(view) = master_view(&reply) {
+                    views.push(view);
+                }
+            }
+        }
+        // Only the newest configuration counts: an older one may name a
+        // demoted primary still answering as one. When the newest names
+        // a primary that is down, the next failover is waited for.
+        let newest = views.iter().map(|v| v.0).max()?;
+        self.last_epoch.fetch_max(newest, Ordering::Relaxed);
+        let retired = lock(&self.retired).clone();
+        for (_, addr) in views.into_iter().filter(|v| v.0 == newest) {
+            if retired
+                .as_ref()
+                .is_some_and(|(old, epoch)| *old == addr && newest <= *epoch)
+            {
                 continue;
-            };
-            let Some(addr) = host_port(&reply) else {
-                continue;
-            };
+            }
             if self.is_primary(&addr).await {
                 return Some(addr);
             }
@@ -164,7 +189,7 @@ impl Follower {
             return;
         }
         let from = node.name();
-        node.target.store(Arc::new(addr.clone()));
+        node.move_to(addr.clone());
         if first {
             tracing::info!(master = %self.master, primary = %addr, "primary found through sentinel");
             return;
@@ -178,6 +203,30 @@ impl Follower {
             f();
         }
         tracing::warn!(master = %self.master, from = %from, to = %addr, recovery_ms = took.as_millis() as u64, "primary switched: connections move, L1 dropped");
+    }
+
+    /// A replica is being promoted: requests are held (in-flight ones end
+    /// on the old primary) until `to` answers `ROLE` as a primary, then
+    /// go there; after `PROMOTION_WAIT` without it, they resume where the
+    /// sentinels say.
+    async fn promote(&self, node: &Node, to: String) {
+        if node.name() == to {
+            return;
+        }
+        lock(&self.down_since).get_or_insert_with(Instant::now);
+        node.pause();
+        tracing::info!(master = %self.master, to = %to, "sentinel is promoting a replica: requests held until it is primary");
+        let deadline = Instant::now() + PROMOTION_WAIT;
+        while Instant::now() < deadline {
+            if self.is_primary(&to).await {
+                *lock(&self.retired) = Some((node.name(), self.last_epoch.load(Ordering::Relaxed)));
+                self.switch(node, to);
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        node.resume();
+        tracing::warn!(master = %self.master, to = %to, "the replica did not become primary in time: requests resume");
     }
 
     /// Subscribes to `+switch-master` on one sentinel and switches on each
@@ -198,7 +247,11 @@ impl Follower {
             &self.common,
             0,
             Proto::Resp2,
-            vec![vec![b"SUBSCRIBE".to_vec(), b"+switch-master".to_vec()]],
+            vec![vec![
+                b"SUBSCRIBE".to_vec(),
+                b"+switch-master".to_vec(),
+                b"+failover-state-send-slaveof-noone".to_vec(),
+            ]],
         );
         let (mut stream, mut buf) = connector.connect().await?;
         // Sentinel may have been switched while kiln was not listening.
@@ -213,17 +266,27 @@ impl Follower {
             {
                 let frame = buf.split_to(f.len).freeze();
                 scanner = Scanner::new();
-                // `message +switch-master "<name> <old ip> <old port> <new ip> <new port>"`
+                // `message <channel> <payload>`
                 let text = String::from_utf8_lossy(&frame);
-                let Some(payload) = text
-                    .lines()
-                    .rev()
-                    .find(|l| !l.starts_with('$') && !l.is_empty())
-                else {
+                let lines: Vec<&str> = text.split("\r\n").collect();
+                let (Some(&channel), Some(&payload)) = (lines.get(4), lines.get(6)) else {
                     continue;
                 };
                 let parts: Vec<&str> = payload.split(' ').collect();
-                if parts.len() == 5 && parts[0] == self.master {
+                // `slave <ip:port> <ip> <port> @ <name> <primary ip> <primary
+                // port>`: the replica is about to be promoted. Writes the
+                // old primary took from now on would be lost: they wait
+                // until the replica answers as primary.
+                if channel == "+failover-state-send-slaveof-noone"
+                    && parts.len() == 8
+                    && parts[5] == self.master
+                {
+                    let to = format!("{}:{}", parts[2], parts[3]);
+                    self.promote(node, to).await;
+                    continue;
+                }
+                // `<name> <old ip> <old port> <new ip> <new port>`
+                if channel == "+switch-master" && parts.len() == 5 && parts[0] == self.master {
                     let addr = format!("{}:{}", parts[3], parts[4]);
                     lock(&self.down_since).get_or_insert_with(Instant::now);
                     if self.is_primary(&addr).await {
@@ -245,12 +308,21 @@ impl Follower {
     }
 }
 
-/// `host:port` from a `GET-MASTER-ADDR-BY-NAME` reply (`*2 host port`).
-fn host_port(reply: &[u8]) -> Option<String> {
+/// `(config-epoch, "ip:port")` from a `SENTINEL MASTER` reply (a flat
+/// array of field names and values).
+fn master_view(reply: &[u8]) -> Option<(u64, String)> {
     let text = std::str::from_utf8(reply).ok()?;
-    let lines: Vec<&str> = text.split("\r\n").collect();
-    if !text.starts_with("*2") || lines.len() < 5 {
-        return None;
-    }
-    Some(format!("{}:{}", lines[2], lines[4]))
+    let values: Vec<&str> = text
+        .split("\r\n")
+        .skip(1)
+        .filter(|l| !l.starts_with('$') && !l.is_empty())
+        .collect();
+    let field = |name: &str| {
+        values
+            .chunks(2)
+            .find(|p| p.first() == Some(&name))
+            .and_then(|p| p.get(1).copied())
+    };
+    let epoch = field("config-epoch")?.parse().ok()?;
+    Some((epoch, format!("{}:{}", field("ip")?, field("port")?)))
 }
