@@ -70,11 +70,23 @@ impl ErrorKind {
 
 /// Upstream failures counted by kind.
 #[derive(Debug, Default)]
-pub struct ErrorCounts(pub [std::sync::atomic::AtomicU64; 6]);
+pub struct ErrorCounts(
+    pub [std::sync::atomic::AtomicU64; 6],
+    pub Option<std::sync::Arc<ErrorCounts>>,
+);
 
 impl ErrorCounts {
+    /// Counts that also add to `total` (a node's, adding to the
+    /// upstream's).
+    pub fn within(total: std::sync::Arc<ErrorCounts>) -> ErrorCounts {
+        ErrorCounts(Default::default(), Some(total))
+    }
+
     pub fn count(&self, e: &UpstreamError) {
         self.0[e.kind() as usize].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Some(total) = &self.1 {
+            total.count(e);
+        }
     }
 
     pub fn get(&self, k: ErrorKind) -> u64 {

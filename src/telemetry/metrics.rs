@@ -185,6 +185,25 @@ impl Metrics {
         self.recorder.register_gauge(&k, &META).set(v);
     }
 
+    /// A counter with two labels, one of them known only at run time (a
+    /// node's address).
+    pub fn set_counter2(
+        &self,
+        name: &'static str,
+        a: (&'static str, &str),
+        b: (&'static str, &str),
+        n: u64,
+    ) {
+        let k = Key::from_parts(
+            name,
+            vec![
+                Label::new(a.0, a.1.to_string()),
+                Label::new(b.0, b.1.to_string()),
+            ],
+        );
+        self.recorder.register_counter(&k, &META).absolute(n);
+    }
+
     pub fn render(&self) -> String {
         self.handle.run_upkeep();
         self.handle.render()

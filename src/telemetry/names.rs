@@ -44,6 +44,20 @@ pub const TRACKING_TABLE: &str = "redis_tracking_table_max_keys";
 /// Not in the SPEC's list: about how many entries `cache.max_memory` holds
 /// at the current average entry size (see `L1::entries_capacity`).
 pub const L1_CAPACITY_ENTRIES: &str = "cache_l1_entries_capacity";
+/// Redirections a cluster node answered and kiln followed, by `kind`:
+/// `moved`, `ask` (SPEC 3a).
+pub const REDIRECTIONS: &str = "upstream_redirections_total";
+/// Cluster topology reads (SPEC 3a).
+pub const TOPOLOGY_REFRESHES: &str = "upstream_topology_refreshes_total";
+/// Primaries replaced: Sentinel switches, or cluster primaries that
+/// stopped being primaries (SPEC 3a).
+pub const FAILOVERS: &str = "upstream_failovers_total";
+/// Not in the SPEC's list: how long the last Sentinel failover left kiln
+/// without a primary.
+pub const FAILOVER_RECOVERY: &str = "upstream_failover_recovery_seconds";
+/// Not in the SPEC's list: hash slots each cluster primary serves, by
+/// `node`.
+pub const CLUSTER_SLOTS: &str = "upstream_cluster_slots";
 
 /// Every metric kiln exports, with its Prometheus type and help text.
 pub const ALL: &[(&str, &str, &str)] = &[
@@ -123,7 +137,7 @@ pub const ALL: &[(&str, &str, &str)] = &[
     (
         BREAKER,
         "gauge",
-        "Upstream circuit breaker: 0 closed, 1 open, 2 half-open",
+        "Upstream circuit breaker: 0 closed, 1 open, 2 half-open (per node in front of a cluster)",
     ),
     (
         ACTIVE_LOCKS,
@@ -133,7 +147,32 @@ pub const ALL: &[(&str, &str, &str)] = &[
     (
         UPSTREAM_ERRORS,
         "counter",
-        "Upstream connection failures by kind",
+        "Upstream connection failures by kind (and, in front of a cluster, by node)",
+    ),
+    (
+        REDIRECTIONS,
+        "counter",
+        "Cluster redirections followed by kiln, by kind: moved, ask",
+    ),
+    (
+        TOPOLOGY_REFRESHES,
+        "counter",
+        "Cluster topology reads (CLUSTER SHARDS or CLUSTER SLOTS)",
+    ),
+    (
+        FAILOVERS,
+        "counter",
+        "Primaries replaced: Sentinel switches, cluster primaries that stopped being primaries",
+    ),
+    (
+        FAILOVER_RECOVERY,
+        "gauge",
+        "Seconds the last Sentinel failover left kiln without a primary",
+    ),
+    (
+        CLUSTER_SLOTS,
+        "gauge",
+        "Hash slots each cluster primary serves, by node",
     ),
     (CONNECTED, "gauge", "Clients connected to kiln"),
     (

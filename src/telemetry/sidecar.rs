@@ -103,13 +103,61 @@ pub fn render(ctx: &Context) -> String {
         m.counter(names::INVALIDATIONS, &[("source", src.as_str())])
             .absolute(s.invalidations(src));
     }
-    m.gauge(names::BREAKER, &[]).set(ctx.breaker_state() as f64);
+    match ctx.upstream.cluster() {
+        None => m.gauge(names::BREAKER, &[]).set(ctx.breaker_state() as f64),
+        Some(r) => {
+            for (node, state, _, slots) in r.node_stats() {
+                m.set_labelled(names::BREAKER, "node", &node, f64::from(state));
+                m.set_labelled(names::CLUSTER_SLOTS, "node", &node, slots as f64);
+            }
+        }
+    }
     m.gauge(names::ACTIVE_LOCKS, &[])
         .set(if ctx.warmup.lock_held() { 1.0 } else { 0.0 });
+    let per_node = ctx
+        .upstream
+        .cluster()
+        .map(|r| r.node_stats())
+        .unwrap_or_default();
     for k in ErrorKind::ALL {
+        // In front of a cluster, each node's failures carry its name; what
+        // is left (session permits) is kiln's own.
+        let mut own = ctx.upstream.errors.get(k);
+        for (node, _, errors, _) in &per_node {
+            let n = errors.get(k);
+            own -= n.min(own);
+            m.set_counter2(
+                names::UPSTREAM_ERRORS,
+                ("kind", k.as_str()),
+                ("node", node),
+                n,
+            );
+        }
         m.counter(names::UPSTREAM_ERRORS, &[("kind", k.as_str())])
-            .absolute(ctx.upstream.errors.get(k));
+            .absolute(own);
     }
+    let up = &ctx.upstream;
+    let (moved, ask, refreshes, mut failovers) = up.cluster().map_or((0, 0, 0, 0), |r| {
+        (
+            load(&r.stats.moved),
+            load(&r.stats.ask),
+            load(&r.stats.refreshes),
+            load(&r.stats.failovers),
+        )
+    });
+    let mut recovery = 0.0;
+    if let Some(f) = up.sentinel() {
+        failovers += load(&f.failovers);
+        recovery = load(&f.last_recovery_ms) as f64 / 1000.0;
+    }
+    m.counter(names::REDIRECTIONS, &[("kind", "moved")])
+        .absolute(moved);
+    m.counter(names::REDIRECTIONS, &[("kind", "ask")])
+        .absolute(ask);
+    m.counter(names::TOPOLOGY_REFRESHES, &[])
+        .absolute(refreshes);
+    m.counter(names::FAILOVERS, &[]).absolute(failovers);
+    m.gauge(names::FAILOVER_RECOVERY, &[]).set(recovery);
     m.gauge(names::CONNECTED, &[])
         .set(ctx.clients().len() as f64);
     for (limit, n) in ctx.metrics.limit_hits() {

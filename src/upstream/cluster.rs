@@ -120,6 +120,8 @@ pub struct ClusterStats {
     pub refreshes: AtomicU64,
     /// Refreshes that found a slot with a new owner.
     pub changes: AtomicU64,
+    /// Primaries that stopped being primaries (failed over, or demoted).
+    pub failovers: AtomicU64,
 }
 
 /// The cluster's nodes and slot map; shared by every routed handle.
@@ -204,6 +206,7 @@ impl Router {
             tls,
             Arc::new(Breaker::new(&self.common.breaker)),
             hooks,
+            &self.common.errors,
         ));
         lock(&self.nodes)
             .entry(name.to_string())
@@ -276,6 +279,20 @@ impl Router {
     /// `MIN_REFRESH_GAP` ago).
     pub fn refresh_soon(&self) {
         self.refresh_now.notify_one();
+    }
+
+    /// Per primary: its name, breaker state (0 closed, 1 open, 2
+    /// half-open), connection failures and how many slots it serves.
+    pub fn node_stats(&self) -> Vec<(String, u8, Arc<crate::error::ErrorCounts>, usize)> {
+        let map = self.map.load();
+        map.primaries
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                let slots = map.owner.iter().filter(|&&o| o == i as u16).count();
+                (n.name(), n.breaker.state() as u8, n.errors.clone(), slots)
+            })
+            .collect()
     }
 
     /// `(node, first slot, last slot)` ranges, for `CACHE.STATUS`.
@@ -391,6 +408,16 @@ impl Router {
             })
             .collect();
         let first = old.primaries.is_empty();
+        let gone = old
+            .primaries
+            .iter()
+            .filter(|n| !names.contains(&n.name()))
+            .count();
+        if gone > 0 {
+            self.stats
+                .failovers
+                .fetch_add(gone as u64, Ordering::Relaxed);
+        }
         self.map.store(Arc::new(SlotMap {
             owner,
             primaries: primaries.clone(),

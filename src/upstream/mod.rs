@@ -352,7 +352,9 @@ pub(crate) struct Node {
     /// See `Connector::generation`.
     moves: Arc<Moves>,
     tls: Option<UpstreamTls>,
-    breaker: Arc<Breaker>,
+    pub(crate) breaker: Arc<Breaker>,
+    /// This node's connection failures (they add to the upstream's).
+    pub(crate) errors: Arc<ErrorCounts>,
     /// How its tracking readers report (a cluster node's loss drops only
     /// its own slots).
     reader_hooks: Hooks,
@@ -374,8 +376,10 @@ impl Node {
         tls: Option<UpstreamTls>,
         breaker: Arc<Breaker>,
         reader_hooks: Hooks,
+        total: &Arc<ErrorCounts>,
     ) -> Node {
         Node {
+            errors: Arc::new(ErrorCounts::within(total.clone())),
             target: Arc::new(arc_swap::ArcSwap::from_pointee(format!(
                 "{}:{}",
                 addr.host, addr.port
@@ -445,7 +449,7 @@ impl Node {
             connect_timeout: common.connect_timeout,
             command_timeout: common.command_timeout,
             extra,
-            errors: common.errors.clone(),
+            errors: self.errors.clone(),
             breaker: self.breaker.clone(),
             tls: self.tls.clone(),
             want_id: false,
@@ -661,7 +665,7 @@ impl Upstream {
                 let tls = common.tls_for(&addr)?;
                 let hooks = common.reader_spec.hooks.clone();
                 Kind::Single {
-                    node: Arc::new(Node::new(addr, tls, breaker.clone(), hooks)),
+                    node: Arc::new(Node::new(addr, tls, breaker.clone(), hooks, &errors)),
                     sentinel: None,
                 }
             }
@@ -690,7 +694,7 @@ impl Upstream {
                 };
                 let hooks = common.reader_spec.hooks.clone();
                 Kind::Single {
-                    node: Arc::new(Node::new(addr, tls, breaker.clone(), hooks)),
+                    node: Arc::new(Node::new(addr, tls, breaker.clone(), hooks, &errors)),
                     sentinel: Some(follower),
                 }
             }

@@ -177,6 +177,7 @@ impl Follower {
             self.common.tls_for(to).ok().flatten(),
             Arc::new(super::Breaker::new(&self.common.breaker)),
             Default::default(),
+            &Arc::default(),
         );
         super::probe_node(&node, &self.common, args).await
     }
@@ -242,6 +243,7 @@ impl Follower {
             self.common.tls_for(s).ok().flatten(),
             Arc::new(super::Breaker::new(&self.common.breaker)),
             Default::default(),
+            &Arc::default(),
         );
         let connector = probe.connector_with(
             &self.common,

@@ -751,7 +751,11 @@ async fn a_primary_fails_over_under_traffic() {
             recovery = recovery.max(o.recovery);
         }
         let recovery = recovery.expect("writes to the failed primary's keys resumed");
-        eprintln!("{round}: recovered in {recovery:?}; errors: {errors:?}");
+        let failovers = crate::util::metric(kiln.metrics, "upstream_failovers_total").await;
+        eprintln!(
+            "{round}: recovered in {recovery:?}; errors: {errors:?}; upstream_failovers_total {failovers:?}"
+        );
+        assert!(failovers.is_some_and(|n| n >= 1.0), "{failovers:?}");
         if round == "CLUSTER FAILOVER" {
             assert!(errors.is_empty(), "{errors:?}");
         } else {
