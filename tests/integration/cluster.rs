@@ -914,3 +914,72 @@ async fn sentinel_failovers_are_followed() {
     let st = crate::util::cache_status(&mut k).await;
     assert_eq!(st["failovers"], 2, "{st}");
 }
+
+/// redis-rs's cluster client (a cluster-aware client) pointed at kiln:
+/// it reads kiln's one-node topology and sends everything to kiln, which
+/// routes it; values land on the owning primaries and reads come back,
+/// the second time from L1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_aware_client_works_through_kiln() {
+    use redis::AsyncCommands;
+    let cluster = tokio::task::spawn_blocking(Cluster::start)
+        .await
+        .expect("cluster");
+    let kiln = start(&cluster).await;
+    let client =
+        redis::cluster::ClusterClient::new(vec![format!("redis://{}", kiln.addr)]).expect("client");
+    let mut c = client
+        .get_async_connection()
+        .await
+        .expect("cluster connection");
+    let keys: Vec<String> = (0..30)
+        .map(|i| format!("{}:rs{i}", tag_on(i % 3, 300 + i)))
+        .collect();
+    for (i, k) in keys.iter().enumerate() {
+        let () = c.set(k, i).await.expect("SET");
+    }
+    for _ in 0..2 {
+        for (i, k) in keys.iter().enumerate() {
+            let v: usize = c.get(k).await.expect("GET");
+            assert_eq!(v, i);
+        }
+    }
+    let n: i64 = c.incr(&keys[0], 5).await.expect("INCRBY");
+    assert_eq!(n, 5);
+    // redis-rs sends a pipeline to one slot's node (it refuses one that
+    // spans slots itself): keys sharing a hash tag.
+    let tag = tag_on(2, 400);
+    let mut pipe = redis::pipe();
+    for i in 0..5 {
+        pipe.cmd("INCRBY").arg(format!("{{{tag}}}:p{i}")).arg(i);
+    }
+    let got: Vec<i64> = pipe.query_async(&mut c).await.expect("pipeline");
+    assert_eq!(got, vec![0, 1, 2, 3, 4]);
+    let mut pipe = redis::pipe();
+    for k in &keys[1..6] {
+        pipe.cmd("INCR").arg(k);
+    }
+    let spanning: redis::RedisResult<Vec<i64>> = pipe.query_async(&mut c).await;
+    assert!(spanning.is_err(), "redis-rs refuses it before sending");
+    for k in &keys[1..6] {
+        let _: i64 = c.incr(k, 1).await.expect("INCR");
+    }
+    let del: usize = c.del(&keys[10..20]).await.expect("DEL");
+    assert_eq!(del, 10);
+    for (i, k) in keys.iter().enumerate() {
+        let want = match i {
+            0 => "$1\r\n5\r\n".to_string(),
+            1..=5 => format!("$1\r\n{}\r\n", i + 1),
+            10..=19 => "$-1\r\n".to_string(),
+            _ => format!("${}\r\n{i}\r\n", i.to_string().len()),
+        };
+        assert_eq!(
+            String::from_utf8_lossy(&direct(&cluster, &["GET", k]).await),
+            want,
+            "{k}"
+        );
+    }
+    let mut k = kiln.conn().await;
+    let status = crate::util::cache_status(&mut k).await;
+    assert!(status["hits"].as_i64().unwrap_or(0) >= 30, "{status}");
+}
