@@ -983,3 +983,72 @@ async fn a_cluster_aware_client_works_through_kiln() {
     let status = crate::util::cache_status(&mut k).await;
     assert!(status["hits"].as_i64().unwrap_or(0) >= 30, "{status}");
 }
+
+/// Warmup in front of a cluster SCANs every primary (kiln's composite
+/// cursor) and reads each batch per slot; with the fleet lock (a single
+/// key) on: every seeded key, spread over all three primaries, is an L1
+/// hit afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warmup_scans_every_primary() {
+    let cluster = tokio::task::spawn_blocking(Cluster::start)
+        .await
+        .expect("cluster");
+    let kiln = Kiln::start_cluster(cluster.seeds(), |c| {
+        c.warmup.rate_limit = 0;
+        c.warmup.phase = vec![kiln::config::PhaseConfig {
+            name: "all".into(),
+            priority: 1,
+            patterns: vec!["w:*".into()],
+            limit: None,
+            ttl: None,
+        }];
+        c.admin
+            .rate_limits
+            .insert("CACHE.WARMUP".into(), "1000/s".into());
+        c.admin
+            .rate_limits
+            .insert("CACHE.STATUS".into(), "1000/s".into());
+    })
+    .await;
+    let mut k = kiln.conn().await;
+    let n = 900;
+    for chunk in (0..n).collect::<Vec<usize>>().chunks(100) {
+        let mut mset = vec!["MSET".to_string()];
+        for i in chunk {
+            mset.push(format!("w:{i}"));
+            mset.push(format!("v{i}"));
+        }
+        assert_eq!(k.cmd_text(&mset).await, "+OK\r\n");
+    }
+    let per_node: Vec<String> = cluster
+        .table()
+        .iter()
+        .filter(|n| n.2 == "-")
+        .map(|n| crate::util::cli(n.1, &["DBSIZE"]))
+        .collect();
+    assert_eq!(per_node.len(), 3, "{:?}", cluster.table());
+    assert!(
+        per_node
+            .iter()
+            .all(|s| s.trim().parse::<usize>().unwrap_or(0) > 200),
+        "{per_node:?}"
+    );
+    let reply = k.cmd(&["CACHE.WARMUP", "SYNC"]).await;
+    assert!(reply.starts_with(b"*"), "{reply:?}");
+    let s = crate::util::cache_status(&mut k).await;
+    assert_eq!(s["status"], "completed", "{s}");
+    assert_eq!(s["keys_warmed"], n, "{s}");
+    let hits = s["hits"].as_i64().unwrap_or(0);
+    for i in (0..n).step_by(7) {
+        assert_eq!(
+            k.cmd_text(&["GET", &format!("w:{i}")]).await,
+            format!("v{i}")
+        );
+    }
+    let s = crate::util::cache_status(&mut k).await;
+    assert_eq!(
+        s["hits"].as_i64().unwrap_or(0) - hits,
+        (0..n).step_by(7).count() as i64,
+        "{s}"
+    );
+}

@@ -77,14 +77,18 @@ impl Cluster {
         cluster
     }
 
-    /// Waits (bounded) until every node says `cluster_state:ok` and knows
-    /// all six nodes.
+    /// Waits (bounded) until every node says `cluster_state:ok`, knows all
+    /// six nodes and sees three of them as replicas.
     fn wait_ok(&self) {
         let deadline = Instant::now() + WAIT * 3;
         for r in &self.nodes {
             loop {
                 let info = cli(r.port, &["CLUSTER", "INFO"]);
-                if info.contains("cluster_state:ok") && info.contains("cluster_known_nodes:6") {
+                let nodes = cli(r.port, &["CLUSTER", "NODES"]);
+                if info.contains("cluster_state:ok")
+                    && info.contains("cluster_known_nodes:6")
+                    && nodes.matches("slave").count() == 3
+                {
                     break;
                 }
                 assert!(Instant::now() < deadline, "cluster never became ok: {info}");
