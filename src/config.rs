@@ -1561,6 +1561,80 @@ mod tests {
     }
 
     #[test]
+    fn exactly_one_upstream_topology() {
+        // url and cluster: the second one named, with its line.
+        let both = "[upstream]\nurl = \"redis://h:1\"\ncluster = [\"h:7000\"]\n";
+        assert_invalid(both, "upstream.cluster", 3);
+        let msg = Config::from_toml(both)
+            .expect("parses")
+            .validate(both)
+            .expect_err("two topologies")
+            .to_string();
+        assert!(msg.contains("exactly one"), "{msg}");
+        let url_and_sentinel = "[upstream]\nurl = \"redis://h:1\"\n\n[upstream.sentinel]\nmaster = \"m\"\nnodes = [\"h:26379\"]\n";
+        assert_invalid(url_and_sentinel, "upstream.sentinel", 4);
+        let cluster_and_sentinel = "[upstream]\ncluster = [\"h:7000\"]\n[upstream.sentinel]\nmaster = \"m\"\nnodes = [\"h:1\"]\n";
+        assert_invalid(cluster_and_sentinel, "upstream.sentinel", 3);
+        // Each alone is fine, and says which topology it is.
+        for (text, want) in [
+            (
+                "[upstream]\ncluster = [\"h:7000\", \"redis://u:p@h:7001\"]\n",
+                "cluster",
+            ),
+            (
+                "[upstream.sentinel]\nmaster = \"m\"\nnodes = [\"h:26379\"]\n",
+                "sentinel",
+            ),
+            ("[upstream]\nurl = \"redis://h:1/2\"\n", "standalone"),
+        ] {
+            let cfg = Config::from_toml(text).expect("parses");
+            cfg.validate(text).expect("valid");
+            let got = match cfg.topology().expect("topology") {
+                Topology::Cluster(seeds) => {
+                    assert_eq!(seeds[1].password.as_deref(), Some("p"));
+                    "cluster"
+                }
+                Topology::Sentinel { master, .. } => {
+                    assert_eq!(master, "m");
+                    "sentinel"
+                }
+                Topology::Standalone(a) => {
+                    assert_eq!(a.db, 2);
+                    "standalone"
+                }
+            };
+            assert_eq!(got, want);
+        }
+    }
+
+    #[test]
+    fn bad_cluster_and_sentinel_settings_name_their_key() {
+        assert_invalid("[upstream]\ncluster = [\"h\"]\n", "upstream.cluster", 2);
+        assert_invalid("[upstream]\ncluster = [\"h:x\"]\n", "upstream.cluster", 2);
+        assert_invalid("[upstream]\ncluster = []\n", "upstream.cluster", 2);
+        assert_invalid(
+            "[upstream]\ncluster = [\"redis://h:1/3\"]\n",
+            "upstream.cluster",
+            2,
+        );
+        assert_invalid(
+            "[upstream]\ntopology_refresh = \"0s\"\n",
+            "upstream.topology_refresh",
+            2,
+        );
+        assert_invalid(
+            "\n[upstream.sentinel]\nmaster = \"m\"\nnodes = []\n",
+            "upstream.sentinel",
+            2,
+        );
+        assert_invalid(
+            "[upstream.sentinel]\nnodes = [\"h:1\"]\n",
+            "upstream.sentinel",
+            1,
+        );
+    }
+
+    #[test]
     fn users_are_checked() {
         let text = "[server]\nrequirepass = \"x\"\n\n[[users]]\nname = \"default\"\npassword = \"y\"\nrole = \"admin\"\n";
         assert_invalid(text, "users[0]", 4);

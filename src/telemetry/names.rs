@@ -59,6 +59,9 @@ pub const FAILOVER_RECOVERY: &str = "upstream_failover_recovery_seconds";
 /// `node`.
 pub const CLUSTER_SLOTS: &str = "upstream_cluster_slots";
 
+/// Metrics with series only in front of a Redis Cluster (one per primary).
+pub const CLUSTER_ONLY: &[&str] = &[CLUSTER_SLOTS];
+
 /// Every metric kiln exports, with its Prometheus type and help text.
 pub const ALL: &[(&str, &str, &str)] = &[
     (

@@ -305,7 +305,7 @@ async fn skip_cache_warmup_stops_automatic_runs_only() {
     assert!(
         c.cmd(&["CACHE.WARMUP", "SYNC"])
             .await
-            .starts_with(b"*46\r\n$6\r\nstatus\r\n$9\r\ncompleted")
+            .starts_with(b"*64\r\n$6\r\nstatus\r\n$9\r\ncompleted")
     );
     assert!(
         kiln.lines

@@ -726,7 +726,7 @@ async fn a_primary_fails_over_under_traffic() {
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         *started.lock().expect("lock") = Some(std::time::Instant::now());
         if round == "kill" {
-            cluster.node_mut(primary).kill();
+            cluster.kill(primary);
         } else {
             assert!(crate::util::cli(replica, &["CLUSTER", "FAILOVER"]).contains("OK"));
         }
@@ -832,6 +832,7 @@ async fn sentinel_failovers_are_followed() {
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
         let began = std::time::Instant::now();
         if round == "kill" {
+            crate::util::retire(s.replica.port);
             s.replica.kill();
         } else {
             let r = crate::util::cli(s.ports[0], &["SENTINEL", "FAILOVER", MASTER]);

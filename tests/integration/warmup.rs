@@ -76,7 +76,7 @@ async fn sync_warmup_fills_l1_in_priority_order() {
     let mut k = kiln.conn().await;
     let reply = k.cmd(&["CACHE.WARMUP", "SYNC"]).await;
     assert!(
-        reply.starts_with(b"*46\r\n$6\r\nstatus\r\n$9\r\ncompleted\r\n"),
+        reply.starts_with(b"*64\r\n$6\r\nstatus\r\n$9\r\ncompleted\r\n"),
         "{reply:?}"
     );
     let s = status(&mut k).await;
@@ -516,7 +516,7 @@ async fn status_shapes_and_admin_errors() {
     k.cmd(&["GET", "x"]).await;
     let r2 = String::from_utf8_lossy(&k.cmd(&["CACHE.STATUS"]).await).into_owned();
     assert!(
-        r2.starts_with("*46\r\n$6\r\nstatus\r\n$4\r\nidle\r\n"),
+        r2.starts_with("*64\r\n$6\r\nstatus\r\n$4\r\nidle\r\n"),
         "{r2}"
     );
     assert!(
@@ -526,7 +526,7 @@ async fn status_shapes_and_admin_errors() {
     k.cmd(&["HELLO", "3"]).await;
     let r3 = String::from_utf8_lossy(&k.cmd(&["CACHE.STATUS"]).await).into_owned();
     assert!(
-        r3.starts_with("%23\r\n$6\r\nstatus\r\n$4\r\nidle\r\n"),
+        r3.starts_with("%32\r\n$6\r\nstatus\r\n$4\r\nidle\r\n"),
         "{r3}"
     );
     assert!(

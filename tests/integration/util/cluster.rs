@@ -24,7 +24,10 @@ fn cluster_port() -> u16 {
         let Ok(port) = l.local_addr().map(|a| a.port()) else {
             continue;
         };
-        if port < 55535 && std::net::TcpListener::bind(("127.0.0.1", port + 10000)).is_ok() {
+        if port < 55535
+            && !super::retired(port)
+            && std::net::TcpListener::bind(("127.0.0.1", port + 10000)).is_ok()
+        {
             return port;
         }
     }
@@ -147,7 +150,14 @@ impl Cluster {
         panic!("no node owns slot {slot}");
     }
 
-    /// The node at `port`, to kill it.
+    /// Kills the node at `port` for good: its port is not handed out again
+    /// in this run (kiln may go on trying it).
+    pub fn kill(&mut self, port: u16) {
+        super::retire(port);
+        self.node_mut(port).kill();
+    }
+
+    /// The node at `port`.
     pub fn node_mut(&mut self, port: u16) -> &mut Redis {
         self.nodes
             .iter_mut()

@@ -25,11 +25,34 @@ pub struct Redis {
     child: Child,
 }
 
+/// Ports of servers a test killed for good while a kiln may still try
+/// them: never handed out again in this run, or kiln would reach another
+/// test's server there.
+static RETIRED: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+
+/// Keeps `port` from being handed out again (see `RETIRED`).
+pub fn retire(port: u16) {
+    RETIRED.lock().unwrap_or_else(|e| e.into_inner()).push(port);
+}
+
+/// Whether `port` was retired.
+pub fn retired(port: u16) -> bool {
+    RETIRED
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .contains(&port)
+}
+
 pub fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    loop {
+        let port = StdListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port");
+        if !retired(port) {
+            return port;
+        }
+    }
 }
 
 /// `CACHE.STATUS JSON` through `c`, parsed.
@@ -123,6 +146,12 @@ impl Redis {
 
     fn spawn_on(port: u16, extra: &[&str]) -> Option<Redis> {
         {
+            // A file of its own, outside the crate: a replica writes the
+            // RDB of its full sync even with `--save ""`, and a server
+            // started later in the same directory would load it.
+            let dir = std::env::temp_dir();
+            let rdb = format!("kiln-test-{}-{port}.rdb", std::process::id());
+            let _ = std::fs::remove_file(dir.join(&rdb));
             let mut cmd = Command::new("redis-server");
             cmd.args([
                 "--port",
@@ -133,6 +162,10 @@ impl Redis {
                 "",
                 "--appendonly",
                 "no",
+                "--dir",
+                &dir.to_string_lossy(),
+                "--dbfilename",
+                &rdb,
             ])
             .args([
                 "--protected-mode",
@@ -198,6 +231,8 @@ impl Redis {
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let rdb = format!("kiln-test-{}-{}.rdb", std::process::id(), self.port);
+        let _ = std::fs::remove_file(std::env::temp_dir().join(rdb));
     }
 }
 
