@@ -2,6 +2,7 @@
 """kiln against Redis direct and twemproxy, measured in the same run.
 
     bench/compare.py [--rounds 3] [--quick]
+    bench/compare.py --cluster [--rounds 3] [--quick]
 
 Builds kiln in release mode; starts on loopback a redis-server, twemproxy
 (nutcracker) in front of it, kiln in front of it (L1 warmed), and a second
@@ -15,6 +16,16 @@ or KILN_THREADS=n), as Redis serves from one: on 2 cores redis-benchmark
 takes the other, and a second worker only competes with it. Reports medians over the rounds as a markdown table with
 the ratios kiln/Redis and kiln/twemproxy, writes it to
 bench/results/compare.md and draws bench/results/compare.svg.
+
+With --cluster: a Redis Cluster of 3 primaries and 3 replicas on loopback
+(redis-server --cluster-enabled yes, redis-cli --cluster create), kiln in
+front of it (upstream.cluster; L1 warmed through a SCAN of every primary)
+and a forwarding kiln, against redis-benchmark --cluster talking to the
+cluster directly (twemproxy has no cluster mode). GET hits, forwarded GET
+and SET at -P 1 and -P 16; then the invalidation lag per primary: a key
+read through kiln, written on its primary directly, and read through kiln
+until the new value shows (p50/p99 of 300 per primary). Written to
+bench/results/cluster.md.
 """
 
 import argparse
@@ -190,11 +201,189 @@ def svg(rows, path):
         f.write("\n".join(parts) + "\n")
 
 
+def cluster_port():
+    """A port below 55535 whose bus port (+10000) is free too."""
+    while True:
+        p = free_port()
+        if p < 55535:
+            try:
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p + 10000))
+                return p
+            except OSError:
+                pass
+
+
+def bench_cluster(port, test, pipeline, n, cluster):
+    cmd = ["redis-benchmark", "-p", str(port), "-c", "50", "-n", str(n), "-d", "100",
+           "-r", str(KEYS), "-P", str(pipeline), "--csv", "-t", test]
+    if cluster:
+        cmd.insert(1, "--cluster")
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    row = list(csv.DictReader(io.StringIO(out)))[-1]
+    return float(row["rps"]), float(row["p50_latency_ms"]), float(row["p99_latency_ms"])
+
+
+def key_slot(key):
+    """CRC16/XMODEM of the key (or its hash tag) mod 16384."""
+    s = key.find(b"{")
+    if s >= 0:
+        e = key.find(b"}", s + 1)
+        if e > s + 1:
+            key = key[s + 1:e]
+    crc = 0
+    for b in key:
+        crc ^= b << 8
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x1021) if crc & 0x8000 else crc << 1
+            crc &= 0xFFFF
+    return crc % 16384
+
+
+def lag_per_node(kport, primaries, trials):
+    """p50/p99 ms from a direct SET on a primary to kiln serving it."""
+    out = {}
+    for port, (lo, hi) in primaries.items():
+        keys = [k for k in (b"lag:%d" % i for i in range(20000)) if lo <= key_slot(k) <= hi][:trials]
+        k = socket.create_connection(("127.0.0.1", kport))
+        d = socket.create_connection(("127.0.0.1", port))
+        kf, df = k.makefile("rb"), d.makefile("rb")
+        lags = []
+        for i, key in enumerate(keys):
+            d.sendall(resp("SET", key, b"old")); df.readline()
+            for _ in range(2):  # a miss, then a hit from L1
+                k.sendall(resp("GET", key)); kf.readline(); kf.readline()
+            t0 = time.perf_counter()
+            d.sendall(resp("SET", key, b"new%d" % i)); df.readline()
+            while True:
+                k.sendall(resp("GET", key)); kf.readline(); v = kf.readline()
+                if v.startswith(b"new"):
+                    break
+            lags.append((time.perf_counter() - t0) * 1000)
+        lags.sort()
+        out[port] = (lags[len(lags) // 2], lags[int(len(lags) * 0.99) - 1], len(lags))
+        k.close(); d.close()
+    return out
+
+
+def cluster_main(args):
+    tmp = tempfile.mkdtemp(prefix="kiln-bench-cluster-")
+    procs = []
+    try:
+        ports = []
+        while len(ports) < 6:
+            p = cluster_port()
+            if p in ports:
+                continue
+            r = subprocess.Popen(["redis-server", "--port", str(p), "--save", "", "--appendonly", "no",
+                                  "--cluster-enabled", "yes", "--cluster-node-timeout", "2000",
+                                  "--cluster-config-file", os.path.join(tmp, f"nodes-{p}.conf"), "--dir", tmp],
+                                 stdout=subprocess.DEVNULL)
+            procs.append(r)
+            wait_port(p, r, "redis-server")
+            ports.append(p)
+        subprocess.run(["redis-cli", "--cluster", "create"] + [f"127.0.0.1:{p}" for p in ports] +
+                       ["--cluster-replicas", "1", "--cluster-yes"], check=True, capture_output=True)
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            infos = [call(p, "CLUSTER", "INFO") for p in ports]
+            nodes = call(ports[0], "CLUSTER", "NODES")
+            if all(b"cluster_state:ok" in i for i in infos) and nodes.count(b"slave") == 3:
+                break
+            time.sleep(0.1)
+        else:
+            sys.exit("cluster never became ok")
+        primaries = {}
+        for line in call(ports[0], "CLUSTER", "NODES").decode().splitlines():
+            f = line.split()
+            if len(f) > 8 and "master" in f[2]:
+                lo, _, hi = f[8].partition("-")
+                primaries[int(f[1].split("@")[0].rsplit(":", 1)[1])] = (int(lo), int(hi or lo))
+        kilns = {}
+        for name, forward_only in [("kiln", False), ("kiln_fwd", True)]:
+            port, metrics = free_port(), free_port()
+            conf = kiln_config(port, ports[0], metrics, forward_only).replace(
+                f'url = "redis://127.0.0.1:{ports[0]}"',
+                "cluster = [" + ", ".join(f'"127.0.0.1:{p}"' for p in ports) + "]")
+            path = os.path.join(tmp, f"{name}.toml")
+            with open(path, "w") as f:
+                f.write(conf)
+            p = subprocess.Popen([os.path.join(ROOT, "target/release/kiln"), "--config", path])
+            procs.append(p)
+            wait_port(port, p, name)
+            kilns[name] = port
+        fill(kilns["kiln"])  # MSET through kiln: split per slot
+
+        def warm():
+            call(kilns["kiln"], "CACHE.CLEAR")
+            reply = call(kilns["kiln"], "CACHE.WARMUP", "SYNC", "MATCH", "key:*")
+            if b"completed" not in reply:
+                sys.exit(f"warmup failed: {reply[:200]!r}")
+
+        workloads = [("get_hit", "get", "kiln"), ("get_forward", "get", "kiln_fwd"), ("set", "set", "kiln")]
+        results = {}
+        for rnd in range(args.rounds):
+            for pipeline in [1, 16]:
+                n = (20_000 if args.quick else 200_000) if pipeline == 1 else (100_000 if args.quick else 1_000_000)
+                for wname, test, kname in workloads:
+                    targets = [("cluster", ports[0]), ("kiln", kilns[kname])]
+                    for tname, port in (targets if rnd % 2 == 0 else targets[::-1]):
+                        if tname == "kiln" and wname == "get_hit":
+                            warm()
+                        r = bench_cluster(port, test, pipeline, n, tname == "cluster")
+                        results.setdefault((wname, pipeline, tname), []).append(r)
+                        print(f"round {rnd+1} {wname:12} P{pipeline:<2} {tname:8} {r[0]:>12.0f} rps  p50 {r[1]:.3f} ms  p99 {r[2]:.3f} ms",
+                              flush=True)
+        med = lambda k, i: statistics.median(x[i] for x in results[k])
+        lines = ["| workload | P | cluster direct rps (redis-benchmark --cluster) | kiln rps | kiln/direct | p50 ms direct / kiln | p99 ms direct / kiln |",
+                 "| --- | --- | --- | --- | --- | --- | --- |"]
+        for wname, _, _ in workloads:
+            for pipeline in [1, 16]:
+                g = lambda t, i: med((wname, pipeline, t), i)
+                lines.append(f"| {wname} | {pipeline} | {g('cluster', 0):,.0f} | {g('kiln', 0):,.0f} | "
+                             f"{g('kiln', 0) / g('cluster', 0):.2f} | {g('cluster', 1):.3f} / {g('kiln', 1):.3f} | "
+                             f"{g('cluster', 2):.3f} / {g('kiln', 2):.3f} |")
+        lag = lag_per_node(kilns["kiln"], primaries, 60 if args.quick else 300)
+        lines += ["", "| primary (slots) | invalidation lag p50 ms | p99 ms | samples |", "| --- | --- | --- | --- |"]
+        for port, (p50, p99, n) in lag.items():
+            lo, hi = primaries[port]
+            lines.append(f"| 127.0.0.1:{port} ({lo}-{hi}) | {p50:.3f} | {p99:.3f} | {n} |")
+        table = "\n".join(lines)
+        print(table)
+        header = (f"# kiln in front of a Redis Cluster vs the cluster direct\n\n3 primaries + 3 replicas on loopback; "
+                  f"redis-benchmark -c 50 -d 100 -r {KEYS} (--cluster for the direct runs); medians of {args.rounds} rounds"
+                  f"{' (quick)' if args.quick else ''}; 2 cores shared by the client, kiln and six redis-servers; "
+                  f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. get_hit: kiln answers from a warmed L1 "
+                  "(warmup SCANs every primary). get_forward: a kiln whose rule turns caching off. "
+                  f"kiln threads = {os.environ.get('KILN_THREADS', 1)}. Invalidation lag: a direct SET on the key's "
+                  "primary until kiln serves the new value (includes the polling client's own round trips).\n\n")
+        os.makedirs(os.path.join(ROOT, "bench/results"), exist_ok=True)
+        with open(os.path.join(ROOT, "bench/results/cluster.md"), "w") as f:
+            f.write(header + table + "\n")
+        print("written to bench/results/cluster.md")
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="fewer requests, for a smoke run")
+    ap.add_argument("--cluster", action="store_true", help="kiln in front of a Redis Cluster vs the cluster direct")
     args = ap.parse_args()
+    if args.cluster:
+        for tool in ["redis-server", "redis-benchmark", "redis-cli"]:
+            if not shutil.which(tool):
+                sys.exit(f"{tool} is missing: apt-get install redis-server redis-tools")
+        subprocess.run(["cargo", "build", "--release", "--bin", "kiln"], cwd=ROOT, check=True)
+        return cluster_main(args)
     for tool in ["redis-server", "redis-benchmark", "nutcracker"]:
         if not shutil.which(tool):
             sys.exit(f"{tool} is missing: apt-get install redis-server redis-tools nutcracker")

@@ -649,6 +649,7 @@ async fn write_through_failover(
     victim: std::collections::HashSet<String>,
     started: std::sync::Arc<std::sync::Mutex<Option<std::time::Instant>>>,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    planned: bool,
 ) -> Outcome {
     let mut c = Conn::connect(addr).await;
     let mut out = Outcome {
@@ -666,7 +667,8 @@ async fn write_through_failover(
             Some(n) => {
                 let n: i64 = n.trim().parse().expect("integer");
                 let last = out.acked.insert(key.clone(), n).unwrap_or(0);
-                assert!(n > last, "{key}: INCR went from {last} to {n}");
+                // Only a killed primary may lose what it had not replicated.
+                assert!(n > last || !planned, "{key}: INCR went from {last} to {n}");
                 let since = *started.lock().unwrap_or_else(|e| e.into_inner());
                 if let Some(t) = since.filter(|t| sent > *t) {
                     if victim.contains(key) && out.recovery.is_none() {
@@ -720,6 +722,7 @@ async fn a_primary_fails_over_under_traffic() {
                     victim.clone(),
                     started.clone(),
                     stop.clone(),
+                    round != "kill",
                 ))
             })
             .collect();
@@ -764,18 +767,27 @@ async fn a_primary_fails_over_under_traffic() {
             assert!(errors.len() <= 2, "{errors:?}");
         }
         let mut k = kiln.conn().await;
+        let mut lost = 0;
         for (key, n) in &acked {
             let now = direct(&cluster, &["GET", key]).await;
             let now: i64 =
                 String::from_utf8_lossy(&crate::util::bulk_payload(&now).expect("value"))
                     .parse()
                     .expect("number");
-            assert!(now >= *n, "{round}: {key} acknowledged at {n}, now {now}");
+            // A killed primary may lose its last writes (asynchronous
+            // replication): counted; a coordinated failover loses none.
+            if now < *n {
+                assert_eq!(round, "kill", "{key} acknowledged at {n}, now {now}");
+                lost += n - now;
+            }
             assert!(
                 converges(&mut k, &cluster, key).await,
                 "{round}: {key} stale through kiln"
             );
         }
+        eprintln!(
+            "{round}: {lost} acknowledged INCRs lost by the killed primary's asynchronous replication"
+        );
     }
 }
 
@@ -803,15 +815,21 @@ async fn sentinel_failovers_are_followed() {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let writer = {
             let (stop, addr) = (stop.clone(), kiln.addr);
+            let planned = round != "kill";
             tokio::spawn(async move {
                 let mut c = Conn::connect(addr).await;
                 let (mut last, mut errors, mut acked) = (0i64, Vec::new(), 0);
+                let mut lost = 0;
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                     let reply = c.cmd_text(&["INCR", "counter"]).await;
                     match reply.strip_prefix(':') {
                         Some(n) => {
                             let n: i64 = n.trim().parse().expect("integer");
-                            assert!(n > last, "INCR went back from {last} to {n}");
+                            // A killed primary loses what it had not yet
+                            // replicated (Redis replicates asynchronously):
+                            // counted. A planned failover loses nothing.
+                            assert!(n > last || !planned, "INCR went back from {last} to {n}");
+                            lost += (last + 1 - n).max(0);
                             last = n;
                             acked += 1;
                             let read = c.cmd_text(&["GET", "counter"]).await;
@@ -826,7 +844,7 @@ async fn sentinel_failovers_are_followed() {
                     }
                     tokio::time::sleep(std::time::Duration::from_millis(2)).await;
                 }
-                (last, acked, errors)
+                (last, acked, errors, lost)
             })
         };
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
@@ -864,11 +882,12 @@ async fn sentinel_failovers_are_followed() {
         let recovered = began.elapsed();
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        let (last, acked, errors) = writer.await.expect("writer: no wrong value");
+        let (last, acked, errors, lost) = writer.await.expect("writer: no wrong value");
         let st = crate::util::cache_status(&mut k).await;
         eprintln!(
             "sentinel {round}: kiln switched after {switched:?}, writes resumed after {recovered:?}, \
-             kiln's own recovery {} ms; {acked} INCRs acknowledged, last {last}, errors {errors:?}",
+             kiln's own recovery {} ms; {acked} INCRs acknowledged, last {last}, \
+             {lost} lost by the killed primary's asynchronous replication, errors {errors:?}",
             st["last_failover_recovery_ms"]
         );
         // Served from the new primary: the final count is there.
@@ -1051,5 +1070,112 @@ async fn warmup_scans_every_primary() {
         s["hits"].as_i64().unwrap_or(0) - hits,
         (0..n).step_by(7).count() as i64,
         "{s}"
+    );
+}
+
+/// The standalone transparency script (`transparency::SCRIPT`), through
+/// kiln in front of the 3-primary cluster, in RESP2 and RESP3: every reply
+/// equals that of a Redis Cluster of one node holding all 16384 slots,
+/// which is what kiln presents; where that node refuses a command kiln
+/// splits (`MSET`, `MGET`, `DEL`, `EXISTS`, ... across slots), kiln's reply
+/// equals a standalone Redis's instead, and the one-node cluster is brought
+/// to the same state key by key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_transparency_script_matches_a_one_node_cluster() {
+    use crate::transparency::{SCRIPT, args};
+    let cluster = tokio::task::spawn_blocking(Cluster::start)
+        .await
+        .expect("cluster");
+    let conf = std::env::temp_dir().join(format!(
+        "kiln-one-node-{}-{}.conf",
+        std::process::id(),
+        crate::util::free_port()
+    ));
+    let one = crate::util::Redis::start_with(&[
+        "--cluster-enabled",
+        "yes",
+        "--cluster-config-file",
+        &conf.to_string_lossy(),
+    ]);
+    assert!(crate::util::cli(one.port, &["CLUSTER", "ADDSLOTSRANGE", "0", "16383"]).contains("OK"));
+    let deadline = std::time::Instant::now() + crate::util::WAIT;
+    while !crate::util::cli(one.port, &["CLUSTER", "INFO"]).contains("cluster_state:ok") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "one-node cluster never ok"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let kiln = start(&cluster).await;
+    let split = ["mset", "mget", "del", "unlink", "exists", "touch"];
+    let mut differences = Vec::new();
+    let (mut compared, mut splits) = (0, 0);
+    for resp3 in [false, true] {
+        let (mut k, mut c) = (kiln.conn().await, one.conn().await);
+        for conn in [&mut k, &mut c] {
+            assert_eq!(conn.cmd(&["FLUSHALL"]).await, "+OK\r\n");
+            if resp3 {
+                conn.cmd(&["HELLO", "3"]).await;
+            }
+        }
+        for line in SCRIPT {
+            let a = args(line);
+            let got = k.cmd(&a).await;
+            let mut want = c.cmd(&a).await.to_vec();
+            compared += 1;
+            let name = a[0].to_ascii_lowercase();
+            if want.starts_with(b"-CROSSSLOT") && split.contains(&name.as_str()) {
+                // What kiln's split gives, built key by key on the one-node
+                // cluster (which also brings it to the same state).
+                splits += 1;
+                want = match name.as_str() {
+                    "mset" => {
+                        for pair in a[1..].chunks(2) {
+                            c.cmd(&["SET", pair[0], pair[1]]).await;
+                        }
+                        b"+OK\r\n".to_vec()
+                    }
+                    "mget" => {
+                        let mut out = format!("*{}\r\n", a.len() - 1).into_bytes();
+                        for key in &a[1..] {
+                            // MGET gives nil for a key of another type.
+                            match c.cmd(&["GET", key]).await {
+                                e if e.starts_with(b"-WRONGTYPE") => {
+                                    out.extend_from_slice(if resp3 { b"_\r\n" } else { b"$-1\r\n" })
+                                }
+                                v => out.extend_from_slice(&v),
+                            }
+                        }
+                        out
+                    }
+                    _ => {
+                        let mut n = 0;
+                        for key in &a[1..] {
+                            let one = c.cmd(&[a[0], key]).await;
+                            n += String::from_utf8_lossy(&one[1..])
+                                .trim()
+                                .parse::<i64>()
+                                .unwrap_or(0);
+                        }
+                        format!(":{n}\r\n").into_bytes()
+                    }
+                };
+            }
+            if got.to_vec() != want {
+                differences.push(format!(
+                    "`{line}` (resp3 {resp3}): kiln {:?}, one-node cluster {:?}",
+                    String::from_utf8_lossy(&got),
+                    String::from_utf8_lossy(&want)
+                ));
+            }
+        }
+    }
+    assert!(splits >= 4, "{splits}");
+    assert!(compared >= 300, "{compared}");
+    assert!(
+        differences.is_empty(),
+        "{} differences:\n{}",
+        differences.len(),
+        differences.join("\n")
     );
 }

@@ -6,7 +6,7 @@ use crate::util::{Kiln, Redis};
 
 /// One command a line; arguments split on spaces, or on `|` when the line
 /// starts with `|` (for arguments with spaces).
-const SCRIPT: &[&str] = &[
+pub const SCRIPT: &[&str] = &[
     // strings
     "SET s1 hello",
     "GET s1",
@@ -302,7 +302,7 @@ const SCRIPT: &[&str] = &[
     "DBSIZE",
 ];
 
-fn args(line: &str) -> Vec<&str> {
+pub fn args(line: &str) -> Vec<&str> {
     match line.strip_prefix('|') {
         Some(rest) => rest.split('|').collect(),
         None => line.split(' ').collect(),
