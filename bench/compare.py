@@ -220,6 +220,8 @@ def bench_cluster(port, test, pipeline, n, cluster):
     if cluster:
         cmd.insert(1, "--cluster")
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    # --cluster prints the nodes it found before the CSV.
+    out = out[out.index('"test"'):]
     row = list(csv.DictReader(io.StringIO(out)))[-1]
     return float(row["rps"]), float(row["p50_latency_ms"]), float(row["p99_latency_ms"])
 

@@ -483,6 +483,12 @@ impl Router {
             b"script" if matches!(&sub()[..], b"load" | b"flush" | b"exists") => {
                 return Route::FanOut(Merge::Same);
             }
+            // The busy script may be on any primary: every one is asked,
+            // and the one that killed it answers.
+            b"script" | b"function" if &sub()[..] == b"kill" => {
+                return Route::FanOut(Merge::FirstOk);
+            }
+            b"shutdown" => return Route::Refused(SHUTDOWN_REFUSED),
             b"function" if matches!(&sub()[..], b"load" | b"delete" | b"flush" | b"restore") => {
                 return Route::FanOut(Merge::Same);
             }
@@ -529,7 +535,14 @@ enum Route {
     /// Keyless: the same command to every primary.
     FanOut(Merge),
     Scan,
+    /// Answered by kiln with this error reply.
+    Refused(&'static [u8]),
 }
+
+/// `SHUTDOWN` in front of a cluster would stop whichever primary it
+/// reached.
+const SHUTDOWN_REFUSED: &[u8] =
+    b"-ERR SHUTDOWN through kiln in front of a cluster would stop one node: send it to that node\r\n";
 
 /// How the replies of a split or fanned-out command become one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -546,6 +559,9 @@ enum Merge {
     FirstNonNil,
     /// The first error, else the first reply (FLUSHALL, SCRIPT LOAD, ...).
     Same,
+    /// The first success, else the first error (SCRIPT KILL: only the
+    /// node running the script kills it; the others say NOTBUSY).
+    FirstOk,
 }
 
 /// Redis Cluster's reply to a command whose keys span slots.
@@ -669,6 +685,7 @@ impl RoutedInner {
             Route::Slot(s) => self.conn_on(&self.router.owner(s)).submit(req),
             Route::Any => self.conn_on(&self.router.any(self.client)).submit(req),
             Route::CrossSlot => req.answer(Ok(Bytes::from_static(CROSSSLOT))),
+            Route::Refused(reply) => req.answer(Ok(Bytes::from_static(reply))),
             Route::Split(merge) => self.split(&args, merge, req),
             Route::FanOut(merge) => {
                 let parts = self
@@ -959,12 +976,22 @@ fn merge_replies(
     positions: &[Vec<usize>],
     total: usize,
 ) -> Reply {
+    if merge == Merge::FirstOk {
+        return replies
+            .iter()
+            .find(|r| !is_error(r))
+            .or(replies.first())
+            .cloned()
+            .unwrap_or_else(|| Err(UpstreamError::Lost("no primary answered".into())));
+    }
     if let Some(e) = replies.iter().find(|r| is_error(r)) {
         return e.clone();
     }
     let replies: Vec<Bytes> = replies.into_iter().map(|r| r.unwrap_or_default()).collect();
     match merge {
-        Merge::Same | Merge::AllOk => Ok(replies.into_iter().next().unwrap_or_default()),
+        Merge::Same | Merge::AllOk | Merge::FirstOk => {
+            Ok(replies.into_iter().next().unwrap_or_default())
+        }
         Merge::Sum => {
             let sum: i64 = replies.iter().filter_map(|r| integer(r)).sum();
             Ok(Bytes::from(format!(":{sum}\r\n")))

@@ -1179,3 +1179,67 @@ async fn the_transparency_script_matches_a_one_node_cluster() {
         differences.join("\n")
     );
 }
+
+/// Server-wide commands in front of a cluster: `CONFIG SET` reaches every
+/// primary; a runaway script on one primary is stopped by `SCRIPT KILL`
+/// sent to kiln (every primary is asked; the one running it answers);
+/// `SHUTDOWN` is refused rather than stopping whichever node it reached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_wide_commands_reach_the_right_primaries() {
+    let cluster = tokio::task::spawn_blocking(Cluster::start)
+        .await
+        .expect("cluster");
+    let kiln = start(&cluster).await;
+    let mut k = kiln.conn().await;
+    assert_eq!(
+        k.cmd_text(&["CONFIG", "SET", "busy-reply-threshold", "100"])
+            .await,
+        "+OK\r\n"
+    );
+    let primaries: Vec<u16> = cluster
+        .table()
+        .iter()
+        .filter(|n| n.2 == "-")
+        .map(|n| n.1)
+        .collect();
+    assert_eq!(primaries.len(), 3);
+    for &p in &primaries {
+        let got = crate::util::cli(p, &["CONFIG", "GET", "busy-reply-threshold"]);
+        assert!(got.contains("100"), "primary {p}: {got}");
+    }
+    // A runaway script on the second primary (its key decides).
+    let key = format!("{{{}}}:spin", tag_on(1, 500));
+    let owner = cluster.owner_port(key_slot(key.as_bytes()));
+    let mut a = kiln.conn().await;
+    a.send(&["EVAL", "while true do end", "1", &key]).await;
+    let mut direct = Conn::connect(([127, 0, 0, 1], owner).into()).await;
+    let deadline = std::time::Instant::now() + crate::util::WAIT;
+    while !direct.cmd(&["PING"]).await.starts_with(b"-BUSY") {
+        assert!(std::time::Instant::now() < deadline, "the script never ran");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(k.cmd_text(&["SCRIPT", "KILL"]).await, "+OK\r\n");
+    let killed = a.read().await;
+    assert!(
+        killed.starts_with(b"-ERR Error running script") || killed.starts_with(b"-ERR"),
+        "{killed:?}"
+    );
+    assert_eq!(direct.cmd(&["PING"]).await, "+PONG\r\n");
+    // No script running anywhere: Redis's NOTBUSY.
+    assert!(
+        k.cmd_text(&["SCRIPT", "KILL"])
+            .await
+            .starts_with("-NOTBUSY")
+    );
+    assert!(
+        k.cmd_text(&["SHUTDOWN"])
+            .await
+            .starts_with("-ERR SHUTDOWN through kiln")
+    );
+    for &p in &primaries {
+        assert!(
+            crate::util::cli(p, &["PING"]).contains("PONG"),
+            "primary {p} still up"
+        );
+    }
+}
