@@ -857,7 +857,11 @@ impl Config {
             self.server.listen = v.clone();
         }
         if let Some(v) = &o.upstream {
+            // The flag names the upstream: it replaces a cluster or
+            // Sentinel in the file too (exactly one topology).
             self.upstream.url = v.clone();
+            self.upstream.cluster = None;
+            self.upstream.sentinel = None;
         }
         if let Some(v) = &o.metrics {
             self.metrics.listen = v.clone();
@@ -1151,6 +1155,19 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// The upstream as logs name it, passwords redacted: its URL, or
+    /// `cluster [seeds]`, or `sentinel master@[sentinels]`.
+    pub fn upstream_label(&self) -> String {
+        if let Some(seeds) = &self.upstream.cluster {
+            let seeds: Vec<String> = seeds.iter().map(|s| redact_url(s)).collect();
+            return format!("cluster {}", seeds.join(","));
+        }
+        if let Some(s) = &self.upstream.sentinel {
+            return format!("sentinel {}@{}", s.master, s.nodes.join(","));
+        }
+        redact_url(&self.upstream.url)
     }
 
     pub fn upstream_addr(&self) -> Result<UpstreamAddr, String> {
@@ -1604,6 +1621,35 @@ mod tests {
                 }
             };
             assert_eq!(got, want);
+        }
+    }
+
+    #[test]
+    fn the_upstream_flag_replaces_a_cluster_or_sentinel() {
+        for text in [
+            "[upstream]\ncluster = [\"redis://u:secret@h:7000\"]\n",
+            "[upstream.sentinel]\nmaster = \"m\"\nnodes = [\"h:26379\"]\n",
+        ] {
+            let mut cfg = Config::from_toml(text).expect("parses");
+            assert!(
+                cfg.upstream_label().starts_with("cluster ")
+                    || cfg.upstream_label().starts_with("sentinel m@")
+            );
+            assert!(
+                !cfg.upstream_label().contains("secret"),
+                "{}",
+                cfg.upstream_label()
+            );
+            cfg.apply(&Overrides {
+                upstream: Some("redis://other:1".into()),
+                ..Default::default()
+            });
+            cfg.validate(text).expect("one topology");
+            assert_eq!(
+                cfg.topology().expect("topology"),
+                Topology::Standalone(parse_redis_url("redis://other:1").expect("url"))
+            );
+            assert_eq!(cfg.upstream_label(), "redis://other:1");
         }
     }
 

@@ -231,7 +231,7 @@ async fn run<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                     .await;
                     relay::relay_over(c);
                     match relayed {
-                        relay::RelayEnd::Reset => continue,
+                        relay::RelayEnd::Reset | relay::RelayEnd::Unsubscribed => continue,
                         relay::RelayEnd::Closed => return,
                     }
                 }

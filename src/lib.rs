@@ -124,7 +124,7 @@ impl Node {
             tracing::info!(listen = %at, "sidecar serving");
             tokio::spawn(telemetry::sidecar::serve(l, ctx.clone(), shutdown.clone()));
         }
-        tracing::info!(upstream = %config::redact_url(&config.upstream.url), "kiln started");
+        tracing::info!(upstream = %config.upstream_label(), "kiln started");
         Ok(Node { ctx, shutdown })
     }
 

@@ -177,6 +177,10 @@ fn answered_by_kiln_in_relay(
 pub enum RelayEnd {
     /// RESET: the client is back to normal.
     Reset,
+    /// In front of a cluster, the client unsubscribed from everything: it
+    /// is back to normal (state kept), so its next commands are routed by
+    /// key again instead of going to the node the relay was on.
+    Unsubscribed,
     Closed,
 }
 
@@ -320,6 +324,14 @@ pub async fn relay<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                 due.push_back(Due::Reply(stale));
             }
             to_up.extend_from_slice(&relay_command(c, name, &cmd, &mut subs));
+            if ctx.upstream.cluster().is_some()
+                && matches!(name, b"unsubscribe" | b"punsubscribe" | b"sunsubscribe")
+                && !subs.any()
+                && c.meta.state().relay.is_none()
+            {
+                ending = Some(Ending::Unsubscribed);
+                break;
+            }
         }
         if out.len() > live.max_output_buffer {
             ctx.metrics.limit_hit("max_output_buffer");
@@ -363,6 +375,10 @@ pub async fn relay<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                                 out.extend_from_slice(&frame);
                                 return RelayEnd::Reset;
                             }
+                            if ending == Some(Ending::Unsubscribed) && due.is_empty() && last_unsubscribe(&frame) {
+                                out.extend_from_slice(&frame);
+                                return RelayEnd::Unsubscribed;
+                            }
                             if !reply && is_marker_echo(&frame) {
                                 // MONITOR showing kiln's own marker.
                                 continue;
@@ -393,11 +409,29 @@ pub async fn relay<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     }
 }
 
+/// Whether `frame` confirms an unsubscription that left the connection
+/// subscribed to nothing (`unsubscribe`, `punsubscribe` or `sunsubscribe`
+/// with a count of 0, RESP2 array or RESP3 push).
+fn last_unsubscribe(frame: &[u8]) -> bool {
+    let kind = frame.get(4..).unwrap_or_default();
+    (frame.starts_with(b"*3\r\n$") || frame.starts_with(b">3\r\n$"))
+        && [&b"unsubscribe"[..], b"punsubscribe", b"sunsubscribe"]
+            .iter()
+            .any(|k| {
+                kind.windows(k.len())
+                    .take(8)
+                    .any(|w| w.eq_ignore_ascii_case(k))
+            })
+        && frame.ends_with(b":0\r\n")
+}
+
 /// How a relay is being ended by the client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Ending {
     Reset,
     Quit,
+    /// Waiting for the confirmation of the last unsubscription (cluster).
+    Unsubscribed,
 }
 
 /// The relay's upstream connection closed or broke. After QUIT that is
@@ -410,7 +444,7 @@ async fn upstream_gone<W: AsyncWrite + Unpin>(
     ending: Option<Ending>,
 ) -> RelayEnd {
     match ending {
-        Some(Ending::Quit) => {}
+        Some(Ending::Quit) | Some(Ending::Unsubscribed) => {}
         Some(Ending::Reset) => {
             local::reset(c);
             encode::simple(out, "RESET");

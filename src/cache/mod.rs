@@ -1300,30 +1300,32 @@ impl L1 {
             }
         }
         self.epoch.fetch_add(1, Ordering::SeqCst);
-        let removed = AtomicU64::new(0);
-        self.store.retain(|e| {
-            if set[crate::upstream::slot::key_slot(e.key()) as usize] {
-                removed.fetch_add(1, Ordering::Relaxed);
-                false
-            } else {
-                true
-            }
-        });
-        self.stats.invalidations[source as usize].fetch_add(1, Ordering::Relaxed);
-        removed.into_inner() as usize
+        self.drop_where(source, |key| {
+            set[crate::upstream::slot::key_slot(key) as usize]
+        })
     }
 
     /// Drops every entry whose key matches the glob; returns how many.
     pub fn invalidate_matching(&self, pattern: &[u8], source: Source) -> usize {
+        self.drop_where(source, |key| {
+            let hit = glob::matches(pattern, key);
+            if hit {
+                self.slot(key).fetch_add(1, Ordering::SeqCst);
+            }
+            hit
+        })
+    }
+
+    /// Drops every entry whose key `gone` says, in one walk of L1; counts
+    /// one invalidation from `source`, returns how many entries went.
+    fn drop_where(&self, source: Source, mut gone: impl FnMut(&[u8]) -> bool) -> usize {
         let removed = AtomicU64::new(0);
         self.store.retain(|e| {
-            if glob::matches(pattern, e.key()) {
-                self.slot(e.key()).fetch_add(1, Ordering::SeqCst);
+            let drop = gone(e.key());
+            if drop {
                 removed.fetch_add(1, Ordering::Relaxed);
-                false
-            } else {
-                true
             }
+            !drop
         });
         self.stats.invalidations[source as usize].fetch_add(1, Ordering::Relaxed);
         removed.into_inner() as usize

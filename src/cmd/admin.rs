@@ -441,12 +441,15 @@ fn topology_fields(ctx: &Context) -> Vec<(&'static str, Val)> {
         }
         None => (0, Vec::new(), 0, 0, 0),
     };
-    let (failovers, recovery) = up.sentinel().map_or((0, 0), |f| {
+    let (mut failovers, recovery) = up.sentinel().map_or((0, 0), |f| {
         (
             f.failovers.load(Relaxed) as i64,
             f.last_recovery_ms.load(Relaxed) as i64,
         )
     });
+    if let Some(r) = up.cluster() {
+        failovers += r.stats.failovers.load(Relaxed) as i64;
+    }
     out.extend([
         ("cluster_primaries", Val::Int(primaries)),
         ("cluster_slots", Val::List(slots)),

@@ -123,10 +123,38 @@ pub fn dispatch(c: &mut Client, name: &[u8], cmd: Command, r: &mut Replies<'_>) 
             bulk(o, "health");
             bulk(o, "online");
         }),
+        (b"help", 2) => r.ready(|o| {
+            let lines = [
+                "CLUSTER <subcommand> [<arg> [value] [opt] ...]. Subcommands are:",
+                "INFO",
+                "    Return information about the cluster (kiln: one node).",
+                "KEYSLOT <key>",
+                "    Return the hash slot for <key>.",
+                "MYID",
+                "    Return the node id.",
+                "NODES",
+                "    Return cluster configuration seen by node (kiln: itself, all slots).",
+                "SHARDS",
+                "    Return information about slot range mappings and the nodes.",
+                "SLOTS",
+                "    Return information about slots range mappings.",
+                "HELP",
+                "    Print this help.",
+            ];
+            encode::array(o, lines.len());
+            for l in lines {
+                encode::simple(o, l);
+            }
+        }),
+        (b"keyslot" | b"myid" | b"info" | b"nodes" | b"slots" | b"shards" | b"help", _) => {
+            // Redis's arity error for a known subcommand.
+            let sub = String::from_utf8_lossy(&sub).into_owned();
+            r.error(&arity_error(&format!("cluster|{sub}")));
+        }
         _ => {
             let shown = String::from_utf8_lossy(&cmd.args[1]).into_owned();
             r.error(&format!(
-                "ERR unknown subcommand or wrong number of arguments for '{shown}'. Try CLUSTER HELP."
+                "ERR unknown subcommand '{shown}'. Try CLUSTER HELP."
             ));
         }
     }

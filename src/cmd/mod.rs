@@ -460,12 +460,18 @@ impl Client {
         if cluster::answers(self, name) {
             return cluster::dispatch(self, name, cmd, r);
         }
-        if self.session.is_some() {
+        if session::takes(self, name, &cmd) {
             return session::dispatch(self, name, cmd, r).await;
         }
         match name {
             b"get" => get::get(self, cmd, r),
             b"mget" => get::mget(self, cmd, r),
+            b"client"
+                if self.ctx.upstream.cluster().is_some() && session::is_relay(name, &cmd.args) =>
+            {
+                // One node's tracking would cover that node's keys only.
+                r.error("ERR CLIENT TRACKING through kiln in front of a cluster is not supported (kiln's L1 is kept coherent with every node)");
+            }
             b"ping" | b"echo" | b"select" | b"hello" | b"auth" | b"quit" | b"reset" | b"client" => {
                 return local::dispatch(self, name, cmd, r);
             }
@@ -497,6 +503,9 @@ impl Client {
                 if !timing.silent {
                     get::write_answer(&a, self.proto, out);
                 }
+                if self.session.is_some() {
+                    session::release_if_over(self);
+                }
             }
             Resolved::Reply(reply, then, timing) => {
                 self.upstream_pending -= 1;
@@ -515,6 +524,11 @@ impl Client {
                     Then::Session { select, auth } => {
                         session::after_reply(self, &reply, select, auth)
                     }
+                }
+                // A command that ran beside a session (cluster, another
+                // node's keys) may have been the last thing it waited for.
+                if !matches!(then, Then::Session { .. }) && self.session.is_some() {
+                    session::release_if_over(self);
                 }
             }
         }

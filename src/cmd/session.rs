@@ -39,6 +39,9 @@ pub struct SessionState {
     /// on another slot gets `-CROSSSLOT`, as Redis Cluster refuses a
     /// transaction whose keys span slots.
     slot: Option<u16>,
+    /// Cluster: keyless commands queued in a MULTI before its first key
+    /// chose the node (answered `+QUEUED` by kiln); sent there after MULTI.
+    deferred: Vec<Bytes>,
 }
 
 impl SessionState {
@@ -50,8 +53,25 @@ impl SessionState {
     }
 
     /// EXEC (aborted) or DISCARD: the transaction and its WATCH are over.
+    fn new(session: Option<Session>, in_multi: bool, slot: Option<u16>) -> SessionState {
+        SessionState {
+            session,
+            in_multi,
+            watching: false,
+            queued: Vec::new(),
+            flush_on_exec: false,
+            settle_on_exec: false,
+            queued_db: None,
+            dirty: false,
+            aborted: false,
+            slot,
+            deferred: Vec::new(),
+        }
+    }
+
     fn end_transaction(&mut self) {
         self.slot = None;
+        self.deferred.clear();
         self.in_multi = false;
         self.watching = false;
         self.aborted = false;
@@ -89,6 +109,43 @@ pub fn is_relay(name: &[u8], args: &[Bytes]) -> bool {
     }
 }
 
+/// Whether `cmd` goes on the client's session connection. Always, but in
+/// front of a cluster outside a transaction: there a command on keys
+/// another node owns runs as without the session (on that node, in its
+/// turn among the client's replies), as a standalone Redis would run it,
+/// rather than getting the session node's `-MOVED`. Transaction, WATCH,
+/// blocking, pub/sub and connection commands stay on the session.
+pub fn takes(c: &Client, name: &[u8], cmd: &Command) -> bool {
+    let Some(s) = &c.session else {
+        return false;
+    };
+    if c.ctx.upstream.cluster().is_none() || s.in_multi {
+        return true;
+    }
+    let Some(session) = &s.session else {
+        return true;
+    };
+    if matches!(
+        name,
+        b"watch"
+            | b"unwatch"
+            | b"multi"
+            | b"exec"
+            | b"discard"
+            | b"reset"
+            | b"quit"
+            | b"select"
+            | b"hello"
+            | b"auth"
+            | b"client"
+    ) || is_relay(name, &cmd.args)
+        || c.ctx.table.is_blocking(&cmd.args)
+    {
+        return true;
+    }
+    slot_of(c, cmd).is_none_or(|slot| c.ctx.upstream.owns(session, slot))
+}
+
 /// The hash slot of `cmd`'s first key, when upstream is a cluster (where
 /// a session runs on that key's node).
 pub fn slot_of(c: &Client, cmd: &Command) -> Option<u16> {
@@ -106,18 +163,7 @@ async fn open(c: &mut Client, r: &mut Replies<'_>, slot: Option<u16>) -> bool {
     {
         Ok(session) => {
             c.meta.pin(Some(session.conn.id.clone()));
-            c.session = Some(SessionState {
-                session: Some(session),
-                in_multi: false,
-                watching: false,
-                queued: Vec::new(),
-                flush_on_exec: false,
-                settle_on_exec: false,
-                queued_db: None,
-                dirty: false,
-                aborted: false,
-                slot,
-            });
+            c.session = Some(SessionState::new(Some(session), false, slot));
             true
         }
         Err(e) => {
@@ -132,18 +178,7 @@ async fn open(c: &mut Client, r: &mut Replies<'_>, slot: Option<u16>) -> bool {
 /// that command's keys live on; WATCH runs on its first key's node.
 pub async fn begin(c: &mut Client, name: &[u8], cmd: Command, r: &mut Replies<'_>) -> Flow {
     if name == b"multi" && c.ctx.upstream.cluster().is_some() && cmd.args.len() == 1 {
-        c.session = Some(SessionState {
-            session: None,
-            in_multi: true,
-            watching: false,
-            queued: Vec::new(),
-            flush_on_exec: false,
-            settle_on_exec: false,
-            queued_db: None,
-            dirty: false,
-            aborted: false,
-            slot: None,
-        });
+        c.session = Some(SessionState::new(None, true, None));
         c.meta.state().multi = 0;
         r.ready(|o| crate::protocol::encode::simple(o, "OK"));
         return Flow::Continue;
@@ -315,10 +350,14 @@ pub async fn dispatch(c: &mut Client, name: &[u8], cmd: Command, r: &mut Replies
     };
     if s.session.is_none() {
         // A cluster MULTI that has not reached upstream yet.
+        let slot = slot_of(c, &cmd);
+        let Some(s) = c.session.as_mut() else {
+            return Flow::Continue;
+        };
         match name {
-            b"exec" | b"discard" => {
-                // Nothing was queued: Redis's replies to an empty
-                // transaction.
+            b"exec" | b"discard" if s.deferred.is_empty() || name == b"discard" => {
+                // Nothing reached upstream: Redis's replies to an empty
+                // (or discarded) transaction.
                 c.session = None;
                 c.meta.state().multi = -1;
                 match name {
@@ -330,11 +369,14 @@ pub async fn dispatch(c: &mut Client, name: &[u8], cmd: Command, r: &mut Replies
                 }
                 return Flow::Continue;
             }
+            _ if slot.is_none() && name != b"exec" => {
+                // No key yet to choose the node by: queued here, and sent
+                // after MULTI once one does (or at EXEC).
+                s.deferred.push(cmd.wire());
+                r.ready(|o| crate::protocol::encode::simple(o, "QUEUED"));
+                return Flow::Continue;
+            }
             _ => {
-                let slot = slot_of(c, &cmd);
-                let Some(s) = c.session.as_mut() else {
-                    return Flow::Continue;
-                };
                 match ctx
                     .upstream
                     .session(c.db, c.proto, &c.upstream_as, slot)
@@ -342,13 +384,17 @@ pub async fn dispatch(c: &mut Client, name: &[u8], cmd: Command, r: &mut Replies
                 {
                     Ok(session) => {
                         c.meta.pin(Some(session.conn.id.clone()));
-                        // MULTI's +OK was kiln's; upstream's is not needed
+                        // MULTI's +OK was kiln's, and so were the deferred
+                        // commands' +QUEUED: upstream's are not needed
                         // (FIFO order keeps the connection in step).
                         drop(session.conn.send(
                             Bytes::from_static(b"*1\r\n$5\r\nMULTI\r\n"),
                             None,
                             true,
                         ));
+                        for wire in s.deferred.drain(..) {
+                            drop(session.conn.send(wire, None, true));
+                        }
                         s.session = Some(session);
                     }
                     Err(e) => {
@@ -399,7 +445,7 @@ pub fn after_reply(c: &mut Client, reply: &Reply, select: Option<u32>, auth: boo
 
 /// Gives the session connection back once the transaction and WATCH are
 /// over and no reply is pending on it.
-fn release_if_over(c: &mut Client) {
+pub fn release_if_over(c: &mut Client) {
     let over = c
         .session
         .as_ref()

@@ -281,15 +281,21 @@ impl Router {
         self.refresh_now.notify_one();
     }
 
-    /// Per primary: its name, breaker state (0 closed, 1 open, 2
+    /// Per node kiln knows: its name, breaker state (0 closed, 1 open, 2
     /// half-open), connection failures and how many slots it serves.
     pub fn node_stats(&self) -> Vec<(String, u8, Arc<crate::error::ErrorCounts>, usize)> {
         let map = self.map.load();
-        map.primaries
+        // Every node kiln has talked to, primaries or not: a primary that
+        // failed over keeps the failures it had.
+        let mut nodes: Vec<Arc<Node>> = lock(&self.nodes).values().cloned().collect();
+        nodes.sort_by_key(|n| n.name());
+        nodes
             .iter()
-            .enumerate()
-            .map(|(i, n)| {
-                let slots = map.owner.iter().filter(|&&o| o == i as u16).count();
+            .map(|n| {
+                let slots = match map.primaries.iter().position(|p| Arc::ptr_eq(p, n)) {
+                    Some(i) => map.owner.iter().filter(|&&o| o == i as u16).count(),
+                    None => 0,
+                };
                 (n.name(), n.breaker.state() as u8, n.errors.clone(), slots)
             })
             .collect()

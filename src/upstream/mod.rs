@@ -974,6 +974,15 @@ impl Upstream {
         })
     }
 
+    /// Whether the node a session runs on owns `slot` (always, but in
+    /// front of a cluster).
+    pub fn owns(&self, s: &Session, slot: u16) -> bool {
+        match &self.kind {
+            Kind::Cluster(r) => Arc::ptr_eq(&r.owner(slot), &s.node),
+            Kind::Single { .. } => true,
+        }
+    }
+
     /// Returns a session's connection to the pool if `clean` (nothing
     /// pending, no state left on it); otherwise it is closed.
     pub fn release(&self, s: Session, clean: bool) {

@@ -172,14 +172,19 @@ impl Follower {
 
     /// One command on a short-lived connection to `to`.
     async fn ask(&self, to: &UpstreamAddr, args: &[&[u8]]) -> Result<Bytes, UpstreamError> {
-        let node = Node::new(
+        super::probe_node(&self.lone(to), &self.common, args).await
+    }
+
+    /// A node of its own for `to` (a sentinel, or a primary being checked):
+    /// its failures count nowhere, its breaker is its own.
+    fn lone(&self, to: &UpstreamAddr) -> Node {
+        Node::new(
             to.clone(),
             self.common.tls_for(to).ok().flatten(),
             Arc::new(super::Breaker::new(&self.common.breaker)),
             Default::default(),
             &Arc::default(),
-        );
-        super::probe_node(&node, &self.common, args).await
+        )
     }
 
     /// Points the node at `addr` if it is elsewhere.
@@ -238,14 +243,7 @@ impl Follower {
         node: &Node,
         stop: &CancellationToken,
     ) -> Result<(), UpstreamError> {
-        let probe = Node::new(
-            s.clone(),
-            self.common.tls_for(s).ok().flatten(),
-            Arc::new(super::Breaker::new(&self.common.breaker)),
-            Default::default(),
-            &Arc::default(),
-        );
-        let connector = probe.connector_with(
+        let connector = self.lone(s).connector_with(
             &self.common,
             0,
             Proto::Resp2,

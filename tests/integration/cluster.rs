@@ -636,13 +636,13 @@ struct Outcome {
     /// Per key, the last value an acknowledged INCR returned.
     acked: std::collections::HashMap<String, i64>,
     errors: Vec<String>,
-    /// From the failover's start to the first acknowledged write to the
-    /// failed primary's keys after it.
+    /// The longest time, from the failover's start on, that no write to
+    /// the failed primary's keys was acknowledged: what a client saw of it.
     recovery: Option<std::time::Duration>,
 }
 
-/// Runs INCR writers through kiln over `keys` until `stop`; `victim` keys
-/// time the recovery from the moment `started` is set.
+/// Runs INCR writers through kiln over `keys` until `stop`; acknowledged
+/// writes to `victim` keys time the recovery once `started` is set.
 async fn write_through_failover(
     addr: std::net::SocketAddr,
     keys: Vec<String>,
@@ -658,6 +658,8 @@ async fn write_through_failover(
         recovery: None,
     };
     let mut i = 0;
+    // The last acknowledged write to a victim key (or the start).
+    let mut last_ack: Option<std::time::Instant> = None;
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
         let key = &keys[i % keys.len()];
         i += 1;
@@ -670,10 +672,13 @@ async fn write_through_failover(
                 // Only a killed primary may lose what it had not replicated.
                 assert!(n > last || !planned, "{key}: INCR went from {last} to {n}");
                 let since = *started.lock().unwrap_or_else(|e| e.into_inner());
-                if let Some(t) = since.filter(|t| sent > *t) {
-                    if victim.contains(key) && out.recovery.is_none() {
-                        out.recovery = Some(t.elapsed());
+                if let (Some(t), true) = (since, victim.contains(key)) {
+                    let now = std::time::Instant::now();
+                    let from = last_ack.filter(|a| *a > t).unwrap_or(t);
+                    if sent > t || last_ack.is_some() {
+                        out.recovery = out.recovery.max(Some(now.saturating_duration_since(from)));
                     }
+                    last_ack = Some(now);
                 }
             }
             None => out.errors.push(reply),
@@ -756,7 +761,7 @@ async fn a_primary_fails_over_under_traffic() {
         let recovery = recovery.expect("writes to the failed primary's keys resumed");
         let failovers = crate::util::metric(kiln.metrics, "upstream_failovers_total").await;
         eprintln!(
-            "{round}: recovered in {recovery:?}; errors: {errors:?}; upstream_failovers_total {failovers:?}"
+            "{round}: longest wait for a write to the failed primary's keys {recovery:?}; errors: {errors:?}; upstream_failovers_total {failovers:?}"
         );
         assert!(failovers.is_some_and(|n| n >= 1.0), "{failovers:?}");
         if round == "CLUSTER FAILOVER" {
@@ -788,6 +793,27 @@ async fn a_primary_fails_over_under_traffic() {
         eprintln!(
             "{round}: {lost} acknowledged INCRs lost by the killed primary's asynchronous replication"
         );
+        // Status and metrics agree on the failovers; the killed node's
+        // failures are its own series.
+        let st = crate::util::cache_status(&mut k).await;
+        assert_eq!(
+            st["failovers"].as_f64(),
+            crate::util::metric(kiln.metrics, "upstream_failovers_total").await,
+            "{st}"
+        );
+        if round == "kill" {
+            let (_, text) = crate::util::http_get(kiln.metrics, "/metrics").await;
+            let mine = format!("node=\"127.0.0.1:{primary}\"");
+            let failures: f64 = text
+                .lines()
+                .filter(|l| l.starts_with("upstream_errors_total{") && l.contains(&mine))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum();
+            assert!(
+                failures > 0.0,
+                "no failures counted for the killed node:\n{text}"
+            );
+        }
     }
 }
 
@@ -1242,4 +1268,126 @@ async fn server_wide_commands_reach_the_right_primaries() {
             "primary {p} still up"
         );
     }
+}
+
+/// Sends `cmds` in one write and reads one reply per command.
+async fn pipeline(c: &mut Conn, cmds: &[&[&str]]) -> Vec<String> {
+    let mut wire = Vec::new();
+    for cmd in cmds {
+        wire.extend(crate::util::encode(cmd));
+    }
+    c.send_raw(&wire).await;
+    let mut out = Vec::new();
+    for _ in cmds {
+        out.push(String::from_utf8_lossy(&c.read().await).into_owned());
+    }
+    out
+}
+
+/// What held a client on one node (a blocking command, WATCH, a
+/// transaction, pub/sub) does not make it see another node's `-MOVED`:
+/// commands on other nodes' keys, pipelined behind or sent after, get
+/// what a standalone Redis answers; a transaction whose first commands are
+/// keyless runs on its first key's node; CLIENT TRACKING is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_and_pubsub_do_not_pin_a_client_to_one_node() {
+    let cluster = tokio::task::spawn_blocking(Cluster::start)
+        .await
+        .expect("cluster");
+    let kiln = start(&cluster).await;
+    let (a, b, c) = (
+        format!("{}:a", tag_on(0, 600)),
+        format!("{}:b", tag_on(1, 600)),
+        format!("{}:c", tag_on(2, 600)),
+    );
+    let mut k = kiln.conn().await;
+    for key in [&a, &b, &c] {
+        assert_eq!(k.cmd_text(&["SET", key, "1"]).await, "+OK\r\n");
+    }
+    let one = "$1\r\n1\r\n";
+    // A blocking command, then another node's key, in one write.
+    let got = pipeline(
+        &mut k,
+        &[
+            &["BLPOP", &format!("{{{}}}:q", tag_on(1, 601)), "0.2"],
+            &["GET", &a],
+        ],
+    )
+    .await;
+    assert_eq!(got, ["*-1\r\n", one]);
+    // A transaction, then keys of the two other nodes.
+    let got = pipeline(
+        &mut k,
+        &[
+            &["MULTI"],
+            &["SET", &b, "2"],
+            &["EXEC"],
+            &["GET", &a],
+            &["GET", &c],
+        ],
+    )
+    .await;
+    assert_eq!(got, ["+OK\r\n", "+QUEUED\r\n", "*1\r\n+OK\r\n", one, one]);
+    // WATCH on one node; reads of others while watching and after.
+    let got = pipeline(
+        &mut k,
+        &[&["WATCH", &b], &["GET", &a], &["UNWATCH"], &["GET", &c]],
+    )
+    .await;
+    assert_eq!(got, ["+OK\r\n", one, "+OK\r\n", one]);
+    assert_eq!(k.cmd_text(&["WATCH", &b]).await, "+OK\r\n");
+    assert_eq!(k.cmd_text(&["GET", &a]).await, "1");
+    assert_eq!(k.cmd_text(&["UNWATCH"]).await, "+OK\r\n");
+    // Keyless commands first: the transaction still runs where its key is.
+    for (first, want) in [("PING", "+PONG\r\n"), ("ECHO", "$2\r\nhi\r\n")] {
+        let mut call: Vec<&str> = vec![first];
+        if first == "ECHO" {
+            call.push("hi");
+        }
+        let got = pipeline(&mut k, &[&["MULTI"], &call, &["INCR", &c], &["EXEC"]]).await;
+        assert_eq!(
+            got[..3],
+            ["+OK\r\n", "+QUEUED\r\n", "+QUEUED\r\n"],
+            "{first}"
+        );
+        assert!(
+            got[3].starts_with("*2\r\n") && got[3].contains(want),
+            "{first}: {got:?}"
+        );
+    }
+    let got = pipeline(&mut k, &[&["MULTI"], &["TIME"], &["EXEC"]]).await;
+    assert!(got[2].starts_with("*1\r\n*2\r\n"), "{got:?}");
+    // Pub/sub: after unsubscribing from everything the client is routed
+    // by key again (RESP2 and RESP3, plain and sharded).
+    for resp3 in [false, true] {
+        let mut s = kiln.conn().await;
+        if resp3 {
+            s.cmd(&["HELLO", "3"]).await;
+        }
+        s.cmd(&["SUBSCRIBE", "x", "y"]).await;
+        s.read().await;
+        s.send(&["UNSUBSCRIBE"]).await;
+        s.read().await;
+        s.read().await;
+        assert_eq!(s.cmd_text(&["GET", &a]).await, "1", "resp3 {resp3}");
+        assert_eq!(s.cmd_text(&["GET", &b]).await, "2");
+        let ch = format!("{{{}}}", tag_on(1, 602));
+        s.cmd(&["SSUBSCRIBE", &ch]).await;
+        s.send(&["SUNSUBSCRIBE"]).await;
+        s.read().await;
+        assert_eq!(s.cmd_text(&["GET", &c]).await, "3", "resp3 {resp3}");
+        assert!(s.cmd_text(&["MGET", &a, &b]).await.starts_with("*2"));
+    }
+    assert!(
+        k.cmd_text(&["CLIENT", "TRACKING", "on"])
+            .await
+            .starts_with("-ERR CLIENT TRACKING through kiln")
+    );
+    assert_eq!(k.cmd_text(&["GET", &a]).await, "1");
+    // CLUSTER's own errors for a known subcommand's arity; HELP answered.
+    assert_eq!(
+        k.cmd_text(&["CLUSTER", "KEYSLOT"]).await,
+        String::from_utf8_lossy(&direct(&cluster, &["CLUSTER", "KEYSLOT"]).await)
+    );
+    assert!(k.cmd(&["CLUSTER", "HELP"]).await.starts_with(b"*"));
 }
