@@ -39,9 +39,9 @@ pub struct SessionState {
     /// on another slot gets `-CROSSSLOT`, as Redis Cluster refuses a
     /// transaction whose keys span slots.
     slot: Option<u16>,
-    /// Cluster: keyless commands queued in a MULTI before its first key
-    /// chose the node (answered `+QUEUED` by kiln); sent there after MULTI.
-    deferred: Vec<Bytes>,
+    /// Cluster: the commands of a transaction sent before its first key
+    /// (to any primary), replayed on the key's node if that is another.
+    replay: Vec<Bytes>,
 }
 
 impl SessionState {
@@ -65,13 +65,13 @@ impl SessionState {
             dirty: false,
             aborted: false,
             slot,
-            deferred: Vec::new(),
+            replay: Vec::new(),
         }
     }
 
     fn end_transaction(&mut self) {
         self.slot = None;
-        self.deferred.clear();
+        self.replay.clear();
         self.in_multi = false;
         self.watching = false;
         self.aborted = false;
@@ -329,6 +329,8 @@ pub async fn dispatch(c: &mut Client, name: &[u8], cmd: Command, r: &mut Replies
         st.blocked |= blocking;
     }
     let timed = !blocking;
+    // In front of a cluster, a transaction runs on its first key's node.
+    let mut first_key = None;
     if s.in_multi && !matches!(name, b"multi" | b"exec" | b"discard") {
         let slot = slot_of(c, &cmd);
         let Some(s) = c.session.as_mut() else {
@@ -341,70 +343,84 @@ pub async fn dispatch(c: &mut Client, name: &[u8], cmd: Command, r: &mut Replies
                 r.error("CROSSSLOT Keys in request don't hash to the same slot");
                 return Flow::Continue;
             }
-            (None, Some(b)) => s.slot = Some(b),
+            (None, Some(b)) => {
+                s.slot = Some(b);
+                first_key = Some(b);
+            }
             _ => {}
         }
     }
     let Some(s) = c.session.as_mut() else {
         return Flow::Continue;
     };
-    if s.session.is_none() {
-        // A cluster MULTI that has not reached upstream yet.
-        let slot = slot_of(c, &cmd);
-        let Some(s) = c.session.as_mut() else {
+    // Not on upstream yet (a cluster MULTI kiln answered), or on a node the
+    // transaction's first key is not on (its keyless commands came first
+    // and went to any primary; without WATCH it can move).
+    let stray = match (&s.session, first_key) {
+        (None, _) => true,
+        (Some(session), Some(slot)) => !s.watching && !ctx.upstream.owns(session, slot),
+        (Some(_), None) => false,
+    };
+    if stray {
+        if s.session.is_none() && matches!(name, b"exec" | b"discard") {
+            // Nothing reached upstream: Redis's replies to an empty (or
+            // discarded) transaction.
+            c.session = None;
+            c.meta.state().multi = -1;
+            match name {
+                b"exec" => r.ready(|o| o.extend_from_slice(b"*0\r\n")),
+                _ => r.ready(|o| crate::protocol::encode::simple(o, "OK")),
+            }
+            if let Some(f) = on_reply {
+                f();
+            }
             return Flow::Continue;
-        };
-        match name {
-            b"exec" | b"discard" if s.deferred.is_empty() || name == b"discard" => {
-                // Nothing reached upstream: Redis's replies to an empty
-                // (or discarded) transaction.
-                c.session = None;
-                c.meta.state().multi = -1;
-                match name {
-                    b"exec" => r.ready(|o| o.extend_from_slice(b"*0\r\n")),
-                    _ => r.ready(|o| crate::protocol::encode::simple(o, "OK")),
+        }
+        if let Some(old) = s.session.take() {
+            // Kept until DISCARD is answered (the replies still due on it
+            // come first), then closed, not pooled.
+            let discarded =
+                old.conn
+                    .send(Bytes::from_static(b"*1\r\n$7\r\nDISCARD\r\n"), None, true);
+            tokio::spawn(async move {
+                let _ = discarded.await;
+                drop(old);
+            });
+        }
+        match ctx
+            .upstream
+            .session(c.db, c.proto, &c.upstream_as, first_key)
+            .await
+        {
+            Ok(session) => {
+                c.meta.pin(Some(session.conn.id.clone()));
+                // MULTI's +OK was kiln's, and the replayed commands' replies
+                // were the first node's: upstream's are not needed here
+                // (FIFO order keeps the connection in step).
+                drop(
+                    session
+                        .conn
+                        .send(Bytes::from_static(b"*1\r\n$5\r\nMULTI\r\n"), None, true),
+                );
+                for wire in &s.replay {
+                    drop(session.conn.send(wire.clone(), None, true));
                 }
-                if let Some(f) = on_reply {
-                    f();
-                }
-                return Flow::Continue;
+                s.session = Some(session);
             }
-            _ if slot.is_none() && name != b"exec" => {
-                // No key yet to choose the node by: queued here, and sent
-                // after MULTI once one does (or at EXEC).
-                s.deferred.push(cmd.wire());
-                r.ready(|o| crate::protocol::encode::simple(o, "QUEUED"));
+            Err(e) => {
+                s.aborted = true;
+                r.error(&e.reply_text());
                 return Flow::Continue;
-            }
-            _ => {
-                match ctx
-                    .upstream
-                    .session(c.db, c.proto, &c.upstream_as, slot)
-                    .await
-                {
-                    Ok(session) => {
-                        c.meta.pin(Some(session.conn.id.clone()));
-                        // MULTI's +OK was kiln's, and so were the deferred
-                        // commands' +QUEUED: upstream's are not needed
-                        // (FIFO order keeps the connection in step).
-                        drop(session.conn.send(
-                            Bytes::from_static(b"*1\r\n$5\r\nMULTI\r\n"),
-                            None,
-                            true,
-                        ));
-                        for wire in s.deferred.drain(..) {
-                            drop(session.conn.send(wire, None, true));
-                        }
-                        s.session = Some(session);
-                    }
-                    Err(e) => {
-                        s.aborted = true;
-                        r.error(&e.reply_text());
-                        return Flow::Continue;
-                    }
-                }
             }
         }
+    }
+    if s.in_multi
+        && s.slot.is_none()
+        && ctx.upstream.cluster().is_some()
+        && !matches!(name, b"multi" | b"exec" | b"discard")
+    {
+        // Replayed if a key later moves the transaction to another node.
+        s.replay.push(cmd.wire());
     }
     let Some(s) = c.session.as_mut() else {
         return Flow::Continue;
