@@ -218,6 +218,7 @@ pub async fn relay<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         }
     };
     c.meta.pin(Some(raw.id.clone()));
+    let raw_node = raw.node.clone();
     let (mut urd, mut uwr) = raw.stream.split();
     let mut subs = Subscriptions::default();
     let mut to_up = BytesMut::from(&prefix[..]);
@@ -294,6 +295,18 @@ pub async fn relay<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                     out: &mut b,
                 };
                 let _ = local::dispatch(c, b"client", cmd, &mut r);
+                if c.reply.after_command() {
+                    local_in_turn(&mut to_up, &mut due, b.freeze());
+                }
+                continue;
+            }
+            // In front of a cluster the relay is on one node: a command on
+            // another node's keys would get its -MOVED. A RESP2 subscriber
+            // gets Redis's own refusal (upstream checks the slot first), a
+            // RESP3 one kiln's.
+            if let Some(refusal) = elsewhere(&ctx, c.proto, &subs, name, &cmd, &raw_node) {
+                let mut b = BytesMut::new();
+                encode::error(&mut b, &refusal);
                 if c.reply.after_command() {
                     local_in_turn(&mut to_up, &mut due, b.freeze());
                 }
@@ -423,6 +436,39 @@ fn last_unsubscribe(frame: &[u8]) -> bool {
                     .any(|w| w.eq_ignore_ascii_case(k))
             })
         && frame.ends_with(b":0\r\n")
+}
+
+/// In front of a cluster, the refusal of a command the relay's node would
+/// answer with `-MOVED`: its keys are on another node.
+fn elsewhere(
+    ctx: &crate::context::Context,
+    proto: Proto,
+    subs: &Subscriptions,
+    name: &[u8],
+    cmd: &Command,
+    node: &str,
+) -> Option<String> {
+    ctx.upstream.cluster()?;
+    if matches!(name, b"sunsubscribe" | b"unsubscribe" | b"punsubscribe") {
+        return None;
+    }
+    let keys = crate::upstream::KeyFinder::keys(&*ctx.table, &cmd.args);
+    let slot = crate::upstream::slot::key_slot(keys.first()?);
+    if ctx.upstream.node_owns(node, slot) {
+        return None;
+    }
+    let shown = String::from_utf8_lossy(name).into_owned();
+    Some(if name == b"ssubscribe" {
+        "ERR SSUBSCRIBE to a channel of another shard on this connection is not supported through kiln: use another connection".to_string()
+    } else if proto == Proto::Resp2 && subs.any() {
+        format!(
+            "ERR Can't execute '{shown}': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context"
+        )
+    } else {
+        format!(
+            "ERR '{shown}' on a key of another cluster node is not run while subscribed through kiln: unsubscribe first, or use another connection"
+        )
+    })
 }
 
 /// How a relay is being ended by the client.

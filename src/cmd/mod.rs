@@ -380,7 +380,8 @@ impl Client {
         }
         if let Some(s) = &self.session {
             return matches!(name, b"reset")
-                || (s.ending() && (name == b"hello" || session::is_relay(name, &cmd.args)));
+                || (s.ending() && (name == b"hello" || session::is_relay(name, &cmd.args)))
+                || session::must_wait(self, name, cmd);
         }
         matches!(
             name,

@@ -143,7 +143,36 @@ pub fn takes(c: &Client, name: &[u8], cmd: &Command) -> bool {
     {
         return true;
     }
-    slot_of(c, cmd).is_none_or(|slot| c.ctx.upstream.owns(session, slot))
+    // Only commands whose keys are all in one slot the session's node
+    // owns; keyless ones (SCAN, DBSIZE, FLUSHALL fan out) and keys of
+    // several slots (MGET, split) go the routed way.
+    let keys = crate::upstream::KeyFinder::keys(&*c.ctx.table, &cmd.args);
+    let Some(first) = keys.first().map(|k| crate::upstream::slot::key_slot(k)) else {
+        return false;
+    };
+    keys.iter()
+        .all(|k| crate::upstream::slot::key_slot(k) == first)
+        && c.ctx.upstream.owns(session, first)
+}
+
+/// In front of a cluster, a blocking command or WATCH on a key another
+/// node owns, while the client's session is ending (replies still due,
+/// nothing held): it waits for them, so it opens a session on its own
+/// node instead of reaching the old one.
+pub fn must_wait(c: &Client, name: &[u8], cmd: &Command) -> bool {
+    let Some(s) = &c.session else {
+        return false;
+    };
+    let Some(session) = &s.session else {
+        return false;
+    };
+    if !s.ending() || c.ctx.upstream.cluster().is_none() {
+        return false;
+    }
+    if name != b"watch" && !c.ctx.table.is_blocking(&cmd.args) {
+        return false;
+    }
+    slot_of(c, cmd).is_some_and(|slot| !c.ctx.upstream.owns(session, slot))
 }
 
 /// The hash slot of `cmd`'s first key, when upstream is a cluster (where
@@ -163,7 +192,10 @@ async fn open(c: &mut Client, r: &mut Replies<'_>, slot: Option<u16>) -> bool {
     {
         Ok(session) => {
             c.meta.pin(Some(session.conn.id.clone()));
-            c.session = Some(SessionState::new(Some(session), false, slot));
+            // `slot` chose the node; the transaction's own slot is set by
+            // its first key.
+            let _ = slot;
+            c.session = Some(SessionState::new(Some(session), false, None));
             true
         }
         Err(e) => {
@@ -275,6 +307,8 @@ pub async fn dispatch(c: &mut Client, name: &[u8], cmd: Command, r: &mut Replies
         b"exec" if s.in_multi => {
             s.in_multi = false;
             s.watching = false;
+            s.slot = None;
+            s.replay.clear();
             select = s.queued_db.take();
             let stale = if std::mem::take(&mut s.flush_on_exec) {
                 Stale::Everything
@@ -358,8 +392,19 @@ pub async fn dispatch(c: &mut Client, name: &[u8], cmd: Command, r: &mut Replies
     // and went to any primary; without WATCH it can move).
     let stray = match (&s.session, first_key) {
         (None, _) => true,
-        (Some(session), Some(slot)) => !s.watching && !ctx.upstream.owns(session, slot),
-        (Some(_), None) => false,
+        (Some(session), Some(slot)) if !ctx.upstream.owns(session, slot) => {
+            if s.watching {
+                // WATCH tied the transaction to its node: Redis Cluster
+                // cannot run it elsewhere either.
+                s.aborted = true;
+                s.slot = None;
+                c.meta.state().multi -= 1;
+                r.error("CROSSSLOT Keys in request don't hash to the same slot");
+                return Flow::Continue;
+            }
+            true
+        }
+        (Some(_), _) => false,
     };
     if stray {
         if s.session.is_none() && matches!(name, b"exec" | b"discard") {

@@ -268,7 +268,8 @@ impl crate::upstream::KeyFinder for Table {
         }
         let mut info = match self.map.get(name) {
             Some(i) => *i,
-            None => return args.get(1).into_iter().collect(),
+            // Not a command upstream has: it refuses it, keys or not.
+            None => return Vec::new(),
         };
         if info.container {
             match args.get(1).and_then(|s| self.sub(name, s)) {

@@ -629,6 +629,8 @@ pub struct RawSession {
     pub leftover: BytesMut,
     /// Upstream's client id of this connection.
     pub id: Arc<std::sync::atomic::AtomicU64>,
+    /// The node it is connected to (`host:port`).
+    pub node: String,
     pub _permit: OwnedSemaphorePermit,
 }
 
@@ -974,6 +976,15 @@ impl Upstream {
         })
     }
 
+    /// In front of a cluster, whether the node named `node` owns `slot`
+    /// (always, but in front of a cluster).
+    pub fn node_owns(&self, node: &str, slot: u16) -> bool {
+        match &self.kind {
+            Kind::Cluster(r) => r.owner(slot).name() == node,
+            Kind::Single { .. } => true,
+        }
+    }
+
     /// Whether the node a session runs on owns `slot` (always, but in
     /// front of a cluster).
     pub fn owns(&self, s: &Session, slot: u16) -> bool {
@@ -1021,6 +1032,7 @@ impl Upstream {
             stream,
             leftover,
             id: Arc::new(std::sync::atomic::AtomicU64::new(id)),
+            node: node.name(),
             _permit: permit,
         })
     }

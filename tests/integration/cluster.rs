@@ -1391,3 +1391,119 @@ async fn sessions_and_pubsub_do_not_pin_a_client_to_one_node() {
     );
     assert!(k.cmd(&["CLUSTER", "HELP"]).await.starts_with(b"*"));
 }
+
+/// Pipelines that hand a client from one node's dedicated connection to
+/// another's (transactions on different nodes back to back, blocking
+/// commands on different nodes, WATCH then whole-cluster commands, a
+/// subscriber's stray command) get, in one write, the replies a standalone
+/// Redis gives to the same pipeline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hand_offs_between_nodes_match_a_standalone_redis() {
+    let cluster = tokio::task::spawn_blocking(Cluster::start)
+        .await
+        .expect("cluster");
+    let kiln = start(&cluster).await;
+    let standalone = crate::util::Redis::start();
+    let t: Vec<String> = (0..3).map(|n| format!("{{{}}}", tag_on(n, 700))).collect();
+    let k = |n: usize, s: &str| format!("{}{s}", t[n]);
+    let (a0, a1, a2) = (k(0, "a"), k(1, "a"), k(2, "a"));
+    let (l0, l1, l2) = (k(0, "l"), k(1, "l"), k(2, "l"));
+    let pipelines: Vec<Vec<Vec<String>>> = vec![
+        vec![
+            vec!["MULTI".into()],
+            vec!["SET".into(), a1.clone(), "1".into()],
+            vec!["EXEC".into()],
+            vec!["MULTI".into()],
+            vec!["SET".into(), a2.clone(), "3".into()],
+            vec!["EXEC".into()],
+        ],
+        vec![
+            vec!["BLPOP".into(), l1.clone(), "0.2".into()],
+            vec!["MULTI".into()],
+            vec!["INCR".into(), a0.clone()],
+            vec!["EXEC".into()],
+        ],
+        vec![
+            vec!["WATCH".into(), a1.clone()],
+            vec!["UNWATCH".into()],
+            vec!["MULTI".into()],
+            vec!["PING".into()],
+            vec!["INCR".into(), a0.clone()],
+            vec!["EXEC".into()],
+        ],
+        vec![
+            vec!["MULTI".into()],
+            vec!["SET".into(), a2.clone(), "3".into()],
+            vec!["EXEC".into()],
+            vec!["MGET".into(), a2.clone(), a0.clone(), a1.clone()],
+        ],
+        vec![
+            vec!["BLPOP".into(), l1.clone(), "0.2".into()],
+            vec!["BRPOP".into(), l2.clone(), "0.2".into()],
+            vec!["BLPOP".into(), l0.clone(), "0.2".into()],
+            vec!["GET".into(), a1.clone()],
+        ],
+        vec![
+            vec!["WATCH".into(), a2.clone()],
+            vec!["DBSIZE".into()],
+            vec!["MGET".into(), a2.clone(), a0.clone(), a1.clone()],
+            vec!["EXISTS".into(), a2.clone(), a0.clone(), a1.clone()],
+            vec!["UNWATCH".into()],
+        ],
+        vec![
+            vec!["MULTI".into()],
+            vec!["NOSUCH".into(), "x".into()],
+            vec!["SET".into(), a1.clone(), "v".into()],
+            vec!["EXEC".into()],
+            vec!["GET".into(), a1.clone()],
+        ],
+        vec![
+            vec!["MULTI".into()],
+            vec!["SET".into(), a1.clone(), "w".into()],
+            vec!["NOSUCH".into(), "x".into()],
+            vec!["EXEC".into()],
+            vec!["GET".into(), a1.clone()],
+        ],
+    ];
+    for (i, p) in pipelines.iter().enumerate() {
+        let (mut viak, mut direct) = (kiln.conn().await, standalone.conn().await);
+        let refs: Vec<Vec<&str>> = p
+            .iter()
+            .map(|c| c.iter().map(|s| &s[..]).collect())
+            .collect();
+        let calls: Vec<&[&str]> = refs.iter().map(|c| &c[..]).collect();
+        let got = pipeline(&mut viak, &calls).await;
+        let want = pipeline(&mut direct, &calls).await;
+        assert_eq!(got, want, "pipeline {i}: {p:?}");
+    }
+    // While watching one node, whole-cluster commands cover every node.
+    let mut w = kiln.conn().await;
+    assert_eq!(w.cmd_text(&["WATCH", &a2]).await, "+OK\r\n");
+    let dbsize = w.cmd_text(&["DBSIZE"]).await;
+    let mut d = standalone.conn().await;
+    assert_eq!(
+        dbsize,
+        d.cmd_text(&["DBSIZE"]).await,
+        "DBSIZE while watching"
+    );
+    assert_eq!(w.cmd_text(&["FLUSHALL"]).await, "+OK\r\n");
+    assert_eq!(w.cmd_text(&["UNWATCH"]).await, "+OK\r\n");
+    assert_eq!(
+        w.cmd_text(&["DBSIZE"]).await,
+        ":0\r\n",
+        "FLUSHALL while watching reached every primary"
+    );
+    // A RESP2 subscriber's stray command: Redis's own refusal.
+    let mut s = kiln.conn().await;
+    let mut sd = standalone.conn().await;
+    for c in [&mut s, &mut sd] {
+        c.cmd(&["SUBSCRIBE", "ch"]).await;
+    }
+    for key in [&a0, &a1, &a2] {
+        assert_eq!(
+            s.cmd_text(&["GET", key]).await,
+            sd.cmd_text(&["GET", key]).await,
+            "GET {key} subscribed"
+        );
+    }
+}
