@@ -201,6 +201,18 @@ def svg(rows, path):
         f.write("\n".join(parts) + "\n")
 
 
+def stop_all(procs, tmp):
+    """Stops the servers a run started and removes its directory."""
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
 def cluster_port():
     """A port below 55535 whose bus port (+10000) is free too."""
     while True:
@@ -364,14 +376,7 @@ def cluster_main(args):
             f.write(header + table + "\n")
         print("written to bench/results/cluster.md")
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        shutil.rmtree(tmp, ignore_errors=True)
+        stop_all(procs, tmp)
 
 
 def main():
@@ -478,14 +483,7 @@ def main():
         svg(rows, os.path.join(ROOT, "bench/results/compare.svg"))
         print("written to bench/results/compare.md and compare.svg")
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        shutil.rmtree(tmp, ignore_errors=True)
+        stop_all(procs, tmp)
 
 
 if __name__ == "__main__":
