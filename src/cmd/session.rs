@@ -53,7 +53,7 @@ impl SessionState {
     }
 
     /// EXEC (aborted) or DISCARD: the transaction and its WATCH are over.
-    fn new(session: Option<Session>, in_multi: bool, slot: Option<u16>) -> SessionState {
+    fn new(session: Option<Session>, in_multi: bool) -> SessionState {
         SessionState {
             session,
             in_multi,
@@ -64,7 +64,7 @@ impl SessionState {
             queued_db: None,
             dirty: false,
             aborted: false,
-            slot,
+            slot: None,
             replay: Vec::new(),
         }
     }
@@ -193,9 +193,8 @@ async fn open(c: &mut Client, r: &mut Replies<'_>, slot: Option<u16>) -> bool {
         Ok(session) => {
             c.meta.pin(Some(session.conn.id.clone()));
             // `slot` chose the node; the transaction's own slot is set by
-            // its first key.
-            let _ = slot;
-            c.session = Some(SessionState::new(Some(session), false, None));
+            // its first key inside MULTI.
+            c.session = Some(SessionState::new(Some(session), false));
             true
         }
         Err(e) => {
@@ -210,7 +209,7 @@ async fn open(c: &mut Client, r: &mut Replies<'_>, slot: Option<u16>) -> bool {
 /// that command's keys live on; WATCH runs on its first key's node.
 pub async fn begin(c: &mut Client, name: &[u8], cmd: Command, r: &mut Replies<'_>) -> Flow {
     if name == b"multi" && c.ctx.upstream.cluster().is_some() && cmd.args.len() == 1 {
-        c.session = Some(SessionState::new(None, true, None));
+        c.session = Some(SessionState::new(None, true));
         c.meta.state().multi = 0;
         r.ready(|o| crate::protocol::encode::simple(o, "OK"));
         return Flow::Continue;
