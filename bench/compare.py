@@ -3,6 +3,7 @@
 
     bench/compare.py [--rounds 3] [--quick]
     bench/compare.py --cluster [--rounds 3] [--quick]
+    bench/compare.py --cpu [--rounds 3] [--quick]
 
 Builds kiln in release mode; starts on loopback a redis-server, twemproxy
 (nutcracker) in front of it, kiln in front of it (L1 warmed), and a second
@@ -26,6 +27,16 @@ and SET at -P 1 and -P 16; then the invalidation lag per primary: a key
 read through kiln, written on its primary directly, and read through kiln
 until the new value shows (p50/p99 of 300 per primary). Written to
 bench/results/cluster.md.
+
+With --cpu: CPU per request, the figure that is each server's own on a
+shared machine. For SET, GET forwarded (a kiln whose rule turns caching
+off) and GET L1 hits at -P 1 and -P 16, the serving process's user +
+system CPU (/proc/PID/stat) around each redis-benchmark run, divided by
+the requests; with perf available, its syscalls and context switches per
+request too (perf stat -e raw_syscalls:sys_enter,context-switches -p PID).
+kiln, twemproxy and Redis direct, medians of the rounds. Then the RSS an
+idle client connection costs each (1,000 connections opened, VmRSS before
+and after). Written to bench/results/cpu.md.
 """
 
 import argparse
@@ -199,6 +210,142 @@ def svg(rows, path):
     parts.append("</svg>")
     with open(path, "w") as f:
         f.write("\n".join(parts) + "\n")
+
+
+def cpu_ticks(pid):
+    """User + system CPU of a process so far, in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def cpu_run(pid, port, test, pipeline, n):
+    """(us of CPU, syscalls, context switches) per request of one run."""
+    keys = KEYS
+    cmd = ["redis-benchmark", "-p", str(port), "-c", "50", "-n", str(n), "-d", "100",
+           "-r", str(keys), "-P", str(pipeline), "-q", "-t", test]
+    perf = shutil.which("perf")
+    before = cpu_ticks(pid)
+    if perf:
+        out = subprocess.run([perf, "stat", "-x", ",", "-e", "raw_syscalls:sys_enter,context-switches",
+                              "-p", str(pid), "--"] + cmd, capture_output=True, text=True)
+        counts = {}
+        for line in out.stderr.splitlines():
+            parts = line.split(",")
+            if len(parts) > 2 and parts[0].strip().isdigit():
+                counts[parts[2]] = int(parts[0])
+        sys_n, cs_n = counts.get("raw_syscalls:sys_enter"), counts.get("context-switches")
+    else:
+        subprocess.run(cmd, capture_output=True, check=True)
+        sys_n = cs_n = None
+    used = cpu_ticks(pid) - before
+    per = lambda v: None if v is None else v / n
+    return used * 1e6 / n, per(sys_n), per(cs_n)
+
+
+def idle_cost(pid, port, conns=1000):
+    """KiB of RSS per idle client connection (each sent one PING first)."""
+    before = rss_kib(pid)
+    socks = []
+    for _ in range(conns):
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall(b"*1\r\n$4\r\nPING\r\n")
+        socks.append(s)
+    for s in socks:
+        s.recv(16)
+    time.sleep(0.5)
+    after = rss_kib(pid)
+    for s in socks:
+        s.close()
+    return (after - before) / conns
+
+
+def cpu_main(args):
+    tmp = tempfile.mkdtemp(prefix="kiln-bench-cpu-")
+    procs = []
+    try:
+        rport = free_port()
+        redis = subprocess.Popen(["redis-server", "--port", str(rport), "--save", "", "--appendonly", "no",
+                                  "--maxclients", "20000"], stdout=subprocess.DEVNULL)
+        procs.append(redis)
+        wait_port(rport, redis, "redis-server")
+        fill(rport)
+        tport, tstats = free_port(), free_port()
+        conf = os.path.join(tmp, "nutcracker.yml")
+        with open(conf, "w") as f:
+            f.write(f"kiln_bench:\n  listen: 127.0.0.1:{tport}\n  redis: true\n  hash: fnv1a_64\n"
+                    f"  distribution: ketama\n  auto_eject_hosts: false\n  servers:\n   - 127.0.0.1:{rport}:1\n")
+        twem = subprocess.Popen(["nutcracker", "-c", conf, "-s", str(tstats)], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        procs.append(twem)
+        wait_port(tport, twem, "nutcracker")
+        kilns = {}
+        for name, forward_only in [("kiln", False), ("kiln_fwd", True)]:
+            port, metrics = free_port(), free_port()
+            path = os.path.join(tmp, f"{name}.toml")
+            with open(path, "w") as f:
+                f.write(kiln_config(port, rport, metrics, forward_only))
+            p = subprocess.Popen([os.path.join(ROOT, "target/release/kiln"), "--config", path])
+            procs.append(p)
+            wait_port(port, p, name)
+            kilns[name] = (port, p.pid)
+        reply = call(kilns["kiln"][0], "CACHE.WARMUP", "SYNC", "MATCH", "key:*")
+        if b"completed" not in reply:
+            sys.exit(f"warmup failed: {reply[:200]!r}")
+        servers = {"redis": (rport, redis.pid), "twemproxy": (tport, twem.pid)}
+        workloads = [("set", "set", "kiln"), ("get_forward", "get", "kiln_fwd"), ("get_hit", "get", "kiln")]
+        results = {}
+        for rnd in range(args.rounds):
+            for pipeline in [1, 16]:
+                n = (20_000 if args.quick else 200_000) if pipeline == 1 else (100_000 if args.quick else 1_000_000)
+                for wname, test, kname in workloads:
+                    targets = [("redis", *servers["redis"]), ("twemproxy", *servers["twemproxy"]),
+                               ("kiln", *kilns[kname])]
+                    shift = rnd % 3
+                    for tname, port, pid in targets[shift:] + targets[:shift]:
+                        r = cpu_run(pid, port, test, pipeline, n)
+                        results.setdefault((wname, pipeline, tname), []).append(r)
+                        print(f"round {rnd+1} {wname:12} P{pipeline:<2} {tname:10} {r[0]:8.2f} us CPU/req  "
+                              f"syscalls/req {r[1] if r[1] is None else round(r[1], 2)}  "
+                              f"ctx/req {r[2] if r[2] is None else round(r[2], 3)}", flush=True)
+        med = lambda k, i: (statistics.median(x[i] for x in results[k])
+                            if all(x[i] is not None for x in results[k]) else float("nan"))
+        lines = ["| work | P | Redis us/req | twemproxy us/req | kiln us/req | kiln/twemproxy | kiln/Redis | syscalls/req R / T / K | ctx switches/req R / T / K |",
+                 "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for wname, _, _ in workloads:
+            for pipeline in [1, 16]:
+                g = lambda t, i: med((wname, pipeline, t), i)
+                lines.append(f"| {wname} | {pipeline} | {g('redis', 0):.2f} | {g('twemproxy', 0):.2f} | {g('kiln', 0):.2f} | "
+                             f"{g('kiln', 0) / g('twemproxy', 0):.2f} | {g('kiln', 0) / g('redis', 0):.2f} | "
+                             f"{g('redis', 1):.2f} / {g('twemproxy', 1):.2f} / {g('kiln', 1):.2f} | "
+                             f"{g('redis', 2):.3f} / {g('twemproxy', 2):.3f} / {g('kiln', 2):.3f} |")
+        idle = [("redis", servers["redis"]), ("twemproxy", servers["twemproxy"]), ("kiln", kilns["kiln"])]
+        lines += ["", "| idle client connection | RSS KiB per connection |", "| --- | --- |"]
+        for name, (port, pid) in idle:
+            lines.append(f"| {name} | {idle_cost(pid, port):.1f} |")
+        table = "\n".join(lines)
+        print(table)
+        header = (f"# CPU per request: kiln vs twemproxy vs Redis direct\n\nredis-benchmark -c 50 -d 100 -r {KEYS}; "
+                  f"medians of {args.rounds} rounds{' (quick)' if args.quick else ''}; the serving process's user + system "
+                  f"CPU (/proc/PID/stat) around each run over its requests; syscalls and context switches from perf stat "
+                  f"-p (NaN without perf). kiln threads = {os.environ.get('KILN_THREADS', 1)}; get_hit from a warmed L1; "
+                  f"get_forward through a kiln whose rule turns caching off. "
+                  f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.\n\n"
+                  "Reproduce: `python3 bench/compare.py --cpu --rounds 3`.\n\n")
+        os.makedirs(os.path.join(ROOT, "bench/results"), exist_ok=True)
+        with open(os.path.join(ROOT, "bench/results/cpu.md"), "w") as f:
+            f.write(header + table + "\n")
+        print("written to bench/results/cpu.md")
+    finally:
+        stop_all(procs, tmp)
 
 
 def stop_all(procs, tmp):
@@ -384,7 +531,14 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="fewer requests, for a smoke run")
     ap.add_argument("--cluster", action="store_true", help="kiln in front of a Redis Cluster vs the cluster direct")
+    ap.add_argument("--cpu", action="store_true", help="CPU (and syscalls) per request, and RSS per idle connection")
     args = ap.parse_args()
+    if args.cpu:
+        for tool in ["redis-server", "redis-benchmark", "nutcracker"]:
+            if not shutil.which(tool):
+                sys.exit(f"{tool} is missing: apt-get install redis-server redis-tools nutcracker")
+        subprocess.run(["cargo", "build", "--release", "--bin", "kiln"], cwd=ROOT, check=True)
+        return cpu_main(args)
     if args.cluster:
         for tool in ["redis-server", "redis-benchmark", "redis-cli"]:
             if not shutil.which(tool):
