@@ -1197,6 +1197,8 @@ async fn the_transparency_script_matches_a_one_node_cluster() {
         }
     }
     assert!(splits >= 4, "{splits}");
+    drop(one);
+    let _ = std::fs::remove_file(&conf);
     assert!(compared >= 300, "{compared}");
     assert!(
         differences.is_empty(),
