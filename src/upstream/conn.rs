@@ -310,6 +310,10 @@ async fn run(
     let mut scanner = Scanner::new();
     let mut backoff = MIN_BACKOFF;
     let mut retry_at: Option<(Instant, UpstreamError)> = None;
+    // The connector's generation when the backoff started: a node that
+    // moved since (a Sentinel switch) is tried at once, not after the
+    // backoff its old address earned.
+    let mut retry_gen = 0;
     let timeout = connector.command_timeout;
     let mut last_io = Instant::now();
 
@@ -360,6 +364,10 @@ async fn run(
                     },
                 },
             };
+            if retry_at.is_some() && connector.generation() != retry_gen {
+                retry_at = None;
+                backoff = MIN_BACKOFF;
+            }
             if let Some((at, err)) = &retry_at {
                 // A half-open probe tries at once: recovery should not wait
                 // out this connection's own backoff.
@@ -417,6 +425,7 @@ async fn run(
                     connector.failed(&err);
                     tracing::warn!(error = %err, retry_in = ?backoff, "upstream connect failed");
                     retry_at = Some((Instant::now() + backoff, err.clone()));
+                    retry_gen = generation;
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                     if let Some(req) = req {
                         unsent(req, err);
@@ -518,6 +527,7 @@ async fn run(
                 let _ = f.reply.send(Err(err.clone()));
             }
             retry_at = Some((Instant::now() + backoff, err));
+            retry_gen = connector.generation();
             backoff = (backoff * 2).min(MAX_BACKOFF);
         }
         shared.head(&fifo);

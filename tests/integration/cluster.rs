@@ -631,6 +631,19 @@ async fn slots_move_under_traffic() {
     );
 }
 
+/// Waits (bounded) until `acks` reaches `n`: writers through kiln have
+/// had that many writes acknowledged.
+async fn acked(acks: &std::sync::atomic::AtomicUsize, n: usize) {
+    let deadline = std::time::Instant::now() + crate::util::WAIT * 2;
+    while acks.load(std::sync::atomic::Ordering::Relaxed) < n {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "writes through kiln stopped being acknowledged"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
 /// What writers through kiln saw during a failover.
 struct Outcome {
     /// Per key, the last value an acknowledged INCR returned.
@@ -650,6 +663,7 @@ async fn write_through_failover(
     started: std::sync::Arc<std::sync::Mutex<Option<std::time::Instant>>>,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     planned: bool,
+    acks: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 ) -> Outcome {
     let mut c = Conn::connect(addr).await;
     let mut out = Outcome {
@@ -668,6 +682,7 @@ async fn write_through_failover(
         match reply.strip_prefix(':') {
             Some(n) => {
                 let n: i64 = n.trim().parse().expect("integer");
+                acks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let last = out.acked.insert(key.clone(), n).unwrap_or(0);
                 // Only a killed primary may lose what it had not replicated.
                 assert!(n > last || !planned, "{key}: INCR went from {last} to {n}");
@@ -718,6 +733,7 @@ async fn a_primary_fails_over_under_traffic() {
             .1;
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let started = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let acks = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let writers: Vec<_> = (0..2)
             .map(|w| {
                 let mine: Vec<String> = keys.iter().skip(w).step_by(2).cloned().collect();
@@ -728,17 +744,19 @@ async fn a_primary_fails_over_under_traffic() {
                     started.clone(),
                     stop.clone(),
                     round != "kill",
+                    acks.clone(),
                 ))
             })
             .collect();
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        // Both writers are going before the failover starts.
+        acked(&acks, 20).await;
         *started.lock().expect("lock") = Some(std::time::Instant::now());
         if round == "kill" {
             cluster.kill(primary);
         } else {
             assert!(crate::util::cli(replica, &["CLUSTER", "FAILOVER"]).contains("OK"));
         }
-        // Until the replica has taken the slot over, and a while after.
+        // Until the replica has taken the slot over, and writes after.
         let deadline = std::time::Instant::now() + crate::util::WAIT * 2;
         while cluster.owner_port(victim_slot) != replica {
             assert!(
@@ -747,7 +765,7 @@ async fn a_primary_fails_over_under_traffic() {
             );
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
-        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        acked(&acks, acks.load(std::sync::atomic::Ordering::Relaxed) + 100).await;
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         let mut acked = std::collections::HashMap::new();
         let mut errors = Vec::new();
@@ -839,8 +857,9 @@ async fn sentinel_failovers_are_followed() {
         ("kill", s.primary.port),
     ] {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let acks = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let writer = {
-            let (stop, addr) = (stop.clone(), kiln.addr);
+            let (stop, addr, acks) = (stop.clone(), kiln.addr, acks.clone());
             let planned = round != "kill";
             tokio::spawn(async move {
                 let mut c = Conn::connect(addr).await;
@@ -858,6 +877,7 @@ async fn sentinel_failovers_are_followed() {
                             lost += (last + 1 - n).max(0);
                             last = n;
                             acked += 1;
+                            acks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                             let read = c.cmd_text(&["GET", "counter"]).await;
                             if !read.starts_with('-') {
                                 assert!(
@@ -873,7 +893,7 @@ async fn sentinel_failovers_are_followed() {
                 (last, acked, errors, lost)
             })
         };
-        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        acked(&acks, 20).await;
         let began = std::time::Instant::now();
         if round == "kill" {
             crate::util::retire(s.replica.port);
@@ -906,7 +926,8 @@ async fn sentinel_failovers_are_followed() {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
         let recovered = began.elapsed();
-        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        // The writer's own writes go through on the new primary too.
+        acked(&acks, acks.load(std::sync::atomic::Ordering::Relaxed) + 20).await;
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         let (last, acked, errors, lost) = writer.await.expect("writer: no wrong value");
         let st = crate::util::cache_status(&mut k).await;
