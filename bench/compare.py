@@ -214,6 +214,41 @@ def svg(rows, path):
         f.write("\n".join(parts) + "\n")
 
 
+def start_servers(tmp, procs, redis_args=(), hashes=False):
+    """redis-server (filled), twemproxy in front of it, and two kilns (one
+    caching, one whose rule forwards the benchmark keys); every process
+    goes in `procs`. Returns (redis port, redis pid), (twemproxy port,
+    twemproxy pid) and {name: (port, pid)} of the kilns."""
+    rport = free_port()
+    redis = subprocess.Popen(["redis-server", "--port", str(rport), "--save", "", "--appendonly", "no",
+                              *redis_args], stdout=subprocess.DEVNULL)
+    procs.append(redis)
+    wait_port(rport, redis, "redis-server")
+    fill(rport)
+    if hashes:
+        fill_hashes(rport)
+    tport, tstats = free_port(), free_port()
+    conf = os.path.join(tmp, "nutcracker.yml")
+    with open(conf, "w") as f:
+        f.write(f"kiln_bench:\n  listen: 127.0.0.1:{tport}\n  redis: true\n  hash: fnv1a_64\n"
+                f"  distribution: ketama\n  auto_eject_hosts: false\n  servers:\n   - 127.0.0.1:{rport}:1\n")
+    twem = subprocess.Popen(["nutcracker", "-c", conf, "-s", str(tstats)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    procs.append(twem)
+    wait_port(tport, twem, "nutcracker")
+    kilns = {}
+    for name, forward_only in [("kiln", False), ("kiln_fwd", True)]:
+        port, metrics = free_port(), free_port()
+        path = os.path.join(tmp, f"{name}.toml")
+        with open(path, "w") as f:
+            f.write(kiln_config(port, rport, metrics, forward_only))
+        p = subprocess.Popen([os.path.join(ROOT, "target/release/kiln"), "--config", path])
+        procs.append(p)
+        wait_port(port, p, name)
+        kilns[name] = (port, p.pid)
+    return (rport, redis.pid), (tport, twem.pid), kilns
+
+
 def cpu_ticks(pid):
     """User + system CPU of a process so far, in seconds."""
     with open(f"/proc/{pid}/stat") as f:
@@ -278,32 +313,8 @@ def cpu_main(args):
     tmp = tempfile.mkdtemp(prefix="kiln-bench-cpu-")
     procs = []
     try:
-        rport = free_port()
-        redis = subprocess.Popen(["redis-server", "--port", str(rport), "--save", "", "--appendonly", "no",
-                                  "--maxclients", "20000"], stdout=subprocess.DEVNULL)
-        procs.append(redis)
-        wait_port(rport, redis, "redis-server")
-        fill(rport)
-        tport, tstats = free_port(), free_port()
-        conf = os.path.join(tmp, "nutcracker.yml")
-        with open(conf, "w") as f:
-            f.write(f"kiln_bench:\n  listen: 127.0.0.1:{tport}\n  redis: true\n  hash: fnv1a_64\n"
-                    f"  distribution: ketama\n  auto_eject_hosts: false\n  servers:\n   - 127.0.0.1:{rport}:1\n")
-        twem = subprocess.Popen(["nutcracker", "-c", conf, "-s", str(tstats)], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
-        procs.append(twem)
-        wait_port(tport, twem, "nutcracker")
-        kilns = {}
-        for name, forward_only in [("kiln", False), ("kiln_fwd", True)]:
-            port, metrics = free_port(), free_port()
-            path = os.path.join(tmp, f"{name}.toml")
-            with open(path, "w") as f:
-                f.write(kiln_config(port, rport, metrics, forward_only))
-            p = subprocess.Popen([os.path.join(ROOT, "target/release/kiln"), "--config", path])
-            procs.append(p)
-            wait_port(port, p, name)
-            kilns[name] = (port, p.pid)
-        servers = {"redis": (rport, redis.pid), "twemproxy": (tport, twem.pid)}
+        redis, twem, kilns = start_servers(tmp, procs, redis_args=("--maxclients", "20000"))
+        servers = {"redis": redis, "twemproxy": twem}
         workloads = [("set", "set", "kiln"), ("get_forward", "get", "kiln_fwd"), ("get_hit", "get", "kiln")]
         results = {}
         for rnd in range(args.rounds):
@@ -562,34 +573,8 @@ def main():
     tmp = tempfile.mkdtemp(prefix="kiln-bench-")
     procs = []
     try:
-        rport = free_port()
-        redis = subprocess.Popen(["redis-server", "--port", str(rport), "--save", "", "--appendonly", "no"],
-                                 stdout=subprocess.DEVNULL)
-        procs.append(redis)
-        wait_port(rport, redis, "redis-server")
-        fill(rport)
-        fill_hashes(rport)
-
-        tport, tstats = free_port(), free_port()
-        conf = os.path.join(tmp, "nutcracker.yml")
-        with open(conf, "w") as f:
-            f.write(f"kiln_bench:\n  listen: 127.0.0.1:{tport}\n  redis: true\n  hash: fnv1a_64\n"
-                    f"  distribution: ketama\n  auto_eject_hosts: false\n  servers:\n   - 127.0.0.1:{rport}:1\n")
-        twem = subprocess.Popen(["nutcracker", "-c", conf, "-s", str(tstats)], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
-        procs.append(twem)
-        wait_port(tport, twem, "nutcracker")
-
-        kilns = {}
-        for name, forward_only in [("kiln", False), ("kiln_fwd", True)]:
-            port, metrics = free_port(), free_port()
-            path = os.path.join(tmp, f"{name}.toml")
-            with open(path, "w") as f:
-                f.write(kiln_config(port, rport, metrics, forward_only))
-            p = subprocess.Popen([os.path.join(ROOT, "target/release/kiln"), "--config", path])
-            procs.append(p)
-            wait_port(port, p, name)
-            kilns[name] = port
+        (rport, _), (tport, _), started = start_servers(tmp, procs, hashes=True)
+        kilns = {name: port for name, (port, _) in started.items()}
 
         def warm():
             call(kilns["kiln"], "CACHE.CLEAR")
