@@ -20,6 +20,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::buffers;
 use crate::cmd::{self, Client, Flow, Pending, Replies};
 use crate::context::{ClientMeta, Context};
 use crate::protocol::request::{self, Command, Parsed, encode_command};
@@ -85,7 +86,39 @@ pub async fn serve_tls(
 
 pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-async fn serve_io<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+/// What a client connection reads from.
+pub trait ClientRead: AsyncRead + Unpin {
+    /// Reads what has arrived into `buf` (0 at end of stream), lending it
+    /// a buffer (`buffers::lend`) only once there is something to read
+    /// where the stream can tell: an idle connection holds none.
+    fn read_lent(&mut self, buf: &mut BytesMut) -> impl Future<Output = std::io::Result<usize>>;
+}
+
+impl ClientRead for tokio::net::tcp::OwnedReadHalf {
+    async fn read_lent(&mut self, buf: &mut BytesMut) -> std::io::Result<usize> {
+        loop {
+            self.readable().await?;
+            buffers::lend(buf);
+            match self.try_read_buf(buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => buffers::give_back(buf),
+                r => return r,
+            }
+        }
+    }
+}
+
+/// TLS: rustls decrypts into its own buffers and cannot say whether a
+/// record is complete, so the buffer is lent before the wait.
+impl<S: AsyncRead + AsyncWrite + Unpin> ClientRead
+    for tokio::io::ReadHalf<tokio_rustls::server::TlsStream<S>>
+{
+    async fn read_lent(&mut self, buf: &mut BytesMut) -> std::io::Result<usize> {
+        buffers::lend(buf);
+        self.read_buf(buf).await
+    }
+}
+
+async fn serve_io<R: ClientRead, W: AsyncWrite + Unpin>(
     rd: R,
     wr: W,
     meta: ClientMeta,
@@ -119,15 +152,16 @@ fn drain_ready(pending: &mut VecDeque<Pending>, c: &mut Client, out: &mut BytesM
     }
 }
 
-async fn run<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+async fn run<R: ClientRead, W: AsyncWrite + Unpin>(
     mut rd: R,
     mut wr: W,
     c: &mut Client,
     shutdown: &CancellationToken,
 ) {
     let ctx = c.ctx.clone();
-    let mut inbuf = BytesMut::with_capacity(16 * 1024);
-    let mut out = BytesMut::with_capacity(16 * 1024);
+    // Both hold memory only while there are bytes in them (`buffers`).
+    let mut inbuf = BytesMut::new();
+    let mut out = BytesMut::new();
     let mut pending: VecDeque<Pending> = VecDeque::new();
     // A command waiting for earlier replies before it may be sent.
     let mut stalled: Option<Command> = None;
@@ -150,6 +184,7 @@ async fn run<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
             c.live.max_output_buffer,
             c.live.idle_timeout,
         );
+        buffers::lend(&mut out);
         // Replies given at once in this round, by latency class.
         let mut immediate = [0usize; 4];
         let mut dispatched = 0usize;
@@ -219,7 +254,9 @@ async fn run<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                     } else {
                         bytes::Bytes::new()
                     };
-                    let relayed = relay::relay(
+                    // Boxed: its state lives on the heap only while relaying,
+                    // not in every connection's task.
+                    let relayed = Box::pin(relay::relay(
                         &mut rd,
                         &mut wr,
                         &mut inbuf,
@@ -227,7 +264,7 @@ async fn run<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                         c,
                         (prefix, first),
                         shutdown,
-                    )
+                    ))
                     .await;
                     relay::relay_over(c);
                     match relayed {
@@ -277,6 +314,9 @@ async fn run<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
             continue;
         }
         let can_read = !closing && stalled.is_none() && pending.len() < max_pipeline;
+        // Nothing in them: the thread's other connections may use them.
+        buffers::give_back(&mut inbuf);
+        buffers::give_back(&mut out);
         let idle = !idle_timeout.is_zero() && pending.is_empty() && !closing;
         tokio::select! {
             biased;
@@ -296,7 +336,7 @@ async fn run<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                     last_active = tokio::time::Instant::now();
                 }
             }
-            r = rd.read_buf(&mut inbuf), if can_read => match r {
+            r = rd.read_lent(&mut inbuf), if can_read => match r {
                 Ok(n) if n > 0 => {
                     last_active = tokio::time::Instant::now();
                     batch_start = last_active.into_std();

@@ -15,6 +15,7 @@
 // One exception, measured and commented: `cache::store::prefetch`.
 #![deny(unsafe_code)]
 
+pub mod buffers;
 pub mod cache;
 pub mod cli;
 pub mod cmd;

@@ -10,11 +10,12 @@ use std::collections::VecDeque;
 use std::time::Instant;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::cmd::write::Stale;
 use crate::cmd::{self, Client, Replies, local, table};
+use crate::connection::ClientRead;
 use crate::context::RelayKind;
 use crate::protocol::request::{self, Command, Parsed, encode_command};
 use crate::protocol::scan::Scanner;
@@ -187,7 +188,7 @@ pub enum RelayEnd {
 /// Relays bytes between the client and a dedicated upstream connection.
 /// Writes sent through the relay invalidate their keys before they go and
 /// again when their reply frame comes back.
-pub async fn relay<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+pub async fn relay<R: ClientRead, W: AsyncWrite + Unpin>(
     rd: &mut R,
     wr: &mut W,
     inbuf: &mut BytesMut,
@@ -413,7 +414,7 @@ pub async fn relay<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                     }
                 }
             }
-            r = rd.read_buf(inbuf), if ending.is_none() => {
+            r = rd.read_lent(inbuf), if ending.is_none() => {
                 if !matches!(r, Ok(n) if n > 0) {
                     return RelayEnd::Closed;
                 }

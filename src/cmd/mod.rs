@@ -391,6 +391,10 @@ impl Client {
             || self.ctx.table.allows_busy(&cmd.args)
     }
 
+    /// Runs one command: answers it, or queues its reply in `r`. The
+    /// paths that wait (a login checked upstream, sessions, blocking
+    /// commands) are boxed, so this future, which every connection's task
+    /// holds, stays small while the common paths never wait.
     pub async fn dispatch(&mut self, cmd: Command, r: &mut Replies<'_>) -> Flow {
         let mut buf = [0u8; 64];
         let Some(name) = table::lower(cmd.name(), &mut buf) else {
@@ -425,7 +429,7 @@ impl Client {
             // No kiln users: upstream's ACL users log in, checked by
             // upstream itself.
             if let Some((user, pass)) = local::auth_args(name, &cmd.args) {
-                match self.ctx.upstream.authenticate(user, pass).await {
+                match Box::pin(self.ctx.upstream.authenticate(user, pass)).await {
                     Ok(None) => local::logged_in_upstream(self, user.unwrap_or(b"default"), pass),
                     Ok(Some(refused)) => {
                         r.ready(|o| o.extend_from_slice(&refused));
@@ -444,7 +448,9 @@ impl Client {
         }
         if let Some(who) = self.upstream_as.clone() {
             if let Some(shown) = acl::answered_by_kiln(name, &cmd.args) {
-                if let Err(e) = acl::permit_local(&self.ctx, &who, &shown, &cmd.args).await {
+                if let Err(e) =
+                    Box::pin(acl::permit_local(&self.ctx, &who, &shown, &cmd.args)).await
+                {
                     session::refused_in_session(self);
                     r.error(&e);
                     return Flow::Continue;
@@ -462,7 +468,7 @@ impl Client {
             return cluster::dispatch(self, name, cmd, r);
         }
         if session::takes(self, name, &cmd) {
-            return session::dispatch(self, name, cmd, r).await;
+            return Box::pin(session::dispatch(self, name, cmd, r)).await;
         }
         match name {
             b"get" => get::get(self, cmd, r),
@@ -476,11 +482,11 @@ impl Client {
             b"ping" | b"echo" | b"select" | b"hello" | b"auth" | b"quit" | b"reset" | b"client" => {
                 return local::dispatch(self, name, cmd, r);
             }
-            b"multi" | b"watch" => return session::begin(self, name, cmd, r).await,
+            b"multi" | b"watch" => return Box::pin(session::begin(self, name, cmd, r)).await,
             _ if admin::is_admin(name) => return admin::dispatch(self, name, cmd, r),
             _ if session::is_relay(name, &cmd.args) => return Flow::Relay(cmd),
             _ if self.ctx.table.is_blocking(&cmd.args) => {
-                return session::blocking(self, cmd, r).await;
+                return Box::pin(session::blocking(self, cmd, r)).await;
             }
             _ => match read::cacheable(self, name, &cmd.args) {
                 Some(id) => read::cached(self, id, cmd, r),

@@ -353,3 +353,61 @@ async fn client_commands_kiln_answers_abort_a_transaction_instead_of_reaching_it
     let list = redis.conn().await.cmd_text(&["CLIENT", "LIST"]).await;
     assert!(!list.contains("name=inside"), "{list}");
 }
+
+/// Read and write buffers are lent per worker thread and given back when
+/// empty (`kiln::buffers`): a command cut across reads keeps its first
+/// part while other clients borrow and return buffers between the
+/// pieces, and a pipeline whose replies pass one buffer comes back whole.
+/// Both compared with Redis answering the same bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_cut_across_reads_survive_other_clients_between_the_pieces() {
+    let redis = Redis::start();
+    let kiln = Kiln::start(&redis).await;
+    let value: String = (0..40_000)
+        .map(|i| (b'a' + (i % 26) as u8) as char)
+        .collect();
+    let set = encode(&["SET", "cut", &value]);
+    let (head, tail) = set.split_at(set.len() / 2);
+    let mut others = Vec::new();
+    for _ in 0..4 {
+        others.push(kiln.conn().await);
+    }
+    let mut k = kiln.conn().await;
+    k.send_raw(head).await;
+    // Other clients of the same kiln use (and give back) buffers while the
+    // first half waits in its connection's.
+    for (i, o) in others.iter_mut().enumerate() {
+        let key = format!("other{i}");
+        assert_eq!(&o.cmd(&["SET", &key, "x"]).await[..], b"+OK\r\n");
+        assert_eq!(&o.cmd(&["GET", &key]).await[..], b"$1\r\nx\r\n");
+        assert_eq!(&o.cmd(&["GET", &key]).await[..], b"$1\r\nx\r\n");
+    }
+    k.send_raw(tail).await;
+    assert_eq!(&k.read().await[..], b"+OK\r\n");
+    let got = k.cmd(&["GET", "cut"]).await;
+    assert_eq!(bulk_payload(&got).as_deref(), Some(value.as_bytes()));
+    // The same cut against Redis, and a pipeline of 400 reads (1.6 MB of
+    // replies, the commands arriving in several reads), against both.
+    let mut d = redis.conn().await;
+    d.send_raw(head).await;
+    d.send_raw(tail).await;
+    assert_eq!(&d.read().await[..], b"+OK\r\n");
+    let hundred = "v".repeat(100);
+    assert_eq!(&k.cmd(&["SET", "h", &hundred]).await[..], b"+OK\r\n");
+    let mut reads: Vec<&[&str]> = Vec::new();
+    for i in 0..400 {
+        reads.push(if i % 10 == 0 {
+            &["GET", "cut"]
+        } else {
+            &["GET", "h"]
+        });
+    }
+    let (mine, theirs) = both(&kiln, &redis, &reads, Upto::Frames(400)).await;
+    assert!(
+        mine == theirs,
+        "kiln {} / Redis {} bytes differ",
+        mine.len(),
+        theirs.len()
+    );
+    assert!(mine.len() > 16 * 1024);
+}

@@ -1,0 +1,78 @@
+//! Client read and write buffers, lent per worker thread. A connection
+//! holds one only while there are bytes in it: an idle connection costs
+//! no buffer, and a busy thread reuses a few warm ones instead of every
+//! connection keeping its own (Redis 7.4 shares its query buffer between
+//! idle clients the same way).
+//!
+//! A buffer given back may still share its memory with `Bytes` split off
+//! it (commands in flight): the next borrower writes only past them, and
+//! `BytesMut` allocates anew once the rest is used up.
+
+use std::cell::RefCell;
+
+use bytes::BytesMut;
+
+/// Capacity of a new buffer, bytes: a read's worth of pipelined commands.
+pub const SIZE: usize = 16 * 1024;
+
+/// Buffers kept per thread for the next borrower; more are freed.
+const KEEP: usize = 64;
+
+thread_local! {
+    static FREE: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Gives `buf` room to read or write into: a kept buffer (or a new one of
+/// `SIZE`) when it has none. A buffer that has one is left as it is.
+pub fn lend(buf: &mut BytesMut) {
+    if buf.capacity() == 0 {
+        *buf = FREE
+            .with(|f| f.borrow_mut().pop())
+            .unwrap_or_else(|| BytesMut::with_capacity(SIZE));
+    }
+}
+
+/// Takes `buf`'s memory back when nothing is left in it; `buf` is then
+/// empty with no capacity. A buffer holding bytes is left as it is.
+pub fn give_back(buf: &mut BytesMut) {
+    if buf.is_empty() && buf.capacity() > 0 {
+        let b = std::mem::take(buf);
+        FREE.with(|f| {
+            let mut f = f.borrow_mut();
+            if f.len() < KEEP {
+                f.push(b);
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_empty_buffer_goes_back_and_is_lent_again() {
+        let mut a = BytesMut::new();
+        lend(&mut a);
+        assert!(a.capacity() >= SIZE);
+        a.extend_from_slice(b"x");
+        give_back(&mut a);
+        assert_eq!(a.capacity(), SIZE, "a buffer with bytes in it is kept");
+        let _ = a.split_to(1);
+        let ptr = a.as_ptr();
+        give_back(&mut a);
+        assert_eq!(a.capacity(), 0);
+        let mut b = BytesMut::new();
+        lend(&mut b);
+        assert_eq!(b.as_ptr(), ptr, "the buffer given back is lent next");
+        assert_eq!(b.capacity(), SIZE - 1);
+    }
+
+    #[test]
+    fn a_buffer_with_room_is_not_replaced() {
+        let mut a = BytesMut::with_capacity(100);
+        let ptr = a.as_ptr();
+        lend(&mut a);
+        assert_eq!(a.as_ptr(), ptr);
+    }
+}
