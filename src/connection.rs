@@ -144,9 +144,13 @@ async fn serve_io<R: ClientRead, W: AsyncWrite + Unpin>(
 /// Moves every resolved reply at the front of the queue into `out`.
 fn drain_ready(pending: &mut VecDeque<Pending>, c: &mut Client, out: &mut BytesMut) {
     let mut cx = TaskContext::from_waker(Waker::noop());
+    let mut now = None;
     while cmd::poll_front(pending, &mut cx).is_ready() {
         match cmd::take_front(pending) {
-            Some(res) => c.resolve(res, out),
+            Some(res) => {
+                let now = *now.get_or_insert_with(Instant::now);
+                c.resolve(res, out, now)
+            }
             None => break,
         }
     }

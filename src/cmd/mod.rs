@@ -500,13 +500,15 @@ impl Client {
     }
 
     /// Applies a resolved reply: writes it out and updates state.
-    pub fn resolve(&mut self, res: Resolved, out: &mut BytesMut) {
+    /// Writes a resolved reply to `out` and records its latency up to
+    /// `now` (one clock read for the replies written together).
+    pub fn resolve(&mut self, res: Resolved, out: &mut BytesMut, now: std::time::Instant) {
         match res {
             Resolved::Bytes(b) => out.extend_from_slice(&b),
             Resolved::Get(a, timing) => {
                 self.upstream_pending -= 1;
                 self.fills_pending -= 1;
-                self.done(timing, matches!(a, GetAnswer::Failed(_)));
+                self.done(timing, matches!(a, GetAnswer::Failed(_)), now);
                 if !timing.silent {
                     get::write_answer(&a, self.proto, out);
                 }
@@ -516,7 +518,7 @@ impl Client {
             }
             Resolved::Reply(reply, then, timing) => {
                 self.upstream_pending -= 1;
-                self.done(timing, reply.is_err());
+                self.done(timing, reply.is_err(), now);
                 match &reply {
                     _ if timing.silent => {}
                     Ok(bytes) => out.extend_from_slice(bytes),
@@ -542,8 +544,10 @@ impl Client {
     }
 
     /// Records a finished command's latency (and an upstream failure).
-    pub fn done(&self, t: Timing, failed: bool) {
-        self.ctx.metrics.latency(t.class, t.start.elapsed());
+    pub fn done(&self, t: Timing, failed: bool, now: std::time::Instant) {
+        self.ctx
+            .metrics
+            .latency(t.class, now.saturating_duration_since(t.start));
         if failed {
             self.ctx
                 .metrics

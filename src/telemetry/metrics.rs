@@ -4,21 +4,20 @@
 //! instances in one process. Counters live where the work happens, as
 //! relaxed atomics (L1 stats, upstream errors, the per-command table below),
 //! and are copied into the recorder when `/metrics` is scraped, so the hot
-//! path takes no lock shared by connections. Latency histograms are recorded
-//! live through handles registered once; the exporter's histogram is a
-//! lock-free atomic bucket.
+//! path takes no lock shared by connections. The latency histogram is
+//! kiln's own fixed-bucket one (`histogram::Latency`), appended to the
+//! exporter's text.
 
 use crate::counter::Striped;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use metrics::{Counter, Gauge, Histogram, Key, Label, Recorder};
-use metrics_exporter_prometheus::{
-    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
-};
+use metrics::{Counter, Gauge, Key, Label, Recorder};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
-use super::names::{self, ALL, LATENCY_BUCKETS};
+use super::histogram;
+use super::names::{self, ALL};
 
 /// What a command's latency is counted as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,7 +50,7 @@ const META: metrics::Metadata<'static> = metrics::Metadata::new("kiln", metrics:
 pub struct Metrics {
     recorder: PrometheusRecorder,
     handle: PrometheusHandle,
-    latency: [Histogram; 4],
+    latency: histogram::Latency,
     /// Per command name (lowercase), fixed at start: lookups take no lock.
     commands: HashMap<Vec<u8>, Striped, foldhash::fast::RandomState>,
     other_commands: Striped,
@@ -77,10 +76,7 @@ pub const LIMITS: [&str; 8] = [
 
 impl Metrics {
     pub fn new<'a>(command_names: impl Iterator<Item = &'a [u8]>) -> Metrics {
-        let recorder = PrometheusBuilder::new()
-            .set_buckets_for_metric(Matcher::Full(names::LATENCY.into()), LATENCY_BUCKETS)
-            .map(|b| b.build_recorder())
-            .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder());
+        let recorder = PrometheusBuilder::new().build_recorder();
         for (name, kind, help) in ALL {
             let unit = None;
             match *kind {
@@ -89,16 +85,10 @@ impl Metrics {
                 _ => recorder.describe_histogram((*name).into(), unit, (*help).into()),
             }
         }
-        let latency = Class::ALL.map(|c| {
-            recorder.register_histogram(
-                &Key::from_parts(names::LATENCY, vec![Label::new("class", c.as_str())]),
-                &META,
-            )
-        });
         Metrics {
             handle: recorder.handle(),
             recorder,
-            latency,
+            latency: histogram::Latency::default(),
             commands: command_names
                 .filter(|n| !n.contains(&b'|'))
                 .map(|n| (n.to_vec(), Striped::default()))
@@ -136,13 +126,13 @@ impl Metrics {
     }
 
     pub fn latency(&self, class: Class, took: Duration) {
-        self.latency[class as usize].record(took.as_secs_f64());
+        self.latency.record(class, took, 1);
     }
 
     /// `n` commands of `class` that took `took` each.
     pub fn latency_many(&self, class: Class, took: Duration, n: usize) {
         if n > 0 {
-            self.latency[class as usize].record_many(took.as_secs_f64(), n);
+            self.latency.record(class, took, n as u64);
         }
     }
 
@@ -206,7 +196,13 @@ impl Metrics {
 
     pub fn render(&self) -> String {
         self.handle.run_upkeep();
-        self.handle.render()
+        let mut text = self.handle.render();
+        let help = ALL
+            .iter()
+            .find(|(name, _, _)| *name == names::LATENCY)
+            .map_or("", |(_, _, help)| *help);
+        self.latency.render(help, &mut text);
+        text
     }
 }
 

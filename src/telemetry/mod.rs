@@ -2,6 +2,7 @@
 //! stderr in text or JSON; `RUST_LOG` wins over `log.level`.
 
 pub mod health;
+pub mod histogram;
 pub mod metrics;
 pub mod names;
 pub mod sidecar;
