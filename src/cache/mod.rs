@@ -43,13 +43,49 @@ const GENERATIONS: usize = 1 << 16;
 /// WRITE`, a busy server), and Redis would answer the read meanwhile.
 const DEFER_MAX: Duration = Duration::from_millis(10);
 
-/// What the table hashes: the database and the key, borrowed. Every
-/// cached read of a key hashes alike, so they share one probe run and one
-/// lookup finds them all for an invalidation.
-#[derive(Hash)]
-struct KeyRef<'a> {
-    db: u32,
-    key: &'a [u8],
+/// The table's hash of a key in a database, from the key's own hash (one
+/// SipHash of the key serves its `KeySlot` and every database): a
+/// bijective 64-bit mix (murmur3's finalizer) of the two. Every cached
+/// read of a key hashes alike, so they share one probe run and one lookup
+/// finds them all for an invalidation.
+fn db_hash(key_hash: u64, db: u32) -> u64 {
+    let mut h = key_hash ^ u64::from(db).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^ (h >> 33)
+}
+
+/// What L1 tracks per group of keys (`GENERATIONS` groups by key hash),
+/// together so one cache line serves a write's or a fill's every check.
+#[repr(align(32))]
+#[derive(Default)]
+struct KeySlot {
+    /// Bumped by every invalidation but tracking pushes: a fill whose
+    /// token predates a bump is dropped.
+    generation: AtomicU64,
+    /// Like `generation`, for invalidations pushed by upstream's tracking
+    /// (`Source::Tracking`). Kept apart because a fill read on a tracking
+    /// reader connection only needs the pushes that arrive on it after
+    /// its reply (`FillToken::arrived`): Redis sends a write's push on that
+    /// connection before the reply to any read executed after the write,
+    /// so an earlier push (the echo of kiln's own write, most often) is for
+    /// a write the read already saw.
+    push: AtomicU64,
+    /// Writes through kiln in flight (`write_started`, `write_ended`): a
+    /// miss on a key being written waits for the write's reply before it
+    /// reads (`writes_settled`), so its fill is not dropped by the write's
+    /// second invalidation.
+    writing: AtomicU32,
+}
+
+/// A write through kiln in flight, from `L1::write_started`: what
+/// `write_ended` needs without hashing the key again.
+#[derive(Debug, Clone, Copy)]
+pub struct WriteMark {
+    hash: u64,
+    counted: bool,
 }
 
 /// What an entry's allocation holds before its bytes: 24 bytes, so with
@@ -608,20 +644,8 @@ pub fn in_share(key: &[u8], percent: u8) -> bool {
 pub struct L1 {
     store: store::Store,
     hasher: RandomState,
-    generations: Box<[AtomicU64]>,
-    /// Like `generations`, for invalidations pushed by upstream's tracking
-    /// (`Source::Tracking`). Kept apart because a fill read on a tracking
-    /// reader connection only needs the pushes that arrive on it after
-    /// its reply (`FillToken::arrived`): Redis sends a write's push on that
-    /// connection before the reply to any read executed after the write,
-    /// so an earlier push (the echo of kiln's own write, most often) is for
-    /// a write the read already saw.
-    push_generations: Box<[AtomicU64]>,
-    /// Writes through kiln in flight, by the same slots as `generations`
-    /// (`write_started`, `write_ended`): a miss on a key being written
-    /// waits for the write's reply before it reads (`writes_settled`), so
-    /// its fill is not dropped by the write's second invalidation.
-    writing: Box<[std::sync::atomic::AtomicU32]>,
+    /// By key hash (`KeySlot`).
+    slots: Box<[KeySlot]>,
     /// Fills waiting in `writes_settled`, and their wake-up.
     deferred: std::sync::atomic::AtomicUsize,
     writes_done: tokio::sync::Notify,
@@ -736,11 +760,7 @@ impl L1 {
         Ok(L1 {
             store,
             hasher: RandomState::default(),
-            generations: (0..GENERATIONS).map(|_| AtomicU64::new(0)).collect(),
-            push_generations: (0..GENERATIONS).map(|_| AtomicU64::new(0)).collect(),
-            writing: (0..GENERATIONS)
-                .map(|_| std::sync::atomic::AtomicU32::new(0))
-                .collect(),
+            slots: (0..GENERATIONS).map(|_| KeySlot::default()).collect(),
             deferred: std::sync::atomic::AtomicUsize::new(0),
             writes_done: tokio::sync::Notify::new(),
             epoch: AtomicU64::new(0),
@@ -1024,36 +1044,55 @@ impl L1 {
         self.born.elapsed().as_millis() as u64
     }
 
+    fn key_hash(&self, key: &[u8]) -> u64 {
+        self.hasher.hash_one(key)
+    }
+
     fn hash(&self, db: u32, key: &[u8]) -> u64 {
-        self.hasher.hash_one(KeyRef { db, key })
+        db_hash(self.key_hash(key), db)
     }
 
-    fn slot(&self, key: &[u8]) -> &AtomicU64 {
-        let h = self.hasher.hash_one(key) as usize;
-        &self.generations[h & (GENERATIONS - 1)]
+    fn key_slot(&self, key_hash: u64) -> &KeySlot {
+        &self.slots[key_hash as usize & (GENERATIONS - 1)]
     }
 
-    fn push_slot(&self, key: &[u8]) -> &AtomicU64 {
-        let h = self.hasher.hash_one(key) as usize;
-        &self.push_generations[h & (GENERATIONS - 1)]
+    fn slot(&self, key: &[u8]) -> &KeySlot {
+        self.key_slot(self.key_hash(key))
     }
 
-    fn slot_index(&self, key: &[u8]) -> usize {
-        self.hasher.hash_one(key) as usize & (GENERATIONS - 1)
+    /// A write through kiln naming `key` is about to be sent: invalidates
+    /// it (`invalidate`, `Source::Write`) and, with `counted` (a plain
+    /// write on a shared connection), counts the key as being written
+    /// until `write_ended`, so other clients' misses on it wait briefly
+    /// for the reply rather than read a value the reply's invalidation
+    /// would drop. One hash of the key serves both, and `write_ended`.
+    pub fn write_started(&self, key: &[u8], counted: bool) -> WriteMark {
+        let hash = self.key_hash(key);
+        self.invalidate_hashed(hash, key, Source::Write);
+        if counted {
+            self.key_slot(hash).writing.fetch_add(1, Ordering::SeqCst);
+        }
+        WriteMark { hash, counted }
     }
 
-    /// A write through kiln naming `key` was sent; returns what
-    /// `write_ended` takes once its reply is in (or its connection failed).
-    pub fn write_started(&self, key: &[u8]) -> usize {
-        let i = self.slot_index(key);
-        self.writing[i].fetch_add(1, Ordering::SeqCst);
-        i
+    /// The write of `write_started` got its reply (or its connection
+    /// failed): invalidates `key` again, dropping what a fill read while
+    /// the write was in flight, then ends the count, so a fill that waited
+    /// reads after the write.
+    pub fn write_ended(&self, key: &[u8], mark: WriteMark) {
+        self.invalidate_hashed(mark.hash, key, Source::Write);
+        self.write_uncounted(mark);
     }
 
-    /// The write of `write_started` is over: after its second
-    /// invalidation, so a fill that waited reads after the write.
-    pub fn write_ended(&self, slot: usize) {
-        if self.writing[slot].fetch_sub(1, Ordering::SeqCst) == 1
+    /// Ends `mark`'s count without invalidating (the write's hook was
+    /// dropped uncalled).
+    pub fn write_uncounted(&self, mark: WriteMark) {
+        if mark.counted
+            && self
+                .key_slot(mark.hash)
+                .writing
+                .fetch_sub(1, Ordering::SeqCst)
+                == 1
             && self.deferred.load(Ordering::SeqCst) > 0
         {
             self.writes_done.notify_waiters();
@@ -1091,22 +1130,23 @@ impl L1 {
     /// slot) is in flight.
     pub fn being_written(&self, keys: &[&[u8]]) -> bool {
         keys.iter()
-            .any(|k| self.writing[self.slot_index(k)].load(Ordering::SeqCst) > 0)
+            .any(|k| self.slot(k).writing.load(Ordering::SeqCst) > 0)
     }
 
     /// `key`'s tracking-push generation now: taken by a tracking reader's
     /// `on_reply` hook, in order with the pushes of that connection, for
     /// `FillToken::arrived`.
     pub fn push_generation(&self, key: &[u8]) -> u64 {
-        self.push_slot(key).load(Ordering::SeqCst)
+        self.slot(key).push.load(Ordering::SeqCst)
     }
 
     /// To be taken before the read that will fill `key` is sent.
     pub fn token(&self, key: &[u8]) -> FillToken {
+        let slot = self.slot(key);
         FillToken {
             epoch: self.epoch.load(Ordering::SeqCst),
-            generation: self.slot(key).load(Ordering::SeqCst),
-            push: self.push_slot(key).load(Ordering::SeqCst),
+            generation: slot.generation.load(Ordering::SeqCst),
+            push: slot.push.load(Ordering::SeqCst),
             settings: self.settings_generation.load(Ordering::SeqCst),
         }
     }
@@ -1275,14 +1315,19 @@ impl L1 {
     /// Drops `key` from every database and fences off fills in flight;
     /// returns how many entries were dropped.
     pub fn invalidate(&self, key: &[u8], source: Source) -> usize {
+        self.invalidate_hashed(self.key_hash(key), key, source)
+    }
+
+    fn invalidate_hashed(&self, hash: u64, key: &[u8], source: Source) -> usize {
+        let slot = self.key_slot(hash);
         if source == Source::Tracking {
-            self.push_slot(key).fetch_add(1, Ordering::SeqCst);
+            slot.push.fetch_add(1, Ordering::SeqCst);
         } else {
-            self.slot(key).fetch_add(1, Ordering::SeqCst);
+            slot.generation.fetch_add(1, Ordering::SeqCst);
         }
         let max_db = self.max_db.load(Ordering::SeqCst);
         let removed = (0..=max_db)
-            .map(|db| self.store.remove_key(self.hash(db, key), db, key))
+            .map(|db| self.store.remove_key(db_hash(hash, db), db, key))
             .sum();
         self.stats.invalidations[source as usize].fetch_add(1, Ordering::Relaxed);
         removed
@@ -1310,7 +1355,7 @@ impl L1 {
         self.drop_where(source, |key| {
             let hit = glob::matches(pattern, key);
             if hit {
-                self.slot(key).fetch_add(1, Ordering::SeqCst);
+                self.slot(key).generation.fetch_add(1, Ordering::SeqCst);
             }
             hit
         })
@@ -1498,12 +1543,12 @@ mod tests {
     async fn a_miss_waits_briefly_for_a_write_in_flight() {
         let c = Arc::new(l1());
         let k: &[u8] = b"k";
-        let slot = c.write_started(k);
+        let mark = c.write_started(k, true);
         assert!(c.being_written(&[k]) && !c.being_written(&[b"other"]));
         let ender = c.clone();
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(2)).await;
-            ender.write_ended(slot);
+            ender.write_ended(b"k", mark);
         });
         let start = tokio::time::Instant::now();
         c.writes_settled(&[k]).await;
@@ -1514,7 +1559,7 @@ mod tests {
         );
         assert!(!c.being_written(&[k]));
         // A write that never ends (held upstream) holds reads DEFER_MAX.
-        let _held = c.write_started(k);
+        let _held = c.write_started(k, true);
         let start = tokio::time::Instant::now();
         c.writes_settled(&[k]).await;
         assert_eq!(start.elapsed(), DEFER_MAX);
@@ -1522,6 +1567,42 @@ mod tests {
         let start = tokio::time::Instant::now();
         c.writes_settled(&[b"other"]).await;
         assert_eq!(start.elapsed(), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_write_drops_fills_from_before_it_and_from_while_it_was_in_flight() {
+        let c = l1();
+        let k = Bytes::from_static(b"w");
+        let frame = &b"$3\r\nold\r\n"[..];
+        for db in [0, 2] {
+            assert!(c.fill(db, &k, Some(frame), -1, TTL, c.token(&k)));
+        }
+        let before = c.token(&k);
+        let mark = c.write_started(&k, true);
+        assert!(c.get(0, b"w").is_none() && c.get(2, b"w").is_none());
+        assert!(
+            !c.fill(0, &k, Some(frame), -1, TTL, before),
+            "read before the write"
+        );
+        // A read sent while the write was in flight may have run first.
+        assert!(c.fill(0, &k, Some(frame), -1, TTL, c.token(&k)));
+        assert!(c.being_written(&[&k]));
+        c.write_ended(&k, mark);
+        assert!(
+            c.get(0, b"w").is_none(),
+            "dropped by the reply's invalidation"
+        );
+        assert!(!c.being_written(&[&k]));
+        assert_eq!(c.stats.invalidations(Source::Write), 2);
+        // An uncounted write (a session's) counts nothing; its hook dropped
+        // uncalled ends no count it did not start.
+        let m = c.write_started(&k, false);
+        assert!(!c.being_written(&[&k]));
+        c.write_uncounted(m);
+        assert!(!c.being_written(&[&k]));
+        let m = c.write_started(&k, true);
+        c.write_uncounted(m);
+        assert!(!c.being_written(&[&k]));
     }
 
     #[test]

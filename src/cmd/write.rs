@@ -12,7 +12,7 @@ use bytes::Bytes;
 
 use super::table::{Keys, key_args};
 use super::{Client, Replies, Then};
-use crate::cache::Source;
+use crate::cache::{Source, WriteMark};
 use crate::context::Context;
 use crate::protocol::request::Command;
 use crate::upstream::OnReply;
@@ -66,33 +66,53 @@ impl Stale {
     /// invalidation would drop. The count ends even if the hook is dropped
     /// uncalled.
     pub fn now_and_on_reply(self, ctx: &Arc<Context>, counted: bool) -> OnReply {
-        self.apply(ctx);
-        let writing = InFlight {
-            slots: match &self {
-                Stale::Keys(keys) if counted => {
-                    keys.iter().map(|k| ctx.l1.write_started(k)).collect()
-                }
-                _ => smallvec::SmallVec::new(),
-            },
-            ctx: ctx.clone(),
-        };
-        Box::new(move || {
-            self.apply(&writing.ctx);
-            drop(writing);
-        })
+        match self {
+            Stale::Everything => {
+                self.apply(ctx);
+                let ctx = ctx.clone();
+                Box::new(move || Stale::Everything.apply(&ctx))
+            }
+            Stale::Keys(keys) => {
+                let marks = keys
+                    .iter()
+                    .map(|k| ctx.l1.write_started(k, counted))
+                    .collect();
+                let writing = InFlight {
+                    keys,
+                    marks,
+                    ctx: ctx.clone(),
+                    ended: false,
+                };
+                Box::new(move || writing.end())
+            }
+        }
     }
 }
 
-/// A write's keys counted in `L1::write_started`, counted out on drop.
+/// A write's keys invalidated and counted by `L1::write_started`: ended
+/// (invalidated again, counted out) by `end`, or counted out on drop.
 struct InFlight {
-    slots: smallvec::SmallVec<[usize; 2]>,
+    keys: WriteKeys,
+    marks: smallvec::SmallVec<[WriteMark; 2]>,
     ctx: Arc<Context>,
+    ended: bool,
+}
+
+impl InFlight {
+    fn end(mut self) {
+        for (k, &m) in self.keys.iter().zip(&self.marks) {
+            self.ctx.l1.write_ended(k, m);
+        }
+        self.ended = true;
+    }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        for &s in &self.slots {
-            self.ctx.l1.write_ended(s);
+        if !self.ended {
+            for &m in &self.marks {
+                self.ctx.l1.write_uncounted(m);
+            }
         }
     }
 }
