@@ -32,7 +32,7 @@ With --cpu: CPU per request, the figure that is each server's own on a
 shared machine. For SET, GET forwarded (a kiln whose rule turns caching
 off) and GET L1 hits at -P 1 and -P 16, the serving process's user +
 system CPU (/proc/PID/stat) around each redis-benchmark run, divided by
-the requests; with perf available, its syscalls and context switches per
+the requests, with the part spent in the kernel; with perf available, its syscalls and context switches per
 request from a second, quarter-length run under perf stat -e
 raw_syscalls:sys_enter,context-switches -p PID (the tracepoint costs the
 traced process CPU, so CPU comes from the run without it).
@@ -249,11 +249,12 @@ def start_servers(tmp, procs, redis_args=(), hashes=False):
     return (rport, redis.pid), (tport, twem.pid), kilns
 
 
-def cpu_ticks(pid):
-    """User + system CPU of a process so far, in seconds."""
+def cpu_split(pid):
+    """(user, system) CPU of a process so far, in seconds."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def rss_kib(pid):
@@ -265,15 +266,18 @@ def rss_kib(pid):
 
 
 def cpu_run(pid, port, test, pipeline, n):
-    """(us of CPU, syscalls, context switches) per request of one run."""
+    """(us of CPU, syscalls, context switches, us of it in the kernel) per
+    request of one run."""
     keys = KEYS
     cmd = ["redis-benchmark", "-p", str(port), "-c", "50", "-n", str(n), "-d", "100",
            "-r", str(keys), "-P", str(pipeline), "-q", "-t", test]
     # CPU from a run with nothing attached: perf's syscall tracepoint
     # costs the traced process CPU of its own.
-    before = cpu_ticks(pid)
+    before = cpu_split(pid)
     subprocess.run(cmd, capture_output=True, check=True)
-    used = cpu_ticks(pid) - before
+    after = cpu_split(pid)
+    used = sum(after) - sum(before)
+    kernel = after[1] - before[1]
     perf = shutil.which("perf")
     sys_n = cs_n = None
     m = max(n // 4, 1000)
@@ -289,7 +293,7 @@ def cpu_run(pid, port, test, pipeline, n):
                 counts[parts[2]] = int(parts[0])
         sys_n, cs_n = counts.get("raw_syscalls:sys_enter"), counts.get("context-switches")
     per = lambda v: None if v is None else v / m
-    return used * 1e6 / n, per(sys_n), per(cs_n)
+    return used * 1e6 / n, per(sys_n), per(cs_n), kernel * 1e6 / n
 
 
 def idle_cost(pid, port, conns=1000):
@@ -333,18 +337,20 @@ def cpu_main(args):
                                 sys.exit(f"warmup failed: {reply[:200]!r}")
                         r = cpu_run(pid, port, test, pipeline, n)
                         results.setdefault((wname, pipeline, tname), []).append(r)
-                        print(f"round {rnd+1} {wname:12} P{pipeline:<2} {tname:10} {r[0]:8.2f} us CPU/req  "
+                        print(f"round {rnd+1} {wname:12} P{pipeline:<2} {tname:10} {r[0]:8.2f} us CPU/req "
+                              f"({r[3]:.2f} in the kernel)  "
                               f"syscalls/req {r[1] if r[1] is None else round(r[1], 2)}  "
                               f"ctx/req {r[2] if r[2] is None else round(r[2], 3)}", flush=True)
         med = lambda k, i: (statistics.median(x[i] for x in results[k])
                             if all(x[i] is not None for x in results[k]) else float("nan"))
-        lines = ["| work | P | Redis us/req | twemproxy us/req | kiln us/req | kiln/twemproxy | kiln/Redis | syscalls/req R / T / K | ctx switches/req R / T / K |",
-                 "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines = ["| work | P | Redis us/req | twemproxy us/req | kiln us/req | kiln/twemproxy | kiln/Redis | of which kernel us/req R / T / K | syscalls/req R / T / K | ctx switches/req R / T / K |",
+                 "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for wname, _, _ in workloads:
             for pipeline in [1, 16]:
                 g = lambda t, i: med((wname, pipeline, t), i)
                 lines.append(f"| {wname} | {pipeline} | {g('redis', 0):.2f} | {g('twemproxy', 0):.2f} | {g('kiln', 0):.2f} | "
                              f"{g('kiln', 0) / g('twemproxy', 0):.2f} | {g('kiln', 0) / g('redis', 0):.2f} | "
+                             f"{g('redis', 3):.2f} / {g('twemproxy', 3):.2f} / {g('kiln', 3):.2f} | "
                              f"{g('redis', 1):.2f} / {g('twemproxy', 1):.2f} / {g('kiln', 1):.2f} | "
                              f"{g('redis', 2):.3f} / {g('twemproxy', 2):.3f} / {g('kiln', 2):.3f} |")
         idle = [("redis", servers["redis"]), ("twemproxy", servers["twemproxy"]), ("kiln", kilns["kiln"])]
@@ -355,7 +361,7 @@ def cpu_main(args):
         print(table)
         header = (f"# CPU per request: kiln vs twemproxy vs Redis direct\n\nredis-benchmark -c 50 -d 100 -r {KEYS}; "
                   f"medians of {args.rounds} rounds{' (quick)' if args.quick else ''}; the serving process's user + system "
-                  f"CPU (/proc/PID/stat) around each run over its requests; syscalls and context switches from a second, "
+                  f"CPU (/proc/PID/stat) around each run over its requests, and the system (kernel) part of it; syscalls and context switches from a second, "
                   f"quarter-length run under perf stat -p (its tracepoint costs the traced process CPU, so CPU is taken "
                   f"without it; NaN without perf). kiln threads = {os.environ.get('KILN_THREADS', 1)}; get_hit from a warmed L1; "
                   f"get_forward through a kiln whose rule turns caching off. "

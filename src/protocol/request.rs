@@ -39,6 +39,7 @@ pub const MALFORMED: &str = "malformed";
 
 /// One client command.
 #[derive(Debug, Clone, PartialEq, Eq)]
+
 pub struct Command {
     /// Name first, then the arguments.
     pub args: Vec<Bytes>,
@@ -153,12 +154,37 @@ fn memchr(needle: u8, hay: &[u8]) -> Option<usize> {
     hay.iter().position(|&b| b == needle)
 }
 
-fn parse_int(digits: &[u8]) -> Option<i64> {
-    // Redis `string2ll`: optional '-', digits, no leading '+', no spaces.
-    std::str::from_utf8(digits)
-        .ok()
-        .filter(|s| !s.is_empty() && !s.starts_with('+'))
-        .and_then(|s| s.parse::<i64>().ok())
+/// Redis `string2ll` (util.c), which reads multibulk and bulk lengths: an
+/// optional '-', then digits without a leading zero ("0" alone is zero;
+/// "-0", "+1", " 1" and "01" are not numbers), fitting an `i64`, at most
+/// 20 characters.
+fn parse_int(p: &[u8]) -> Option<i64> {
+    if p.is_empty() || p.len() > 20 {
+        return None;
+    }
+    if p == b"0" {
+        return Some(0);
+    }
+    let (negative, digits) = match p.split_first() {
+        Some((b'-', rest)) => (true, rest),
+        _ => (false, p),
+    };
+    if !matches!(digits.first(), Some(b'1'..=b'9')) {
+        return None;
+    }
+    let mut v: u64 = 0;
+    for &b in digits {
+        if !b.is_ascii_digit() {
+            return None;
+        }
+        v = v.checked_mul(10)?.checked_add(u64::from(b - b'0'))?;
+    }
+    if negative {
+        // Down to i64::MIN, whose magnitude is one past i64::MAX.
+        (v <= i64::MAX as u64 + 1).then(|| (v as i64).wrapping_neg())
+    } else {
+        i64::try_from(v).ok()
+    }
 }
 
 fn parse_multibulk(buf: &mut BytesMut, limits: &Limits) -> Result<Parsed, ProtocolError> {
@@ -328,6 +354,31 @@ pub fn split_args(line: &[u8]) -> Option<Vec<Vec<u8>>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lengths_read_as_redis_string2ll_reads_them() {
+        for (text, want) in [
+            ("0", Some(0)),
+            ("7", Some(7)),
+            ("-1", Some(-1)),
+            ("9223372036854775807", Some(i64::MAX)),
+            ("-9223372036854775808", Some(i64::MIN)),
+            ("9223372036854775808", None),
+            ("-9223372036854775809", None),
+            ("", None),
+            ("-", None),
+            ("-0", None),
+            ("01", None),
+            ("00", None),
+            ("+1", None),
+            (" 1", None),
+            ("1 ", None),
+            ("1x", None),
+            ("99999999999999999999", None),
+        ] {
+            assert_eq!(parse_int(text.as_bytes()), want, "{text:?}");
+        }
+    }
 
     #[test]
     fn leading_get_keys_finds_the_run_of_gets() {

@@ -18,6 +18,15 @@ const SHARED: &[&[u8]] = &[
     b"SET \"open quote\r\n",
     b"SET 'a'b c\r\n",
     b"PING\r\n*-x\r\n",
+    // Lengths are read as Redis's string2ll reads them: no leading zero,
+    // sign or space, no "-0".
+    b"*2\r\n$04\r\nECHO\r\n$1\r\nx\r\n",
+    b"*02\r\n$4\r\nECHO\r\n$1\r\nx\r\n",
+    b"*1\r\n$-0\r\nPING\r\n",
+    b"*-0\r\n",
+    b"PING\r\n*00\r\n",
+    b"*2\r\n$4\r\nECHO\r\n$+1\r\nx\r\n",
+    b"*2\r\n$4\r\nECHO\r\n$ 1\r\nx\r\n",
 ];
 
 async fn reply_and_close(c: &mut Conn) -> (Vec<u8>, bool) {
