@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::buffers;
 use crate::cmd::{self, Client, Flow, Pending, Replies};
-use crate::context::{ClientMeta, Context};
+use crate::context::{ClientMeta, Context, Stop};
 use crate::protocol::request::{self, Command, Parsed, encode_command};
 use crate::relay;
 use crate::telemetry::metrics::Class;
@@ -127,15 +127,20 @@ async fn serve_io<R: ClientRead, W: AsyncWrite + Unpin>(
 ) {
     let meta = Arc::new(meta);
     ctx.clients().insert(meta.id, meta.clone());
+    // Shutdown reaches clients through the client list (`server`); one
+    // inserted after that walk sees the token here.
+    if shutdown.is_cancelled() {
+        meta.stop.shut_down();
+    }
     let mut client = Client::new(ctx.clone(), meta.clone());
-    let kill = meta.kill.clone();
     // CLIENT KILL from another client: the connection closes at once, with
     // what it was owed dropped, as Redis frees a killed client.
     tokio::select! {
-        _ = run(rd, wr, &mut client, &shutdown) => {}
-        _ = kill.cancelled() => {
+        biased;
+        _ = std::future::poll_fn(|cx| meta.stop.poll_reached(cx, Stop::KILLED)) => {
             tracing::debug!(client = meta.id, "killed by CLIENT KILL");
         }
+        _ = run(rd, wr, &mut client, &shutdown) => {}
     }
     drop(client);
     ctx.clients().remove(&meta.id);
@@ -179,6 +184,7 @@ async fn run<R: ClientRead, W: AsyncWrite + Unpin>(
     // What L1 expiry is checked against: the read's time, refreshed after
     // a wait (latency still counts from the read).
     let mut clock = batch_start;
+    let meta = c.meta.clone();
     loop {
         c.refresh_live();
         // The limits in force, copied: the client is borrowed below.
@@ -324,7 +330,9 @@ async fn run<R: ClientRead, W: AsyncWrite + Unpin>(
         let idle = !idle_timeout.is_zero() && pending.is_empty() && !closing;
         tokio::select! {
             biased;
-            _ = shutdown.cancelled(), if !closing => closing = true,
+            _ = std::future::poll_fn(|cx| meta.stop.poll_reached(cx, Stop::SHUTTING_DOWN)), if !closing => {
+                closing = true;
+            }
             _ = std::future::poll_fn(|cx| cmd::poll_front(&mut pending, cx)), if !pending.is_empty() => {
                 // Commands still buffered run now, not when they were read:
                 // their clock (L1 expiry checks) must not lag behind a wait.
@@ -357,7 +365,9 @@ async fn run<R: ClientRead, W: AsyncWrite + Unpin>(
                 // Redis drops a client on EOF without answering the rest.
                 _ => return,
             },
-            _ = tokio::time::sleep_until(last_active + idle_timeout), if idle => {
+            // In an async block: select! builds every branch's future, and
+            // a timer is only made when it is waited on.
+            _ = async { tokio::time::sleep_until(last_active + idle_timeout).await }, if idle => {
                 ctx.metrics.limit_hit("idle_timeout");
                 tracing::debug!(client = c.id, "idle timeout, closing");
                 return;

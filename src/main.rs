@@ -21,6 +21,14 @@ use kiln::cli::{Cli, Command};
 use kiln::config::{Config, Overrides};
 use tokio_util::sync::CancellationToken;
 
+/// mimalloc: every request allocates a few small objects that live until
+/// its reply (its arguments, the reply's channel, the write's invalidation
+/// hook), hundreds in flight at once. glibc's malloc took 11% of a
+/// forwarded SET's instructions for them (its fast bins stop at 128 bytes
+/// and hold few), mimalloc's per-thread free lists a fraction of that.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let (mut config, text) = match &cli.config {

@@ -200,7 +200,7 @@ fn close_removed_users(ctx: &Context) -> usize {
         let st = m.state().clone();
         if st.logged_in && live.users.role_of(&st.user).is_none() {
             tracing::info!(client = m.id, user = %st.user, "user removed by reload: closing its connection");
-            m.kill.cancel();
+            m.stop.kill();
             closed += 1;
         }
     }

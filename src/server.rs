@@ -25,7 +25,14 @@ pub async fn accept_loop(
     let mut backoff = Duration::from_millis(1);
     loop {
         let accepted = tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => {
+                // Connections learn it from their `Stop`, which costs
+                // them less to watch than the token.
+                for m in ctx.clients().values() {
+                    m.stop.shut_down();
+                }
+                return;
+            }
             r = listener.accept() => r,
         };
         match accepted {

@@ -240,7 +240,7 @@ pub fn kill(ctx: &Context, me: u64, args: &[Bytes]) -> Killed {
             }
             close_self = true;
         } else {
-            m.kill.cancel();
+            m.stop.kill();
         }
         killed += 1;
     }

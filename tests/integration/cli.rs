@@ -119,6 +119,10 @@ async fn sigterm_drains_in_flight_commands_and_exits_zero() {
     }
     let mut c = Conn::connect(addr).await;
     c.cmd(&["SET", "k", "v"]).await;
+    // A client with nothing in flight is closed too (shutdown reaches
+    // connections through the client list, see `context::Stop`).
+    let mut idle = Conn::connect(addr).await;
+    assert_eq!(idle.cmd(&["PING"]).await, "+PONG\r\n");
     // A command still running upstream when the signal arrives.
     c.send(&["BLPOP", "never", "0.5"]).await;
     let mut direct = redis.conn().await;
@@ -132,6 +136,7 @@ async fn sigterm_drains_in_flight_commands_and_exits_zero() {
     assert!(status.success());
     assert_eq!(c.read().await, "*-1\r\n", "the in-flight command finished");
     assert!(c.closed().await, "then the connection is closed");
+    assert!(idle.closed().await, "an idle connection is closed");
     let deadline = std::time::Instant::now() + WAIT;
     let code = loop {
         if let Some(s) = child.try_wait().expect("wait") {
