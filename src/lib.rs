@@ -26,6 +26,7 @@ pub mod context;
 pub mod counter;
 pub mod error;
 pub mod fuzzing;
+pub mod name_index;
 pub mod protocol;
 pub mod relay;
 pub mod reload;

@@ -6,6 +6,8 @@
 
 use std::collections::HashMap;
 
+use crate::name_index::NameIndex;
+
 use bytes::Bytes;
 use redis_protocol::resp2::types::OwnedFrame;
 
@@ -46,6 +48,8 @@ pub enum Keys {
 
 pub struct Table {
     map: Map,
+    /// The top-level names of `map`, for the lookups every command makes.
+    by_name: NameIndex<CmdInfo>,
     pub from_upstream: bool,
     /// Top-level names with an `allow_busy` command or subcommand: checked
     /// first, so other commands pay no second lookup.
@@ -87,8 +91,14 @@ impl Table {
             .collect();
         busy_names.sort();
         busy_names.dedup();
+        let by_name = NameIndex::new(
+            map.iter()
+                .filter(|(n, _)| !n.contains(&b'|'))
+                .map(|(n, i)| (&n[..], *i)),
+        );
         Table {
             map,
+            by_name,
             from_upstream,
             busy_names,
         }
@@ -114,11 +124,17 @@ impl Table {
     /// A flag of the command named `name` (lowercase), or of its
     /// subcommand for a container.
     fn flag(&self, name: &[u8], args: &[Bytes], f: impl Fn(&CmdInfo) -> bool) -> bool {
-        match self.map.get(name) {
+        match self.find(name) {
             Some(i) if i.container => args.get(1).and_then(|s| self.sub(name, s)).is_some_and(f),
             Some(i) => f(i),
             None => false,
         }
+    }
+
+    /// Looks up a lowercase name: a top-level one in `by_name`, a
+    /// `name|sub` (or a name too long for it) in the map.
+    fn find(&self, lower: &[u8]) -> Option<&CmdInfo> {
+        self.by_name.get(lower).or_else(|| self.map.get(lower))
     }
 
     /// Every lowercase name the table knows.
@@ -128,7 +144,7 @@ impl Table {
 
     /// Looks up a lowercase name (`"set"`, `"xgroup|create"`).
     pub fn get(&self, lower: &[u8]) -> Option<&CmdInfo> {
-        self.map.get(lower)
+        self.find(lower)
     }
 
     /// Whether upstream has this command (`sub`: of a container), as its
@@ -141,7 +157,7 @@ impl Table {
         if !self.from_upstream {
             return true;
         }
-        match (self.map.get(lower), sub) {
+        match (self.find(lower), sub) {
             (None, _) => false,
             (Some(i), Some(sub)) if i.container => self.sub(lower, sub).is_some(),
             (Some(_), _) => true,
@@ -156,7 +172,7 @@ impl Table {
         if let Some((_, idx)) = NUMKEYS_WRITES.iter().find(|(n, _)| n.as_bytes() == name) {
             return Some(Keys::NumKeys(*idx));
         }
-        let mut info = match self.map.get(name) {
+        let mut info = match self.find(name) {
             Some(i) => *i,
             None => return Some(Keys::AllArgs),
         };
@@ -207,7 +223,7 @@ impl Table {
             // Blocking only with a BLOCK argument.
             b"xread" | b"xreadgroup" => args.iter().any(|a| a.eq_ignore_ascii_case(b"block")),
             b"wait" | b"waitaof" => true,
-            _ => self.map.get(name).is_some_and(|i| i.blocking),
+            _ => self.find(name).is_some_and(|i| i.blocking),
         }
     }
 }
@@ -266,7 +282,7 @@ impl crate::upstream::KeyFinder for Table {
             }
             _ => {}
         }
-        let mut info = match self.map.get(name) {
+        let mut info = match self.find(name) {
             Some(i) => *i,
             // Not a command upstream has: it refuses it, keys or not.
             None => return Vec::new(),

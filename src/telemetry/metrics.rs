@@ -9,7 +9,7 @@
 //! exporter's text.
 
 use crate::counter::Striped;
-use std::collections::HashMap;
+use crate::name_index::NameIndex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -52,7 +52,7 @@ pub struct Metrics {
     handle: PrometheusHandle,
     latency: histogram::Latency,
     /// Per command name (lowercase), fixed at start: lookups take no lock.
-    commands: HashMap<Vec<u8>, Striped, foldhash::fast::RandomState>,
+    commands: NameIndex<Striped>,
     other_commands: Striped,
     /// Replies that were upstream failures (for the error rate).
     pub failed_replies: AtomicU64,
@@ -89,10 +89,11 @@ impl Metrics {
             handle: recorder.handle(),
             recorder,
             latency: histogram::Latency::default(),
-            commands: command_names
-                .filter(|n| !n.contains(&b'|'))
-                .map(|n| (n.to_vec(), Striped::default()))
-                .collect(),
+            commands: NameIndex::new(
+                command_names
+                    .filter(|n| !n.contains(&b'|'))
+                    .map(|n| (n, Striped::default())),
+            ),
             other_commands: Striped::default(),
             failed_replies: AtomicU64::new(0),
             limit_hits: Default::default(),
@@ -122,7 +123,7 @@ impl Metrics {
     }
 
     pub fn commands_total(&self) -> u64 {
-        self.commands.values().map(Striped::load).sum::<u64>() + self.other_commands.load()
+        self.commands.iter().map(|(_, c)| c.load()).sum::<u64>() + self.other_commands.load()
     }
 
     pub fn latency(&self, class: Class, took: Duration) {
