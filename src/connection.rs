@@ -96,14 +96,14 @@ pub trait ClientRead: AsyncRead + Unpin {
 
 impl ClientRead for tokio::net::tcp::OwnedReadHalf {
     async fn read_lent(&mut self, buf: &mut BytesMut) -> std::io::Result<usize> {
-        loop {
-            self.readable().await?;
-            buffers::lend(buf);
-            match self.try_read_buf(buf) {
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => buffers::give_back(buf),
-                r => return r,
-            }
-        }
+        self.readable().await?;
+        buffers::lend(buf);
+        // A read, not `try_read_buf`: tokio's read forgets the socket's
+        // readiness after a short read, so the next wait goes to epoll
+        // rather than to a read that finds nothing (one syscall more per
+        // request at -P 1). After a rare spurious wake-up it waits
+        // holding the buffer.
+        self.read_buf(buf).await
     }
 }
 
