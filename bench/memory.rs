@@ -9,6 +9,11 @@ use kiln::cache::{ENTRY_OVERHEAD, L1};
 use kiln::config::{CacheConfig, GIB};
 use kiln::protocol::encode;
 
+/// The kiln binary's allocator (`src/main.rs`): its size classes are what
+/// an entry costs.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn rss() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").expect("statm");
     let pages: u64 = statm
