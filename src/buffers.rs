@@ -18,6 +18,10 @@ pub const SIZE: usize = 16 * 1024;
 /// Buffers kept per thread for the next borrower; more are freed.
 const KEEP: usize = 64;
 
+/// The capacities kept: a buffer grown for one large reply or command is
+/// freed once it is empty, not kept by an idle connection or the pool.
+const KEPT: std::ops::RangeInclusive<usize> = 1024..=4 * SIZE;
+
 thread_local! {
     static FREE: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
 }
@@ -32,11 +36,15 @@ pub fn lend(buf: &mut BytesMut) {
     }
 }
 
-/// Takes `buf`'s memory back when nothing is left in it; `buf` is then
-/// empty with no capacity. A buffer holding bytes is left as it is.
+/// Takes `buf`'s memory back when nothing is left in it (kept for the
+/// next borrower if its capacity is in `KEPT`, freed otherwise); `buf` is
+/// then empty with no capacity. A buffer holding bytes is left as it is.
 pub fn give_back(buf: &mut BytesMut) {
-    if buf.is_empty() && buf.capacity() > 0 {
-        let b = std::mem::take(buf);
+    if !buf.is_empty() {
+        return;
+    }
+    let b = std::mem::take(buf);
+    if KEPT.contains(&b.capacity()) {
         FREE.with(|f| {
             let mut f = f.borrow_mut();
             if f.len() < KEEP {
@@ -66,6 +74,20 @@ mod tests {
         lend(&mut b);
         assert_eq!(b.as_ptr(), ptr, "the buffer given back is lent next");
         assert_eq!(b.capacity(), SIZE - 1);
+    }
+
+    #[test]
+    fn a_buffer_grown_large_is_freed_not_kept() {
+        let mut big = BytesMut::with_capacity(8 << 20);
+        big.extend_from_slice(&[1; 1 << 20]);
+        let _ = big.split_to(1 << 20);
+        let ptr = big.as_ptr();
+        give_back(&mut big);
+        assert_eq!(big.capacity(), 0);
+        let mut next = BytesMut::new();
+        lend(&mut next);
+        assert_ne!(next.as_ptr(), ptr, "not kept for the next borrower");
+        assert!(next.capacity() <= 4 * SIZE);
     }
 
     #[test]

@@ -294,6 +294,12 @@ async fn run<R: ClientRead, W: AsyncWrite + Unpin>(
             }
         }
         drain_ready(&mut pending, c, &mut out);
+        if closing {
+            // A command held for earlier replies is never run once the
+            // connection closes (shutdown): left here, it would send the
+            // loop round without waiting, forever.
+            stalled = None;
+        }
         if stalled.as_ref().is_some_and(|s| !c.needs_barrier(s)) {
             // The replies it waited for are in (and wrote nothing, under
             // CLIENT REPLY OFF): run it now rather than wait for I/O.

@@ -8,6 +8,7 @@
 const MAX_LEN: usize = 32;
 const BUCKETS: usize = MAX_LEN * 32;
 
+/// Lowercase names (1 to `MAX_LEN` bytes) to a `T` each; see the module.
 pub struct NameIndex<T> {
     buckets: Vec<Vec<(Box<[u8]>, T)>>,
 }

@@ -411,3 +411,55 @@ async fn commands_cut_across_reads_survive_other_clients_between_the_pieces() {
     );
     assert!(mine.len() > 16 * 1024);
 }
+
+/// Shutdown while a command is held back for earlier replies (a write
+/// behind a GET's fill, a blocking command behind a read): the held
+/// command is never run, what was owed is written, and the connection
+/// closes. The held command used to send the connection's loop round
+/// without waiting, spinning its worker at 100% CPU so kiln never exited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_with_commands_held_behind_earlier_replies_ends() {
+    let redis = Redis::start();
+    let kiln = Kiln::start(&redis).await;
+    let mut direct = redis.conn().await;
+    direct.cmd(&["SET", "held", "v"]).await;
+    let mut status = kiln.conn().await;
+    let (mut write_held, mut block_held) = (kiln.conn().await, kiln.conn().await);
+    // Upstream holds every command for a while: the GETs' fills wait, and
+    // the SET and the BLPOP behind them are held in kiln.
+    assert_eq!(
+        direct.cmd(&["CLIENT", "PAUSE", "700", "ALL"]).await,
+        "+OK\r\n"
+    );
+    let pipeline = |a: &[&str], b: &[&str]| [encode(a), encode(b)].concat();
+    write_held
+        .send_raw(&pipeline(&["GET", "held"], &["SET", "held", "w"]))
+        .await;
+    block_held
+        .send_raw(&pipeline(&["GET", "held"], &["BLPOP", "nolist", "0"]))
+        .await;
+    // Both have read their pipelines (CLIENT LIST shows the GET as their
+    // last command) before kiln is stopped.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let list = String::from_utf8_lossy(&status.cmd(&["CLIENT", "LIST"]).await).into_owned();
+        if list.matches("cmd=get").count() >= 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "pipelines not read: {list}");
+    }
+    drop(status);
+    tokio::time::timeout(WAIT, kiln.stop())
+        .await
+        .expect("kiln stops")
+        .expect("cleanly");
+    for c in [&mut write_held, &mut block_held] {
+        assert_eq!(c.read().await, "$1\r\nv\r\n", "the GET owed is written");
+        assert!(c.closed().await, "then the connection closes");
+    }
+    assert_eq!(
+        direct.cmd(&["GET", "held"]).await,
+        "$1\r\nv\r\n",
+        "the held SET never ran"
+    );
+}
