@@ -125,6 +125,13 @@ fn serve(config: Config, source: Option<kiln::ConfigSource>) -> anyhow::Result<(
         .listen
         .parse()
         .with_context(|| format!("server.listen `{}`", config.server.listen))?;
+    let rt = runtime()?;
+    // Taken before the port is bound (a client can connect, and a script
+    // can send SIGHUP, as soon as it is): a SIGHUP (systemctl reload,
+    // logrotate) must never kill kiln, even while it is still starting or
+    // without a file. Found by a test that sent one right after connecting.
+    let hup = rt
+        .block_on(async { tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) });
     // A socket without SO_REUSEPORT cannot bind a port another socket holds,
     // shared or not: this fails if the address is taken.
     let probe = client_listener(addr, false).with_context(|| format!("cannot listen on {addr}"))?;
@@ -143,11 +150,6 @@ fn serve(config: Config, source: Option<kiln::ConfigSource>) -> anyhow::Result<(
     })?;
     sidecar.set_nonblocking(true)?;
 
-    let rt = runtime()?;
-    // Taken before start-up: a SIGHUP (systemctl reload, logrotate) must
-    // never kill kiln, even while it is still starting or without a file.
-    let hup = rt
-        .block_on(async { tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) });
     let shutdown = CancellationToken::new();
     let node = rt.block_on(async {
         let sidecar = tokio::net::TcpListener::from_std(sidecar)?;
