@@ -1530,3 +1530,76 @@ async fn hand_offs_between_nodes_match_a_standalone_redis() {
         );
     }
 }
+
+/// Two nodes that send a request back and forth while a slot moves (the
+/// source has given the slot to the importing node, which does not own it
+/// yet and sends it back) are waited out: the command runs once the move
+/// is complete. Sixteen immediate hops used to hand the client the last
+/// `-MOVED` within milliseconds (seen under load in the slot-move test).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_bounced_between_two_nodes_waits_for_the_move() {
+    use crate::util::cli;
+    let cluster = tokio::task::spawn_blocking(Cluster::start)
+        .await
+        .expect("cluster");
+    let kiln = start(&cluster).await;
+    let key = format!("{{{}}}:bounce", tag_on(0, 300));
+    let slot = key_slot(key.as_bytes());
+    let from = cluster.owner_port(slot);
+    let to = cluster.owner_port(key_slot(tag_on(1, 0).as_bytes()));
+    let mut k = kiln.conn().await;
+    assert_eq!(k.cmd(&["SET", &key, "5"]).await, "+OK\r\n");
+    let before = crate::util::cache_status(&mut k).await["redirections_moved"]
+        .as_i64()
+        .unwrap_or(0);
+    let table = cluster.table();
+    let id = |port: u16| {
+        table
+            .iter()
+            .find(|(_, p, _)| *p == port)
+            .map(|(id, _, _)| id.clone())
+            .expect("node id")
+    };
+    let (from_id, to_id, s) = (id(from), id(to), slot.to_string());
+    // The key moves; then only the source is told the slot is the other
+    // node's: the source answers -MOVED to it, and it, importing but not
+    // owning the slot, -MOVED back.
+    assert!(cli(to, &["CLUSTER", "SETSLOT", &s, "IMPORTING", &from_id]).contains("OK"));
+    assert!(cli(from, &["CLUSTER", "SETSLOT", &s, "MIGRATING", &to_id]).contains("OK"));
+    let to_s = to.to_string();
+    let out = cli(
+        from,
+        &["MIGRATE", "127.0.0.1", &to_s, "", "0", "5000", "KEYS", &key],
+    );
+    assert!(out.contains("OK"), "MIGRATE: {out}");
+    assert!(cli(from, &["CLUSTER", "SETSLOT", &s, "NODE", &to_id]).contains("OK"));
+    let mut bounced = kiln.conn().await;
+    bounced.send(&["INCR", &key]).await;
+    // The request is bouncing (kiln counted six -MOVED): now the importing
+    // node, and the third, learn the slot is the importer's.
+    let deadline = std::time::Instant::now() + crate::util::WAIT;
+    loop {
+        let now = crate::util::cache_status(&mut k).await["redirections_moved"]
+            .as_i64()
+            .unwrap_or(0);
+        // Past the hops followed at once: the paced ones leave a second.
+        if now - before >= 6 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no bouncing seen");
+    }
+    for (_, port, primary) in &table {
+        if primary == "-" && *port != from {
+            cli(*port, &["CLUSTER", "SETSLOT", &s, "NODE", &to_id]);
+        }
+    }
+    assert_eq!(
+        bounced.read().await,
+        ":6\r\n",
+        "run once the move completed, not -MOVED"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&direct(&cluster, &["GET", &key]).await),
+        "$1\r\n6\r\n"
+    );
+}
