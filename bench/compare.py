@@ -367,12 +367,17 @@ def cpu_main(args):
                   f"get_forward through a kiln whose rule turns caching off. "
                   f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.\n\n"
                   "Reproduce: `python3 bench/compare.py --cpu --rounds 3`.\n\n")
-        os.makedirs(os.path.join(ROOT, "bench/results"), exist_ok=True)
-        with open(os.path.join(ROOT, "bench/results/cpu.md"), "w") as f:
-            f.write(header + table + "\n")
-        print("written to bench/results/cpu.md")
+        write_result("cpu.md", header + table + "\n")
     finally:
         stop_all(procs, tmp)
+
+
+def write_result(name, text):
+    """Writes `text` to bench/results/`name`."""
+    os.makedirs(os.path.join(ROOT, "bench/results"), exist_ok=True)
+    with open(os.path.join(ROOT, "bench/results", name), "w") as f:
+        f.write(text)
+    print(f"written to bench/results/{name}")
 
 
 def stop_all(procs, tmp):
@@ -545,10 +550,7 @@ def cluster_main(args):
                   "(warmup SCANs every primary). get_forward: a kiln whose rule turns caching off. "
                   f"kiln threads = {os.environ.get('KILN_THREADS', 1)}. Invalidation lag: a direct SET on the key's "
                   "primary until kiln serves the new value (includes the polling client's own round trips).\n\n")
-        os.makedirs(os.path.join(ROOT, "bench/results"), exist_ok=True)
-        with open(os.path.join(ROOT, "bench/results/cluster.md"), "w") as f:
-            f.write(header + table + "\n")
-        print("written to bench/results/cluster.md")
+        write_result("cluster.md", header + table + "\n")
     finally:
         stop_all(procs, tmp)
 
@@ -626,17 +628,15 @@ def main():
                          f"{' / '.join(f'{v:.3f}' for v in r['p50'])} | {' / '.join(f'{v:.3f}' for v in r['p99'])} |")
         table = "\n".join(lines)
         print(table)
-        os.makedirs(os.path.join(ROOT, "bench/results"), exist_ok=True)
         header = (f"# kiln vs Redis direct vs twemproxy\n\nredis-benchmark -c 50 -d 100 -r {KEYS}; medians of "
                   f"{args.rounds} rounds{' (quick)' if args.quick else ''}; loopback, 2 cores shared by the client, "
                   f"kiln and Redis; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.\n"
                   "get_hit: kiln answers from a warmed L1. get_forward: a kiln whose rule turns caching off. "
                   f"hgetall_hit: HGETALL of {HASHES:,} hashes of five 20-byte fields, every one read once through kiln first. "
                   f"kiln threads = {os.environ.get('KILN_THREADS', 1)}, like Redis's one.\n\n")
-        with open(os.path.join(ROOT, "bench/results/compare.md"), "w") as f:
-            f.write(header + table + "\n\n![ratios](compare.svg)\n")
+        write_result("compare.md", header + table + "\n\n![ratios](compare.svg)\n")
         svg(rows, os.path.join(ROOT, "bench/results/compare.svg"))
-        print("written to bench/results/compare.md and compare.svg")
+        print("written to bench/results/compare.svg")
     finally:
         stop_all(procs, tmp)
 

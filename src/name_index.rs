@@ -35,6 +35,12 @@ impl<T> NameIndex<T> {
             .map(|(_, v)| v)
     }
 
+    /// Whether `name` is one the index would hold (`get` answers for it
+    /// alone).
+    pub fn covers(name: &[u8]) -> bool {
+        bucket(name).is_some()
+    }
+
     /// Every indexed name and its value.
     pub fn iter(&self) -> impl Iterator<Item = (&[u8], &T)> {
         self.buckets.iter().flatten().map(|(n, v)| (&n[..], v))

@@ -131,10 +131,15 @@ impl Table {
         }
     }
 
-    /// Looks up a lowercase name: a top-level one in `by_name`, a
-    /// `name|sub` (or a name too long for it) in the map.
+    /// Looks up a lowercase name: a top-level one in `by_name` only (an
+    /// unknown command costs no second lookup), a `name|sub` or a name too
+    /// long for the index in the map.
     fn find(&self, lower: &[u8]) -> Option<&CmdInfo> {
-        self.by_name.get(lower).or_else(|| self.map.get(lower))
+        if NameIndex::<CmdInfo>::covers(lower) && !lower.contains(&b'|') {
+            self.by_name.get(lower)
+        } else {
+            self.map.get(lower)
+        }
     }
 
     /// Every lowercase name the table knows.

@@ -69,20 +69,13 @@ impl Latency {
             let mut total = 0;
             for (i, b) in c.buckets.iter().enumerate() {
                 total += b.load();
-                match LATENCY_BUCKETS.get(i) {
-                    Some(le) => {
-                        let _ = writeln!(
-                            out,
-                            "{LATENCY}_bucket{{class=\"{name}\",le=\"{le}\"}} {total}"
-                        );
-                    }
-                    None => {
-                        let _ = writeln!(
-                            out,
-                            "{LATENCY}_bucket{{class=\"{name}\",le=\"+Inf\"}} {total}"
-                        );
-                    }
-                }
+                let le = LATENCY_BUCKETS
+                    .get(i)
+                    .map_or_else(|| "+Inf".to_string(), f64::to_string);
+                let _ = writeln!(
+                    out,
+                    "{LATENCY}_bucket{{class=\"{name}\",le=\"{le}\"}} {total}"
+                );
             }
             let sum = c.sum_ns.load() as f64 / 1e9;
             let _ = writeln!(out, "{LATENCY}_sum{{class=\"{name}\"}} {sum}");

@@ -1553,14 +1553,8 @@ async fn a_request_bounced_between_two_nodes_waits_for_the_move() {
         .as_i64()
         .unwrap_or(0);
     let table = cluster.table();
-    let id = |port: u16| {
-        table
-            .iter()
-            .find(|(_, p, _)| *p == port)
-            .map(|(id, _, _)| id.clone())
-            .expect("node id")
-    };
-    let (from_id, to_id, s) = (id(from), id(to), slot.to_string());
+    let node_id = |port| crate::util::cluster::node_id(&table, port);
+    let (from_id, to_id, s) = (node_id(from), node_id(to), slot.to_string());
     // The key moves; then only the source is told the slot is the other
     // node's: the source answers -MOVED to it, and it, importing but not
     // owning the slot, -MOVED back.

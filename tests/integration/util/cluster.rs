@@ -185,14 +185,7 @@ impl Cluster {
     /// NODE on both and on every other primary (MOVED from then on).
     pub fn migrate_slot(&self, slot: u16, from: u16, to: u16) {
         let table = self.table();
-        let id = |port: u16| {
-            table
-                .iter()
-                .find(|(_, p, _)| *p == port)
-                .map(|(id, _, _)| id.clone())
-                .expect("node id")
-        };
-        let (from_id, to_id) = (id(from), id(to));
+        let (from_id, to_id) = (node_id(&table, from), node_id(&table, to));
         let s = slot.to_string();
         assert!(cli(to, &["CLUSTER", "SETSLOT", &s, "IMPORTING", &from_id]).contains("OK"));
         assert!(cli(from, &["CLUSTER", "SETSLOT", &s, "MIGRATING", &to_id]).contains("OK"));
@@ -243,4 +236,13 @@ impl Drop for Cluster {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// The id of the node on `port` in a `Cluster::table`.
+pub fn node_id(table: &[(String, u16, String)], port: u16) -> String {
+    table
+        .iter()
+        .find(|(_, p, _)| *p == port)
+        .map(|(id, _, _)| id.clone())
+        .expect("node id")
 }
