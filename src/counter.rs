@@ -1,5 +1,5 @@
 //! A counter that the worker threads update without sharing a cache line:
-//! one padded slot per worker (`upstream::worker()`), summed when read. On
+//! one padded slot per worker (`worker::worker()`), summed when read. On
 //! the hit path a single shared `AtomicU64` bounced between the cores on
 //! every GET.
 
@@ -19,7 +19,7 @@ impl Striped {
     /// Adds `n` to this worker's slot.
     #[inline]
     pub fn add(&self, n: u64) {
-        self.0[crate::upstream::worker() % STRIPES]
+        self.0[crate::worker::worker() % STRIPES]
             .0
             .fetch_add(n, Ordering::Relaxed);
     }
@@ -41,7 +41,7 @@ mod tests {
             for w in 0..12 {
                 let c = &c;
                 s.spawn(move || {
-                    crate::upstream::set_worker(w);
+                    crate::worker::set_worker(w);
                     for _ in 0..1000 {
                         c.add(1);
                     }

@@ -36,6 +36,7 @@ pub mod telemetry;
 pub mod tls;
 pub mod upstream;
 pub mod warmup;
+pub mod worker;
 
 use std::sync::Arc;
 
@@ -138,7 +139,7 @@ impl Node {
             .local_addr()
             .map(|a| a.to_string())
             .unwrap_or_default();
-        tracing::info!(listen = %at, worker = upstream::worker(), "accepting clients");
+        tracing::info!(listen = %at, worker = worker::worker(), "accepting clients");
         server::accept_loop(
             listener,
             self.ctx.clone(),

@@ -189,7 +189,7 @@ fn serve(config: Config, source: Option<kiln::ConfigSource>) -> anyhow::Result<(
         let worker = std::thread::Builder::new()
             .name(format!("kiln-worker-{}", i + 1))
             .spawn(move || -> anyhow::Result<()> {
-                kiln::upstream::set_worker(i + 1);
+                kiln::worker::set_worker(i + 1);
                 runtime()?.block_on(async move {
                     node.serve(tokio::net::TcpListener::from_std(l)?).await;
                     Ok(())

@@ -19,6 +19,7 @@ use std::time::SystemTime;
 
 use crate::config::{Config, Overrides};
 use crate::context::Context;
+use crate::worker::lock;
 
 /// Where the config came from, and what is in force.
 pub struct Reloader {
@@ -263,10 +264,6 @@ fn diff(prefix: &str, a: &toml::Value, b: &toml::Value, out: &mut Vec<String>) {
         _ if a != b => out.push(prefix.to_string()),
         _ => {}
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]

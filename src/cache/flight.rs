@@ -12,6 +12,7 @@ use bytes::Bytes;
 use tokio::sync::oneshot;
 
 use super::FillToken;
+use crate::worker::lock;
 
 /// A `GET` answer as every waiter needs it, whatever its protocol.
 #[derive(Debug, Clone)]
@@ -143,8 +144,4 @@ impl Default for Flights {
     fn default() -> Self {
         Self::new()
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }

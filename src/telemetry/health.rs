@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{AlertsConfig, Config};
 use crate::context::Context;
 use crate::protocol::request::encode_command;
+use crate::worker::lock;
 
 const TICK: Duration = Duration::from_millis(500);
 
@@ -57,10 +58,6 @@ pub struct Health {
     pub redis_memory: AtomicU64,
     /// `/ready` also waits for the start-up warmup.
     wait_for_warmup: bool,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Health {

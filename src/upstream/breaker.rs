@@ -82,7 +82,7 @@ impl Breaker {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+        crate::worker::lock(&self.inner)
     }
 
     /// Whether a request may go to upstream now. In half-open, each `true`

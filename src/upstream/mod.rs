@@ -44,6 +44,7 @@ pub use conn::{ConnHandle, Hooks, OnReply, Reply};
 use crate::config::{Config, Topology, UpstreamAddr};
 use crate::error::{ErrorCounts, UpstreamError};
 use crate::protocol::Proto;
+use crate::worker::{lock, worker};
 
 /// How to open one upstream connection in a given state.
 pub struct Connector {
@@ -252,22 +253,6 @@ type PoolKey = (u32, Proto, As);
 
 /// A set of connections clients are spread over.
 type Conns = Arc<[ConnHandle]>;
-
-thread_local! {
-    /// Which worker thread (runtime) this is; 0 outside the worker pool.
-    static WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
-}
-
-/// Marks the calling thread as worker `i`: shared and reader connections
-/// are kept per worker, so a client and the upstream connection it uses
-/// run on the same thread and wake each other without crossing threads.
-pub fn set_worker(i: usize) {
-    WORKER.with(|w| w.set(i));
-}
-
-pub fn worker() -> usize {
-    WORKER.with(|w| w.get())
-}
 
 /// How the connections that fill L1 are made; decided by the coherence mode.
 #[derive(Clone)]
@@ -1055,8 +1040,4 @@ async fn probe_node(node: &Node, common: &Common, args: &[&[u8]]) -> Result<Byte
         .await
         .map_err(|_| UpstreamError::Timeout(common.command_timeout * 5))??;
     Ok(r.0.into_iter().next().unwrap_or_default())
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }

@@ -23,6 +23,8 @@ use std::hash::BuildHasher;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
+use crate::worker::lock;
+
 use bytes::Bytes;
 
 const DEPTH: usize = 4;
@@ -203,10 +205,6 @@ impl HotKeys {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Merges one interval's counts into the upstream sorted set: old scores

@@ -27,6 +27,7 @@ use tracing::Instrument;
 use crate::config::{PhaseConfig, WarmupConfig};
 use crate::context::Context;
 use crate::protocol::request::encode_command;
+use crate::worker::lock;
 use hotkeys::HotKeys;
 
 /// How a run ended; `as_str` is the `outcome` metric label and the status.
@@ -473,10 +474,6 @@ pub fn trace_id() -> String {
         n /= 36;
     }
     format!("warmup-{ms}-{}", String::from_utf8_lossy(&tail))
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]
