@@ -7,10 +7,16 @@
 //! A buffer given back may still share its memory with `Bytes` split off
 //! it (commands in flight): the next borrower writes only past them, and
 //! `BytesMut` allocates anew once the rest is used up.
+//!
+//! Also the two I/O steps every socket loop shares: `ClientRead` (a client
+//! read that borrows a buffer only when there is something to read) and
+//! `write_some` (write, then flush once the buffer is empty), used by
+//! `connection`, `relay` and `upstream::conn` alike.
 
 use std::cell::RefCell;
 
 use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Capacity of a new buffer, bytes: a read's worth of pipelined commands.
 pub const SIZE: usize = 16 * 1024;
@@ -52,6 +58,51 @@ pub fn give_back(buf: &mut BytesMut) {
             }
         });
     }
+}
+
+/// What a client connection reads from.
+pub trait ClientRead: AsyncRead + Unpin {
+    /// Reads what has arrived into `buf` (0 at end of stream), lending it
+    /// a buffer (`buffers::lend`) only once there is something to read
+    /// where the stream can tell: an idle connection holds none.
+    fn read_lent(&mut self, buf: &mut BytesMut) -> impl Future<Output = std::io::Result<usize>>;
+}
+
+impl ClientRead for tokio::net::tcp::OwnedReadHalf {
+    async fn read_lent(&mut self, buf: &mut BytesMut) -> std::io::Result<usize> {
+        self.readable().await?;
+        lend(buf);
+        // A read, not `try_read_buf`: tokio's read forgets the socket's
+        // readiness after a short read, so the next wait goes to epoll
+        // rather than to a read that finds nothing (one syscall more per
+        // request at -P 1). After a rare spurious wake-up it waits
+        // holding the buffer.
+        self.read_buf(buf).await
+    }
+}
+
+/// TLS: rustls decrypts into its own buffers and cannot say whether a
+/// record is complete, so the buffer is lent before the wait.
+impl<S: AsyncRead + AsyncWrite + Unpin> ClientRead
+    for tokio::io::ReadHalf<tokio_rustls::server::TlsStream<S>>
+{
+    async fn read_lent(&mut self, buf: &mut BytesMut) -> std::io::Result<usize> {
+        lend(buf);
+        self.read_buf(buf).await
+    }
+}
+
+/// Writes what it can of `buf`; once all is written, flushes, so a TLS
+/// stream sends what it buffered (a no-op for plain TCP).
+pub async fn write_some<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    buf: &mut BytesMut,
+) -> std::io::Result<usize> {
+    let n = w.write_buf(buf).await?;
+    if buf.is_empty() {
+        w.flush().await?;
+    }
+    Ok(n)
 }
 
 #[cfg(test)]

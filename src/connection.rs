@@ -16,17 +16,17 @@ use std::task::{Context as TaskContext, Waker};
 use std::time::Instant;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::buffers;
+use crate::buffers::write_some;
+use crate::buffers::{self, ClientRead};
 use crate::cmd::{self, Client, Flow, Pending, Replies};
 use crate::context::{ClientMeta, Context, Stop};
 use crate::protocol::request::{self, Command, Parsed, encode_command};
 use crate::relay;
-use crate::telemetry::metrics::Class;
-use crate::upstream::conn::write_some;
+use crate::telemetry::histogram::Class;
 
 pub async fn serve(
     stream: TcpStream,
@@ -85,38 +85,6 @@ pub async fn serve_tls(
 }
 
 pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// What a client connection reads from.
-pub trait ClientRead: AsyncRead + Unpin {
-    /// Reads what has arrived into `buf` (0 at end of stream), lending it
-    /// a buffer (`buffers::lend`) only once there is something to read
-    /// where the stream can tell: an idle connection holds none.
-    fn read_lent(&mut self, buf: &mut BytesMut) -> impl Future<Output = std::io::Result<usize>>;
-}
-
-impl ClientRead for tokio::net::tcp::OwnedReadHalf {
-    async fn read_lent(&mut self, buf: &mut BytesMut) -> std::io::Result<usize> {
-        self.readable().await?;
-        buffers::lend(buf);
-        // A read, not `try_read_buf`: tokio's read forgets the socket's
-        // readiness after a short read, so the next wait goes to epoll
-        // rather than to a read that finds nothing (one syscall more per
-        // request at -P 1). After a rare spurious wake-up it waits
-        // holding the buffer.
-        self.read_buf(buf).await
-    }
-}
-
-/// TLS: rustls decrypts into its own buffers and cannot say whether a
-/// record is complete, so the buffer is lent before the wait.
-impl<S: AsyncRead + AsyncWrite + Unpin> ClientRead
-    for tokio::io::ReadHalf<tokio_rustls::server::TlsStream<S>>
-{
-    async fn read_lent(&mut self, buf: &mut BytesMut) -> std::io::Result<usize> {
-        buffers::lend(buf);
-        self.read_buf(buf).await
-    }
-}
 
 async fn serve_io<R: ClientRead, W: AsyncWrite + Unpin>(
     rd: R,

@@ -13,14 +13,14 @@ use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
+use crate::buffers::ClientRead;
+use crate::buffers::write_some;
 use crate::cmd::write::Stale;
 use crate::cmd::{self, Client, Replies, local, table};
-use crate::connection::ClientRead;
 use crate::context::RelayKind;
 use crate::protocol::request::{self, Command, Parsed, encode_command};
 use crate::protocol::scan::Scanner;
 use crate::protocol::{Proto, encode};
-use crate::upstream::conn::write_some;
 
 /// Writes all of `out` and flushes it (a TLS stream buffers).
 async fn write_all_flush<W: AsyncWrite + Unpin>(wr: &mut W, out: &[u8]) -> std::io::Result<()> {

@@ -21,7 +21,7 @@ use crate::cache::{Entry, FillToken, Policy, reads};
 use crate::context::Context;
 use crate::protocol::request::{Command, encode_command};
 use crate::protocol::{Proto, encode, reply};
-use crate::telemetry::metrics::Class;
+use crate::telemetry::histogram::Class;
 use crate::upstream::{OnReply, Reply};
 use tokio::sync::oneshot;
 

@@ -35,7 +35,7 @@ use crate::cache::flight::GetAnswer;
 use crate::context::Context;
 use crate::protocol::request::Command;
 use crate::protocol::{Proto, encode};
-use crate::telemetry::metrics::Class;
+use crate::telemetry::histogram::Class;
 use crate::upstream::{Link, Reply};
 
 pub use session::SessionState;

@@ -27,7 +27,7 @@ use crate::cache::{FillToken, Policy, reads};
 use crate::context::Context;
 use crate::protocol::request::{Command, encode_command};
 use crate::protocol::{Proto, reply};
-use crate::telemetry::metrics::Class;
+use crate::telemetry::histogram::Class;
 use crate::upstream::Link;
 
 /// The read id of `name` when this call of it may be answered from L1.

@@ -348,7 +348,7 @@ pub async fn dispatch(c: &mut Client, name: &[u8], cmd: Command, r: &mut Replies
             }
         }
     }
-    c.op.class = crate::telemetry::metrics::Class::Forward;
+    c.op.class = crate::telemetry::histogram::Class::Forward;
     let blocking = !s.in_multi && ctx.table.is_blocking(&cmd.args);
     {
         // What CLIENT LIST shows: `multi=` and the `x` and `b` flags.

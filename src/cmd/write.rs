@@ -118,7 +118,7 @@ impl Drop for InFlight {
 }
 
 pub fn forward(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
-    c.op.class = crate::telemetry::metrics::Class::Forward;
+    c.op.class = crate::telemetry::histogram::Class::Forward;
     let write = Stale::of_write(&c.ctx, &cmd.args);
     let unnamed = write.as_ref().is_some_and(|(_, u)| *u);
     let stale = write.map(|(s, _)| s);

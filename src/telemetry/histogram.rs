@@ -11,7 +11,6 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use super::metrics::Class;
 use super::names::{LATENCY, LATENCY_BUCKETS};
 use crate::counter::Striped;
 
@@ -23,6 +22,32 @@ const BOUNDS: usize = LATENCY_BUCKETS.len();
 struct Counts {
     buckets: [Striped; BOUNDS + 1],
     sum_ns: Striped,
+}
+
+/// What a command's latency is counted as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Class {
+    /// GET/MGET answered from L1.
+    Hit,
+    /// GET/MGET that read upstream.
+    Miss,
+    /// Forwarded to upstream.
+    Forward,
+    /// Answered by kiln (PING, SELECT, CACHE.*).
+    Local,
+}
+
+impl Class {
+    pub const ALL: [Class; 4] = [Class::Hit, Class::Miss, Class::Forward, Class::Local];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Class::Hit => "hit",
+            Class::Miss => "miss",
+            Class::Forward => "forward",
+            Class::Local => "local",
+        }
+    }
 }
 
 /// The latency histogram of each `Class`.

@@ -16,34 +16,8 @@ use std::time::Duration;
 use metrics::{Counter, Gauge, Key, Label, Recorder};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
-use super::histogram;
+use super::histogram::{self, Class};
 use super::names::{self, ALL};
-
-/// What a command's latency is counted as.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Class {
-    /// GET/MGET answered from L1.
-    Hit,
-    /// GET/MGET that read upstream.
-    Miss,
-    /// Forwarded to upstream.
-    Forward,
-    /// Answered by kiln (PING, SELECT, CACHE.*).
-    Local,
-}
-
-impl Class {
-    pub const ALL: [Class; 4] = [Class::Hit, Class::Miss, Class::Forward, Class::Local];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Class::Hit => "hit",
-            Class::Miss => "miss",
-            Class::Forward => "forward",
-            Class::Local => "local",
-        }
-    }
-}
 
 const META: metrics::Metadata<'static> = metrics::Metadata::new("kiln", metrics::Level::INFO, None);
 

@@ -29,6 +29,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::{Breaker, Connector, breaker};
+use crate::buffers::write_some;
 use crate::error::{ErrorCounts, UpstreamError};
 use crate::protocol::scan::Scanner;
 use crate::tls::{BoxRead, BoxWrite};
@@ -532,19 +533,6 @@ async fn run(
         }
         shared.head(&fifo);
     }
-}
-
-/// Writes what it can of `buf`; once all is written, flushes, so a TLS
-/// stream sends what it buffered (a no-op for plain TCP).
-pub async fn write_some<W: AsyncWrite + Unpin>(
-    w: &mut W,
-    buf: &mut BytesMut,
-) -> std::io::Result<usize> {
-    let n = w.write_buf(buf).await?;
-    if buf.is_empty() {
-        w.flush().await?;
-    }
-    Ok(n)
 }
 
 async fn sleep_until_opt(deadline: Option<Instant>) {
