@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use criterion::{Criterion, criterion_group, criterion_main};
 use kiln::cache::L1;
-use kiln::cmd::table::{Table, lower};
+use kiln::commands::{CommandTable, lower};
 use kiln::config::CacheConfig;
 use kiln::protocol::encode;
 use kiln::protocol::request::{Limits, Parsed, parse};
@@ -31,7 +31,7 @@ fn decode_get(c: &mut Criterion) {
 }
 
 fn classify(c: &mut Criterion) {
-    let table = Table::builtin();
+    let table = CommandTable::builtin();
     let get: Vec<Bytes> = ["GET", "key:1"]
         .iter()
         .map(|s| Bytes::from_static(s.as_bytes()))

@@ -413,7 +413,7 @@ pub struct CacheConfig {
     /// false: every read is forwarded and L1 holds nothing (a kill switch
     /// that applies on reload).
     pub enabled: bool,
-    /// The read commands cached (any case); see `cache::reads` for those
+    /// The read commands cached (any case); see `commands::reads` for those
     /// allowed and why others are refused.
     pub commands: Vec<String>,
     /// How values are stored in L1.
@@ -468,7 +468,7 @@ pub struct AdaptiveTtl {
 
 /// `cache.commands` by default: the reads of SPEC section 4.
 pub fn default_cached_commands() -> Vec<String> {
-    crate::cache::reads::COMMANDS[..crate::cache::reads::DEFAULTS]
+    crate::commands::reads::COMMANDS[..crate::commands::reads::DEFAULTS]
         .iter()
         .map(|c| c.to_ascii_uppercase())
         .collect()
@@ -958,7 +958,7 @@ impl Config {
                 ),
             ));
         }
-        let cached = crate::cache::reads::mask(&self.cache.commands).map_err(|(name, m)| {
+        let cached = crate::commands::reads::mask(&self.cache.commands).map_err(|(name, m)| {
             ConfigError::Invalid {
                 key: "cache.commands".into(),
                 line: LineRef(
@@ -1013,9 +1013,9 @@ impl Config {
                     ),
                     message,
                 };
-                crate::cache::reads::mask(cmds).map_err(|(n, m)| at(Some(&n), m))?;
+                crate::commands::reads::mask(cmds).map_err(|(n, m)| at(Some(&n), m))?;
                 if let Some(wider) = cmds.iter().find(|c| {
-                    crate::cache::reads::mask(std::slice::from_ref(*c))
+                    crate::commands::reads::mask(std::slice::from_ref(*c))
                         .is_ok_and(|m| m & !cached != 0)
                 }) {
                     return Err(at(

@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use crate::cache::L1;
-use crate::cmd::table::Table;
 use crate::coherence::Coherence;
+use crate::commands::CommandTable;
 use crate::config::Config;
 use crate::protocol::request::Limits;
 use crate::upstream::{Hooks, Link, Upstream};
@@ -33,7 +33,7 @@ pub struct Context {
     pub acl: crate::cmd::acl::Permissions,
     pub metrics: crate::telemetry::metrics::Metrics,
     pub health: crate::telemetry::health::Health,
-    pub table: Arc<Table>,
+    pub table: Arc<CommandTable>,
     /// Upstream's `databases`, for SELECT's range check.
     pub databases: u32,
     /// Upstream's version, reported by HELLO.
@@ -282,13 +282,13 @@ impl Context {
         let upstream = Upstream::new(cfg, coherence.reader_spec(&l1))?;
         upstream.start(shutdown).await;
         let table = match upstream.probe(&[b"COMMAND"]).await {
-            Ok(reply) => Table::from_command_reply(&reply),
+            Ok(reply) => CommandTable::from_command_reply(&reply),
             Err(e) => {
                 tracing::warn!(error = %e, "upstream COMMAND failed; using the built-in command table");
                 None
             }
         };
-        let table = Arc::new(table.unwrap_or_else(Table::builtin));
+        let table = Arc::new(table.unwrap_or_else(CommandTable::builtin));
         upstream.set_keys(table.clone());
         let databases = match upstream.probe(&[b"CONFIG", b"GET", b"databases"]).await {
             Ok(r) => last_bulk_number(&r).unwrap_or(16),

@@ -6,7 +6,8 @@
 
 use bytes::{Bytes, BytesMut};
 
-use crate::cmd::{session, table, write};
+use crate::cmd::{session, write};
+use crate::commands::{CommandTable, key_args, lower};
 use crate::protocol::request::{Limits, Parsed, encode_command, leading_get_keys, parse};
 use crate::protocol::scan::Scanner;
 
@@ -140,16 +141,16 @@ fn scan_replies(data: &[u8]) {
 /// panic, and the keys they name are arguments of the command.
 pub fn classify(data: &[u8]) {
     thread_local! {
-        static TABLE: table::Table = table::Table::builtin();
+        static TABLE: CommandTable = CommandTable::builtin();
     }
     for args in decode_all(data).into_iter().flatten() {
         TABLE.with(|t| classify_one(t, &args));
     }
 }
 
-fn classify_one(t: &table::Table, args: &[Bytes]) {
+fn classify_one(t: &CommandTable, args: &[Bytes]) {
     let mut buf = [0u8; 64];
-    let lower = table::lower(&args[0], &mut buf).map(<[u8]>::to_vec);
+    let lower = lower(&args[0], &mut buf).map(<[u8]>::to_vec);
     let _ = t.is_blocking(args);
     let _ = t.is_admin(args);
     if let Some(name) = &lower {
@@ -157,7 +158,7 @@ fn classify_one(t: &table::Table, args: &[Bytes]) {
         let _ = write::refused(name);
     }
     if let Some(keys) = t.write_keys(args) {
-        for k in table::key_args(keys, args) {
+        for k in key_args(keys, args) {
             assert!(
                 args[1..].iter().any(|a| std::ptr::eq(a, k)),
                 "a key that is not an argument"

@@ -20,6 +20,7 @@ pub mod cache;
 pub mod cli;
 pub mod cmd;
 pub mod coherence;
+pub mod commands;
 pub mod config;
 pub mod connection;
 pub mod context;

@@ -16,7 +16,8 @@ use tokio_util::sync::CancellationToken;
 use crate::buffers::ClientRead;
 use crate::buffers::write_some;
 use crate::cmd::write::Stale;
-use crate::cmd::{self, Client, Replies, local, table};
+use crate::cmd::{self, Client, Replies, local};
+use crate::commands::table;
 use crate::context::RelayKind;
 use crate::protocol::request::{self, Command, Parsed, encode_command};
 use crate::protocol::scan::Scanner;
@@ -208,7 +209,7 @@ pub async fn relay<R: ClientRead, W: AsyncWrite + Unpin>(
             first
                 .args
                 .get(1)
-                .map(|c| crate::upstream::slot::key_slot(c))
+                .map(|c| crate::commands::slot::key_slot(c))
         })
         .flatten();
     let raw = match ctx.upstream.raw(c.db, c.proto, &c.upstream_as, slot).await {
@@ -453,8 +454,8 @@ fn elsewhere(
     if matches!(name, b"sunsubscribe" | b"unsubscribe" | b"punsubscribe") {
         return None;
     }
-    let keys = crate::upstream::KeyFinder::keys(&*ctx.table, &cmd.args);
-    let slot = crate::upstream::slot::key_slot(keys.first()?);
+    let keys = ctx.table.keys(&cmd.args);
+    let slot = crate::commands::slot::key_slot(keys.first()?);
     if ctx.upstream.node_owns(node, slot) {
         return None;
     }

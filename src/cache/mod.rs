@@ -13,7 +13,6 @@
 
 pub mod flight;
 pub mod glob;
-pub mod reads;
 mod store;
 
 use std::hash::BuildHasher;
@@ -24,6 +23,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use foldhash::fast::RandomState;
 
+use crate::commands::reads;
 use crate::config::CacheConfig;
 
 /// Bytes charged per entry on top of its key and value, so that
@@ -1340,7 +1340,7 @@ impl L1 {
     /// owner) and fences off every fill in flight; returns how many
     /// entries were dropped. The rest of L1 stays.
     pub fn drop_slots(&self, slots: &[u16], source: Source) -> usize {
-        let mut set = vec![false; crate::upstream::slot::SLOTS as usize];
+        let mut set = vec![false; crate::commands::slot::SLOTS as usize];
         for &s in slots {
             if let Some(v) = set.get_mut(s as usize) {
                 *v = true;
@@ -1348,7 +1348,7 @@ impl L1 {
         }
         self.epoch.fetch_add(1, Ordering::SeqCst);
         self.drop_where(source, |key| {
-            set[crate::upstream::slot::key_slot(key) as usize]
+            set[crate::commands::slot::key_slot(key) as usize]
         })
     }
 

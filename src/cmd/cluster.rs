@@ -12,9 +12,9 @@
 use bytes::Bytes;
 
 use super::{Client, Flow, Replies, arity_error};
+use crate::commands::slot::{SLOTS, key_slot};
 use crate::protocol::request::Command;
 use crate::protocol::{Proto, encode};
-use crate::upstream::slot::{SLOTS, key_slot};
 
 /// Whether kiln answers `name` itself: only in front of a cluster.
 pub fn answers(c: &Client, name: &[u8]) -> bool {

@@ -17,7 +17,8 @@ use bytes::{Bytes, BytesMut};
 
 use super::{Client, Replies, Then, arity_error};
 use crate::cache::flight::{GetAnswer, Join};
-use crate::cache::{Entry, FillToken, Policy, reads};
+use crate::cache::{Entry, FillToken, Policy};
+use crate::commands::reads;
 use crate::context::Context;
 use crate::protocol::request::{Command, encode_command};
 use crate::protocol::{Proto, encode, reply};

@@ -7,7 +7,8 @@
 
 use bytes::Bytes;
 
-use super::{Client, Flow, Replies, arity_error, auth, clients, table};
+use super::{Client, Flow, Replies, arity_error, auth, clients};
+use crate::commands::table;
 use crate::protocol::request::Command;
 use crate::protocol::{Proto, encode};
 

@@ -21,7 +21,6 @@ pub mod get;
 pub mod local;
 pub mod read;
 pub mod session;
-pub mod table;
 pub mod write;
 
 use std::collections::VecDeque;
@@ -366,14 +365,14 @@ impl Client {
             return false;
         }
         let mut buf = [0u8; 64];
-        let Some(name) = table::lower(cmd.name(), &mut buf) else {
+        let Some(name) = crate::commands::lower(cmd.name(), &mut buf) else {
             return false;
         };
         // A write must not overtake a read sent before it on another
         // connection (a GET miss on a reader): Redis runs a client's
         // commands in order.
         if self.fills_pending > 0
-            && crate::cache::reads::id(name).is_none()
+            && crate::commands::reads::id(name).is_none()
             && self.ctx.table.write_keys(&cmd.args).is_some()
         {
             return true;
@@ -397,7 +396,7 @@ impl Client {
     /// holds, stays small while the common paths never wait.
     pub async fn dispatch(&mut self, cmd: Command, r: &mut Replies<'_>) -> Flow {
         let mut buf = [0u8; 64];
-        let Some(name) = table::lower(cmd.name(), &mut buf) else {
+        let Some(name) = crate::commands::lower(cmd.name(), &mut buf) else {
             self.ctx.metrics.command(b"");
             write::forward(self, cmd, r);
             return Flow::Continue;

@@ -23,7 +23,8 @@ use bytes::Bytes;
 
 use super::{Client, Replies};
 use crate::cache::flight::{GetAnswer, Join};
-use crate::cache::{FillToken, Policy, reads};
+use crate::cache::{FillToken, Policy};
+use crate::commands::reads;
 use crate::context::Context;
 use crate::protocol::request::{Command, encode_command};
 use crate::protocol::{Proto, reply};

@@ -146,12 +146,12 @@ pub fn takes(c: &Client, name: &[u8], cmd: &Command) -> bool {
     // Only commands whose keys are all in one slot the session's node
     // owns; keyless ones (SCAN, DBSIZE, FLUSHALL fan out) and keys of
     // several slots (MGET, split) go the routed way.
-    let keys = crate::upstream::KeyFinder::keys(&*c.ctx.table, &cmd.args);
-    let Some(first) = keys.first().map(|k| crate::upstream::slot::key_slot(k)) else {
+    let keys = c.ctx.table.keys(&cmd.args);
+    let Some(first) = keys.first().map(|k| crate::commands::slot::key_slot(k)) else {
         return false;
     };
     keys.iter()
-        .all(|k| crate::upstream::slot::key_slot(k) == first)
+        .all(|k| crate::commands::slot::key_slot(k) == first)
         && c.ctx.upstream.owns(session, first)
 }
 
@@ -179,8 +179,8 @@ pub fn must_wait(c: &Client, name: &[u8], cmd: &Command) -> bool {
 /// a session runs on that key's node).
 pub fn slot_of(c: &Client, cmd: &Command) -> Option<u16> {
     c.ctx.upstream.cluster()?;
-    let keys = crate::upstream::KeyFinder::keys(&*c.ctx.table, &cmd.args);
-    keys.first().map(|k| crate::upstream::slot::key_slot(k))
+    let keys = c.ctx.table.keys(&cmd.args);
+    keys.first().map(|k| crate::commands::slot::key_slot(k))
 }
 
 async fn open(c: &mut Client, r: &mut Replies<'_>, slot: Option<u16>) -> bool {
@@ -224,7 +224,7 @@ pub async fn begin(c: &mut Client, name: &[u8], cmd: Command, r: &mut Replies<'_
 pub async fn blocking(c: &mut Client, cmd: Command, r: &mut Replies<'_>) -> Flow {
     if open(c, r, slot_of(c, &cmd)).await {
         let mut buf = [0u8; 64];
-        let name = super::table::lower(cmd.name(), &mut buf)
+        let name = crate::commands::lower(cmd.name(), &mut buf)
             .unwrap_or(b"")
             .to_vec();
         return dispatch(c, &name, cmd, r).await;

@@ -10,9 +10,9 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::table::{Keys, key_args};
 use super::{Client, Replies, Then};
 use crate::cache::{Source, WriteMark};
+use crate::commands::{Keys, key_args};
 use crate::context::Context;
 use crate::protocol::request::Command;
 use crate::upstream::OnReply;

@@ -5,7 +5,7 @@
 //! that lack it), read from any known node every `upstream.topology_refresh`
 //! and at once after a `MOVED`, a `CLUSTERDOWN` or a node that cannot be
 //! reached. A command is routed by the hash slot of its keys (hash tags
-//! honoured, `slot::key_slot`); a keyless one goes to a primary picked by
+//! honoured, `commands::slot::key_slot`); a keyless one goes to a primary picked by
 //! client, so clients spread. Replies that say the command did not run
 //! (`-MOVED`, `-ASK`, `-TRYAGAIN`, `-CLUSTERDOWN`, or a node that could not
 //! be reached before the command was written) come back to the `Routed`
@@ -33,8 +33,9 @@ use tokio::sync::{Notify, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::conn::{Redirection, Redirector, Request};
-use super::slot::{SLOTS, key_slot};
 use super::{As, Breaker, ChannelSpec, Common, ConnHandle, Node, OnReply, Reply, lock};
+use crate::commands::CommandTable;
+use crate::commands::slot::{SLOTS, key_slot};
 use crate::config::UpstreamAddr;
 use crate::error::UpstreamError;
 use crate::protocol::Proto;
@@ -81,13 +82,6 @@ impl Link {
             Link::Routed(_) => false,
         }
     }
-}
-
-/// Finds the keys of a command (read or write), as the command table
-/// says; implemented by `cmd::table::Table`, handed to the router at start.
-pub trait KeyFinder: Send + Sync {
-    /// The key arguments of `args` (name first), in order.
-    fn keys<'a>(&self, args: &'a [Bytes]) -> Vec<&'a Bytes>;
 }
 
 /// Redirections (`MOVED`, `ASK`) a request follows before the last one is
@@ -142,7 +136,7 @@ pub struct Router {
     refresh_now: Notify,
     last_refresh: Mutex<Option<std::time::Instant>>,
     every: Duration,
-    keys: std::sync::OnceLock<Arc<dyn KeyFinder>>,
+    keys: std::sync::OnceLock<Arc<CommandTable>>,
     /// Channels opened on every primary (the `bcast` invalidation channel).
     eager: Mutex<Vec<Arc<ChannelSpec>>>,
     pub stats: ClusterStats,
@@ -327,7 +321,7 @@ impl Router {
     }
 
     /// The first topology read, then the refresh loop.
-    pub(crate) fn set_keys(&self, keys: Arc<dyn KeyFinder>) {
+    pub(crate) fn set_keys(&self, keys: Arc<CommandTable>) {
         let _ = self.keys.set(keys);
     }
 
@@ -480,7 +474,7 @@ impl Router {
     /// Where `args` go.
     fn route(&self, args: &[Bytes]) -> Route {
         let mut buf = [0u8; 64];
-        let Some(name) = crate::cmd::table::lower(&args[0], &mut buf) else {
+        let Some(name) = crate::commands::lower(&args[0], &mut buf) else {
             return Route::Any;
         };
         let sub = || {

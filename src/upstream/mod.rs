@@ -25,7 +25,6 @@ pub mod breaker;
 pub mod cluster;
 pub mod conn;
 pub mod sentinel;
-pub mod slot;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -38,9 +37,10 @@ use crate::tls::Stream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 pub use breaker::Breaker;
-pub use cluster::{KeyFinder, Link};
+pub use cluster::Link;
 pub use conn::{ConnHandle, Hooks, OnReply, Reply};
 
+use crate::commands::CommandTable;
 use crate::config::{Config, Topology, UpstreamAddr};
 use crate::error::{ErrorCounts, UpstreamError};
 use crate::protocol::Proto;
@@ -714,7 +714,7 @@ impl Upstream {
 
     /// Hands the router the command table's key positions (a cluster
     /// routes by the first argument until then).
-    pub fn set_keys(&self, keys: Arc<dyn KeyFinder>) {
+    pub fn set_keys(&self, keys: Arc<CommandTable>) {
         if let Kind::Cluster(r) = &self.kind {
             r.set_keys(keys);
         }

@@ -28,7 +28,7 @@ async fn key_slots_match_cluster_keyslot() {
     }
     for k in &keys {
         let reply = c.cmd(&[&b"CLUSTER"[..], b"KEYSLOT", k]).await;
-        let want = format!(":{}\r\n", kiln::upstream::slot::key_slot(k));
+        let want = format!(":{}\r\n", kiln::commands::slot::key_slot(k));
         assert_eq!(
             String::from_utf8_lossy(&reply),
             want,
@@ -66,7 +66,7 @@ async fn sentinels_report_the_primary_and_follow_a_failover() {
 }
 
 use crate::util::{Conn, Kiln};
-use kiln::upstream::slot::key_slot;
+use kiln::commands::slot::key_slot;
 
 /// A hash tag whose slot the `n`th of 3 primaries serves (`redis-cli
 /// --cluster create` gives 0-5460, 5461-10922, 10923-16383), different for

@@ -166,7 +166,7 @@ pub fn refusal(name: &str) -> String {
         | "evalsha_ro" | "fcall_ro" => {
             "kiln does not cache it (not in the list of reads it can reply to byte for byte)"
         }
-        _ if crate::cmd::table::Table::builtin()
+        _ if super::table::CommandTable::builtin()
             .get(name.as_bytes())
             .is_some_and(|i| i.write) =>
         {

@@ -1,0 +1,17 @@
+//! Redis command knowledge, at the bottom of the crate: what each command
+//! does (`table`: write, blocking, admin, `allow_busy`, key positions, from
+//! upstream `COMMAND` or a built-in list), where its keys are (`keys`),
+//! which hash slot a key is in (`slot`), and which reads L1 may cache and
+//! how their entries are named (`reads`).
+//!
+//! Everything above reads these facts (cmd, cache, upstream's cluster
+//! router, config's validation); nothing here imports another part of kiln
+//! but `protocol` and `name_index`.
+
+pub mod keys;
+pub mod reads;
+pub mod slot;
+pub mod table;
+
+pub use keys::{Keys, key_args};
+pub use table::{CmdInfo, CommandTable, lower};
