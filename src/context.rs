@@ -100,7 +100,7 @@ impl Live {
                 .server
                 .tls
                 .as_ref()
-                .map(crate::tls::acceptor)
+                .map(|t| crate::tls::acceptor(&t.cert, &t.key))
                 .transpose()
                 .map_err(|e| e.to_string())?,
             admin: crate::cmd::admin::AdminLimits::new(&cfg.admin),

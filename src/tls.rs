@@ -15,8 +15,6 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::config::ServerTlsConfig;
-
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
@@ -46,12 +44,17 @@ impl std::fmt::Display for ServerTlsError {
     }
 }
 
-/// The client-facing TLS settings, loaded and checked.
-pub fn acceptor(cfg: &ServerTlsConfig) -> Result<tokio_rustls::TlsAcceptor, ServerTlsError> {
+/// The client-facing TLS settings (`[server.tls]`): `cert_path` a PEM
+/// certificate chain, `key_path` a PEM private key (PKCS#8, PKCS#1 or
+/// SEC1), loaded and checked to go together.
+pub fn acceptor(
+    cert_path: &str,
+    key_path: &str,
+) -> Result<tokio_rustls::TlsAcceptor, ServerTlsError> {
     let at = |key: &'static str| move |message: String| ServerTlsError { key, message };
-    let chain = certs(&cfg.cert).map_err(at("cert"))?;
-    let key = PrivateKeyDer::from_pem_file(&cfg.key)
-        .map_err(|e| format!("cannot read a private key from `{}`: {e}", cfg.key))
+    let chain = certs(cert_path).map_err(at("cert"))?;
+    let key = PrivateKeyDer::from_pem_file(key_path)
+        .map_err(|e| format!("cannot read a private key from `{key_path}`: {e}"))
         .map_err(at("key"))?;
     let config = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()

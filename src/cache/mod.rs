@@ -24,7 +24,7 @@ use bytes::Bytes;
 use foldhash::fast::RandomState;
 
 use crate::commands::reads;
-use crate::config::CacheConfig;
+use crate::config::{CacheConfig, MAX_AFTER_HITS};
 
 /// Bytes charged per entry on top of its key and value, so that
 /// `cache.max_memory` bounds what L1 really takes. It is the entry's
@@ -128,9 +128,9 @@ const EXPIRY_MASK: u64 = (1 << EPOCH_SHIFT) - 1;
 const EPOCH_MASK: u64 = 0xFFFF;
 const HITS_SHIFT: u32 = 56;
 const HITS_MASK: u64 = 0x7F;
-/// The most `cache.adaptive_ttl.after_hits` can be: the hits an entry
-/// counts.
-pub const MAX_AFTER_HITS: u32 = HITS_MASK as u32;
+// The schema's bound on `cache.adaptive_ttl.after_hits` must fit the hits
+// an entry counts.
+const _: () = assert!(MAX_AFTER_HITS as u64 <= HITS_MASK);
 const REFRESHING: u64 = 1 << 63;
 
 /// The epoch bits of a header.
