@@ -89,7 +89,7 @@ pub async fn run_with_source(
 ) -> Result<(), String> {
     let node = Node::start(&config, sidecar, shutdown).await?;
     if let Some(s) = source {
-        node.ctx.reloader.set_source(&s.path, &s.text, s.overrides);
+        node.ctx.config.set_source(&s.path, &s.text, s.overrides);
     }
     node.serve(listener).await;
     Ok(())
@@ -151,7 +151,7 @@ impl Node {
         .await;
         tracker.close();
         let open = tracker.len();
-        let grace = self.ctx.reloader.shutdown_grace();
+        let grace = self.ctx.config.shutdown_grace();
         if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
             tracing::warn!(
                 open = tracker.len(),

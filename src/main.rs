@@ -159,7 +159,7 @@ fn serve(config: Config, source: Option<kiln::ConfigSource>) -> anyhow::Result<(
     })?;
     let reloadable = source.is_some();
     if let Some(s) = source {
-        node.ctx.reloader.set_source(&s.path, &s.text, s.overrides);
+        node.ctx.config.set_source(&s.path, &s.text, s.overrides);
     }
     match hup {
         Ok(mut hup) => {
@@ -171,7 +171,7 @@ fn serve(config: Config, source: Option<kiln::ConfigSource>) -> anyhow::Result<(
                         continue;
                     }
                     let start = std::time::Instant::now();
-                    if ctx.reloader.reload(&ctx).is_ok() {
+                    if kiln::reload::reload(&ctx).is_ok() {
                         tracing::info!(took = ?start.elapsed(), "SIGHUP: new config in force");
                     }
                 }

@@ -13,29 +13,11 @@
 //! `upstream.*`, `coherence.*`, `metrics.*`, `log.format`, and the hot-key
 //! sketch's size (`warmup.hotkeys`).
 
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::SystemTime;
 
-use crate::config::{Config, Overrides};
-use crate::context::Context;
-use crate::worker::lock;
-
-/// Where the config came from, and what is in force.
-pub struct Reloader {
-    /// The file given with `--config` and the flags that override it;
-    /// `None` when kiln runs on built-in defaults (nothing to re-read).
-    source: Mutex<Option<(String, Overrides)>>,
-    current: Mutex<Loaded>,
-    /// Reloads by result: `[ok, error]`.
-    pub results: [AtomicU64; 2],
-}
-
-struct Loaded {
-    config: Config,
-    at: SystemTime,
-    hash: String,
-}
+use crate::config::Config;
+use crate::context::{ClientSettings, Context, Loaded, hash_text};
 
 /// What a reload did.
 #[derive(Debug, Default)]
@@ -61,131 +43,91 @@ const RESTART_ONLY: &[&str] = &[
     "warmup.hotkeys",
 ];
 
-/// A short hash of the config text, to tell configs apart in
-/// `CACHE.STATUS` (`config_hash`): the first 16 hex digits of its SHA-256.
-pub fn hash_text(text: &str) -> String {
-    use sha2::Digest;
-    let digest = sha2::Sha256::digest(text.as_bytes());
-    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+/// Re-reads and applies the config file. `Err` is the message to show
+/// (key and line for a bad value); nothing has changed then.
+pub fn reload(ctx: &Context) -> Result<Applied, String> {
+    let result = try_reload(ctx);
+    let i = usize::from(result.is_err());
+    ctx.config.results[i].fetch_add(1, Ordering::Relaxed);
+    match &result {
+        Ok(a) => tracing::info!(
+            changed = ?a.changed,
+            needs_restart = ?a.needs_restart,
+            l1_dropped = a.dropped,
+            clients_closed = a.closed,
+            "config reloaded"
+        ),
+        Err(e) => {
+            tracing::error!(error = %e, "config reload rejected; the running config stays in force")
+        }
+    }
+    result
 }
 
-impl Reloader {
-    pub fn new(config: &Config, text: &str) -> Reloader {
-        Reloader {
-            source: Mutex::new(None),
-            current: Mutex::new(Loaded {
-                config: config.clone(),
-                at: SystemTime::now(),
-                hash: hash_text(text),
-            }),
-            results: Default::default(),
+fn try_reload(ctx: &Context) -> Result<Applied, String> {
+    let Some((path, overrides)) = ctx.config.source() else {
+        return Err("ERR no config file to reload (kiln was started without --config)".into());
+    };
+    let (mut new, text) = Config::load(&path).map_err(|e| format!("ERR {path}: {e}"))?;
+    new.apply(&overrides);
+    new.validate(&text)
+        .map_err(|e| format!("ERR {path}: {e}"))?;
+    let mut current = ctx.config.current();
+    let old = &current.config;
+    let mut applied = Applied::default();
+    // Restart-only keys keep their running values.
+    for key in RESTART_ONLY {
+        // The URL is compared as written: serialized, its password is
+        // redacted, and a new password must not pass unnoticed.
+        let url_moved = *key == "upstream" && old.upstream.url != new.upstream.url;
+        if url_moved || value_at(old, key) != value_at(&new, key) {
+            applied.needs_restart.push((*key).to_string());
         }
     }
-
-    /// Names the file later reloads read (its text as loaded at start),
-    /// with the flags that override it.
-    pub fn set_source(&self, path: &str, text: &str, overrides: Overrides) {
-        *lock(&self.source) = Some((path.to_string(), overrides));
-        lock(&self.current).hash = hash_text(text);
+    new.server.listen = old.server.listen.clone();
+    new.server.threads = old.server.threads;
+    new.upstream = old.upstream.clone();
+    new.coherence = old.coherence.clone();
+    new.metrics = old.metrics.clone();
+    new.log.format = old.log.format;
+    new.warmup.hotkeys = old.warmup.hotkeys.clone();
+    // Turning TLS on or off changes what the listener speaks: a restart
+    // (a new certificate or key for it applies live).
+    if old.server.tls.is_some() != new.server.tls.is_some() {
+        applied.needs_restart.push("server.tls".into());
+        new.server.tls = old.server.tls.clone();
     }
-
-    /// `server.shutdown_grace` in force.
-    pub fn shutdown_grace(&self) -> std::time::Duration {
-        lock(&self.current).config.server.shutdown_grace
+    // In bcast mode the upstream channel tracks the prefixes of what is
+    // cached, fixed when it was opened: rules that would cache other
+    // keys (never invalidated) wait for a restart.
+    if old.coherence.mode == crate::config::CoherenceMode::Bcast
+        && crate::coherence::bcast_prefixes(&old.cache)
+            != crate::coherence::bcast_prefixes(&new.cache)
+    {
+        applied
+            .needs_restart
+            .push("cache.rules (bcast prefixes)".into());
+        new.cache.rules = old.cache.rules.clone();
+        new.cache.ttl = old.cache.ttl;
     }
-
-    /// When the config in force was loaded, and its hash.
-    pub fn loaded(&self) -> (SystemTime, String) {
-        let c = lock(&self.current);
-        (c.at, c.hash.clone())
-    }
-
-    /// Re-reads and applies the config file. `Err` is the message to show
-    /// (key and line for a bad value); nothing has changed then.
-    pub fn reload(&self, ctx: &Context) -> Result<Applied, String> {
-        let result = self.try_reload(ctx);
-        let i = usize::from(result.is_err());
-        self.results[i].fetch_add(1, Ordering::Relaxed);
-        match &result {
-            Ok(a) => tracing::info!(
-                changed = ?a.changed,
-                needs_restart = ?a.needs_restart,
-                l1_dropped = a.dropped,
-                clients_closed = a.closed,
-                "config reloaded"
-            ),
-            Err(e) => {
-                tracing::error!(error = %e, "config reload rejected; the running config stays in force")
-            }
-        }
-        result
-    }
-
-    fn try_reload(&self, ctx: &Context) -> Result<Applied, String> {
-        let Some((path, overrides)) = lock(&self.source).clone() else {
-            return Err("ERR no config file to reload (kiln was started without --config)".into());
-        };
-        let (mut new, text) = Config::load(&path).map_err(|e| format!("ERR {path}: {e}"))?;
-        new.apply(&overrides);
-        new.validate(&text)
-            .map_err(|e| format!("ERR {path}: {e}"))?;
-        let mut current = lock(&self.current);
-        let old = &current.config;
-        let mut applied = Applied::default();
-        // Restart-only keys keep their running values.
-        for key in RESTART_ONLY {
-            // The URL is compared as written: serialized, its password is
-            // redacted, and a new password must not pass unnoticed.
-            let url_moved = *key == "upstream" && old.upstream.url != new.upstream.url;
-            if url_moved || value_at(old, key) != value_at(&new, key) {
-                applied.needs_restart.push((*key).to_string());
-            }
-        }
-        new.server.listen = old.server.listen.clone();
-        new.server.threads = old.server.threads;
-        new.upstream = old.upstream.clone();
-        new.coherence = old.coherence.clone();
-        new.metrics = old.metrics.clone();
-        new.log.format = old.log.format;
-        new.warmup.hotkeys = old.warmup.hotkeys.clone();
-        // Turning TLS on or off changes what the listener speaks: a restart
-        // (a new certificate or key for it applies live).
-        if old.server.tls.is_some() != new.server.tls.is_some() {
-            applied.needs_restart.push("server.tls".into());
-            new.server.tls = old.server.tls.clone();
-        }
-        // In bcast mode the upstream channel tracks the prefixes of what is
-        // cached, fixed when it was opened: rules that would cache other
-        // keys (never invalidated) wait for a restart.
-        if old.coherence.mode == crate::config::CoherenceMode::Bcast
-            && crate::coherence::bcast_prefixes(&old.cache)
-                != crate::coherence::bcast_prefixes(&new.cache)
-        {
-            applied
-                .needs_restart
-                .push("cache.rules (bcast prefixes)".into());
-            new.cache.rules = old.cache.rules.clone();
-            new.cache.ttl = old.cache.ttl;
-        }
-        applied.changed = changed_keys(old, &new);
-        // Build what can fail first, so a failure changes nothing.
-        let live = crate::context::Live::new(&new).map_err(|e| format!("ERR {path}: {e}"))?;
-        live.admin.inherit(&ctx.live().admin);
-        crate::telemetry::set_level(&new.log.level)
-            .map_err(|e| format!("ERR {path}: log.level: {e}"))?;
-        ctx.set_live(live);
-        ctx.set_max_clients(old.server.max_clients, new.server.max_clients);
-        applied.dropped = ctx.l1.configure(&new.cache);
-        ctx.warmup.configure(&new.warmup);
-        ctx.health.configure(&new.alerts);
-        applied.closed = close_removed_users(ctx);
-        *current = Loaded {
-            config: new,
-            at: SystemTime::now(),
-            hash: hash_text(&text),
-        };
-        Ok(applied)
-    }
+    applied.changed = changed_keys(old, &new);
+    // Build what can fail first, so a failure changes nothing.
+    let live = ClientSettings::new(&new).map_err(|e| format!("ERR {path}: {e}"))?;
+    live.admin.inherit(&ctx.live().admin);
+    crate::telemetry::set_level(&new.log.level)
+        .map_err(|e| format!("ERR {path}: log.level: {e}"))?;
+    ctx.set_live(live);
+    ctx.set_max_clients(old.server.max_clients, new.server.max_clients);
+    applied.dropped = ctx.l1.configure(&new.cache);
+    ctx.warmup.configure(&new.warmup);
+    ctx.health.configure(&new.alerts);
+    applied.closed = close_removed_users(ctx);
+    *current = Loaded {
+        config: new,
+        at: SystemTime::now(),
+        hash: hash_text(&text),
+    };
+    Ok(applied)
 }
 
 /// Closes the connections of clients logged in as a user the config in

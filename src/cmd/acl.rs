@@ -13,78 +13,15 @@
 //! `coherence.check_interval` (a change made directly upstream is therefore
 //! seen within that interval).
 
-use std::collections::HashMap;
-use std::sync::Mutex;
 use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 
 use crate::context::Context;
+
 use crate::protocol::request::encode_command;
+
 use crate::upstream::Creds;
-
-/// Most (user, command, key) answers kept; past it they are all dropped
-/// and learned again, so the table stays bounded.
-const MAX_ENTRIES: usize = 100_000;
-
-/// Upstream's answers to `ACL DRYRUN`, by user, then (command, key).
-#[derive(Default)]
-pub struct Permissions {
-    known: Mutex<Known>,
-}
-
-#[derive(Default)]
-struct Known {
-    /// The ACL generation (`Coherence::acl_changes`) these answers are for.
-    generation: u64,
-    /// By user name first, so a lookup borrows the name rather than
-    /// copying it (one per GET of such a user).
-    map: HashMap<String, HashMap<(&'static str, Bytes), bool>>,
-    /// Answers held, over every user.
-    len: usize,
-}
-
-impl Permissions {
-    /// Whether `who` may run `cmd key`: `Some` when upstream said so for
-    /// the ACLs in force, `None` when not known yet.
-    pub fn allowed(
-        &self,
-        generation: u64,
-        who: &Creds,
-        cmd: &'static str,
-        key: &Bytes,
-    ) -> Option<bool> {
-        let mut k = self.known.lock().unwrap_or_else(|e| e.into_inner());
-        if k.generation != generation {
-            k.map.clear();
-            k.len = 0;
-            k.generation = generation;
-            return None;
-        }
-        k.map
-            .get(who.user.as_str())?
-            .get(&(cmd, key.clone()))
-            .copied()
-    }
-
-    fn learned(&self, generation: u64, user: &str, cmd: &'static str, key: Bytes, allowed: bool) {
-        let mut k = self.known.lock().unwrap_or_else(|e| e.into_inner());
-        if k.generation != generation {
-            return;
-        }
-        if k.len >= MAX_ENTRIES {
-            k.map.clear();
-            k.len = 0;
-        }
-        let fresh = k
-            .map
-            .entry(user.to_string())
-            .or_default()
-            .insert((cmd, key), allowed)
-            .is_none();
-        k.len += usize::from(fresh);
-    }
-}
 
 /// The current ACL generation: bumped by the coherence check when upstream's
 /// ACLs changed, and by kiln when an `ACL` command went through it.

@@ -13,78 +13,19 @@
 //! Accepted only from loopback clients unless `admin.allow_remote`; rate
 //! limited per command across clients (`admin.rate_limits`).
 
-use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
-
 use bytes::{Bytes, BytesMut};
 
 use super::{Client, Flow, Replies, Then, arity_error};
+
 use crate::cache::Source;
-use crate::config::{ADMIN_DEFAULT_RATE, AdminConfig, parse_rate};
+
 use crate::context::Context;
+
 use crate::protocol::request::Command;
+
 use crate::protocol::{Proto, encode};
+
 use crate::warmup::{Request, Snapshot};
-
-/// Rate limits and access rules for admin commands.
-pub struct AdminLimits {
-    allow_remote: bool,
-    rates: HashMap<String, (u32, Duration)>,
-    default: (u32, Duration),
-    buckets: Mutex<HashMap<String, (f64, Instant)>>,
-}
-
-impl AdminLimits {
-    pub fn new(cfg: &AdminConfig) -> AdminLimits {
-        let rates = cfg
-            .rate_limits
-            .iter()
-            .filter_map(|(k, v)| Some((k.to_ascii_lowercase(), parse_rate(v).ok()?)))
-            .collect();
-        AdminLimits {
-            allow_remote: cfg.allow_remote,
-            rates,
-            default: parse_rate(ADMIN_DEFAULT_RATE).unwrap_or((60, Duration::from_secs(60))),
-            buckets: Mutex::new(HashMap::new()),
-        }
-    }
-
-    /// Whether a client at `addr` may run admin commands.
-    pub fn admits(&self, addr: std::net::SocketAddr) -> bool {
-        self.allow_remote || addr.ip().is_loopback()
-    }
-
-    /// Takes a token for `name` (lowercase); `Err(seconds)` to wait.
-    /// Carries the rate-limit state of `old` over, so a reload does not
-    /// hand out fresh tokens.
-    pub fn inherit(&self, old: &AdminLimits) {
-        let old = old
-            .buckets
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        *self.buckets.lock().unwrap_or_else(|e| e.into_inner()) = old;
-    }
-
-    fn take(&self, name: &str) -> Result<(), u64> {
-        let (count, per) = self.rates.get(name).copied().unwrap_or(self.default);
-        let refill = count as f64 / per.as_secs_f64();
-        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
-        let now = Instant::now();
-        let (tokens, last) = buckets
-            .entry(name.to_string())
-            .or_insert((count as f64, now));
-        *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * refill).min(count as f64);
-        *last = now;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            Ok(())
-        } else {
-            Err(((1.0 - *tokens) / refill).ceil() as u64)
-        }
-    }
-}
 
 pub fn is_admin(name: &[u8]) -> bool {
     name.starts_with(b"cache.")
@@ -182,7 +123,7 @@ pub fn dispatch(c: &mut Client, name: &[u8], cmd: Command, r: &mut Replies<'_>) 
             let n = ctx.l1.clear(Source::Admin);
             r.ready(|o| encode::int(o, n as i64));
         }
-        b"cache.reload" => match ctx.reloader.reload(&ctx) {
+        b"cache.reload" => match crate::reload::reload(&ctx) {
             Ok(applied) if applied.needs_restart.is_empty() => r.ready(|o| encode::simple(o, "OK")),
             Ok(applied) => {
                 let text = format!(
@@ -309,7 +250,7 @@ pub enum Val {
 }
 
 pub fn status_fields(ctx: &Context, w: &Snapshot) -> Vec<(&'static str, Val)> {
-    let (config_loaded, config_hash) = ctx.reloader.loaded();
+    let (config_loaded, config_hash) = ctx.config.loaded();
     let s = &ctx.l1.stats;
     let hits = s.hits.load();
     let misses = s.misses.load();
@@ -499,34 +440,4 @@ pub fn to_json(fields: &[(&'static str, Val)]) -> serde_json::Value {
         m.insert(k.to_string(), j);
     }
     serde_json::Value::Object(m)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_loopback_unless_remote_is_allowed() {
-        let mut cfg = AdminConfig::default();
-        let local: std::net::SocketAddr = "127.0.0.1:5000".parse().expect("addr");
-        let local6: std::net::SocketAddr = "[::1]:5000".parse().expect("addr");
-        let remote: std::net::SocketAddr = "192.0.2.7:5000".parse().expect("addr");
-        let limits = AdminLimits::new(&cfg);
-        assert!(limits.admits(local) && limits.admits(local6) && !limits.admits(remote));
-        cfg.allow_remote = true;
-        assert!(AdminLimits::new(&cfg).admits(remote));
-    }
-
-    #[test]
-    fn token_buckets_refuse_past_the_rate() {
-        let limits = AdminLimits::new(&AdminConfig::default());
-        assert!(limits.take("cache.clear").is_ok() && limits.take("cache.clear").is_ok());
-        let wait = limits.take("cache.clear").expect_err("2/min spent");
-        assert!((1..=30).contains(&wait), "{wait}");
-        assert!(
-            (0..60).all(|_| limits.take("cache.status").is_ok()),
-            "60/min by default"
-        );
-        assert!(limits.take("cache.status").is_err());
-    }
 }

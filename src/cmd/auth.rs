@@ -15,89 +15,14 @@
 //! Passwords are compared in constant time (in the length of what the
 //! client sent) and never logged: `check-config` prints them redacted.
 
-use std::sync::Arc;
-
 use bytes::Bytes;
 
-use crate::config::{Config, Role};
+use crate::config::Role;
+
 use crate::context::Context;
 
-/// One user kiln knows. No `Debug`: it holds a password.
-pub struct User {
-    pub name: String,
-    password: Vec<u8>,
-    pub role: Role,
-}
-
-/// The configured users; empty when auth is off.
-#[derive(Default)]
-pub struct Users {
-    users: Vec<Arc<User>>,
-}
-
-impl Users {
-    pub fn new(cfg: &Config) -> Users {
-        let mut users: Vec<Arc<User>> = cfg
-            .users
-            .iter()
-            .map(|u| {
-                Arc::new(User {
-                    name: u.name.clone(),
-                    password: u.password.expose().as_bytes().to_vec(),
-                    role: u.role,
-                })
-            })
-            .collect();
-        if let Some(p) = &cfg.server.requirepass {
-            users.push(Arc::new(User {
-                name: "default".into(),
-                password: p.expose().as_bytes().to_vec(),
-                role: Role::Admin,
-            }));
-        }
-        Users { users }
-    }
-
-    /// The role of the user named `name`, if it exists.
-    pub fn role_of(&self, name: &str) -> Option<Role> {
-        self.users.iter().find(|u| u.name == name).map(|u| u.role)
-    }
-
-    /// Whether clients must authenticate.
-    pub fn enabled(&self) -> bool {
-        !self.users.is_empty()
-    }
-
-    /// The user these credentials name, or `None` for a wrong pair. Every
-    /// user's password is compared, so the time taken does not say which
-    /// user exists.
-    pub fn check(&self, name: &[u8], password: &[u8]) -> Option<Arc<User>> {
-        let mut found = None;
-        for u in &self.users {
-            let pass_ok = ct_eq(&u.password, password);
-            if pass_ok & (u.name.as_bytes() == name) {
-                found = Some(u.clone());
-            }
-        }
-        found
-    }
-}
-
-/// Constant-time equality: the time depends only on `given`'s length.
-fn ct_eq(secret: &[u8], given: &[u8]) -> bool {
-    let mut diff = (secret.len() != given.len()) as u8;
-    for (i, &g) in given.iter().enumerate() {
-        // Wraps over the secret rather than branching on its length.
-        let s = secret
-            .get(i % secret.len().max(1))
-            .copied()
-            .unwrap_or_default();
-        diff |= s ^ g;
-    }
-    std::hint::black_box(diff) == 0
-}
-
 pub const NOAUTH: &str = "NOAUTH Authentication required.";
+
 pub const WRONGPASS: &str = "WRONGPASS invalid username-password pair or user is disabled.";
 
 /// Commands an unauthenticated client may send.
@@ -139,22 +64,4 @@ pub fn permit(ctx: &Context, role: Role, name: &[u8], args: &[Bytes]) -> Result<
     Err(format!(
         "NOPERM this user has no permissions to run the '{shown}' command"
     ))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn constant_time_eq_is_equality() {
-        assert!(ct_eq(b"secret", b"secret"));
-        assert!(!ct_eq(b"secret", b"secreT"));
-        assert!(!ct_eq(b"secret", b"secret1"));
-        assert!(!ct_eq(b"secret", b"secre"));
-        assert!(!ct_eq(b"secret", b""));
-        assert!(!ct_eq(b"", b"x"));
-        assert!(ct_eq(b"", b""));
-        // Wrapping must not make a repeated secret equal.
-        assert!(!ct_eq(b"ab", b"abab"));
-    }
 }

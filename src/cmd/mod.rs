@@ -160,7 +160,7 @@ pub struct Client {
     /// serves it only what upstream lets that user read (`cmd::acl`).
     pub upstream_as: crate::upstream::As,
     /// The reloadable settings this client goes by (see `refresh_live`).
-    pub live: Arc<crate::context::Live>,
+    pub live: Arc<crate::context::ClientSettings>,
     live_generation: u64,
     /// L1's rules, kept until a reload changes them (`refresh_live`).
     pub rules: crate::cache::Rules,

@@ -43,6 +43,7 @@ use crate::config::{CacheConfig, CoherenceMode};
 use crate::protocol::Proto;
 use crate::protocol::request::encode_command;
 use crate::upstream::{Hooks, Link, ReaderSpec, Upstream};
+use crate::worker::lock;
 
 pub struct Coherence {
     pub mode: CoherenceMode,
@@ -142,10 +143,7 @@ impl Coherence {
     pub async fn settle(&self, upstream: &Upstream) {
         let conns = match self.mode {
             CoherenceMode::Tracking => upstream.readers_all(),
-            CoherenceMode::Bcast => self
-                .bcast
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
+            CoherenceMode::Bcast => lock(&self.bcast)
                 .iter()
                 .flat_map(|l| l.node_conns())
                 .collect(),
@@ -278,7 +276,7 @@ impl Coherence {
                 self.hooks(l1),
             )
         });
-        *self.bcast.lock().unwrap_or_else(|e| e.into_inner()) = bcast.clone();
+        *lock(&self.bcast) = bcast.clone();
         let (me, l1) = (self.clone(), l1.clone());
         let info = encode_command(&["INFO", "commandstats"]);
         // The baseline is read before kiln serves a client, so before

@@ -169,7 +169,7 @@ pub fn render(ctx: &Context) -> String {
         .set(if lost { 1.0 } else { 0.0 });
     for (i, result) in ["ok", "error"].into_iter().enumerate() {
         m.counter(names::CONFIG_RELOADS, &[("result", result)])
-            .absolute(load(&ctx.reloader.results[i]));
+            .absolute(load(&ctx.config.results[i]));
     }
     m.counter(names::REFRESHES, &[])
         .absolute(load(&s.refreshes));

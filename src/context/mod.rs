@@ -1,0 +1,197 @@
+//! What every connection shares, built once at start: the L1, the upstream
+//! router, the command table and what kiln learned about its upstream.
+//!
+//! What `Context` holds is defined here or below it, never in a file that
+//! takes `&Context`: client records (`clients`), the settings a reload
+//! swaps (`settings`), who may do what (`access`) and the config in force
+//! (`loaded`). The actions on them (commands, the reload, the health
+//! watcher) sit above and are handed the context.
+
+mod access;
+mod clients;
+mod loaded;
+mod settings;
+
+pub use access::{AdminLimits, Permissions, User, Users};
+pub use clients::{ClientMeta, ClientState, RelayKind, Stop};
+pub use loaded::{ConfigState, Loaded, hash_text};
+pub use settings::ClientSettings;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use crate::cache::L1;
+use crate::coherence::Coherence;
+use crate::commands::CommandTable;
+use crate::config::Config;
+use crate::upstream::{Hooks, Link, Upstream};
+use crate::warmup::Warmup;
+use crate::worker::lock;
+
+pub struct Context {
+    pub l1: Arc<L1>,
+    pub coherence: Arc<Coherence>,
+    pub warmup: Arc<Warmup>,
+    pub upstream: Upstream,
+    /// kiln's own requests to upstream: the SWAPDB check, the warmup lock,
+    /// hot-key saves.
+    pub control: Link,
+    /// What a reload replaces whole (`reload`): client limits, users,
+    /// TLS, admin limits. Read through `live()`.
+    live: arc_swap::ArcSwap<ClientSettings>,
+    /// Bumped by each reload that replaced `live`, so a connection knows to
+    /// take the new one (`cmd::Client::live`).
+    pub live_generation: AtomicU64,
+    /// What upstream's ACL lets its users read, for L1 hits (`cmd::acl`).
+    pub acl: Permissions,
+    pub metrics: crate::telemetry::metrics::Metrics,
+    pub health: crate::telemetry::health::Health,
+    pub table: Arc<CommandTable>,
+    /// Upstream's `databases`, for SELECT's range check.
+    pub databases: u32,
+    /// Upstream's version, reported by HELLO.
+    pub redis_version: String,
+    pub clients: Mutex<HashMap<u64, Arc<ClientMeta>>>,
+    /// `server.max_clients`: a connection holds a permit while it lives.
+    pub permits: Arc<tokio::sync::Semaphore>,
+    /// The config in force, where it came from and how reloads ended
+    /// (the reload itself is `reload::reload`).
+    pub config: ConfigState,
+    next_client_id: AtomicU64,
+    pub started: Instant,
+}
+
+impl Context {
+    /// Builds the context, asking upstream for its command table, version and
+    /// database count. Upstream being down at start is not fatal: kiln
+    /// falls back to defaults and connects when traffic comes.
+    pub async fn new(
+        cfg: &Config,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> Result<Context, String> {
+        let l1 = Arc::new(L1::with_mode(
+            &cfg.cache,
+            cfg.coherence.mode == crate::config::CoherenceMode::Ttl,
+        )?);
+        let coherence = Coherence::new(cfg.coherence.mode, cfg.coherence.check_interval);
+        let upstream = Upstream::new(cfg, coherence.reader_spec(&l1))?;
+        upstream.start(shutdown).await;
+        let table = match upstream.probe(&[b"COMMAND"]).await {
+            Ok(reply) => CommandTable::from_command_reply(&reply),
+            Err(e) => {
+                tracing::warn!(error = %e, "upstream COMMAND failed; using the built-in command table");
+                None
+            }
+        };
+        let table = Arc::new(table.unwrap_or_else(CommandTable::builtin));
+        upstream.set_keys(table.clone());
+        let databases = match upstream.probe(&[b"CONFIG", b"GET", b"databases"]).await {
+            Ok(r) => last_bulk_number(&r).unwrap_or(16),
+            Err(_) => 16,
+        };
+        let redis_version = match upstream.probe(&[b"INFO", b"server"]).await {
+            Ok(r) => String::from_utf8_lossy(&r)
+                .lines()
+                .find_map(|l| {
+                    l.strip_prefix("redis_version:")
+                        .map(|v| v.trim().to_string())
+                })
+                .unwrap_or_else(|| "7.0.0".into()),
+            Err(_) => "7.0.0".into(),
+        };
+        tracing::info!(
+            commands_from_upstream = table.from_upstream,
+            databases,
+            redis_version,
+            "upstream described"
+        );
+        Ok(Context {
+            l1,
+            coherence,
+            warmup: Warmup::new(&cfg.warmup),
+            control: upstream.channel(
+                crate::protocol::Proto::Resp2,
+                vec![vec![
+                    b"CLIENT".to_vec(),
+                    b"SETNAME".to_vec(),
+                    b"kiln-control".to_vec(),
+                ]],
+                Hooks::default(),
+            ),
+            live: arc_swap::ArcSwap::from_pointee(ClientSettings::new(cfg)?),
+            live_generation: AtomicU64::new(0),
+            acl: Default::default(),
+            metrics: crate::telemetry::metrics::Metrics::new(table.names()),
+            health: crate::telemetry::health::Health::new(cfg),
+            upstream,
+            table,
+            databases,
+            redis_version,
+            clients: Mutex::new(HashMap::new()),
+            permits: Arc::new(tokio::sync::Semaphore::new(cfg.server.max_clients)),
+            config: ConfigState::new(cfg, &toml::to_string(cfg).unwrap_or_default()),
+            next_client_id: AtomicU64::new(1),
+            started: Instant::now(),
+        })
+    }
+
+    /// The upstream circuit breaker: 0 closed, 1 open, 2 half-open.
+    pub fn breaker_state(&self) -> u8 {
+        self.upstream.breaker.state() as u8
+    }
+
+    /// A new client's role: none until it authenticates when auth is
+    /// configured, else admin.
+    pub fn default_role(&self) -> Option<crate::config::Role> {
+        (!self.live().users.enabled()).then_some(crate::config::Role::Admin)
+    }
+
+    /// The settings in force now (see `ClientSettings`).
+    pub fn live(&self) -> Arc<ClientSettings> {
+        self.live.load_full()
+    }
+
+    /// Resizes the connection limit: more permits at once; fewer as
+    /// connections end (open connections are never closed for it).
+    pub fn set_max_clients(&self, old: usize, new: usize) {
+        if new > old {
+            self.permits.add_permits(new - old);
+        } else if new < old {
+            let want = old - new;
+            let forgot = self.permits.forget_permits(want);
+            if forgot < want {
+                let (permits, rest) = (self.permits.clone(), (want - forgot) as u32);
+                tokio::spawn(async move {
+                    if let Ok(p) = permits.acquire_many(rest).await {
+                        p.forget();
+                    }
+                });
+            }
+        }
+    }
+
+    /// Puts `live` in force for every client from its next command on.
+    pub fn set_live(&self, live: ClientSettings) {
+        self.live.store(Arc::new(live));
+        self.live_generation.fetch_add(1, Ordering::Release);
+    }
+
+    pub fn next_client_id(&self) -> u64 {
+        self.next_client_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn clients(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<ClientMeta>>> {
+        lock(&self.clients)
+    }
+}
+
+/// The last bulk string of a `CONFIG GET` reply, as a number.
+fn last_bulk_number(reply: &[u8]) -> Option<u32> {
+    let text = String::from_utf8_lossy(reply);
+    text.split("\r\n")
+        .filter(|l| !l.is_empty() && !l.starts_with(['*', '$']))
+        .last()
+        .and_then(|v| v.parse().ok())
+}
