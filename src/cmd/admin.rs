@@ -148,7 +148,7 @@ pub fn dispatch(c: &mut Client, name: &[u8], cmd: Command, r: &mut Replies<'_>) 
         b"cache.hotkeys" => {
             let count = match a.len() {
                 1 => Some(10),
-                3 if a[1].eq_ignore_ascii_case(b"COUNT") => super::local::parse_i64(&a[2])
+                3 if a[1].eq_ignore_ascii_case(b"COUNT") => super::parse_i64(&a[2])
                     .filter(|n| *n > 0)
                     .map(|n| n as usize),
                 _ => None,
@@ -207,7 +207,7 @@ fn warmup(c: &mut Client, a: &[Bytes], r: &mut Replies<'_>) {
             req.pattern = Some(String::from_utf8_lossy(&a[i + 1]).into_owned());
             i += 2;
         } else if arg.eq_ignore_ascii_case(b"LIMIT") && i + 1 < a.len() {
-            match super::local::parse_i64(&a[i + 1]) {
+            match super::parse_i64(&a[i + 1]) {
                 Some(n) if n > 0 => req.limit = Some(n as u64),
                 _ => return r.error("ERR value is not an integer or out of range"),
             }

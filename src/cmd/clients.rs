@@ -31,7 +31,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::local::parse_i64;
+use super::parse_i64;
 use crate::context::{ClientMeta, Context, RelayKind};
 
 /// Redis's client types (`getClientTypeByName`).

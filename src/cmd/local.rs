@@ -7,7 +7,7 @@
 
 use bytes::Bytes;
 
-use super::{Client, Flow, Replies, arity_error, auth, clients};
+use super::{Client, Flow, Replies, arity_error, auth, clients, parse_i64};
 use crate::commands::table;
 use crate::protocol::request::Command;
 use crate::protocol::{Proto, encode};
@@ -76,19 +76,6 @@ pub fn reset(c: &mut Client) {
     c.reply = super::ReplyMode::default();
     c.reroute();
     c.meta_update();
-}
-
-/// Redis `getLongLongFromObject`: a plain decimal integer.
-pub fn parse_i64(b: &[u8]) -> Option<i64> {
-    let s = std::str::from_utf8(b).ok()?;
-    if s.is_empty()
-        || s.starts_with('+')
-        || (s.len() > 1 && s.starts_with('0'))
-        || s.starts_with("-0")
-    {
-        return None;
-    }
-    s.parse().ok()
 }
 
 pub fn parse_db(databases: u32, arg: &[u8]) -> Result<u32, &'static str> {

@@ -658,3 +658,16 @@ pub fn take_front(pending: &mut VecDeque<Pending>) -> Option<Resolved> {
         _ => None,
     }
 }
+
+/// Redis `getLongLongFromObject`: a plain decimal integer.
+pub fn parse_i64(b: &[u8]) -> Option<i64> {
+    let s = std::str::from_utf8(b).ok()?;
+    if s.is_empty()
+        || s.starts_with('+')
+        || (s.len() > 1 && s.starts_with('0'))
+        || s.starts_with("-0")
+    {
+        return None;
+    }
+    s.parse().ok()
+}
