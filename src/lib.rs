@@ -33,6 +33,7 @@ pub mod relay;
 pub mod reload;
 pub mod server;
 pub mod shutdown;
+pub mod sidecar;
 pub mod telemetry;
 pub mod tls;
 pub mod upstream;
@@ -121,12 +122,12 @@ impl Node {
                 shutdown.clone(),
             )
             .await;
-        ctx.warmup.spawn_background(&ctx, shutdown.clone());
-        telemetry::health::Health::spawn(ctx.clone(), shutdown.clone());
+        ctx.warmup.spawn_background(shutdown.clone());
+        sidecar::watch::spawn(ctx.clone(), shutdown.clone());
         if let Some(l) = sidecar {
             let at = l.local_addr().map(|a| a.to_string()).unwrap_or_default();
             tracing::info!(listen = %at, "sidecar serving");
-            tokio::spawn(telemetry::sidecar::serve(l, ctx.clone(), shutdown.clone()));
+            tokio::spawn(sidecar::serve(l, ctx.clone(), shutdown.clone()));
         }
         tracing::info!(upstream = %config.upstream_label(), "kiln started");
         Ok(Node { ctx, shutdown })

@@ -220,7 +220,7 @@ fn warmup(c: &mut Client, a: &[Bytes], r: &mut Replies<'_>) {
         return r.error("ERR PHASE and MATCH cannot be combined");
     }
     let ctx = c.ctx.clone();
-    match ctx.warmup.start(&ctx, req) {
+    match ctx.warmup.start(req) {
         Err(busy) => r.error(&format!("BUSY warmup {busy} is running")),
         Ok((id, _)) if !sync => r.ready(|o| encode::bulk(o, id.as_bytes())),
         Ok((_, done)) => {

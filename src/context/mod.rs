@@ -27,14 +27,14 @@ use crate::coherence::Coherence;
 use crate::commands::CommandTable;
 use crate::config::Config;
 use crate::upstream::{Hooks, Link, Upstream};
-use crate::warmup::Warmup;
+use crate::warmup::{Handles, Warmup};
 use crate::worker::lock;
 
 pub struct Context {
     pub l1: Arc<L1>,
     pub coherence: Arc<Coherence>,
     pub warmup: Arc<Warmup>,
-    pub upstream: Upstream,
+    pub upstream: Arc<Upstream>,
     /// kiln's own requests to upstream: the SWAPDB check, the warmup lock,
     /// hot-key saves.
     pub control: Link,
@@ -76,7 +76,7 @@ impl Context {
             cfg.coherence.mode == crate::config::CoherenceMode::Ttl,
         )?);
         let coherence = Coherence::new(cfg.coherence.mode, cfg.coherence.check_interval);
-        let upstream = Upstream::new(cfg, coherence.reader_spec(&l1))?;
+        let upstream = Arc::new(Upstream::new(cfg, coherence.reader_spec(&l1))?);
         upstream.start(shutdown).await;
         let table = match upstream.probe(&[b"COMMAND"]).await {
             Ok(reply) => CommandTable::from_command_reply(&reply),
@@ -107,19 +107,28 @@ impl Context {
             redis_version,
             "upstream described"
         );
+        let control = upstream.channel(
+            crate::protocol::Proto::Resp2,
+            vec![vec![
+                b"CLIENT".to_vec(),
+                b"SETNAME".to_vec(),
+                b"kiln-control".to_vec(),
+            ]],
+            Hooks::default(),
+        );
         Ok(Context {
-            l1,
-            coherence,
-            warmup: Warmup::new(&cfg.warmup),
-            control: upstream.channel(
-                crate::protocol::Proto::Resp2,
-                vec![vec![
-                    b"CLIENT".to_vec(),
-                    b"SETNAME".to_vec(),
-                    b"kiln-control".to_vec(),
-                ]],
-                Hooks::default(),
+            l1: l1.clone(),
+            coherence: coherence.clone(),
+            warmup: Warmup::new(
+                &cfg.warmup,
+                Handles {
+                    l1: l1.clone(),
+                    upstream: upstream.clone(),
+                    control: control.clone(),
+                    coherence: coherence.clone(),
+                },
             ),
+            control: control.clone(),
             live: arc_swap::ArcSwap::from_pointee(ClientSettings::new(cfg)?),
             live_generation: AtomicU64::new(0),
             acl: Default::default(),

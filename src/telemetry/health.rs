@@ -1,32 +1,41 @@
-//! What the sidecar reports beyond raw counters: rates over a rolling
-//! window, the built-in alerts, readiness and cache health. A background
-//! task ticks every 500 ms: it polls upstream `INFO memory` (which also
-//! tells whether upstream is reachable), samples the counters into the
-//! window and evaluates the alerts.
+//! What the sidecar reports beyond raw counters, as state: rates over a
+//! rolling window of counter samples, the alerts firing and since when,
+//! whether upstream answered the last poll and its memory. Filled by the
+//! health watcher (`sidecar::watch`), which samples the counters every
+//! `TICK`, decides which alerts fire and reads readiness and cache health
+//! from here; nothing here knows where the counters come from.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
-use tokio_util::sync::CancellationToken;
 
 use crate::config::{AlertsConfig, Config};
-use crate::context::Context;
-use crate::protocol::request::encode_command;
 use crate::worker::lock;
 
-const TICK: Duration = Duration::from_millis(500);
+/// How often the watcher samples and evaluates.
+pub const TICK: Duration = Duration::from_millis(500);
 
+/// The counters the rates are computed from, read at one instant.
 #[derive(Debug, Clone, Copy, Default)]
-struct Sample {
-    hits: u64,
-    misses: u64,
-    penetrations: u64,
-    failed: u64,
-    commands: u64,
+pub struct Sample {
+    /// Cached reads answered from L1.
+    pub hits: u64,
+    /// Cached reads L1 did not have.
+    pub misses: u64,
+    /// Misses for keys upstream did not have either.
+    pub penetrations: u64,
+    /// Replies that were upstream failures.
+    pub failed: u64,
+    /// Commands served.
+    pub commands: u64,
 }
+
+/// An alert the watcher found firing: name, severity, message, value and
+/// threshold (see `Alert`).
+pub type Firing = (&'static str, &'static str, String, f64, f64);
 
 /// Rates over the window; `None` below `alerts.min_requests`.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
@@ -80,21 +89,12 @@ impl Health {
         }
     }
 
-    fn sample(ctx: &Context) -> Sample {
-        let s = &ctx.l1.stats;
-        Sample {
-            hits: s.hits.load(),
-            misses: s.misses.load(),
-            penetrations: s.penetrations.load(Ordering::Relaxed),
-            failed: ctx.metrics.failed_replies.load(Ordering::Relaxed),
-            commands: ctx.metrics.commands_total(),
-        }
-    }
-
-    fn tick(&self, ctx: &Context) {
+    /// Adds a sample to the window, dropping those older than
+    /// `alerts.window` but one (the base the rates are taken from).
+    pub fn tick(&self, sample: Sample) {
         let now = Instant::now();
         let mut w = lock(&self.window);
-        w.push_back((now, Self::sample(ctx)));
+        w.push_back((now, sample));
         // Keep one sample at or before the window's start as the base.
         while w.len() > 2
             && w.get(1)
@@ -104,11 +104,11 @@ impl Health {
         }
     }
 
-    pub fn rates(&self, ctx: &Context) -> Rates {
+    /// The rates from the window's base to `now`.
+    pub fn rates(&self, now: Sample) -> Rates {
         let w = lock(&self.window);
         let base = w.front().map(|(_, s)| *s).unwrap_or_default();
         drop(w);
-        let now = Self::sample(ctx);
         let (hits, misses) = (now.hits - base.hits, now.misses - base.misses);
         let requests = hits + misses;
         let commands = now.commands - base.commands;
@@ -124,115 +124,14 @@ impl Health {
         }
     }
 
-    fn evaluate(&self, ctx: &Context) {
-        let c = self.cfg.load();
-        let r = self.rates(ctx);
-        let w = ctx.warmup.snapshot();
-        let pct = |v: f64| format!("{:.1}%", v * 100.0);
-        let mut firing: Vec<(&'static str, &'static str, String, f64, f64)> = Vec::new();
-        let secs = w.duration.as_secs_f64();
-        if w.status != "idle" && w.duration > c.warmup_slow {
-            firing.push((
-                "warmup_slow",
-                "warning",
-                format!("warmup {} took {secs:.1}s", w.trace_id),
-                secs,
-                c.warmup_slow.as_secs_f64(),
-            ));
-        }
-        if w.status == "failed" {
-            firing.push((
-                "warmup_failed",
-                "critical",
-                format!("warmup {} failed", w.trace_id),
-                1.0,
-                0.0,
-            ));
-        }
-        // Rate rules: (name, severity, value, threshold, fires above it?, what).
-        let rate_rules = [
-            (
-                "miss_rate_high",
-                "warning",
-                r.miss_rate,
-                c.miss_rate,
-                true,
-                "miss rate",
-            ),
-            (
-                "hit_rate_low",
-                "warning",
-                r.hit_rate,
-                c.hit_rate_warning,
-                false,
-                "hit rate",
-            ),
-            (
-                "hit_rate_critical",
-                "critical",
-                r.hit_rate,
-                c.hit_rate_critical,
-                false,
-                "hit rate",
-            ),
-            (
-                "penetration_rate_high",
-                "warning",
-                r.penetration_rate,
-                c.penetration_warning,
-                true,
-                "reads for missing keys",
-            ),
-            (
-                "penetration_rate_critical",
-                "critical",
-                r.penetration_rate,
-                c.penetration_critical,
-                true,
-                "reads for missing keys",
-            ),
-        ];
-        for (name, severity, value, threshold, above, what) in rate_rules {
-            let Some(v) = value else { continue };
-            if (above && v > threshold) || (!above && v < threshold) {
-                let message = format!(
-                    "{what} {} over {:?} (threshold {})",
-                    pct(v),
-                    c.window,
-                    pct(threshold)
-                );
-                firing.push((name, severity, message, v, threshold));
-            }
-        }
-        if ctx.breaker_state() == 1 {
-            firing.push((
-                "circuit_open",
-                "critical",
-                "upstream circuit breaker is open".into(),
-                1.0,
-                0.0,
-            ));
-        }
-        if ctx.coherence.state() == "lost" {
-            firing.push((
-                "tracking_lost",
-                "critical",
-                "CLIENT TRACKING channel lost: L1 not filled".into(),
-                1.0,
-                0.0,
-            ));
-        }
-        if let Some((table, l1)) = ctx.coherence.tracking_table_small(&ctx.l1) {
-            firing.push((
-                "tracking_table_small",
-                "warning",
-                format!(
-                    "L1 holds ~{l1} entries, upstream's tracking table {table} keys: L1 churns"
-                ),
-                l1 as f64,
-                table as f64,
-            ));
-        }
+    /// `[alerts]` in force.
+    pub fn thresholds(&self) -> std::sync::Arc<AlertsConfig> {
+        self.cfg.load_full()
+    }
+
+    /// Puts `firing` in force as the active alerts: one that was firing
+    /// keeps its `since`, a new one is logged, one no longer listed ends.
+    pub fn set_firing(&self, firing: Vec<Firing>) {
         let mut active = lock(&self.active);
         let now = SystemTime::now();
         let names: Vec<&'static str> = firing.iter().map(|f| f.0).collect();
@@ -263,68 +162,8 @@ impl Health {
         v
     }
 
-    /// `Err(reason)` when not ready.
-    pub fn ready(&self, ctx: &Context) -> Result<(), &'static str> {
-        if !self.upstream_ok.load(Ordering::Relaxed) {
-            return Err("upstream unreachable");
-        }
-        let ended: u64 = ctx
-            .warmup
-            .runs
-            .iter()
-            .map(|r| r.load(Ordering::Relaxed))
-            .sum();
-        if self.wait_for_warmup && ended == 0 {
-            return Err("waiting for the start-up warmup");
-        }
-        Ok(())
-    }
-
-    /// `healthy`, `degraded` or `unhealthy`, with the rates behind it.
-    pub fn cache_health(&self, ctx: &Context) -> (&'static str, Rates) {
-        let r = self.rates(ctx);
-        let hit = r.hit_rate.unwrap_or(1.0);
-        let err = r.error_rate.unwrap_or(0.0);
-        let status = if hit < 0.5 || err > 0.1 {
-            "unhealthy"
-        } else if hit < self.cfg.load().hit_rate_warning
-            || ctx.coherence.state() == "lost"
-            || ctx.breaker_state() != 0
-        {
-            "degraded"
-        } else {
-            "healthy"
-        };
-        (status, r)
-    }
-
-    /// The sampling, polling and alert loop.
-    pub fn spawn(ctx: std::sync::Arc<Context>, shutdown: CancellationToken) {
-        tokio::spawn(async move {
-            let info = encode_command(&["INFO", "memory"]);
-            loop {
-                let polled =
-                    tokio::time::timeout(TICK * 2, ctx.control.send(info.clone(), None, true))
-                        .await;
-                match polled {
-                    Ok(Ok(Ok(reply))) if reply.first() == Some(&b'$') => {
-                        ctx.health.upstream_ok.store(true, Ordering::Relaxed);
-                        if let Some(m) = String::from_utf8_lossy(&reply).lines().find_map(|l| {
-                            l.strip_prefix("used_memory:")
-                                .and_then(|v| v.trim().parse().ok())
-                        }) {
-                            ctx.health.redis_memory.store(m, Ordering::Relaxed);
-                        }
-                    }
-                    _ => ctx.health.upstream_ok.store(false, Ordering::Relaxed),
-                }
-                ctx.health.tick(&ctx);
-                ctx.health.evaluate(&ctx);
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(TICK) => {}
-                }
-            }
-        });
+    /// `metrics.ready_after_warmup`, unless the start-up warmup is off.
+    pub fn waits_for_warmup(&self) -> bool {
+        self.wait_for_warmup
     }
 }

@@ -1,11 +1,11 @@
-//! Logs, metrics, health and the sidecar HTTP server. Logging: tracing to
+//! Logs, metrics and health state (the sidecar HTTP server that shows
+//! them is `sidecar`). Logging: tracing to
 //! stderr in text or JSON; `RUST_LOG` wins over `log.level`.
 
 pub mod health;
 pub mod histogram;
 pub mod metrics;
 pub mod names;
-pub mod sidecar;
 
 use tracing_subscriber::EnvFilter;
 

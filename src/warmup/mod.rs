@@ -24,9 +24,11 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::cache::L1;
+use crate::coherence::Coherence;
 use crate::config::{PhaseConfig, WarmupConfig};
-use crate::context::Context;
 use crate::protocol::request::encode_command;
+use crate::upstream::{Link, Upstream};
 use crate::worker::lock;
 use hotkeys::HotKeys;
 
@@ -135,7 +137,20 @@ pub struct Snapshot {
     pub phases: Vec<PhaseReport>,
 }
 
+/// What a warmup reads from and fills, handed over at construction
+/// instead of the whole `Context`: the L1, the upstream (its reader
+/// connections and default database), the control link (fleet lock,
+/// hot-key saves) and coherence (whether L1 may be filled now).
+pub struct Handles {
+    pub l1: Arc<L1>,
+    pub upstream: Arc<Upstream>,
+    pub control: Link,
+    pub coherence: Arc<Coherence>,
+}
+
 pub struct Warmup {
+    /// What runs read from and fill.
+    io: Arc<Handles>,
     /// `[warmup]`, replaced whole by a reload (`configure`).
     cfg: arc_swap::ArcSwap<WarmupConfig>,
     /// Wakes the schedule after a reload, so a new schedule applies at once.
@@ -162,8 +177,9 @@ enum Source {
 }
 
 impl Warmup {
-    pub fn new(cfg: &WarmupConfig) -> Arc<Warmup> {
+    pub fn new(cfg: &WarmupConfig, io: Handles) -> Arc<Warmup> {
         Arc::new(Warmup {
+            io: Arc::new(io),
             cfg: arc_swap::ArcSwap::from_pointee(cfg.clone()),
             reconfigured: tokio::sync::Notify::new(),
             state: Mutex::default(),
@@ -247,7 +263,6 @@ impl Warmup {
     /// Starts a run; `Err` holds the trace id of the run already going.
     pub fn start(
         self: &Arc<Self>,
-        ctx: &Arc<Context>,
         req: Request,
     ) -> Result<(String, oneshot::Receiver<Report>), String> {
         let mut state = lock(&self.state);
@@ -277,11 +292,11 @@ impl Warmup {
         let (tx, rx) = oneshot::channel();
         let limit = req.limit.unwrap_or(u64::MAX).min(self.cfg().max_keys);
         let span = tracing::info_span!("warmup", trace_id = %id);
-        let (me, ctx, cfg, run_id) = (self.clone(), ctx.clone(), self.cfg(), id.clone());
+        let (me, io, cfg, run_id) = (self.clone(), self.io.clone(), self.cfg(), id.clone());
         tokio::spawn(
             async move {
                 let report =
-                    run::execute(&ctx, &cfg, plans, run_id, started, progress, cancel, limit).await;
+                    run::execute(&io, &cfg, plans, run_id, started, progress, cancel, limit).await;
                 me.runs[report.outcome as usize].fetch_add(1, Ordering::Relaxed);
                 let mut state = lock(&me.state);
                 state.running = None;
@@ -357,7 +372,7 @@ impl Warmup {
 
     /// Automatic runs (at start, on a schedule) unless `SKIP_CACHE_WARMUP=1`,
     /// and the periodic hot-key save.
-    pub fn spawn_background(self: &Arc<Self>, ctx: &Arc<Context>, shutdown: CancellationToken) {
+    pub fn spawn_background(self: &Arc<Self>, shutdown: CancellationToken) {
         let skip = std::env::var("SKIP_CACHE_WARMUP")
             .is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
         if skip {
@@ -365,11 +380,11 @@ impl Warmup {
                 "SKIP_CACHE_WARMUP=1: automatic warmups are off; CACHE.WARMUP still works"
             );
         } else {
-            let (me, ctx, stop) = (self.clone(), ctx.clone(), shutdown.clone());
-            tokio::spawn(async move { me.automatic(&ctx, stop).await });
+            let (me, stop) = (self.clone(), shutdown.clone());
+            tokio::spawn(async move { me.automatic(stop).await });
         }
         if let Some(hot) = self.hot.clone() {
-            let (me, ctx) = (self.clone(), ctx.clone());
+            let me = self.clone();
             tokio::spawn(async move {
                 loop {
                     let every = me.cfg().hotkeys.save_every;
@@ -377,15 +392,15 @@ impl Warmup {
                         _ = shutdown.cancelled() => return,
                         _ = tokio::time::sleep(every) => {}
                     }
-                    save_hotkeys(&ctx, &me.cfg(), &hot).await;
+                    save_hotkeys(&me.io.control, &me.cfg(), &hot).await;
                 }
             });
         }
     }
 
-    async fn automatic(self: Arc<Self>, ctx: &Arc<Context>, shutdown: CancellationToken) {
+    async fn automatic(self: Arc<Self>, shutdown: CancellationToken) {
         let cfg = self.cfg();
-        let run = |why: &'static str| match self.start(ctx, Request::default()) {
+        let run = |why: &'static str| match self.start(Request::default()) {
             Ok((id, _)) => tracing::info!(trace_id = %id, why, "automatic warmup started"),
             Err(busy) => {
                 tracing::info!(running = %busy, why, "automatic warmup skipped: one is running")
@@ -427,7 +442,7 @@ impl Warmup {
 }
 
 /// Merges this interval's hot keys into the upstream sorted set.
-pub async fn save_hotkeys(ctx: &Context, cfg: &WarmupConfig, hot: &HotKeys) {
+pub async fn save_hotkeys(control: &Link, cfg: &WarmupConfig, hot: &HotKeys) {
     let top = hot.take();
     if top.is_empty() {
         return;
@@ -445,7 +460,7 @@ pub async fn save_hotkeys(ctx: &Context, cfg: &WarmupConfig, hot: &HotKeys) {
         args.push(k.to_vec());
         args.push(n.to_string().into_bytes());
     }
-    match ctx.control.send(encode_command(&args), None, true).await {
+    match control.send(encode_command(&args), None, true).await {
         Ok(Ok(r)) if r.first() == Some(&b':') => {
             tracing::debug!(keys = top.len(), "hot keys saved")
         }

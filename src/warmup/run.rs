@@ -19,10 +19,9 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::lock::FleetLock;
-use super::{Outcome, PhaseReport, Plan, Progress, Report, Source, lock};
+use super::{Handles, Outcome, PhaseReport, Plan, Progress, Report, Source, lock};
 use crate::cache::Policy;
 use crate::config::{LockScope, WarmupConfig};
-use crate::context::Context;
 use crate::error::UpstreamError;
 use crate::protocol::reply;
 use crate::protocol::request::encode_command;
@@ -30,7 +29,7 @@ use crate::upstream::Link;
 
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn execute(
-    ctx: &Arc<Context>,
+    io: &Arc<Handles>,
     cfg: &Arc<WarmupConfig>,
     plans: Vec<Plan>,
     id: String,
@@ -55,7 +54,7 @@ pub(super) async fn execute(
     let fleet = match cfg.lock.scope {
         LockScope::Instance => None,
         LockScope::Fleet => {
-            match FleetLock::acquire(ctx.control.clone(), &cfg.lock.key, &id, cfg.lock.ttl).await {
+            match FleetLock::acquire(io.control.clone(), &cfg.lock.key, &id, cfg.lock.ttl).await {
                 Ok(Some(l)) => {
                     progress.lock_held.store(true, Ordering::Relaxed);
                     Some(Arc::new(l))
@@ -95,7 +94,7 @@ pub(super) async fn execute(
         if cancel.is_cancelled() || budget.load(Ordering::Relaxed) == 0 {
             break;
         }
-        any_failed |= phase(ctx, cfg, plan, i, &progress, &budget, &rate, &cancel).await;
+        any_failed |= phase(io, cfg, plan, i, &progress, &budget, &rate, &cancel).await;
     }
 
     if let Some(e) = extender {
@@ -261,12 +260,12 @@ async fn hot_keys(conn: &Link, key: &[u8], keep: usize) -> Result<Vec<Bytes>, Up
 /// Reads a batch with MGET (and PTTL per key) and fills L1; returns
 /// (warmed, too large).
 async fn fetch(
-    ctx: &Context,
+    io: &Handles,
     conn: &Link,
     db: u32,
     keys: &[(Bytes, Duration)],
 ) -> Result<(u64, u64), UpstreamError> {
-    let l1 = &ctx.l1;
+    let l1 = &io.l1;
     let tokens: Vec<_> = keys.iter().map(|(k, _)| l1.token(k)).collect();
     let mut mget: Vec<&[u8]> = vec![b"MGET"];
     mget.extend(keys.iter().map(|(k, _)| &k[..]));
@@ -278,7 +277,7 @@ async fn fetch(
     let r = mget_rx
         .await
         .unwrap_or_else(|_| Err(UpstreamError::Lost("request dropped".into())))?;
-    let values = reply::mget_values(&r, keys.len(), ctx.upstream.reader_proto())
+    let values = reply::mget_values(&r, keys.len(), io.upstream.reader_proto())
         .ok_or_else(|| unexpected(&r))?;
     let (mut warmed, mut too_large) = (0, 0);
     for (((key, ttl), value), (token, pttl_rx)) in
@@ -292,7 +291,7 @@ async fn fetch(
         let Some(frame) = value else { continue };
         if frame.len() > l1.max_value_size() + 16 {
             too_large += 1;
-        } else if ctx.coherence.can_fill() && l1.fill(db, key, Some(&frame), pttl, *ttl, token) {
+        } else if io.coherence.can_fill() && l1.fill(db, key, Some(&frame), pttl, *ttl, token) {
             warmed += 1;
         }
     }
@@ -302,7 +301,7 @@ async fn fetch(
 /// Runs one phase; returns whether any step of it failed.
 #[allow(clippy::too_many_arguments)]
 async fn phase(
-    ctx: &Arc<Context>,
+    io: &Arc<Handles>,
     cfg: &Arc<WarmupConfig>,
     plan: &Plan,
     index: usize,
@@ -318,8 +317,8 @@ async fn phase(
     };
     update(&|p| p.status = "running");
     tracing::info!(phase = %plan.name, "warmup phase started");
-    let db = ctx.upstream.default_db();
-    let conn = ctx.upstream.reader(db, index as u64);
+    let db = io.upstream.default_db();
+    let conn = io.upstream.reader(db, index as u64);
     let slots = Arc::new(Semaphore::new(cfg.concurrency));
     let mut batches: JoinSet<Result<(u64, u64), String>> = JoinSet::new();
     let mut phase_left = plan.limit.unwrap_or(u64::MAX);
@@ -330,7 +329,7 @@ async fn phase(
     let mut submit = async |keys: Vec<Bytes>, batches: &mut JoinSet<_>| -> bool {
         let mut batch: Vec<(Bytes, Duration)> = keys
             .into_iter()
-            .filter_map(|k| match ctx.l1.policy(&k) {
+            .filter_map(|k| match io.l1.policy(&k) {
                 Policy::Cache { ttl } => Some((k, plan.ttl.unwrap_or(ttl))),
                 Policy::Bypass => None,
             })
@@ -351,8 +350,8 @@ async fn phase(
                 let Ok(permit) = slots.clone().acquire_owned().await else {
                     return false;
                 };
-                let (ctx, cfg, conn, cancel, progress) = (
-                    ctx.clone(),
+                let (io, cfg, conn, cancel, progress) = (
+                    io.clone(),
                     cfg.clone(),
                     conn.clone(),
                     cancel.clone(),
@@ -360,7 +359,7 @@ async fn phase(
                 );
                 batches.spawn(async move {
                     let r = retry(&cfg, &cancel, "MGET batch", || {
-                        fetch(&ctx, &conn, db, &chunk)
+                        fetch(&io, &conn, db, &chunk)
                     })
                     .await;
                     drop(permit);

@@ -9,6 +9,8 @@
 //! | `/ready` | 200 when upstream answers (and the start-up warmup ended, with `ready_after_warmup`), else 503 |
 //! | `/health/cache` | healthy / degraded (200) or unhealthy (503) |
 
+pub mod watch;
+
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -20,11 +22,11 @@ use axum::routing::get;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use super::names;
 use crate::cache::Source;
 use crate::cmd::admin::{status_fields, to_json};
 use crate::context::Context;
 use crate::error::ErrorKind;
+use crate::telemetry::names;
 use crate::warmup::Outcome;
 
 pub async fn serve(listener: TcpListener, ctx: Arc<Context>, shutdown: CancellationToken) {
@@ -61,7 +63,7 @@ pub fn render(ctx: &Context) -> String {
         m.counter(names::REQUESTS, &[("status", status)])
             .absolute(n);
     }
-    let rates = ctx.health.rates(ctx);
+    let rates = watch::rates(ctx);
     m.gauge(names::HIT_RATE, &[])
         .set(rates.hit_rate.unwrap_or(f64::NAN));
     m.counter(names::PENETRATIONS, &[])
@@ -233,18 +235,18 @@ async fn metrics_json(State(ctx): State<Arc<Context>>) -> Json<serde_json::Value
         );
         o.insert(
             "rates".into(),
-            serde_json::to_value(ctx.health.rates(&ctx)).unwrap_or_default(),
+            serde_json::to_value(watch::rates(&ctx)).unwrap_or_default(),
         );
     }
     Json(v)
 }
 
-async fn alerts(State(ctx): State<Arc<Context>>) -> Json<Vec<super::health::Alert>> {
+async fn alerts(State(ctx): State<Arc<Context>>) -> Json<Vec<crate::telemetry::health::Alert>> {
     Json(ctx.health.alerts())
 }
 
 async fn ready(State(ctx): State<Arc<Context>>) -> Response {
-    match ctx.health.ready(&ctx) {
+    match watch::ready(&ctx) {
         Ok(()) => (StatusCode::OK, Json(serde_json::json!({ "ready": true }))).into_response(),
         Err(why) => (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -255,7 +257,7 @@ async fn ready(State(ctx): State<Arc<Context>>) -> Response {
 }
 
 async fn cache_health(State(ctx): State<Arc<Context>>) -> Response {
-    let (status, rates) = ctx.health.cache_health(&ctx);
+    let (status, rates) = watch::cache_health(&ctx);
     let code = if status == "unhealthy" {
         StatusCode::SERVICE_UNAVAILABLE
     } else {
