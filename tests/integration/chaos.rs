@@ -186,8 +186,7 @@ async fn upstream_paused_is_waited_for_and_every_write_runs_once() {
     // Directly, a client of a server in `CLIENT PAUSE` waits and its
     // command then runs. Through kiln it must be the same, even with a
     // command_timeout far below the pause: slow is not an error.
-    let redis = Redis::start();
-    let kiln = Kiln::start_with(&redis, |c| {
+    let (redis, kiln) = redis_and_kiln_with(|c| {
         c.upstream.command_timeout = COMMAND_TIMEOUT;
         c.upstream.connect_timeout = COMMAND_TIMEOUT;
         c.upstream.breaker.failures = 3;

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use kiln::config::{CoherenceMode, CompressionAlgorithm, CompressionConfig};
 
-use crate::util::{Conn, Kiln, Redis, WAIT, bulk};
+use crate::util::{Conn, Kiln, Redis, WAIT, bulk, redis_and_kiln, redis_and_kiln_with};
 
 /// The keys every case reads, as Redis would hold them.
 async fn seed(d: &mut Conn) {
@@ -81,8 +81,7 @@ async fn hello3(c: &mut Conn) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_default_read_is_byte_equal_and_a_hit_never_reaches_upstream() {
-    let redis = Redis::start();
-    let kiln = Kiln::start(&redis).await;
+    let (redis, kiln) = redis_and_kiln().await;
     let mut d = redis.conn().await;
     seed(&mut d).await;
     for resp3 in [false, true] {
@@ -110,8 +109,7 @@ async fn every_default_read_is_byte_equal_and_a_hit_never_reaches_upstream() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn errors_are_not_cached_and_calls_kiln_cannot_cache_are_forwarded() {
-    let redis = Redis::start();
-    let kiln = Kiln::start(&redis).await;
+    let (redis, kiln) = redis_and_kiln().await;
     let (mut k, mut d) = (kiln.conn().await, redis.conn().await);
     seed(&mut d).await;
     for (name, call) in [
@@ -158,8 +156,7 @@ fn writes() -> Vec<(&'static str, Vec<&'static str>)> {
 }
 
 async fn writes_are_seen(mode: CoherenceMode) {
-    let redis = Redis::start();
-    let kiln = Kiln::start_with(&redis, |c| {
+    let (redis, kiln) = redis_and_kiln_with(|c| {
         c.coherence.mode = mode;
         c.coherence.check_interval = Duration::from_millis(100);
     })
@@ -211,8 +208,7 @@ async fn writes_through_kiln_and_directly_are_seen_with_bcast() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_direct_hset_drops_every_cached_read_of_the_key() {
-    let redis = Redis::start();
-    let kiln = Kiln::start(&redis).await;
+    let (redis, kiln) = redis_and_kiln().await;
     let (mut k, mut d) = (kiln.conn().await, redis.conn().await);
     d.cmd(&["HSET", "h", "a", "1", "b", "2"]).await;
     let reads: [&[&str]; 3] = [&["HGET", "h", "a"], &["HGETALL", "h"], &["HLEN", "h"]];
@@ -467,8 +463,7 @@ async fn a_tracking_table_smaller_than_l1_is_reported() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hot_keys_of_a_quiet_instance_are_listed_hottest_first() {
-    let redis = Redis::start();
-    let kiln = Kiln::start_with(&redis, |c| c.warmup.hotkeys.enabled = true).await;
+    let (_redis, kiln) = redis_and_kiln_with(|c| c.warmup.hotkeys.enabled = true).await;
     let mut k = kiln.conn().await;
     // Ten keys read 1 to 10 times each, through GET and HGETALL.
     for round in 0..10usize {
@@ -513,8 +508,7 @@ async fn dispatched(admin: &mut Conn, cmd: &str) {
 /// not hold readers of its key either.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_held_upstream_does_not_hold_reads_of_its_key() {
-    let redis = Redis::start();
-    let kiln = Kiln::start(&redis).await;
+    let (redis, kiln) = redis_and_kiln().await;
     let mut d = redis.conn().await;
     let mut admin = kiln.conn().await;
     // (the write, the read, the reply before and after the write).

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use tokio::io::AsyncWriteExt;
 
+use crate::util::process::{KilnProcess, kiln_bin};
 use crate::util::*;
 
 /// A config file in its own directory, removed on drop.
@@ -397,24 +398,11 @@ async fn a_certificate_swapped_on_disk_is_used_by_new_handshakes() {
 }
 
 async fn tls_ping<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(s: &mut S) -> String {
-    s.write_all(&encode(&["PING"])).await.expect("write");
-    tls_read(s).await
+    String::from_utf8_lossy(&stream_cmd(s, &["PING"]).await).into_owned()
 }
 
 async fn tls_read<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> String {
-    use tokio::io::AsyncReadExt;
-    let mut got = Vec::new();
-    let mut buf = [0u8; 1024];
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while frame_len(&got).is_none() {
-        let n = tokio::time::timeout_at(deadline, s.read(&mut buf))
-            .await
-            .expect("a reply in time")
-            .expect("read");
-        assert!(n > 0, "closed");
-        got.extend_from_slice(&buf[..n]);
-    }
-    String::from_utf8_lossy(&got).into_owned()
+    String::from_utf8_lossy(&stream_read(s).await).into_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -429,30 +417,23 @@ async fn sighup_reloads_the_binary_and_its_log_file_has_no_colour_codes() {
         format!("[server]\nlisten = \"127.0.0.1:{port}\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n");
     file.write(&redis, &format!("{head}{RULE_OFF}"));
     let log = file.dir.join("kiln.log");
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(["--config", &file.path()])
-        .env_remove("RUST_LOG")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log).expect("log file"))
-        .spawn()
-        .expect("spawn kiln");
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
-    let deadline = Instant::now() + WAIT;
-    while tokio::net::TcpStream::connect(addr).await.is_err() {
-        assert!(Instant::now() < deadline, "kiln did not start");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let child = KilnProcess::spawn(
+        kiln_bin()
+            .args(["--config", &file.path()])
+            .env_remove("RUST_LOG")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file")),
+        format!("127.0.0.1:{port}").parse().expect("addr"),
+    )
+    .await;
+    let addr = child.addr;
     let mut c = Conn::connect(addr).await;
     c.cmd(&["SET", "r:1", "x"]).await;
     c.cmd(&["GET", "r:1"]).await;
     assert!(!cached(&mut c, "r:1").await);
     file.write(&redis, &format!("{head}{RULE_ON}"));
     let sent = Instant::now();
-    let hup = std::process::Command::new("kill")
-        .args(["-HUP", &child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(hup.success());
+    child.signal("-HUP");
     // In force once a read of r:1 is cached.
     loop {
         c.cmd(&["GET", "r:1"]).await;
@@ -463,8 +444,7 @@ async fn sighup_reloads_the_binary_and_its_log_file_has_no_colour_codes() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     eprintln!("SIGHUP to new config in force: {:?}", sent.elapsed());
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
     let text = std::fs::read_to_string(&log).expect("log");
     assert!(text.contains("config reloaded"), "{text}");
     assert!(
@@ -508,8 +488,7 @@ async fn a_reloaded_deny_list_applies_to_relayed_clients_too() {
     let file = File::new("deny");
     file.write(&redis, "");
     let kiln = Kiln::start_from_file(&file.path()).await;
-    let mut admin = kiln.conn().await;
-    let mut tracked = kiln.conn().await;
+    let [mut admin, mut tracked] = kiln.conns().await;
     assert_eq!(tracked.cmd(&["CLIENT", "TRACKING", "ON"]).await, "+OK\r\n");
     file.write(&redis, "[server]\ndeny_commands = [\"FLUSHALL\"]\n");
     assert_eq!(reload(&mut admin).await, "+OK\r\n");
@@ -573,41 +552,13 @@ async fn entries_the_new_settings_would_not_store_are_dropped() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_without_a_config_file_is_logged_not_fatal() {
     let redis = Redis::start();
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        l.local_addr().expect("addr").port()
-    };
-    let listen = format!("127.0.0.1:{port}");
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args([
-            "--listen",
-            &listen,
-            "--upstream",
-            &redis.url(),
-            "--metrics",
-            "127.0.0.1:0",
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("spawn kiln");
-    let addr: std::net::SocketAddr = listen.parse().expect("addr");
-    let deadline = Instant::now() + WAIT;
-    while tokio::net::TcpStream::connect(addr).await.is_err() {
-        assert!(Instant::now() < deadline, "kiln did not start");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let hup = std::process::Command::new("kill")
-        .args(["-HUP", &child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(hup.success());
+    let mut child = KilnProcess::start(&redis).await;
+    child.signal("-HUP");
+    let addr = child.addr;
     let mut c = Conn::connect(addr).await;
     assert_eq!(c.cmd(&["PING"]).await, "+PONG\r\n");
     assert!(
-        child.try_wait().expect("wait").is_none(),
+        child.child.try_wait().expect("wait").is_none(),
         "SIGHUP killed kiln"
     );
-    let _ = child.kill();
-    let _ = child.wait();
 }

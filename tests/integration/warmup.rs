@@ -5,7 +5,9 @@ use std::time::Duration;
 use kiln::config::{Config, LockScope, PhaseConfig};
 use serde_json::Value;
 
-use crate::util::{Conn, Kiln, Redis, Relay, WAIT, bulk, bulk_payload, seed};
+use crate::util::{
+    Conn, Kiln, Redis, Relay, WAIT, bulk, bulk_payload, redis_and_kiln_with, seed, set_user,
+};
 
 fn phase(name: &str, priority: i64, pattern: &str) -> PhaseConfig {
     PhaseConfig {
@@ -165,10 +167,7 @@ async fn failing_batches_retry_with_backoff_and_end_partial() {
     let mut d = redis.conn().await;
     // kiln's user may not read bad:* keys: their MGETs fail every time.
     assert_eq!(
-        d.cmd(&[
-            "ACL", "SETUSER", "kiln", "on", ">pw", "~ok:*", "~kiln:*", "+@all"
-        ])
-        .await,
+        set_user(&mut d, "kiln", &["~ok:*", "~kiln:*", "+@all"]).await,
         "+OK\r\n"
     );
     seed(&redis, "ok:", 1000, |i| i.to_string()).await;
@@ -212,8 +211,7 @@ async fn a_stalled_upstream_is_retried_and_clients_are_still_served() {
         c.warmup.backoff = Duration::from_millis(100);
     })
     .await;
-    let mut k = kiln.conn().await;
-    let mut reader = kiln.conn().await;
+    let [mut k, mut reader] = kiln.conns().await;
     redis.conn().await.cmd(&["SET", "cached", "yes"]).await;
     reader.wait_for(&["GET", "cached"], bulk("yes")).await;
     assert_eq!(
@@ -424,8 +422,7 @@ async fn hot_keys_of_one_instance_warm_the_next_one_first() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hotkeys_command_lists_the_hottest_first() {
-    let redis = Redis::start();
-    let kiln = Kiln::start_with(&redis, |c| {
+    let (_redis, kiln) = redis_and_kiln_with(|c| {
         fast(c);
         c.warmup.hotkeys.enabled = true;
         // Every GET counted: the test checks exact counts.
@@ -508,8 +505,7 @@ async fn cancel_busy_and_rate_limits() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_shapes_and_admin_errors() {
-    let redis = Redis::start();
-    let kiln = Kiln::start_with(&redis, fast).await;
+    let (_redis, kiln) = redis_and_kiln_with(fast).await;
     let mut k = kiln.conn().await;
     k.cmd(&["SET", "x", "1"]).await;
     k.cmd(&["GET", "x"]).await;

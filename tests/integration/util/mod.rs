@@ -15,6 +15,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 pub mod cluster;
+pub mod process;
 pub mod sentinel;
 
 pub const WAIT: Duration = Duration::from_secs(10);
@@ -53,6 +54,84 @@ pub fn free_port() -> u16 {
             return port;
         }
     }
+}
+
+/// A fresh `redis-server` and kiln (default config) in front of it: the
+/// start of most tests. Keep the `Redis` bound (`_redis`, not `_`): it is
+/// killed on drop.
+pub async fn redis_and_kiln() -> (Redis, Kiln) {
+    redis_and_kiln_with(|_| {}).await
+}
+
+/// A fresh `redis-server` and kiln in front of it, its config changed by
+/// `tweak` first.
+pub async fn redis_and_kiln_with(tweak: impl FnOnce(&mut Config)) -> (Redis, Kiln) {
+    let redis = Redis::start();
+    let kiln = Kiln::start_with(&redis, tweak).await;
+    (redis, kiln)
+}
+
+/// Calls `step` every `every` until it returns `Ok`, for at most `WAIT`;
+/// past that, fails with the last `Err`'s text.
+pub async fn poll_until<T>(every: Duration, mut step: impl AsyncFnMut() -> Result<T, String>) -> T {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match step().await {
+            Ok(v) => return v,
+            Err(why) => assert!(Instant::now() < deadline, "{why}"),
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// `f` on a blocking thread, off the test's runtime: starting a cluster
+/// or sentinels takes seconds.
+pub async fn off_runtime<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.expect("blocking task")
+}
+
+/// Waits (bounded by `WAIT`) until something accepts connections at `addr`.
+pub async fn wait_listening(addr: SocketAddr, what: &str) {
+    let deadline = Instant::now() + WAIT;
+    while TcpStream::connect(addr).await.is_err() {
+        assert!(Instant::now() < deadline, "{what} did not start");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Reads from `s` (a TLS stream, say, where `Conn` does not fit) until a
+/// whole reply came, within `WAIT`: the bytes read, which may run past it.
+pub async fn stream_read<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> Vec<u8> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while frame_len(&got).is_none() {
+        let n = tokio::time::timeout_at(deadline, s.read(&mut buf))
+            .await
+            .expect("a reply in time")
+            .expect("read");
+        assert!(n > 0, "closed");
+        got.extend_from_slice(&buf[..n]);
+    }
+    got
+}
+
+/// Sends `args` on `s` and reads its reply (`stream_read`).
+pub async fn stream_cmd<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    s: &mut S,
+    args: &[&str],
+) -> Vec<u8> {
+    s.write_all(&encode(args)).await.expect("write");
+    s.flush().await.expect("flush");
+    stream_read(s).await
+}
+
+/// `ACL SETUSER name on >pw rules...` sent on `c` (a direct connection,
+/// or kiln's): its reply.
+pub async fn set_user(c: &mut Conn, name: &str, rules: &[&str]) -> Bytes {
+    let mut args = vec!["ACL", "SETUSER", name, "on", ">pw"];
+    args.extend_from_slice(rules);
+    c.cmd(&args).await
 }
 
 /// `CACHE.STATUS JSON` through `c`, parsed.
@@ -363,6 +442,18 @@ impl Kiln {
 
     pub async fn conn(&self) -> Conn {
         Conn::connect(self.addr).await
+    }
+
+    /// `N` connections to kiln, opened one after another.
+    pub async fn conns<const N: usize>(&self) -> [Conn; N] {
+        let mut all = Vec::with_capacity(N);
+        for _ in 0..N {
+            all.push(self.conn().await);
+        }
+        match all.try_into() {
+            Ok(a) => a,
+            Err(_) => unreachable!("N connections were opened"),
+        }
     }
 
     pub async fn stop(mut self) -> Result<(), String> {
