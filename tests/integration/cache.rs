@@ -2,8 +2,7 @@
 //! `INFO commandstats` is the witness), writes through kiln are seen on the
 //! next read, fills never resurrect an old value.
 
-use std::sync::Arc;
-
+use crate::util::load::Workers;
 use crate::util::{Kiln, Redis, bulk, redis_and_kiln, redis_and_kiln_with};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -210,19 +209,15 @@ async fn an_entry_never_outlives_the_key_upstream() {
 /// fill brought back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fills_racing_writes_never_leave_old_values() {
-    let redis = Redis::start();
-    let kiln = Arc::new(Kiln::start(&redis).await);
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mut readers = Vec::new();
+    let (_redis, kiln) = redis_and_kiln().await;
+    let mut readers = Workers::default();
     for _ in 0..4 {
-        let kiln = kiln.clone();
-        let stop = stop.clone();
-        readers.push(tokio::spawn(async move {
-            let mut c = kiln.conn().await;
+        let mut c = kiln.conn().await;
+        readers.spawn(|stop, _| async move {
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 c.cmd(&["GET", "race"]).await;
             }
-        }));
+        });
     }
     let [mut writer, mut checker] = kiln.conns().await;
     let mut stale = 0;
@@ -233,10 +228,7 @@ async fn fills_racing_writes_never_leave_old_values() {
             stale += 1;
         }
     }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    for r in readers {
-        r.await.expect("reader");
-    }
+    readers.stop().await;
     assert_eq!(
         stale, 0,
         "reads after an acknowledged write saw an older value"

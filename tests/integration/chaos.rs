@@ -4,8 +4,7 @@
 //! the circuit breaker opens and fails fast, kiln recovers by itself, and a
 //! write that may have run is never run twice.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use crate::util::*;
@@ -68,13 +67,10 @@ async fn upstream_killed_under_load_then_recovers() {
 
     // Load: readers and writers through kiln; every reply must come within
     // the bound and be either an error or a value the key really had.
-    let stop = Arc::new(AtomicBool::new(false));
-    let answered = Arc::new(AtomicU64::new(0));
-    let mut workers = Vec::new();
+    let mut workers = load::Workers::default();
     for w in 0..4 {
-        let (stop, answered) = (stop.clone(), answered.clone());
         let mut conn = kiln.conn().await;
-        workers.push(tokio::spawn(async move {
+        workers.spawn(|stop, answered| async move {
             let (mut replies, mut errors, mut slowest) = (0u64, 0u64, Duration::ZERO);
             let mut i = w;
             while !stop.load(Ordering::Relaxed) {
@@ -109,14 +105,10 @@ async fn upstream_killed_under_load_then_recovers() {
                 i += 4;
             }
             (replies, errors, slowest)
-        }));
+        });
     }
     // Kill upstream once the load is really running.
-    let deadline = Instant::now() + WAIT;
-    while answered.load(Ordering::Relaxed) < 500 {
-        assert!(Instant::now() < deadline, "the load never got going");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    workers.wait_count(500, "the load").await;
     redis.kill();
     let killed = Instant::now();
     // An outage of at least half a second, with the load going on.
@@ -152,10 +144,8 @@ async fn upstream_killed_under_load_then_recovers() {
         |r| r == b"+OK\r\n",
     )
     .await;
-    stop.store(true, Ordering::Relaxed);
     let (mut replies, mut errors, mut slowest) = (0, 0, Duration::ZERO);
-    for w in workers {
-        let (r, e, s) = w.await.expect("worker");
+    for (r, e, s) in workers.stop().await {
         replies += r;
         errors += e;
         slowest = slowest.max(s);

@@ -3,8 +3,7 @@
 //! rollout (`cache.enabled`, a rule's `percent`), users and TLS change live.
 
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use tokio::io::AsyncWriteExt;
@@ -74,13 +73,10 @@ async fn reloads_under_load_drop_nothing_and_apply_each_time() {
     admin.cmd(&["SET", "r:probe", "p"]).await;
 
     // 4 clients run GET/SET through kiln the whole time.
-    let stop = Arc::new(AtomicBool::new(false));
-    let done = Arc::new(AtomicU64::new(0));
-    let mut load = Vec::new();
+    let mut load = load::Workers::default();
     for i in 0..4 {
-        let (stop, done) = (stop.clone(), done.clone());
         let mut c = kiln.conn().await;
-        load.push(tokio::spawn(async move {
+        load.spawn(|stop, done| async move {
             let mut n = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 let k = format!("load:{i}:{}", n % 50);
@@ -94,7 +90,7 @@ async fn reloads_under_load_drop_nothing_and_apply_each_time() {
             done.fetch_add(n, Ordering::Relaxed);
             // Still connected after every reload.
             assert_eq!(c.cmd(&["PING"]).await, "+PONG\r\n");
-        }));
+        });
     }
     let mut took = Vec::new();
     for round in 0..20 {
@@ -115,14 +111,11 @@ async fn reloads_under_load_drop_nothing_and_apply_each_time() {
             "round {round}: cache = {on}"
         );
     }
-    stop.store(true, Ordering::Relaxed);
-    for t in load {
-        t.await.expect("load client");
-    }
+    load.stop().await;
     took.sort();
     eprintln!(
         "20 reloads under load: {} GET/SET pairs, reload p50 {:?} max {:?}",
-        done.load(Ordering::Relaxed),
+        load.count(),
         took[10],
         took[19]
     );

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::util::load::Workers;
 use crate::util::{Conn, Kiln, Redis, WAIT, bulk, bulk_payload, encode, redis_and_kiln, set_user};
 
 /// How long a reply that should come at once is waited for.
@@ -285,30 +286,19 @@ async fn slow_command_with_incr_load(slow: &[&str], want: &[u8]) {
     let redis = Redis::start_with(&["--enable-debug-command", "yes"]);
     let kiln = Kiln::start(&redis).await;
     let mut p = Problems::default();
-    let stop = Arc::new(AtomicBool::new(false));
-    let replies = Arc::new(AtomicU64::new(0));
-    let mut tasks = Vec::new();
+    let mut loops = Workers::default();
     for who in 0..4 {
         let c = kiln.conn().await;
-        tasks.push(tokio::spawn(incr_loop(
-            c,
-            stop.clone(),
-            replies.clone(),
-            who,
-        )));
+        loops.spawn(|stop, replies| incr_loop(c, stop, replies, who));
     }
     // Every loop is running before the slow command starts.
-    let deadline = Instant::now() + WAIT;
-    while replies.load(Ordering::SeqCst) < 8 {
-        assert!(Instant::now() < deadline, "INCR loops never got going");
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    loops.wait_count(8, "INCR loops").await;
     let mut slow_conn = kiln.conn().await;
     let started = Instant::now();
     slow_conn.send(slow).await;
     let got = reply(&mut slow_conn, Duration::from_secs(5)).await;
     let took = started.elapsed();
-    stop.store(true, Ordering::SeqCst);
+    let results = loops.stop().await;
     p.same(
         &format!("{} {} (the slow command)", slow[0], slow[1]),
         &got,
@@ -319,11 +309,7 @@ async fn slow_command_with_incr_load(slow: &[&str], want: &[u8]) {
     });
     let mut sent = 0;
     let mut bad = Vec::new();
-    for t in tasks {
-        let (n, b) = tokio::time::timeout(WAIT, t)
-            .await
-            .expect("INCR loops stop in time")
-            .expect("INCR loop");
+    for (n, b) in results {
         sent += n;
         bad.extend(b);
     }

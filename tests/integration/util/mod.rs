@@ -15,6 +15,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 pub mod cluster;
+pub mod load;
 pub mod process;
 pub mod sentinel;
 
