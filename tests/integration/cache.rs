@@ -155,13 +155,9 @@ async fn values_over_max_value_size_are_not_cached() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rules_bypass_and_select_isolation() {
     let (redis, kiln) = redis_and_kiln_with(|c| {
-        c.cache.rules.push(kiln::config::CacheRule {
-            pattern: "session:*".into(),
-            cache: false,
-            ttl: None,
-            percent: 100,
-            commands: None,
-        })
+        c.cache
+            .rules
+            .push(crate::util::rule("session:*", false, 100))
     })
     .await;
     let mut c = kiln.conn().await;

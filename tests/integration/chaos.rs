@@ -10,6 +10,17 @@ use std::time::{Duration, Instant};
 use crate::util::*;
 
 const COMMAND_TIMEOUT: Duration = Duration::from_millis(300);
+/// kiln in front of `url` with the short upstream timeouts of these
+/// tests, and `tweak`.
+async fn kiln_with_timeouts(url: &str, tweak: impl FnOnce(&mut kiln::Config)) -> Kiln {
+    Kiln::start_with_url(url, |c| {
+        c.upstream.command_timeout = COMMAND_TIMEOUT;
+        c.upstream.connect_timeout = COMMAND_TIMEOUT;
+        tweak(c);
+    })
+    .await
+}
+
 const CIRCUIT_OPEN: &str = "-ERR upstream unavailable (circuit open)\r\n";
 
 /// Sends `args` until the reply satisfies `ok`, each reply bounded by
@@ -51,11 +62,7 @@ async fn breaker_state(kiln: &Kiln) -> String {
 async fn upstream_killed_under_load_then_recovers() {
     let mut redis = Redis::start();
     seed(&redis, "k", 50, |i| format!("before-{i}")).await;
-    let kiln = Kiln::start_with(&redis, |c| {
-        c.upstream.command_timeout = COMMAND_TIMEOUT;
-        c.upstream.connect_timeout = COMMAND_TIMEOUT;
-    })
-    .await;
+    let kiln = kiln_with_timeouts(&redis.url(), |_| {}).await;
     // Warm L1 with the pre-outage values.
     let mut c = kiln.conn().await;
     for i in 0..50 {
@@ -176,12 +183,8 @@ async fn upstream_paused_is_waited_for_and_every_write_runs_once() {
     // Directly, a client of a server in `CLIENT PAUSE` waits and its
     // command then runs. Through kiln it must be the same, even with a
     // command_timeout far below the pause: slow is not an error.
-    let (redis, kiln) = redis_and_kiln_with(|c| {
-        c.upstream.command_timeout = COMMAND_TIMEOUT;
-        c.upstream.connect_timeout = COMMAND_TIMEOUT;
-        c.upstream.breaker.failures = 3;
-    })
-    .await;
+    let redis = Redis::start();
+    let kiln = kiln_with_timeouts(&redis.url(), |c| c.upstream.breaker.failures = 3).await;
     let mut c = kiln.conn().await;
     assert_eq!(c.cmd(&["SET", "n", "0"]).await, "+OK\r\n");
     let mut direct = redis.conn().await;
@@ -221,12 +224,7 @@ async fn upstream_unreachable_mid_request_fails_and_opens() {
     // run: never resent), and the breaker then fails fast.
     let redis = Redis::start();
     let relay = Relay::start(redis.addr()).await;
-    let kiln = Kiln::start_with_url(&relay.url(), |c| {
-        c.upstream.command_timeout = COMMAND_TIMEOUT;
-        c.upstream.connect_timeout = COMMAND_TIMEOUT;
-        c.upstream.breaker.failures = 1;
-    })
-    .await;
+    let kiln = kiln_with_timeouts(&relay.url(), |c| c.upstream.breaker.failures = 1).await;
     let mut c = kiln.conn().await;
     assert_eq!(c.cmd(&["SET", "n", "0"]).await, "+OK\r\n");
     relay.freeze();
@@ -270,9 +268,7 @@ async fn stale_count(kiln: &Kiln) -> f64 {
 async fn serve_stale_on_error_answers_from_l1_while_upstream_is_down() {
     let mut redis = Redis::start();
     seed(&redis, "s", 3, |i| format!("v{i}")).await;
-    let kiln = Kiln::start_with(&redis, |c| {
-        c.upstream.command_timeout = COMMAND_TIMEOUT;
-        c.upstream.connect_timeout = COMMAND_TIMEOUT;
+    let kiln = kiln_with_timeouts(&redis.url(), |c| {
         c.cache.serve_stale_on_error = true;
         c.cache.max_stale = Duration::from_secs(30);
     })
@@ -326,10 +322,8 @@ async fn fresh_l1_hits_are_served_while_the_circuit_is_open() {
     // fast.
     let mut redis = Redis::start();
     seed(&redis, "h", 2, |i| format!("v{i}")).await;
-    let kiln = Kiln::start_with(&redis, |c| {
+    let kiln = kiln_with_timeouts(&redis.url(), |c| {
         c.coherence.mode = kiln::config::CoherenceMode::Ttl;
-        c.upstream.command_timeout = COMMAND_TIMEOUT;
-        c.upstream.connect_timeout = COMMAND_TIMEOUT;
         c.upstream.breaker.open_for = Duration::from_secs(30);
     })
     .await;

@@ -1036,13 +1036,7 @@ async fn warmup_scans_every_primary() {
     let cluster = off_runtime(Cluster::start).await;
     let kiln = Kiln::start_cluster(cluster.seeds(), |c| {
         c.warmup.rate_limit = 0;
-        c.warmup.phase = vec![kiln::config::PhaseConfig {
-            name: "all".into(),
-            priority: 1,
-            patterns: vec!["w:*".into()],
-            limit: None,
-            ttl: None,
-        }];
+        c.warmup.phase = vec![crate::util::phase("all", 1, "w:*")];
         c.admin
             .rate_limits
             .insert("CACHE.WARMUP".into(), "1000/s".into());

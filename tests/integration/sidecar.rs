@@ -45,13 +45,7 @@ async fn every_metric_is_exported_with_its_type_and_counters_move() {
     let redis = Redis::start();
     // A rule, so the per-rule rollout gauge has a series to export.
     let kiln = Kiln::start_with(&redis, |c| {
-        c.cache.rules.push(kiln::config::CacheRule {
-            pattern: "rolled:*".into(),
-            cache: true,
-            ttl: None,
-            percent: 25,
-            commands: None,
-        })
+        c.cache.rules.push(crate::util::rule("rolled:*", true, 25))
     })
     .await;
     let mut c = kiln.conn().await;
@@ -269,13 +263,7 @@ async fn a_failed_warmup_raises_the_critical_alert_until_one_succeeds() {
         c.upstream.url = url;
         c.warmup.lock.scope = kiln::config::LockScope::Instance;
         c.warmup.retries = 0;
-        c.warmup.phase = vec![kiln::config::PhaseConfig {
-            name: "w".into(),
-            priority: 1,
-            patterns: vec!["w:*".into()],
-            limit: None,
-            ttl: None,
-        }];
+        c.warmup.phase = vec![crate::util::phase("w", 1, "w:*")];
     })
     .await;
     let mut k = kiln.conn().await;

@@ -2,22 +2,12 @@
 
 use std::time::Duration;
 
-use kiln::config::{Config, LockScope, PhaseConfig};
+use kiln::config::{Config, LockScope};
 use serde_json::Value;
 
 use crate::util::{
-    Conn, Kiln, Redis, Relay, WAIT, bulk, bulk_payload, redis_and_kiln_with, seed, set_user,
+    Conn, Kiln, Redis, Relay, WAIT, bulk, bulk_payload, phase, redis_and_kiln_with, seed, set_user,
 };
-
-fn phase(name: &str, priority: i64, pattern: &str) -> PhaseConfig {
-    PhaseConfig {
-        name: name.into(),
-        priority,
-        patterns: vec![pattern.into()],
-        limit: None,
-        ttl: None,
-    }
-}
 
 /// Test defaults: no lock, no pacing, fast retries, generous admin limits.
 fn fast(c: &mut Config) {

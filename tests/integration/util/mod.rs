@@ -135,6 +135,28 @@ pub async fn set_user(c: &mut Conn, name: &str, rules: &[&str]) -> Bytes {
     c.cmd(&args).await
 }
 
+/// A cache rule for `pattern` (no TTL of its own, every command).
+pub fn rule(pattern: &str, cache: bool, percent: u8) -> kiln::config::CacheRule {
+    kiln::config::CacheRule {
+        pattern: pattern.into(),
+        cache,
+        ttl: None,
+        percent,
+        commands: None,
+    }
+}
+
+/// A warmup phase loading the keys `pattern` matches (no limit, no TTL).
+pub fn phase(name: &str, priority: i64, pattern: &str) -> kiln::config::PhaseConfig {
+    kiln::config::PhaseConfig {
+        name: name.into(),
+        priority,
+        patterns: vec![pattern.into()],
+        limit: None,
+        ttl: None,
+    }
+}
+
 /// `CACHE.STATUS JSON` through `c`, parsed.
 pub async fn cache_status(c: &mut Conn) -> serde_json::Value {
     let r = c.cmd(&["CACHE.STATUS", "JSON"]).await;
