@@ -215,6 +215,13 @@ impl Redis {
         Self::start_with(&[])
     }
 
+    /// A fresh server holding `n` keys `prefix{i}` = `value(i)` (`seed`).
+    pub async fn start_seeded(prefix: &str, n: usize, value: impl Fn(usize) -> String) -> Redis {
+        let redis = Self::start();
+        seed(&redis, prefix, n, value).await;
+        redis
+    }
+
     pub fn start_with(extra: &[&str]) -> Redis {
         for _ in 0..10 {
             if let Some(r) = Self::spawn_on(free_port(), extra) {
@@ -804,6 +811,27 @@ pub async fn seed(redis: &Redis, prefix: &str, n: usize, value: impl Fn(usize) -
     for _ in 0..sent {
         assert_eq!(c.read().await, "+OK\r\n");
     }
+}
+
+/// For the bench binaries: whether this is a full run (`cargo bench`
+/// passes `--bench`) rather than `cargo test`'s smoke run, and `full` or
+/// `smoke` to size it accordingly.
+pub fn bench_size<T>(full: T, smoke: T) -> (bool, T) {
+    let is_full = std::env::args().any(|a| a == "--bench");
+    (is_full, if is_full { full } else { smoke })
+}
+
+/// For the bench binaries: writes `text` to `bench/results/<name>`.
+pub fn bench_result(name: &str, text: &str) {
+    let out = format!("{}/bench/results/{name}", env!("CARGO_MANIFEST_DIR"));
+    std::fs::write(&out, text).expect("write results");
+    println!("written to {out}");
+}
+
+/// `v` sorted, for `percentile`.
+pub fn sorted(mut v: Vec<Duration>) -> Vec<Duration> {
+    v.sort_unstable();
+    v
 }
 
 /// The `p` quantile (0..=1) of sorted durations.
