@@ -70,8 +70,7 @@ fn users(c: &mut kiln::Config) {
 
 /// A Redis holding `a0` = 1, and kiln with the users above in front of it.
 async fn seeded_with_users() -> (Redis, Kiln) {
-    let redis = Redis::start();
-    seed(&redis, "a", 1, |_| "1".into()).await;
+    let redis = Redis::start_seeded("a", 1, |_| "1".into()).await;
     let kiln = Kiln::start_with_url(&redis.url(), users).await;
     (redis, kiln)
 }

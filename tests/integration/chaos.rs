@@ -60,8 +60,7 @@ async fn breaker_state(kiln: &Kiln) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_killed_under_load_then_recovers() {
-    let mut redis = Redis::start();
-    seed(&redis, "k", 50, |i| format!("before-{i}")).await;
+    let mut redis = Redis::start_seeded("k", 50, |i| format!("before-{i}")).await;
     let kiln = kiln_with_timeouts(&redis.url(), |_| {}).await;
     // Warm L1 with the pre-outage values.
     let mut c = kiln.conn().await;
@@ -266,8 +265,7 @@ async fn stale_count(kiln: &Kiln) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_stale_on_error_answers_from_l1_while_upstream_is_down() {
-    let mut redis = Redis::start();
-    seed(&redis, "s", 3, |i| format!("v{i}")).await;
+    let mut redis = Redis::start_seeded("s", 3, |i| format!("v{i}")).await;
     let kiln = kiln_with_timeouts(&redis.url(), |c| {
         c.cache.serve_stale_on_error = true;
         c.cache.max_stale = Duration::from_secs(30);
@@ -320,8 +318,7 @@ async fn fresh_l1_hits_are_served_while_the_circuit_is_open() {
     // In ttl mode a lost upstream does not make L1 stale: its entries stay
     // fresh until their TTL, and are served while everything else fails
     // fast.
-    let mut redis = Redis::start();
-    seed(&redis, "h", 2, |i| format!("v{i}")).await;
+    let mut redis = Redis::start_seeded("h", 2, |i| format!("v{i}")).await;
     let kiln = kiln_with_timeouts(&redis.url(), |c| {
         c.coherence.mode = kiln::config::CoherenceMode::Ttl;
         c.upstream.breaker.open_for = Duration::from_secs(30);

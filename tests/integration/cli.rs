@@ -215,8 +215,7 @@ async fn trace_id_of_last_run(c: &mut Conn) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_json_log_line_of_a_run_carries_its_trace_id() {
-    let redis = Redis::start();
-    crate::util::seed(&redis, "k", 50, |i| i.to_string()).await;
+    let redis = Redis::start_seeded("k", 50, |i| i.to_string()).await;
     let kiln = Child::start(&warmup_config(&redis), &[]).await;
     let mut c = Conn::connect(kiln.addr).await;
     let id = trace_id_of_last_run(&mut c).await;
@@ -250,8 +249,7 @@ async fn every_json_log_line_of_a_run_carries_its_trace_id() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn skip_cache_warmup_stops_automatic_runs_only() {
-    let redis = Redis::start();
-    crate::util::seed(&redis, "k", 50, |i| i.to_string()).await;
+    let redis = Redis::start_seeded("k", 50, |i| i.to_string()).await;
     let kiln = Child::start(&warmup_config(&redis), &[("SKIP_CACHE_WARMUP", "1")]).await;
     // Logged when the automatic runs are decided, before any could start.
     kiln.log_line("automatic warmups are off").await;

@@ -36,6 +36,12 @@ impl File {
         );
         std::fs::write(self.path(), text).expect("write config");
     }
+
+    /// kiln started from this file, written first (`write`).
+    async fn start_kiln(&self, redis: &Redis, body: &str) -> Kiln {
+        self.write(redis, body);
+        Kiln::start_from_file(&self.path()).await
+    }
 }
 
 impl Drop for File {
@@ -75,8 +81,7 @@ const ADMIN: &str =
 async fn reloads_under_load_drop_nothing_and_apply_each_time() {
     let redis = Redis::start();
     let file = File::new("load");
-    file.write(&redis, &format!("{ADMIN}{RULE_ON}"));
-    let kiln = Kiln::start_from_file(&file.path()).await;
+    let kiln = file.start_kiln(&redis, &format!("{ADMIN}{RULE_ON}")).await;
     let mut admin = kiln.conn().await;
     admin.cmd(&["SET", "r:probe", "p"]).await;
 
@@ -135,8 +140,7 @@ async fn reloads_under_load_drop_nothing_and_apply_each_time() {
 async fn an_invalid_config_changes_nothing_and_names_key_and_line() {
     let redis = Redis::start();
     let file = File::new("invalid");
-    file.write(&redis, RULE_OFF);
-    let kiln = Kiln::start_from_file(&file.path()).await;
+    let kiln = file.start_kiln(&redis, RULE_OFF).await;
     let mut c = kiln.conn().await;
     let before = c.cmd(&["CACHE.STATUS", "JSON"]).await;
 
@@ -200,8 +204,7 @@ async fn an_invalid_config_changes_nothing_and_names_key_and_line() {
 async fn cache_enabled_is_a_live_kill_switch() {
     let redis = Redis::start();
     let file = File::new("enabled");
-    file.write(&redis, "");
-    let kiln = Kiln::start_from_file(&file.path()).await;
+    let kiln = file.start_kiln(&redis, "").await;
     let mut c = kiln.conn().await;
     c.cmd(&["SET", "k", "v"]).await;
     c.cmd(&["GET", "k"]).await;
@@ -248,13 +251,11 @@ async fn read_all(c: &mut Conn, keys: &[String]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn percent_caches_a_stable_share_and_raising_it_keeps_every_key() {
-    let redis = Redis::start();
-    seed(&redis, "p:", 10_000, |i| format!("v-p:{i}")).await;
+    let redis = Redis::start_seeded("p:", 10_000, |i| format!("v-p:{i}")).await;
     let keys: Vec<String> = (0..10_000).map(|i| format!("p:{i}")).collect();
     let file = File::new("percent");
     let rule = |p: u8| format!("[[cache.rules]]\nmatch = \"p:*\"\npercent = {p}\n");
-    file.write(&redis, &rule(10));
-    let kiln = Kiln::start_from_file(&file.path()).await;
+    let kiln = file.start_kiln(&redis, &rule(10)).await;
     let mut c = kiln.conn().await;
     read_all(&mut c, &keys).await;
     let entries = |s: bytes::Bytes| {
@@ -310,8 +311,7 @@ async fn users_change_live_and_a_removed_user_is_closed() {
             })
             .collect::<String>()
     };
-    file.write(&redis, &users(&["alice", "bob"]));
-    let kiln = Kiln::start_from_file(&file.path()).await;
+    let kiln = file.start_kiln(&redis, &users(&["alice", "bob"])).await;
     let mut alice = kiln.conn().await;
     assert_eq!(alice.cmd(&["AUTH", "alice", "pw-alice"]).await, "+OK\r\n");
     let mut bob = kiln.conn().await;
@@ -360,8 +360,7 @@ async fn a_certificate_swapped_on_disk_is_used_by_new_handshakes() {
         cert.display(),
         key.display()
     );
-    file.write(&redis, &tls);
-    let kiln = Kiln::start_from_file(&file.path()).await;
+    let kiln = file.start_kiln(&redis, &tls).await;
     let name = ServerName::try_from("localhost").expect("name");
     let connect = |certs: &crate::tls::Certs| {
         let connector = certs.client();
@@ -458,8 +457,9 @@ async fn what_a_reload_cannot_change_safely_waits_for_a_restart() {
     // with; a rule caching other keys would never be invalidated.
     let head = "[coherence]\nmode = \"bcast\"\n[cache]\nttl = \"0s\"\n";
     let rule = |m: &str| format!("[[cache.rules]]\nmatch = \"{m}\"\nttl = \"1h\"\n");
-    file.write(&redis, &format!("{head}{}", rule("a:*")));
-    let kiln = Kiln::start_from_file(&file.path()).await;
+    let kiln = file
+        .start_kiln(&redis, &format!("{head}{}", rule("a:*")))
+        .await;
     let mut c = kiln.conn().await;
     file.write(&redis, &format!("{head}{}{}", rule("a:*"), rule("b:*")));
     let r = reload(&mut c).await;
@@ -481,8 +481,7 @@ async fn what_a_reload_cannot_change_safely_waits_for_a_restart() {
 async fn a_reloaded_deny_list_applies_to_relayed_clients_too() {
     let redis = Redis::start();
     let file = File::new("deny");
-    file.write(&redis, "");
-    let kiln = Kiln::start_from_file(&file.path()).await;
+    let kiln = file.start_kiln(&redis, "").await;
     let [mut admin, mut tracked] = kiln.conns().await;
     assert_eq!(tracked.cmd(&["CLIENT", "TRACKING", "ON"]).await, "+OK\r\n");
     file.write(&redis, "[server]\ndeny_commands = [\"FLUSHALL\"]\n");
@@ -499,11 +498,12 @@ async fn a_reloaded_deny_list_applies_to_relayed_clients_too() {
 async fn entries_the_new_settings_would_not_store_are_dropped() {
     let redis = Redis::start();
     let file = File::new("settings");
-    file.write(
-        &redis,
-        "[coherence]\nmode = \"ttl\"\n[cache]\nnegative_ttl = \"1h\"\n",
-    );
-    let kiln = Kiln::start_from_file(&file.path()).await;
+    let kiln = file
+        .start_kiln(
+            &redis,
+            "[coherence]\nmode = \"ttl\"\n[cache]\nnegative_ttl = \"1h\"\n",
+        )
+        .await;
     let mut c = kiln.conn().await;
     let big = "x".repeat(50_000);
     c.cmd(&["SET", "big", &big]).await;
