@@ -321,55 +321,99 @@ def cpu_main(args):
         servers = {"redis": redis, "twemproxy": twem}
         workloads = [("set", "set", "kiln"), ("get_forward", "get", "kiln_fwd"), ("get_hit", "get", "kiln")]
         results = {}
-        for rnd in range(args.rounds):
-            for pipeline in [1, 16]:
-                n = (20_000 if args.quick else 200_000) if pipeline == 1 else (100_000 if args.quick else 1_000_000)
-                for wname, test, kname in workloads:
-                    targets = [("redis", *servers["redis"]), ("twemproxy", *servers["twemproxy"]),
-                               ("kiln", *kilns[kname])]
-                    shift = rnd % 3
-                    for tname, port, pid in targets[shift:] + targets[:shift]:
-                        if tname == "kiln" and wname == "get_hit":
-                            # The SET runs invalidated what was warmed.
-                            call(port, "CACHE.CLEAR")
-                            reply = call(port, "CACHE.WARMUP", "SYNC", "MATCH", "key:*")
-                            if b"completed" not in reply:
-                                sys.exit(f"warmup failed: {reply[:200]!r}")
-                        r = cpu_run(pid, port, test, pipeline, n)
-                        results.setdefault((wname, pipeline, tname), []).append(r)
-                        print(f"round {rnd+1} {wname:12} P{pipeline:<2} {tname:10} {r[0]:8.2f} us CPU/req "
-                              f"({r[3]:.2f} in the kernel)  "
-                              f"syscalls/req {r[1] if r[1] is None else round(r[1], 2)}  "
-                              f"ctx/req {r[2] if r[2] is None else round(r[2], 3)}", flush=True)
+        for rnd, pipeline, n, (wname, test, kname) in runs(args, workloads):
+            targets = [("redis", *servers["redis"]), ("twemproxy", *servers["twemproxy"]),
+                       ("kiln", *kilns[kname])]
+            shift = rnd % 3
+            for tname, port, pid in targets[shift:] + targets[:shift]:
+                if tname == "kiln" and wname == "get_hit":
+                    # The SET runs invalidated what was warmed.
+                    warm(port)
+                r = cpu_run(pid, port, test, pipeline, n)
+                results.setdefault((wname, pipeline, tname), []).append(r)
+                print(f"round {rnd+1} {wname:12} P{pipeline:<2} {tname:10} {r[0]:8.2f} us CPU/req "
+                      f"({r[3]:.2f} in the kernel)  "
+                      f"syscalls/req {r[1] if r[1] is None else round(r[1], 2)}  "
+                      f"ctx/req {r[2] if r[2] is None else round(r[2], 3)}", flush=True)
         med = lambda k, i: (statistics.median(x[i] for x in results[k])
                             if all(x[i] is not None for x in results[k]) else float("nan"))
-        lines = ["| work | P | Redis us/req | twemproxy us/req | kiln us/req | kiln/twemproxy | kiln/Redis | of which kernel us/req R / T / K | syscalls/req R / T / K | ctx switches/req R / T / K |",
-                 "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-        for wname, _, _ in workloads:
-            for pipeline in [1, 16]:
-                g = lambda t, i: med((wname, pipeline, t), i)
-                lines.append(f"| {wname} | {pipeline} | {g('redis', 0):.2f} | {g('twemproxy', 0):.2f} | {g('kiln', 0):.2f} | "
-                             f"{g('kiln', 0) / g('twemproxy', 0):.2f} | {g('kiln', 0) / g('redis', 0):.2f} | "
-                             f"{g('redis', 3):.2f} / {g('twemproxy', 3):.2f} / {g('kiln', 3):.2f} | "
-                             f"{g('redis', 1):.2f} / {g('twemproxy', 1):.2f} / {g('kiln', 1):.2f} | "
-                             f"{g('redis', 2):.3f} / {g('twemproxy', 2):.3f} / {g('kiln', 2):.3f} |")
+        trio = lambda g, i, fmt: " / ".join(format(g(t, i), fmt) for t in TRIO)
+        lines = md_table(
+            ["work", "P", "Redis us/req", "twemproxy us/req", "kiln us/req", "kiln/twemproxy", "kiln/Redis",
+             "of which kernel us/req R / T / K", "syscalls/req R / T / K", "ctx switches/req R / T / K"],
+            workload_rows(workloads, results, lambda wname, pipeline, g: [
+                wname, pipeline, f"{g('redis', 0):.2f}", f"{g('twemproxy', 0):.2f}", f"{g('kiln', 0):.2f}",
+                f"{g('kiln', 0) / g('twemproxy', 0):.2f}", f"{g('kiln', 0) / g('redis', 0):.2f}",
+                trio(g, 3, ".2f"), trio(g, 1, ".2f"), trio(g, 2, ".3f")], med))
         idle = [("redis", servers["redis"]), ("twemproxy", servers["twemproxy"]), ("kiln", kilns["kiln"])]
-        lines += ["", "| idle client connection | RSS KiB per connection |", "| --- | --- |"]
-        for name, (port, pid) in idle:
-            lines.append(f"| {name} | {idle_cost(pid, port):.1f} |")
-        table = "\n".join(lines)
-        print(table)
+        lines += [""] + md_table(["idle client connection", "RSS KiB per connection"],
+                                 [[name, f"{idle_cost(pid, port):.1f}"] for name, (port, pid) in idle])
+        table = show_table(lines)
         header = (f"# CPU per request: kiln vs twemproxy vs Redis direct\n\nredis-benchmark -c 50 -d 100 -r {KEYS}; "
-                  f"medians of {args.rounds} rounds{' (quick)' if args.quick else ''}; the serving process's user + system "
+                  f"{rounds_note(args)}; the serving process's user + system "
                   f"CPU (/proc/PID/stat) around each run over its requests, and the system (kernel) part of it; syscalls and context switches from a second, "
                   f"quarter-length run under perf stat -p (its tracepoint costs the traced process CPU, so CPU is taken "
                   f"without it; NaN without perf). kiln threads = {os.environ.get('KILN_THREADS', 1)}; get_hit from a warmed L1; "
                   f"get_forward through a kiln whose rule turns caching off. "
-                  f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.\n\n"
+                  f"{stamp()}.\n\n"
                   "Reproduce: `python3 bench/compare.py --cpu --rounds 3`.\n\n")
         write_result("cpu.md", header + table + "\n")
     finally:
         stop_all(procs, tmp)
+
+
+TRIO = ("redis", "twemproxy", "kiln")
+
+
+def warm(port):
+    """Clears kiln's L1 and warms every key:* into it."""
+    call(port, "CACHE.CLEAR")
+    reply = call(port, "CACHE.WARMUP", "SYNC", "MATCH", "key:*")
+    if b"completed" not in reply:
+        sys.exit(f"warmup failed: {reply[:200]!r}")
+
+
+def runs(args, workloads):
+    """Every run of every round, in order: (round, pipeline depth, requests,
+    workload); fewer requests when quick, more when pipelined."""
+    for rnd in range(args.rounds):
+        for pipeline in [1, 16]:
+            n = (20_000 if args.quick else 200_000) if pipeline == 1 else (100_000 if args.quick else 1_000_000)
+            for workload in workloads:
+                yield rnd, pipeline, n, workload
+
+
+def md_table(columns, rows):
+    """The lines of a Markdown table: `columns` (its header cells) over
+    `rows` (each a list of cells)."""
+    return (["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+            + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
+
+
+def workload_rows(workloads, results, row, med=None):
+    """One table row per workload and pipeline depth (1, 16): `row(wname,
+    pipeline, g)`, g(target, i) being the median over the rounds of field
+    i of `target`'s results (or what `med(key, i)` says)."""
+    med = med or (lambda k, i: statistics.median(x[i] for x in results[k]))
+    return [row(wname, pipeline, lambda t, i, w=wname, p=pipeline: med((w, p, t), i))
+            for wname, _, _ in workloads for pipeline in [1, 16]]
+
+
+def show_table(lines):
+    """`lines` joined into one text, printed."""
+    table = "\n".join(lines)
+    print(table)
+    return table
+
+
+def stamp():
+    """Now, as the result files date their runs."""
+    return time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())
+
+
+def rounds_note(args):
+    """'medians of N rounds', marked when quick."""
+    return f"medians of {args.rounds} rounds{' (quick)' if args.quick else ''}"
 
 
 def write_result(name, text):
@@ -507,52 +551,49 @@ def cluster_main(args):
             kilns[name] = port
         fill(kilns["kiln"])  # MSET through kiln: split per slot
 
-        def warm():
-            call(kilns["kiln"], "CACHE.CLEAR")
-            reply = call(kilns["kiln"], "CACHE.WARMUP", "SYNC", "MATCH", "key:*")
-            if b"completed" not in reply:
-                sys.exit(f"warmup failed: {reply[:200]!r}")
-
         workloads = [("get_hit", "get", "kiln"), ("get_forward", "get", "kiln_fwd"), ("set", "set", "kiln")]
         results = {}
-        for rnd in range(args.rounds):
-            for pipeline in [1, 16]:
-                n = (20_000 if args.quick else 200_000) if pipeline == 1 else (100_000 if args.quick else 1_000_000)
-                for wname, test, kname in workloads:
-                    targets = [("cluster", ports[0]), ("kiln", kilns[kname])]
-                    for tname, port in (targets if rnd % 2 == 0 else targets[::-1]):
-                        if tname == "kiln" and wname == "get_hit":
-                            warm()
-                        r = bench_cluster(port, test, pipeline, n, tname == "cluster")
-                        results.setdefault((wname, pipeline, tname), []).append(r)
-                        print(f"round {rnd+1} {wname:12} P{pipeline:<2} {tname:8} {r[0]:>12.0f} rps  p50 {r[1]:.3f} ms  p99 {r[2]:.3f} ms",
-                              flush=True)
-        med = lambda k, i: statistics.median(x[i] for x in results[k])
-        lines = ["| workload | P | cluster direct rps (redis-benchmark --cluster) | kiln rps | kiln/direct | p50 ms direct / kiln | p99 ms direct / kiln |",
-                 "| --- | --- | --- | --- | --- | --- | --- |"]
-        for wname, _, _ in workloads:
-            for pipeline in [1, 16]:
-                g = lambda t, i: med((wname, pipeline, t), i)
-                lines.append(f"| {wname} | {pipeline} | {g('cluster', 0):,.0f} | {g('kiln', 0):,.0f} | "
-                             f"{g('kiln', 0) / g('cluster', 0):.2f} | {g('cluster', 1):.3f} / {g('kiln', 1):.3f} | "
-                             f"{g('cluster', 2):.3f} / {g('kiln', 2):.3f} |")
+        for rnd, pipeline, n, (wname, test, kname) in runs(args, workloads):
+            targets = [("cluster", ports[0]), ("kiln", kilns[kname])]
+            for tname, port in (targets if rnd % 2 == 0 else targets[::-1]):
+                if tname == "kiln" and wname == "get_hit":
+                    warm(kilns["kiln"])
+                r = bench_cluster(port, test, pipeline, n, tname == "cluster")
+                results.setdefault((wname, pipeline, tname), []).append(r)
+                print(f"round {rnd+1} {wname:12} P{pipeline:<2} {tname:8} {r[0]:>12.0f} rps  p50 {r[1]:.3f} ms  p99 {r[2]:.3f} ms",
+                      flush=True)
+        lines = md_table(
+            ["workload", "P", "cluster direct rps (redis-benchmark --cluster)", "kiln rps", "kiln/direct",
+             "p50 ms direct / kiln", "p99 ms direct / kiln"],
+            workload_rows(workloads, results, lambda wname, pipeline, g: [
+                wname, pipeline, f"{g('cluster', 0):,.0f}", f"{g('kiln', 0):,.0f}",
+                f"{g('kiln', 0) / g('cluster', 0):.2f}", f"{g('cluster', 1):.3f} / {g('kiln', 1):.3f}",
+                f"{g('cluster', 2):.3f} / {g('kiln', 2):.3f}"]))
         lag = lag_per_node(kilns["kiln"], primaries, 60 if args.quick else 300)
-        lines += ["", "| primary (slots) | invalidation lag p50 ms | p99 ms | samples |", "| --- | --- | --- | --- |"]
-        for port, (p50, p99, n) in lag.items():
-            lo, hi = primaries[port]
-            lines.append(f"| 127.0.0.1:{port} ({lo}-{hi}) | {p50:.3f} | {p99:.3f} | {n} |")
-        table = "\n".join(lines)
-        print(table)
+        lines += [""] + md_table(
+            ["primary (slots)", "invalidation lag p50 ms", "p99 ms", "samples"],
+            [[f"127.0.0.1:{port} ({primaries[port][0]}-{primaries[port][1]})", f"{p50:.3f}", f"{p99:.3f}", n]
+             for port, (p50, p99, n) in lag.items()])
+        table = show_table(lines)
         header = (f"# kiln in front of a Redis Cluster vs the cluster direct\n\n3 primaries + 3 replicas on loopback; "
-                  f"redis-benchmark -c 50 -d 100 -r {KEYS} (--cluster for the direct runs); medians of {args.rounds} rounds"
-                  f"{' (quick)' if args.quick else ''}; 2 cores shared by the client, kiln and six redis-servers; "
-                  f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. get_hit: kiln answers from a warmed L1 "
+                  f"redis-benchmark -c 50 -d 100 -r {KEYS} (--cluster for the direct runs); {rounds_note(args)}"
+                  f"; 2 cores shared by the client, kiln and six redis-servers; "
+                  f"{stamp()}. get_hit: kiln answers from a warmed L1 "
                   "(warmup SCANs every primary). get_forward: a kiln whose rule turns caching off. "
                   f"kiln threads = {os.environ.get('KILN_THREADS', 1)}. Invalidation lag: a direct SET on the key's "
                   "primary until kiln serves the new value (includes the polling client's own round trips).\n\n")
         write_result("cluster.md", header + table + "\n")
     finally:
         stop_all(procs, tmp)
+
+
+def prepare(tools, packages):
+    """Exits unless every one of `tools` is installed (from `packages`);
+    builds kiln's release binary."""
+    for tool in tools:
+        if not shutil.which(tool):
+            sys.exit(f"{tool} is missing: apt-get install {packages}")
+    subprocess.run(["cargo", "build", "--release", "--bin", "kiln"], cwd=ROOT, check=True)
 
 
 def main():
@@ -562,75 +603,49 @@ def main():
     ap.add_argument("--cluster", action="store_true", help="kiln in front of a Redis Cluster vs the cluster direct")
     ap.add_argument("--cpu", action="store_true", help="CPU (and syscalls) per request, and RSS per idle connection")
     args = ap.parse_args()
-    if args.cpu:
-        for tool in ["redis-server", "redis-benchmark", "nutcracker"]:
-            if not shutil.which(tool):
-                sys.exit(f"{tool} is missing: apt-get install redis-server redis-tools nutcracker")
-        subprocess.run(["cargo", "build", "--release", "--bin", "kiln"], cwd=ROOT, check=True)
-        return cpu_main(args)
-    if args.cluster:
-        for tool in ["redis-server", "redis-benchmark", "redis-cli"]:
-            if not shutil.which(tool):
-                sys.exit(f"{tool} is missing: apt-get install redis-server redis-tools")
-        subprocess.run(["cargo", "build", "--release", "--bin", "kiln"], cwd=ROOT, check=True)
+    if args.cluster and not args.cpu:
+        prepare(["redis-server", "redis-benchmark", "redis-cli"], "redis-server redis-tools")
         return cluster_main(args)
-    for tool in ["redis-server", "redis-benchmark", "nutcracker"]:
-        if not shutil.which(tool):
-            sys.exit(f"{tool} is missing: apt-get install redis-server redis-tools nutcracker")
-    subprocess.run(["cargo", "build", "--release", "--bin", "kiln"], cwd=ROOT, check=True)
+    prepare(["redis-server", "redis-benchmark", "nutcracker"], "redis-server redis-tools nutcracker")
+    if args.cpu:
+        return cpu_main(args)
     tmp = tempfile.mkdtemp(prefix="kiln-bench-")
     procs = []
     try:
         (rport, _), (tport, _), started = start_servers(tmp, procs, hashes=True)
         kilns = {name: port for name, (port, _) in started.items()}
 
-        def warm():
-            call(kilns["kiln"], "CACHE.CLEAR")
-            reply = call(kilns["kiln"], "CACHE.WARMUP", "SYNC", "MATCH", "key:*")
-            if b"completed" not in reply:
-                sys.exit(f"warmup failed: {reply[:200]!r}")
-
         workloads = [("get_hit", "get", "kiln"), ("get_forward", "get", "kiln_fwd"),
                      ("set", "set", "kiln"), ("mget10", "mget10", "kiln"),
                      ("hgetall_hit", "hgetall", "kiln")]
         results = {}
-        for rnd in range(args.rounds):
-            for pipeline in [1, 16]:
-                n = (20_000 if args.quick else 200_000) if pipeline == 1 else (100_000 if args.quick else 1_000_000)
-                for wname, test, kname in workloads:
-                    targets = [("redis", rport), ("twemproxy", tport), ("kiln", kilns[kname])]
-                    shift = rnd % 3
-                    for tname, port in targets[shift:] + targets[:shift]:
-                        if tname == "kiln" and wname in ("get_hit", "mget10"):
-                            warm()
-                        if tname == "kiln" and wname == "hgetall_hit":
-                            warm_hashes(port)
-                        r = bench(port, test, pipeline, n)
-                        results.setdefault((wname, pipeline, tname), []).append(r)
-                        print(f"round {rnd+1} {wname:12} P{pipeline:<2} {tname:10} {r[0]:>12.0f} rps  p50 {r[1]:.3f} ms  p99 {r[2]:.3f} ms",
-                              flush=True)
-        rows = []
-        med = lambda k, i: statistics.median(x[i] for x in results[k])
-        for wname, _, _ in workloads:
-            for pipeline in [1, 16]:
-                get = lambda t, i: med((wname, pipeline, t), i)
-                rows.append({"name": wname, "pipeline": pipeline,
-                             "redis": get("redis", 0), "twem": get("twemproxy", 0), "kiln": get("kiln", 0),
-                             "p50": [get(t, 1) for t in ("redis", "twemproxy", "kiln")],
-                             "p99": [get(t, 2) for t in ("redis", "twemproxy", "kiln")]})
+        for rnd, pipeline, n, (wname, test, kname) in runs(args, workloads):
+            targets = [("redis", rport), ("twemproxy", tport), ("kiln", kilns[kname])]
+            shift = rnd % 3
+            for tname, port in targets[shift:] + targets[:shift]:
+                if tname == "kiln" and wname in ("get_hit", "mget10"):
+                    warm(kilns["kiln"])
+                if tname == "kiln" and wname == "hgetall_hit":
+                    warm_hashes(port)
+                r = bench(port, test, pipeline, n)
+                results.setdefault((wname, pipeline, tname), []).append(r)
+                print(f"round {rnd+1} {wname:12} P{pipeline:<2} {tname:10} {r[0]:>12.0f} rps  p50 {r[1]:.3f} ms  p99 {r[2]:.3f} ms",
+                      flush=True)
+        rows = workload_rows(workloads, results, lambda wname, pipeline, get: {
+            "name": wname, "pipeline": pipeline,
+            "redis": get("redis", 0), "twem": get("twemproxy", 0), "kiln": get("kiln", 0),
+            "p50": [get(t, 1) for t in TRIO], "p99": [get(t, 2) for t in TRIO]})
         for r in rows:
             r["vs_redis"], r["vs_twem"] = r["kiln"] / r["redis"], r["kiln"] / r["twem"]
-        lines = ["| workload | P | Redis rps | twemproxy rps | kiln rps | kiln/Redis | kiln/twemproxy | p50 ms R / T / K | p99 ms R / T / K |",
-                 "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-        for r in rows:
-            lines.append(f"| {r['name']} | {r['pipeline']} | {r['redis']:,.0f} | {r['twem']:,.0f} | {r['kiln']:,.0f} | "
-                         f"{r['vs_redis']:.2f} | {r['vs_twem']:.2f} | "
-                         f"{' / '.join(f'{v:.3f}' for v in r['p50'])} | {' / '.join(f'{v:.3f}' for v in r['p99'])} |")
-        table = "\n".join(lines)
-        print(table)
-        header = (f"# kiln vs Redis direct vs twemproxy\n\nredis-benchmark -c 50 -d 100 -r {KEYS}; medians of "
-                  f"{args.rounds} rounds{' (quick)' if args.quick else ''}; loopback, 2 cores shared by the client, "
-                  f"kiln and Redis; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.\n"
+        slash = lambda vs: " / ".join(f"{v:.3f}" for v in vs)
+        table = show_table(md_table(
+            ["workload", "P", "Redis rps", "twemproxy rps", "kiln rps", "kiln/Redis", "kiln/twemproxy",
+             "p50 ms R / T / K", "p99 ms R / T / K"],
+            [[r["name"], r["pipeline"], f"{r['redis']:,.0f}", f"{r['twem']:,.0f}", f"{r['kiln']:,.0f}",
+              f"{r['vs_redis']:.2f}", f"{r['vs_twem']:.2f}", slash(r["p50"]), slash(r["p99"])] for r in rows]))
+        header = (f"# kiln vs Redis direct vs twemproxy\n\nredis-benchmark -c 50 -d 100 -r {KEYS}; "
+                  f"{rounds_note(args)}; loopback, 2 cores shared by the client, "
+                  f"kiln and Redis; {stamp()}.\n"
                   "get_hit: kiln answers from a warmed L1. get_forward: a kiln whose rule turns caching off. "
                   f"hgetall_hit: HGETALL of {HASHES:,} hashes of five 20-byte fields, every one read once through kiln first. "
                   f"kiln threads = {os.environ.get('KILN_THREADS', 1)}, like Redis's one.\n\n")

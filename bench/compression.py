@@ -96,22 +96,19 @@ def main():
                 res.setdefault(algo, []).append((float(row["rps"]), us, float(row["p99_latency_ms"])))
                 print(f"round {rnd + 1} {algo:5} {float(row['rps']):>10,.0f} rps  {us:.2f} us CPU/req", flush=True)
         base = kilns["none"][2]
-        lines = ["| cache.compression | L1 entries | l1_bytes | vs none | GET hit rps (P16) | kiln CPU µs/req | p99 ms |",
-                 "| --- | --- | --- | --- | --- | --- | --- |"]
-        for algo, (_, _, stored, entries) in kilns.items():
-            r = res[algo]
-            lines.append(f"| {algo} | {entries:,} | {stored:,} | {stored / base:.2f} | "
-                         f"{statistics.median(x[0] for x in r):,.0f} | {statistics.median(x[1] for x in r):.2f} | "
-                         f"{statistics.median(x[2] for x in r):.3f} |")
-        table = "\n".join(lines)
-        print(table)
+        med = lambda algo, i: statistics.median(x[i] for x in res[algo])
+        table = C.show_table(C.md_table(
+            ["cache.compression", "L1 entries", "l1_bytes", "vs none", "GET hit rps (P16)", "kiln CPU µs/req",
+             "p99 ms"],
+            [[algo, f"{entries:,}", f"{stored:,}", f"{stored / base:.2f}", f"{med(algo, 0):,.0f}",
+              f"{med(algo, 1):.2f}", f"{med(algo, 2):.3f}"]
+             for algo, (_, _, stored, entries) in kilns.items()]))
         text = (f"# L1 compression, 4 KiB JSON values\n\n{KEYS:,} keys of 4,096 bytes of JSON (user records with "
                 f"orders), all in L1 (CACHE.WARMUP SYNC); redis-benchmark -c 50 -P 16 -n 300000 GET over them; "
                 f"medians of {ROUNDS} rounds, order alternating; one kiln worker each; loopback, 2 cores shared; "
-                f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. l1_bytes counts what is stored "
+                f"{C.stamp()}. l1_bytes counts what is stored "
                 f"(compressed values plus 112 bytes per entry).\n\n{table}\n")
-        open(os.path.join(C.ROOT, "bench/results/compression.md"), "w").write(text)
-        print("written to bench/results/compression.md")
+        C.write_result("compression.md", text)
     finally:
         for p in procs:
             p.kill()

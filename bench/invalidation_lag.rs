@@ -37,14 +37,12 @@ async fn measure(mode: CoherenceMode, writes: usize) -> Vec<Duration> {
         }
         lags.push(acked.elapsed());
     }
-    lags.sort_unstable();
-    lags
+    util::sorted(lags)
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let full = std::env::args().any(|a| a == "--bench");
-    let writes = if full { 10_000 } else { 200 };
+    let (full, writes) = util::bench_size(10_000, 200);
     let mut table =
         String::from("| mode | writes | p50 | p99 | max |\n| --- | --- | --- | --- | --- |\n");
     for mode in [CoherenceMode::Tracking, CoherenceMode::Bcast] {
@@ -59,15 +57,10 @@ async fn main() {
         table.push_str(&line);
     }
     if full {
-        let out = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/bench/results/invalidation_lag.md"
-        );
         let text = format!(
             "# Invalidation lag (direct write acknowledged -> kiln returns the new value)\n\n\
              Loopback, kiln and Redis on the same 2-core machine, release build.\n\n{table}"
         );
-        std::fs::write(out, text).expect("write results");
-        println!("written to {out}");
+        util::bench_result("invalidation_lag.md", &text);
     }
 }

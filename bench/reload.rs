@@ -68,12 +68,7 @@ fn row(what: &str, v: &[Duration]) -> String {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let full = std::env::args().any(|a| a == "--bench");
-    let run = if full {
-        Duration::from_secs(5)
-    } else {
-        Duration::from_millis(300)
-    };
+    let (full, run) = util::bench_size(Duration::from_secs(5), Duration::from_millis(300));
     let redis = Redis::start();
     util::seed(&redis, "k", 1000, |i| format!("v{i}")).await;
     let dir = std::env::temp_dir().join(format!("kiln-bench-reload-{}", std::process::id()));
@@ -120,13 +115,11 @@ async fn main() {
     print!("{table}");
     let _ = std::fs::remove_dir_all(&dir);
     if full {
-        let out = concat!(env!("CARGO_MANIFEST_DIR"), "/bench/results/reload.md");
         let text = format!(
             "# GET latency during config reloads\n\n\
              Loopback, kiln (in-process, release) and Redis on the same 2-core machine; \
              `cargo bench --bench reload`.\n\n{table}"
         );
-        std::fs::write(out, text).expect("write results");
-        println!("written to {out}");
+        util::bench_result("reload.md", &text);
     }
 }

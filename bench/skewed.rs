@@ -300,12 +300,7 @@ impl Drop for KilnProcess {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let full = std::env::args().any(|a| a == "--bench");
-    let (keys, count) = if full {
-        (1_000_000, 2_000_000)
-    } else {
-        (20_000, 40_000)
-    };
+    let (full, (keys, count)) = util::bench_size((1_000_000, 2_000_000), (20_000, 40_000));
     let (conns, depth) = (32, 16);
     let ops = operations(keys, count, 0.99);
     let gets = ops.iter().filter(|o| matches!(o, Op::Get(_))).count() as f64;
@@ -410,7 +405,6 @@ async fn main() {
     );
     println!("{rtable}");
     if full {
-        let out = concat!(env!("CARGO_MANIFEST_DIR"), "/bench/results/skewed.md");
         let text = format!(
             "# Skewed workload: zipf(0.99) over {keys} keys, 95% GET / 5% SET, {count} operations\n\n\
              {conns} connections, {depth} in flight each; values of 100 bytes; loopback, release build,\n\
@@ -422,7 +416,6 @@ async fn main() {
              5% writes (HSET, ZADD); same connections and depth, from a cold L1. The ceiling is an unbounded\n\
              reply cache that drops every reply of a key on a write to it.\n\n{rtable}\n"
         );
-        std::fs::write(out, text).expect("write results");
-        println!("written to {out}");
+        util::bench_result("skewed.md", &text);
     }
 }

@@ -26,14 +26,12 @@ async fn probe(port: u16, stop: Arc<AtomicBool>) -> Vec<Duration> {
         c.cmd(&["GET", "key:42"]).await;
         lat.push(t.elapsed());
     }
-    lat.sort_unstable();
-    lat
+    util::sorted(lat)
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let full = std::env::args().any(|a| a == "--bench");
-    let keys = if full { 1_000_000 } else { 20_000 };
+    let (full, keys) = util::bench_size(1_000_000, 20_000);
     let redis = Redis::start();
     let value = "v".repeat(100);
     seed(&redis, "key:", keys, |_| value.clone()).await;
@@ -97,14 +95,12 @@ async fn main() {
     }
     print!("{table}");
     if full {
-        let out = concat!(env!("CARGO_MANIFEST_DIR"), "/bench/results/warmup.md");
         let text = format!(
             "# Warmup: {keys} keys of 100 bytes from a loopback Redis\n\n\
              batch_size 500, concurrency 4, release build, kiln, Redis and the\n\
              probing client on the same 2-core machine. The other client GETs\n\
              directly from Redis in a loop while the warmup runs.\n\n{table}"
         );
-        std::fs::write(out, text).expect("write results");
-        println!("written to {out}");
+        util::bench_result("warmup.md", &text);
     }
 }

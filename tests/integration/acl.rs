@@ -30,15 +30,12 @@ async fn read_until(c: &mut Conn, done: impl Fn(&[u8]) -> bool) -> Duration {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_allowed_user_is_served_from_l1_until_its_rights_change() {
-    let redis = Redis::start();
-    let kiln = Kiln::start_with(&redis, |c| {
+    let (redis, kiln) = redis_and_kiln_with(|c| {
         c.coherence.check_interval = Duration::from_millis(200);
     })
     .await;
     let mut direct = redis.conn().await;
-    direct
-        .cmd(&["ACL", "SETUSER", "bob", "on", ">pw", "~public:*", "+@all"])
-        .await;
+    set_user(&mut direct, "bob", &["~public:*", "+@all"]).await;
     direct.cmd(&["SET", "public:1", "p"]).await;
     let mut b = bob(&kiln).await;
 
@@ -94,21 +91,9 @@ async fn an_allowed_user_is_served_from_l1_until_its_rights_change() {
 async fn a_user_runs_its_sessions_as_itself() {
     // Transactions, blocking commands and subscriptions run on connections
     // of the user too: upstream's ACL refuses what it would directly.
-    let redis = Redis::start();
-    let kiln = Kiln::start(&redis).await;
+    let (redis, kiln) = redis_and_kiln().await;
     let mut direct = redis.conn().await;
-    direct
-        .cmd(&[
-            "ACL",
-            "SETUSER",
-            "bob",
-            "on",
-            ">pw",
-            "~public:*",
-            "&news",
-            "+@all",
-        ])
-        .await;
+    set_user(&mut direct, "bob", &["~public:*", "&news", "+@all"]).await;
     let mut b = bob(&kiln).await;
     assert_eq!(b.cmd(&["MULTI"]).await, "+OK\r\n");
     let queued = b.cmd(&["SET", "secret", "x"]).await;
@@ -129,12 +114,9 @@ async fn a_user_runs_its_sessions_as_itself() {
 /// from L1, a refused one's gets upstream's `-NOPERM`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cached_reads_of_an_upstream_user_follow_its_rights() {
-    let redis = Redis::start();
-    let kiln = Kiln::start(&redis).await;
+    let (redis, kiln) = redis_and_kiln().await;
     let mut direct = redis.conn().await;
-    direct
-        .cmd(&["ACL", "SETUSER", "bob", "on", ">pw", "~public:*", "+@all"])
-        .await;
+    set_user(&mut direct, "bob", &["~public:*", "+@all"]).await;
     direct.cmd(&["HSET", "public:h", "f", "v"]).await;
     direct.cmd(&["HSET", "secret:h", "f", "s"]).await;
     let mut b = bob(&kiln).await;

@@ -68,15 +68,20 @@ fn users(c: &mut kiln::Config) {
     }
 }
 
+/// A Redis holding `a0` = 1, and kiln with the users above in front of it.
+async fn seeded_with_users() -> (Redis, Kiln) {
+    let redis = Redis::start_seeded("a", 1, |_| "1".into()).await;
+    let kiln = Kiln::start_with_url(&redis.url(), users).await;
+    (redis, kiln)
+}
+
 fn noperm(cmd: &str) -> String {
     format!("-NOPERM this user has no permissions to run the '{cmd}' command\r\n")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn roles_limit_what_a_user_may_run() {
-    let redis = Redis::start();
-    seed(&redis, "a", 1, |_| "1".into()).await;
-    let kiln = Kiln::start_with_url(&redis.url(), users).await;
+    let (redis, kiln) = seeded_with_users().await;
 
     // Before auth, and with a wrong password: nothing runs.
     let mut c = kiln.conn().await;
@@ -156,9 +161,7 @@ async fn roles_limit_what_a_user_may_run() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refusal_inside_a_relay_keeps_its_place_in_the_replies() {
-    let redis = Redis::start();
-    seed(&redis, "a", 1, |_| "1".into()).await;
-    let kiln = Kiln::start_with_url(&redis.url(), users).await;
+    let (redis, kiln) = seeded_with_users().await;
     let mut c = kiln.conn().await;
     let hello = c.cmd(&["HELLO", "3", "AUTH", "reader", "rp"]).await;
     assert!(hello.starts_with(b"%7\r\n"), "{hello:?}");

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use crate::util::{Conn, Kiln, Redis};
+use crate::util::{Conn, Kiln, Redis, redis_and_kiln, redis_and_kiln_with};
 
 /// Inputs that Redis and kiln both reject the same way.
 const SHARED: &[&[u8]] = &[
@@ -65,8 +65,7 @@ async fn protocol_errors_match_redis_and_close() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn limits_and_abandoned_sockets() {
-    let redis = Redis::start();
-    let kiln = Kiln::start_with(&redis, |c| {
+    let (_redis, kiln) = redis_and_kiln_with(|c| {
         c.server.max_bulk_len = 1024 * 1024;
         c.server.max_multibulk_len = 1000;
     })
@@ -132,8 +131,8 @@ async fn limits_and_abandoned_sockets() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_arity_and_unknown_commands() {
-    let redis = Redis::start();
-    let kiln = Kiln::start_with(&redis, |c| c.server.deny_commands = vec!["KEYS".into()]).await;
+    let (_redis, kiln) =
+        redis_and_kiln_with(|c| c.server.deny_commands = vec!["KEYS".into()]).await;
     let mut c = kiln.conn().await;
     assert_eq!(
         c.cmd(&["GET"]).await,
@@ -162,8 +161,7 @@ async fn wrong_arity_and_unknown_commands() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_clients_refuses_with_redis_error() {
-    let redis = Redis::start();
-    let kiln = Kiln::start_with(&redis, |c| c.server.max_clients = 2).await;
+    let (_redis, kiln) = redis_and_kiln_with(|c| c.server.max_clients = 2).await;
     // A connection's slot is freed when kiln sees it close, a moment after
     // the client drops it: retry until the harness's own probe is gone.
     let deadline = std::time::Instant::now() + crate::util::WAIT;
@@ -196,8 +194,7 @@ async fn max_clients_refuses_with_redis_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_down_gives_errors_not_hangs() {
-    let mut redis = Redis::start();
-    let kiln = Kiln::start(&redis).await;
+    let (mut redis, kiln) = redis_and_kiln().await;
     let mut c = kiln.conn().await;
     c.cmd(&["SET", "k", "v"]).await;
     redis.kill();

@@ -2,14 +2,12 @@
 //! `INFO commandstats` is the witness), writes through kiln are seen on the
 //! next read, fills never resurrect an old value.
 
-use std::sync::Arc;
-
-use crate::util::{Kiln, Redis, bulk};
+use crate::util::load::Workers;
+use crate::util::{Kiln, Redis, bulk, redis_and_kiln, redis_and_kiln_with};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hit_does_not_reach_upstream() {
-    let redis = Redis::start();
-    let kiln = Kiln::start(&redis).await;
+    let (redis, kiln) = redis_and_kiln().await;
     let mut c = kiln.conn().await;
     assert_eq!(c.cmd(&["SET", "k", "v"]).await, "+OK\r\n");
     assert_eq!(c.cmd(&["GET", "k"]).await, bulk("v"));
@@ -27,10 +25,8 @@ async fn a_hit_does_not_reach_upstream() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_through_kiln_are_seen_on_the_next_read() {
-    let redis = Redis::start();
-    let kiln = Kiln::start(&redis).await;
-    let mut reader = kiln.conn().await;
-    let mut writer = kiln.conn().await;
+    let (_redis, kiln) = redis_and_kiln().await;
+    let [mut reader, mut writer] = kiln.conns().await;
     let steps: &[(&[&str], &str)] = &[
         (&["SET", "k", "1"], "1"),
         (&["INCR", "k"], "2"),
@@ -70,8 +66,7 @@ async fn writes_through_kiln_are_seen_on_the_next_read() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mget_mixes_hits_and_misses_in_order() {
-    let redis = Redis::start();
-    let kiln = Kiln::start(&redis).await;
+    let (redis, kiln) = redis_and_kiln().await;
     let mut c = kiln.conn().await;
     c.cmd(&["MSET", "a", "1", "b", "2", "c", "3"]).await;
     c.cmd(&["HSET", "h", "f", "v"]).await;
@@ -97,8 +92,7 @@ async fn mget_mixes_hits_and_misses_in_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn negative_cache_then_set_through_kiln() {
-    let redis = Redis::start();
-    let kiln = Kiln::start(&redis).await;
+    let (redis, kiln) = redis_and_kiln().await;
     let mut c = kiln.conn().await;
     assert_eq!(c.cmd(&["GET", "ghost"]).await, "$-1\r\n");
     redis.reset_stats().await;
@@ -111,8 +105,7 @@ async fn negative_cache_then_set_through_kiln() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_misses_make_one_upstream_read() {
-    let redis = Redis::start();
-    let kiln = Kiln::start(&redis).await;
+    let (redis, kiln) = redis_and_kiln().await;
     redis.conn().await.cmd(&["SET", "hot", "value"]).await;
     let mut clients = Vec::new();
     for _ in 0..100 {
@@ -142,8 +135,7 @@ async fn concurrent_misses_make_one_upstream_read() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn values_over_max_value_size_are_not_cached() {
-    let redis = Redis::start();
-    let kiln = Kiln::start_with(&redis, |c| c.cache.max_value_size = 1024).await;
+    let (redis, kiln) = redis_and_kiln_with(|c| c.cache.max_value_size = 1024).await;
     let mut c = kiln.conn().await;
     let big = "x".repeat(2000);
     c.cmd(&["SET", "big", &big]).await;
@@ -162,15 +154,10 @@ async fn values_over_max_value_size_are_not_cached() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rules_bypass_and_select_isolation() {
-    let redis = Redis::start();
-    let kiln = Kiln::start_with(&redis, |c| {
-        c.cache.rules.push(kiln::config::CacheRule {
-            pattern: "session:*".into(),
-            cache: false,
-            ttl: None,
-            percent: 100,
-            commands: None,
-        })
+    let (redis, kiln) = redis_and_kiln_with(|c| {
+        c.cache
+            .rules
+            .push(crate::util::rule("session:*", false, 100))
     })
     .await;
     let mut c = kiln.conn().await;
@@ -204,8 +191,7 @@ async fn rules_bypass_and_select_isolation() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_entry_never_outlives_the_key_upstream() {
-    let redis = Redis::start();
-    let kiln = Kiln::start(&redis).await;
+    let (redis, kiln) = redis_and_kiln().await;
     let mut c = kiln.conn().await;
     c.cmd(&["SET", "short", "v", "PX", "200"]).await;
     assert_eq!(c.cmd(&["GET", "short"]).await, bulk("v"));
@@ -219,22 +205,17 @@ async fn an_entry_never_outlives_the_key_upstream() {
 /// fill brought back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fills_racing_writes_never_leave_old_values() {
-    let redis = Redis::start();
-    let kiln = Arc::new(Kiln::start(&redis).await);
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mut readers = Vec::new();
+    let (_redis, kiln) = redis_and_kiln().await;
+    let mut readers = Workers::default();
     for _ in 0..4 {
-        let kiln = kiln.clone();
-        let stop = stop.clone();
-        readers.push(tokio::spawn(async move {
-            let mut c = kiln.conn().await;
+        let mut c = kiln.conn().await;
+        readers.spawn(|stop, _| async move {
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 c.cmd(&["GET", "race"]).await;
             }
-        }));
+        });
     }
-    let mut writer = kiln.conn().await;
-    let mut checker = kiln.conn().await;
+    let [mut writer, mut checker] = kiln.conns().await;
     let mut stale = 0;
     for i in 0..500 {
         let v = i.to_string();
@@ -243,10 +224,7 @@ async fn fills_racing_writes_never_leave_old_values() {
             stale += 1;
         }
     }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    for r in readers {
-        r.await.expect("reader");
-    }
+    readers.stop().await;
     assert_eq!(
         stale, 0,
         "reads after an acknowledged write saw an older value"
@@ -258,8 +236,7 @@ async fn fills_racing_writes_never_leave_old_values() {
 /// `GET b` is still an L1 hit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pending_write_bypasses_l1_for_its_key_only() {
-    let redis = Redis::start();
-    let kiln = Kiln::start(&redis).await;
+    let (redis, kiln) = redis_and_kiln().await;
     let mut c = kiln.conn().await;
     c.cmd(&["SET", "a", "old"]).await;
     c.cmd(&["SET", "b", "cached"]).await;

@@ -4,13 +4,23 @@
 //! the circuit breaker opens and fails fast, kiln recovers by itself, and a
 //! write that may have run is never run twice.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use crate::util::*;
 
 const COMMAND_TIMEOUT: Duration = Duration::from_millis(300);
+/// kiln in front of `url` with the short upstream timeouts of these
+/// tests, and `tweak`.
+async fn kiln_with_timeouts(url: &str, tweak: impl FnOnce(&mut kiln::Config)) -> Kiln {
+    Kiln::start_with_url(url, |c| {
+        c.upstream.command_timeout = COMMAND_TIMEOUT;
+        c.upstream.connect_timeout = COMMAND_TIMEOUT;
+        tweak(c);
+    })
+    .await
+}
+
 const CIRCUIT_OPEN: &str = "-ERR upstream unavailable (circuit open)\r\n";
 
 /// Sends `args` until the reply satisfies `ok`, each reply bounded by
@@ -50,13 +60,8 @@ async fn breaker_state(kiln: &Kiln) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_killed_under_load_then_recovers() {
-    let mut redis = Redis::start();
-    seed(&redis, "k", 50, |i| format!("before-{i}")).await;
-    let kiln = Kiln::start_with(&redis, |c| {
-        c.upstream.command_timeout = COMMAND_TIMEOUT;
-        c.upstream.connect_timeout = COMMAND_TIMEOUT;
-    })
-    .await;
+    let mut redis = Redis::start_seeded("k", 50, |i| format!("before-{i}")).await;
+    let kiln = kiln_with_timeouts(&redis.url(), |_| {}).await;
     // Warm L1 with the pre-outage values.
     let mut c = kiln.conn().await;
     for i in 0..50 {
@@ -68,13 +73,10 @@ async fn upstream_killed_under_load_then_recovers() {
 
     // Load: readers and writers through kiln; every reply must come within
     // the bound and be either an error or a value the key really had.
-    let stop = Arc::new(AtomicBool::new(false));
-    let answered = Arc::new(AtomicU64::new(0));
-    let mut workers = Vec::new();
+    let mut workers = load::Workers::default();
     for w in 0..4 {
-        let (stop, answered) = (stop.clone(), answered.clone());
         let mut conn = kiln.conn().await;
-        workers.push(tokio::spawn(async move {
+        workers.spawn(|stop, answered| async move {
             let (mut replies, mut errors, mut slowest) = (0u64, 0u64, Duration::ZERO);
             let mut i = w;
             while !stop.load(Ordering::Relaxed) {
@@ -109,14 +111,10 @@ async fn upstream_killed_under_load_then_recovers() {
                 i += 4;
             }
             (replies, errors, slowest)
-        }));
+        });
     }
     // Kill upstream once the load is really running.
-    let deadline = Instant::now() + WAIT;
-    while answered.load(Ordering::Relaxed) < 500 {
-        assert!(Instant::now() < deadline, "the load never got going");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    workers.wait_count(500, "the load").await;
     redis.kill();
     let killed = Instant::now();
     // An outage of at least half a second, with the load going on.
@@ -152,10 +150,8 @@ async fn upstream_killed_under_load_then_recovers() {
         |r| r == b"+OK\r\n",
     )
     .await;
-    stop.store(true, Ordering::Relaxed);
     let (mut replies, mut errors, mut slowest) = (0, 0, Duration::ZERO);
-    for w in workers {
-        let (r, e, s) = w.await.expect("worker");
+    for (r, e, s) in workers.stop().await {
         replies += r;
         errors += e;
         slowest = slowest.max(s);
@@ -187,12 +183,7 @@ async fn upstream_paused_is_waited_for_and_every_write_runs_once() {
     // command then runs. Through kiln it must be the same, even with a
     // command_timeout far below the pause: slow is not an error.
     let redis = Redis::start();
-    let kiln = Kiln::start_with(&redis, |c| {
-        c.upstream.command_timeout = COMMAND_TIMEOUT;
-        c.upstream.connect_timeout = COMMAND_TIMEOUT;
-        c.upstream.breaker.failures = 3;
-    })
-    .await;
+    let kiln = kiln_with_timeouts(&redis.url(), |c| c.upstream.breaker.failures = 3).await;
     let mut c = kiln.conn().await;
     assert_eq!(c.cmd(&["SET", "n", "0"]).await, "+OK\r\n");
     let mut direct = redis.conn().await;
@@ -232,12 +223,7 @@ async fn upstream_unreachable_mid_request_fails_and_opens() {
     // run: never resent), and the breaker then fails fast.
     let redis = Redis::start();
     let relay = Relay::start(redis.addr()).await;
-    let kiln = Kiln::start_with_url(&relay.url(), |c| {
-        c.upstream.command_timeout = COMMAND_TIMEOUT;
-        c.upstream.connect_timeout = COMMAND_TIMEOUT;
-        c.upstream.breaker.failures = 1;
-    })
-    .await;
+    let kiln = kiln_with_timeouts(&relay.url(), |c| c.upstream.breaker.failures = 1).await;
     let mut c = kiln.conn().await;
     assert_eq!(c.cmd(&["SET", "n", "0"]).await, "+OK\r\n");
     relay.freeze();
@@ -279,11 +265,8 @@ async fn stale_count(kiln: &Kiln) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_stale_on_error_answers_from_l1_while_upstream_is_down() {
-    let mut redis = Redis::start();
-    seed(&redis, "s", 3, |i| format!("v{i}")).await;
-    let kiln = Kiln::start_with(&redis, |c| {
-        c.upstream.command_timeout = COMMAND_TIMEOUT;
-        c.upstream.connect_timeout = COMMAND_TIMEOUT;
+    let mut redis = Redis::start_seeded("s", 3, |i| format!("v{i}")).await;
+    let kiln = kiln_with_timeouts(&redis.url(), |c| {
         c.cache.serve_stale_on_error = true;
         c.cache.max_stale = Duration::from_secs(30);
     })
@@ -335,12 +318,9 @@ async fn fresh_l1_hits_are_served_while_the_circuit_is_open() {
     // In ttl mode a lost upstream does not make L1 stale: its entries stay
     // fresh until their TTL, and are served while everything else fails
     // fast.
-    let mut redis = Redis::start();
-    seed(&redis, "h", 2, |i| format!("v{i}")).await;
-    let kiln = Kiln::start_with(&redis, |c| {
+    let mut redis = Redis::start_seeded("h", 2, |i| format!("v{i}")).await;
+    let kiln = kiln_with_timeouts(&redis.url(), |c| {
         c.coherence.mode = kiln::config::CoherenceMode::Ttl;
-        c.upstream.command_timeout = COMMAND_TIMEOUT;
-        c.upstream.connect_timeout = COMMAND_TIMEOUT;
         c.upstream.breaker.open_for = Duration::from_secs(30);
     })
     .await;

@@ -1,21 +1,10 @@
 //! The binary: config checking, errors that name key and line, and a
 //! SIGTERM that drains in-flight commands and exits 0.
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
-use crate::util::{Conn, Redis, WAIT, bulk};
-
-pub fn kiln() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_kiln"))
-}
-
-pub fn temp_config(name: &str, text: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("kiln-test-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let path = dir.join("kiln.toml");
-    std::fs::write(&path, text).expect("write config");
-    path
-}
+use crate::util::process::{KilnProcess, kiln_bin as kiln, run_ok, temp_config};
+use crate::util::{Conn, Redis, WAIT, bulk, wait_listening};
 
 #[test]
 fn the_shipped_proxy_toml_is_valid() {
@@ -24,18 +13,14 @@ fn the_shipped_proxy_toml_is_valid() {
     cfg.validate(text).expect("proxy.toml validates");
     assert_eq!(cfg.server.listen, "127.0.0.1:6380");
     assert_eq!(cfg.cache.rules.len(), 2);
-    let out = kiln()
-        .args([
+    let out = run_ok(
+        kiln().args([
             "check-config",
             "--config",
             concat!(env!("CARGO_MANIFEST_DIR"), "/proxy.toml"),
-        ])
-        .output()
-        .expect("run kiln");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        ]),
+        "kiln check-config proxy.toml",
+        "run kiln",
     );
     let printed = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -92,31 +77,8 @@ fn config_errors_name_key_and_line() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_in_flight_commands_and_exits_zero() {
     let redis = Redis::start();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("port")
-        .port();
-    let listen = format!("127.0.0.1:{port}");
-    let mut child = kiln()
-        .args([
-            "--listen",
-            &listen,
-            "--upstream",
-            &redis.url(),
-            "--metrics",
-            "127.0.0.1:0",
-        ])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn kiln");
-    let addr = listen.parse().expect("addr");
-    let deadline = std::time::Instant::now() + WAIT;
-    while tokio::net::TcpStream::connect(addr).await.is_err() {
-        assert!(std::time::Instant::now() < deadline, "kiln did not start");
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    let mut child = KilnProcess::start(&redis).await;
+    let addr = child.addr;
     let mut c = Conn::connect(addr).await;
     c.cmd(&["SET", "k", "v"]).await;
     // A client with nothing in flight is closed too (shutdown reaches
@@ -129,17 +91,13 @@ async fn sigterm_drains_in_flight_commands_and_exits_zero() {
     direct
         .wait_for(&["EVAL", "return tonumber(string.match(redis.call('INFO','clients'), 'blocked_clients:(%d+)'))", "0"], ":1\r\n")
         .await;
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success());
+    child.signal("-TERM");
     assert_eq!(c.read().await, "*-1\r\n", "the in-flight command finished");
     assert!(c.closed().await, "then the connection is closed");
     assert!(idle.closed().await, "an idle connection is closed");
     let deadline = std::time::Instant::now() + WAIT;
     let code = loop {
-        if let Some(s) = child.try_wait().expect("wait") {
+        if let Some(s) = child.child.try_wait().expect("wait") {
             break s.code();
         }
         assert!(std::time::Instant::now() < deadline, "kiln did not exit");
@@ -196,11 +154,7 @@ impl Child {
             }
         });
         let addr = format!("127.0.0.1:{port}").parse().expect("addr");
-        let deadline = std::time::Instant::now() + WAIT;
-        while tokio::net::TcpStream::connect(addr).await.is_err() {
-            assert!(std::time::Instant::now() < deadline, "kiln did not start");
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
+        wait_listening(addr, "kiln").await;
         Child { child, lines, addr }
     }
 
@@ -261,8 +215,7 @@ async fn trace_id_of_last_run(c: &mut Conn) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_json_log_line_of_a_run_carries_its_trace_id() {
-    let redis = Redis::start();
-    crate::util::seed(&redis, "k", 50, |i| i.to_string()).await;
+    let redis = Redis::start_seeded("k", 50, |i| i.to_string()).await;
     let kiln = Child::start(&warmup_config(&redis), &[]).await;
     let mut c = Conn::connect(kiln.addr).await;
     let id = trace_id_of_last_run(&mut c).await;
@@ -296,8 +249,7 @@ async fn every_json_log_line_of_a_run_carries_its_trace_id() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn skip_cache_warmup_stops_automatic_runs_only() {
-    let redis = Redis::start();
-    crate::util::seed(&redis, "k", 50, |i| i.to_string()).await;
+    let redis = Redis::start_seeded("k", 50, |i| i.to_string()).await;
     let kiln = Child::start(&warmup_config(&redis), &[("SKIP_CACHE_WARMUP", "1")]).await;
     // Logged when the automatic runs are decided, before any could start.
     kiln.log_line("automatic warmups are off").await;

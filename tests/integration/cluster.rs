@@ -7,9 +7,7 @@ use crate::util::cluster::Cluster;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn key_slots_match_cluster_keyslot() {
-    let cluster = tokio::task::spawn_blocking(Cluster::start)
-        .await
-        .expect("cluster");
+    let cluster = off_runtime(Cluster::start).await;
     let mut c = cluster.conn().await;
     let mut keys: Vec<Vec<u8>> = (0..500).map(|i| format!("key:{i}").into_bytes()).collect();
     for k in [
@@ -45,9 +43,7 @@ async fn key_slots_match_cluster_keyslot() {
 async fn sentinels_report_the_primary_and_follow_a_failover() {
     use crate::util::cli;
     use crate::util::sentinel::{MASTER, Sentinels};
-    let s = tokio::task::spawn_blocking(Sentinels::start)
-        .await
-        .expect("sentinels");
+    let s = off_runtime(Sentinels::start).await;
     for &p in &s.ports {
         assert_eq!(s.primary_port(p), Some(s.primary.port));
     }
@@ -65,7 +61,7 @@ async fn sentinels_report_the_primary_and_follow_a_failover() {
     }
 }
 
-use crate::util::{Conn, Kiln};
+use crate::util::{Conn, Kiln, off_runtime};
 use kiln::commands::slot::key_slot;
 
 /// A hash tag whose slot the `n`th of 3 primaries serves (`redis-cli
@@ -98,15 +94,19 @@ async fn start(cluster: &Cluster) -> Kiln {
     Kiln::start_cluster(cluster.seeds(), |_| {}).await
 }
 
+/// A fresh cluster and kiln (default config) in front of it.
+async fn cluster_and_kiln() -> (Cluster, Kiln) {
+    let cluster = off_runtime(Cluster::start).await;
+    let kiln = start(&cluster).await;
+    (cluster, kiln)
+}
+
 /// Through kiln in front of the cluster, each call's reply equals the
 /// owning node's own reply to the same call on a key of the same slot,
 /// with keys on all three primaries.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replies_equal_the_owning_nodes() {
-    let cluster = tokio::task::spawn_blocking(Cluster::start)
-        .await
-        .expect("cluster");
-    let kiln = start(&cluster).await;
+    let (cluster, kiln) = cluster_and_kiln().await;
     let mut k = kiln.conn().await;
     let groups: &[&[&[&str]]] = &[
         &[
@@ -221,10 +221,7 @@ async fn replies_equal_the_owning_nodes() {
 /// commands get Redis Cluster's `CROSSSLOT`; keyless ones fan out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cross_slot_commands_split_or_refuse() {
-    let cluster = tokio::task::spawn_blocking(Cluster::start)
-        .await
-        .expect("cluster");
-    let kiln = start(&cluster).await;
+    let (cluster, kiln) = cluster_and_kiln().await;
     let mut k = kiln.conn().await;
     let keys: Vec<String> = (0..30)
         .map(|i| format!("{}:{i}", tag_on(i % 3, i)))
@@ -321,10 +318,7 @@ async fn cross_slot_commands_split_or_refuse() {
 /// each key exactly once over a full iteration, `MATCH` and `COUNT` kept.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scan_walks_every_primary_once() {
-    let cluster = tokio::task::spawn_blocking(Cluster::start)
-        .await
-        .expect("cluster");
-    let kiln = start(&cluster).await;
+    let (cluster, kiln) = cluster_and_kiln().await;
     let mut k = kiln.conn().await;
     for i in 0..300 {
         assert_eq!(
@@ -377,10 +371,7 @@ async fn scan_walks_every_primary_once() {
 /// transaction runs on its keys' node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kiln_presents_one_node_with_every_slot() {
-    let cluster = tokio::task::spawn_blocking(Cluster::start)
-        .await
-        .expect("cluster");
-    let kiln = start(&cluster).await;
+    let (cluster, kiln) = cluster_and_kiln().await;
     let mut k = kiln.conn().await;
     let slots = k.cmd_text(&["CLUSTER", "SLOTS"]).await;
     let port = kiln.addr.port().to_string();
@@ -483,10 +474,7 @@ async fn converges(k: &mut Conn, cluster: &Cluster, key: &str) -> bool {
 /// three and readers through kiln; no stale key once writes stop.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn direct_writes_on_every_primary_invalidate() {
-    let cluster = tokio::task::spawn_blocking(Cluster::start)
-        .await
-        .expect("cluster");
-    let kiln = start(&cluster).await;
+    let (cluster, kiln) = cluster_and_kiln().await;
     let keys: Vec<String> = (0..60)
         .map(|i| format!("{{{}}}:c", tag_on(i % 3, i)))
         .collect();
@@ -556,11 +544,7 @@ async fn direct_writes_on_every_primary_invalidate() {
 /// every key through kiln equals the owning node's value.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slots_move_under_traffic() {
-    let cluster = std::sync::Arc::new(
-        tokio::task::spawn_blocking(Cluster::start)
-            .await
-            .expect("cluster"),
-    );
+    let cluster = std::sync::Arc::new(off_runtime(Cluster::start).await);
     let kiln = start(&cluster).await;
     // Keys of four slots on the first primary.
     let tags: Vec<String> = (0..4).map(|i| tag_on(0, 100 + i)).collect();
@@ -708,10 +692,7 @@ async fn write_through_failover(
 /// is lost, nothing stale is served afterwards; recovery times printed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_primary_fails_over_under_traffic() {
-    let mut cluster = tokio::task::spawn_blocking(Cluster::start)
-        .await
-        .expect("cluster");
-    let kiln = start(&cluster).await;
+    let (mut cluster, kiln) = cluster_and_kiln().await;
     let keys: Vec<String> = (0..30)
         .map(|i| format!("{{{}}}:f", tag_on(i % 3, 200 + i)))
         .collect();
@@ -842,9 +823,7 @@ async fn a_primary_fails_over_under_traffic() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sentinel_failovers_are_followed() {
     use crate::util::sentinel::{MASTER, Sentinels};
-    let mut s = tokio::task::spawn_blocking(Sentinels::start)
-        .await
-        .expect("sentinels");
+    let mut s = off_runtime(Sentinels::start).await;
     let kiln = Kiln::start_sentinel(MASTER, &s.ports, |_| {}).await;
     let mut k = kiln.conn().await;
     let status = crate::util::cache_status(&mut k).await;
@@ -989,10 +968,7 @@ async fn sentinel_failovers_are_followed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_aware_client_works_through_kiln() {
     use redis::AsyncCommands;
-    let cluster = tokio::task::spawn_blocking(Cluster::start)
-        .await
-        .expect("cluster");
-    let kiln = start(&cluster).await;
+    let (cluster, kiln) = cluster_and_kiln().await;
     let client =
         redis::cluster::ClusterClient::new(vec![format!("redis://{}", kiln.addr)]).expect("client");
     let mut c = client
@@ -1057,18 +1033,10 @@ async fn a_cluster_aware_client_works_through_kiln() {
 /// hit afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn warmup_scans_every_primary() {
-    let cluster = tokio::task::spawn_blocking(Cluster::start)
-        .await
-        .expect("cluster");
+    let cluster = off_runtime(Cluster::start).await;
     let kiln = Kiln::start_cluster(cluster.seeds(), |c| {
         c.warmup.rate_limit = 0;
-        c.warmup.phase = vec![kiln::config::PhaseConfig {
-            name: "all".into(),
-            priority: 1,
-            patterns: vec!["w:*".into()],
-            limit: None,
-            ttl: None,
-        }];
+        c.warmup.phase = vec![crate::util::phase("all", 1, "w:*")];
         c.admin
             .rate_limits
             .insert("CACHE.WARMUP".into(), "1000/s".into());
@@ -1130,9 +1098,7 @@ async fn warmup_scans_every_primary() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_transparency_script_matches_a_one_node_cluster() {
     use crate::transparency::{SCRIPT, args};
-    let cluster = tokio::task::spawn_blocking(Cluster::start)
-        .await
-        .expect("cluster");
+    let cluster = off_runtime(Cluster::start).await;
     let conf = std::env::temp_dir().join(format!(
         "kiln-one-node-{}-{}.conf",
         std::process::id(),
@@ -1235,10 +1201,7 @@ async fn the_transparency_script_matches_a_one_node_cluster() {
 /// `SHUTDOWN` is refused rather than stopping whichever node it reached.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_wide_commands_reach_the_right_primaries() {
-    let cluster = tokio::task::spawn_blocking(Cluster::start)
-        .await
-        .expect("cluster");
-    let kiln = start(&cluster).await;
+    let (cluster, kiln) = cluster_and_kiln().await;
     let mut k = kiln.conn().await;
     assert_eq!(
         k.cmd_text(&["CONFIG", "SET", "busy-reply-threshold", "100"])
@@ -1314,10 +1277,7 @@ async fn pipeline(c: &mut Conn, cmds: &[&[&str]]) -> Vec<String> {
 /// keyless runs on its first key's node; CLIENT TRACKING is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_and_pubsub_do_not_pin_a_client_to_one_node() {
-    let cluster = tokio::task::spawn_blocking(Cluster::start)
-        .await
-        .expect("cluster");
-    let kiln = start(&cluster).await;
+    let (cluster, kiln) = cluster_and_kiln().await;
     let (a, b, c) = (
         format!("{}:a", tag_on(0, 600)),
         format!("{}:b", tag_on(1, 600)),
@@ -1422,10 +1382,7 @@ async fn sessions_and_pubsub_do_not_pin_a_client_to_one_node() {
 /// Redis gives to the same pipeline.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hand_offs_between_nodes_match_a_standalone_redis() {
-    let cluster = tokio::task::spawn_blocking(Cluster::start)
-        .await
-        .expect("cluster");
-    let kiln = start(&cluster).await;
+    let (_cluster, kiln) = cluster_and_kiln().await;
     let standalone = crate::util::Redis::start();
     let t: Vec<String> = (0..3).map(|n| format!("{{{}}}", tag_on(n, 700))).collect();
     let k = |n: usize, s: &str| format!("{}{s}", t[n]);
@@ -1539,10 +1496,7 @@ async fn hand_offs_between_nodes_match_a_standalone_redis() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_bounced_between_two_nodes_waits_for_the_move() {
     use crate::util::cli;
-    let cluster = tokio::task::spawn_blocking(Cluster::start)
-        .await
-        .expect("cluster");
-    let kiln = start(&cluster).await;
+    let (cluster, kiln) = cluster_and_kiln().await;
     let key = format!("{{{}}}:bounce", tag_on(0, 300));
     let slot = key_slot(key.as_bytes());
     let from = cluster.owner_port(slot);

@@ -2,13 +2,11 @@
 //! through CLIENT TRACKING pushes (`tracking`), a BCAST channel (`bcast`),
 //! or the TTL alone (`ttl`). Every wait is a bounded poll.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use kiln::config::CoherenceMode;
 
-use crate::util::{Conn, Kiln, Redis, bulk};
+use crate::util::{Conn, Kiln, Redis, bulk, load, redis_and_kiln_with};
 
 async fn kiln_in(redis: &Redis, mode: CoherenceMode) -> Kiln {
     Kiln::start_with(redis, |c| {
@@ -165,96 +163,47 @@ async fn a_killed_tracking_connection_loses_nothing() {
 /// stop and the invalidations drain, every key read through kiln must equal
 /// upstream. Returns (writes, reads through kiln).
 async fn stress(mode: CoherenceMode, ttl: Option<Duration>) -> (u64, u64) {
-    let redis = Redis::start();
-    let kiln = Arc::new(
-        Kiln::start_with(&redis, |c| {
-            c.coherence.mode = mode;
-            c.coherence.check_interval = Duration::from_millis(100);
-            if let Some(ttl) = ttl {
-                c.cache.ttl = ttl;
-            }
-        })
-        .await,
-    );
+    let (redis, kiln) = redis_and_kiln_with(|c| {
+        c.coherence.mode = mode;
+        c.coherence.check_interval = Duration::from_millis(100);
+        if let Some(ttl) = ttl {
+            c.cache.ttl = ttl;
+        }
+    })
+    .await;
     const KEYS: usize = 16;
     let key = |i: usize| format!("stress:{}", i % KEYS);
-    let stop = Arc::new(AtomicBool::new(false));
-    let (writes, reads) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let mut tasks = Vec::new();
-    for w in 0..3u64 {
-        let (stop, writes) = (stop.clone(), writes.clone());
-        let mut d = redis.conn().await;
-        tasks.push(tokio::spawn(async move {
-            let mut n = 0usize;
-            while !stop.load(Ordering::Relaxed) {
-                let k = key(n * 7 + w as usize);
-                let v = format!("w{w}-{n}");
-                if n % 5 == 0 {
-                    d.cmd(&["DEL", &k]).await;
-                } else {
-                    d.cmd(&["SET", &k, &v]).await;
-                }
-                n += 1;
-                writes.fetch_add(1, Ordering::Relaxed);
-            }
-        }));
-    }
-    for r in 0..3usize {
-        let (stop, reads) = (stop.clone(), reads.clone());
-        let mut c = kiln.conn().await;
-        tasks.push(tokio::spawn(async move {
-            let mut n = r;
-            while !stop.load(Ordering::Relaxed) {
-                if n % 4 == 0 {
-                    c.cmd(&["MGET", &key(n), &key(n + 1), &key(n + 2)]).await;
-                } else {
-                    c.cmd(&["GET", &key(n)]).await;
-                }
-                n += 1;
-                reads.fetch_add(1, Ordering::Relaxed);
-            }
-        }));
-    }
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    stop.store(true, Ordering::Relaxed);
-    for t in tasks {
-        t.await.expect("task");
-    }
-    // Drain: poll until kiln agrees with upstream on every key (bounded).
-    let mut d = redis.conn().await;
-    let mut k = kiln.conn().await;
-    let deadline = std::time::Instant::now() + crate::util::WAIT;
-    loop {
-        let mut stale = Vec::new();
-        for i in 0..KEYS {
-            let truth = d.cmd(&["GET", &key(i)]).await;
-            if k.cmd(&["GET", &key(i)]).await != truth {
-                stale.push(key(i));
-            }
+    let write = move |w: usize, n: usize| {
+        let k = key(n * 7 + w);
+        if n % 5 == 0 {
+            vec!["DEL".to_string(), k]
+        } else {
+            vec!["SET".to_string(), k, format!("w{w}-{n}")]
         }
-        if stale.is_empty() {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{mode:?}: stale keys after drain: {stale:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    // Settled: a second pass, now served from L1, must agree too.
-    for i in 0..KEYS {
-        let truth = d.cmd(&["GET", &key(i)]).await;
-        assert_eq!(
-            k.cmd(&["GET", &key(i)]).await,
-            truth,
-            "{mode:?}: {} stale",
-            key(i)
-        );
-    }
-    let (w, r) = (
-        writes.load(Ordering::Relaxed),
-        reads.load(Ordering::Relaxed),
-    );
+    };
+    let read = move |n: usize| {
+        let cmd = if n % 4 == 0 {
+            vec!["MGET".to_string(), key(n), key(n + 1), key(n + 2)]
+        } else {
+            vec!["GET".to_string(), key(n)]
+        };
+        vec![cmd]
+    };
+    let done = load::stress(
+        &redis,
+        &kiln,
+        (3, 3),
+        Duration::from_millis(1500),
+        write,
+        read,
+        |_, _| {},
+    )
+    .await;
+    // Drain: poll until kiln agrees with upstream on every key (bounded),
+    // then a second pass, served from L1, must agree too.
+    let probes: Vec<_> = (0..KEYS).map(|i| vec!["GET".to_string(), key(i)]).collect();
+    load::drain(&redis, &kiln, &probes, &format!("{mode:?}")).await;
+    let (w, r) = (done.writes, done.reads);
     println!(
         "stress {mode:?}: {w} direct writes, {r} reads through kiln, {KEYS} keys, 0 stale after drain"
     );

@@ -31,8 +31,7 @@ async fn every_corpus_input_gets_an_error_or_a_close() {
         .collect();
     files.sort();
     assert!(files.len() >= 50, "{} inputs", files.len());
-    let redis = Redis::start();
-    let kiln = Kiln::start_with(&redis, |c| {
+    let (_redis, kiln) = redis_and_kiln_with(|c| {
         c.server.idle_timeout = Duration::ZERO;
     })
     .await;

@@ -22,8 +22,7 @@ async fn limit_count(kiln: &Kiln, limit: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_clients_are_closed_busy_ones_are_not() {
-    let redis = Redis::start();
-    let kiln = Kiln::start_with(&redis, |c| {
+    let (_redis, kiln) = redis_and_kiln_with(|c| {
         c.server.idle_timeout = Duration::from_millis(300);
     })
     .await;

@@ -50,8 +50,7 @@ fn show(b: &[u8]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_never_overtakes_a_read_sent_before_it() {
-    let redis = Redis::start();
-    let kiln = Kiln::start(&redis).await;
+    let (redis, kiln) = redis_and_kiln().await;
     let mut direct = redis.conn().await;
     let mut k = kiln.conn().await;
     let mut wrong = Vec::new();
@@ -87,27 +86,15 @@ async fn a_write_never_overtakes_a_read_sent_before_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_kiln_answers_are_refused_as_upstream_acl_refuses_them() {
-    let redis = Redis::start();
-    let kiln = Kiln::start(&redis).await;
+    let (redis, kiln) = redis_and_kiln().await;
     let mut direct = redis.conn().await;
-    direct
-        .cmd(&[
-            "ACL",
-            "SETUSER",
-            "app",
-            "on",
-            ">pw",
-            "~*",
-            "&*",
-            "+@all",
-            "-@dangerous",
-        ])
-        .await;
-    direct
-        .cmd(&[
-            "ACL", "SETUSER", "lim", "on", ">pw", "~*", "+@all", "-ping", "-select", "-echo",
-        ])
-        .await;
+    set_user(&mut direct, "app", &["~*", "&*", "+@all", "-@dangerous"]).await;
+    set_user(
+        &mut direct,
+        "lim",
+        &["~*", "+@all", "-ping", "-select", "-echo"],
+    )
+    .await;
     let mut victim = kiln.conn().await;
     let victim_id = String::from_utf8_lossy(&victim.cmd(&["CLIENT", "ID"]).await)
         .trim_start_matches(':')
@@ -188,8 +175,7 @@ async fn new_connections_wait_for_a_slow_upstream() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_busy_script_gives_busy_to_new_connections_and_leaves_the_breaker_closed() {
-    let redis = Redis::start();
-    let kiln = Kiln::start(&redis).await;
+    let (redis, kiln) = redis_and_kiln().await;
     let mut direct = redis.conn().await;
     direct
         .cmd(&["CONFIG", "SET", "busy-reply-threshold", "100"])
@@ -226,8 +212,7 @@ async fn a_busy_script_gives_busy_to_new_connections_and_leaves_the_breaker_clos
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn starting_a_relay_keeps_reply_order() {
-    let redis = Redis::start();
-    let kiln = Kiln::start(&redis).await;
+    let (redis, kiln) = redis_and_kiln().await;
     for cmds in [
         &[
             &["CLIENT", "TRACKING", "ON"][..],
@@ -273,13 +258,8 @@ async fn starting_a_relay_keeps_reply_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_and_auth_pipelined_as_redis_runs_them() {
-    let redis = Redis::start();
-    let kiln = Kiln::start(&redis).await;
-    redis
-        .conn()
-        .await
-        .cmd(&["ACL", "SETUSER", "app", "on", ">pw", "~*", "+@all"])
-        .await;
+    let (redis, kiln) = redis_and_kiln().await;
+    set_user(&mut redis.conn().await, "app", &["~*", "+@all"]).await;
     for cmds in [
         &[
             &["WATCH", "x"][..],
@@ -317,8 +297,7 @@ async fn sessions_and_auth_pipelined_as_redis_runs_them() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_commands_kiln_answers_abort_a_transaction_instead_of_reaching_it() {
-    let redis = Redis::start();
-    let kiln = Kiln::start(&redis).await;
+    let (redis, kiln) = redis_and_kiln().await;
     let mut c = kiln.conn().await;
     let batch: Vec<u8> = [
         &["MULTI"][..],
@@ -361,8 +340,7 @@ async fn client_commands_kiln_answers_abort_a_transaction_instead_of_reaching_it
 /// Both compared with Redis answering the same bytes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_cut_across_reads_survive_other_clients_between_the_pieces() {
-    let redis = Redis::start();
-    let kiln = Kiln::start(&redis).await;
+    let (redis, kiln) = redis_and_kiln().await;
     let value: String = (0..40_000)
         .map(|i| (b'a' + (i % 26) as u8) as char)
         .collect();
@@ -419,8 +397,7 @@ async fn commands_cut_across_reads_survive_other_clients_between_the_pieces() {
 /// without waiting, spinning its worker at 100% CPU so kiln never exited.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_with_commands_held_behind_earlier_replies_ends() {
-    let redis = Redis::start();
-    let kiln = Kiln::start(&redis).await;
+    let (redis, kiln) = redis_and_kiln().await;
     let mut direct = redis.conn().await;
     direct.cmd(&["SET", "held", "v"]).await;
     let mut status = kiln.conn().await;

@@ -5,13 +5,11 @@
 //! compression, refresh-ahead, the tracking-table warning and hot keys on
 //! a quiet instance.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use kiln::config::{CoherenceMode, CompressionAlgorithm, CompressionConfig};
 
-use crate::util::{Conn, Kiln, Redis, WAIT, bulk};
+use crate::util::{Conn, Kiln, Redis, WAIT, bulk, load, redis_and_kiln, redis_and_kiln_with};
 
 /// The keys every case reads, as Redis would hold them.
 async fn seed(d: &mut Conn) {
@@ -81,8 +79,7 @@ async fn hello3(c: &mut Conn) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_default_read_is_byte_equal_and_a_hit_never_reaches_upstream() {
-    let redis = Redis::start();
-    let kiln = Kiln::start(&redis).await;
+    let (redis, kiln) = redis_and_kiln().await;
     let mut d = redis.conn().await;
     seed(&mut d).await;
     for resp3 in [false, true] {
@@ -110,8 +107,7 @@ async fn every_default_read_is_byte_equal_and_a_hit_never_reaches_upstream() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn errors_are_not_cached_and_calls_kiln_cannot_cache_are_forwarded() {
-    let redis = Redis::start();
-    let kiln = Kiln::start(&redis).await;
+    let (redis, kiln) = redis_and_kiln().await;
     let (mut k, mut d) = (kiln.conn().await, redis.conn().await);
     seed(&mut d).await;
     for (name, call) in [
@@ -158,8 +154,7 @@ fn writes() -> Vec<(&'static str, Vec<&'static str>)> {
 }
 
 async fn writes_are_seen(mode: CoherenceMode) {
-    let redis = Redis::start();
-    let kiln = Kiln::start_with(&redis, |c| {
+    let (redis, kiln) = redis_and_kiln_with(|c| {
         c.coherence.mode = mode;
         c.coherence.check_interval = Duration::from_millis(100);
     })
@@ -211,8 +206,7 @@ async fn writes_through_kiln_and_directly_are_seen_with_bcast() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_direct_hset_drops_every_cached_read_of_the_key() {
-    let redis = Redis::start();
-    let kiln = Kiln::start(&redis).await;
+    let (redis, kiln) = redis_and_kiln().await;
     let (mut k, mut d) = (kiln.conn().await, redis.conn().await);
     d.cmd(&["HSET", "h", "a", "1", "b", "2"]).await;
     let reads: [&[&str]; 3] = [&["HGET", "h", "a"], &["HGETALL", "h"], &["HLEN", "h"]];
@@ -245,13 +239,10 @@ async fn kiln_hits(k: &mut Conn) -> u64 {
 /// the writers stop and invalidations drain, every read equals upstream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stress_hashes_and_sorted_sets_leave_nothing_stale() {
-    let redis = Redis::start();
-    let kiln = Arc::new(
-        Kiln::start_with(&redis, |c| {
-            c.coherence.check_interval = Duration::from_millis(100);
-        })
-        .await,
-    );
+    let (redis, kiln) = redis_and_kiln_with(|c| {
+        c.coherence.check_interval = Duration::from_millis(100);
+    })
+    .await;
     const KEYS: usize = 8;
     let reads = |i: usize| -> Vec<Vec<String>> {
         let (h, z) = (format!("h:{}", i % KEYS), format!("z:{}", i % KEYS));
@@ -270,85 +261,40 @@ async fn stress_hashes_and_sorted_sets_leave_nothing_stale() {
             vec!["ZCARD".into(), z],
         ]
     };
-    let stop = Arc::new(AtomicBool::new(false));
-    let (writes, done) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let mut tasks = Vec::new();
-    for w in 0..2usize {
-        let (stop, writes) = (stop.clone(), writes.clone());
-        let mut d = redis.conn().await;
-        tasks.push(tokio::spawn(async move {
-            let mut n = 0usize;
-            while !stop.load(Ordering::Relaxed) {
-                let i = (n * 3 + w) % KEYS;
-                let (h, z, v) = (format!("h:{i}"), format!("z:{i}"), format!("{w}-{n}"));
-                let f = format!("f{}", n % 3);
-                let m = format!("m{}", n % 3);
-                let score = (n % 97).to_string();
-                match n % 6 {
-                    0 => d.cmd(&["DEL", &h]).await,
-                    1 => d.cmd(&["ZREM", &z, &m]).await,
-                    2 | 3 => d.cmd(&["HSET", &h, &f, &v]).await,
-                    _ => d.cmd(&["ZADD", &z, &score, &m]).await,
-                };
-                n += 1;
-                writes.fetch_add(1, Ordering::Relaxed);
-            }
-        }));
-    }
-    for r in 0..2usize {
-        let (stop, done) = (stop.clone(), done.clone());
-        let mut c = kiln.conn().await;
-        tasks.push(tokio::spawn(async move {
-            let mut n = r;
-            while !stop.load(Ordering::Relaxed) {
-                for read in reads(n) {
-                    let reply = c.cmd(&read).await;
-                    assert!(!reply.starts_with(b"-"), "{read:?}: {reply:?}");
-                    done.fetch_add(1, Ordering::Relaxed);
-                }
-                n += 1;
-            }
-        }));
-    }
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    stop.store(true, Ordering::Relaxed);
-    for t in tasks {
-        t.await.expect("task");
-    }
-    let (mut d, mut k) = (redis.conn().await, kiln.conn().await);
-    let deadline = std::time::Instant::now() + WAIT;
-    let mut first_pass_stale = None;
-    loop {
-        let mut stale = Vec::new();
-        for i in 0..KEYS {
-            for read in reads(i) {
-                if k.cmd(&read).await != d.cmd(&read).await {
-                    stale.push(read);
-                }
-            }
+    let write = |w: usize, n: usize| -> Vec<String> {
+        let i = (n * 3 + w) % KEYS;
+        let (h, z, v) = (format!("h:{i}"), format!("z:{i}"), format!("{w}-{n}"));
+        let f = format!("f{}", n % 3);
+        let m = format!("m{}", n % 3);
+        let score = (n % 97).to_string();
+        match n % 6 {
+            0 => vec!["DEL".into(), h],
+            1 => vec!["ZREM".into(), z, m],
+            2 | 3 => vec!["HSET".into(), h, f, v],
+            _ => vec!["ZADD".into(), z, score, m],
         }
-        first_pass_stale.get_or_insert(stale.len());
-        if stale.is_empty() {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "stale after drain: {stale:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    // Settled: a second pass, from L1, agrees too.
-    for i in 0..KEYS {
-        for read in reads(i) {
-            assert_eq!(k.cmd(&read).await, d.cmd(&read).await, "{read:?} stale");
-        }
-    }
+    };
+    let check = |read: &Vec<String>, reply: &[u8]| {
+        assert!(!reply.starts_with(b"-"), "{read:?}: {reply:?}");
+    };
+    let done = load::stress(
+        &redis,
+        &kiln,
+        (2, 2),
+        Duration::from_millis(1500),
+        write,
+        reads,
+        check,
+    )
+    .await;
+    let probes: Vec<_> = (0..KEYS).flat_map(reads).collect();
+    let first_pass_stale = load::drain(&redis, &kiln, &probes, "reads stress").await;
     println!(
         "reads stress: {} direct writes, {} reads through kiln, {} reads per pass, {} differing in the first pass after the writers stopped, 0 after drain",
-        writes.load(Ordering::Relaxed),
-        done.load(Ordering::Relaxed),
+        done.writes,
+        done.reads,
         KEYS * 6,
-        first_pass_stale.unwrap_or(0)
+        first_pass_stale
     );
 }
 
@@ -467,8 +413,7 @@ async fn a_tracking_table_smaller_than_l1_is_reported() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hot_keys_of_a_quiet_instance_are_listed_hottest_first() {
-    let redis = Redis::start();
-    let kiln = Kiln::start_with(&redis, |c| c.warmup.hotkeys.enabled = true).await;
+    let (_redis, kiln) = redis_and_kiln_with(|c| c.warmup.hotkeys.enabled = true).await;
     let mut k = kiln.conn().await;
     // Ten keys read 1 to 10 times each, through GET and HGETALL.
     for round in 0..10usize {
@@ -513,8 +458,7 @@ async fn dispatched(admin: &mut Conn, cmd: &str) {
 /// not hold readers of its key either.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_held_upstream_does_not_hold_reads_of_its_key() {
-    let redis = Redis::start();
-    let kiln = Kiln::start(&redis).await;
+    let (redis, kiln) = redis_and_kiln().await;
     let mut d = redis.conn().await;
     let mut admin = kiln.conn().await;
     // (the write, the read, the reply before and after the write).

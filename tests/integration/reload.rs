@@ -3,12 +3,12 @@
 //! rollout (`cache.enabled`, a rule's `percent`), users and TLS change live.
 
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use tokio::io::AsyncWriteExt;
 
+use crate::util::process::{KilnProcess, kiln_bin};
 use crate::util::*;
 
 /// A config file in its own directory, removed on drop.
@@ -36,6 +36,12 @@ impl File {
         );
         std::fs::write(self.path(), text).expect("write config");
     }
+
+    /// kiln started from this file, written first (`write`).
+    async fn start_kiln(&self, redis: &Redis, body: &str) -> Kiln {
+        self.write(redis, body);
+        Kiln::start_from_file(&self.path()).await
+    }
 }
 
 impl Drop for File {
@@ -58,6 +64,14 @@ async fn cached(c: &mut Conn, key: &str) -> bool {
     }
 }
 
+/// Reads `key` twice (a miss, then a hit if the rules cache it), then
+/// whether it is in L1: whether the rules in force cache it.
+async fn read_twice_cached(c: &mut Conn, key: &str) -> bool {
+    c.cmd(&["GET", key]).await;
+    c.cmd(&["GET", key]).await;
+    cached(c, key).await
+}
+
 const RULE_ON: &str = "[[cache.rules]]\nmatch = \"r:*\"\ncache = true\n";
 const RULE_OFF: &str = "[[cache.rules]]\nmatch = \"r:*\"\ncache = false\n";
 const ADMIN: &str =
@@ -67,19 +81,15 @@ const ADMIN: &str =
 async fn reloads_under_load_drop_nothing_and_apply_each_time() {
     let redis = Redis::start();
     let file = File::new("load");
-    file.write(&redis, &format!("{ADMIN}{RULE_ON}"));
-    let kiln = Kiln::start_from_file(&file.path()).await;
+    let kiln = file.start_kiln(&redis, &format!("{ADMIN}{RULE_ON}")).await;
     let mut admin = kiln.conn().await;
     admin.cmd(&["SET", "r:probe", "p"]).await;
 
     // 4 clients run GET/SET through kiln the whole time.
-    let stop = Arc::new(AtomicBool::new(false));
-    let done = Arc::new(AtomicU64::new(0));
-    let mut load = Vec::new();
+    let mut load = load::Workers::default();
     for i in 0..4 {
-        let (stop, done) = (stop.clone(), done.clone());
         let mut c = kiln.conn().await;
-        load.push(tokio::spawn(async move {
+        load.spawn(|stop, done| async move {
             let mut n = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 let k = format!("load:{i}:{}", n % 50);
@@ -93,7 +103,7 @@ async fn reloads_under_load_drop_nothing_and_apply_each_time() {
             done.fetch_add(n, Ordering::Relaxed);
             // Still connected after every reload.
             assert_eq!(c.cmd(&["PING"]).await, "+PONG\r\n");
-        }));
+        });
     }
     let mut took = Vec::new();
     for round in 0..20 {
@@ -106,22 +116,17 @@ async fn reloads_under_load_drop_nothing_and_apply_each_time() {
         assert_eq!(reload(&mut admin).await, "+OK\r\n", "round {round}");
         took.push(t.elapsed());
         // The rule in force decides: read twice, then ask L1.
-        admin.cmd(&["GET", "r:probe"]).await;
-        admin.cmd(&["GET", "r:probe"]).await;
         assert_eq!(
-            cached(&mut admin, "r:probe").await,
+            read_twice_cached(&mut admin, "r:probe").await,
             on,
             "round {round}: cache = {on}"
         );
     }
-    stop.store(true, Ordering::Relaxed);
-    for t in load {
-        t.await.expect("load client");
-    }
+    load.stop().await;
     took.sort();
     eprintln!(
         "20 reloads under load: {} GET/SET pairs, reload p50 {:?} max {:?}",
-        done.load(Ordering::Relaxed),
+        load.count(),
         took[10],
         took[19]
     );
@@ -135,8 +140,7 @@ async fn reloads_under_load_drop_nothing_and_apply_each_time() {
 async fn an_invalid_config_changes_nothing_and_names_key_and_line() {
     let redis = Redis::start();
     let file = File::new("invalid");
-    file.write(&redis, RULE_OFF);
-    let kiln = Kiln::start_from_file(&file.path()).await;
+    let kiln = file.start_kiln(&redis, RULE_OFF).await;
     let mut c = kiln.conn().await;
     let before = c.cmd(&["CACHE.STATUS", "JSON"]).await;
 
@@ -157,10 +161,8 @@ async fn an_invalid_config_changes_nothing_and_names_key_and_line() {
 
     // The old rule is still in force: r:* is not cached.
     c.cmd(&["SET", "r:1", "x"]).await;
-    c.cmd(&["GET", "r:1"]).await;
-    c.cmd(&["GET", "r:1"]).await;
     assert!(
-        !cached(&mut c, "r:1").await,
+        !read_twice_cached(&mut c, "r:1").await,
         "the rejected rule must not apply"
     );
     let after = c.cmd(&["CACHE.STATUS", "JSON"]).await;
@@ -202,8 +204,7 @@ async fn an_invalid_config_changes_nothing_and_names_key_and_line() {
 async fn cache_enabled_is_a_live_kill_switch() {
     let redis = Redis::start();
     let file = File::new("enabled");
-    file.write(&redis, "");
-    let kiln = Kiln::start_from_file(&file.path()).await;
+    let kiln = file.start_kiln(&redis, "").await;
     let mut c = kiln.conn().await;
     c.cmd(&["SET", "k", "v"]).await;
     c.cmd(&["GET", "k"]).await;
@@ -250,13 +251,11 @@ async fn read_all(c: &mut Conn, keys: &[String]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn percent_caches_a_stable_share_and_raising_it_keeps_every_key() {
-    let redis = Redis::start();
-    seed(&redis, "p:", 10_000, |i| format!("v-p:{i}")).await;
+    let redis = Redis::start_seeded("p:", 10_000, |i| format!("v-p:{i}")).await;
     let keys: Vec<String> = (0..10_000).map(|i| format!("p:{i}")).collect();
     let file = File::new("percent");
     let rule = |p: u8| format!("[[cache.rules]]\nmatch = \"p:*\"\npercent = {p}\n");
-    file.write(&redis, &rule(10));
-    let kiln = Kiln::start_from_file(&file.path()).await;
+    let kiln = file.start_kiln(&redis, &rule(10)).await;
     let mut c = kiln.conn().await;
     read_all(&mut c, &keys).await;
     let entries = |s: bytes::Bytes| {
@@ -312,8 +311,7 @@ async fn users_change_live_and_a_removed_user_is_closed() {
             })
             .collect::<String>()
     };
-    file.write(&redis, &users(&["alice", "bob"]));
-    let kiln = Kiln::start_from_file(&file.path()).await;
+    let kiln = file.start_kiln(&redis, &users(&["alice", "bob"])).await;
     let mut alice = kiln.conn().await;
     assert_eq!(alice.cmd(&["AUTH", "alice", "pw-alice"]).await, "+OK\r\n");
     let mut bob = kiln.conn().await;
@@ -362,8 +360,7 @@ async fn a_certificate_swapped_on_disk_is_used_by_new_handshakes() {
         cert.display(),
         key.display()
     );
-    file.write(&redis, &tls);
-    let kiln = Kiln::start_from_file(&file.path()).await;
+    let kiln = file.start_kiln(&redis, &tls).await;
     let name = ServerName::try_from("localhost").expect("name");
     let connect = |certs: &crate::tls::Certs| {
         let connector = certs.client();
@@ -397,24 +394,11 @@ async fn a_certificate_swapped_on_disk_is_used_by_new_handshakes() {
 }
 
 async fn tls_ping<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(s: &mut S) -> String {
-    s.write_all(&encode(&["PING"])).await.expect("write");
-    tls_read(s).await
+    String::from_utf8_lossy(&stream_cmd(s, &["PING"]).await).into_owned()
 }
 
 async fn tls_read<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> String {
-    use tokio::io::AsyncReadExt;
-    let mut got = Vec::new();
-    let mut buf = [0u8; 1024];
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while frame_len(&got).is_none() {
-        let n = tokio::time::timeout_at(deadline, s.read(&mut buf))
-            .await
-            .expect("a reply in time")
-            .expect("read");
-        assert!(n > 0, "closed");
-        got.extend_from_slice(&buf[..n]);
-    }
-    String::from_utf8_lossy(&got).into_owned()
+    String::from_utf8_lossy(&stream_read(s).await).into_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -429,30 +413,23 @@ async fn sighup_reloads_the_binary_and_its_log_file_has_no_colour_codes() {
         format!("[server]\nlisten = \"127.0.0.1:{port}\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n");
     file.write(&redis, &format!("{head}{RULE_OFF}"));
     let log = file.dir.join("kiln.log");
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(["--config", &file.path()])
-        .env_remove("RUST_LOG")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log).expect("log file"))
-        .spawn()
-        .expect("spawn kiln");
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
-    let deadline = Instant::now() + WAIT;
-    while tokio::net::TcpStream::connect(addr).await.is_err() {
-        assert!(Instant::now() < deadline, "kiln did not start");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let child = KilnProcess::spawn(
+        kiln_bin()
+            .args(["--config", &file.path()])
+            .env_remove("RUST_LOG")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file")),
+        format!("127.0.0.1:{port}").parse().expect("addr"),
+    )
+    .await;
+    let addr = child.addr;
     let mut c = Conn::connect(addr).await;
     c.cmd(&["SET", "r:1", "x"]).await;
     c.cmd(&["GET", "r:1"]).await;
     assert!(!cached(&mut c, "r:1").await);
     file.write(&redis, &format!("{head}{RULE_ON}"));
     let sent = Instant::now();
-    let hup = std::process::Command::new("kill")
-        .args(["-HUP", &child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(hup.success());
+    child.signal("-HUP");
     // In force once a read of r:1 is cached.
     loop {
         c.cmd(&["GET", "r:1"]).await;
@@ -463,8 +440,7 @@ async fn sighup_reloads_the_binary_and_its_log_file_has_no_colour_codes() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     eprintln!("SIGHUP to new config in force: {:?}", sent.elapsed());
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
     let text = std::fs::read_to_string(&log).expect("log");
     assert!(text.contains("config reloaded"), "{text}");
     assert!(
@@ -481,8 +457,9 @@ async fn what_a_reload_cannot_change_safely_waits_for_a_restart() {
     // with; a rule caching other keys would never be invalidated.
     let head = "[coherence]\nmode = \"bcast\"\n[cache]\nttl = \"0s\"\n";
     let rule = |m: &str| format!("[[cache.rules]]\nmatch = \"{m}\"\nttl = \"1h\"\n");
-    file.write(&redis, &format!("{head}{}", rule("a:*")));
-    let kiln = Kiln::start_from_file(&file.path()).await;
+    let kiln = file
+        .start_kiln(&redis, &format!("{head}{}", rule("a:*")))
+        .await;
     let mut c = kiln.conn().await;
     file.write(&redis, &format!("{head}{}{}", rule("a:*"), rule("b:*")));
     let r = reload(&mut c).await;
@@ -492,10 +469,8 @@ async fn what_a_reload_cannot_change_safely_waits_for_a_restart() {
     );
     let mut direct = redis.conn().await;
     direct.cmd(&["SET", "b:1", "old"]).await;
-    c.cmd(&["GET", "b:1"]).await;
-    c.cmd(&["GET", "b:1"]).await;
     assert!(
-        !cached(&mut c, "b:1").await,
+        !read_twice_cached(&mut c, "b:1").await,
         "b:* is not cached until a restart"
     );
     direct.cmd(&["SET", "b:1", "new"]).await;
@@ -506,10 +481,8 @@ async fn what_a_reload_cannot_change_safely_waits_for_a_restart() {
 async fn a_reloaded_deny_list_applies_to_relayed_clients_too() {
     let redis = Redis::start();
     let file = File::new("deny");
-    file.write(&redis, "");
-    let kiln = Kiln::start_from_file(&file.path()).await;
-    let mut admin = kiln.conn().await;
-    let mut tracked = kiln.conn().await;
+    let kiln = file.start_kiln(&redis, "").await;
+    let [mut admin, mut tracked] = kiln.conns().await;
     assert_eq!(tracked.cmd(&["CLIENT", "TRACKING", "ON"]).await, "+OK\r\n");
     file.write(&redis, "[server]\ndeny_commands = [\"FLUSHALL\"]\n");
     assert_eq!(reload(&mut admin).await, "+OK\r\n");
@@ -525,11 +498,12 @@ async fn a_reloaded_deny_list_applies_to_relayed_clients_too() {
 async fn entries_the_new_settings_would_not_store_are_dropped() {
     let redis = Redis::start();
     let file = File::new("settings");
-    file.write(
-        &redis,
-        "[coherence]\nmode = \"ttl\"\n[cache]\nnegative_ttl = \"1h\"\n",
-    );
-    let kiln = Kiln::start_from_file(&file.path()).await;
+    let kiln = file
+        .start_kiln(
+            &redis,
+            "[coherence]\nmode = \"ttl\"\n[cache]\nnegative_ttl = \"1h\"\n",
+        )
+        .await;
     let mut c = kiln.conn().await;
     let big = "x".repeat(50_000);
     c.cmd(&["SET", "big", &big]).await;
@@ -573,41 +547,13 @@ async fn entries_the_new_settings_would_not_store_are_dropped() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_without_a_config_file_is_logged_not_fatal() {
     let redis = Redis::start();
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        l.local_addr().expect("addr").port()
-    };
-    let listen = format!("127.0.0.1:{port}");
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args([
-            "--listen",
-            &listen,
-            "--upstream",
-            &redis.url(),
-            "--metrics",
-            "127.0.0.1:0",
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("spawn kiln");
-    let addr: std::net::SocketAddr = listen.parse().expect("addr");
-    let deadline = Instant::now() + WAIT;
-    while tokio::net::TcpStream::connect(addr).await.is_err() {
-        assert!(Instant::now() < deadline, "kiln did not start");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let hup = std::process::Command::new("kill")
-        .args(["-HUP", &child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(hup.success());
+    let mut child = KilnProcess::start(&redis).await;
+    child.signal("-HUP");
+    let addr = child.addr;
     let mut c = Conn::connect(addr).await;
     assert_eq!(c.cmd(&["PING"]).await, "+PONG\r\n");
     assert!(
-        child.try_wait().expect("wait").is_none(),
+        child.child.try_wait().expect("wait").is_none(),
         "SIGHUP killed kiln"
     );
-    let _ = child.kill();
-    let _ = child.wait();
 }

@@ -1,14 +1,12 @@
 //! Commands with connection state: transactions, blocking pops, pub/sub,
 //! HELLO 3, inline commands, binary and huge values, deep pipelines.
 
-use crate::util::{Conn, Kiln, Redis, bulk, encode};
+use crate::util::{Conn, bulk, encode, redis_and_kiln, redis_and_kiln_with};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_aborts_when_another_client_writes() {
-    let redis = Redis::start();
-    let kiln = Kiln::start(&redis).await;
-    let mut a = kiln.conn().await;
-    let mut b = kiln.conn().await;
+    let (_redis, kiln) = redis_and_kiln().await;
+    let [mut a, mut b] = kiln.conns().await;
     a.cmd(&["SET", "w", "0"]).await;
     assert_eq!(a.cmd(&["GET", "w"]).await, bulk("0"));
     assert_eq!(a.cmd(&["WATCH", "w"]).await, "+OK\r\n");
@@ -28,10 +26,8 @@ async fn watch_aborts_when_another_client_writes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exec_invalidates_keys_written_in_multi() {
-    let redis = Redis::start();
-    let kiln = Kiln::start(&redis).await;
-    let mut a = kiln.conn().await;
-    let mut reader = kiln.conn().await;
+    let (_redis, kiln) = redis_and_kiln().await;
+    let [mut a, mut reader] = kiln.conns().await;
     a.cmd(&["SET", "t", "old"]).await;
     assert_eq!(reader.cmd(&["GET", "t"]).await, bulk("old"));
     a.cmd(&["MULTI"]).await;
@@ -42,13 +38,10 @@ async fn exec_invalidates_keys_written_in_multi() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blocking_pop_is_woken_by_another_client() {
-    let redis = Redis::start();
-    let kiln = Kiln::start_with(&redis, |c| {
-        c.upstream.command_timeout = std::time::Duration::from_millis(200)
-    })
-    .await;
-    let mut waiter = kiln.conn().await;
-    let mut pusher = kiln.conn().await;
+    let (redis, kiln) =
+        redis_and_kiln_with(|c| c.upstream.command_timeout = std::time::Duration::from_millis(200))
+            .await;
+    let [mut waiter, mut pusher] = kiln.conns().await;
     waiter.send(&["BLPOP", "queue", "0"]).await;
     let mut direct = redis.conn().await;
     // Blocked upstream, and longer than command_timeout: blocking commands
@@ -72,10 +65,8 @@ async fn blocking_pop_is_woken_by_another_client() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pubsub_through_kiln() {
-    let redis = Redis::start();
-    let kiln = Kiln::start(&redis).await;
-    let mut sub = kiln.conn().await;
-    let mut publisher = kiln.conn().await;
+    let (_redis, kiln) = redis_and_kiln().await;
+    let [mut sub, mut publisher] = kiln.conns().await;
     assert_eq!(
         sub.cmd(&["SUBSCRIBE", "news"]).await,
         b"*3\r\n$9\r\nsubscribe\r\n$4\r\nnews\r\n:1\r\n"[..]
@@ -107,10 +98,8 @@ async fn pubsub_through_kiln() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resp3_pubsub_and_writes_in_relay() {
-    let redis = Redis::start();
-    let kiln = Kiln::start(&redis).await;
-    let mut sub = kiln.conn().await;
-    let mut other = kiln.conn().await;
+    let (_redis, kiln) = redis_and_kiln().await;
+    let [mut sub, mut other] = kiln.conns().await;
     sub.cmd(&["HELLO", "3"]).await;
     other.cmd(&["SET", "k", "before"]).await;
     assert_eq!(other.cmd(&["GET", "k"]).await, bulk("before"));
@@ -130,8 +119,7 @@ async fn resp3_pubsub_and_writes_in_relay() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hello_3_switches_protocol() {
-    let redis = Redis::start();
-    let kiln = Kiln::start(&redis).await;
+    let (_redis, kiln) = redis_and_kiln().await;
     let mut c = kiln.conn().await;
     c.cmd(&["HSET", "h", "f", "v"]).await;
     let hello = c.cmd(&["HELLO", "3"]).await;
@@ -165,8 +153,7 @@ async fn hello_3_switches_protocol() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inline_commands() {
-    let redis = Redis::start();
-    let kiln = Kiln::start(&redis).await;
+    let (_redis, kiln) = redis_and_kiln().await;
     let mut c = kiln.conn().await;
     c.send_raw(b"PING\r\n").await;
     assert_eq!(c.read().await, "+PONG\r\n");
@@ -187,8 +174,7 @@ async fn inline_commands() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binary_keys_and_values_round_trip() {
-    let redis = Redis::start();
-    let kiln = Kiln::start(&redis).await;
+    let (redis, kiln) = redis_and_kiln().await;
     let mut c = kiln.conn().await;
     let value: Vec<u8> = (0..=255u8).cycle().take(4096).collect();
     let key: &[u8] = b"bin\r\n\x00\xff key";
@@ -203,8 +189,7 @@ async fn binary_keys_and_values_round_trip() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_megabyte_values() {
-    let redis = Redis::start();
-    let kiln = Kiln::start(&redis).await;
+    let (_redis, kiln) = redis_and_kiln().await;
     let mut c = kiln.conn().await;
     let value: Vec<u8> = (0..50 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
     assert_eq!(c.cmd(&[&b"SET"[..], b"huge", &value]).await, "+OK\r\n");
@@ -216,8 +201,7 @@ async fn fifty_megabyte_values() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_thousand_pipelined_commands() {
-    let redis = Redis::start();
-    let kiln = Kiln::start(&redis).await;
+    let (_redis, kiln) = redis_and_kiln().await;
     let mut c = kiln.conn().await;
     const N: usize = 100_000;
     let mut batch = Vec::with_capacity(N * 40);

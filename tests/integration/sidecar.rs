@@ -7,7 +7,12 @@ use std::time::Duration;
 use kiln::telemetry::names;
 use serde_json::Value;
 
-use crate::util::{Conn, Kiln, Redis, WAIT, bulk, http_get};
+use crate::util::{
+    Conn, Kiln, Redis, bulk, http_get, poll_until, redis_and_kiln, redis_and_kiln_with,
+};
+
+/// How often the sidecar's state is polled while waiting for it.
+const POLL: Duration = Duration::from_millis(50);
 
 fn parse(text: &str) -> prometheus_parse::Scrape {
     prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
@@ -40,13 +45,7 @@ async fn every_metric_is_exported_with_its_type_and_counters_move() {
     let redis = Redis::start();
     // A rule, so the per-rule rollout gauge has a series to export.
     let kiln = Kiln::start_with(&redis, |c| {
-        c.cache.rules.push(kiln::config::CacheRule {
-            pattern: "rolled:*".into(),
-            cache: true,
-            ttl: None,
-            percent: 25,
-            commands: None,
-        })
+        c.cache.rules.push(crate::util::rule("rolled:*", true, 25))
     })
     .await;
     let mut c = kiln.conn().await;
@@ -80,26 +79,17 @@ async fn every_metric_is_exported_with_its_type_and_counters_move() {
         });
         assert!(found, "a {kind} sample for {name}");
     }
+    // (hits, misses) counted between two scrapes.
+    let moved = |from: &prometheus_parse::Scrape, to: &prometheus_parse::Scrape| {
+        let delta = |name| value(to, name) - value(from, name);
+        (delta(names::HITS), delta(names::MISSES))
+    };
     assert_eq!(c.cmd(&["GET", "k"]).await, bulk("v"));
     let (_, after_miss) = scrape(&kiln).await;
-    assert_eq!(
-        value(&after_miss, names::MISSES) - value(&before, names::MISSES),
-        1.0
-    );
-    assert_eq!(
-        value(&after_miss, names::HITS) - value(&before, names::HITS),
-        0.0
-    );
+    assert_eq!(moved(&before, &after_miss), (0.0, 1.0), "a miss");
     assert_eq!(c.cmd(&["GET", "k"]).await, bulk("v"));
     let (text, after_hit) = scrape(&kiln).await;
-    assert_eq!(
-        value(&after_hit, names::HITS) - value(&after_miss, names::HITS),
-        1.0
-    );
-    assert_eq!(
-        value(&after_hit, names::MISSES) - value(&after_miss, names::MISSES),
-        0.0
-    );
+    assert_eq!(moved(&after_miss, &after_hit), (1.0, 0.0), "a hit");
     assert!(
         text.contains("proxy_commands_total{command=\"get\"} 2"),
         "{text}"
@@ -109,16 +99,13 @@ async fn every_metric_is_exported_with_its_type_and_counters_move() {
         "10 us bucket"
     );
     // Polled from upstream INFO memory every 500 ms.
-    let deadline = std::time::Instant::now() + WAIT;
-    while value(&scrape(&kiln).await.1, names::REDIS_MEMORY).partial_cmp(&0.0)
-        != Some(std::cmp::Ordering::Greater)
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "redis_memory_usage_bytes never set"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    poll_until(POLL, async || {
+        let set = value(&scrape(&kiln).await.1, names::REDIS_MEMORY).partial_cmp(&0.0)
+            == Some(std::cmp::Ordering::Greater);
+        set.then_some(())
+            .ok_or_else(|| "redis_memory_usage_bytes never set".to_string())
+    })
+    .await;
     let (code, json) = http_get(kiln.metrics, "/metrics/json").await;
     let json: Value = serde_json::from_str(&json).expect("JSON");
     assert_eq!(code, 200);
@@ -188,8 +175,7 @@ impl Drop for Prometheus {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_real_prometheus_scrapes_kiln() {
-    let redis = Redis::start();
-    let kiln = Kiln::start(&redis).await;
+    let (_redis, kiln) = redis_and_kiln().await;
     let mut c = kiln.conn().await;
     c.cmd(&["SET", "k", "v"]).await;
     c.cmd(&["GET", "k"]).await;
@@ -237,15 +223,12 @@ fn deploy_prometheus_files_pass_promtool() {
         ],
         vec!["check", "rules", "deploy/prometheus/alerts.yml"],
     ] {
-        let out = std::process::Command::new("promtool")
-            .args(&args)
-            .current_dir(root)
-            .output()
-            .expect("promtool is installed (apt-get install prometheus)");
-        assert!(
-            out.status.success(),
-            "promtool {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
+        crate::util::process::run_ok(
+            std::process::Command::new("promtool")
+                .args(&args)
+                .current_dir(root),
+            &format!("promtool {args:?}"),
+            "promtool is installed (apt-get install prometheus)",
         );
     }
 }
@@ -258,42 +241,29 @@ async fn alerts(kiln: &Kiln) -> Vec<Value> {
 
 /// Polls the alerts until `name` is (or is not) active.
 async fn alert_state(kiln: &Kiln, name: &str, active: bool) -> Option<Value> {
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
+    poll_until(POLL, async || {
         let all = alerts(kiln).await;
         let found = all.iter().find(|a| a["name"] == name).cloned();
         if found.is_some() == active {
-            return found;
+            return Ok(found);
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{name} never became active={active}: {all:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        Err(format!("{name} never became active={active}: {all:?}"))
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_warmup_raises_the_critical_alert_until_one_succeeds() {
     let redis = Redis::start();
     let mut d = redis.conn().await;
-    d.cmd(&[
-        "ACL", "SETUSER", "kiln", "on", ">pw", "~*", "+@all", "-scan",
-    ])
-    .await;
+    crate::util::set_user(&mut d, "kiln", &["~*", "+@all", "-scan"]).await;
     crate::util::seed(&redis, "w:", 10, |i| i.to_string()).await;
     let url = format!("redis://kiln:pw@127.0.0.1:{}", redis.port);
     let kiln = Kiln::start_with(&redis, |c| {
         c.upstream.url = url;
         c.warmup.lock.scope = kiln::config::LockScope::Instance;
         c.warmup.retries = 0;
-        c.warmup.phase = vec![kiln::config::PhaseConfig {
-            name: "w".into(),
-            priority: 1,
-            patterns: vec!["w:*".into()],
-            limit: None,
-            ttl: None,
-        }];
+        c.warmup.phase = vec![crate::util::phase("w", 1, "w:*")];
     })
     .await;
     let mut k = kiln.conn().await;
@@ -321,8 +291,7 @@ fn short_window(c: &mut kiln::Config) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_miss_heavy_load_raises_the_miss_rate_alert_and_it_clears() {
-    let redis = Redis::start();
-    let kiln = Kiln::start_with(&redis, short_window).await;
+    let (_redis, kiln) = redis_and_kiln_with(short_window).await;
     let mut c = kiln.conn().await;
     for i in 0..60 {
         c.cmd(&["GET", &format!("missing:{i}")]).await;
@@ -338,30 +307,24 @@ async fn a_miss_heavy_load_raises_the_miss_rate_alert_and_it_clears() {
     alert_state(&kiln, "hit_rate_critical", true).await;
     // Hits only, until the misses leave the 2 s window.
     c.cmd(&["SET", "hot", "v"]).await;
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
+    poll_until(POLL, async || {
         for _ in 0..50 {
             c.cmd(&["GET", "hot"]).await;
         }
-        if alerts(&kiln)
+        let cleared = alerts(&kiln)
             .await
             .iter()
-            .all(|a| a["name"] != "miss_rate_high" && a["name"] != "hit_rate_critical")
-        {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the miss-rate alert never cleared"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+            .all(|a| a["name"] != "miss_rate_high" && a["name"] != "hit_rate_critical");
+        cleared
+            .then_some(())
+            .ok_or_else(|| "the miss-rate alert never cleared".to_string())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cache_health_moves_between_healthy_and_unhealthy() {
-    let redis = Redis::start();
-    let kiln = Kiln::start_with(&redis, short_window).await;
+    let (_redis, kiln) = redis_and_kiln_with(short_window).await;
     let mut c = kiln.conn().await;
     let (code, body) = http_get(kiln.metrics, "/health/cache").await;
     assert_eq!(
@@ -369,9 +332,9 @@ async fn cache_health_moves_between_healthy_and_unhealthy() {
         (200, true),
         "no traffic yet: {body}"
     );
-    let deadline = std::time::Instant::now() + WAIT;
     let mut i = 0;
-    loop {
+    // Misses as fast as they go, until unhealthy.
+    poll_until(Duration::ZERO, async || {
         for _ in 0..30 {
             c.cmd(&["GET", &format!("nope:{i}")]).await;
             i += 1;
@@ -379,35 +342,28 @@ async fn cache_health_moves_between_healthy_and_unhealthy() {
         let (code, body) = http_get(kiln.metrics, "/health/cache").await;
         if code == 503 {
             assert!(body.contains("\"unhealthy\""), "{body}");
-            break;
+            return Ok(());
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "never unhealthy: {body}"
-        );
-    }
+        Err(format!("never unhealthy: {body}"))
+    })
+    .await;
     c.cmd(&["SET", "hot", "v"]).await;
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
+    poll_until(POLL, async || {
         for _ in 0..50 {
             c.cmd(&["GET", "hot"]).await;
         }
         let (code, body) = http_get(kiln.metrics, "/health/cache").await;
         if code == 200 && body.contains("\"healthy\"") {
-            break;
+            return Ok(());
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "never healthy again: {body}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        Err(format!("never healthy again: {body}"))
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ready_waits_for_upstream_and_the_first_warmup() {
-    let mut redis = Redis::start();
-    let kiln = Kiln::start_with(&redis, |c| {
+    let (mut redis, kiln) = redis_and_kiln_with(|c| {
         c.metrics.ready_after_warmup = true;
         c.warmup.on_start = true;
         c.warmup.start_delay = Duration::from_millis(1500);
@@ -417,38 +373,33 @@ async fn ready_waits_for_upstream_and_the_first_warmup() {
     let (code, body) = http_get(kiln.metrics, "/ready").await;
     assert_eq!(code, 503, "before the first warmup: {body}");
     let mut k = Conn::connect(kiln.addr).await;
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
+    poll_until(POLL, async || {
         let (code, body) = http_get(kiln.metrics, "/ready").await;
         if code == 200 {
-            break;
+            return Ok(());
         }
         assert!(
             body.contains("warmup") || body.contains("upstream"),
             "{body}"
         );
-        assert!(std::time::Instant::now() < deadline, "never ready: {body}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        Err(format!("never ready: {body}"))
+    })
+    .await;
     let status = String::from_utf8_lossy(&k.cmd(&["CACHE.STATUS"]).await).into_owned();
     assert!(
         status.contains("completed"),
         "ready once the warmup ended: {status}"
     );
     redis.kill();
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
+    poll_until(POLL, async || {
         let (code, body) = http_get(kiln.metrics, "/ready").await;
         if code == 503 {
             assert!(body.contains("upstream unreachable"), "{body}");
-            break;
+            return Ok(());
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "still ready with upstream down"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        Err("still ready with upstream down".to_string())
+    })
+    .await;
     assert_eq!(
         http_get(kiln.metrics, "/health").await.0,
         200,

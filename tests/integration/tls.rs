@@ -103,24 +103,11 @@ fn tls_redis(certs: &Certs) -> (Redis, u16) {
     (redis, port)
 }
 
-/// Sends `cmd` on a TLS stream and reads one reply.
+/// Sends `cmd` on a TLS stream and reads one reply: all that came.
 async fn tls_cmd<S: AsyncReadExt + AsyncWriteExt + Unpin>(s: &mut S, args: &[&str]) -> String {
-    s.write_all(&encode(args)).await.expect("write");
-    s.flush().await.expect("flush");
-    let mut buf = vec![0u8; 4096];
-    let mut got = Vec::new();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let n = tokio::time::timeout_at(deadline, s.read(&mut buf))
-            .await
-            .expect("a reply in time")
-            .expect("read");
-        assert!(n > 0, "closed");
-        got.extend_from_slice(&buf[..n]);
-        if got.ends_with(b"\r\n") && crate::util::frame_len(&got) == Some(got.len()) {
-            return String::from_utf8_lossy(&got).into_owned();
-        }
-    }
+    let got = crate::util::stream_cmd(s, args).await;
+    assert_eq!(crate::util::frame_len(&got), Some(got.len()), "one reply");
+    String::from_utf8_lossy(&got).into_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -13,7 +13,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::util::{Conn, Kiln, Redis, WAIT, bulk, bulk_payload, encode};
+use crate::util::load::Workers;
+use crate::util::{Conn, Kiln, Redis, WAIT, bulk, bulk_payload, encode, redis_and_kiln, set_user};
 
 /// How long a reply that should come at once is waited for.
 const PROMPT: Duration = Duration::from_secs(3);
@@ -46,6 +47,25 @@ impl Problems {
         });
     }
 
+    /// `command` with each of `cases` (its further words, space-separated)
+    /// sent through kiln on `k` and directly on `direct`: the replies must
+    /// be equal.
+    async fn same_as_direct(
+        &mut self,
+        k: &mut Conn,
+        direct: &mut Conn,
+        command: &str,
+        cases: &[&str],
+    ) {
+        for case in cases {
+            let line = format!("{command} {case}");
+            let args: Vec<&str> = line.split(' ').collect();
+            let got = ask(k, &args).await;
+            let want = direct.cmd(&args).await;
+            self.same(&line, &got, &want);
+        }
+    }
+
     fn finish(self, test: &str) {
         assert!(
             self.0.is_empty(),
@@ -54,6 +74,33 @@ impl Problems {
             self.0.join("\n  - ")
         );
     }
+}
+
+/// A fresh Redis with kiln in front of it, a direct connection to it for
+/// the replies kiln's must equal, and no problems yet.
+async fn setup() -> (Redis, Kiln, Conn, Problems) {
+    let (redis, kiln) = redis_and_kiln().await;
+    let direct = redis.conn().await;
+    (redis, kiln, direct, Problems::default())
+}
+
+/// Two fresh Redis servers: one a client talks to directly, the other
+/// behind kiln (returned third): the same writes to both, each in its own
+/// state, compare the replies.
+async fn twin() -> (Redis, Redis, Kiln) {
+    let direct_server = Redis::start();
+    let (behind, kiln) = redis_and_kiln().await;
+    (direct_server, behind, kiln)
+}
+
+/// `bytes` written on a fresh connection to `direct_server` and on one to
+/// `kiln`: the two connections (direct, kiln).
+async fn send_both(direct_server: &Redis, kiln: &Kiln, bytes: &[u8]) -> (Conn, Conn) {
+    let mut d = direct_server.conn().await;
+    let mut k = kiln.conn().await;
+    d.send_raw(bytes).await;
+    k.send_raw(bytes).await;
+    (d, k)
 }
 
 /// The next reply within `limit`; a timeout or a close is returned as a
@@ -234,34 +281,24 @@ async fn incr_loop(
     (sent, bad)
 }
 
-async fn slow_command_with_incr_load(name: &str, slow: &[&str], want: &[u8]) {
+async fn slow_command_with_incr_load(slow: &[&str], want: &[u8]) {
+    let name = &format!("`{}` with INCR load", slow[0]);
     let redis = Redis::start_with(&["--enable-debug-command", "yes"]);
     let kiln = Kiln::start(&redis).await;
     let mut p = Problems::default();
-    let stop = Arc::new(AtomicBool::new(false));
-    let replies = Arc::new(AtomicU64::new(0));
-    let mut tasks = Vec::new();
+    let mut loops = Workers::default();
     for who in 0..4 {
         let c = kiln.conn().await;
-        tasks.push(tokio::spawn(incr_loop(
-            c,
-            stop.clone(),
-            replies.clone(),
-            who,
-        )));
+        loops.spawn(|stop, replies| incr_loop(c, stop, replies, who));
     }
     // Every loop is running before the slow command starts.
-    let deadline = Instant::now() + WAIT;
-    while replies.load(Ordering::SeqCst) < 8 {
-        assert!(Instant::now() < deadline, "INCR loops never got going");
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    loops.wait_count(8, "INCR loops").await;
     let mut slow_conn = kiln.conn().await;
     let started = Instant::now();
     slow_conn.send(slow).await;
     let got = reply(&mut slow_conn, Duration::from_secs(5)).await;
     let took = started.elapsed();
-    stop.store(true, Ordering::SeqCst);
+    let results = loops.stop().await;
     p.same(
         &format!("{} {} (the slow command)", slow[0], slow[1]),
         &got,
@@ -272,11 +309,7 @@ async fn slow_command_with_incr_load(name: &str, slow: &[&str], want: &[u8]) {
     });
     let mut sent = 0;
     let mut bad = Vec::new();
-    for t in tasks {
-        let (n, b) = tokio::time::timeout(WAIT, t)
-            .await
-            .expect("INCR loops stop in time")
-            .expect("INCR loop");
+    for (n, b) in results {
         sent += n;
         bad.extend(b);
     }
@@ -305,31 +338,19 @@ const SLOW_SCRIPT: &str = "local t0 = redis.call('TIME') \
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_script_does_not_fail_other_clients() {
-    slow_command_with_incr_load(
-        "slow_script_does_not_fail_other_clients",
-        &["EVAL", SLOW_SCRIPT, "1", "slowkey"],
-        b":1\r\n",
-    )
-    .await;
+    slow_command_with_incr_load(&["EVAL", SLOW_SCRIPT, "1", "slowkey"], b":1\r\n").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn debug_sleep_does_not_fail_other_clients() {
-    slow_command_with_incr_load(
-        "debug_sleep_does_not_fail_other_clients",
-        &["DEBUG", "SLEEP", "1.5"],
-        b"+OK\r\n",
-    )
-    .await;
+    slow_command_with_incr_load(&["DEBUG", "SLEEP", "1.5"], b"+OK\r\n").await;
 }
 
 // 2. A runaway script or function: -BUSY as directly, and KILL gets through.
 
-async fn runaway(name: &str, call: &[&str], kill: &str) {
-    let redis = Redis::start();
-    let kiln = Kiln::start(&redis).await;
-    let mut p = Problems::default();
-    let mut direct = redis.conn().await;
+async fn runaway(call: &[&str], kill: &str) {
+    let name = &format!("runaway `{}`", call[0]);
+    let (_redis, kiln, mut direct, mut p) = setup().await;
     assert_eq!(
         direct
             .cmd(&["CONFIG", "SET", "busy-reply-threshold", "100"])
@@ -403,22 +424,12 @@ async fn runaway(name: &str, call: &[&str], kill: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runaway_script_is_killed_through_kiln() {
-    runaway(
-        "runaway_script_is_killed_through_kiln",
-        &["EVAL", "while true do end", "0"],
-        "SCRIPT",
-    )
-    .await;
+    runaway(&["EVAL", "while true do end", "0"], "SCRIPT").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runaway_function_is_killed_through_kiln() {
-    runaway(
-        "runaway_function_is_killed_through_kiln",
-        &["FCALL", "spin", "0"],
-        "FUNCTION",
-    )
-    .await;
+    runaway(&["FCALL", "spin", "0"], "FUNCTION").await;
 }
 
 // 3.-5. Commands that name a client take kiln's ids.
@@ -448,12 +459,8 @@ async fn wait_blocked_upstream(redis: &Redis) -> Result<(), String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_unblock_translates_kiln_ids() {
-    let redis = Redis::start();
-    let kiln = Kiln::start(&redis).await;
-    let mut p = Problems::default();
-    let mut direct = redis.conn().await;
-    let mut a = kiln.conn().await;
-    let mut b = kiln.conn().await;
+    let (redis, kiln, mut direct, mut p) = setup().await;
+    let [mut a, mut b] = kiln.conns().await;
     let id = client_id(&mut a).await.to_string();
 
     for (reason, want) in [
@@ -487,26 +494,16 @@ async fn client_unblock_translates_kiln_ids() {
         let got = ask(&mut b, &["CLIENT", "UNBLOCK", &id]).await;
         p.same("CLIENT UNBLOCK of a client not blocked", &got, b":0\r\n");
     }
-    for args in [
-        &["CLIENT", "UNBLOCK", "999999"][..],
-        &["CLIENT", "UNBLOCK", "abc"],
-        &["CLIENT", "UNBLOCK", "1", "FOO"],
-    ] {
-        let got = ask(&mut b, args).await;
-        let want = direct.cmd(args).await;
-        p.same(&args.join(" "), &got, &want);
-    }
+    let cases = ["999999", "abc", "1 FOO"];
+    p.same_as_direct(&mut b, &mut direct, "CLIENT UNBLOCK", &cases)
+        .await;
     p.finish("client_unblock_translates_kiln_ids");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_kill_translates_kiln_ids() {
-    let redis = Redis::start();
-    let kiln = Kiln::start(&redis).await;
-    let mut p = Problems::default();
-    let mut direct = redis.conn().await;
-    let mut a = kiln.conn().await;
-    let mut b = kiln.conn().await;
+    let (_redis, kiln, mut direct, mut p) = setup().await;
+    let [mut a, mut b] = kiln.conns().await;
     let id = client_id(&mut a).await.to_string();
 
     let got = ask(&mut b, &["CLIENT", "KILL", "ID", &id]).await;
@@ -544,16 +541,9 @@ async fn client_kill_translates_kiln_ids() {
     }
     let got = ask(&mut b, &["CLIENT", "KILL", "1.2.3.4:5"]).await;
     p.same("CLIENT KILL 1.2.3.4:5", &got, b"-ERR No such client\r\n");
-    for args in [
-        &["CLIENT", "KILL", "ID", "abc"][..],
-        &["CLIENT", "KILL", "ID", "0"],
-        &["CLIENT", "KILL", "FOO", "bar"],
-        &["CLIENT", "KILL", "TYPE", "foo"],
-    ] {
-        let got = ask(&mut b, args).await;
-        let want = direct.cmd(args).await;
-        p.same(&args.join(" "), &got, &want);
-    }
+    let cases = ["ID abc", "ID 0", "FOO bar", "TYPE foo"];
+    p.same_as_direct(&mut b, &mut direct, "CLIENT KILL", &cases)
+        .await;
     p.finish("client_kill_translates_kiln_ids");
 }
 
@@ -580,9 +570,7 @@ async fn redirect_scenario(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tracking_redirect_to_a_kiln_client() {
-    let direct_server = Redis::start();
-    let behind = Redis::start();
-    let kiln = Kiln::start(&behind).await;
+    let (direct_server, behind, kiln) = twin().await;
     let mut p = Problems::default();
     let mut dw = direct_server.conn().await;
     let mut bw = behind.conn().await;
@@ -614,9 +602,7 @@ fn pipeline(cmds: &[&[&str]]) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_reply_on_off_skip() {
-    let direct_server = Redis::start();
-    let behind = Redis::start();
-    let kiln = Kiln::start(&behind).await;
+    let (direct_server, behind, kiln) = twin().await;
     let mut p = Problems::default();
 
     let writes: [(&str, Vec<u8>); 3] = [
@@ -708,23 +694,9 @@ async fn client_reply_on_off_skip() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_acl_user_logs_in_through_kiln() {
-    let redis = Redis::start();
-    let kiln = Kiln::start(&redis).await;
-    let mut p = Problems::default();
-    let mut direct = redis.conn().await;
+    let (redis, kiln, mut direct, mut p) = setup().await;
     assert_eq!(
-        direct
-            .cmd(&[
-                "ACL",
-                "SETUSER",
-                "bob",
-                "on",
-                ">pw",
-                "~public:*",
-                "+@all",
-                "-config"
-            ])
-            .await,
+        set_user(&mut direct, "bob", &["~public:*", "+@all", "-config"]).await,
         "+OK\r\n"
     );
     let mut dflt = kiln.conn().await;
@@ -771,18 +743,13 @@ async fn upstream_acl_user_logs_in_through_kiln() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_changes_pipelined_in_one_write_keep_every_reply() {
-    let direct_server = Redis::start();
-    let behind = Redis::start();
-    let kiln = Kiln::start(&behind).await;
+    let (direct_server, _behind, kiln) = twin().await;
     let mut p = Problems::default();
     let reset = b"+RESET\r\n";
 
     // (a), then (e) on the same connections.
     let a = pipeline(&[&["SUBSCRIBE", "c1"], &["RESET"]]);
-    let mut d = direct_server.conn().await;
-    let mut k = kiln.conn().await;
-    d.send_raw(&a).await;
-    k.send_raw(&a).await;
+    let (mut d, mut k) = send_both(&direct_server, &kiln, &a).await;
     let want = frames_until(&mut d, reset).await.concat();
     let got = frames_until(&mut k, reset).await.concat();
     p.same("(a) one write of SUBSCRIBE c1, RESET", &got, &want);
@@ -802,10 +769,7 @@ async fn session_changes_pipelined_in_one_write_keep_every_reply() {
         &["GET", "k"],
         &["RESET"],
     ]);
-    let mut d = direct_server.conn().await;
-    let mut k = kiln.conn().await;
-    d.send_raw(&b).await;
-    k.send_raw(&b).await;
+    let (mut d, mut k) = send_both(&direct_server, &kiln, &b).await;
     let want = frames_until(&mut d, reset).await;
     let got = frames_until(&mut k, reset).await;
     p.check(got.first().is_some_and(|f| f.starts_with(b"%")), || {
@@ -822,20 +786,14 @@ async fn session_changes_pipelined_in_one_write_keep_every_reply() {
 
     // (c)
     let c = pipeline(&[&["MONITOR"], &["RESET"]]);
-    let mut d = direct_server.conn().await;
-    let mut k = kiln.conn().await;
-    d.send_raw(&c).await;
-    k.send_raw(&c).await;
+    let (mut d, mut k) = send_both(&direct_server, &kiln, &c).await;
     let want = frames_until(&mut d, reset).await.concat();
     let got = frames_until(&mut k, reset).await.concat();
     p.same("(c) one write of MONITOR, RESET", &got, &want);
 
     // (d): confirmation, +OK, then the close.
     let q = pipeline(&[&["SUBSCRIBE", "c1"], &["QUIT"]]);
-    let mut d = direct_server.conn().await;
-    let mut k = kiln.conn().await;
-    d.send_raw(&q).await;
-    k.send_raw(&q).await;
+    let (mut d, mut k) = send_both(&direct_server, &kiln, &q).await;
     let (want, want_closed) = until_close(&mut d).await;
     let (got, got_closed) = until_close(&mut k).await;
     assert!(want_closed, "Redis closes after QUIT");
@@ -849,9 +807,7 @@ async fn session_changes_pipelined_in_one_write_keep_every_reply() {
 // 9. A script that writes a key it does not declare.
 
 async fn undeclared_write(name: &str, write: impl Fn(&str) -> Vec<String>) {
-    let direct_server = Redis::start();
-    let behind = Redis::start();
-    let kiln = Kiln::start(&behind).await;
+    let (direct_server, behind, kiln) = twin().await;
     let mut p = Problems::default();
     let lib = "#!lua name=wlib\nredis.register_function('wset', function(keys, args) redis.call('SET','k',args[1]) end)";
     if write("x")[0] == "FCALL" {
@@ -969,8 +925,7 @@ async fn swapdb_right_after_start_is_noticed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_setinfo_follows_upstream() {
-    let redis = Redis::start();
-    let kiln = Kiln::start(&redis).await;
+    let (redis, kiln) = redis_and_kiln().await;
     let args = ["CLIENT", "SETINFO", "lib-name", "x"];
     let got = ask(&mut kiln.conn().await, &args).await;
     let want = redis.conn().await.cmd(&args).await;
@@ -1007,10 +962,7 @@ async fn kiln_line_until(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_list_prints_redis_fields() {
-    let redis = Redis::start();
-    let kiln = Kiln::start(&redis).await;
-    let mut p = Problems::default();
-    let mut direct = redis.conn().await;
+    let (_redis, kiln, mut direct, mut p) = setup().await;
     let mut c = kiln.conn().await;
 
     let want_line = text(&direct.cmd(&["CLIENT", "INFO"]).await);
@@ -1093,14 +1045,8 @@ async fn client_list_prints_redis_fields() {
     p.check(ids == [mid.to_string()], || {
         format!("CLIENT LIST ID {mid} should list only that client: {list:?}")
     });
-    for args in [
-        &["CLIENT", "LIST", "ID", "999999"][..],
-        &["CLIENT", "LIST", "TYPE", "foo"],
-        &["CLIENT", "LIST", "ID", "abc"],
-    ] {
-        let got = ask(&mut observer, args).await;
-        let want = direct.cmd(args).await;
-        p.same(&args.join(" "), &got, &want);
-    }
+    let cases = ["ID 999999", "TYPE foo", "ID abc"];
+    p.same_as_direct(&mut observer, &mut direct, "CLIENT LIST", &cases)
+        .await;
     p.finish("client_list_prints_redis_fields");
 }

@@ -2,20 +2,12 @@
 
 use std::time::Duration;
 
-use kiln::config::{Config, LockScope, PhaseConfig};
+use kiln::config::{Config, LockScope};
 use serde_json::Value;
 
-use crate::util::{Conn, Kiln, Redis, Relay, WAIT, bulk, bulk_payload, seed};
-
-fn phase(name: &str, priority: i64, pattern: &str) -> PhaseConfig {
-    PhaseConfig {
-        name: name.into(),
-        priority,
-        patterns: vec![pattern.into()],
-        limit: None,
-        ttl: None,
-    }
-}
+use crate::util::{
+    Conn, Kiln, Redis, Relay, WAIT, bulk, bulk_payload, phase, redis_and_kiln_with, seed, set_user,
+};
 
 /// Test defaults: no lock, no pacing, fast retries, generous admin limits.
 fn fast(c: &mut Config) {
@@ -65,8 +57,7 @@ fn phase_names(s: &Value) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sync_warmup_fills_l1_in_priority_order() {
-    let redis = Redis::start();
-    seed(&redis, "user:", 10_000, |i| format!("u{i}")).await;
+    let redis = Redis::start_seeded("user:", 10_000, |i| format!("u{i}")).await;
     seed(&redis, "ref:", 10_000, |i| format!("r{i}")).await;
     let kiln = Kiln::start_with(&redis, |c| {
         fast(c);
@@ -105,8 +96,7 @@ async fn sync_warmup_fills_l1_in_priority_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn match_limit_phase_max_keys_and_large_values() {
-    let redis = Redis::start();
-    seed(&redis, "user:", 1000, |i| format!("u{i}")).await;
+    let redis = Redis::start_seeded("user:", 1000, |i| format!("u{i}")).await;
     seed(&redis, "ref:", 500, |i| format!("r{i}")).await;
     seed(&redis, "big:", 20, |_| "x".repeat(2000)).await;
     let kiln = Kiln::start_with(&redis, |c| {
@@ -165,10 +155,7 @@ async fn failing_batches_retry_with_backoff_and_end_partial() {
     let mut d = redis.conn().await;
     // kiln's user may not read bad:* keys: their MGETs fail every time.
     assert_eq!(
-        d.cmd(&[
-            "ACL", "SETUSER", "kiln", "on", ">pw", "~ok:*", "~kiln:*", "+@all"
-        ])
-        .await,
+        set_user(&mut d, "kiln", &["~ok:*", "~kiln:*", "+@all"]).await,
         "+OK\r\n"
     );
     seed(&redis, "ok:", 1000, |i| i.to_string()).await;
@@ -203,8 +190,7 @@ async fn failing_batches_retry_with_backoff_and_end_partial() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_upstream_is_retried_and_clients_are_still_served() {
-    let redis = Redis::start();
-    seed(&redis, "w:", 2000, |i| i.to_string()).await;
+    let redis = Redis::start_seeded("w:", 2000, |i| i.to_string()).await;
     let kiln = Kiln::start_with(&redis, |c| {
         fast(c);
         c.warmup.op_timeout = Duration::from_millis(100);
@@ -212,8 +198,7 @@ async fn a_stalled_upstream_is_retried_and_clients_are_still_served() {
         c.warmup.backoff = Duration::from_millis(100);
     })
     .await;
-    let mut k = kiln.conn().await;
-    let mut reader = kiln.conn().await;
+    let [mut k, mut reader] = kiln.conns().await;
     redis.conn().await.cmd(&["SET", "cached", "yes"]).await;
     reader.wait_for(&["GET", "cached"], bulk("yes")).await;
     assert_eq!(
@@ -241,8 +226,7 @@ async fn a_stalled_upstream_is_retried_and_clients_are_still_served() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_dropped_mid_run_never_hang_it() {
-    let redis = Redis::start();
-    seed(&redis, "r:", 20_000, |i| i.to_string()).await;
+    let redis = Redis::start_seeded("r:", 20_000, |i| i.to_string()).await;
     let relay = Relay::start(redis.addr()).await;
     let url = relay.url();
     let kiln = Kiln::start_with(&redis, |c| {
@@ -274,8 +258,7 @@ async fn connections_dropped_mid_run_never_hang_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_fleet_lock_admits_one_run_at_a_time() {
-    let redis = Redis::start();
-    seed(&redis, "f:", 5000, |i| i.to_string()).await;
+    let redis = Redis::start_seeded("f:", 5000, |i| i.to_string()).await;
     let fleet = |c: &mut Config| {
         fast(c);
         c.warmup.lock.scope = LockScope::Fleet;
@@ -353,8 +336,7 @@ async fn an_expired_lock_taken_over_is_not_deleted_by_its_old_owner() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hot_keys_of_one_instance_warm_the_next_one_first() {
-    let redis = Redis::start();
-    seed(&redis, "item:", 200, |i| format!("v{i}")).await;
+    let redis = Redis::start_seeded("item:", 200, |i| format!("v{i}")).await;
     let one = Kiln::start_with(&redis, |c| {
         fast(c);
         c.warmup.hotkeys.enabled = true;
@@ -424,8 +406,7 @@ async fn hot_keys_of_one_instance_warm_the_next_one_first() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hotkeys_command_lists_the_hottest_first() {
-    let redis = Redis::start();
-    let kiln = Kiln::start_with(&redis, |c| {
+    let (_redis, kiln) = redis_and_kiln_with(|c| {
         fast(c);
         c.warmup.hotkeys.enabled = true;
         // Every GET counted: the test checks exact counts.
@@ -465,8 +446,7 @@ async fn hotkeys_command_lists_the_hottest_first() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_busy_and_rate_limits() {
-    let redis = Redis::start();
-    seed(&redis, "c:", 20_000, |i| i.to_string()).await;
+    let redis = Redis::start_seeded("c:", 20_000, |i| i.to_string()).await;
     let kiln = Kiln::start_with(&redis, |c| {
         fast(c);
         c.warmup.rate_limit = 2000;
@@ -508,31 +488,33 @@ async fn cancel_busy_and_rate_limits() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_shapes_and_admin_errors() {
-    let redis = Redis::start();
-    let kiln = Kiln::start_with(&redis, fast).await;
+    let (_redis, kiln) = redis_and_kiln_with(fast).await;
     let mut k = kiln.conn().await;
     k.cmd(&["SET", "x", "1"]).await;
     k.cmd(&["GET", "x"]).await;
     k.cmd(&["GET", "x"]).await;
-    let r2 = String::from_utf8_lossy(&k.cmd(&["CACHE.STATUS"]).await).into_owned();
-    assert!(
-        r2.starts_with("*64\r\n$6\r\nstatus\r\n$4\r\nidle\r\n"),
-        "{r2}"
-    );
-    assert!(
-        r2.contains("$8\r\nhit_rate\r\n$3\r\n0.5\r\n"),
-        "RESP2 double as bulk: {r2}"
-    );
-    k.cmd(&["HELLO", "3"]).await;
-    let r3 = String::from_utf8_lossy(&k.cmd(&["CACHE.STATUS"]).await).into_owned();
-    assert!(
-        r3.starts_with("%32\r\n$6\r\nstatus\r\n$4\r\nidle\r\n"),
-        "{r3}"
-    );
-    assert!(
-        r3.contains("$8\r\nhit_rate\r\n,0.5\r\n"),
-        "RESP3 double: {r3}"
-    );
+    // (protocol switch first, the reply's start, its hit_rate, what that is)
+    for (hello, head, hit_rate, what) in [
+        (
+            None,
+            "*64\r\n$6\r\nstatus\r\n$4\r\nidle\r\n",
+            "$8\r\nhit_rate\r\n$3\r\n0.5\r\n",
+            "RESP2 double as bulk",
+        ),
+        (
+            Some("3"),
+            "%32\r\n$6\r\nstatus\r\n$4\r\nidle\r\n",
+            "$8\r\nhit_rate\r\n,0.5\r\n",
+            "RESP3 double",
+        ),
+    ] {
+        if let Some(v) = hello {
+            k.cmd(&["HELLO", v]).await;
+        }
+        let r = String::from_utf8_lossy(&k.cmd(&["CACHE.STATUS"]).await).into_owned();
+        assert!(r.starts_with(head), "{r}");
+        assert!(r.contains(hit_rate), "{what}: {r}");
+    }
     let s = status(&mut k).await;
     for field in [
         "status",

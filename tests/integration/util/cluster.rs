@@ -36,10 +36,7 @@ fn cluster_port() -> u16 {
 
 impl Cluster {
     pub fn start() -> Cluster {
-        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("kiln-cluster-{}-{n}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("cluster dir");
+        let dir = super::process::scratch_dir("cluster");
         let mut nodes = Vec::new();
         while nodes.len() < 6 {
             let port = cluster_port();
@@ -66,14 +63,10 @@ impl Cluster {
         for r in &nodes {
             create.arg(format!("127.0.0.1:{}", r.port));
         }
-        let out = create
-            .args(["--cluster-replicas", "1", "--cluster-yes"])
-            .output()
-            .expect("redis-cli is installed (apt-get install redis-tools)");
-        assert!(
-            out.status.success(),
-            "redis-cli --cluster create: {}",
-            String::from_utf8_lossy(&out.stdout)
+        super::process::run_ok(
+            create.args(["--cluster-replicas", "1", "--cluster-yes"]),
+            "redis-cli --cluster create",
+            "redis-cli is installed (apt-get install redis-tools)",
         );
         let cluster = Cluster { nodes, dir };
         cluster.wait_ok();

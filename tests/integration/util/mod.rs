@@ -15,6 +15,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 pub mod cluster;
+pub mod load;
+pub mod process;
 pub mod sentinel;
 
 pub const WAIT: Duration = Duration::from_secs(10);
@@ -52,6 +54,106 @@ pub fn free_port() -> u16 {
         if !retired(port) {
             return port;
         }
+    }
+}
+
+/// A fresh `redis-server` and kiln (default config) in front of it: the
+/// start of most tests. Keep the `Redis` bound (`_redis`, not `_`): it is
+/// killed on drop.
+pub async fn redis_and_kiln() -> (Redis, Kiln) {
+    redis_and_kiln_with(|_| {}).await
+}
+
+/// A fresh `redis-server` and kiln in front of it, its config changed by
+/// `tweak` first.
+pub async fn redis_and_kiln_with(tweak: impl FnOnce(&mut Config)) -> (Redis, Kiln) {
+    let redis = Redis::start();
+    let kiln = Kiln::start_with(&redis, tweak).await;
+    (redis, kiln)
+}
+
+/// Calls `step` every `every` until it returns `Ok`, for at most `WAIT`;
+/// past that, fails with the last `Err`'s text.
+pub async fn poll_until<T>(every: Duration, mut step: impl AsyncFnMut() -> Result<T, String>) -> T {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match step().await {
+            Ok(v) => return v,
+            Err(why) => assert!(Instant::now() < deadline, "{why}"),
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// `f` on a blocking thread, off the test's runtime: starting a cluster
+/// or sentinels takes seconds.
+pub async fn off_runtime<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.expect("blocking task")
+}
+
+/// Waits (bounded by `WAIT`) until something accepts connections at `addr`.
+pub async fn wait_listening(addr: SocketAddr, what: &str) {
+    let deadline = Instant::now() + WAIT;
+    while TcpStream::connect(addr).await.is_err() {
+        assert!(Instant::now() < deadline, "{what} did not start");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Reads from `s` (a TLS stream, say, where `Conn` does not fit) until a
+/// whole reply came, within `WAIT`: the bytes read, which may run past it.
+pub async fn stream_read<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> Vec<u8> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while frame_len(&got).is_none() {
+        let n = tokio::time::timeout_at(deadline, s.read(&mut buf))
+            .await
+            .expect("a reply in time")
+            .expect("read");
+        assert!(n > 0, "closed");
+        got.extend_from_slice(&buf[..n]);
+    }
+    got
+}
+
+/// Sends `args` on `s` and reads its reply (`stream_read`).
+pub async fn stream_cmd<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    s: &mut S,
+    args: &[&str],
+) -> Vec<u8> {
+    s.write_all(&encode(args)).await.expect("write");
+    s.flush().await.expect("flush");
+    stream_read(s).await
+}
+
+/// `ACL SETUSER name on >pw rules...` sent on `c` (a direct connection,
+/// or kiln's): its reply.
+pub async fn set_user(c: &mut Conn, name: &str, rules: &[&str]) -> Bytes {
+    let mut args = vec!["ACL", "SETUSER", name, "on", ">pw"];
+    args.extend_from_slice(rules);
+    c.cmd(&args).await
+}
+
+/// A cache rule for `pattern` (no TTL of its own, every command).
+pub fn rule(pattern: &str, cache: bool, percent: u8) -> kiln::config::CacheRule {
+    kiln::config::CacheRule {
+        pattern: pattern.into(),
+        cache,
+        ttl: None,
+        percent,
+        commands: None,
+    }
+}
+
+/// A warmup phase loading the keys `pattern` matches (no limit, no TTL).
+pub fn phase(name: &str, priority: i64, pattern: &str) -> kiln::config::PhaseConfig {
+    kiln::config::PhaseConfig {
+        name: name.into(),
+        priority,
+        patterns: vec![pattern.into()],
+        limit: None,
+        ttl: None,
     }
 }
 
@@ -111,6 +213,13 @@ fn serves_pid(port: u16, pid: u32, password: Option<&str>) -> bool {
 impl Redis {
     pub fn start() -> Redis {
         Self::start_with(&[])
+    }
+
+    /// A fresh server holding `n` keys `prefix{i}` = `value(i)` (`seed`).
+    pub async fn start_seeded(prefix: &str, n: usize, value: impl Fn(usize) -> String) -> Redis {
+        let redis = Self::start();
+        seed(&redis, prefix, n, value).await;
+        redis
     }
 
     pub fn start_with(extra: &[&str]) -> Redis {
@@ -363,6 +472,18 @@ impl Kiln {
 
     pub async fn conn(&self) -> Conn {
         Conn::connect(self.addr).await
+    }
+
+    /// `N` connections to kiln, opened one after another.
+    pub async fn conns<const N: usize>(&self) -> [Conn; N] {
+        let mut all = Vec::with_capacity(N);
+        for _ in 0..N {
+            all.push(self.conn().await);
+        }
+        match all.try_into() {
+            Ok(a) => a,
+            Err(_) => unreachable!("N connections were opened"),
+        }
     }
 
     pub async fn stop(mut self) -> Result<(), String> {
@@ -690,6 +811,27 @@ pub async fn seed(redis: &Redis, prefix: &str, n: usize, value: impl Fn(usize) -
     for _ in 0..sent {
         assert_eq!(c.read().await, "+OK\r\n");
     }
+}
+
+/// For the bench binaries: whether this is a full run (`cargo bench`
+/// passes `--bench`) rather than `cargo test`'s smoke run, and `full` or
+/// `smoke` to size it accordingly.
+pub fn bench_size<T>(full: T, smoke: T) -> (bool, T) {
+    let is_full = std::env::args().any(|a| a == "--bench");
+    (is_full, if is_full { full } else { smoke })
+}
+
+/// For the bench binaries: writes `text` to `bench/results/<name>`.
+pub fn bench_result(name: &str, text: &str) {
+    let out = format!("{}/bench/results/{name}", env!("CARGO_MANIFEST_DIR"));
+    std::fs::write(&out, text).expect("write results");
+    println!("written to {out}");
+}
+
+/// `v` sorted, for `percentile`.
+pub fn sorted(mut v: Vec<Duration>) -> Vec<Duration> {
+    v.sort_unstable();
+    v
 }
 
 /// The `p` quantile (0..=1) of sorted durations.

@@ -23,10 +23,7 @@ pub struct Sentinels {
 
 impl Sentinels {
     pub fn start() -> Sentinels {
-        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("kiln-sentinel-{}-{n}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("sentinel dir");
+        let dir = super::process::scratch_dir("sentinel");
         let primary = Redis::start();
         let replica = Redis::start_with(&["--replicaof", "127.0.0.1", &primary.port.to_string()]);
         let deadline = Instant::now() + WAIT;
