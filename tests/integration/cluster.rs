@@ -91,7 +91,16 @@ async fn direct(cluster: &Cluster, args: &[&str]) -> Vec<u8> {
 }
 
 async fn start(cluster: &Cluster) -> Kiln {
-    Kiln::start_cluster(cluster.seeds(), |_| {}).await
+    Kiln::start_cluster(cluster.seeds(), polled).await
+}
+
+/// These tests poll `CACHE.STATUS` while a topology changes: a poll every
+/// 50-100 ms would spend the default 60/min admin rate in seconds, and the
+/// next poll would read `-ERR rate limit exceeded` instead of the status.
+fn polled(c: &mut kiln::Config) {
+    c.admin
+        .rate_limits
+        .insert("CACHE.STATUS".into(), "1000/s".into());
 }
 
 /// A fresh cluster and kiln (default config) in front of it.
@@ -824,7 +833,7 @@ async fn a_primary_fails_over_under_traffic() {
 async fn sentinel_failovers_are_followed() {
     use crate::util::sentinel::{MASTER, Sentinels};
     let mut s = off_runtime(Sentinels::start).await;
-    let kiln = Kiln::start_sentinel(MASTER, &s.ports, |_| {}).await;
+    let kiln = Kiln::start_sentinel(MASTER, &s.ports, polled).await;
     let mut k = kiln.conn().await;
     let status = crate::util::cache_status(&mut k).await;
     assert_eq!(status["topology"], "sentinel");
@@ -1535,6 +1544,7 @@ async fn a_request_bounced_between_two_nodes_waits_for_the_move() {
             break;
         }
         assert!(std::time::Instant::now() < deadline, "no bouncing seen");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     for (_, port, primary) in &table {
         if primary == "-" && *port != from {

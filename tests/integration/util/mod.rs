@@ -160,7 +160,10 @@ pub fn phase(name: &str, priority: i64, pattern: &str) -> kiln::config::PhaseCon
 /// `CACHE.STATUS JSON` through `c`, parsed.
 pub async fn cache_status(c: &mut Conn) -> serde_json::Value {
     let r = c.cmd(&["CACHE.STATUS", "JSON"]).await;
-    serde_json::from_slice(&bulk_payload(&r).expect("a bulk string")).expect("JSON")
+    let Some(json) = bulk_payload(&r) else {
+        panic!("CACHE.STATUS JSON: not a bulk string: {}", String::from_utf8_lossy(&r))
+    };
+    serde_json::from_slice(&json).expect("JSON")
 }
 
 /// `redis-cli -p port args...`, its output as text (for the harnesses'
