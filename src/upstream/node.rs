@@ -1,0 +1,325 @@
+//! One Redis server and the connections kiln keeps to it (`Node`): its
+//! address, breaker and error counts, and its pools by purpose (shared,
+//! priority, idle sessions, readers, channels). A standalone upstream is
+//! one node; a cluster has one per primary.
+
+use super::*;
+
+pub(crate) type PoolKey = (u32, Proto, As);
+
+/// A set of connections clients are spread over.
+pub(crate) type Conns = Arc<[ConnHandle]>;
+
+/// How the connections that fill L1 are made; decided by the coherence mode.
+#[derive(Clone)]
+pub struct ReaderSpec {
+    pub proto: Proto,
+    pub setup: Vec<Vec<Vec<u8>>>,
+    pub hooks: Hooks,
+    /// Cluster: one node's tracking reader was lost; the slots it served
+    /// are given (replaces `hooks.on_lost`, which drops all of L1).
+    pub on_node_lost: Option<SlotsLost>,
+    /// Cluster: these slots changed owner (or may have): what L1 holds of
+    /// them is to go, since Redis sends no invalidation for a slot
+    /// reassigned without `MIGRATE`.
+    pub on_slots_moved: Option<SlotsMoved>,
+    /// Sentinel: the primary changed; nothing L1 holds is known fresh.
+    pub on_switch: Option<Arc<dyn Fn() + Send + Sync>>,
+}
+
+/// See `ReaderSpec::on_node_lost`.
+pub type SlotsLost = Arc<dyn Fn(&[u16], &UpstreamError) + Send + Sync>;
+
+/// See `ReaderSpec::on_slots_moved`.
+pub type SlotsMoved = Arc<dyn Fn(&[u16]) + Send + Sync>;
+
+impl Default for ReaderSpec {
+    fn default() -> Self {
+        ReaderSpec {
+            proto: Proto::Resp2,
+            setup: Vec::new(),
+            hooks: Hooks::default(),
+            on_node_lost: None,
+            on_slots_moved: None,
+            on_switch: None,
+        }
+    }
+}
+
+/// A channel's setup: a connection per node, made the same way.
+pub(crate) struct ChannelSpec {
+    pub(crate) id: usize,
+    pub(crate) proto: Proto,
+    pub(crate) setup: Vec<Vec<Vec<u8>>>,
+    pub(crate) hooks: Hooks,
+}
+
+/// One Redis server and the connections kiln keeps to it: its address
+/// (with credentials and TLS) and its pools. A standalone upstream is one
+/// node; a cluster has one per primary.
+pub(crate) struct Node {
+    pub(crate) addr: UpstreamAddr,
+    pub(crate) target: Arc<arc_swap::ArcSwap<String>>,
+    /// See `Connector::generation`.
+    pub(crate) moves: Arc<Moves>,
+    pub(crate) tls: Option<UpstreamTls>,
+    pub(crate) breaker: Arc<Breaker>,
+    /// This node's connection failures (they add to the upstream's).
+    pub(crate) errors: Arc<ErrorCounts>,
+    /// How its tracking readers report (a cluster node's loss drops only
+    /// its own slots).
+    pub(crate) reader_hooks: Hooks,
+    /// By (database, protocol, worker, user).
+    pub(crate) shared: Mutex<HashMap<(u32, Proto, usize, As), Conns>>,
+    /// For `allow_busy` commands, by (database, protocol, worker, user).
+    pub(crate) priority: Mutex<HashMap<(u32, Proto, usize, As), ConnHandle>>,
+    /// Idle, clean session connections.
+    pub(crate) idle: Mutex<HashMap<PoolKey, Vec<ConnHandle>>>,
+    /// By (database, worker).
+    pub(crate) readers: Mutex<HashMap<(u32, usize), Conns>>,
+    /// By channel spec.
+    pub(crate) channels: Mutex<HashMap<usize, ConnHandle>>,
+}
+
+impl Node {
+    pub(crate) fn new(
+        addr: UpstreamAddr,
+        tls: Option<UpstreamTls>,
+        breaker: Arc<Breaker>,
+        reader_hooks: Hooks,
+        total: &Arc<ErrorCounts>,
+    ) -> Node {
+        Node {
+            errors: Arc::new(ErrorCounts::within(total.clone())),
+            target: Arc::new(arc_swap::ArcSwap::from_pointee(format!(
+                "{}:{}",
+                addr.host, addr.port
+            ))),
+            moves: Arc::default(),
+            addr,
+            tls,
+            breaker,
+            reader_hooks,
+            shared: Mutex::new(HashMap::new()),
+            priority: Mutex::new(HashMap::new()),
+            idle: Mutex::new(HashMap::new()),
+            readers: Mutex::new(HashMap::new()),
+            channels: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Points the node's connections at `to` (a Sentinel switch): new ones
+    /// connect there, live ones move once idle.
+    pub(crate) fn move_to(&self, to: String) {
+        use std::sync::atomic::Ordering::AcqRel;
+        self.target.store(Arc::new(to));
+        self.breaker.reset();
+        self.moves.generation.fetch_add(1, AcqRel);
+        self.moves
+            .paused
+            .store(false, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Holds new requests and closes connections once what is in flight
+    /// on them is answered, until `move_to` or `resume`: a primary is
+    /// being replaced, and a write it took now could be lost.
+    pub(crate) fn pause(&self) {
+        self.moves
+            .paused
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.moves
+            .generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    /// Ends a pause without moving.
+    pub(crate) fn resume(&self) {
+        self.moves
+            .paused
+            .store(false, std::sync::atomic::Ordering::Release);
+    }
+
+    /// `host:port`, as connections go to it now.
+    pub(crate) fn name(&self) -> String {
+        self.target.load().as_ref().clone()
+    }
+
+    pub(crate) fn connector_with(
+        &self,
+        common: &Common,
+        db: u32,
+        proto: Proto,
+        extra: Vec<Vec<Vec<u8>>>,
+    ) -> Arc<Connector> {
+        Arc::new(Connector {
+            addr: self.addr.clone(),
+            target: self.target.clone(),
+            moves: self.moves.clone(),
+            db,
+            proto,
+            connect_timeout: common.connect_timeout,
+            command_timeout: common.command_timeout,
+            extra,
+            errors: self.errors.clone(),
+            breaker: self.breaker.clone(),
+            tls: self.tls.clone(),
+            want_id: false,
+        })
+    }
+
+    /// A connector logging in as `who` (kiln's own user when `None`).
+    pub(crate) fn connector_as(
+        &self,
+        common: &Common,
+        db: u32,
+        proto: Proto,
+        who: &As,
+        pinned: bool,
+    ) -> Arc<Connector> {
+        let mut c = self.connector_with(common, db, proto, Vec::new());
+        if let Some(c) = Arc::get_mut(&mut c) {
+            c.want_id = pinned;
+            if let Some(creds) = who {
+                c.addr.username = Some(creds.user.clone());
+                c.addr.password = Some(String::from_utf8_lossy(&creds.pass).into_owned());
+            }
+        }
+        c
+    }
+
+    pub(crate) fn readers_all(&self) -> Vec<ConnHandle> {
+        lock(&self.readers)
+            .values()
+            .flat_map(|c| c.iter().cloned())
+            .collect()
+    }
+
+    pub(crate) fn reader(&self, common: &Common, db: u32, client_id: u64) -> ConnHandle {
+        let mut map = lock(&self.readers);
+        let conns = map.entry((db, worker())).or_insert_with(|| {
+            let spec = &common.reader_spec;
+            (0..common.per_key)
+                .map(|_| {
+                    ConnHandle::spawn(
+                        self.connector_with(common, db, spec.proto, spec.setup.clone()),
+                        self.reader_hooks.clone(),
+                    )
+                })
+                .collect()
+        });
+        conns[client_id as usize % conns.len()].clone()
+    }
+
+    pub(crate) fn channel(&self, common: &Common, spec: &ChannelSpec) -> ConnHandle {
+        self.channel_with(common, spec, spec.hooks.clone())
+    }
+
+    pub(crate) fn channel_with(
+        &self,
+        common: &Common,
+        spec: &ChannelSpec,
+        hooks: Hooks,
+    ) -> ConnHandle {
+        lock(&self.channels)
+            .entry(spec.id)
+            .or_insert_with(|| {
+                ConnHandle::spawn(
+                    self.connector_with(common, self.addr.db, spec.proto, spec.setup.clone()),
+                    hooks,
+                )
+            })
+            .clone()
+    }
+
+    pub(crate) fn shared(
+        &self,
+        common: &Common,
+        db: u32,
+        proto: Proto,
+        client_id: u64,
+        who: &As,
+    ) -> ConnHandle {
+        let mut map = lock(&self.shared);
+        let conns = map
+            .entry((db, proto, worker(), who.clone()))
+            .or_insert_with(|| {
+                (0..common.per_key)
+                    .map(|_| {
+                        ConnHandle::spawn(
+                            self.connector_as(common, db, proto, who, false),
+                            Hooks::default(),
+                        )
+                    })
+                    .collect()
+            });
+        conns[client_id as usize % conns.len()].clone()
+    }
+
+    pub(crate) fn shared_unstalled(
+        &self,
+        common: &Common,
+        db: u32,
+        proto: Proto,
+        client_id: u64,
+        who: &As,
+        now: std::time::Instant,
+    ) -> ConnHandle {
+        let mut map = lock(&self.shared);
+        let key = (db, proto, worker(), who.clone());
+        if let Some(c) = map
+            .get(&key)
+            .and_then(|conns| conns.iter().find(|c| !c.stalled(now)))
+        {
+            return c.clone();
+        }
+        let conns = map.entry(key).or_insert_with(|| Arc::from(Vec::new()));
+        if conns.len() < common.per_key * 2 {
+            let extra = ConnHandle::spawn(
+                self.connector_as(common, db, proto, who, false),
+                Hooks::default(),
+            );
+            let mut grown: Vec<ConnHandle> = conns.to_vec();
+            grown.push(extra.clone());
+            *conns = Arc::from(grown);
+            tracing::debug!(
+                db,
+                connections = conns.len(),
+                "every shared connection is behind a slow command: one more opened"
+            );
+            return extra;
+        }
+        conns[client_id as usize % conns.len()].clone()
+    }
+
+    pub(crate) fn priority(&self, common: &Common, db: u32, proto: Proto, who: &As) -> ConnHandle {
+        let mut map = lock(&self.priority);
+        map.entry((db, proto, worker(), who.clone()))
+            .or_insert_with(|| {
+                ConnHandle::spawn(
+                    self.connector_as(common, db, proto, who, false),
+                    Hooks::default(),
+                )
+            })
+            .clone()
+    }
+}
+
+/// Idle session connections kept per (database, protocol).
+pub(crate) const IDLE_PER_KEY: usize = 16;
+
+/// One request to `node` on a short-lived connection.
+pub(crate) async fn probe_node(
+    node: &Node,
+    common: &Common,
+    args: &[&[u8]],
+) -> Result<Bytes, UpstreamError> {
+    let (mut stream, _) = node
+        .connector_with(common, 0, Proto::Resp2, Vec::new())
+        .connect()
+        .await?;
+    let cmd: Vec<Vec<u8>> = args.iter().map(|a| a.to_vec()).collect();
+    let r = tokio::time::timeout(common.command_timeout * 5, conn::setup(&mut stream, &[cmd]))
+        .await
+        .map_err(|_| UpstreamError::Timeout(common.command_timeout * 5))??;
+    Ok(r.0.into_iter().next().unwrap_or_default())
+}
