@@ -60,6 +60,41 @@ pub fn mget_values(reply: &Bytes, n: usize, proto: Proto) -> Option<Vec<Option<B
     )
 }
 
+/// Why a request goes back to its router instead of to its sender.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Redirection {
+    /// `-MOVED slot host:port`: the slot has a new owner.
+    Moved,
+    /// `-ASK slot host:port`: this key is being migrated; ask there once.
+    Ask,
+    /// `-TRYAGAIN`: a multi-key command during a slot migration.
+    TryAgain,
+    /// `-CLUSTERDOWN`: the cluster cannot serve the slot right now.
+    ClusterDown,
+}
+
+impl Redirection {
+    /// Which redirection a reply is, if any. Nothing ran upstream for any
+    /// of them, so the request may be sent again.
+    pub fn of(reply: &[u8]) -> Option<Redirection> {
+        if reply.first() != Some(&b'-') {
+            return None;
+        }
+        let r = &reply[1..];
+        if r.starts_with(b"MOVED ") {
+            Some(Redirection::Moved)
+        } else if r.starts_with(b"ASK ") {
+            Some(Redirection::Ask)
+        } else if r.starts_with(b"TRYAGAIN") {
+            Some(Redirection::TryAgain)
+        } else if r.starts_with(b"CLUSTERDOWN") {
+            Some(Redirection::ClusterDown)
+        } else {
+            None
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -23,14 +23,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::{Breaker, Connector, breaker};
 use crate::buffers::write_some;
 use crate::error::{ErrorCounts, UpstreamError};
+pub use crate::protocol::reply::Redirection;
 use crate::protocol::scan::Scanner;
 use crate::tls::{BoxRead, BoxWrite};
 
@@ -88,41 +88,6 @@ impl Request {
             f();
         }
         let _ = self.reply.send(r);
-    }
-}
-
-/// Why a request goes back to its router instead of to its sender.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Redirection {
-    /// `-MOVED slot host:port`: the slot has a new owner.
-    Moved,
-    /// `-ASK slot host:port`: this key is being migrated; ask there once.
-    Ask,
-    /// `-TRYAGAIN`: a multi-key command during a slot migration.
-    TryAgain,
-    /// `-CLUSTERDOWN`: the cluster cannot serve the slot right now.
-    ClusterDown,
-}
-
-impl Redirection {
-    /// Which redirection a reply is, if any. Nothing ran upstream for any
-    /// of them, so the request may be sent again.
-    pub fn of(reply: &[u8]) -> Option<Redirection> {
-        if reply.first() != Some(&b'-') {
-            return None;
-        }
-        let r = &reply[1..];
-        if r.starts_with(b"MOVED ") {
-            Some(Redirection::Moved)
-        } else if r.starts_with(b"ASK ") {
-            Some(Redirection::Ask)
-        } else if r.starts_with(b"TRYAGAIN") {
-            Some(Redirection::TryAgain)
-        } else if r.starts_with(b"CLUSTERDOWN") {
-            Some(Redirection::ClusterDown)
-        } else {
-            None
-        }
     }
 }
 
@@ -611,92 +576,4 @@ fn dispatch(
         rbuf.reserve(16 * 1024);
     }
     Ok(())
-}
-
-/// Sends one command on a freshly set up stream and reads its reply,
-/// error replies included.
-pub async fn ask<S: AsyncRead + AsyncWrite + Unpin>(
-    stream: &mut S,
-    cmd: &[Vec<u8>],
-) -> Result<Bytes, UpstreamError> {
-    send_setup(stream, std::slice::from_ref(&cmd.to_vec())).await?;
-    read_one(stream, &mut BytesMut::new()).await
-}
-
-/// Writes `cmds` on a stream being set up, and flushes them.
-async fn send_setup<S: AsyncWrite + Unpin>(
-    stream: &mut S,
-    cmds: &[Vec<Vec<u8>>],
-) -> Result<(), UpstreamError> {
-    let mut out = BytesMut::new();
-    for c in cmds {
-        crate::protocol::request::encode_command_into(&mut out, c);
-    }
-    stream
-        .write_all(&out)
-        .await
-        .map_err(|e| UpstreamError::Setup(e.to_string()))?;
-    stream
-        .flush()
-        .await
-        .map_err(|e| UpstreamError::Setup(e.to_string()))
-}
-
-/// Reads exactly one reply from a freshly connected stream (setup commands).
-pub async fn read_one<S: AsyncRead + Unpin>(
-    stream: &mut S,
-    buf: &mut BytesMut,
-) -> Result<Bytes, UpstreamError> {
-    let mut scanner = Scanner::new();
-    loop {
-        if let Some(f) = scanner
-            .next_frame(buf)
-            .map_err(|e| UpstreamError::Setup(e.to_string()))?
-        {
-            return Ok(buf.split_to(f.len).freeze());
-        }
-        match stream.read_buf(buf).await {
-            Ok(0) => {
-                return Err(UpstreamError::Setup(
-                    "connection closed during setup".into(),
-                ));
-            }
-            Ok(_) => {}
-            Err(e) => return Err(UpstreamError::Setup(e.to_string())),
-        }
-    }
-}
-
-/// Sends `cmds` and checks that none was refused. Returns their replies and
-/// whatever arrived after them (or pushes that came between them), which
-/// belongs to the connection's next reader: once tracking is on,
-/// invalidations may follow the last reply at once, and dropping part of one
-/// would leave the stream mid-frame.
-pub async fn setup<S: AsyncRead + AsyncWrite + Unpin>(
-    stream: &mut S,
-    cmds: &[Vec<Vec<u8>>],
-) -> Result<(Vec<Bytes>, BytesMut), UpstreamError> {
-    send_setup(stream, cmds).await?;
-    let mut buf = BytesMut::new();
-    let mut replies = Vec::with_capacity(cmds.len());
-    let mut pushes = BytesMut::new();
-    for c in cmds {
-        let mut r = read_one(stream, &mut buf).await?;
-        while r.first() == Some(&b'>') {
-            pushes.extend_from_slice(&r);
-            r = read_one(stream, &mut buf).await?;
-        }
-        if r.starts_with(b"-BUSY") || r.starts_with(b"-LOADING") {
-            let text = String::from_utf8_lossy(r[1..].trim_ascii_end()).into_owned();
-            return Err(UpstreamError::Busy(text));
-        }
-        if r.first() == Some(&b'-') || r.first() == Some(&b'!') {
-            let name = String::from_utf8_lossy(&c[0]).into_owned();
-            let text = String::from_utf8_lossy(r.trim_ascii_end()).into_owned();
-            return Err(UpstreamError::Setup(format!("{name}: {}", &text[1..])));
-        }
-        replies.push(r);
-    }
-    pushes.extend_from_slice(&buf);
-    Ok((replies, pushes))
 }

@@ -4,7 +4,11 @@
 //! credentials a connection may run as (`Creds`), and what every node's
 //! connections share (`Common`).
 
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
 use super::*;
+use crate::protocol::scan::Scanner;
 
 /// How to open one upstream connection in a given state.
 pub struct Connector {
@@ -167,13 +171,13 @@ impl Connector {
             after: self.connect_timeout,
         };
         if !cmds.is_empty() {
-            let setup = conn::setup(&mut stream, &cmds);
+            let setup = setup(&mut stream, &cmds);
             (_, leftover) = self.patiently(setup).await.map_err(|_| timed_out())??;
         }
         let mut id = 0;
         if self.want_id && leftover.is_empty() {
             let client_id = [b"CLIENT".to_vec(), b"ID".to_vec()];
-            let ask = conn::ask(&mut stream, &client_id);
+            let ask = ask(&mut stream, &client_id);
             let reply = self.patiently(ask).await.map_err(|_| timed_out())??;
             id = crate::protocol::reply::integer(&reply).map_or(0, |n| n as u64);
         }
@@ -238,4 +242,92 @@ impl Common {
 pub(crate) struct Moves {
     pub(crate) generation: std::sync::atomic::AtomicU64,
     pub(crate) paused: std::sync::atomic::AtomicBool,
+}
+
+/// Sends one command on a freshly set up stream and reads its reply,
+/// error replies included.
+pub(crate) async fn ask<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    cmd: &[Vec<u8>],
+) -> Result<Bytes, UpstreamError> {
+    send_setup(stream, std::slice::from_ref(&cmd.to_vec())).await?;
+    read_one(stream, &mut BytesMut::new()).await
+}
+
+/// Writes `cmds` on a stream being set up, and flushes them.
+pub(crate) async fn send_setup<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    cmds: &[Vec<Vec<u8>>],
+) -> Result<(), UpstreamError> {
+    let mut out = BytesMut::new();
+    for c in cmds {
+        crate::protocol::request::encode_command_into(&mut out, c);
+    }
+    stream
+        .write_all(&out)
+        .await
+        .map_err(|e| UpstreamError::Setup(e.to_string()))?;
+    stream
+        .flush()
+        .await
+        .map_err(|e| UpstreamError::Setup(e.to_string()))
+}
+
+/// Reads exactly one reply from a freshly connected stream (setup commands).
+pub(crate) async fn read_one<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    buf: &mut BytesMut,
+) -> Result<Bytes, UpstreamError> {
+    let mut scanner = Scanner::new();
+    loop {
+        if let Some(f) = scanner
+            .next_frame(buf)
+            .map_err(|e| UpstreamError::Setup(e.to_string()))?
+        {
+            return Ok(buf.split_to(f.len).freeze());
+        }
+        match stream.read_buf(buf).await {
+            Ok(0) => {
+                return Err(UpstreamError::Setup(
+                    "connection closed during setup".into(),
+                ));
+            }
+            Ok(_) => {}
+            Err(e) => return Err(UpstreamError::Setup(e.to_string())),
+        }
+    }
+}
+
+/// Sends `cmds` and checks that none was refused. Returns their replies and
+/// whatever arrived after them (or pushes that came between them), which
+/// belongs to the connection's next reader: once tracking is on,
+/// invalidations may follow the last reply at once, and dropping part of one
+/// would leave the stream mid-frame.
+pub(crate) async fn setup<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    cmds: &[Vec<Vec<u8>>],
+) -> Result<(Vec<Bytes>, BytesMut), UpstreamError> {
+    send_setup(stream, cmds).await?;
+    let mut buf = BytesMut::new();
+    let mut replies = Vec::with_capacity(cmds.len());
+    let mut pushes = BytesMut::new();
+    for c in cmds {
+        let mut r = read_one(stream, &mut buf).await?;
+        while r.first() == Some(&b'>') {
+            pushes.extend_from_slice(&r);
+            r = read_one(stream, &mut buf).await?;
+        }
+        if r.starts_with(b"-BUSY") || r.starts_with(b"-LOADING") {
+            let text = String::from_utf8_lossy(r[1..].trim_ascii_end()).into_owned();
+            return Err(UpstreamError::Busy(text));
+        }
+        if r.first() == Some(&b'-') || r.first() == Some(&b'!') {
+            let name = String::from_utf8_lossy(&c[0]).into_owned();
+            let text = String::from_utf8_lossy(r.trim_ascii_end()).into_owned();
+            return Err(UpstreamError::Setup(format!("{name}: {}", &text[1..])));
+        }
+        replies.push(r);
+    }
+    pushes.extend_from_slice(&buf);
+    Ok((replies, pushes))
 }

@@ -279,7 +279,7 @@ impl Upstream {
         let mut cmd = vec![b"AUTH".to_vec()];
         cmd.extend(user.map(<[u8]>::to_vec));
         cmd.push(pass.to_vec());
-        let ask = conn::ask(&mut stream, &cmd);
+        let ask = ask(&mut stream, &cmd);
         let reply = tokio::time::timeout(self.common.command_timeout * 5, ask)
             .await
             .map_err(|_| UpstreamError::Timeout(self.common.command_timeout * 5))??;

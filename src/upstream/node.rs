@@ -318,7 +318,7 @@ pub(crate) async fn probe_node(
         .connect()
         .await?;
     let cmd: Vec<Vec<u8>> = args.iter().map(|a| a.to_vec()).collect();
-    let r = tokio::time::timeout(common.command_timeout * 5, conn::setup(&mut stream, &[cmd]))
+    let r = tokio::time::timeout(common.command_timeout * 5, setup(&mut stream, &[cmd]))
         .await
         .map_err(|_| UpstreamError::Timeout(common.command_timeout * 5))??;
     Ok(r.0.into_iter().next().unwrap_or_default())
