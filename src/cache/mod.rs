@@ -45,15 +45,12 @@ use generation::*;
 use rules::*;
 
 use std::sync::Arc;
-
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-
 use std::time::Instant;
 
 use foldhash::fast::RandomState;
 
 use crate::commands::reads;
-
 use crate::config::{CacheConfig, MAX_AFTER_HITS};
 
 /// Bytes charged per entry on top of its key and value, so that

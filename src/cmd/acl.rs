@@ -18,9 +18,7 @@ use std::sync::atomic::Ordering;
 use bytes::Bytes;
 
 use crate::context::Context;
-
 use crate::protocol::request::encode_command;
-
 use crate::upstream::Creds;
 
 /// The current ACL generation: bumped by the coherence check when upstream's

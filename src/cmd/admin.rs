@@ -16,16 +16,11 @@
 use bytes::{Bytes, BytesMut};
 
 use super::{Client, Flow, Replies, Then, arity_error};
-
 use crate::cache::Source;
-
 use crate::context::Context;
-
 use crate::protocol::request::Command;
-
 use crate::protocol::{Proto, encode};
-
-use crate::warmup::{Request, Snapshot};
+use crate::warmup::{RunOptions, Snapshot};
 
 pub fn is_admin(name: &[u8]) -> bool {
     name.starts_with(b"cache.")
@@ -176,7 +171,7 @@ pub fn dispatch(c: &mut Client, name: &[u8], cmd: Command, r: &mut Replies<'_>) 
 }
 
 fn warmup(c: &mut Client, a: &[Bytes], r: &mut Replies<'_>) {
-    let mut req = Request::default();
+    let mut req = RunOptions::default();
     let mut sync = false;
     let keyword = |b: &[u8]| {
         ["SYNC", "PHASE", "MATCH", "LIMIT"]

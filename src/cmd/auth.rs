@@ -18,7 +18,6 @@
 use bytes::Bytes;
 
 use crate::config::Role;
-
 use crate::context::Context;
 
 pub const NOAUTH: &str = "NOAUTH Authentication required.";

@@ -246,7 +246,7 @@ fn fail(req: Request, err: UpstreamError) {
     req.answer(Err(err));
 }
 
-struct Live {
+struct Connected {
     read: BoxRead,
     write: BoxWrite,
     /// The connector's generation when it was made (see
@@ -266,7 +266,7 @@ async fn run(
     shared: Shared,
 ) {
     let id = &shared.id;
-    let mut live: Option<Live> = None;
+    let mut live: Option<Connected> = None;
     // Requests taken while the connection was moving to a new address
     // (`Connector::generation`): sent first on the new one.
     let mut held: VecDeque<Request> = VecDeque::new();
@@ -350,7 +350,7 @@ async fn run(
                 Ok((stream, leftover, upstream_id)) => {
                     id.store(upstream_id, std::sync::atomic::Ordering::Relaxed);
                     let (read, write) = stream.split();
-                    live = Some(Live {
+                    live = Some(Connected {
                         read,
                         write,
                         generation,

@@ -32,6 +32,9 @@ mod connect;
 mod node;
 pub mod sentinel;
 
+pub use breaker::Breaker;
+pub use cluster::Link;
+pub use conn::{ConnHandle, Hooks, OnReply, Reply};
 pub use connect::{As, Connector, Creds, UpstreamTls};
 pub use node::{ReaderSpec, SlotsLost, SlotsMoved};
 
@@ -39,33 +42,18 @@ use connect::*;
 use node::*;
 
 use std::collections::HashMap;
-
 use std::sync::{Arc, Mutex};
-
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-
 use tokio::net::TcpStream;
-
-use crate::tls::Stream;
-
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-pub use breaker::Breaker;
-
-pub use cluster::Link;
-
-pub use conn::{ConnHandle, Hooks, OnReply, Reply};
-
 use crate::commands::CommandTable;
-
 use crate::config::{Config, Topology, UpstreamAddr};
-
 use crate::error::{ErrorCounts, UpstreamError};
-
 use crate::protocol::Proto;
-
+use crate::tls::Stream;
 use crate::worker::{lock, worker};
 
 /// The upstream as the rest of kiln sees it: connections by purpose

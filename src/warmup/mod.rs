@@ -107,14 +107,14 @@ struct Running {
 }
 
 #[derive(Default)]
-struct State {
+struct Activity {
     running: Option<Running>,
     last: Option<Report>,
 }
 
 /// What a run should do.
 #[derive(Debug, Clone, Default)]
-pub struct Request {
+pub struct RunOptions {
     /// Only these phases (by name); empty = the hot-key phase and all phases.
     pub phases: Vec<String>,
     /// Warm the keys matching this pattern instead of the phases.
@@ -155,7 +155,7 @@ pub struct Warmup {
     cfg: arc_swap::ArcSwap<WarmupConfig>,
     /// Wakes the schedule after a reload, so a new schedule applies at once.
     reconfigured: tokio::sync::Notify,
-    state: Mutex<State>,
+    state: Mutex<Activity>,
     pub hot: Option<Arc<HotKeys>>,
     /// Runs ended, by `Outcome` index.
     pub runs: [AtomicU64; 5],
@@ -165,13 +165,13 @@ pub struct Warmup {
 #[derive(Debug, Clone)]
 pub(crate) struct Plan {
     name: String,
-    source: Source,
+    source: KeySource,
     limit: Option<u64>,
     ttl: Option<Duration>,
 }
 
 #[derive(Debug, Clone)]
-enum Source {
+enum KeySource {
     Hot,
     Scan(Vec<String>),
 }
@@ -223,17 +223,17 @@ impl Warmup {
             .any(|p| p.name.eq_ignore_ascii_case(name))
     }
 
-    fn plan(&self, req: &Request) -> Vec<Plan> {
+    fn plan(&self, req: &RunOptions) -> Vec<Plan> {
         let from = |p: &PhaseConfig| Plan {
             name: p.name.clone(),
-            source: Source::Scan(p.patterns.clone()),
+            source: KeySource::Scan(p.patterns.clone()),
             limit: p.limit,
             ttl: p.ttl,
         };
         if let Some(pattern) = &req.pattern {
             return vec![Plan {
                 name: "match".into(),
-                source: Source::Scan(vec![pattern.clone()]),
+                source: KeySource::Scan(vec![pattern.clone()]),
                 limit: None,
                 ttl: None,
             }];
@@ -251,7 +251,7 @@ impl Warmup {
         if req.phases.is_empty() && self.hot.is_some() {
             plans.push(Plan {
                 name: "hotkeys".into(),
-                source: Source::Hot,
+                source: KeySource::Hot,
                 limit: None,
                 ttl: None,
             });
@@ -263,7 +263,7 @@ impl Warmup {
     /// Starts a run; `Err` holds the trace id of the run already going.
     pub fn start(
         self: &Arc<Self>,
-        req: Request,
+        req: RunOptions,
     ) -> Result<(String, oneshot::Receiver<Report>), String> {
         let mut state = lock(&self.state);
         if let Some(r) = &state.running {
@@ -400,7 +400,7 @@ impl Warmup {
 
     async fn automatic(self: Arc<Self>, shutdown: CancellationToken) {
         let cfg = self.cfg();
-        let run = |why: &'static str| match self.start(Request::default()) {
+        let run = |why: &'static str| match self.start(RunOptions::default()) {
             Ok((id, _)) => tracing::info!(trace_id = %id, why, "automatic warmup started"),
             Err(busy) => {
                 tracing::info!(running = %busy, why, "automatic warmup skipped: one is running")

@@ -19,7 +19,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::lock::FleetLock;
-use super::{Handles, Outcome, PhaseReport, Plan, Progress, Report, Source, lock};
+use super::{Handles, KeySource, Outcome, PhaseReport, Plan, Progress, Report, lock};
 use crate::cache::Policy;
 use crate::config::{LockScope, WarmupConfig};
 use crate::error::UpstreamError;
@@ -378,7 +378,7 @@ async fn phase(
     };
 
     match &plan.source {
-        Source::Hot => {
+        KeySource::Hot => {
             let key = cfg.hotkeys.key.as_bytes();
             match retry(cfg, cancel, "ZREVRANGE", || {
                 hot_keys(&conn, key, cfg.hotkeys.keep)
@@ -391,7 +391,7 @@ async fn phase(
                 Err(e) => scan_error = Some(e),
             }
         }
-        Source::Scan(patterns) => {
+        KeySource::Scan(patterns) => {
             // SCAN pages with MATCH hold fewer keys than COUNT: gather them
             // into full batches.
             let mut gathered: Vec<Bytes> = Vec::new();

@@ -33,35 +33,22 @@ pub use topology::{ClusterStats, Router};
 use merge::*;
 
 use std::collections::HashMap;
-
 use std::sync::atomic::{AtomicU64, Ordering};
-
 use std::sync::{Arc, Mutex};
-
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-
 use redis_protocol::resp2::types::OwnedFrame;
-
 use tokio::sync::{Notify, oneshot};
-
 use tokio_util::sync::CancellationToken;
 
 use super::conn::{Redirection, Redirector, Request};
-
 use super::{As, Breaker, ChannelSpec, Common, ConnHandle, Node, OnReply, Reply, lock};
-
 use crate::commands::CommandTable;
-
 use crate::commands::slot::{SLOTS, key_slot};
-
 use crate::config::UpstreamAddr;
-
 use crate::error::UpstreamError;
-
 use crate::protocol::Proto;
-
 use crate::protocol::scan::Scanner;
 
 /// What a client holds to send commands upstream: one node's connection,
