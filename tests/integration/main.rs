@@ -11,6 +11,7 @@ mod cluster;
 mod coherence;
 mod corpus;
 mod frames;
+mod layers;
 mod limits;
 mod pipelines;
 mod reads;
