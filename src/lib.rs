@@ -3,14 +3,31 @@
 //! Clients speak RESP to kiln as they would to Redis. `server` accepts them;
 //! `connection` reads their requests (`protocol`) and writes replies in
 //! order; `cmd` decides, command by command, whether the answer comes from
-//! the L1 cache (`cache`, GET and MGET), from kiln itself (connection state),
-//! or from upstream Redis (`upstream`: shared multiplexed connections, or a
+//! the L1 cache (`cache`), from kiln itself (connection state), or from
+//! upstream Redis (`upstream`: shared multiplexed connections, or a
 //! dedicated one for transactions, blocking commands and pub/sub). Writes
 //! invalidate the keys they name before they are sent and again when
 //! upstream answers; a fill that raced a write is dropped by a per-key
 //! generation check; writes by other Redis clients arrive as CLIENT TRACKING
-//! invalidations (`coherence`). Data flows one way: connection -> cmd -> cache /
-//! upstream.
+//! invalidations (`coherence`).
+//!
+//! Data flows one way, and imports follow it; a file names only modules on
+//! its floor or below (checked by `tests/integration/layers.rs`):
+//!
+//! 1. wire and leaves: `protocol`, `error`, `buffers`, `tls`, `worker`
+//!    (thread id, `lock`), `shutdown`, `cli`, `name_index`
+//! 2. Redis facts: `commands` (table, key finding, hash slot, cacheable
+//!    reads), `counter`
+//! 3. `config`: the schema, one file per TOML table; imports no component
+//! 4. state: `cache` (the L1), `upstream` (connections, cluster, Sentinel,
+//!    breaker), `telemetry` (metric names, histogram, health state)
+//! 5. `coherence`: invalidations into L1
+//! 6. `warmup`: handed L1, upstream and coherence (`warmup::Handles`)
+//! 7. `context`: what connections share, and the types it holds
+//! 8. `cmd` (one file per command family, `replies` the ordered queue),
+//!    `reload` (the reload action)
+//! 9. `relay`, `sidecar` (HTTP face and health watcher)
+//! 10. `connection`, `server`, this file and `main`
 
 // One exception, measured and commented: `cache::store::prefetch`.
 #![deny(unsafe_code)]
