@@ -23,7 +23,7 @@ use crate::context::Context;
 use crate::protocol::request::{Command, encode_command};
 use crate::protocol::{Proto, encode, reply};
 use crate::telemetry::histogram::Class;
-use crate::upstream::{OnReply, Reply};
+use crate::upstream::{OnReply, Reply, ReplyRx};
 use tokio::sync::oneshot;
 
 /// Where a fill read on a tracking reader notes, as its reply arrives, the
@@ -361,8 +361,8 @@ pub fn mget(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
 /// `PTTL` of each that may be cached.
 struct MgetSent {
     arrival: Arrival,
-    mget: oneshot::Receiver<Reply>,
-    pttls: Vec<Option<oneshot::Receiver<Reply>>>,
+    mget: ReplyRx,
+    pttls: Vec<Option<ReplyRx>>,
 }
 
 fn send_mget(ctx: &Arc<Context>, reader: &crate::upstream::Link, missing: &[Miss]) -> MgetSent {

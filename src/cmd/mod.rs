@@ -36,7 +36,7 @@ use crate::context::Context;
 use crate::protocol::request::Command;
 use crate::protocol::{Proto, encode};
 use crate::telemetry::histogram::Class;
-use crate::upstream::{Link, Reply};
+use crate::upstream::{Link, ReplyRx};
 
 pub use replies::{
     Pending, Replies, ReplyMode, Resolved, Then, Timing, poll_front, silence, take_front,
@@ -237,7 +237,7 @@ impl Client {
     }
 
     /// Queues upstream's reply to a request.
-    pub fn expect(&mut self, r: &mut Replies<'_>, rx: oneshot::Receiver<Reply>, then: Then) {
+    pub fn expect(&mut self, r: &mut Replies<'_>, rx: ReplyRx, then: Then) {
         self.upstream_pending += 1;
         r.pending.push_back(Pending::Reply(rx, then, self.op));
     }

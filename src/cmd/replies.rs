@@ -14,14 +14,14 @@ use tokio::sync::oneshot;
 use crate::cache::flight::GetAnswer;
 use crate::protocol::encode;
 use crate::telemetry::histogram::Class;
-use crate::upstream::Reply;
+use crate::upstream::{Reply, ReplyRx};
 
 /// A reply not yet written to the client, in command order.
 pub enum Pending {
     /// Known already, but queued behind earlier replies.
     Ready(Bytes),
     /// Upstream's reply, passed through as bytes.
-    Reply(oneshot::Receiver<Reply>, Then, Timing),
+    Reply(ReplyRx, Then, Timing),
     /// A GET miss waiting on a fill.
     Get(oneshot::Receiver<GetAnswer>, Timing),
     /// Resolved by `poll_front`, waiting to be taken.

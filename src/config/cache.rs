@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::text::{KIB, MIB};
-use super::text::{de_duration, de_opt_duration, de_size, ser_duration, ser_opt_duration};
+use super::text::{KIB, MIB, opt_duration};
+use super::text::{de_duration, de_size, ser_duration};
 
 /// The most `cache.adaptive_ttl.after_hits` can be: the hits an L1 entry
 /// counts in its header (7 bits; `cache` asserts the layout holds it).
@@ -129,8 +129,7 @@ pub struct CacheRule {
     pub cache: bool,
     #[serde(
         default,
-        deserialize_with = "de_opt_duration",
-        serialize_with = "ser_opt_duration",
+        with = "opt_duration",
         skip_serializing_if = "Option::is_none"
     )]
     pub ttl: Option<Duration>,

@@ -161,18 +161,20 @@ pub(super) fn ser_duration<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S
     s.serialize_str(&humantime::format_duration(*d).to_string())
 }
 
-pub(super) fn ser_opt_duration<S: Serializer>(
-    d: &Option<Duration>,
-    s: S,
-) -> Result<S::Ok, S::Error> {
-    match d {
-        Some(d) => ser_duration(d, s),
-        None => s.serialize_none(),
-    }
-}
+/// An optional duration (`"30s"` or absent), for `#[serde(with =
+/// "opt_duration")]` with `default` and `skip_serializing_if =
+/// "Option::is_none"`.
+pub(super) mod opt_duration {
+    use super::*;
 
-pub(super) fn de_opt_duration<'de, D: Deserializer<'de>>(
-    d: D,
-) -> Result<Option<Duration>, D::Error> {
-    de_duration(d).map(Some)
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => ser_duration(d, s),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        de_duration(d).map(Some)
+    }
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::text::{de_duration, de_opt_duration, ser_duration, ser_opt_duration};
+use super::text::{de_duration, opt_duration, ser_duration};
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -21,8 +21,7 @@ pub struct WarmupConfig {
     /// Or a fixed interval between scheduled runs.
     #[serde(
         default,
-        deserialize_with = "de_opt_duration",
-        serialize_with = "ser_opt_duration",
+        with = "opt_duration",
         skip_serializing_if = "Option::is_none"
     )]
     pub interval: Option<Duration>,
@@ -133,8 +132,7 @@ pub struct PhaseConfig {
     pub limit: Option<u64>,
     #[serde(
         default,
-        deserialize_with = "de_opt_duration",
-        serialize_with = "ser_opt_duration",
+        with = "opt_duration",
         skip_serializing_if = "Option::is_none"
     )]
     pub ttl: Option<Duration>,

@@ -63,162 +63,43 @@ pub const CLUSTER_SLOTS: &str = "upstream_cluster_slots";
 pub const CLUSTER_ONLY: &[&str] = &[CLUSTER_SLOTS];
 
 /// Every metric kiln exports, with its Prometheus type and help text.
+#[rustfmt::skip]
 pub const ALL: &[(&str, &str, &str)] = &[
-    (
-        HITS,
-        "counter",
-        "Cached reads (GET, each MGET key, and the other cache.commands) answered from L1",
-    ),
-    (
-        MISSES,
-        "counter",
-        "Cached reads L1 did not have (read from upstream)",
-    ),
-    (
-        REQUESTS,
-        "counter",
-        "Cached reads (GET, each MGET key, other cache.commands) by cache status: hit, miss, bypass, stale (served past freshness because upstream failed)",
-    ),
-    (
-        HIT_RATE,
-        "gauge",
-        "Share of cached reads answered from L1 over alerts.window",
-    ),
-    (
-        PENETRATIONS,
-        "counter",
-        "GETs of keys upstream does not have",
-    ),
-    (
-        PENETRATION_RATE,
-        "gauge",
-        "Share of cached reads whose key was missing upstream, over alerts.window",
-    ),
-    (
-        WARMUP_DURATION,
-        "gauge",
-        "Duration of the last (or running) warmup",
-    ),
-    (
-        WARMUP_STATUS,
-        "gauge",
-        "1 for the current warmup status, 0 for the others",
-    ),
-    (
-        KEYS_WARMED,
-        "gauge",
-        "Keys warmed by the last (or running) warmup",
-    ),
+    (HITS, "counter", "Cached reads (GET, each MGET key, and the other cache.commands) answered from L1"),
+    (MISSES, "counter", "Cached reads L1 did not have (read from upstream)"),
+    (REQUESTS, "counter", "Cached reads (GET, each MGET key, other cache.commands) by cache status: hit, miss, bypass, stale (served past freshness because upstream failed)"),
+    (HIT_RATE, "gauge", "Share of cached reads answered from L1 over alerts.window"),
+    (PENETRATIONS, "counter", "GETs of keys upstream does not have"),
+    (PENETRATION_RATE, "gauge", "Share of cached reads whose key was missing upstream, over alerts.window"),
+    (WARMUP_DURATION, "gauge", "Duration of the last (or running) warmup"),
+    (WARMUP_STATUS, "gauge", "1 for the current warmup status, 0 for the others"),
+    (KEYS_WARMED, "gauge", "Keys warmed by the last (or running) warmup"),
     (LAST_WARMUP, "gauge", "Unix time the last warmup started"),
     (WARMUP_RUNS, "counter", "Warmup runs ended, by outcome"),
-    (
-        REDIS_MEMORY,
-        "gauge",
-        "Upstream used_memory from INFO memory",
-    ),
+    (REDIS_MEMORY, "gauge", "Upstream used_memory from INFO memory"),
     (L1_ENTRIES, "gauge", "Entries in L1"),
-    (
-        L1_BYTES,
-        "gauge",
-        "Bytes L1 holds: keys, values and per-entry overhead",
-    ),
-    (
-        EVICTIONS,
-        "counter",
-        "L1 entries evicted by the memory budget",
-    ),
-    (
-        INVALIDATIONS,
-        "counter",
-        "L1 invalidations by source: write, tracking, flush, admin",
-    ),
-    (
-        LATENCY,
-        "histogram",
-        "Time from a command's arrival to its reply, by class: hit, miss, forward, local",
-    ),
-    (
-        BREAKER,
-        "gauge",
-        "Upstream circuit breaker: 0 closed, 1 open, 2 half-open (per node in front of a cluster)",
-    ),
-    (
-        ACTIVE_LOCKS,
-        "gauge",
-        "Warmup fleet locks this instance holds",
-    ),
-    (
-        UPSTREAM_ERRORS,
-        "counter",
-        "Upstream connection failures by kind (and, in front of a cluster, by node)",
-    ),
-    (
-        REDIRECTIONS,
-        "counter",
-        "Cluster redirections followed by kiln, by kind: moved, ask",
-    ),
-    (
-        TOPOLOGY_REFRESHES,
-        "counter",
-        "Cluster topology reads (CLUSTER SHARDS or CLUSTER SLOTS)",
-    ),
-    (
-        FAILOVERS,
-        "counter",
-        "Primaries replaced: Sentinel switches, cluster primaries that stopped being primaries",
-    ),
-    (
-        FAILOVER_RECOVERY,
-        "gauge",
-        "Seconds the last Sentinel failover left kiln without a primary",
-    ),
-    (
-        CLUSTER_SLOTS,
-        "gauge",
-        "Hash slots each cluster primary serves, by node",
-    ),
+    (L1_BYTES, "gauge", "Bytes L1 holds: keys, values and per-entry overhead"),
+    (EVICTIONS, "counter", "L1 entries evicted by the memory budget"),
+    (INVALIDATIONS, "counter", "L1 invalidations by source: write, tracking, flush, admin"),
+    (LATENCY, "histogram", "Time from a command's arrival to its reply, by class: hit, miss, forward, local"),
+    (BREAKER, "gauge", "Upstream circuit breaker: 0 closed, 1 open, 2 half-open (per node in front of a cluster)"),
+    (ACTIVE_LOCKS, "gauge", "Warmup fleet locks this instance holds"),
+    (UPSTREAM_ERRORS, "counter", "Upstream connection failures by kind (and, in front of a cluster, by node)"),
+    (REDIRECTIONS, "counter", "Cluster redirections followed by kiln, by kind: moved, ask"),
+    (TOPOLOGY_REFRESHES, "counter", "Cluster topology reads (CLUSTER SHARDS or CLUSTER SLOTS)"),
+    (FAILOVERS, "counter", "Primaries replaced: Sentinel switches, cluster primaries that stopped being primaries"),
+    (FAILOVER_RECOVERY, "gauge", "Seconds the last Sentinel failover left kiln without a primary"),
+    (CLUSTER_SLOTS, "gauge", "Hash slots each cluster primary serves, by node"),
     (CONNECTED, "gauge", "Clients connected to kiln"),
-    (
-        CLIENT_LIMITS,
-        "counter",
-        "Clients refused or disconnected by a [server] limit, by limit (malformed: a protocol error)",
-    ),
+    (CLIENT_LIMITS, "counter", "Clients refused or disconnected by a [server] limit, by limit (malformed: a protocol error)"),
     (COMMANDS, "counter", "Client commands by name"),
-    (
-        TRACKING_LOST,
-        "gauge",
-        "1 while a CLIENT TRACKING channel is lost (L1 not filled), else 0",
-    ),
-    (
-        CONFIG_RELOADS,
-        "counter",
-        "Config reloads (SIGHUP, CACHE.RELOAD) by result: ok, error (nothing changed)",
-    ),
-    (
-        ROLLOUT,
-        "gauge",
-        "Share of a cache rule's keys that is cached (percent), by the rule's match pattern",
-    ),
-    (
-        REFRESHES,
-        "counter",
-        "Background refreshes of entries near (or, in ttl mode, past) their expiry (cache.refresh_ahead)",
-    ),
-    (
-        COMPRESSION_RATIO,
-        "gauge",
-        "Original over stored bytes of the values L1 stored compressed since start (1 when none)",
-    ),
-    (
-        TRACKING_TABLE,
-        "gauge",
-        "Upstream tracking-table-max-keys (0 unlimited, -1 not read); tracking mode only",
-    ),
-    (
-        L1_CAPACITY_ENTRIES,
-        "gauge",
-        "About how many entries cache.max_memory holds at the current average entry size",
-    ),
+    (TRACKING_LOST, "gauge", "1 while a CLIENT TRACKING channel is lost (L1 not filled), else 0"),
+    (CONFIG_RELOADS, "counter", "Config reloads (SIGHUP, CACHE.RELOAD) by result: ok, error (nothing changed)"),
+    (ROLLOUT, "gauge", "Share of a cache rule's keys that is cached (percent), by the rule's match pattern"),
+    (REFRESHES, "counter", "Background refreshes of entries near (or, in ttl mode, past) their expiry (cache.refresh_ahead)"),
+    (COMPRESSION_RATIO, "gauge", "Original over stored bytes of the values L1 stored compressed since start (1 when none)"),
+    (TRACKING_TABLE, "gauge", "Upstream tracking-table-max-keys (0 unlimited, -1 not read); tracking mode only"),
+    (L1_CAPACITY_ENTRIES, "gauge", "About how many entries cache.max_memory holds at the current average entry size"),
 ];
 
 /// Latency histogram buckets, seconds: resolve tens of microseconds.

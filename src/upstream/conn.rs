@@ -36,6 +36,9 @@ use crate::tls::{BoxRead, BoxWrite};
 
 pub type Reply = Result<Bytes, UpstreamError>;
 
+/// Where a request's `Reply` arrives.
+pub type ReplyRx = oneshot::Receiver<Reply>;
+
 /// Runs once the request's fate is known, reply or failure, whether or not
 /// the client that sent it is still there: write invalidation lives here so a
 /// client that disconnects cannot skip it.
@@ -166,12 +169,7 @@ impl ConnHandle {
     }
 
     /// Queues a command; the receiver gets its reply.
-    pub fn send(
-        &self,
-        wire: Bytes,
-        on_reply: Option<OnReply>,
-        timed: bool,
-    ) -> oneshot::Receiver<Reply> {
+    pub fn send(&self, wire: Bytes, on_reply: Option<OnReply>, timed: bool) -> ReplyRx {
         let (reply, rx) = oneshot::channel();
         self.submit(Request::new(wire, reply, on_reply, timed));
         rx

@@ -34,7 +34,7 @@ pub mod sentinel;
 
 pub use breaker::Breaker;
 pub use cluster::Link;
-pub use conn::{ConnHandle, Hooks, OnReply, Reply};
+pub use conn::{ConnHandle, Hooks, OnReply, Reply, ReplyRx};
 pub use connect::{As, Connector, Creds, UpstreamTls};
 pub use node::{ReaderSpec, SlotsLost, SlotsMoved};
 
@@ -346,7 +346,10 @@ impl Upstream {
         if let Some(l) = self.routed(cluster::Purpose::Shared, db, proto, client_id, who) {
             return l;
         }
-        Link::Node(self.home().shared(&self.common, db, proto, client_id, who))
+        Link::Node(
+            self.home()
+                .shared(&self.common, (db, proto, who), client_id, None),
+        )
     }
 
     /// A shared connection for (db, proto) that is not stalled behind a
@@ -368,7 +371,7 @@ impl Upstream {
         }
         Link::Node(
             self.home()
-                .shared_unstalled(&self.common, db, proto, client_id, who, now),
+                .shared(&self.common, (db, proto, who), client_id, Some(now)),
         )
     }
 

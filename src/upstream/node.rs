@@ -231,41 +231,28 @@ impl Node {
             .clone()
     }
 
+    /// The shared connection for a client: the same one every time for
+    /// the same client, database and protocol. With `unstalled_at`, one
+    /// not stalled behind a slow command at that instant (see
+    /// `Upstream::shared_unstalled`): when every one is, one more is
+    /// opened, up to twice `upstream.connections`.
     pub(crate) fn shared(
         &self,
         common: &Common,
-        db: u32,
-        proto: Proto,
+        (db, proto, who): (u32, Proto, &As),
         client_id: u64,
-        who: &As,
-    ) -> ConnHandle {
-        let mut map = lock(&self.shared);
-        let conns = map
-            .entry((db, proto, worker(), who.clone()))
-            .or_insert_with(|| {
-                (0..common.per_key)
-                    .map(|_| {
-                        ConnHandle::spawn(
-                            self.connector_as(common, db, proto, who, false),
-                            Hooks::default(),
-                        )
-                    })
-                    .collect()
-            });
-        conns[client_id as usize % conns.len()].clone()
-    }
-
-    pub(crate) fn shared_unstalled(
-        &self,
-        common: &Common,
-        db: u32,
-        proto: Proto,
-        client_id: u64,
-        who: &As,
-        now: std::time::Instant,
+        unstalled_at: Option<std::time::Instant>,
     ) -> ConnHandle {
         let mut map = lock(&self.shared);
         let key = (db, proto, worker(), who.clone());
+        let Some(now) = unstalled_at else {
+            let conns = map.entry(key).or_insert_with(|| {
+                (0..common.per_key)
+                    .map(|_| self.plain(common, db, proto, who))
+                    .collect()
+            });
+            return conns[client_id as usize % conns.len()].clone();
+        };
         if let Some(c) = map
             .get(&key)
             .and_then(|conns| conns.iter().find(|c| !c.stalled(now)))
@@ -274,10 +261,7 @@ impl Node {
         }
         let conns = map.entry(key).or_insert_with(|| Arc::from(Vec::new()));
         if conns.len() < common.per_key * 2 {
-            let extra = ConnHandle::spawn(
-                self.connector_as(common, db, proto, who, false),
-                Hooks::default(),
-            );
+            let extra = self.plain(common, db, proto, who);
             let mut grown: Vec<ConnHandle> = conns.to_vec();
             grown.push(extra.clone());
             *conns = Arc::from(grown);
@@ -291,15 +275,18 @@ impl Node {
         conns[client_id as usize % conns.len()].clone()
     }
 
+    /// A new connection as `who`, with no setup beyond login and database.
+    fn plain(&self, common: &Common, db: u32, proto: Proto, who: &As) -> ConnHandle {
+        ConnHandle::spawn(
+            self.connector_as(common, db, proto, who, false),
+            Hooks::default(),
+        )
+    }
+
     pub(crate) fn priority(&self, common: &Common, db: u32, proto: Proto, who: &As) -> ConnHandle {
         let mut map = lock(&self.priority);
         map.entry((db, proto, worker(), who.clone()))
-            .or_insert_with(|| {
-                ConnHandle::spawn(
-                    self.connector_as(common, db, proto, who, false),
-                    Hooks::default(),
-                )
-            })
+            .or_insert_with(|| self.plain(common, db, proto, who))
             .clone()
     }
 }

@@ -43,7 +43,7 @@ use tokio::sync::{Notify, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::conn::{Redirection, Redirector, Request};
-use super::{As, Breaker, ChannelSpec, Common, ConnHandle, Node, OnReply, Reply, lock};
+use super::{As, Breaker, ChannelSpec, Common, ConnHandle, Node, OnReply, Reply, ReplyRx, lock};
 use crate::commands::CommandTable;
 use crate::commands::slot::{SLOTS, key_slot};
 use crate::config::UpstreamAddr;
@@ -62,12 +62,7 @@ pub enum Link {
 impl Link {
     /// Queues a command; the receiver gets its reply (see
     /// `ConnHandle::send`).
-    pub fn send(
-        &self,
-        wire: Bytes,
-        on_reply: Option<OnReply>,
-        timed: bool,
-    ) -> oneshot::Receiver<Reply> {
+    pub fn send(&self, wire: Bytes, on_reply: Option<OnReply>, timed: bool) -> ReplyRx {
         match self {
             Link::Node(c) => c.send(wire, on_reply, timed),
             Link::Routed(r) => r.send(wire, on_reply, timed),
@@ -273,12 +268,7 @@ impl Routed {
         }))
     }
 
-    pub fn send(
-        &self,
-        wire: Bytes,
-        on_reply: Option<OnReply>,
-        timed: bool,
-    ) -> oneshot::Receiver<Reply> {
+    pub fn send(&self, wire: Bytes, on_reply: Option<OnReply>, timed: bool) -> ReplyRx {
         let (tx, rx) = oneshot::channel();
         let mut req = Request::new(wire, tx, on_reply, timed);
         req.redirect = Some(self.0.clone());
@@ -302,7 +292,7 @@ impl RoutedInner {
         let c = &self.router.common;
         match &self.via {
             Via::Purpose(Purpose::Shared) => {
-                node.shared(c, self.db, self.proto, self.client, &self.who)
+                node.shared(c, (self.db, self.proto, &self.who), self.client, None)
             }
             Via::Purpose(Purpose::Reader) => node.reader(c, self.db, self.client),
             Via::Purpose(Purpose::Priority) => node.priority(c, self.db, self.proto, &self.who),
