@@ -6,7 +6,7 @@
 //! `coherence`, `warmup`, `ops`), with `text` for how values are written
 //! and found again and `validate` for the checks serde cannot make. It
 //! imports no component: components read their table from here, and a
-//! bound a component must honour (`cache::MAX_AFTER_HITS`) is declared
+//! bound a component must honour (`MAX_AFTER_HITS`, for `cache`) is declared
 //! here and asserted there.
 
 mod cache;

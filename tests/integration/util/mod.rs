@@ -161,7 +161,10 @@ pub fn phase(name: &str, priority: i64, pattern: &str) -> kiln::config::PhaseCon
 pub async fn cache_status(c: &mut Conn) -> serde_json::Value {
     let r = c.cmd(&["CACHE.STATUS", "JSON"]).await;
     let Some(json) = bulk_payload(&r) else {
-        panic!("CACHE.STATUS JSON: not a bulk string: {}", String::from_utf8_lossy(&r))
+        panic!(
+            "CACHE.STATUS JSON: not a bulk string: {}",
+            String::from_utf8_lossy(&r)
+        )
     };
     serde_json::from_slice(&json).expect("JSON")
 }
