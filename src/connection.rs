@@ -220,6 +220,10 @@ async fn run<R: ClientRead, W: AsyncWrite + Unpin>(
             match flow {
                 Flow::Continue => {}
                 Flow::Close => closing = true,
+                Flow::Abort => {
+                    let _ = wr.shutdown().await;
+                    return;
+                }
                 Flow::Relay(first) => {
                     drain_ready(&mut pending, c, &mut out);
                     // The relay's connection is the client's own: it gets

@@ -257,6 +257,10 @@ pub async fn relay<R: ClientRead, W: AsyncWrite + Unpin>(
             };
             let mut buf = [0u8; 64];
             let name = table::lower(cmd.name(), &mut buf).unwrap_or(b"");
+            if table::is_cross_protocol(name) {
+                cmd::cross_protocol_warning(c.addr);
+                return RelayEnd::Closed;
+            }
             // A reload's deny list and roles apply here too.
             c.refresh_live();
             if (name == b"reset" && cmd.args.len() == 1) || name == b"quit" {

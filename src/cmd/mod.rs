@@ -48,6 +48,10 @@ pub enum Flow {
     Continue,
     /// Write what is queued, then close (QUIT).
     Close,
+    /// Close at once, writing nothing more, not even replies owed to
+    /// earlier commands (Redis's `freeClientAsync`: a cross-protocol
+    /// request).
+    Abort,
     /// Hand the client to a raw upstream relay, starting with this command.
     Relay(Command),
 }
@@ -312,6 +316,10 @@ impl Client {
             write::forward(self, cmd, r);
             return Flow::Continue;
         };
+        if crate::commands::is_cross_protocol(name) {
+            cross_protocol_warning(self.addr);
+            return Flow::Abort;
+        }
         self.ctx.metrics.command(name);
         self.last_cmd.set(name, cmd.args.get(1));
         if let Some(msg) = self.live.denied(name, cmd.name()) {
@@ -509,4 +517,28 @@ pub fn parse_i64(b: &[u8]) -> Option<i64> {
         return None;
     }
     s.parse().ok()
+}
+
+/// Logs, at most once a minute as Redis does, that a client sent `POST` or
+/// `Host:` (an HTTP request, a cross-protocol scripting attempt); its
+/// connection is closed. Upstream never sees it: forwarded on a shared
+/// connection, it would make Redis close that connection for every client
+/// on it.
+pub fn cross_protocol_warning(addr: SocketAddr) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LOGGED: AtomicU64 = AtomicU64::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let last = LOGGED.load(Ordering::Relaxed);
+    if now.saturating_sub(last) > 60
+        && LOGGED
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        tracing::warn!(
+            client = %addr,
+            "possible security attack: a client sent POST or Host: (an HTTP request, cross protocol scripting); connection closed, as Redis does"
+        );
+    }
 }

@@ -14,4 +14,4 @@ pub mod slot;
 pub mod table;
 
 pub use keys::{Keys, key_args};
-pub use table::{CmdInfo, CommandTable, lower};
+pub use table::{CmdInfo, CommandTable, is_cross_protocol, lower};

@@ -186,6 +186,15 @@ impl CommandTable {
     }
 }
 
+/// Whether a (lowercase) command name is the first word of an HTTP
+/// request line (`POST`) or header (`Host:`): Redis takes it for a
+/// cross-protocol scripting attack and closes the client's connection
+/// with no reply (`processCommand` -> `securityWarningCommand`), whatever
+/// state the client is in.
+pub fn is_cross_protocol(lower: &[u8]) -> bool {
+    matches!(lower, b"post" | b"host:")
+}
+
 /// ASCII-lowercases a command name into `buf`; `None` if it does not fit.
 pub fn lower<'a>(name: &[u8], buf: &'a mut [u8; 64]) -> Option<&'a [u8]> {
     let out = buf.get_mut(..name.len())?;

@@ -204,3 +204,48 @@ async fn upstream_down_gives_errors_not_hangs() {
     assert!(reply.starts_with(b"-ERR upstream: "), "{reply:?}");
     assert_eq!(c.cmd(&["PING"]).await, "+PONG\r\n");
 }
+
+/// An HTTP request sent to kiln (a `POST` line, a `Host:` header), as a
+/// command of its own or after others in one pipeline, closes that client
+/// with nothing written (not even the replies owed before it), byte for
+/// byte as Redis closes it; nothing reaches upstream, so a client sharing
+/// kiln's one upstream connection goes on and kiln counts no upstream
+/// error (it used to forward the line: Redis closed the shared connection).
+/// A subscribed client (relayed on a connection of its own) is closed the
+/// same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cross_protocol_requests_close_only_the_sender() {
+    let direct = Redis::start();
+    let (_redis, kiln) = redis_and_kiln_with(|c| c.upstream.connections = 1).await;
+    let mut bystander = kiln.conn().await;
+    assert_eq!(bystander.cmd(&["SET", "k", "v"]).await, "+OK\r\n"[..]);
+    let inputs: &[&[u8]] = &[
+        b"POST / HTTP/1.1\r\nHost: example\r\n\r\n",
+        b"Host: example\r\n",
+        b"PING\r\nhost: x\r\n",
+        b"*1\r\n$4\r\nPING\r\n*1\r\n$4\r\npost\r\n",
+        b"*2\r\n$9\r\nSUBSCRIBE\r\n$2\r\nch\r\nPOST / HTTP/1.1\r\n",
+    ];
+    for input in inputs {
+        let mut d = direct.conn().await;
+        d.send_raw(input).await;
+        let (want, _) = reply_and_close(&mut d).await;
+        let mut k = kiln.conn().await;
+        k.send_raw(input).await;
+        let (got, _) = reply_and_close(&mut k).await;
+        assert_eq!(
+            String::from_utf8_lossy(&got),
+            String::from_utf8_lossy(&want),
+            "input {input:?}"
+        );
+        assert!(k.closed().await, "{input:?}: connection left open");
+        bystander.send(&["SET", "k", "v"]).await;
+        assert_eq!(bystander.read().await, "+OK\r\n"[..], "after {input:?}");
+    }
+    let (_, metrics) = crate::util::http_get(kiln.metrics, "/metrics").await;
+    let failures: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("upstream_errors_total{") && !l.ends_with(" 0"))
+        .collect();
+    assert!(failures.is_empty(), "upstream failures: {failures:?}");
+}
