@@ -100,7 +100,11 @@ pub fn dispatch(c: &mut Client, name: &[u8], cmd: Command, r: &mut Replies<'_>) 
                 r.error("ERR no warmup is running");
             }
         }
-        b"cache.warmup" => warmup(c, a, r),
+        b"cache.warmup" => {
+            if !warmup(c, a, r) {
+                c.live.admin.refund(&lname);
+            }
+        }
         b"cache.status" => {
             if a.len() == 2 && !a[1].eq_ignore_ascii_case(b"JSON") {
                 r.error("ERR syntax error");
@@ -170,7 +174,9 @@ pub fn dispatch(c: &mut Client, name: &[u8], cmd: Command, r: &mut Replies<'_>) 
     Flow::Continue
 }
 
-fn warmup(c: &mut Client, a: &[Bytes], r: &mut Replies<'_>) {
+/// The arguments of `CACHE.WARMUP [SYNC] [PHASE name...|MATCH pattern]
+/// [LIMIT n]`: the run asked for and whether to wait for it, or the error.
+fn warmup_args(c: &Client, a: &[Bytes]) -> Result<(RunOptions, bool), String> {
     let mut req = RunOptions::default();
     let mut sync = false;
     let keyword = |b: &[u8]| {
@@ -190,13 +196,13 @@ fn warmup(c: &mut Client, a: &[Bytes], r: &mut Replies<'_>) {
             while i < a.len() && !keyword(&a[i]) {
                 let name = String::from_utf8_lossy(&a[i]).into_owned();
                 if !c.ctx.warmup.has_phase(&name) {
-                    return r.error(&format!("ERR unknown warmup phase '{name}'"));
+                    return Err(format!("ERR unknown warmup phase '{name}'"));
                 }
                 req.phases.push(name);
                 i += 1;
             }
             if i == first {
-                return r.error("ERR syntax error");
+                return Err("ERR syntax error".into());
             }
         } else if arg.eq_ignore_ascii_case(b"MATCH") && i + 1 < a.len() {
             req.pattern = Some(String::from_utf8_lossy(&a[i + 1]).into_owned());
@@ -204,19 +210,37 @@ fn warmup(c: &mut Client, a: &[Bytes], r: &mut Replies<'_>) {
         } else if arg.eq_ignore_ascii_case(b"LIMIT") && i + 1 < a.len() {
             match super::parse_i64(&a[i + 1]) {
                 Some(n) if n > 0 => req.limit = Some(n as u64),
-                _ => return r.error("ERR value is not an integer or out of range"),
+                _ => {
+                    return Err("ERR value is not an integer or out of range".into());
+                }
             }
             i += 2;
         } else {
-            return r.error("ERR syntax error");
+            return Err("ERR syntax error".into());
         }
     }
     if req.pattern.is_some() && !req.phases.is_empty() {
-        return r.error("ERR PHASE and MATCH cannot be combined");
+        return Err("ERR PHASE and MATCH cannot be combined".into());
     }
+    Ok((req, sync))
+}
+
+/// `CACHE.WARMUP`: starts a run; `false` when none was started (a syntax
+/// error, or `BUSY`).
+fn warmup(c: &mut Client, a: &[Bytes], r: &mut Replies<'_>) -> bool {
+    let (req, sync) = match warmup_args(c, a) {
+        Ok(v) => v,
+        Err(e) => {
+            r.error(&e);
+            return false;
+        }
+    };
     let ctx = c.ctx.clone();
     match ctx.warmup.start(req) {
-        Err(busy) => r.error(&format!("BUSY warmup {busy} is running")),
+        Err(busy) => {
+            r.error(&format!("BUSY warmup {busy} is running"));
+            return false;
+        }
         Ok((id, _)) if !sync => r.ready(|o| encode::bulk(o, id.as_bytes())),
         Ok((_, done)) => {
             let proto = c.proto;
@@ -234,6 +258,7 @@ fn warmup(c: &mut Client, a: &[Bytes], r: &mut Replies<'_>) {
             c.expect(r, rx, Then::Nothing);
         }
     }
+    true
 }
 
 /// A status value, encodable as RESP2, RESP3 and JSON.

@@ -113,6 +113,16 @@ impl AdminLimits {
         }
     }
 
+    /// Gives back the token `take` took for `name` (lowercase): the
+    /// command was refused (a `CACHE.WARMUP` while one runs, a syntax
+    /// error), and only what ran counts against the rate.
+    pub fn refund(&self, name: &str) {
+        let (count, _) = self.rates.get(name).copied().unwrap_or(self.default);
+        if let Some((tokens, _)) = lock(&self.buckets).get_mut(name) {
+            *tokens = (*tokens + 1.0).min(count as f64);
+        }
+    }
+
     /// Whether a client at `addr` may run admin commands.
     pub fn admits(&self, addr: std::net::SocketAddr) -> bool {
         self.allow_remote || addr.ip().is_loopback()

@@ -563,3 +563,42 @@ async fn status_shapes_and_admin_errors() {
         "-ERR syntax error\r\n"
     );
 }
+
+/// Only a run that starts counts against `CACHE.WARMUP`'s rate limit: a
+/// `BUSY` refusal and a syntax error give their token back, so after a
+/// cancel the next run starts at once (it used to wait for the refill).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_warmups_do_not_spend_the_rate_limit() {
+    let redis = Redis::start_seeded("r:", 20_000, |i| i.to_string()).await;
+    let kiln = Kiln::start_with(&redis, |c| {
+        fast(c);
+        c.warmup.rate_limit = 2000;
+        c.warmup.max_keys = 20_000;
+        c.admin
+            .rate_limits
+            .insert("CACHE.WARMUP".into(), "2/min".into());
+    })
+    .await;
+    let mut k = kiln.conn().await;
+    let first = k.cmd(&["CACHE.WARMUP", "MATCH", "r:*"]).await;
+    assert!(bulk_payload(&first).is_some(), "{first:?}");
+    for _ in 0..3 {
+        assert!(k.cmd(&["CACHE.WARMUP"]).await.starts_with(b"-BUSY "));
+        assert_eq!(
+            k.cmd(&["CACHE.WARMUP", "BOGUS"]).await,
+            "-ERR syntax error\r\n"[..]
+        );
+    }
+    assert_eq!(k.cmd(&["CACHE.WARMUP", "CANCEL"]).await, "+OK\r\n"[..]);
+    finished(&mut k).await;
+    let second = k.cmd(&["CACHE.WARMUP", "MATCH", "r:*"]).await;
+    assert!(bulk_payload(&second).is_some(), "second run: {second:?}");
+    assert_eq!(k.cmd(&["CACHE.WARMUP", "CANCEL"]).await, "+OK\r\n"[..]);
+    finished(&mut k).await;
+    // Two runs started: the third is limited.
+    let third = String::from_utf8_lossy(&k.cmd(&["CACHE.WARMUP"]).await).into_owned();
+    assert!(
+        third.starts_with("-ERR rate limit exceeded for CACHE.WARMUP"),
+        "{third}"
+    );
+}
