@@ -152,13 +152,12 @@ pub fn dispatch(c: &mut Client, name: &[u8], cmd: Command, r: &mut Replies<'_>) 
                     .map(|n| n as usize),
                 _ => None,
             };
-            match (count, &ctx.warmup.hot) {
-                (None, _) => r.error("ERR syntax error"),
-                (_, None) => {
+            match count.map(|n| ctx.warmup.hot_top(n)) {
+                None => r.error("ERR syntax error"),
+                Some(None) => {
                     r.error("ERR hot-key tracking is disabled (warmup.hotkeys.enabled = false)")
                 }
-                (Some(n), Some(hot)) => {
-                    let top = hot.top(n);
+                Some(Some(top)) => {
                     r.ready(|o| {
                         encode::map(o, top.len(), proto);
                         for (k, n) in &top {

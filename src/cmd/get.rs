@@ -61,8 +61,9 @@ pub fn get(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
         r.error(&arity_error("get"));
         return;
     }
-    c.ctx.warmup.record(&cmd.args[1]);
-    let ttl = match c.rules.policy(&cmd.args[1]) {
+    let policy = c.rules.policy(&cmd.args[1]);
+    c.ctx.warmup.record(&cmd.args[1], &policy);
+    let ttl = match policy {
         _ if !may_read_l1(c, "get", &cmd.args[1..], &[]) => {
             // Upstream decides, as that user: -NOPERM included.
             c.read_upstream(&cmd, r);
@@ -284,8 +285,8 @@ pub fn mget(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
     let mut missing: Vec<Miss> = Vec::new();
     let rules = c.rules.clone();
     for key in keys {
-        c.ctx.warmup.record(key);
         let policy = rules.policy_for(key, reads::MGET);
+        c.ctx.warmup.record(key, &policy);
         let hit = match policy {
             Policy::Cache { ttl } => l1.find(&rules, c.db, key, &[], c.now).map(|h| {
                 if h.refresh {

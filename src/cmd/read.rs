@@ -39,9 +39,10 @@ pub fn cacheable(c: &Client, name: &[u8], args: &[Bytes]) -> Option<u8> {
 
 pub fn cached(c: &mut Client, id: u8, cmd: Command, r: &mut Replies<'_>) {
     let key = cmd.args[1].clone();
-    c.ctx.warmup.record(&key);
     let name = reads::name(id);
-    let ttl = match c.rules.policy_for(&key, id) {
+    let policy = c.rules.policy_for(&key, id);
+    c.ctx.warmup.record(&key, &policy);
+    let ttl = match policy {
         _ if !super::get::may_read_l1(c, name, &cmd.args[1..2], &cmd.args[2..]) => {
             c.read_upstream(&cmd, r);
             return;

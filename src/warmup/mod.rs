@@ -24,7 +24,7 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::cache::L1;
+use crate::cache::{L1, Policy};
 use crate::coherence::Coherence;
 use crate::config::{PhaseConfig, WarmupConfig};
 use crate::protocol::request::encode_command;
@@ -209,11 +209,29 @@ impl Warmup {
         }
     }
 
-    /// Counts a key access for the hot-key sketch.
-    pub fn record(&self, key: &[u8]) {
-        if let Some(h) = &self.hot {
+    /// Counts a key access for the hot-key sketch, if L1 may cache the key
+    /// (`policy`, from the rules): a key the config says not to cache
+    /// (session tokens, say) is never counted, listed or saved upstream.
+    pub fn record(&self, key: &[u8], policy: &Policy) {
+        if let (Some(h), Policy::Cache { .. }) = (&self.hot, policy) {
             h.record(key);
         }
+    }
+
+    /// The `n` hottest keys L1 may cache under the rules in force (a reload
+    /// may have stopped caching some recorded before), hottest first.
+    pub fn hot_top(&self, n: usize) -> Option<Vec<(bytes::Bytes, u64)>> {
+        let hot = self.hot.as_ref()?;
+        Some(self.cacheable(hot.top(usize::MAX)).take(n).collect())
+    }
+
+    /// Of `keys`, those the rules in force let L1 cache.
+    fn cacheable(
+        &self,
+        keys: Vec<(bytes::Bytes, u64)>,
+    ) -> impl Iterator<Item = (bytes::Bytes, u64)> + '_ {
+        keys.into_iter()
+            .filter(|(k, _)| self.io.l1.policy(k) != Policy::Bypass)
     }
 
     pub fn has_phase(&self, name: &str) -> bool {
@@ -392,7 +410,8 @@ impl Warmup {
                         _ = shutdown.cancelled() => return,
                         _ = tokio::time::sleep(every) => {}
                     }
-                    save_hotkeys(&me.io.control, &me.cfg(), &hot).await;
+                    let top: Vec<_> = me.cacheable(hot.take()).collect();
+                    save_hotkeys(&me.io.control, &me.cfg(), top).await;
                 }
             });
         }
@@ -442,8 +461,7 @@ impl Warmup {
 }
 
 /// Merges this interval's hot keys into the upstream sorted set.
-pub async fn save_hotkeys(control: &Link, cfg: &WarmupConfig, hot: &HotKeys) {
-    let top = hot.take();
+pub async fn save_hotkeys(control: &Link, cfg: &WarmupConfig, top: Vec<(bytes::Bytes, u64)>) {
     if top.is_empty() {
         return;
     }

@@ -602,3 +602,41 @@ async fn refused_warmups_do_not_spend_the_rate_limit() {
         "{third}"
     );
 }
+
+/// Keys the rules say not to cache are never counted as hot: not by GET,
+/// MGET or another cached read, not listed by `CACHE.HOTKEYS`, and not
+/// written into upstream's `kiln:hotkeys` (where any Redis user could read
+/// them); the cacheable keys read beside them are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_the_rules_bypass_are_never_hot() {
+    let (redis, kiln) = redis_and_kiln_with(|c| {
+        fast(c);
+        c.cache.rules = vec![crate::util::rule("session:*", false, 100)];
+        c.warmup.hotkeys.enabled = true;
+        // Every read counted: the test checks what is counted.
+        c.warmup.hotkeys.sample = 1;
+        c.warmup.hotkeys.save_every = Duration::from_millis(200);
+    })
+    .await;
+    let mut k = kiln.conn().await;
+    k.cmd(&["HSET", "session:h", "f", "v"]).await;
+    for _ in 0..20 {
+        k.cmd(&["GET", "session:tok_SECRET"]).await;
+        k.cmd(&["MGET", "session:tok_OTHER", "page:1"]).await;
+        k.cmd(&["HGETALL", "session:h"]).await;
+    }
+    let listed = k.cmd_text(&["CACHE.HOTKEYS"]).await;
+    assert!(listed.contains("page:1"), "{listed}");
+    assert!(!listed.contains("session:"), "{listed}");
+    let mut d = redis.conn().await;
+    let saved = crate::util::poll_until(Duration::from_millis(20), async || {
+        let saved = d.cmd_text(&["ZRANGE", "kiln:hotkeys", "0", "-1"]).await;
+        if saved.contains("page:1") {
+            Ok(saved)
+        } else {
+            Err(format!("hot keys never saved: {saved}"))
+        }
+    })
+    .await;
+    assert!(!saved.contains("session:"), "saved upstream: {saved}");
+}
