@@ -8,6 +8,11 @@
 //! `open_for` without any probe (a tracking connection's keepalive) closes
 //! it too, so an idle kiln does not report an open circuit forever.
 //!
+//! While open, the node is polled with a plain TCP connect every
+//! `RECOVERY_POLL` (`Connector::failed` starts it): once upstream accepts
+//! connections again the open window ends at once (`upstream_back`), so a
+//! short restart costs no more than the restart.
+//!
 //! A failure is an event, not a request: a connect that fails or times out,
 //! a connection lost, a reply overdue past `command_timeout`. A connection
 //! that dies with 100 pipelined requests on it is one failure. Any reply
@@ -20,6 +25,9 @@ use std::sync::atomic::{AtomicU8, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::config::BreakerConfig;
+
+/// How often an open circuit's node is tried with a TCP connect.
+pub const RECOVERY_POLL: Duration = Duration::from_millis(50);
 
 /// The breaker's state; the discriminant is the metric value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -159,8 +167,9 @@ impl Breaker {
         }
     }
 
-    /// Upstream failed (see the module doc for what counts).
-    pub fn failure(&self) {
+    /// Upstream failed (see the module doc for what counts); `true` when
+    /// this failure opened the circuit.
+    pub fn failure(&self) -> bool {
         match self.state() {
             State::Closed => {
                 let n = self.consecutive.fetch_add(1, Ordering::Relaxed) + 1;
@@ -168,16 +177,32 @@ impl Breaker {
                     let mut inner = self.lock();
                     if self.state() == State::Closed {
                         self.open(&mut inner, n);
+                        return true;
                     }
                 }
+                false
             }
             State::HalfOpen => {
                 let mut inner = self.lock();
                 if self.state() == State::HalfOpen {
                     self.open(&mut inner, self.consecutive.load(Ordering::Relaxed));
+                    return true;
                 }
+                false
             }
-            State::Open => {}
+            State::Open => false,
+        }
+    }
+
+    /// Upstream accepts connections again while the circuit is open: the
+    /// open window ends now, so the next requests probe it (half-open)
+    /// instead of failing fast until `open_for` has passed. The breaker
+    /// guards a struggling upstream; it must not outlast an outage.
+    pub fn upstream_back(&self) {
+        let mut inner = self.lock();
+        if self.state() == State::Open && Instant::now() < inner.until {
+            inner.until = Instant::now();
+            tracing::info!("upstream accepts connections again: circuit breaker probes it now");
         }
     }
 
@@ -251,5 +276,22 @@ mod tests {
         std::thread::sleep(Duration::from_millis(30));
         b.success();
         assert_eq!(b.state(), State::Closed);
+    }
+
+    #[test]
+    fn upstream_back_ends_the_open_window_at_once() {
+        let b = breaker(Duration::from_secs(60));
+        for _ in 0..2 {
+            assert!(!b.failure());
+        }
+        assert!(b.failure(), "the third failure opens it");
+        assert!(!b.allow(), "open: fails fast");
+        b.upstream_back();
+        assert!(b.allow(), "probing at once, not after 60 s");
+        assert_eq!(b.state(), State::HalfOpen);
+        b.success();
+        assert_eq!(b.state(), State::Closed);
+        b.upstream_back();
+        assert_eq!(b.state(), State::Closed, "no effect when closed");
     }
 }

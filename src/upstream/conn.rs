@@ -250,7 +250,16 @@ struct Connected {
     /// The connector's generation when it was made (see
     /// `Connector::generation`).
     generation: u64,
+    /// When it was made: only a connection that lived a while may close
+    /// quietly when idle (see `QUIET_CLOSE_AGE`).
+    made: Instant,
 }
+
+/// A connection closed while idle is no upstream failure if it lived at
+/// least this long (Redis's smallest `timeout` is 1 s); one closed sooner
+/// counts, with backoff, so a peer that drops every connection at once
+/// cannot make kiln reconnect in a tight loop.
+const QUIET_CLOSE_AGE: Duration = Duration::from_secs(1);
 
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// How often a paused connection checks whether the pause is over.
@@ -352,6 +361,7 @@ async fn run(
                         read,
                         write,
                         generation,
+                        made: Instant::now(),
                     });
                     retry_at = None;
                     backoff = MIN_BACKOFF;
@@ -477,6 +487,24 @@ async fn run(
             }
         };
         if let Err(err) = outcome {
+            let quiet = live
+                .as_ref()
+                .is_some_and(|l| l.made.elapsed() >= QUIET_CLOSE_AGE);
+            if quiet && fifo.is_empty() && wbuf.is_empty() && matches!(err, UpstreamError::Lost(_))
+            {
+                // Closed while idle, nothing in flight: Redis's `timeout`
+                // reaping an idle client, or a proxy or NAT dropping it. No
+                // request suffered, so it is no failure of upstream: the
+                // next request connects again at once (a tracking reader's
+                // loss still reaches coherence).
+                tracing::debug!(error = %err, "idle upstream connection closed: reconnecting when needed");
+                if let Some(f) = &hooks.on_lost {
+                    f(&err);
+                }
+                live = None;
+                shared.head(&fifo);
+                continue;
+            }
             connector.failed(&err);
             tracing::warn!(error = %err, in_flight = fifo.len(), "upstream connection failed");
             if let Some(f) = &hooks.on_lost {

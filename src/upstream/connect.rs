@@ -65,11 +65,38 @@ impl Connector {
     }
 
     /// Counts a failure, and tells the breaker when it was upstream's.
+    /// When that opens the circuit, the node is watched until it accepts
+    /// connections again (see `Breaker::upstream_back`).
     pub fn failed(&self, e: &UpstreamError) {
         self.errors.count(e);
-        if e.is_upstream_failure() {
-            self.breaker.failure();
+        if e.is_upstream_failure() && self.breaker.failure() {
+            self.watch_recovery();
         }
+    }
+
+    /// Tries a TCP connect to the node every `breaker::RECOVERY_POLL` while
+    /// its circuit is open, and ends the open window at the first success.
+    fn watch_recovery(&self) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (target, breaker, limit) = (
+            self.target.clone(),
+            self.breaker.clone(),
+            self.connect_timeout,
+        );
+        rt.spawn(async move {
+            while breaker.state() == breaker::State::Open {
+                tokio::time::sleep(breaker::RECOVERY_POLL).await;
+                let to = target.load_full();
+                if let Ok(Ok(_)) =
+                    tokio::time::timeout(limit, TcpStream::connect(to.as_str())).await
+                {
+                    breaker.upstream_back();
+                    return;
+                }
+            }
+        });
     }
 
     /// Whether upstream accepts a new TCP connection within

@@ -349,3 +349,85 @@ async fn fresh_l1_hits_are_served_while_the_circuit_is_open() {
         .expect("circuit_open errors exported");
     assert!(refused >= 2.0, "{refused} refusals counted");
 }
+
+/// Redis's own idle reaping (`timeout 1`, as managed services set it)
+/// closes kiln's idle shared and session connections: that is no failure
+/// of upstream. With a breaker that opens on one failure, requests after
+/// each round of reaping all succeed, the circuit stays closed and no
+/// upstream error is counted (each close used to count one and open it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_reaped_by_redis_are_no_upstream_failure() {
+    let redis = Redis::start_with(&["--timeout", "1"]);
+    let kiln = kiln_with_timeouts(&redis.url(), |c| c.upstream.breaker.failures = 1).await;
+    let [mut a, mut b] = kiln.conns::<2>().await;
+    let mut direct = redis.conn().await;
+    let clients = |info: &str| -> u64 {
+        info.lines()
+            .find_map(|l| l.strip_prefix("connected_clients:"))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    for round in 0..3 {
+        assert_eq!(
+            a.cmd(&["SET", "k", &round.to_string()]).await,
+            "+OK\r\n"[..]
+        );
+        assert_eq!(b.cmd_text(&["GET", "k"]).await, round.to_string());
+        // A session connection too: a transaction and a blocking command.
+        assert_eq!(a.cmd(&["MULTI"]).await, "+OK\r\n"[..]);
+        a.cmd(&["INCR", "n"]).await;
+        assert!(a.cmd(&["EXEC"]).await.starts_with(b"*1\r\n"));
+        assert_eq!(b.cmd(&["BLPOP", "none", "0.1"]).await, "*-1\r\n"[..]);
+        let busy = clients(&direct.cmd_text(&["INFO", "clients"]).await);
+        // Redis closes what stays idle past its timeout.
+        poll_until(Duration::from_millis(100), async || {
+            let now = clients(&direct.cmd_text(&["INFO", "clients"]).await);
+            if now < busy {
+                Ok(())
+            } else {
+                Err(format!(
+                    "round {round}: Redis reaped nothing ({now} clients)"
+                ))
+            }
+        })
+        .await;
+    }
+    assert_eq!(a.cmd(&["SET", "k", "after"]).await, "+OK\r\n"[..]);
+    assert_eq!(b.cmd_text(&["GET", "k"]).await, "after");
+    assert_eq!(breaker_state(&kiln).await, "closed");
+    let (_, metrics) = http_get(kiln.metrics, "/metrics").await;
+    let failures: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("upstream_errors_total{") && !l.ends_with(" 0"))
+        .collect();
+    assert!(failures.is_empty(), "upstream failures: {failures:?}");
+}
+
+/// A short restart costs no more than the restart: with the circuit open
+/// for 60 s, the first request after upstream is back is answered once it
+/// accepts connections again (kiln polls it while the circuit is open),
+/// not 60 s later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_circuit_ends_when_upstream_accepts_connections_again() {
+    let mut redis = Redis::start();
+    let kiln = kiln_with_timeouts(&redis.url(), |c| {
+        c.upstream.breaker.failures = 1;
+        c.upstream.breaker.open_for = Duration::from_secs(60);
+    })
+    .await;
+    let mut c = kiln.conn().await;
+    assert_eq!(c.cmd(&["SET", "k", "1"]).await, "+OK\r\n"[..]);
+    redis.kill();
+    until(&mut c, &["SET", "k", "2"], COMMAND_TIMEOUT * 4, |r| {
+        r == CIRCUIT_OPEN.as_bytes()
+    })
+    .await;
+    assert_eq!(breaker_state(&kiln).await, "open");
+    redis.restart();
+    let (_, took) = until(&mut c, &["SET", "k", "3"], COMMAND_TIMEOUT * 4, |r| {
+        r == b"+OK\r\n"
+    })
+    .await;
+    eprintln!("a 60 s circuit ended {took:?} after the restart");
+    assert_eq!(breaker_state(&kiln).await, "closed");
+}
