@@ -15,7 +15,8 @@
 //! its floor or below (checked by `tests/integration/layers.rs`):
 //!
 //! 1. wire and leaves: `protocol`, `error`, `buffers`, `tls`, `worker`
-//!    (thread id, `lock`), `shutdown`, `cli`, `name_index`
+//!    (thread id, `lock`), `shutdown`, `cli`, `name_index`, `fdlimit`,
+//!    `ratelog`
 //! 2. Redis facts: `commands` (table, key finding, hash slot, cacheable
 //!    reads), `counter`
 //! 3. `config`: the schema, one file per TOML table; imports no component
@@ -43,9 +44,11 @@ pub mod connection;
 pub mod context;
 pub mod counter;
 pub mod error;
+pub mod fdlimit;
 pub mod fuzzing;
 pub mod name_index;
 pub mod protocol;
+pub mod ratelog;
 pub mod relay;
 pub mod reload;
 pub mod server;

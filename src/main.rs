@@ -64,7 +64,7 @@ fn main() -> ExitCode {
         }
     }
     kiln::telemetry::init(&config.log);
-    raise_fd_limit(&config);
+    raise_fd_limit();
     let source = cli.config.clone().map(|path| kiln::ConfigSource {
         path,
         text,
@@ -81,18 +81,11 @@ fn main() -> ExitCode {
 }
 
 /// Each client takes a file descriptor, and so may each of its sessions:
-/// raise the soft limit to the hard one (as Redis does for maxclients), and
-/// warn when even that cannot hold `server.max_clients`.
-fn raise_fd_limit(config: &Config) {
-    let want = (config.server.max_clients + config.upstream.max_sessions + 64) as u64;
-    match rlimit::increase_nofile_limit(u64::MAX) {
-        Ok(got) if got < want => tracing::warn!(
-            limit = got,
-            max_clients = config.server.max_clients,
-            "the open-files limit is below server.max_clients plus sessions; raise it (ulimit -n)"
-        ),
-        Ok(_) => {}
-        Err(e) => tracing::warn!(error = %e, "cannot raise the open-files limit"),
+/// raise the soft limit to the hard one (as Redis does for maxclients).
+/// What it still cannot hold lowers `max_clients` (`kiln::fdlimit`).
+fn raise_fd_limit() {
+    if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
+        tracing::warn!(error = %e, "cannot raise the open-files limit");
     }
 }
 

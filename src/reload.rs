@@ -117,7 +117,10 @@ fn try_reload(ctx: &Context) -> Result<Applied, String> {
     crate::telemetry::set_level(&new.log.level)
         .map_err(|e| format!("ERR {path}: log.level: {e}"))?;
     ctx.set_live(live);
-    ctx.set_max_clients(old.server.max_clients, new.server.max_clients);
+    // Both as the open-files limit holds them (see `fdlimit`).
+    let held =
+        |c: &Config| crate::fdlimit::max_clients(c.server.max_clients, c.upstream.max_sessions);
+    ctx.set_max_clients(held(old), held(&new));
     applied.dropped = ctx.l1.configure(&new.cache);
     ctx.warmup.configure(&new.warmup);
     ctx.health.configure(&new.alerts);

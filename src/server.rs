@@ -13,6 +13,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::connection;
 use crate::context::Context;
+use crate::ratelog::Every;
 
 pub async fn accept_loop(
     listener: TcpListener,
@@ -55,7 +56,15 @@ pub async fn accept_loop(
                     }
                     Err(_) => {
                         ctx.metrics.limit_hit("max_clients");
-                        tracing::warn!(%addr, max_clients, "max clients reached, refusing");
+                        static REFUSED: Every = Every::secs(10);
+                        if let Some(more) = REFUSED.hit() {
+                            tracing::warn!(
+                                %addr,
+                                max_clients,
+                                refused_since_last_line = more,
+                                "max clients reached, refusing (counted in proxy_client_limit_total{{limit=\"max_clients\"}})"
+                            );
+                        }
                         let tls = ctx.live().tls.clone();
                         tracker.spawn(async move {
                             const FULL: &[u8] = b"-ERR max number of clients reached\r\n";
@@ -81,7 +90,10 @@ pub async fn accept_loop(
             }
             Err(e) => {
                 // Out of file descriptors and the like: back off, don't spin.
-                tracing::error!(error = %e, retry_in = ?backoff, "accept failed");
+                static FAILED: Every = Every::secs(10);
+                if let Some(more) = FAILED.hit() {
+                    tracing::error!(error = %e, retry_in = ?backoff, failed_since_last_line = more, "accept failed");
+                }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
             }

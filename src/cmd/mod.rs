@@ -525,19 +525,11 @@ pub fn parse_i64(b: &[u8]) -> Option<i64> {
 /// connection, it would make Redis close that connection for every client
 /// on it.
 pub fn cross_protocol_warning(addr: SocketAddr) {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static LOGGED: AtomicU64 = AtomicU64::new(0);
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let last = LOGGED.load(Ordering::Relaxed);
-    if now.saturating_sub(last) > 60
-        && LOGGED
-            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok()
-    {
+    static SEEN: crate::ratelog::Every = crate::ratelog::Every::secs(60);
+    if let Some(more) = SEEN.hit() {
         tracing::warn!(
             client = %addr,
+            since_last_line = more,
             "possible security attack: a client sent POST or Host: (an HTTP request, cross protocol scripting); connection closed, as Redis does"
         );
     }

@@ -139,7 +139,10 @@ impl Context {
             databases,
             redis_version,
             clients: Mutex::new(HashMap::new()),
-            permits: Arc::new(tokio::sync::Semaphore::new(cfg.server.max_clients)),
+            permits: Arc::new(tokio::sync::Semaphore::new(crate::fdlimit::max_clients(
+                cfg.server.max_clients,
+                cfg.upstream.max_sessions,
+            ))),
             config: ConfigState::new(cfg, &toml::to_string(cfg).unwrap_or_default()),
             next_client_id: AtomicU64::new(1),
             started: Instant::now(),

@@ -179,3 +179,89 @@ async fn ten_thousand_idle_connections_fit_and_the_next_is_refused() {
     last.read_exact(&mut b).await.expect("read");
     assert_eq!(&b, b"$1\r\nv\r\n");
 }
+
+/// Started with an open-files limit far below `max_clients` (10,000 by
+/// default), kiln lowers `max_clients` to what the limit holds, as Redis
+/// does: the clients past it get `-ERR max number of clients reached` at
+/// once instead of hanging in the backlog, the ones admitted are served,
+/// and the sidecar's `/health` keeps answering (it used to hang with
+/// kiln out of descriptors).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_clients_is_lowered_to_what_the_open_files_limit_holds() {
+    let redis = Redis::start();
+    let listen: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let metrics: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let (l, m) = (listen.to_string(), metrics.to_string());
+    let _kiln = process::KilnProcess::spawn(
+        std::process::Command::new("prlimit")
+            .args(["--nofile=300:300", env!("CARGO_BIN_EXE_kiln")])
+            .args(["--listen", &l, "--upstream", &redis.url(), "--metrics", &m])
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null()),
+        listen,
+    )
+    .await;
+    // 300 descriptors less 128 kept, every client perhaps in a session.
+    let held = kiln::fdlimit::clients_within(300, 10_000, 1024);
+    let mut open = Vec::new();
+    // Past the limit itself: without the lowering, the clients from about
+    // the 290th on were left without a reply.
+    for i in 0..320 {
+        let mut c = Conn::connect(listen).await;
+        c.send(&["PING"]).await;
+        let r = c
+            .try_read_within(WAIT)
+            .await
+            .unwrap_or_else(|_| panic!("client {i}: no reply"));
+        match r.as_deref() {
+            Some(b"+PONG\r\n") => assert!(i < held, "client {i} admitted past {held}"),
+            Some(b"-ERR max number of clients reached\r\n") => {
+                assert!(i >= held, "client {i} refused below {held}")
+            }
+            other => panic!("client {i}: {other:?}"),
+        }
+        open.push(c);
+    }
+    let (status, body) = http_get(metrics, "/health").await;
+    assert_eq!((status, body.trim()), (200, "ok"));
+}
+
+/// A burst of clients refused at `max_clients` writes one log line, not
+/// one per client (it wrote 7,061 in one burst): the first refusal is
+/// logged, the rest counted in `proxy_client_limit_total` and summed in
+/// the next line, at most every 10 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_clients_are_counted_not_logged_one_by_one() {
+    let redis = Redis::start();
+    let listen: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let dir = process::scratch_dir("refusals");
+    let log = dir.join("kiln.log");
+    let config = process::temp_config(
+        "refusals",
+        &format!(
+            "[server]\nlisten = \"{listen}\"\nmax_clients = 1\n[upstream]\nurl = \"{}\"\n",
+            redis.url()
+        ),
+    );
+    let kiln = process::KilnProcess::spawn(
+        process::kiln_bin()
+            .args(["--config", &config.to_string_lossy()])
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file")),
+        listen,
+    )
+    .await;
+    let mut first = Conn::connect(listen).await;
+    assert_eq!(first.cmd(&["PING"]).await, "+PONG\r\n"[..]);
+    for _ in 0..200 {
+        let mut c = Conn::connect(listen).await;
+        let r = c.try_read_within(WAIT).await.expect("a reply");
+        assert_eq!(r.as_deref(), Some(&b"-ERR max number of clients reached\r\n"[..]));
+    }
+    drop(kiln);
+    let text = std::fs::read_to_string(&log).expect("log");
+    let lines = text.matches("max clients reached").count();
+    assert_eq!(lines, 1, "{text}");
+}
