@@ -58,6 +58,8 @@ pub fn reload(ctx: &Context) -> Result<Applied, String> {
             "config reloaded"
         ),
         Err(e) => {
+            // The reply's RESP error code is for the client, not the log.
+            let e = e.strip_prefix("ERR ").unwrap_or(e);
             tracing::error!(error = %e, "config reload rejected; the running config stays in force")
         }
     }

@@ -87,10 +87,25 @@ impl Context {
         };
         let table = Arc::new(table.unwrap_or_else(CommandTable::builtin));
         upstream.set_keys(table.clone());
-        let databases = match upstream.probe(&[b"CONFIG", b"GET", b"databases"]).await {
-            Ok(r) => last_bulk_number(&r).unwrap_or(16),
-            Err(_) => 16,
+        let known = match upstream.probe(&[b"CONFIG", b"GET", b"databases"]).await {
+            Ok(r) => last_bulk_number(&r),
+            Err(_) => None,
         };
+        let databases = known.unwrap_or(16);
+        // A database upstream does not have would fail every request:
+        // refused at start, naming the key, as a config error is.
+        let db = upstream.default_db();
+        if known.is_some() && db >= databases && upstream.cluster().is_none() {
+            let key = if cfg.upstream.sentinel.is_some() {
+                "upstream.sentinel.db"
+            } else {
+                "upstream.url"
+            };
+            return Err(format!(
+                "invalid value for `{key}`: database {db} is out of range: upstream has databases 0 to {} (its `databases` setting)",
+                databases - 1
+            ));
+        }
         let redis_version = match upstream.probe(&[b"INFO", b"server"]).await {
             Ok(r) => String::from_utf8_lossy(&r)
                 .lines()

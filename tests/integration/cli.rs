@@ -301,3 +301,31 @@ async fn a_second_kiln_on_the_same_port_fails_to_start() {
         c = Conn::connect(first.addr).await;
     }
 }
+
+/// A database upstream does not have is refused at start, naming the key
+/// (it used to start, then fail every request with `ERR DB index is out
+/// of range` and open the breaker); the last database upstream has is
+/// served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_upstream_lacks_is_a_config_error_at_start() {
+    let redis = Redis::start_with(&["--databases", "4"]);
+    let port = redis.port;
+    let out = kiln()
+        .args(["--upstream", &format!("redis://127.0.0.1:{port}/4")])
+        .args(["--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0"])
+        .output()
+        .expect("run kiln");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("`upstream.url`") && err.contains("database 4 is out of range"),
+        "{err}"
+    );
+    let kiln =
+        crate::util::Kiln::start_with_url(&format!("redis://127.0.0.1:{port}/3"), |_| {}).await;
+    let mut c = kiln.conn().await;
+    assert_eq!(c.cmd(&["SET", "k", "v"]).await, "+OK\r\n"[..]);
+    let mut direct = redis.conn().await;
+    assert_eq!(direct.cmd(&["SELECT", "3"]).await, "+OK\r\n"[..]);
+    assert_eq!(direct.cmd(&["GET", "k"]).await, bulk("v"));
+}

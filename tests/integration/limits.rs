@@ -258,7 +258,10 @@ async fn refused_clients_are_counted_not_logged_one_by_one() {
     for _ in 0..200 {
         let mut c = Conn::connect(listen).await;
         let r = c.try_read_within(WAIT).await.expect("a reply");
-        assert_eq!(r.as_deref(), Some(&b"-ERR max number of clients reached\r\n"[..]));
+        assert_eq!(
+            r.as_deref(),
+            Some(&b"-ERR max number of clients reached\r\n"[..])
+        );
     }
     drop(kiln);
     let text = std::fs::read_to_string(&log).expect("log");
