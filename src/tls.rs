@@ -67,20 +67,44 @@ pub fn acceptor(
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
-/// How kiln verifies a `rediss://` upstream: the system's roots plus
-/// `ca` (a PEM file), if given.
-pub fn connector(ca: Option<&str>) -> Result<tokio_rustls::TlsConnector, String> {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_native_certs::load_native_certs().certs {
+/// The system's root certificates, read once (the first `rediss://`
+/// connector or config check) and logged: how many were loaded, and why
+/// the store could not be read if it could not (a container image without
+/// `ca-certificates`).
+fn system_roots() -> &'static rustls::RootCertStore {
+    static ROOTS: std::sync::OnceLock<rustls::RootCertStore> = std::sync::OnceLock::new();
+    ROOTS.get_or_init(|| {
+        let found = rustls_native_certs::load_native_certs();
+        let mut roots = rustls::RootCertStore::empty();
         // A system certificate rustls cannot use is skipped, as browsers do.
-        let _ = roots.add(cert);
-    }
+        let (added, skipped) = roots.add_parsable_certificates(found.certs);
+        let errors: Vec<String> = found.errors.iter().map(|e| e.to_string()).collect();
+        if added == 0 {
+            tracing::warn!(
+                ?errors,
+                "no system root certificates: a rediss:// upstream needs upstream.tls_ca (or the system's ca-certificates)"
+            );
+        } else {
+            tracing::info!(roots = added, skipped, ?errors, "system root certificates loaded");
+        }
+        roots
+    })
+}
+
+/// How kiln verifies a `rediss://` upstream: the system's roots plus
+/// `ca` (a PEM file), if given. `Err` when that leaves nothing to verify
+/// a certificate against.
+pub fn connector(ca: Option<&str>) -> Result<tokio_rustls::TlsConnector, String> {
+    let mut roots = system_roots().clone();
     if let Some(path) = ca {
         for cert in certs(path)? {
             roots
                 .add(cert)
                 .map_err(|e| format!("bad CA certificate in `{path}`: {e}"))?;
         }
+    }
+    if roots.is_empty() {
+        return Err("no root certificate to verify upstream with: the system store is empty or unreadable (install ca-certificates) and upstream.tls_ca is not set".into());
     }
     let config = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()

@@ -50,6 +50,11 @@ impl Config {
         }
         if upstream.tls {
             crate::tls::server_name(&upstream.host).map_err(|m| bad("upstream.url", m))?;
+            if self.upstream.tls_ca.is_none() {
+                // Something must verify upstream's certificate: the
+                // system's roots, when there are any.
+                crate::tls::connector(None).map_err(|m| bad("upstream.url", m))?;
+            }
         }
         let positive = [
             ("server.max_clients", self.server.max_clients as u64),

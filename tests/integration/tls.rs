@@ -187,3 +187,39 @@ async fn an_upstream_certificate_kiln_does_not_trust_is_refused() {
         "{text}"
     );
 }
+
+/// With no system root certificates (an image without ca-certificates,
+/// here an unreadable store) and no `upstream.tls_ca`, a `rediss://`
+/// upstream is a config error naming `upstream.url` and why (check-config
+/// and start alike), instead of a start that fails every connect with an
+/// unknown issuer; with `upstream.tls_ca` the same config is valid.
+#[test]
+fn a_rediss_upstream_with_nothing_to_verify_it_is_a_config_error() {
+    let certs = Certs::make("no-roots");
+    let check = |text: &str| {
+        let config = crate::util::process::temp_config("no-roots", text);
+        let out = crate::util::process::kiln_bin()
+            .env("SSL_CERT_FILE", "/nonexistent")
+            .env("SSL_CERT_DIR", "/nonexistent")
+            .args(["check-config", "--config", &config.to_string_lossy()])
+            .output()
+            .expect("run kiln");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, err) = check("[upstream]\nurl = \"rediss://127.0.0.1:1\"\n");
+    assert_ne!(code, Some(0), "{err}");
+    assert!(
+        err.contains("`upstream.url`")
+            && err.contains("no root certificate to verify upstream with")
+            && err.contains("install ca-certificates"),
+        "{err}"
+    );
+    let (code, err) = check(&format!(
+        "[upstream]\nurl = \"rediss://127.0.0.1:1\"\ntls_ca = \"{}\"\n",
+        certs.path("ca.pem")
+    ));
+    assert_eq!(code, Some(0), "{err}");
+}
