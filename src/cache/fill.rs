@@ -11,8 +11,17 @@ use super::*;
 use crate::commands::reads;
 
 impl L1 {
+    /// Whether the GET reply `frame` (`$n\r\n...\r\n`) holds a value over
+    /// `cache.max_value_size`, which L1 does not keep. Exact: a frame no
+    /// longer than the limit cannot hold more; past it the header says.
+    pub fn too_large(&self, frame: &[u8]) -> bool {
+        let max = self.settings.load().max_value_size;
+        frame.len() > max && bulk_len(frame) > max
+    }
+
     /// Stores a `GET` reply frame (`$..` bulk) or nil with the lifetime the
     /// rule and the key's `PTTL` allow. Returns whether it was stored.
+    /// A value over `max_value_size` (`too_large`) is not.
     pub fn fill(
         &self,
         db: u32,
@@ -23,8 +32,7 @@ impl L1 {
         t: FillToken,
     ) -> bool {
         if let Some(f) = frame {
-            let max = self.settings.load().max_value_size;
-            if f.len() > max + 16 && bulk_len(f) > max {
+            if self.too_large(f) {
                 self.stats
                     .not_cached_too_large
                     .fetch_add(1, Ordering::Relaxed);

@@ -499,3 +499,22 @@ fn ttl_mode_serves_expired_entries_while_they_refresh() {
         "never past the key's PTTL"
     );
 }
+
+/// `max_value_size` is exact: a value of that many bytes is cached, one a
+/// byte longer is not, whatever its header's length (values up to 5
+/// bytes over used to be, hidden by the frame's header and trailer).
+#[test]
+fn max_value_size_is_exact() {
+    let c = l1();
+    for (len, cached) in [(1000, true), (1001, false), (1005, false), (1010, false)] {
+        let k = Bytes::from(format!("v{len}"));
+        let frame = format!("${len}\r\n{}\r\n", "x".repeat(len));
+        let t = c.token(&k);
+        assert_eq!(
+            c.fill(0, &k, Some(frame.as_bytes()), -1, TTL, t),
+            cached,
+            "{len}"
+        );
+        assert_eq!(c.get(0, &k).is_some(), cached, "{len}");
+    }
+}

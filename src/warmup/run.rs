@@ -289,7 +289,7 @@ async fn fetch(
         };
         // A nil is a missing key or one of another type: nothing to warm.
         let Some(frame) = value else { continue };
-        if frame.len() > l1.max_value_size() + 16 {
+        if l1.too_large(&frame) {
             too_large += 1;
         } else if io.coherence.can_fill() && l1.fill(db, key, Some(&frame), pttl, *ttl, token) {
             warmed += 1;
