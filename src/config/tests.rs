@@ -208,6 +208,24 @@ fn unknown_key_names_key_and_line() {
 #[test]
 fn bad_value_names_key_and_line() {
     assert_invalid("[upstream]\nconnections = 0\n", "upstream.connections", 2);
+    // Set in an inline table, or under a sub-table's own header: the line
+    // of the inline table or of the header.
+    assert_invalid(
+        "[warmup]\nbatch_size = 10\nhotkeys = { sample = 0 }\n",
+        "warmup.hotkeys.sample",
+        3,
+    );
+    assert_invalid(
+        "[warmup]\nlock = { scope = \"fleet\", ttl = \"0s\" }\n",
+        "warmup.lock.ttl",
+        2,
+    );
+    assert_invalid("[warmup.hotkeys]\nsample = 0\n", "warmup.hotkeys.sample", 2);
+    assert_invalid(
+        "[admin]\nallow_remote = false\n\n[admin.rate_limits]\n\"CACHE.WARMUP\" = \"x\"\n",
+        "admin.rate_limits",
+        4,
+    );
     let err = Config::from_toml("[cache]\nttl = \"5 parsecs\"\n").expect_err("bad duration");
     assert!(err.to_string().contains("line 2"), "{err}");
 }

@@ -85,6 +85,23 @@ pub fn line_of(text: &str, dotted: &str) -> Option<usize> {
     None
 }
 
+/// The line to name in an error about `dotted`: where it is set
+/// (`line_of`), else the `[dotted]` header of a table written out, else
+/// where its parent is set (an inline table: `hotkeys = { sample = 0 }`
+/// under `[warmup]` for `warmup.hotkeys.sample`), up to a key of a
+/// top-level table. `None` when the file does not set it at all.
+pub fn error_line(text: &str, dotted: &str) -> Option<usize> {
+    line_of(text, dotted)
+        .or_else(|| {
+            let header = format!("[{dotted}]");
+            text.lines().position(|l| l.trim() == header).map(|i| i + 1)
+        })
+        .or_else(|| {
+            let (parent, _) = dotted.rsplit_once('.')?;
+            parent.contains('.').then(|| error_line(text, parent))?
+        })
+}
+
 /// The first line at or after `from` (1-based) that mentions `needle`, in
 /// quotes or as a key: where an element of a multi-line array, or a key of
 /// an array-of-tables entry, is written.

@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use super::text::{element_line, line_of, nth_table_line};
+use super::text::{element_line, error_line, line_of, nth_table_line};
 use super::*;
 
 impl Config {
@@ -425,7 +425,7 @@ impl Config {
 fn invalid(text: &str, key: &str, message: String) -> ConfigError {
     ConfigError::Invalid {
         key: key.to_string(),
-        line: LineRef(line_of(text, key)),
+        line: LineRef(error_line(text, key)),
         message,
     }
 }
