@@ -84,6 +84,10 @@ pub async fn serve_tls(
     serve_io(rd, wr, meta, ctx, shutdown).await;
 }
 
+/// How long a client may read nothing while its output is over
+/// `server.max_output_buffer` before it is cut off.
+pub const UNREAD_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
 pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 async fn serve_io<R: ClientRead, W: AsyncWrite + Unpin>(
@@ -144,6 +148,9 @@ async fn run<R: ClientRead, W: AsyncWrite + Unpin>(
     let mut stalled: Option<Command> = None;
     // No more input is taken: write what is owed, then close.
     let mut closing = false;
+    // Since when the output has been over `max_output_buffer` with nothing
+    // read by the client.
+    let mut unread_since: Option<tokio::time::Instant> = None;
     let mut last_active = tokio::time::Instant::now();
     // Whether we yielded since the last read (see below).
     let mut yielded = false;
@@ -282,12 +289,21 @@ async fn run<R: ClientRead, W: AsyncWrite + Unpin>(
             let _ = wr.shutdown().await;
             return;
         }
-        if out.len() > max_output_buffer {
+        // The output limit bounds what a client fails to read, as Redis's
+        // client-output-buffer-limit does: past it, the client is cut off
+        // once it has read nothing for `UNREAD_GRACE`. A client reading a
+        // reply larger than the limit (a 100 MB value) gets all of it.
+        let over = (out.len() > max_output_buffer)
+            .then(|| *unread_since.get_or_insert_with(tokio::time::Instant::now) + UNREAD_GRACE);
+        if over.is_none() {
+            unread_since = None;
+        }
+        if over.is_some_and(|cut| cut <= tokio::time::Instant::now()) {
             ctx.metrics.limit_hit("max_output_buffer");
             tracing::warn!(
                 client = c.id,
                 buffered = out.len(),
-                "client output buffer limit reached, disconnecting"
+                "client output buffer limit reached and nothing read for {UNREAD_GRACE:?}, disconnecting"
             );
             return;
         }
@@ -320,6 +336,8 @@ async fn run<R: ClientRead, W: AsyncWrite + Unpin>(
                 if !matches!(r, Ok(n) if n > 0) {
                     return;
                 }
+                // It reads: the unread time starts again.
+                unread_since = None;
                 // Idle time counts from the last read or write, as in Redis:
                 // a reply that took long (BLPOP) is activity.
                 if !idle_timeout.is_zero() {
@@ -345,6 +363,7 @@ async fn run<R: ClientRead, W: AsyncWrite + Unpin>(
             },
             // In an async block: select! builds every branch's future, and
             // a timer is only made when it is waited on.
+            _ = async { tokio::time::sleep_until(over.unwrap_or(last_active)).await }, if over.is_some() => {}
             _ = async { tokio::time::sleep_until(last_active + idle_timeout).await }, if idle => {
                 ctx.metrics.limit_hit("idle_timeout");
                 tracing::debug!(client = c.id, "idle timeout, closing");

@@ -40,6 +40,9 @@ async fn idle_clients_are_closed_busy_ones_are_not() {
     assert!(limit_count(&kiln, "idle_timeout").await >= 1);
 }
 
+/// A client that sends 100 MB worth of GETs and reads nothing is cut off
+/// once its unread output passes `max_output_buffer` and it has read
+/// nothing for `UNREAD_GRACE`; another client is served meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_reading_is_cut_off_others_go_on() {
     const LIMIT: u64 = 1 << 20;
@@ -82,8 +85,16 @@ async fn a_client_that_stops_reading_is_cut_off_others_go_on() {
     }
     let mut flood = tokio::time::timeout(WAIT, writer)
         .await
-        .expect("the flood writer ends: kiln stopped it")
+        .expect("the flood writer ends")
         .expect("writer");
+    // Having read nothing for a while past the limit, it is cut off.
+    poll_until(Duration::from_millis(50), async || {
+        match limit_count(&kiln, "max_output_buffer").await {
+            0 => Err("the unread client was never cut off".to_string()),
+            _ => Ok(()),
+        }
+    })
+    .await;
     // Reading now: whatever was in flight, then the close.
     let mut got = 0u64;
     let mut buf = vec![0u8; 1 << 16];
@@ -267,4 +278,33 @@ async fn refused_clients_are_counted_not_logged_one_by_one() {
     let text = std::fs::read_to_string(&log).expect("log");
     let lines = text.matches("max clients reached").count();
     assert_eq!(lines, 1, "{text}");
+}
+
+/// `max_output_buffer` bounds what a client fails to read, not a reply it
+/// is reading: with a 1 MiB limit, a 4 MB value (an L1 hit, then read
+/// upstream once L1 no longer holds it) and a 3 MB forwarded reply reach a
+/// client that reads them, whole, as Redis would send them (each used to
+/// close the connection without a reply).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_larger_than_the_output_limit_reaches_a_reading_client() {
+    let (redis, kiln) = redis_and_kiln_with(|c| {
+        c.server.max_output_buffer = 1 << 20;
+        c.cache.max_memory = 64 << 20;
+        c.cache.max_value_size = 8 << 20;
+    })
+    .await;
+    let big = "b".repeat(4_000_000);
+    let mut c = kiln.conn().await;
+    assert_eq!(c.cmd(&["SET", "big", &big]).await, "+OK\r\n"[..]);
+    let want = bulk(&big);
+    assert_eq!(c.cmd(&["GET", "big"]).await, want, "read upstream");
+    assert_eq!(c.cmd(&["GET", "big"]).await, want, "an L1 hit");
+    let items: Vec<String> = (0..3000).map(|i| format!("{i:0>1000}")).collect();
+    let mut push = vec!["RPUSH".to_string(), "list".to_string()];
+    push.extend(items.iter().cloned());
+    assert_eq!(c.cmd(&push).await, ":3000\r\n"[..]);
+    let mut direct = redis.conn().await;
+    let lrange = ["LRANGE", "list", "0", "-1"];
+    assert_eq!(c.cmd(&lrange).await, direct.cmd(&lrange).await);
+    assert_eq!(c.cmd(&["PING"]).await, "+PONG\r\n"[..], "still connected");
 }
