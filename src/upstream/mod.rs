@@ -21,8 +21,8 @@
 //! node per command and handles redirections. Nothing here knows about the
 //! cache.
 //!
-//! Bottom up: `connect` (how a connection is made) < `conn` (one
-//! multiplexed connection) < `node` (a server's pools) < `cluster`
+//! Bottom up: `request` (what is sent and comes back) < `connect` (how a
+//! connection is made) < `conn` (one multiplexed connection) < `node` (a server's pools) < `cluster`
 //! (topology, routing, merging) and `sentinel`; this file is the facade.
 
 pub mod breaker;
@@ -30,6 +30,7 @@ pub mod cluster;
 pub mod conn;
 mod connect;
 mod node;
+pub mod request;
 pub mod sentinel;
 
 pub use breaker::Breaker;

@@ -1,0 +1,103 @@
+//! What is sent on an upstream connection and what comes back: a
+//! `Request` (the command's bytes, where its `Reply` goes, the hook that
+//! runs once its fate is known, who resends it after a cluster
+//! redirection), and the `Hooks` a connection reports to its owner.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::oneshot;
+
+use crate::error::UpstreamError;
+use crate::protocol::reply::Redirection;
+
+pub type Reply = Result<Bytes, UpstreamError>;
+
+/// Where a request's `Reply` arrives.
+pub type ReplyRx = oneshot::Receiver<Reply>;
+
+/// Runs once the request's fate is known, reply or failure, whether or not
+/// the client that sent it is still there: write invalidation lives here so a
+/// client that disconnects cannot skip it.
+pub type OnReply = Box<dyn FnOnce() + Send>;
+
+pub struct Request {
+    pub wire: Bytes,
+    pub reply: oneshot::Sender<Reply>,
+    pub on_reply: Option<OnReply>,
+    /// Subject to `command_timeout`; blocking commands are not.
+    pub timed: bool,
+    /// Who resends the request when a cluster node answers `-MOVED`,
+    /// `-ASK`, `-TRYAGAIN` or `-CLUSTERDOWN`, or when the node cannot be
+    /// reached before it was sent (see `Redirector`). `None`: replies are
+    /// handed back as they are.
+    pub redirect: Option<Arc<dyn Redirector>>,
+    /// Times it was redirected (`MOVED`, `ASK`) so far.
+    pub hops: u8,
+    /// Times it waited to be sent again (`TRYAGAIN`, `CLUSTERDOWN`, node
+    /// unreachable) so far.
+    pub waits: u8,
+    /// Replies to drop before the request's own (the `ASKING` sent in front
+    /// of it after an `-ASK`).
+    pub skip: u8,
+}
+
+impl Request {
+    /// A request as `ConnHandle::send` makes it.
+    pub fn new(
+        wire: Bytes,
+        reply: oneshot::Sender<Reply>,
+        on_reply: Option<OnReply>,
+        timed: bool,
+    ) -> Request {
+        Request {
+            wire,
+            reply,
+            on_reply,
+            timed,
+            redirect: None,
+            hops: 0,
+            waits: 0,
+            skip: 0,
+        }
+    }
+
+    /// Hands `r` back as the request's reply (running its hook first).
+    pub fn answer(self, r: Reply) {
+        if let Some(f) = self.on_reply {
+            f();
+        }
+        let _ = self.reply.send(r);
+    }
+}
+
+/// A cluster router: takes back requests a node redirected or could not
+/// be sent to (the request never ran), and sends them where they belong,
+/// or answers them. Called on the node connection's task, in reply order,
+/// so a client's redirected requests keep their order.
+pub trait Redirector: Send + Sync {
+    fn redirected(&self, how: Redirection, reply: Bytes, req: Request);
+    /// The node could not be reached; `req` was never written.
+    fn unsent(&self, err: UpstreamError, req: Request);
+}
+
+/// Called for RESP3 pushes that arrive on the connection.
+pub type PushHandler = Arc<dyn Fn(Bytes) + Send + Sync>;
+
+/// Told why a live connection failed.
+pub type LostHandler = Arc<dyn Fn(&UpstreamError) + Send + Sync>;
+
+/// What a connection reports to its owner, for connections whose state
+/// matters beyond their own requests (tracking connections).
+#[derive(Clone, Default)]
+pub struct Hooks {
+    pub push: Option<PushHandler>,
+    /// After a connection is made and its setup commands succeeded.
+    pub on_connected: Option<Arc<dyn Fn() + Send + Sync>>,
+    /// After a live connection failed.
+    pub on_lost: Option<LostHandler>,
+    /// PING when idle this long, and reconnect without waiting for traffic:
+    /// a tracking connection's loss must be noticed even when nobody reads.
+    pub keepalive: Option<Duration>,
+}
