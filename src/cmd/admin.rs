@@ -336,7 +336,7 @@ pub fn status_fields(ctx: &Context, w: &Snapshot) -> Vec<(&'static str, Val)> {
                 ctx.coherence
                     .tracking_table_small(&ctx.l1)
                     .map(|(table, l1)| {
-                        format!("L1 holds up to ~{l1} entries but upstream tracks at most {table} keys (tracking-table-max-keys): L1 churns; raise it or use coherence.mode = \"bcast\"")
+                        format!("L1 holds {l1} entries and upstream tracks at most {table} keys (tracking-table-max-keys): L1 churns; raise it or use coherence.mode = \"bcast\"")
                     })
                     .unwrap_or_default(),
             ),

@@ -45,6 +45,10 @@ use crate::protocol::request::encode_command;
 use crate::upstream::{Hooks, Link, ReaderSpec, Upstream};
 use crate::worker::lock;
 
+/// The share of upstream's tracking table L1 may hold before the
+/// `tracking_table_small` alert fires.
+pub const TABLE_FULL: f64 = 0.9;
+
 pub struct Coherence {
     pub mode: CoherenceMode,
     check_interval: Duration,
@@ -89,17 +93,30 @@ impl Coherence {
         })
     }
 
-    /// In `tracking` mode, when L1 can hold more entries than upstream's
-    /// tracking table (`tracking-table-max-keys`): Redis then evicts keys
-    /// from the table with invalidations, so L1 churns and holds about
-    /// that many keys at most. `Some((table, l1_entries))` when so.
+    /// In `tracking` mode, when L1 holds now at least `TABLE_FULL` of
+    /// what upstream's tracking table (`tracking-table-max-keys`) can:
+    /// Redis then evicts keys from the table with invalidations, so L1
+    /// churns. A condition of now, not of capacity: a fresh install whose
+    /// L1 could outgrow the table (the defaults can) raises nothing until
+    /// it does. `Some((table, l1_entries))` when so.
     pub fn tracking_table_small(&self, l1: &L1) -> Option<(u64, u64)> {
         let max = self.tracking_table_max.load(Ordering::Relaxed);
         if self.mode != CoherenceMode::Tracking || max <= 0 {
             return None;
         }
-        let l1_entries = l1.entries_capacity();
-        (l1_entries > max as u64).then_some((max as u64, l1_entries))
+        let held = l1.len() as u64;
+        (held as f64 >= TABLE_FULL * max as f64).then_some((max as u64, held))
+    }
+
+    /// Whether L1 could grow past upstream's tracking table: logged once
+    /// as advice, alerting only once it does (`tracking_table_small`).
+    fn tracking_table_may_fill(&self, l1: &L1) -> Option<(u64, u64)> {
+        let max = self.tracking_table_max.load(Ordering::Relaxed);
+        if self.mode != CoherenceMode::Tracking || max <= 0 {
+            return None;
+        }
+        let capacity = l1.entries_capacity();
+        (capacity > max as u64).then_some((max as u64, capacity))
     }
 
     /// Reads upstream's `tracking-table-max-keys`, and logs when L1 starts
@@ -115,17 +132,17 @@ impl Coherence {
         let Some(max) = config_value(&reply) else {
             return;
         };
-        let was = self.tracking_table_small(l1);
+        let was = self.tracking_table_may_fill(l1);
         self.tracking_table_max.store(max, Ordering::Relaxed);
-        match (was, self.tracking_table_small(l1)) {
-            (None, Some((table, entries))) => tracing::warn!(
+        match (was, self.tracking_table_may_fill(l1)) {
+            (None, Some((table, entries))) => tracing::info!(
                 tracking_table_max_keys = table,
                 l1_entries_capacity = entries,
-                "L1 can hold more keys than upstream's tracking table: Redis will evict tracked keys with invalidations and L1 will churn; raise tracking-table-max-keys upstream (0 = unlimited) or use coherence.mode = \"bcast\""
+                "L1 can hold more keys than upstream's tracking table: once it does, Redis evicts tracked keys with invalidations and L1 churns (alert tracking_table_small); raise tracking-table-max-keys upstream (0 = unlimited) or use coherence.mode = \"bcast\""
             ),
             (Some(_), None) => tracing::info!(
                 tracking_table_max_keys = max,
-                "upstream's tracking table is no longer smaller than L1"
+                "upstream's tracking table is no longer smaller than L1's capacity"
             ),
             _ => {}
         }

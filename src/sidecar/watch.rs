@@ -135,7 +135,7 @@ fn firing(ctx: &Context) -> Vec<Firing> {
         firing.push((
             "tracking_table_small",
             "warning",
-            format!("L1 holds ~{l1} entries, upstream's tracking table {table} keys: L1 churns"),
+            format!("L1 holds {l1} entries, upstream's tracking table {table} keys: L1 churns"),
             l1 as f64,
             table as f64,
         ));

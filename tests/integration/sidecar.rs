@@ -222,6 +222,7 @@ fn deploy_prometheus_files_pass_promtool() {
             "deploy/prometheus/prometheus.compose.yml",
         ],
         vec!["check", "rules", "deploy/prometheus/alerts.yml"],
+        vec!["test", "rules", "deploy/prometheus/alerts_test.yml"],
     ] {
         crate::util::process::run_ok(
             std::process::Command::new("promtool")
