@@ -40,16 +40,20 @@ fn firing(ctx: &Context) -> Vec<Firing> {
     let pct = |v: f64| format!("{:.1}%", v * 100.0);
     let mut firing: Vec<Firing> = Vec::new();
     let secs = w.duration.as_secs_f64();
-    if w.status != "idle" && w.duration > c.warmup_slow {
+    // Warmup alerts describe now: a run still going past `warmup_slow`, a
+    // run that failed within the last `alerts.window` (and no run since).
+    if w.status == "running" && w.duration > c.warmup_slow {
         firing.push((
             "warmup_slow",
             "warning",
-            format!("warmup {} took {secs:.1}s", w.trace_id),
+            format!("warmup {} running for {secs:.1}s", w.trace_id),
             secs,
             c.warmup_slow.as_secs_f64(),
         ));
     }
-    if w.status == "failed" {
+    let ended = w.last_warmup.map(|at| at + w.duration);
+    let recent = ended.is_some_and(|e| e.elapsed().unwrap_or_default() < c.window);
+    if w.status == "failed" && recent {
         firing.push((
             "warmup_failed",
             "critical",

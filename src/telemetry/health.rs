@@ -130,12 +130,25 @@ impl Health {
     }
 
     /// Puts `firing` in force as the active alerts: one that was firing
-    /// keeps its `since`, a new one is logged, one no longer listed ends.
+    /// keeps its `since`, a new one is logged, one no longer listed ends
+    /// and is logged as resolved, with how long it lasted.
     pub fn set_firing(&self, firing: Vec<Firing>) {
         let mut active = lock(&self.active);
         let now = SystemTime::now();
         let names: Vec<&'static str> = firing.iter().map(|f| f.0).collect();
-        active.retain(|name, _| names.contains(name));
+        active.retain(|name, (since, alert)| {
+            let firing = names.contains(name);
+            if !firing {
+                let lasted = now.duration_since(*since).unwrap_or_default();
+                tracing::info!(
+                    alert = *name,
+                    severity = alert.severity,
+                    ?lasted,
+                    "alert resolved"
+                );
+            }
+            firing
+        });
         for (name, severity, message, value, threshold) in firing {
             let since = active.get(name).map_or(now, |(s, _)| *s);
             if !active.contains_key(name) {

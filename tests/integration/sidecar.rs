@@ -255,6 +255,20 @@ async fn alert_state(kiln: &Kiln, name: &str, active: bool) -> Option<Value> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_warmup_raises_the_critical_alert_until_one_succeeds() {
+    failed_warmup_alert(true).await;
+}
+
+/// The same alert describes a recent failure, not the last run forever: it
+/// ends `alerts.window` after the failed run with no run since (it stayed
+/// firing for the life of the process when Redis was down at start).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_warmup_alert_ends_after_the_window() {
+    failed_warmup_alert(false).await;
+}
+
+/// A failed run raises `warmup_failed`; it ends with a run that succeeds
+/// (`succeed`), or by itself past `alerts.window`.
+async fn failed_warmup_alert(succeed: bool) {
     let redis = Redis::start();
     let mut d = redis.conn().await;
     crate::util::set_user(&mut d, "kiln", &["~*", "+@all", "-scan"]).await;
@@ -265,6 +279,9 @@ async fn a_failed_warmup_raises_the_critical_alert_until_one_succeeds() {
         c.warmup.lock.scope = kiln::config::LockScope::Instance;
         c.warmup.retries = 0;
         c.warmup.phase = vec![crate::util::phase("w", 1, "w:*")];
+        if !succeed {
+            c.alerts.window = Duration::from_secs(2);
+        }
     })
     .await;
     let mut k = kiln.conn().await;
@@ -280,8 +297,12 @@ async fn a_failed_warmup_raises_the_critical_alert_until_one_succeeds() {
         "{text}"
     );
     assert!(text.contains("cache_warmup_runs_total{outcome=\"failed\"} 1"));
-    d.cmd(&["ACL", "SETUSER", "kiln", "+scan"]).await;
-    assert!(String::from_utf8_lossy(&k.cmd(&["CACHE.WARMUP", "SYNC"]).await).contains("completed"));
+    if succeed {
+        d.cmd(&["ACL", "SETUSER", "kiln", "+scan"]).await;
+        assert!(
+            String::from_utf8_lossy(&k.cmd(&["CACHE.WARMUP", "SYNC"]).await).contains("completed")
+        );
+    }
     alert_state(&kiln, "warmup_failed", false).await;
 }
 
