@@ -11,8 +11,16 @@ fn the_shipped_proxy_toml_is_valid() {
     let text = include_str!("../../proxy.toml");
     let cfg = kiln::Config::from_toml(text).expect("proxy.toml parses");
     cfg.validate(text).expect("proxy.toml validates");
-    assert_eq!(cfg.server.listen, "127.0.0.1:6380");
-    assert_eq!(cfg.cache.rules.len(), 2);
+    // It is the defaults, key for key: what it shows is what kiln does
+    // with no config file (examples are commented out).
+    let shown = toml::Value::try_from(&cfg).expect("serializes");
+    let defaults = toml::Value::try_from(kiln::Config::default()).expect("serializes");
+    let mut differ = Vec::new();
+    leaves_that_differ("", &shown, &defaults, &mut differ);
+    assert!(
+        differ.is_empty(),
+        "proxy.toml is not the defaults at {differ:?}"
+    );
     let out = run_ok(
         kiln().args([
             "check-config",
@@ -23,10 +31,34 @@ fn the_shipped_proxy_toml_is_valid() {
         "run kiln",
     );
     let printed = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        printed.contains("max_clients = 10000") && printed.contains("ttl = \"1day\""),
-        "{printed}"
+    let bare = run_ok(kiln().arg("check-config"), "kiln check-config", "run kiln");
+    assert_eq!(
+        printed,
+        String::from_utf8_lossy(&bare.stdout),
+        "check-config prints the same for proxy.toml and for no file"
     );
+    assert!(printed.contains("max_clients = 10000"), "{printed}");
+}
+
+/// The dotted keys where two configs differ.
+fn leaves_that_differ(at: &str, a: &toml::Value, b: &toml::Value, out: &mut Vec<String>) {
+    match (a, b) {
+        (toml::Value::Table(x), toml::Value::Table(y)) => {
+            for k in x.keys().chain(y.keys().filter(|k| !x.contains_key(*k))) {
+                let path = if at.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{at}.{k}")
+                };
+                match (x.get(k), y.get(k)) {
+                    (Some(p), Some(q)) => leaves_that_differ(&path, p, q, out),
+                    _ => out.push(path),
+                }
+            }
+        }
+        _ if a != b => out.push(at.to_string()),
+        _ => {}
+    }
 }
 
 #[test]
@@ -328,4 +360,50 @@ async fn a_database_upstream_lacks_is_a_config_error_at_start() {
     let mut direct = redis.conn().await;
     assert_eq!(direct.cmd(&["SELECT", "3"]).await, "+OK\r\n"[..]);
     assert_eq!(direct.cmd(&["GET", "k"]).await, bulk("v"));
+}
+
+/// The README's configuration table gives each key's default as kiln has
+/// it: every row whose default is a value (not "none" or prose) is set in
+/// a file as written, parsed, and must come out equal to `Config::default()`
+/// at that key.
+#[test]
+fn the_readmes_defaults_are_kilns() {
+    let readme = include_str!("../../README.md");
+    let table = readme
+        .split("| key | default | meaning |")
+        .nth(1)
+        .expect("the configuration table");
+    let defaults = toml::Value::try_from(kiln::Config::default()).expect("serializes");
+    let mut checked = 0;
+    let mut wrong = Vec::new();
+    for row in table.lines().skip(2).take_while(|l| l.starts_with('|')) {
+        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+        let (key, shown) = (cells[1].trim_matches('`'), cells[2]);
+        let literal = if shown.starts_with("`{") || shown == "[]" {
+            shown.trim_matches('`').to_string()
+        } else if shown == "true" || shown == "false" || shown.parse::<f64>().is_ok() {
+            shown.to_string()
+        } else if let Some(word) = shown.strip_prefix('`').and_then(|s| s.strip_suffix('`')) {
+            format!("\"{word}\"")
+        } else if shown.chars().next().is_some_and(|c| c.is_ascii_digit()) && !shown.contains(' ') {
+            format!("\"{shown}\"") // a size or a duration
+        } else {
+            continue; // "none", "off", prose
+        };
+        let (table, leaf) = key.rsplit_once('.').expect("dotted");
+        let text = format!("[{table}]\n{leaf} = {literal}\n");
+        let parsed = kiln::Config::from_toml(&text)
+            .unwrap_or_else(|e| panic!("README default of {key} ({shown}) does not parse: {e}"));
+        let got = toml::Value::try_from(parsed).expect("serializes");
+        let at = |v: &toml::Value| key.split('.').try_fold(v.clone(), |v, k| v.get(k).cloned());
+        if at(&got) != at(&defaults) {
+            wrong.push(format!("{key}: README {shown}, kiln {:?}", at(&defaults)));
+        }
+        checked += 1;
+    }
+    assert!(checked > 40, "only {checked} rows read");
+    assert!(
+        wrong.is_empty(),
+        "README defaults that are not kiln's: {wrong:#?}"
+    );
 }
