@@ -167,7 +167,7 @@ fn value_at(cfg: &Config, path: &str) -> Option<toml::Value> {
 
 /// The dotted keys whose values differ between two configs. Secrets are
 /// compared, never printed.
-fn changed_keys(old: &Config, new: &Config) -> Vec<String> {
+pub fn changed_keys(old: &Config, new: &Config) -> Vec<String> {
     let mut out = Vec::new();
     if let (Ok(a), Ok(b)) = (toml::Value::try_from(old), toml::Value::try_from(new)) {
         diff("", &a, &b, &mut out);

@@ -446,16 +446,7 @@ async fn hotkeys_command_lists_the_hottest_first() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_busy_and_rate_limits() {
-    let redis = Redis::start_seeded("c:", 20_000, |i| i.to_string()).await;
-    let kiln = Kiln::start_with(&redis, |c| {
-        fast(c);
-        c.warmup.rate_limit = 2000;
-        c.warmup.max_keys = 20_000;
-        c.admin
-            .rate_limits
-            .insert("CACHE.CLEAR".into(), "2/min".into());
-    })
-    .await;
+    let (_redis, kiln) = slow_warmups("c:", "CACHE.CLEAR").await;
     let mut k = kiln.conn().await;
     let id = bulk_payload(&k.cmd(&["CACHE.WARMUP", "MATCH", "c:*"]).await).expect("trace id");
     let id = String::from_utf8(id).expect("text");
@@ -569,16 +560,7 @@ async fn status_shapes_and_admin_errors() {
 /// cancel the next run starts at once (it used to wait for the refill).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_warmups_do_not_spend_the_rate_limit() {
-    let redis = Redis::start_seeded("r:", 20_000, |i| i.to_string()).await;
-    let kiln = Kiln::start_with(&redis, |c| {
-        fast(c);
-        c.warmup.rate_limit = 2000;
-        c.warmup.max_keys = 20_000;
-        c.admin
-            .rate_limits
-            .insert("CACHE.WARMUP".into(), "2/min".into());
-    })
-    .await;
+    let (_redis, kiln) = slow_warmups("r:", "CACHE.WARMUP").await;
     let mut k = kiln.conn().await;
     let first = k.cmd(&["CACHE.WARMUP", "MATCH", "r:*"]).await;
     assert!(bulk_payload(&first).is_some(), "{first:?}");
@@ -639,4 +621,18 @@ async fn keys_the_rules_bypass_are_never_hot() {
     })
     .await;
     assert!(!saved.contains("session:"), "saved upstream: {saved}");
+}
+
+/// 20,000 keys under `prefix` warmed at 2,000 a second (a run lasts long
+/// enough to be refused or cancelled), with `limited` at 2/min.
+async fn slow_warmups(prefix: &str, limited: &str) -> (Redis, Kiln) {
+    let redis = Redis::start_seeded(prefix, 20_000, |i| i.to_string()).await;
+    let kiln = Kiln::start_with(&redis, |c| {
+        fast(c);
+        c.warmup.rate_limit = 2000;
+        c.warmup.max_keys = 20_000;
+        c.admin.rate_limits.insert(limited.into(), "2/min".into());
+    })
+    .await;
+    (redis, kiln)
 }
