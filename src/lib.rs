@@ -143,6 +143,7 @@ impl Node {
             )
             .await;
         ctx.warmup.spawn_background(shutdown.clone());
+        tokio::spawn(context::follow_upstream(ctx.clone(), shutdown.clone()));
         sidecar::watch::spawn(ctx.clone(), shutdown.clone());
         if let Some(l) = sidecar {
             let at = l.local_addr().map(|a| a.to_string()).unwrap_or_default();

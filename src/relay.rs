@@ -285,7 +285,7 @@ pub async fn relay<R: ClientRead, W: AsyncWrite + Unpin>(
                 continue;
             }
             if let Some(role) = c.role {
-                if let Err(e) = cmd::auth::permit(&ctx, role, name, &cmd.args) {
+                if let Err(e) = cmd::auth::permit(&c.table, role, name, &cmd.args) {
                     let mut b = BytesMut::new();
                     encode::error(&mut b, &e);
                     if c.reply.after_command() {
@@ -335,7 +335,7 @@ pub async fn relay<R: ClientRead, W: AsyncWrite + Unpin>(
                 && !(reply_cmd
                     && (cmd.args[2].eq_ignore_ascii_case(b"off")
                         || cmd.args[2].eq_ignore_ascii_case(b"skip")));
-            let stale = Stale::of(&ctx, &cmd.args);
+            let stale = Stale::of(&c.table, &cmd.args);
             if let Some(stale) = &stale {
                 stale.apply(&ctx);
             }
@@ -458,7 +458,7 @@ fn elsewhere(
     if matches!(name, b"sunsubscribe" | b"unsubscribe" | b"punsubscribe") {
         return None;
     }
-    let keys = ctx.table.keys(&cmd.args);
+    let keys = ctx.table.load().keys(&cmd.args);
     let slot = crate::commands::slot::key_slot(keys.first()?);
     if ctx.upstream.node_owns(node, slot) {
         return None;

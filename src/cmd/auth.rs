@@ -17,8 +17,8 @@
 
 use bytes::Bytes;
 
+use crate::commands::CommandTable;
 use crate::config::Role;
-use crate::context::Context;
 
 pub const NOAUTH: &str = "NOAUTH Authentication required.";
 
@@ -43,18 +43,18 @@ fn about_self(name: &[u8], args: &[Bytes]) -> bool {
 }
 
 /// Whether `role` may run this command; the `-NOPERM` error if not.
-pub fn permit(ctx: &Context, role: Role, name: &[u8], args: &[Bytes]) -> Result<(), String> {
+pub fn permit(table: &CommandTable, role: Role, name: &[u8], args: &[Bytes]) -> Result<(), String> {
     if role == Role::Admin || matches!(name, b"get" | b"mget") || about_self(name, args) {
         return Ok(());
     }
     let denied = name.starts_with(b"cache.")
-        || ctx.table.is_admin(args)
-        || (role == Role::Read && ctx.table.write_keys(args).is_some());
+        || table.is_admin(args)
+        || (role == Role::Read && table.write_keys(args).is_some());
     if !denied {
         return Ok(());
     }
     let mut shown = String::from_utf8_lossy(name).into_owned();
-    if ctx.table.get(name).is_some_and(|i| i.container) {
+    if table.get(name).is_some_and(|i| i.container) {
         if let Some(sub) = args.get(1) {
             shown.push('|');
             shown.push_str(&String::from_utf8_lossy(sub).to_ascii_lowercase());

@@ -14,7 +14,7 @@ use crate::protocol::{Proto, encode};
 
 pub fn dispatch(c: &mut Client, name: &[u8], cmd: Command, r: &mut Replies<'_>) -> Flow {
     let sub = (name == b"client").then(|| cmd.args.get(1)).flatten();
-    if !c.ctx.table.exists(name, sub.map(|s| &s[..])) {
+    if !c.table.exists(name, sub.map(|s| &s[..])) {
         // Not in upstream's version: its own error, not kiln's answer.
         super::write::forward(c, cmd, r);
         return Flow::Continue;
@@ -93,7 +93,10 @@ fn select(c: &mut Client, a: &[Bytes], r: &mut Replies<'_>) {
     if let Some(e) = super::cluster::select_refused(c, &a[1]) {
         return r.error(e);
     }
-    match parse_db(c.ctx.databases, &a[1]) {
+    match parse_db(
+        c.ctx.databases.load(std::sync::atomic::Ordering::Relaxed),
+        &a[1],
+    ) {
         Ok(db) => {
             c.db = db;
             c.reroute();
@@ -154,7 +157,7 @@ fn hello(c: &mut Client, a: &[Bytes], r: &mut Replies<'_>) {
         c.reroute();
         c.meta_update();
     }
-    let (id, version) = (c.id, c.ctx.redis_version.clone());
+    let (id, version) = (c.id, c.ctx.redis_version.load_full());
     r.ready(|o| {
         encode::map(o, 7, proto);
         for (k, v) in [("server", "redis"), ("version", version.as_str())] {

@@ -100,6 +100,9 @@ pub struct Client {
     pub upstream_as: crate::upstream::As,
     /// The reloadable settings this client goes by (see `refresh_live`).
     pub live: Arc<crate::context::ClientSettings>,
+    /// Upstream's command table, taken with `live` (a new one bumps the
+    /// same generation): one atomic load per batch, not one per lookup.
+    pub table: Arc<crate::commands::CommandTable>,
     live_generation: u64,
     /// L1's rules, kept until a reload changes them (`refresh_live`).
     pub rules: crate::cache::Rules,
@@ -163,6 +166,7 @@ impl Client {
             },
             reply: ReplyMode::default(),
             live: ctx.live(),
+            table: ctx.table.load_full(),
             rules: ctx.l1.rules(),
             rules_generation: ctx.l1.rules_generation(),
             live_generation: ctx
@@ -199,6 +203,7 @@ impl Client {
         }
         self.live_generation = now;
         self.live = self.ctx.live();
+        self.table = self.ctx.table.load_full();
         let users = &self.live.users;
         if !users.enabled() {
             if self.upstream_as.is_none() {
@@ -288,7 +293,7 @@ impl Client {
         // commands in order.
         if self.fills_pending > 0
             && crate::commands::reads::id(name).is_none()
-            && self.ctx.table.write_keys(&cmd.args).is_some()
+            && self.table.write_keys(&cmd.args).is_some()
         {
             return true;
         }
@@ -301,8 +306,8 @@ impl Client {
             name,
             b"multi" | b"watch" | b"select" | b"hello" | b"reset" | b"client"
         ) || session::is_relay(name, &cmd.args)
-            || self.ctx.table.is_blocking(&cmd.args)
-            || self.ctx.table.allows_busy(&cmd.args)
+            || self.table.is_blocking(&cmd.args)
+            || self.table.allows_busy(&cmd.args)
     }
 
     /// Runs one command: answers it, or queues its reply in `r`. The
@@ -328,7 +333,7 @@ impl Client {
         }
         match self.role {
             Some(role) => {
-                if let Err(e) = auth::permit(&self.ctx, role, name, &cmd.args) {
+                if let Err(e) = auth::permit(&self.table, role, name, &cmd.args) {
                     session::refused_in_session(self);
                     r.error(&e);
                     return Flow::Continue;
@@ -403,7 +408,7 @@ impl Client {
             b"multi" | b"watch" => return Box::pin(session::begin(self, name, cmd, r)).await,
             _ if admin::is_admin(name) => return admin::dispatch(self, name, cmd, r),
             _ if session::is_relay(name, &cmd.args) => return Flow::Relay(cmd),
-            _ if self.ctx.table.is_blocking(&cmd.args) => {
+            _ if self.table.is_blocking(&cmd.args) => {
                 return Box::pin(session::blocking(self, cmd, r)).await;
             }
             _ => match read::cacheable(self, name, &cmd.args) {
@@ -493,7 +498,7 @@ impl Client {
     pub fn publish_activity(&self) {
         let l = &self.last_cmd;
         let name = &l.name[..l.name_len as usize];
-        let container = self.ctx.table.get(name).is_some_and(|i| i.container);
+        let container = self.table.get(name).is_some_and(|i| i.container);
         let mut st = self.meta.state();
         st.last_active = std::time::Instant::now();
         st.cmd.clear();

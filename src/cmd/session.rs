@@ -139,14 +139,14 @@ pub fn takes(c: &Client, name: &[u8], cmd: &Command) -> bool {
             | b"auth"
             | b"client"
     ) || is_relay(name, &cmd.args)
-        || c.ctx.table.is_blocking(&cmd.args)
+        || c.table.is_blocking(&cmd.args)
     {
         return true;
     }
     // Only commands whose keys are all in one slot the session's node
     // owns; keyless ones (SCAN, DBSIZE, FLUSHALL fan out) and keys of
     // several slots (MGET, split) go the routed way.
-    let keys = c.ctx.table.keys(&cmd.args);
+    let keys = c.table.keys(&cmd.args);
     let Some(first) = keys.first().map(|k| crate::commands::slot::key_slot(k)) else {
         return false;
     };
@@ -169,7 +169,7 @@ pub fn must_wait(c: &Client, name: &[u8], cmd: &Command) -> bool {
     if !s.ending() || c.ctx.upstream.cluster().is_none() {
         return false;
     }
-    if name != b"watch" && !c.ctx.table.is_blocking(&cmd.args) {
+    if name != b"watch" && !c.table.is_blocking(&cmd.args) {
         return false;
     }
     slot_of(c, cmd).is_some_and(|slot| !c.ctx.upstream.owns(session, slot))
@@ -179,7 +179,7 @@ pub fn must_wait(c: &Client, name: &[u8], cmd: &Command) -> bool {
 /// a session runs on that key's node).
 pub fn slot_of(c: &Client, cmd: &Command) -> Option<u16> {
     c.ctx.upstream.cluster()?;
-    let keys = c.ctx.table.keys(&cmd.args);
+    let keys = c.table.keys(&cmd.args);
     keys.first().map(|k| crate::commands::slot::key_slot(k))
 }
 
@@ -323,7 +323,10 @@ pub async fn dispatch(c: &mut Client, name: &[u8], cmd: Command, r: &mut Replies
         b"select" => {
             s.dirty = true;
             if let (Some(arg), 2) = (cmd.args.get(1), cmd.args.len()) {
-                if let Ok(db) = local::parse_db(ctx.databases, arg) {
+                if let Ok(db) = local::parse_db(
+                    ctx.databases.load(std::sync::atomic::Ordering::Relaxed),
+                    arg,
+                ) {
                     if s.in_multi {
                         s.queued_db = Some(db);
                     } else {
@@ -333,7 +336,7 @@ pub async fn dispatch(c: &mut Client, name: &[u8], cmd: Command, r: &mut Replies
             }
         }
         _ => {
-            if let Some((stale, unnamed)) = Stale::of_write(&ctx, &cmd.args) {
+            if let Some((stale, unnamed)) = Stale::of_write(&c.table, &cmd.args) {
                 if s.in_multi {
                     s.settle_on_exec |= unnamed;
                     stale.apply(&ctx);
@@ -349,7 +352,7 @@ pub async fn dispatch(c: &mut Client, name: &[u8], cmd: Command, r: &mut Replies
         }
     }
     c.op.class = crate::telemetry::histogram::Class::Forward;
-    let blocking = !s.in_multi && ctx.table.is_blocking(&cmd.args);
+    let blocking = !s.in_multi && c.table.is_blocking(&cmd.args);
     {
         // What CLIENT LIST shows: `multi=` and the `x` and `b` flags.
         let mut st = c.meta.state();

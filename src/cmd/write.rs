@@ -12,7 +12,7 @@ use bytes::Bytes;
 
 use super::{Client, Replies, Then};
 use crate::cache::{Source, WriteMark};
-use crate::commands::{Keys, key_args};
+use crate::commands::{CommandTable, Keys, key_args};
 use crate::context::Context;
 use crate::protocol::request::Command;
 use crate::upstream::OnReply;
@@ -30,15 +30,15 @@ pub enum Stale {
 
 impl Stale {
     /// What `args` writes, or `None` for a command that does not write.
-    pub fn of(ctx: &Context, args: &[Bytes]) -> Option<Stale> {
-        Stale::of_write(ctx, args).map(|(s, _)| s)
+    pub fn of(table: &CommandTable, args: &[Bytes]) -> Option<Stale> {
+        Stale::of_write(table, args).map(|(s, _)| s)
     }
 
     /// What `args` writes, and whether it may write keys kiln cannot name
     /// (a script's undeclared keys, a module or movable-keys command): its
     /// reply must then wait for upstream's invalidations (`settle`).
-    pub fn of_write(ctx: &Context, args: &[Bytes]) -> Option<(Stale, bool)> {
-        Some(match ctx.table.write_keys(args)? {
+    pub fn of_write(table: &CommandTable, args: &[Bytes]) -> Option<(Stale, bool)> {
+        Some(match table.write_keys(args)? {
             Keys::Everything => (Stale::Everything, false),
             keys => (
                 Stale::Keys(key_args(keys, args).cloned().collect()),
@@ -119,7 +119,7 @@ impl Drop for InFlight {
 
 pub fn forward(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
     c.op.class = crate::telemetry::histogram::Class::Forward;
-    let write = Stale::of_write(&c.ctx, &cmd.args);
+    let write = Stale::of_write(&c.table, &cmd.args);
     let unnamed = write.as_ref().is_some_and(|(_, u)| *u);
     let stale = write.map(|(s, _)| s);
     let then = match &stale {
@@ -145,7 +145,7 @@ pub fn forward(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
     } else {
         stale.map(|s| s.now_and_on_reply(&c.ctx, true))
     };
-    let rx = if c.ctx.table.allows_busy(&cmd.args) {
+    let rx = if c.table.allows_busy(&cmd.args) {
         // Past a busy script on the client's own connection, at once.
         let conn = c.ctx.upstream.priority(c.db, c.proto, &c.upstream_as);
         conn.send(cmd.wire(), on_reply, true)

@@ -48,11 +48,13 @@ pub struct Context {
     pub acl: Permissions,
     pub metrics: crate::telemetry::metrics::Metrics,
     pub health: crate::telemetry::health::Health,
-    pub table: Arc<CommandTable>,
+    /// Upstream's `COMMAND` table (the built-in one until upstream
+    /// answers), replaced when upstream is described again.
+    pub table: arc_swap::ArcSwap<CommandTable>,
     /// Upstream's `databases`, for SELECT's range check.
-    pub databases: u32,
+    pub databases: std::sync::atomic::AtomicU32,
     /// Upstream's version, reported by HELLO.
-    pub redis_version: String,
+    pub redis_version: arc_swap::ArcSwap<String>,
     pub clients: Mutex<HashMap<u64, Arc<ClientMeta>>>,
     /// `server.max_clients`: a connection holds a permit while it lives.
     pub permits: Arc<tokio::sync::Semaphore>,
@@ -78,19 +80,15 @@ impl Context {
         let coherence = Coherence::new(cfg.coherence.mode, cfg.coherence.check_interval);
         let upstream = Arc::new(Upstream::new(cfg, coherence.reader_spec(&l1))?);
         upstream.start(shutdown).await;
-        let table = match upstream.probe(&[b"COMMAND"]).await {
-            Ok(reply) => CommandTable::from_command_reply(&reply),
-            Err(e) => {
-                tracing::warn!(error = %e, "upstream COMMAND failed; using the built-in command table");
-                None
-            }
-        };
-        let table = Arc::new(table.unwrap_or_else(CommandTable::builtin));
+        let seen = describe(&upstream).await;
+        if seen.table.is_none() {
+            tracing::warn!(
+                "upstream COMMAND failed; using the built-in command table until upstream answers"
+            );
+        }
+        let table = Arc::new(seen.table.unwrap_or_else(CommandTable::builtin));
         upstream.set_keys(table.clone());
-        let known = match upstream.probe(&[b"CONFIG", b"GET", b"databases"]).await {
-            Ok(r) => last_bulk_number(&r),
-            Err(_) => None,
-        };
+        let known = seen.databases;
         let databases = known.unwrap_or(16);
         // A database upstream does not have would fail every request:
         // refused at start, naming the key, as a config error is.
@@ -106,16 +104,7 @@ impl Context {
                 databases - 1
             ));
         }
-        let redis_version = match upstream.probe(&[b"INFO", b"server"]).await {
-            Ok(r) => String::from_utf8_lossy(&r)
-                .lines()
-                .find_map(|l| {
-                    l.strip_prefix("redis_version:")
-                        .map(|v| v.trim().to_string())
-                })
-                .unwrap_or_else(|| "7.0.0".into()),
-            Err(_) => "7.0.0".into(),
-        };
+        let redis_version = seen.version.unwrap_or_else(|| UNKNOWN_VERSION.into());
         tracing::info!(
             commands_from_upstream = table.from_upstream,
             databases,
@@ -150,9 +139,9 @@ impl Context {
             metrics: crate::telemetry::metrics::Metrics::new(table.names()),
             health: crate::telemetry::health::Health::new(cfg),
             upstream,
-            table,
-            databases,
-            redis_version,
+            table: arc_swap::ArcSwap::new(table),
+            databases: std::sync::atomic::AtomicU32::new(databases),
+            redis_version: arc_swap::ArcSwap::from_pointee(redis_version),
             clients: Mutex::new(HashMap::new()),
             permits: Arc::new(tokio::sync::Semaphore::new(crate::fdlimit::max_clients(
                 cfg.server.max_clients,
@@ -162,6 +151,33 @@ impl Context {
             next_client_id: AtomicU64::new(1),
             started: Instant::now(),
         })
+    }
+
+    /// Reads upstream's description again and puts what changed in
+    /// force (see `follow_upstream`).
+    pub async fn redescribe(&self) {
+        let seen = describe(&self.upstream).await;
+        if let Some(n) = seen.databases {
+            self.databases.store(n, Ordering::Relaxed);
+        }
+        let old = self.redis_version.load_full();
+        let moved = seen.version.as_ref().is_some_and(|v| v != old.as_str());
+        if let Some(v) = seen.version {
+            if moved {
+                tracing::info!(from = %old, to = %v, "upstream version changed");
+                self.redis_version.store(Arc::new(v));
+            }
+        }
+        if let Some(table) = seen.table {
+            if moved || !self.table.load().from_upstream {
+                let table = Arc::new(table);
+                self.upstream.set_keys(table.clone());
+                self.table.store(table);
+                // Clients take it with their live settings.
+                self.live_generation.fetch_add(1, Ordering::Release);
+                tracing::info!("upstream COMMAND read: its command table in force");
+            }
+        }
     }
 
     /// The upstream circuit breaker: 0 closed, 1 open, 2 half-open.
@@ -211,6 +227,64 @@ impl Context {
 
     pub fn clients(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<ClientMeta>>> {
         lock(&self.clients)
+    }
+}
+
+/// What HELLO reports until upstream has said its version.
+const UNKNOWN_VERSION: &str = "7.0.0";
+
+/// What kiln asks upstream about itself: its `COMMAND` table, `databases`
+/// and version; `None` for what it could not read.
+struct Description {
+    table: Option<CommandTable>,
+    databases: Option<u32>,
+    version: Option<String>,
+}
+
+async fn describe(upstream: &Upstream) -> Description {
+    let table = match upstream.probe(&[b"COMMAND"]).await {
+        Ok(reply) => CommandTable::from_command_reply(&reply),
+        Err(_) => None,
+    };
+    let databases = match upstream.probe(&[b"CONFIG", b"GET", b"databases"]).await {
+        Ok(r) => last_bulk_number(&r),
+        Err(_) => None,
+    };
+    let version = match upstream.probe(&[b"INFO", b"server"]).await {
+        Ok(r) => String::from_utf8_lossy(&r).lines().find_map(|l| {
+            l.strip_prefix("redis_version:")
+                .map(|v| v.trim().to_string())
+        }),
+        Err(_) => None,
+    };
+    Description {
+        table,
+        databases,
+        version,
+    }
+}
+
+/// Upstream described again while kiln runs: every second while what it
+/// knows came from its defaults (upstream was down at start), then every
+/// `RECHECK`; a new version (a restart or failover to another server)
+/// brings a new command table. HELLO, the command table and SELECT's
+/// range follow what upstream is now.
+pub async fn follow_upstream(ctx: Arc<Context>, shutdown: tokio_util::sync::CancellationToken) {
+    /// How often a described upstream is checked for a new version.
+    const RECHECK: std::time::Duration = std::time::Duration::from_secs(30);
+    loop {
+        let complete =
+            ctx.table.load().from_upstream && ctx.redis_version.load().as_str() != UNKNOWN_VERSION;
+        let wait = if complete {
+            RECHECK
+        } else {
+            std::time::Duration::from_secs(1)
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        ctx.redescribe().await;
     }
 }
 

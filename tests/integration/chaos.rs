@@ -431,3 +431,36 @@ async fn an_open_circuit_ends_when_upstream_accepts_connections_again() {
     eprintln!("a 60 s circuit ended {took:?} after the restart");
     assert_eq!(breaker_state(&kiln).await, "closed");
 }
+
+/// Started before its upstream, kiln describes upstream once it answers:
+/// HELLO reports upstream's real version (not a made-up 7.0.0 for the
+/// life of the process) and SELECT's range is upstream's `databases` (the
+/// default 16 let `SELECT 10` through to a 4-database server), as a
+/// client connected directly sees them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_comes_up_after_kiln_is_described_then() {
+    let port = free_port();
+    let kiln = kiln_with_timeouts(&format!("redis://127.0.0.1:{port}"), |_| {}).await;
+    let redis = Redis::spawn_at(port, &["--databases", "4"]).expect("redis on the reserved port");
+    let mut direct = redis.conn().await;
+    let info = direct.cmd_text(&["INFO", "server"]).await;
+    let version = info
+        .lines()
+        .find_map(|l| l.strip_prefix("redis_version:"))
+        .expect("redis_version")
+        .trim()
+        .to_string();
+    let out_of_range = direct.cmd(&["SELECT", "10"]).await;
+    assert!(out_of_range.starts_with(b"-ERR"), "{out_of_range:?}");
+    let mut c = kiln.conn().await;
+    poll_until(Duration::from_millis(100), async || {
+        let hello = c.cmd_text(&["HELLO", "2"]).await;
+        match hello.contains(&format!("\r\n{version}\r\n")) {
+            true => Ok(()),
+            false => Err(format!("HELLO never said {version}: {hello}")),
+        }
+    })
+    .await;
+    assert_eq!(c.cmd(&["SELECT", "10"]).await, out_of_range);
+    assert_eq!(c.cmd(&["SELECT", "3"]).await, "+OK\r\n"[..]);
+}

@@ -151,7 +151,7 @@ impl Router {
             }
             _ => {}
         }
-        let keys = match self.keys.get() {
+        let keys = match &*self.keys.load() {
             Some(k) => k.keys(args),
             None => args.get(1).into_iter().collect(),
         };

@@ -37,7 +37,7 @@ pub struct Router {
     pub(super) refresh_now: Notify,
     pub(super) last_refresh: Mutex<Option<std::time::Instant>>,
     pub(super) every: Duration,
-    pub(super) keys: std::sync::OnceLock<Arc<CommandTable>>,
+    pub(super) keys: arc_swap::ArcSwapOption<CommandTable>,
     /// Channels opened on every primary (the `bcast` invalidation channel).
     pub(super) eager: Mutex<Vec<Arc<ChannelSpec>>>,
     pub stats: ClusterStats,
@@ -63,7 +63,7 @@ impl Router {
             refresh_now: Notify::new(),
             last_refresh: Mutex::new(None),
             every,
-            keys: std::sync::OnceLock::new(),
+            keys: arc_swap::ArcSwapOption::empty(),
             eager: Mutex::new(Vec::new()),
             stats: ClusterStats::default(),
             me: me.clone(),
@@ -221,11 +221,13 @@ impl Router {
         out
     }
 
-    /// The first topology read, then the refresh loop.
+    /// The command table routing finds keys with; replaced when upstream
+    /// is described again (`Context::redescribe`).
     pub(crate) fn set_keys(&self, keys: Arc<CommandTable>) {
-        let _ = self.keys.set(keys);
+        self.keys.store(Some(keys));
     }
 
+    /// The first topology read, then the refresh loop.
     pub(crate) async fn start(self: Arc<Self>, shutdown: CancellationToken) {
         self.refresh().await;
         let me = self.clone();
