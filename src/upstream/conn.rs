@@ -357,7 +357,13 @@ async fn run(
             },
             r = write_some(&mut conn.write, &mut wbuf), if !wbuf.is_empty() => match r {
                 Ok(0) => Err(UpstreamError::Lost("upstream closed the connection".into())),
-                Ok(_) => Ok(()),
+                Ok(_) => {
+                    if wbuf.is_empty() && wbuf.capacity() > KEPT_BUFFER {
+                        // A large command written: its memory goes now.
+                        wbuf = BytesMut::new();
+                    }
+                    Ok(())
+                }
                 Err(e) => Err(UpstreamError::Lost(e.to_string())),
             },
             r = conn.read.read_buf(&mut rbuf) => match r {
@@ -440,6 +446,10 @@ async fn run(
     }
 }
 
+/// A connection's read or write buffer grown past this by a large reply or
+/// command is given back once empty (as client buffers are, `buffers`).
+const KEPT_BUFFER: usize = 64 * 1024;
+
 async fn sleep_until_opt(deadline: Option<Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
@@ -511,8 +521,13 @@ fn dispatch(
         }
         let _ = f.reply.send(Ok(bytes));
     }
-    // A big reply in progress: grow once, not read by read.
-    if rbuf.capacity() - rbuf.len() < 4096 {
+    if rbuf.is_empty() && rbuf.capacity() > KEPT_BUFFER {
+        // A large reply has been handed on: let its memory go when the
+        // client is done with it, rather than keep it for the connection's
+        // life (one 100 MB GET held 100 MB per connection it used).
+        *rbuf = BytesMut::with_capacity(16 * 1024);
+    } else if rbuf.capacity() - rbuf.len() < 4096 {
+        // A big reply in progress: grow once, not read by read.
         rbuf.reserve(16 * 1024);
     }
     Ok(())
