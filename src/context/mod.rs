@@ -158,7 +158,17 @@ impl Context {
     pub async fn redescribe(&self) {
         let seen = describe(&self.upstream).await;
         if let Some(n) = seen.databases {
-            self.databases.store(n, Ordering::Relaxed);
+            let was = self.databases.swap(n, Ordering::Relaxed);
+            let db = self.upstream.default_db();
+            if was != n && db >= n && self.upstream.cluster().is_none() {
+                // Started before upstream answered: the check at start
+                // could not be made. Every request now fails; say why.
+                tracing::error!(
+                    db,
+                    databases = n,
+                    "the configured database is out of range for upstream: every request fails with ERR DB index is out of range; fix upstream.url (or upstream.sentinel.db)"
+                );
+            }
         }
         let old = self.redis_version.load_full();
         let moved = seen.version.as_ref().is_some_and(|v| v != old.as_str());
