@@ -117,14 +117,27 @@ fn firing(ctx: &Context) -> Vec<Firing> {
             firing.push((name, severity, message, v, threshold));
         }
     }
-    if ctx.breaker_state() == 1 {
-        firing.push((
-            "circuit_open",
-            "critical",
-            "upstream circuit breaker is open".into(),
-            1.0,
-            0.0,
-        ));
+    // In front of a cluster, each primary has its own breaker: an open one
+    // fails the requests for its slots. A node that owns none (a primary
+    // that failed over and is gone) fails nothing, so it raises nothing.
+    let open_nodes: Vec<String> = ctx
+        .upstream
+        .cluster()
+        .map(|r| r.node_stats())
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|(_, state, _, slots)| *state == 1 && *slots > 0)
+        .map(|(node, ..)| node)
+        .collect();
+    if ctx.breaker_state() == 1 || !open_nodes.is_empty() {
+        let message = match open_nodes.is_empty() {
+            true => "upstream circuit breaker is open".to_string(),
+            false => format!(
+                "upstream circuit breaker is open for {}",
+                open_nodes.join(", ")
+            ),
+        };
+        firing.push(("circuit_open", "critical", message, 1.0, 0.0));
     }
     if ctx.coherence.state() == "lost" {
         firing.push((

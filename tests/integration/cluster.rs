@@ -821,6 +821,9 @@ async fn a_primary_fails_over_under_traffic() {
                 failures > 0.0,
                 "no failures counted for the killed node:\n{text}"
             );
+            // The killed node owns no slots now: its breaker, open or
+            // not, fails no request and raises no alert.
+            poll_until_no_circuit_alert(kiln.metrics).await;
         }
     }
 }
@@ -1560,4 +1563,16 @@ async fn a_request_bounced_between_two_nodes_waits_for_the_move() {
         String::from_utf8_lossy(&direct(&cluster, &["GET", &key]).await),
         "$1\r\n6\r\n"
     );
+}
+
+/// Waits until `/metrics/alerts` lists no `circuit_open` (bounded).
+async fn poll_until_no_circuit_alert(metrics: std::net::SocketAddr) {
+    crate::util::poll_until(std::time::Duration::from_millis(100), async || {
+        let (_, body) = crate::util::http_get(metrics, "/metrics/alerts").await;
+        match body.contains("circuit_open") {
+            true => Err(format!("circuit_open still firing: {body}")),
+            false => Ok(()),
+        }
+    })
+    .await;
 }
