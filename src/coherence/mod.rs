@@ -281,6 +281,10 @@ impl Coherence {
         cache: &CacheConfig,
         shutdown: CancellationToken,
     ) {
+        // SWAPDB cannot run in a cluster (Redis refuses it there, yet
+        // counts the refused call), and INFO reaches one node of several:
+        // there, the check would only clear L1 for nothing.
+        let swaps_matter = upstream.cluster().is_none();
         let bcast = (self.mode == CoherenceMode::Bcast).then(|| {
             let mut tracking = cmd(&["CLIENT", "TRACKING", "ON", "BCAST"]);
             for p in bcast_prefixes(cache) {
@@ -333,7 +337,7 @@ impl Coherence {
                 let swaps = swapdb_calls(&reply);
                 // No baseline (upstream was down at start): what L1 took
                 // meanwhile cannot be checked against one, so it goes.
-                if last.is_none_or(|l| l != swaps) {
+                if swaps_matter && last.is_none_or(|l| l != swaps) {
                     if last.is_some() {
                         me.swaps_seen.fetch_add(1, Ordering::Relaxed);
                     }

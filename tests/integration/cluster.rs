@@ -1576,3 +1576,36 @@ async fn poll_until_no_circuit_alert(metrics: std::net::SocketAddr) {
     })
     .await;
 }
+
+/// SWAPDB cannot change data in a cluster (Redis refuses it there), yet a
+/// refused call still counts in INFO commandstats: kiln's SWAPDB check took
+/// a changed count for a swap and cleared all of L1 (after every failover
+/// too, as its INFO then reached another node with another count). In
+/// front of a cluster the check is off and L1 keeps its entries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_swapdb_in_a_cluster_clears_nothing() {
+    let cluster = off_runtime(Cluster::start).await;
+    let kiln = Kiln::start_cluster(cluster.seeds(), |c| {
+        polled(c);
+        c.coherence.check_interval = std::time::Duration::from_millis(50);
+    })
+    .await;
+    let mut k = kiln.conn().await;
+    assert_eq!(k.cmd(&["SET", "x", "1"]).await, "+OK\r\n"[..]);
+    assert_eq!(k.cmd(&["GET", "x"]).await, "$1\r\n1\r\n"[..]);
+    for (_, port, primary) in cluster.table() {
+        if primary == "-" {
+            let refused = crate::util::cli(port, &["SWAPDB", "0", "1"]);
+            assert!(refused.contains("ERR"), "{refused}");
+        }
+    }
+    // Absence can only be awaited for a while: ten coherence checks.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let flushed =
+        crate::util::metric(kiln.metrics, "cache_invalidations_total{source=\"flush\"}").await;
+    assert_eq!(flushed, Some(0.0), "L1 was cleared");
+    let hits = crate::util::cache_status(&mut k).await["hits"].as_u64();
+    assert_eq!(k.cmd(&["GET", "x"]).await, "$1\r\n1\r\n"[..]);
+    let after = crate::util::cache_status(&mut k).await["hits"].as_u64();
+    assert_eq!(after, hits.map(|h| h + 1), "x still an L1 hit");
+}
