@@ -45,6 +45,17 @@ pub fn lend(buf: &mut BytesMut) {
 /// Takes `buf`'s memory back when nothing is left in it (kept for the
 /// next borrower if its capacity is in `KEPT`, freed otherwise); `buf` is
 /// then empty with no capacity. A buffer holding bytes is left as it is.
+/// An empty buffer whose spare capacity a large reply or command grew past
+/// what is kept (`KEPT`) is swapped for a new one of `SIZE`, so its memory
+/// goes once whatever shares it is dropped: for buffers a connection owns
+/// rather than borrows (upstream connections). One with little spare left
+/// is left to `reserve`, which allocates anew when it must.
+pub fn shrink_if_grown(buf: &mut BytesMut) {
+    if buf.is_empty() && buf.capacity() > *KEPT.end() {
+        *buf = BytesMut::with_capacity(SIZE);
+    }
+}
+
 pub fn give_back(buf: &mut BytesMut) {
     if !buf.is_empty() {
         return;
@@ -147,5 +158,18 @@ mod tests {
         let ptr = a.as_ptr();
         lend(&mut a);
         assert_eq!(a.as_ptr(), ptr);
+    }
+
+    #[test]
+    fn a_grown_buffer_is_swapped_once_empty() {
+        let mut b = BytesMut::with_capacity(SIZE);
+        shrink_if_grown(&mut b);
+        assert_eq!(b.capacity(), SIZE, "a usual buffer is kept");
+        b.extend_from_slice(&vec![0u8; 1 << 20]);
+        shrink_if_grown(&mut b);
+        assert_eq!(b.len(), 1 << 20, "not while it holds bytes");
+        b.clear();
+        shrink_if_grown(&mut b);
+        assert_eq!(b.capacity(), SIZE, "empty and grown: a new one");
     }
 }

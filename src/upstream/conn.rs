@@ -28,7 +28,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::{Breaker, Connector, breaker};
-use crate::buffers::write_some;
+use crate::buffers::{shrink_if_grown, write_some};
 use crate::error::{ErrorCounts, UpstreamError};
 pub use crate::protocol::reply::Redirection;
 use crate::protocol::scan::Scanner;
@@ -358,10 +358,7 @@ async fn run(
             r = write_some(&mut conn.write, &mut wbuf), if !wbuf.is_empty() => match r {
                 Ok(0) => Err(UpstreamError::Lost("upstream closed the connection".into())),
                 Ok(_) => {
-                    if wbuf.is_empty() && wbuf.capacity() > KEPT_BUFFER {
-                        // A large command written: its memory goes now.
-                        wbuf = BytesMut::new();
-                    }
+                    shrink_if_grown(&mut wbuf);
                     Ok(())
                 }
                 Err(e) => Err(UpstreamError::Lost(e.to_string())),
@@ -446,10 +443,6 @@ async fn run(
     }
 }
 
-/// A connection's read or write buffer grown past this by a large reply or
-/// command is given back once empty (as client buffers are, `buffers`).
-const KEPT_BUFFER: usize = 64 * 1024;
-
 async fn sleep_until_opt(deadline: Option<Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
@@ -521,12 +514,11 @@ fn dispatch(
         }
         let _ = f.reply.send(Ok(bytes));
     }
-    if rbuf.is_empty() && rbuf.capacity() > KEPT_BUFFER {
-        // A large reply has been handed on: let its memory go when the
-        // client is done with it, rather than keep it for the connection's
-        // life (one 100 MB GET held 100 MB per connection it used).
-        *rbuf = BytesMut::with_capacity(16 * 1024);
-    } else if rbuf.capacity() - rbuf.len() < 4096 {
+    // A large reply handed on: its memory goes when the client is done
+    // with it, not with the connection (one 100 MB GET held 100 MB per
+    // connection it used).
+    shrink_if_grown(rbuf);
+    if rbuf.capacity() - rbuf.len() < 4096 {
         // A big reply in progress: grow once, not read by read.
         rbuf.reserve(16 * 1024);
     }
