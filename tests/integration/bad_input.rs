@@ -37,6 +37,18 @@ async fn reply_and_close(c: &mut Conn) -> (Vec<u8>, bool) {
     (all, true)
 }
 
+/// `input` sent raw to a direct Redis and to kiln: what each wrote until
+/// it closed (or went quiet), and kiln's connection.
+async fn sent_to_both(direct: &Redis, kiln: &Kiln, input: &[u8]) -> (Vec<u8>, Vec<u8>, Conn) {
+    let mut d = direct.conn().await;
+    d.send_raw(input).await;
+    let (want, _) = reply_and_close(&mut d).await;
+    let mut k = kiln.conn().await;
+    k.send_raw(input).await;
+    let (got, _) = reply_and_close(&mut k).await;
+    (want, got, k)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn protocol_errors_match_redis_and_close() {
     let direct_server = Redis::start();
@@ -44,12 +56,7 @@ async fn protocol_errors_match_redis_and_close() {
     let kiln = Kiln::start(&behind).await;
     let mut bystander = kiln.conn().await;
     for input in SHARED {
-        let mut d = direct_server.conn().await;
-        d.send_raw(input).await;
-        let (want, _) = reply_and_close(&mut d).await;
-        let mut k = kiln.conn().await;
-        k.send_raw(input).await;
-        let (got, _) = reply_and_close(&mut k).await;
+        let (want, got, _) = sent_to_both(&direct_server, &kiln, input).await;
         assert!(
             String::from_utf8_lossy(&want).contains("Protocol error"),
             "{input:?}: {want:?}"
@@ -227,12 +234,7 @@ async fn cross_protocol_requests_close_only_the_sender() {
         b"*2\r\n$9\r\nSUBSCRIBE\r\n$2\r\nch\r\nPOST / HTTP/1.1\r\n",
     ];
     for input in inputs {
-        let mut d = direct.conn().await;
-        d.send_raw(input).await;
-        let (want, _) = reply_and_close(&mut d).await;
-        let mut k = kiln.conn().await;
-        k.send_raw(input).await;
-        let (got, _) = reply_and_close(&mut k).await;
+        let (want, got, mut k) = sent_to_both(&direct, &kiln, input).await;
         assert_eq!(
             String::from_utf8_lossy(&got),
             String::from_utf8_lossy(&want),
