@@ -1599,8 +1599,22 @@ async fn a_refused_swapdb_in_a_cluster_clears_nothing() {
             assert!(refused.contains("ERR"), "{refused}");
         }
     }
-    // Absence can only be awaited for a while: ten coherence checks.
-    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    // Two coherence checks after the refusals: each reads upstream's
+    // tracking table size before its INFO, so a size set after the
+    // refusals, seen, then another seen, means a whole check ran after.
+    for size in ["500000", "400000"] {
+        for (_, port, _) in cluster.table() {
+            crate::util::cli(port, &["CONFIG", "SET", "tracking-table-max-keys", size]);
+        }
+        crate::util::poll_until(std::time::Duration::from_millis(20), async || {
+            let seen = crate::util::cache_status(&mut k).await["tracking_table_max_keys"].clone();
+            match seen.as_i64().is_some_and(|n| n.to_string() == size) {
+                true => Ok(()),
+                false => Err(format!("tracking table size {size} never read: {seen}")),
+            }
+        })
+        .await;
+    }
     let flushed =
         crate::util::metric(kiln.metrics, "cache_invalidations_total{source=\"flush\"}").await;
     assert_eq!(flushed, Some(0.0), "L1 was cleared");
