@@ -1,11 +1,11 @@
-//! Which worker thread (runtime) the calling code runs on, and the one
-//! poison-tolerant lock helper.
+//! Which worker thread (runtime) the calling code runs on, and the
+//! poison-tolerant lock helpers (`lock`, and `read`/`write` for an `RwLock`).
 //!
 //! A leaf: it imports nothing of the crate. Upstream keeps shared and reader
 //! connections per worker, and striped counters (`counter`) pick their slot
 //! by it, so both read it from here rather than from each other.
 
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 thread_local! {
     /// Which worker thread (runtime) this is; 0 outside the worker pool.
@@ -29,5 +29,15 @@ pub fn worker() -> usize {
 /// statements (maps, counters, snapshots), so a panic elsewhere must not
 /// turn into a second panic in every later caller.
 pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// `lock` for a reader of an `RwLock`.
+pub fn read<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// `lock` for the writer of an `RwLock`.
+pub fn write<T>(l: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(PoisonError::into_inner)
 }

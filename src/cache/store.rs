@@ -15,7 +15,7 @@
 //! coherence: `cache` does that.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use super::Entry;
 
@@ -212,11 +212,11 @@ struct Shard(RwLock<Table>);
 
 impl Shard {
     fn read(&self) -> RwLockReadGuard<'_, Table> {
-        self.0.read().unwrap_or_else(PoisonError::into_inner)
+        crate::worker::read(&self.0)
     }
 
     fn write(&self) -> RwLockWriteGuard<'_, Table> {
-        self.0.write().unwrap_or_else(PoisonError::into_inner)
+        crate::worker::write(&self.0)
     }
 }
 
