@@ -3,11 +3,17 @@
 //! bytes on the stack) and hands it to its family:
 //!
 //! * `get`: GET and MGET, answered from L1 or filled from upstream;
+//! * `read`: the other cached reads (`cache.commands`: HGETALL, ZRANGE, ...);
 //! * `write`: everything else that goes upstream, with invalidation of the
 //!   keys a write names;
 //! * `local`: connection state kiln answers itself (PING, SELECT, HELLO, ...);
+//! * `clients`: CLIENT LIST/KILL/UNBLOCK/TRACKING, kiln's namespace of
+//!   clients;
 //! * `session`: MULTI/WATCH and blocking commands on a dedicated connection,
-//!   and the hand-off of pub/sub-like clients to a raw relay.
+//!   and the hand-off of pub/sub-like clients to a raw relay;
+//! * `auth` (roles, AUTH) and `acl` (what L1 may serve an upstream ACL
+//!   user), checked before the family runs;
+//! * `admin`: `CACHE.*`; `cluster`: CLUSTER answered as one node.
 //!
 //! Replies are queued in order as `Pending` items (`replies`); the
 //! connection loop writes them as they resolve.

@@ -7,7 +7,7 @@
 //!
 //! Keys written inside MULTI are invalidated when queued and again when EXEC
 //! returns. Pub/sub, MONITOR and CLIENT TRACKING, where upstream talks
-//! unprompted, are relayed byte for byte (`connection::relay`).
+//! unprompted, are relayed byte for byte (`relay::relay`).
 
 use bytes::Bytes;
 
