@@ -18,11 +18,12 @@ pub struct Cli {
     #[arg(long, global = true, value_name = "ADDR")]
     pub metrics: Option<String>,
     #[command(subcommand)]
-    pub command: Option<Command>,
+    pub command: Option<Action>,
 }
 
+/// What the binary does instead of serving (a subcommand).
 #[derive(Debug, Subcommand)]
-pub enum Command {
+pub enum Action {
     /// Validate the configuration and print the effective values.
     CheckConfig,
 }

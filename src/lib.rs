@@ -27,7 +27,8 @@
 //! 7. `context`: what connections share, and the types it holds
 //! 8. `cmd` (one file per command family, `replies` the ordered queue),
 //!    `reload` (the reload action)
-//! 9. `relay`, `sidecar` (HTTP face and health watcher)
+//! 9. `relay`, `sidecar` (HTTP face and health watcher), `fuzzing` (the
+//!    checks the fuzz targets and their property-test twins run)
 //! 10. `connection`, `server`, this file and `main`
 
 // One exception, measured and commented: `cache::store::prefetch`.
@@ -108,7 +109,7 @@ pub async fn run_with_source(
     source: Option<ConfigSource>,
     shutdown: CancellationToken,
 ) -> Result<(), String> {
-    let node = Node::start(&config, sidecar, shutdown).await?;
+    let node = Instance::start(&config, sidecar, shutdown).await?;
     if let Some(s) = source {
         node.ctx.config.set_source(&s.path, &s.text, s.overrides);
     }
@@ -119,19 +120,19 @@ pub async fn run_with_source(
 /// A started kiln: the shared context and background work, ready to serve
 /// listeners, on one runtime or on several (one per worker thread).
 #[derive(Clone)]
-pub struct Node {
+pub struct Instance {
     pub ctx: Arc<context::Context>,
     shutdown: CancellationToken,
 }
 
-impl Node {
+impl Instance {
     /// Builds the context (asking upstream about itself) and starts the
     /// background work: coherence, warmups, health and the sidecar.
     pub async fn start(
         config: &Config,
         sidecar: Option<TcpListener>,
         shutdown: CancellationToken,
-    ) -> Result<Node, String> {
+    ) -> Result<Instance, String> {
         let ctx = Arc::new(context::Context::new(config, shutdown.clone()).await?);
         ctx.coherence
             .start(
@@ -151,7 +152,7 @@ impl Node {
             tokio::spawn(sidecar::serve(l, ctx.clone(), shutdown.clone()));
         }
         tracing::info!(upstream = %config.upstream_label(), "kiln started");
-        Ok(Node { ctx, shutdown })
+        Ok(Instance { ctx, shutdown })
     }
 
     /// Accepts on `listener` until shutdown, then drains the connections

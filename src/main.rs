@@ -16,8 +16,8 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::Parser;
-use kiln::Node;
-use kiln::cli::{Cli, Command};
+use kiln::Instance;
+use kiln::cli::{Action, Cli};
 use kiln::config::{Config, Overrides};
 use tokio_util::sync::CancellationToken;
 
@@ -51,7 +51,7 @@ fn main() -> ExitCode {
         eprintln!("kiln: {}: {e}", cli.config.as_deref().unwrap_or("config"));
         return ExitCode::from(2);
     }
-    if let Some(Command::CheckConfig) = cli.command {
+    if let Some(Action::CheckConfig) = cli.command {
         match toml::to_string_pretty(&config) {
             Ok(s) => {
                 println!("# configuration is valid; effective values:\n{s}");
@@ -146,7 +146,7 @@ fn serve(config: Config, source: Option<kiln::ConfigSource>) -> anyhow::Result<(
     let shutdown = CancellationToken::new();
     let node = rt.block_on(async {
         let sidecar = tokio::net::TcpListener::from_std(sidecar)?;
-        Node::start(&config, Some(sidecar), shutdown.clone())
+        Instance::start(&config, Some(sidecar), shutdown.clone())
             .await
             .map_err(anyhow::Error::msg)
     })?;
