@@ -1,7 +1,9 @@
 //! Entry compression (`cache.compression`): LZ4 or zstd for values past
 //! `min_size` that shrink, with one zstd context per thread.
 
-use super::*;
+/// The flags of a compressed entry's value, in its length word.
+pub(super) const LZ4: u16 = 1 << 15;
+pub(super) const ZSTD: u16 = 1 << 14;
 
 thread_local! {
     /// zstd contexts, one per thread: making one per value cost more than

@@ -3,11 +3,13 @@
 //! answers and the stored reply (compressed or not), and how an entry
 //! writes itself to a client in RESP2 or RESP3.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use bytes::Bytes;
 
-use super::*;
+use crate::cache::ENTRY_OVERHEAD;
+use crate::cache::compress::{Compression, LZ4, ZSTD, decompress, decompress_into};
+use crate::config::MAX_AFTER_HITS;
 
 /// What an entry's allocation holds before its bytes: 24 bytes, so with
 /// the reference count and the slice length the key starts 40 bytes in
@@ -35,10 +37,6 @@ pub(super) struct Meta {
 }
 
 pub(super) const NIL: u32 = 1 << 31;
-
-pub(super) const LZ4: u16 = 1 << 15;
-
-pub(super) const ZSTD: u16 = 1 << 14;
 
 pub(super) const LEN_MASK: u16 = ZSTD - 1;
 

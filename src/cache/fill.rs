@@ -7,7 +7,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::*;
+use crate::cache::L1;
+use crate::cache::compress::Compression;
+use crate::cache::entry::{Entry, MAX_READ, Parts};
+use crate::cache::generation::FillToken;
+use crate::cache::rules::Policy;
 use crate::commands::reads;
 
 impl L1 {

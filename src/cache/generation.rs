@@ -8,7 +8,7 @@ use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
-use super::*;
+use crate::cache::{L1, Source};
 
 pub(super) const GENERATIONS: usize = 1 << 16;
 

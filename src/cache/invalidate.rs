@@ -2,9 +2,11 @@
 //! of it), of hash slots, of a pattern, or all of them, counted by
 //! `Source`, with the generation bumped first so racing fills are refused.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::*;
+use crate::cache::entry::{EPOCH_MASK, EPOCHS_KEPT};
+use crate::cache::generation::db_hash;
+use crate::cache::{L1, Source, glob};
 
 impl L1 {
     /// A tracking channel was lost: nothing in L1 is known fresh any more.

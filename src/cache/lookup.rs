@@ -5,7 +5,11 @@
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use super::*;
+use crate::cache::L1;
+use crate::cache::entry::{
+    EPOCH_MASK, EPOCHS_KEPT, EXPIRY_MASK, Entry, HITS_MASK, HITS_SHIFT, REFRESHING, epoch_of,
+};
+use crate::cache::rules::{Rules, Settings};
 
 /// What a lookup found.
 pub struct Hit {

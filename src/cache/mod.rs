@@ -11,13 +11,11 @@
 //!
 //! It must not talk to upstream or know about clients: `cmd::get` does that.
 //!
-//! Split by path: `entry` (layout), `compress`, `rules`, `generation` (the
-//! write guards), `lookup` (hit), `fill` (miss), `invalidate` (write);
-//! this file holds `L1` itself, its counters and its construction.
-//!
-//! Split by path: `entry` (layout), `compress`, `rules`, `generation` (the
-//! write guards), `lookup` (hit), `fill` (miss), `invalidate` (write);
-//! this file holds `L1` itself, its counters and its construction.
+//! Split by path: `entry` (layout), `compress`, `rules` (with `glob`, the
+//! patterns), `generation` (the write guards), `lookup` (hit), `fill`
+//! (miss, with `flight`, single-flight), `invalidate` (write), over
+//! `store` (the table); this file holds `L1` itself, its counters and its
+//! construction.
 
 mod compress;
 mod entry;
@@ -39,19 +37,17 @@ pub use generation::{FillToken, WriteMark};
 pub use lookup::Hit;
 pub use rules::{Policy, Rules, in_share};
 
-use compress::*;
-use entry::*;
-use generation::*;
-use rules::*;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Instant;
 
 use foldhash::fast::RandomState;
 
+use crate::cache::entry::{EPOCHS_KEPT, weigh};
+use crate::cache::generation::{DEFER_MAX, GENERATIONS, KeySlot};
+use crate::cache::rules::Settings;
 use crate::commands::reads;
-use crate::config::{CacheConfig, MAX_AFTER_HITS};
+use crate::config::CacheConfig;
 
 /// Bytes charged per entry on top of its key and value, so that
 /// `cache.max_memory` bounds what L1 really takes. It is the entry's

@@ -5,9 +5,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::*;
+use crate::cache::compress::Compression;
+use crate::cache::glob;
 use crate::commands::reads;
-use crate::config::CacheConfig;
+use crate::config::{CacheConfig, MAX_AFTER_HITS};
 
 /// What the rules say about a key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

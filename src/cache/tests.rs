@@ -3,6 +3,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use super::*;
+use crate::cache::entry::EXPIRY_MASK;
+use crate::cache::generation::DEFER_MAX;
 use crate::config::CacheRule;
 
 fn l1() -> L1 {

@@ -7,7 +7,10 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use super::text::{element_line, error_line, line_of, nth_table_line};
-use super::*;
+use crate::config::{
+    CoherenceMode, Config, ConfigError, GIB, LineRef, MAX_AFTER_HITS, Topology, UpstreamAddr,
+    parse_rate, valid_log_filter,
+};
 
 impl Config {
     /// Checks values serde cannot; `text` is the file, for line numbers.

@@ -4,11 +4,21 @@
 //! credentials a connection may run as (`Creds`), and what every node's
 //! connections share (`Common`).
 
-use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use std::sync::Arc;
+use std::time::Duration;
 
-use super::*;
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::config::UpstreamAddr;
+use crate::error::{ErrorCounts, UpstreamError};
+use crate::protocol::Proto;
 use crate::protocol::scan::Scanner;
+use crate::tls::Stream;
+use crate::upstream::breaker;
+use crate::upstream::breaker::Breaker;
+use crate::upstream::request::ReaderSpec;
 
 /// How to open one upstream connection in a given state.
 pub struct Connector {

@@ -37,25 +37,21 @@ pub use breaker::Breaker;
 pub use cluster::Link;
 pub use conn::{ConnHandle, Hooks, OnReply, Reply, ReplyRx};
 pub use connect::{As, Connector, Creds, UpstreamTls};
-pub use node::{ReaderSpec, SlotsLost, SlotsMoved};
+pub use request::{ReaderSpec, SlotsLost, SlotsMoved};
 
-use connect::*;
-use node::*;
-
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::commands::CommandTable;
-use crate::config::{Config, Topology, UpstreamAddr};
+use crate::config::{Config, Topology};
 use crate::error::{ErrorCounts, UpstreamError};
 use crate::protocol::Proto;
 use crate::tls::Stream;
-use crate::worker::{lock, worker};
+use crate::upstream::connect::{Common, ask};
+use crate::upstream::node::{ChannelSpec, IDLE_PER_KEY, Node, PoolKey, probe_node};
+use crate::worker::lock;
 
 /// The upstream as the rest of kiln sees it: connections by purpose
 /// (shared, priority, session, raw, reader), limits and health that hold

@@ -3,48 +3,24 @@
 //! priority, idle sessions, readers, channels). A standalone upstream is
 //! one node; a cluster has one per primary.
 
-use super::*;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+
+use crate::config::UpstreamAddr;
+use crate::error::{ErrorCounts, UpstreamError};
+use crate::protocol::Proto;
+use crate::upstream::breaker::Breaker;
+use crate::upstream::conn::ConnHandle;
+use crate::upstream::connect::{As, Common, Connector, Moves, UpstreamTls, setup};
+use crate::upstream::request::Hooks;
+use crate::worker::{lock, worker};
 
 pub(crate) type PoolKey = (u32, Proto, As);
 
 /// A set of connections clients are spread over.
 pub(crate) type Conns = Arc<[ConnHandle]>;
-
-/// How the connections that fill L1 are made; decided by the coherence mode.
-#[derive(Clone)]
-pub struct ReaderSpec {
-    pub proto: Proto,
-    pub setup: Vec<Vec<Vec<u8>>>,
-    pub hooks: Hooks,
-    /// Cluster: one node's tracking reader was lost; the slots it served
-    /// are given (replaces `hooks.on_lost`, which drops all of L1).
-    pub on_node_lost: Option<SlotsLost>,
-    /// Cluster: these slots changed owner (or may have): what L1 holds of
-    /// them is to go, since Redis sends no invalidation for a slot
-    /// reassigned without `MIGRATE`.
-    pub on_slots_moved: Option<SlotsMoved>,
-    /// Sentinel: the primary changed; nothing L1 holds is known fresh.
-    pub on_switch: Option<Arc<dyn Fn() + Send + Sync>>,
-}
-
-/// See `ReaderSpec::on_node_lost`.
-pub type SlotsLost = Arc<dyn Fn(&[u16], &UpstreamError) + Send + Sync>;
-
-/// See `ReaderSpec::on_slots_moved`.
-pub type SlotsMoved = Arc<dyn Fn(&[u16]) + Send + Sync>;
-
-impl Default for ReaderSpec {
-    fn default() -> Self {
-        ReaderSpec {
-            proto: Proto::Resp2,
-            setup: Vec::new(),
-            hooks: Hooks::default(),
-            on_node_lost: None,
-            on_slots_moved: None,
-            on_switch: None,
-        }
-    }
-}
 
 /// A channel's setup: a connection per node, made the same way.
 pub(crate) struct ChannelSpec {

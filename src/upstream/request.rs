@@ -1,7 +1,8 @@
 //! What is sent on an upstream connection and what comes back: a
 //! `Request` (the command's bytes, where its `Reply` goes, the hook that
 //! runs once its fate is known, who resends it after a cluster
-//! redirection), and the `Hooks` a connection reports to its owner.
+//! redirection), the `Hooks` a connection reports to its owner, and how
+//! the connections that fill L1 are made (`ReaderSpec`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,6 +11,7 @@ use bytes::Bytes;
 use tokio::sync::oneshot;
 
 use crate::error::UpstreamError;
+use crate::protocol::Proto;
 use crate::protocol::reply::Redirection;
 
 pub type Reply = Result<Bytes, UpstreamError>;
@@ -100,4 +102,40 @@ pub struct Hooks {
     /// PING when idle this long, and reconnect without waiting for traffic:
     /// a tracking connection's loss must be noticed even when nobody reads.
     pub keepalive: Option<Duration>,
+}
+
+/// How the connections that fill L1 are made; decided by the coherence mode.
+#[derive(Clone)]
+pub struct ReaderSpec {
+    pub proto: Proto,
+    pub setup: Vec<Vec<Vec<u8>>>,
+    pub hooks: Hooks,
+    /// Cluster: one node's tracking reader was lost; the slots it served
+    /// are given (replaces `hooks.on_lost`, which drops all of L1).
+    pub on_node_lost: Option<SlotsLost>,
+    /// Cluster: these slots changed owner (or may have): what L1 holds of
+    /// them is to go, since Redis sends no invalidation for a slot
+    /// reassigned without `MIGRATE`.
+    pub on_slots_moved: Option<SlotsMoved>,
+    /// Sentinel: the primary changed; nothing L1 holds is known fresh.
+    pub on_switch: Option<Arc<dyn Fn() + Send + Sync>>,
+}
+
+/// See `ReaderSpec::on_node_lost`.
+pub type SlotsLost = Arc<dyn Fn(&[u16], &UpstreamError) + Send + Sync>;
+
+/// See `ReaderSpec::on_slots_moved`.
+pub type SlotsMoved = Arc<dyn Fn(&[u16]) + Send + Sync>;
+
+impl Default for ReaderSpec {
+    fn default() -> Self {
+        ReaderSpec {
+            proto: Proto::Resp2,
+            setup: Vec::new(),
+            hooks: Hooks::default(),
+            on_node_lost: None,
+            on_slots_moved: None,
+            on_switch: None,
+        }
+    }
 }

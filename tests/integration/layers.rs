@@ -249,8 +249,84 @@ fn resolve<'a>(
         .find_map(|n| mods.get_key_value(&path[..n]))
 }
 
-/// File -> files it names, child-to-ancestor arrows left out.
+/// Per module, the names it takes from one of its children (`pub use
+/// child::{A, B}`, `use child::C`, or every public item of a glob `use
+/// child::*`): a path into the module that names one of them is an arrow
+/// to that child, not to the module (a sibling reached through its parent
+/// is still a sibling).
+fn taken_from_children(
+    mods: &BTreeMap<Module, PathBuf>,
+) -> HashMap<Module, HashMap<String, Module>> {
+    let defined = |file: &PathBuf| -> Vec<String> {
+        let code = code_only(&std::fs::read_to_string(file).expect("read source"));
+        code.lines()
+            .filter_map(|l| {
+                let l = l
+                    .strip_prefix("pub ")
+                    .or_else(|| l.strip_prefix("pub(crate) "))?;
+                let mut w = l.split_whitespace();
+                let kind = w.next()?;
+                let kind = if kind == "async" || kind == "const" && l.starts_with("const fn") {
+                    w.next()?
+                } else {
+                    kind
+                };
+                matches!(
+                    kind,
+                    "struct" | "enum" | "fn" | "const" | "type" | "trait" | "static" | "mod"
+                )
+                .then(|| w.next())?
+                .map(|n| {
+                    n.split(|c: char| !is_ident(c))
+                        .next()
+                        .unwrap_or("")
+                        .to_string()
+                })
+            })
+            .collect()
+    };
+    let mut out: HashMap<Module, HashMap<String, Module>> = HashMap::new();
+    for (module, file) in mods {
+        let code = code_only(&std::fs::read_to_string(file).expect("read source"));
+        let mut names = HashMap::new();
+        for stmt in code.split(';') {
+            let s = stmt.trim();
+            let Some(rest) = s
+                .strip_prefix("pub use ")
+                .or_else(|| s.strip_prefix("use "))
+            else {
+                continue;
+            };
+            let mut trees = Vec::new();
+            expand_tree(rest, &[], &mut trees);
+            for t in trees {
+                let Some(child) = t.first() else { continue };
+                let mut cm = module.clone();
+                cm.push(child.clone());
+                let Some(cfile) = mods.get(&cm) else { continue };
+                match t.get(1) {
+                    Some(name) => {
+                        names.insert(name.clone(), cm.clone());
+                    }
+                    // `use child::*`, expanded by `expand_tree` to the child.
+                    None if rest.trim_end().ends_with('*') => {
+                        for n in defined(cfile) {
+                            names.insert(n, cm.clone());
+                        }
+                    }
+                    None => {}
+                }
+            }
+        }
+        out.insert(module.clone(), names);
+    }
+    out
+}
+
+/// File -> files it names, child-to-ancestor arrows left out (after a
+/// name the ancestor takes from another child is followed to that child).
 fn graph(mods: &BTreeMap<Module, PathBuf>) -> BTreeMap<PathBuf, BTreeSet<PathBuf>> {
+    let taken = taken_from_children(mods);
     let mut edges: BTreeMap<PathBuf, BTreeSet<PathBuf>> = BTreeMap::new();
     for (module, file) in mods {
         let text = std::fs::read_to_string(file).expect("read source");
@@ -263,9 +339,22 @@ fn graph(mods: &BTreeMap<Module, PathBuf>) -> BTreeMap<PathBuf, BTreeSet<PathBuf
         let out = edges.entry(file.clone()).or_default();
         for p in paths(module, &code, &children) {
             // `crate::a` with `a` a module of lib.rs, from lib.rs: the root.
-            let Some((target, tfile)) = resolve(mods, &p) else {
+            let Some((mut target, mut tfile)) = resolve(mods, &p) else {
                 continue;
             };
+            // A name the module took from a child: the child (a few levels).
+            for _ in 0..4 {
+                let Some(name) = p.get(target.len()) else {
+                    break;
+                };
+                let Some(child) = taken.get(target).and_then(|t| t.get(name)) else {
+                    break;
+                };
+                let Some((m, f)) = mods.get_key_value(child) else {
+                    break;
+                };
+                (target, tfile) = (m, f);
+            }
             if tfile == file || module.starts_with(target) {
                 continue;
             }
@@ -273,6 +362,31 @@ fn graph(mods: &BTreeMap<Module, PathBuf>) -> BTreeMap<PathBuf, BTreeSet<PathBuf
         }
     }
     edges
+}
+
+/// The floor of each top-level module, from the numbered list in the
+/// `lib.rs` module doc (`//! 3. ... `config` ...`).
+fn floors(lib: &str, tops: &BTreeSet<String>) -> HashMap<String, usize> {
+    let mut out = HashMap::new();
+    let mut floor = 0;
+    for line in lib.lines().take_while(|l| l.starts_with("//!")) {
+        let l = line.trim_start_matches("//!").trim_start();
+        if let Some((n, _)) = l.split_once(". ") {
+            if let Ok(n) = n.parse::<usize>() {
+                floor = n;
+            }
+        }
+        if floor == 0 {
+            continue;
+        }
+        for (i, part) in l.split('`').enumerate() {
+            let name = part.split("::").next().unwrap_or("");
+            if i % 2 == 1 && tops.contains(name) {
+                out.entry(name.to_string()).or_insert(floor);
+            }
+        }
+    }
+    out
 }
 
 /// Strongly connected components of more than one file (Tarjan).
@@ -436,4 +550,70 @@ fn no_big_file_without_a_reason() {
         "files over {MAX_LINES} lines of code with no `{SIZE_REASON}` line at the top:\n{}",
         big.join("\n")
     );
+}
+
+/// Every arrow runs to the same floor or below, as `lib.rs` lists them, and
+/// every top-level module has a floor.
+#[test]
+fn imports_run_down_the_floors_of_lib_rs() {
+    let mods = all_modules();
+    let root = src_dir();
+    let tops: BTreeSet<String> = mods
+        .keys()
+        .filter(|m| !m.is_empty())
+        .map(|m| m[0].clone())
+        .filter(|t| t != "main")
+        .collect();
+    let lib = std::fs::read_to_string(root.join("lib.rs")).expect("lib.rs");
+    let floor = floors(&lib, &tops);
+    let unplaced: Vec<&String> = tops.iter().filter(|t| !floor.contains_key(*t)).collect();
+    assert!(
+        unplaced.is_empty(),
+        "modules lib.rs places on no floor: {unplaced:?}"
+    );
+    let top_of = |f: &PathBuf| -> Option<String> {
+        let m = mods.iter().find(|(_, p)| *p == f)?.0;
+        m.first().cloned()
+    };
+    let mut up = Vec::new();
+    for (from, tos) in graph(&mods) {
+        let Some(a) = top_of(&from) else { continue };
+        for to in tos {
+            let Some(b) = top_of(&to) else { continue };
+            if let (Some(fa), Some(fb)) = (floor.get(&a), floor.get(&b)) {
+                if fa < fb {
+                    up.push(format!(
+                        "{} (floor {fa}) -> {} (floor {fb})",
+                        from.strip_prefix(&root).unwrap_or(&from).display(),
+                        to.strip_prefix(&root).unwrap_or(&to).display()
+                    ));
+                }
+            }
+        }
+    }
+    assert!(
+        up.is_empty(),
+        "imports running up the floors of lib.rs:\n{}",
+        up.join("\n")
+    );
+}
+
+/// No glob import of a sibling or a child outside tests (`use super::*`,
+/// `use child::*`): it hides which file a name comes from. A schema's
+/// `pub use table::*` re-export (config) is read by the circle check.
+#[test]
+fn no_private_glob_imports_outside_tests() {
+    let mut found = Vec::new();
+    for file in all_modules().values() {
+        if file.file_name().is_some_and(|n| n == "tests.rs") {
+            continue;
+        }
+        let text = std::fs::read_to_string(file).expect("read source");
+        for (i, line) in text.lines().enumerate() {
+            if line.starts_with("use ") && line.trim_end().ends_with("::*;") {
+                found.push(format!("{}:{}: {line}", file.display(), i + 1));
+            }
+        }
+    }
+    assert!(found.is_empty(), "glob imports:\n{}", found.join("\n"));
 }

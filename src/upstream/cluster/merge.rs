@@ -2,7 +2,11 @@
 //! primary become the one reply a client expects (`Merge`), and the
 //! cursor a cluster-wide `SCAN` hands out (node index in the low bits).
 
-use super::*;
+use bytes::{Bytes, BytesMut};
+
+use crate::error::UpstreamError;
+use crate::upstream::cluster::Scanner;
+use crate::upstream::request::Reply;
 
 /// How the replies of a split or fanned-out command become one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -30,26 +30,22 @@ mod topology;
 
 pub use topology::{ClusterStats, Router};
 
-use merge::*;
-
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use redis_protocol::resp2::types::OwnedFrame;
-use tokio::sync::{Notify, oneshot};
-use tokio_util::sync::CancellationToken;
+use tokio::sync::oneshot;
 
 use super::conn::{Redirection, Redirector, Request};
-use super::{As, Breaker, ChannelSpec, Common, ConnHandle, Node, OnReply, Reply, ReplyRx, lock};
-use crate::commands::CommandTable;
+use super::{As, ChannelSpec, ConnHandle, Node, OnReply, ReplyRx, lock};
 use crate::commands::slot::{SLOTS, key_slot};
-use crate::config::UpstreamAddr;
 use crate::error::UpstreamError;
 use crate::protocol::Proto;
 use crate::protocol::scan::Scanner;
+use crate::upstream::cluster::merge::{
+    Merge, SCAN_NODE_BITS, SCAN_NODE_MASK, merge_replies, rewrite_scan,
+};
 
 /// What a client holds to send commands upstream: one node's connection,
 /// or (cluster) a handle that routes each command by slot.

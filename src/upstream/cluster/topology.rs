@@ -3,7 +3,24 @@
 //! `upstream.topology_refresh` and after redirections, the `Node` kept
 //! per primary, and what changes when a slot moves.
 
-use super::*;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use redis_protocol::resp2::types::OwnedFrame;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::commands::CommandTable;
+use crate::config::UpstreamAddr;
+use crate::error::UpstreamError;
+use crate::upstream::breaker::Breaker;
+use crate::upstream::cluster::SLOTS;
+use crate::upstream::conn::ConnHandle;
+use crate::upstream::connect::Common;
+use crate::upstream::node::{ChannelSpec, Node};
+use crate::worker::lock;
 
 /// Topology reads at most this often.
 pub(super) const MIN_REFRESH_GAP: Duration = Duration::from_millis(100);
