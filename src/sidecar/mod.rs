@@ -125,6 +125,9 @@ pub fn render(ctx: &Context) -> String {
         // In front of a cluster, each node's failures carry its name; what
         // is left (session permits) is kiln's own.
         let mut own = ctx.upstream.errors.get(k);
+        if let Some(r) = ctx.upstream.cluster() {
+            own -= r.retired_errors(k).min(own);
+        }
         for (node, _, errors, _) in &per_node {
             let n = errors.get(k);
             own -= n.min(own);

@@ -21,6 +21,10 @@ use super::names::{self, ALL};
 
 const META: metrics::Metadata<'static> = metrics::Metadata::new("kiln", metrics::Level::INFO, None);
 
+/// A series not set for this long is dropped at the next render: longer
+/// than one render takes, shorter than any scrape interval.
+const SERIES_IDLE: Duration = Duration::from_secs(1);
+
 pub struct Metrics {
     recorder: PrometheusRecorder,
     handle: PrometheusHandle,
@@ -50,7 +54,13 @@ pub const LIMITS: [&str; 8] = [
 
 impl Metrics {
     pub fn new<'a>(command_names: impl Iterator<Item = &'a [u8]>) -> Metrics {
-        let recorder = PrometheusBuilder::new().build_recorder();
+        // Every series is set from kiln's state as `/metrics` is rendered
+        // (sidecar::render); one not set then describes something gone (a
+        // cluster node that left the topology, a rollout rule removed by a
+        // reload) and leaves the output.
+        let recorder = PrometheusBuilder::new()
+            .idle_timeout(metrics_util::MetricKindMask::ALL, Some(SERIES_IDLE))
+            .build_recorder();
         for (name, kind, help) in ALL {
             let unit = None;
             match *kind {

@@ -203,8 +203,13 @@ async fn run(
     let mut retry_gen = 0;
     let timeout = connector.command_timeout;
     let mut last_io = Instant::now();
+    // Every handle is gone; what is in flight is answered, then it closes.
+    let mut draining = false;
 
     loop {
+        if draining && fifo.is_empty() && wbuf.is_empty() {
+            return;
+        }
         // The node moved (a Sentinel switch): once nothing is in flight on
         // the old address, the connection is closed and made again to the
         // new one; nothing new is written to the old one meanwhile.
@@ -332,7 +337,7 @@ async fn run(
             .map(|every| last_io + every);
         let outcome: Result<(), UpstreamError> = tokio::select! {
             biased;
-            req = rx.recv() => match req {
+            req = rx.recv(), if !draining => match req {
                 Some(req) if moved => {
                     tracing::debug!(in_flight = fifo.len(), "upstream node moved: request held");
                     held.push_back(req);
@@ -346,9 +351,17 @@ async fn run(
                     }
                     Ok(())
                 }
+                None if !fifo.is_empty() && fifo.iter().all(|f| f.deadline.is_some()) => {
+                    // Every handle is gone (a cluster node left the
+                    // topology) with replies due in bounded time: they are
+                    // waited for (a -MOVED one is sent on), then it closes.
+                    draining = true;
+                    Ok(())
+                }
                 None => {
-                    // Every handle is gone (a session's client left). Run the
-                    // invalidations of what was in flight, then close.
+                    // Every handle is gone (a session's client left, maybe
+                    // blocked): run the invalidations of what was in
+                    // flight, then close.
                     for f in fifo.drain(..) {
                         if let Some(cb) = f.on_reply { cb(); }
                     }

@@ -297,6 +297,19 @@ async fn percent_caches_a_stable_share_and_raising_it_keeps_every_key() {
     let at5 = entries(c.cmd(&["CACHE.STATUS", "JSON"]).await);
     assert!((300..=700).contains(&at5), "5%: {at5}");
     eprintln!("rollout over 10,000 keys: 10% -> {at10}, 50% -> {at50}, 5% -> {at5} entries");
+
+    // The rule removed: its series leaves /metrics (it stayed at 5 for the
+    // process's life), as a cluster node that left the topology does.
+    file.write(&redis, "");
+    assert_eq!(reload(&mut c).await, "+OK\r\n");
+    crate::util::poll_until(
+        std::time::Duration::from_millis(200),
+        async || match metric(kiln.metrics, "cache_rollout_percent{rule=\"p:*\"}").await {
+            Some(v) => Err(format!("a removed rule's rollout is still exported: {v}")),
+            None => Ok(()),
+        },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

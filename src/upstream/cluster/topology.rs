@@ -58,6 +58,8 @@ pub struct Router {
     /// Channels opened on every primary (the `bcast` invalidation channel).
     pub(super) eager: Mutex<Vec<Arc<ChannelSpec>>>,
     pub stats: ClusterStats,
+    /// The failure counts of nodes that left the topology.
+    pub(super) retired: Mutex<Vec<Arc<crate::error::ErrorCounts>>>,
     pub(super) me: std::sync::Weak<Router>,
 }
 
@@ -83,6 +85,7 @@ impl Router {
             keys: arc_swap::ArcSwapOption::empty(),
             eager: Mutex::new(Vec::new()),
             stats: ClusterStats::default(),
+            retired: Mutex::new(Vec::new()),
             me: me.clone(),
         }))
     }
@@ -92,8 +95,13 @@ impl Router {
         &self.seeds[0]
     }
 
-    /// The first seed's node (probes, authentication).
+    /// The node for probes and authentication: the first primary, or the
+    /// first seed before the topology is known (a seed may have failed
+    /// over and be gone).
     pub(crate) fn home(&self) -> Arc<Node> {
+        if let Some(n) = self.map.load().primaries.first() {
+            return n.clone();
+        }
         let s = &self.seeds[0];
         self.node(&format!("{}:{}", s.host, s.port))
     }
@@ -104,6 +112,23 @@ impl Router {
         if let Some(n) = lock(&self.nodes).get(name) {
             return n.clone();
         }
+        let node = self.make(name);
+        lock(&self.nodes)
+            .entry(name.to_string())
+            .or_insert(node)
+            .clone()
+    }
+
+    /// A known node, or one made for a single probe and not kept (a seed
+    /// that is no longer a primary).
+    fn node_or_transient(&self, name: &str) -> Arc<Node> {
+        if let Some(n) = lock(&self.nodes).get(name) {
+            return n.clone();
+        }
+        self.make(name)
+    }
+
+    fn make(&self, name: &str) -> Arc<Node> {
         let (host, port) = name.rsplit_once(':').unwrap_or((name, "6379"));
         let addr = UpstreamAddr {
             host: host.to_string(),
@@ -121,17 +146,13 @@ impl Router {
                 }
             }));
         }
-        let node = Arc::new(Node::new(
+        Arc::new(Node::new(
             addr,
             tls,
             Arc::new(Breaker::new(&self.common.breaker)),
             hooks,
             &self.common.errors,
-        ));
-        lock(&self.nodes)
-            .entry(name.to_string())
-            .or_insert(node)
-            .clone()
+        ))
     }
 
     /// `spec`'s channel on `node`. A channel that carries invalidations
@@ -205,8 +226,8 @@ impl Router {
     /// half-open), connection failures and how many slots it serves.
     pub fn node_stats(&self) -> Vec<(String, u8, Arc<crate::error::ErrorCounts>, usize)> {
         let map = self.map.load();
-        // Every node kiln has talked to, primaries or not: a primary that
-        // failed over keeps the failures it had.
+        // Every node kiln has connections to: the primaries, and a node
+        // reached through a redirection until the next topology read.
         let mut nodes: Vec<Arc<Node>> = lock(&self.nodes).values().cloned().collect();
         nodes.sort_by_key(|n| n.name());
         nodes
@@ -275,7 +296,7 @@ impl Router {
         candidates.extend(self.seeds.iter().map(|s| format!("{}:{}", s.host, s.port)));
         candidates.dedup();
         for name in candidates {
-            let node = self.node(&name);
+            let node = self.node_or_transient(&name);
             let layout = match crate::upstream::node::probe_node(
                 &node,
                 &self.common,
@@ -374,6 +395,37 @@ impl Router {
                 self.channel_on(n, spec);
             }
         }
+        self.retire_absent(&names);
+    }
+
+    /// Forgets every node that is not among `primaries` (it failed over
+    /// and is a replica now, or left the cluster): its connections close
+    /// once what is in flight on them is answered (no reconnect loop to a
+    /// host that is gone), and it leaves the per-node metrics, its
+    /// failures kept aside (`retired_errors`) so that no other series
+    /// takes them over.
+    fn retire_absent(&self, primaries: &[String]) {
+        let gone: Vec<(String, Arc<Node>)> = {
+            let mut nodes = lock(&self.nodes);
+            let names: Vec<String> = nodes
+                .keys()
+                .filter(|n| !primaries.contains(n))
+                .cloned()
+                .collect();
+            names
+                .into_iter()
+                .filter_map(|n| nodes.remove(&n).map(|node| (n, node)))
+                .collect()
+        };
+        for (name, node) in gone {
+            tracing::info!(node = %name, "cluster node is no longer a primary: its connections close");
+            lock(&self.retired).push(node.errors.clone());
+        }
+    }
+
+    /// Failures counted by nodes that have left the topology, by kind.
+    pub fn retired_errors(&self, kind: crate::error::ErrorKind) -> u64 {
+        lock(&self.retired).iter().map(|e| e.get(kind)).sum()
     }
 
     /// A `-MOVED slot host:port` seen: the slot's owner is `to` from now
