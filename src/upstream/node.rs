@@ -55,6 +55,9 @@ pub(crate) struct Node {
     pub(crate) readers: Mutex<HashMap<(u32, usize), Conns>>,
     /// By channel spec.
     pub(crate) channels: Mutex<HashMap<usize, ConnHandle>>,
+    /// A cluster primary's demotion watcher is running
+    /// (`cluster::watch`).
+    pub(crate) role_watched: std::sync::atomic::AtomicBool,
 }
 
 impl Node {
@@ -81,6 +84,7 @@ impl Node {
             idle: Mutex::new(HashMap::new()),
             readers: Mutex::new(HashMap::new()),
             channels: Mutex::new(HashMap::new()),
+            role_watched: std::sync::atomic::AtomicBool::new(false),
         }
     }
 

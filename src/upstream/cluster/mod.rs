@@ -22,11 +22,13 @@
 //! every primary. Any other command whose keys span slots gets Redis
 //! Cluster's own `-CROSSSLOT` error.
 //!
-//! `topology` keeps the slot map and the nodes; `merge` joins split and
-//! fanned-out replies; this file routes and follows redirections.
+//! `topology` keeps the slot map and the nodes; `watch` sees a primary's
+//! demotion as it happens; `merge` joins split and fanned-out replies; this
+//! file routes and follows redirections.
 
 mod merge;
 mod topology;
+mod watch;
 
 pub use topology::{ClusterStats, Router};
 

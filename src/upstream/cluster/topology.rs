@@ -395,6 +395,9 @@ impl Router {
                 self.channel_on(n, spec);
             }
         }
+        for n in &primaries {
+            self.watch_role(n);
+        }
         self.retire_absent(&names);
     }
 
