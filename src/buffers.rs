@@ -51,16 +51,33 @@ pub fn lend(buf: &mut BytesMut) {
 /// rather than borrows (upstream connections). One with little spare left
 /// is left to `reserve`, which allocates anew when it must.
 pub fn shrink_if_grown(buf: &mut BytesMut) {
-    if buf.is_empty() && buf.capacity() > *KEPT.end() {
+    // `try_reclaim` also finds a grown allocation behind a small remainder
+    // (a 100 MB command written out leaves a few bytes of capacity).
+    if buf.is_empty() && (buf.capacity() > *KEPT.end() || buf.try_reclaim(*KEPT.end() + 1)) {
         *buf = BytesMut::with_capacity(SIZE);
     }
+}
+
+/// Whether a reply or command of `len` bytes is larger than the buffers
+/// kept: the buffer it passed through is to be replaced once empty, even
+/// while the reply still shares its memory (`shrink_if_grown` cannot see
+/// an allocation another handle shares).
+pub fn is_large(len: usize) -> bool {
+    len > *KEPT.end()
 }
 
 pub fn give_back(buf: &mut BytesMut) {
     if !buf.is_empty() {
         return;
     }
-    let b = std::mem::take(buf);
+    let mut b = std::mem::take(buf);
+    // Asking for more than is kept reclaims a buffer nothing else shares
+    // whole and tells its true size: one a large command or reply grew
+    // (whose last bytes left little capacity showing) is freed here, not
+    // kept with its whole allocation behind a small remainder.
+    if b.try_reclaim(*KEPT.end() + 1) {
+        return;
+    }
     if KEPT.contains(&b.capacity()) {
         FREE.with(|f| {
             let mut f = f.borrow_mut();
@@ -150,6 +167,23 @@ mod tests {
         lend(&mut next);
         assert_ne!(next.as_ptr(), ptr, "not kept for the next borrower");
         assert!(next.capacity() <= 4 * SIZE);
+    }
+
+    #[test]
+    fn a_large_buffer_with_a_small_remainder_is_freed_not_kept() {
+        // A 1 MiB reply written out of a buffer that grew for it: the
+        // little capacity left past it looks keepable, the allocation is
+        // not (one 100 MB GET held 100 MB in a pooled remainder).
+        let mut out = BytesMut::with_capacity((1 << 20) + 2048);
+        out.extend_from_slice(&[1; 1 << 20]);
+        bytes::Buf::advance(&mut out, 1 << 20);
+        assert!(KEPT.contains(&out.capacity()), "{}", out.capacity());
+        let ptr = out.as_ptr();
+        give_back(&mut out);
+        let mut next = BytesMut::new();
+        lend(&mut next);
+        assert_ne!(next.as_ptr(), ptr, "not kept for the next borrower");
+        assert_eq!(next.capacity(), SIZE);
     }
 
     #[test]

@@ -487,10 +487,12 @@ fn dispatch(
     fifo: &mut VecDeque<InFlight>,
     push: Option<&PushHandler>,
 ) -> Result<(), UpstreamError> {
+    let mut large = false;
     while let Some(frame) = scanner
         .next_frame(rbuf)
         .map_err(|e| UpstreamError::Lost(e.to_string()))?
     {
+        large |= crate::buffers::is_large(frame.len);
         let bytes = rbuf.split_to(frame.len).freeze();
         if frame.push {
             if let Some(p) = push {
@@ -530,6 +532,11 @@ fn dispatch(
     // A large reply handed on: its memory goes when the client is done
     // with it, not with the connection (one 100 MB GET held 100 MB per
     // connection it used).
+    // A reply larger than what is kept leaves the buffer now, even while
+    // the reply (on its way to a client) still shares its memory.
+    if large && rbuf.is_empty() {
+        *rbuf = BytesMut::with_capacity(crate::buffers::SIZE);
+    }
     shrink_if_grown(rbuf);
     if rbuf.capacity() - rbuf.len() < 4096 {
         // A big reply in progress: grow once, not read by read.
