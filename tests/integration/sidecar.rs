@@ -473,3 +473,83 @@ fn every_dashboard_query_names_a_metric_kiln_exports() {
         assert!(text.contains(topic), "a panel for {topic}");
     }
 }
+
+/// Every shipped Prometheus rule is silent on a healthy default install,
+/// as kiln's own alerts are: a default kiln in front of Redis serves some
+/// traffic, its real `/metrics` (every series, NaN rates included) is fed
+/// to `promtool test rules` as 20 minutes of samples, and no rule fires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shipped_rules_are_silent_on_a_healthy_default_install() {
+    let redis = Redis::start();
+    let kiln = Kiln::start(&redis).await;
+    let mut c = kiln.conn().await;
+    for i in 0..10 {
+        assert_eq!(c.cmd(&["SET", &format!("k{i}"), "v"]).await, "+OK\r\n");
+    }
+    // Enough reads for the rates to be numbers (alerts.min_requests).
+    for i in 0..300 {
+        assert_eq!(c.cmd(&["GET", &format!("k{}", i % 10)]).await, bulk("v"));
+    }
+    let (_, text) = http_get(kiln.metrics, "/metrics").await;
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("cache_hit_rate ") && !l.ends_with("NaN")),
+        "the hit rate is a number: {text}"
+    );
+    assert!(alerts(&kiln).await.is_empty(), "kiln's own alerts fire");
+    let (_, text) = http_get(kiln.metrics, "/metrics").await;
+    let mut series = String::new();
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let (name, value) = line.rsplit_once(' ').expect("name value");
+        let labelled = match name.split_once('{') {
+            Some((n, rest)) => format!("{n}{{instance=\"k:9122\",job=\"kiln\",{rest}"),
+            None => format!("{name}{{instance=\"k:9122\",job=\"kiln\"}}"),
+        };
+        // promtool's `1x20` shorthand takes numbers only: NaN (a rate
+        // before enough requests) is written out.
+        let values = match value {
+            "NaN" => vec!["NaN"; 21].join(" "),
+            v => format!("{v}x20"),
+        };
+        series.push_str(&format!(
+            "      - series: '{labelled}'\n        values: '{values}'\n"
+        ));
+    }
+    series.push_str(
+        "      - series: 'up{instance=\"k:9122\",job=\"kiln\"}'\n        values: '1x20'\n",
+    );
+    let root = env!("CARGO_MANIFEST_DIR");
+    let rules =
+        std::fs::read_to_string(format!("{root}/deploy/prometheus/alerts.yml")).expect("rules");
+    let names: Vec<&str> = rules
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- alert: "))
+        .collect();
+    assert!(names.len() >= 12, "{names:?}");
+    let mut checks = String::new();
+    for name in &names {
+        checks.push_str(&format!(
+            "      - eval_time: 15m\n        alertname: {name}\n        exp_alerts: []\n"
+        ));
+    }
+    let dir = crate::util::process::scratch_dir("promtool-default");
+    std::fs::copy(
+        format!("{root}/deploy/prometheus/alerts.yml"),
+        dir.join("alerts.yml"),
+    )
+    .expect("copy rules");
+    let test = format!(
+        "rule_files:\n  - alerts.yml\nevaluation_interval: 1m\ntests:\n  - interval: 1m\n    input_series:\n{series}    alert_rule_test:\n{checks}"
+    );
+    std::fs::write(dir.join("default_test.yml"), test).expect("write test");
+    crate::util::process::run_ok(
+        std::process::Command::new("promtool")
+            .args(["test", "rules", "default_test.yml"])
+            .current_dir(&dir),
+        "promtool test rules on a default install's metrics",
+        "promtool is installed (apt-get install prometheus)",
+    );
+}
