@@ -45,16 +45,7 @@ fn unknown_command(args: &[Bytes]) -> String {
 pub fn dispatch(c: &mut Client, name: &[u8], cmd: Command, r: &mut Replies<'_>) -> Flow {
     let a = &cmd.args;
     let lname = String::from_utf8_lossy(name).into_owned();
-    let known = matches!(
-        name,
-        b"cache.warmup"
-            | b"cache.status"
-            | b"cache.clear"
-            | b"cache.invalidate"
-            | b"cache.hotkeys"
-            | b"cache.reload"
-    );
-    if !known {
+    if !crate::commands::is_admin_command(name) {
         r.error(&unknown_command(a));
         return Flow::Continue;
     }

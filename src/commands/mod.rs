@@ -15,3 +15,19 @@ pub mod table;
 
 pub use keys::{Keys, key_args};
 pub use table::{CmdInfo, CommandTable, is_cross_protocol, lower};
+
+/// kiln's own admin commands (SPEC 5), lower case: the names
+/// `admin.rate_limits` may limit.
+pub const ADMIN: [&[u8]; 6] = [
+    b"cache.warmup",
+    b"cache.status",
+    b"cache.clear",
+    b"cache.invalidate",
+    b"cache.hotkeys",
+    b"cache.reload",
+];
+
+/// Whether `name` (any case) is one of kiln's admin commands.
+pub fn is_admin_command(name: &[u8]) -> bool {
+    ADMIN.iter().any(|a| a.eq_ignore_ascii_case(name))
+}

@@ -297,3 +297,41 @@ fn unsafe_cached_commands_name_the_key_the_line_and_why() {
     assert_eq!(ok.cache.compression.min_size, 2048);
     assert_eq!(ok.cache.commands.len(), 3);
 }
+
+/// Values that parse but cannot mean what was meant are refused, naming
+/// the key and its line: thresholds in the wrong order, a rate limit for
+/// a command kiln does not have, a run that warms nothing, a 6-field cron.
+#[test]
+fn settings_that_cannot_mean_what_was_meant_are_refused() {
+    assert_invalid(
+        "[alerts]\nhit_rate_warning = 0.5\nhit_rate_critical = 0.7\n",
+        "alerts.hit_rate_critical",
+        3,
+    );
+    assert_invalid(
+        "[alerts]\npenetration_critical = 0.05\n",
+        "alerts.penetration_critical",
+        2,
+    );
+    assert_invalid(
+        "[admin.rate_limits]\n\"CACHE.FOO\" = \"1/s\"\n",
+        "admin.rate_limits",
+        1,
+    );
+    assert_invalid("[warmup]\nmax_keys = 0\n", "warmup.max_keys", 2);
+    assert_invalid(
+        "[warmup]\nschedule = \"*/30 * * * * *\"\n",
+        "warmup.schedule",
+        2,
+    );
+    // Their sound neighbours pass.
+    for ok in [
+        "[alerts]\nhit_rate_warning = 0.7\nhit_rate_critical = 0.7\n",
+        "[admin.rate_limits]\n\"cache.hotkeys\" = \"1/s\"\n",
+        "[warmup]\nschedule = \"*/30 * * * *\"\n",
+        "[warmup]\nschedule = \"@hourly\"\n",
+    ] {
+        let cfg = Config::from_toml(ok).expect("parses");
+        cfg.validate(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+    }
+}

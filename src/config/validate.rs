@@ -216,6 +216,7 @@ impl Config {
         let bad = |key: &str, message: String| invalid(text, key, message);
         let w = &self.warmup;
         for (key, v) in [
+            ("warmup.max_keys", w.max_keys),
             ("warmup.batch_size", w.batch_size as u64),
             ("warmup.concurrency", w.concurrency as u64),
             ("warmup.hotkeys.keep", w.hotkeys.keep as u64),
@@ -232,6 +233,15 @@ impl Config {
             ));
         }
         if let Some(expr) = &w.schedule {
+            let fields = expr.split_whitespace().count();
+            if fields != 5 && !expr.trim_start().starts_with('@') {
+                return Err(bad(
+                    "warmup.schedule",
+                    format!(
+                        "`{expr}` has {fields} fields; a cron expression has 5 (minute hour day-of-month month day-of-week)"
+                    ),
+                ));
+            }
             if let Err(e) = expr.parse::<croner::Cron>() {
                 return Err(bad(
                     "warmup.schedule",
@@ -283,14 +293,41 @@ impl Config {
                 return Err(bad(key, format!("{v} is not a fraction between 0 and 1")));
             }
         }
+        // Each critical threshold lies past its warning one, or the
+        // critical alert would fire before (or without) the warning.
+        if a.hit_rate_critical > a.hit_rate_warning {
+            return Err(bad(
+                "alerts.hit_rate_critical",
+                format!(
+                    "{} is above alerts.hit_rate_warning ({}): the critical alert fires below a lower hit rate than the warning",
+                    a.hit_rate_critical, a.hit_rate_warning
+                ),
+            ));
+        }
+        if a.penetration_critical < a.penetration_warning {
+            return Err(bad(
+                "alerts.penetration_critical",
+                format!(
+                    "{} is below alerts.penetration_warning ({}): the critical alert fires above a higher rate than the warning",
+                    a.penetration_critical, a.penetration_warning
+                ),
+            ));
+        }
         if a.window < Duration::from_secs(1) {
             return Err(bad("alerts.window", "must be at least 1s".into()));
         }
         for (cmd, rate) in &self.admin.rate_limits {
-            if !cmd.to_ascii_uppercase().starts_with("CACHE.") {
+            if !crate::commands::is_admin_command(cmd.as_bytes()) {
+                let known: Vec<String> = crate::commands::ADMIN
+                    .iter()
+                    .map(|a| String::from_utf8_lossy(a).to_ascii_uppercase())
+                    .collect();
                 return Err(bad(
                     "admin.rate_limits",
-                    format!("`{cmd}` is not a CACHE.* command"),
+                    format!(
+                        "`{cmd}` is not one of kiln's commands ({})",
+                        known.join(", ")
+                    ),
                 ));
             }
             parse_rate(rate).map_err(|m| bad("admin.rate_limits", m))?;
