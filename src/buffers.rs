@@ -42,40 +42,45 @@ pub fn lend(buf: &mut BytesMut) {
     }
 }
 
-/// Takes `buf`'s memory back when nothing is left in it (kept for the
-/// next borrower if its capacity is in `KEPT`, freed otherwise); `buf` is
-/// then empty with no capacity. A buffer holding bytes is left as it is.
-/// An empty buffer whose spare capacity a large reply or command grew past
-/// what is kept (`KEPT`) is swapped for a new one of `SIZE`, so its memory
-/// goes once whatever shares it is dropped: for buffers a connection owns
-/// rather than borrows (upstream connections). One with little spare left
-/// is left to `reserve`, which allocates anew when it must.
-pub fn shrink_if_grown(buf: &mut BytesMut) {
-    // `try_reclaim` also finds a grown allocation behind a small remainder
-    // (a 100 MB command written out leaves a few bytes of capacity).
-    if buf.is_empty() && (buf.capacity() > *KEPT.end() || buf.try_reclaim(*KEPT.end() + 1)) {
+/// Notes in `large` that `buf` now holds more than is kept (a large
+/// command read, a large reply queued or written): its allocation is then
+/// freed once it is empty, not kept behind the small remainder that
+/// writing or parsing it out leaves showing as capacity (one 100 MB reply
+/// kept its 100 MB that way). A compare: cheap enough for every batch.
+#[inline]
+pub fn note_size(buf: &BytesMut, large: &mut bool) {
+    *large |= buf.capacity() > *KEPT.end();
+}
+
+/// An upstream connection's own buffer, once empty: replaced by a new one
+/// of `SIZE` when a large command or reply passed through it (`large`,
+/// from `note_size` or `is_large`, then cleared), so its memory goes once
+/// whatever shares it is dropped. One with little spare left is left to
+/// `reserve`, which allocates anew when it must.
+pub fn shrink_if_grown(buf: &mut BytesMut, large: &mut bool) {
+    if buf.is_empty() && (*large || buf.capacity() > *KEPT.end()) {
         *buf = BytesMut::with_capacity(SIZE);
+        *large = false;
     }
 }
 
 /// Whether a reply or command of `len` bytes is larger than the buffers
-/// kept: the buffer it passed through is to be replaced once empty, even
-/// while the reply still shares its memory (`shrink_if_grown` cannot see
-/// an allocation another handle shares).
+/// kept.
 pub fn is_large(len: usize) -> bool {
     len > *KEPT.end()
 }
 
-pub fn give_back(buf: &mut BytesMut) {
+/// Takes a borrowed `buf`'s memory back when nothing is left in it: kept
+/// for the next borrower if its capacity is in `KEPT` and nothing large
+/// passed through it (`large`, from `note_size`, then cleared), freed
+/// otherwise; `buf` is then empty with no capacity. A buffer holding bytes
+/// is left as it is.
+pub fn give_back(buf: &mut BytesMut, large: &mut bool) {
     if !buf.is_empty() {
         return;
     }
-    let mut b = std::mem::take(buf);
-    // Asking for more than is kept reclaims a buffer nothing else shares
-    // whole and tells its true size: one a large command or reply grew
-    // (whose last bytes left little capacity showing) is freed here, not
-    // kept with its whole allocation behind a small remainder.
-    if b.try_reclaim(*KEPT.end() + 1) {
+    let b = std::mem::take(buf);
+    if std::mem::take(large) {
         return;
     }
     if KEPT.contains(&b.capacity()) {
@@ -143,11 +148,12 @@ mod tests {
         lend(&mut a);
         assert!(a.capacity() >= SIZE);
         a.extend_from_slice(b"x");
-        give_back(&mut a);
+        let mut large = false;
+        give_back(&mut a, &mut large);
         assert_eq!(a.capacity(), SIZE, "a buffer with bytes in it is kept");
         let _ = a.split_to(1);
         let ptr = a.as_ptr();
-        give_back(&mut a);
+        give_back(&mut a, &mut large);
         assert_eq!(a.capacity(), 0);
         let mut b = BytesMut::new();
         lend(&mut b);
@@ -161,7 +167,7 @@ mod tests {
         big.extend_from_slice(&[1; 1 << 20]);
         let _ = big.split_to(1 << 20);
         let ptr = big.as_ptr();
-        give_back(&mut big);
+        give_back(&mut big, &mut false);
         assert_eq!(big.capacity(), 0);
         let mut next = BytesMut::new();
         lend(&mut next);
@@ -176,10 +182,13 @@ mod tests {
         // not (one 100 MB GET held 100 MB in a pooled remainder).
         let mut out = BytesMut::with_capacity((1 << 20) + 2048);
         out.extend_from_slice(&[1; 1 << 20]);
+        let mut large = false;
+        note_size(&out, &mut large);
         bytes::Buf::advance(&mut out, 1 << 20);
         assert!(KEPT.contains(&out.capacity()), "{}", out.capacity());
         let ptr = out.as_ptr();
-        give_back(&mut out);
+        give_back(&mut out, &mut large);
+        assert!(!large, "cleared");
         let mut next = BytesMut::new();
         lend(&mut next);
         assert_ne!(next.as_ptr(), ptr, "not kept for the next borrower");
@@ -197,13 +206,16 @@ mod tests {
     #[test]
     fn a_grown_buffer_is_swapped_once_empty() {
         let mut b = BytesMut::with_capacity(SIZE);
-        shrink_if_grown(&mut b);
+        let mut large = false;
+        shrink_if_grown(&mut b, &mut large);
         assert_eq!(b.capacity(), SIZE, "a usual buffer is kept");
         b.extend_from_slice(&vec![0u8; 1 << 20]);
-        shrink_if_grown(&mut b);
+        note_size(&b, &mut large);
+        shrink_if_grown(&mut b, &mut large);
         assert_eq!(b.len(), 1 << 20, "not while it holds bytes");
-        b.clear();
-        shrink_if_grown(&mut b);
-        assert_eq!(b.capacity(), SIZE, "empty and grown: a new one");
+        bytes::Buf::advance(&mut b, 1 << 20);
+        shrink_if_grown(&mut b, &mut large);
+        assert_eq!(b.capacity(), SIZE, "written out, grown: a new one");
+        assert!(!large);
     }
 }

@@ -143,6 +143,9 @@ async fn run<R: ClientRead, W: AsyncWrite + Unpin>(
     // Both hold memory only while there are bytes in them (`buffers`).
     let mut inbuf = BytesMut::new();
     let mut out = BytesMut::new();
+    // Whether a large command or reply passed through them since they
+    // were lent (`buffers::note_size`): freed, not pooled, once empty.
+    let (mut large_in, mut large_out) = (false, false);
     let mut pending: VecDeque<Pending> = VecDeque::new();
     // A command waiting for earlier replies before it may be sent.
     let mut stalled: Option<Command> = None;
@@ -319,8 +322,9 @@ async fn run<R: ClientRead, W: AsyncWrite + Unpin>(
         }
         let can_read = !closing && stalled.is_none() && pending.len() < max_pipeline;
         // Nothing in them: the thread's other connections may use them.
-        buffers::give_back(&mut inbuf);
-        buffers::give_back(&mut out);
+        buffers::note_size(&out, &mut large_out);
+        buffers::give_back(&mut inbuf, &mut large_in);
+        buffers::give_back(&mut out, &mut large_out);
         let idle = !idle_timeout.is_zero() && pending.is_empty() && !closing;
         tokio::select! {
             biased;
@@ -346,6 +350,7 @@ async fn run<R: ClientRead, W: AsyncWrite + Unpin>(
             }
             r = rd.read_lent(&mut inbuf), if can_read => match r {
                 Ok(n) if n > 0 => {
+                    buffers::note_size(&inbuf, &mut large_in);
                     last_active = tokio::time::Instant::now();
                     batch_start = last_active.into_std();
                     clock = batch_start;

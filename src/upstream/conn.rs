@@ -28,7 +28,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::{Breaker, Connector, breaker};
-use crate::buffers::{shrink_if_grown, write_some};
+use crate::buffers::{note_size, shrink_if_grown, write_some};
 use crate::error::{ErrorCounts, UpstreamError};
 pub use crate::protocol::reply::Redirection;
 use crate::protocol::scan::Scanner;
@@ -205,6 +205,8 @@ async fn run(
     let mut last_io = Instant::now();
     // Every handle is gone; what is in flight is answered, then it closes.
     let mut draining = false;
+    // A large command passed through `wbuf` (`buffers::note_size`).
+    let mut wbuf_large = false;
 
     loop {
         if draining && fifo.is_empty() && wbuf.is_empty() {
@@ -335,6 +337,7 @@ async fn run(
             .keepalive
             .filter(|_| fifo.is_empty())
             .map(|every| last_io + every);
+        note_size(&wbuf, &mut wbuf_large);
         let outcome: Result<(), UpstreamError> = tokio::select! {
             biased;
             req = rx.recv(), if !draining => match req {
@@ -371,7 +374,7 @@ async fn run(
             r = write_some(&mut conn.write, &mut wbuf), if !wbuf.is_empty() => match r {
                 Ok(0) => Err(UpstreamError::Lost("upstream closed the connection".into())),
                 Ok(_) => {
-                    shrink_if_grown(&mut wbuf);
+                    shrink_if_grown(&mut wbuf, &mut wbuf_large);
                     Ok(())
                 }
                 Err(e) => Err(UpstreamError::Lost(e.to_string())),
@@ -529,15 +532,11 @@ fn dispatch(
         }
         let _ = f.reply.send(Ok(bytes));
     }
-    // A large reply handed on: its memory goes when the client is done
-    // with it, not with the connection (one 100 MB GET held 100 MB per
-    // connection it used).
-    // A reply larger than what is kept leaves the buffer now, even while
-    // the reply (on its way to a client) still shares its memory.
-    if large && rbuf.is_empty() {
-        *rbuf = BytesMut::with_capacity(crate::buffers::SIZE);
-    }
-    shrink_if_grown(rbuf);
+    // A reply larger than what is kept leaves the buffer once it is empty,
+    // even while the reply (on its way to a client) still shares its
+    // memory: it goes when the client is done with it, not with the
+    // connection (one 100 MB GET held 100 MB per connection it used).
+    shrink_if_grown(rbuf, &mut large);
     if rbuf.capacity() - rbuf.len() < 4096 {
         // A big reply in progress: grow once, not read by read.
         rbuf.reserve(16 * 1024);
