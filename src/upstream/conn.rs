@@ -52,6 +52,10 @@ pub struct ConnHandle {
     breaker: Arc<Breaker>,
     /// Where requests the open circuit refuses are counted.
     errors: Arc<ErrorCounts>,
+    /// A pinned (session) connection whose link to upstream was lost: the
+    /// state a client built on it (MULTI, WATCH, SELECT, ...) is gone, so
+    /// it is never made again; every request fails (see `run`).
+    pub broken: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl ConnHandle {
@@ -60,9 +64,11 @@ impl ConnHandle {
         let (breaker, errors) = (connector.breaker.clone(), connector.errors.clone());
         let id: Arc<std::sync::atomic::AtomicU64> = Arc::default();
         let head_since: Arc<std::sync::atomic::AtomicU64> = Arc::default();
+        let broken: Arc<std::sync::atomic::AtomicBool> = Arc::default();
         let shared = Shared {
             id: id.clone(),
             head_since: head_since.clone(),
+            broken: broken.clone(),
         };
         tokio::spawn(run(rx, connector, hooks, shared));
         ConnHandle {
@@ -71,6 +77,7 @@ impl ConnHandle {
             head_since,
             breaker,
             errors,
+            broken,
         }
     }
 
@@ -144,6 +151,7 @@ fn nanos_since_epoch(t: std::time::Instant) -> u64 {
 struct Shared {
     id: Arc<std::sync::atomic::AtomicU64>,
     head_since: Arc<std::sync::atomic::AtomicU64>,
+    broken: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Shared {
@@ -152,6 +160,14 @@ impl Shared {
         self.head_since
             .store(v, std::sync::atomic::Ordering::Relaxed);
     }
+}
+
+/// What a request on a broken session connection gets.
+fn session_lost() -> UpstreamError {
+    UpstreamError::Lost(
+        "upstream closed this client's session connection (its MULTI, WATCH or other state is gone)"
+            .into(),
+    )
 }
 
 fn fail(req: Request, err: UpstreamError) {
@@ -233,6 +249,20 @@ async fn run(
                     None => return,
                 },
                 _ = tokio::time::sleep(PAUSE_POLL) => {}
+            }
+            continue;
+        }
+        if live.is_none() && shared.broken.load(std::sync::atomic::Ordering::Acquire) {
+            // A session's connection that upstream closed: a new one would
+            // run the rest of a transaction outside it (or an EXEC whose
+            // WATCH was lost). Redis closed a direct client here; every
+            // request fails, and the session is not pooled again.
+            for req in held.drain(..) {
+                fail(req, session_lost());
+            }
+            match rx.recv().await {
+                Some(req) => fail(req, session_lost()),
+                None => return,
             }
             continue;
         }
@@ -435,6 +465,11 @@ async fn run(
                     f(&err);
                 }
                 live = None;
+                if connector.want_id {
+                    shared
+                        .broken
+                        .store(true, std::sync::atomic::Ordering::Release);
+                }
                 shared.head(&fifo);
                 continue;
             }
@@ -444,6 +479,11 @@ async fn run(
                 f(&err);
             }
             live = None;
+            if connector.want_id {
+                shared
+                    .broken
+                    .store(true, std::sync::atomic::Ordering::Release);
+            }
             wbuf.clear();
             for f in fifo.drain(..) {
                 if let Some(cb) = f.on_reply {

@@ -424,9 +424,13 @@ impl Upstream {
         let permit = self.permit().await?;
         let key = (db, proto, who.clone());
         let node = self.node_for(slot, 0);
+        // A pooled connection upstream closed while idle is dropped.
         let conn = lock(&node.idle)
             .get_mut(&key)
-            .and_then(|v| v.pop())
+            .and_then(|v| {
+                v.retain(|c| !c.broken.load(std::sync::atomic::Ordering::Acquire));
+                v.pop()
+            })
             .unwrap_or_else(|| {
                 ConnHandle::spawn(
                     node.connector_as(&self.common, db, proto, who, true),
@@ -462,7 +466,7 @@ impl Upstream {
     /// Returns a session's connection to the pool if `clean` (nothing
     /// pending, no state left on it); otherwise it is closed.
     pub fn release(&self, s: Session, clean: bool) {
-        if clean {
+        if clean && !s.conn.broken.load(std::sync::atomic::Ordering::Acquire) {
             let mut idle = lock(&s.node.idle);
             let v = idle.entry(s.key).or_default();
             if v.len() < IDLE_PER_KEY {

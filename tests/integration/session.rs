@@ -249,3 +249,62 @@ async fn a_hundred_thousand_pipelined_commands() {
     assert_eq!(last, bulk("99998"));
     let _: &mut Conn = &mut c;
 }
+
+/// Waits (bounded) until Redis has closed every client whose CLIENT LIST
+/// line contains `what` (`flags=x`: in MULTI; `cmd=watch`).
+async fn reaped(redis_port: u16, what: &str) {
+    crate::util::poll_until(std::time::Duration::from_millis(100), async || {
+        let list = crate::util::cli(redis_port, &["CLIENT", "LIST"]);
+        let left: Vec<&str> = list
+            .lines()
+            .filter(|l| l.contains(what) && !l.contains("cmd=client|list"))
+            .collect();
+        match left.is_empty() {
+            true => Ok(()),
+            false => Err(format!("not reaped yet: {left:?}")),
+        }
+    })
+    .await;
+}
+
+/// Redis's `timeout` (or a CLIENT KILL) closes a client's session
+/// connection mid-transaction: a direct client is disconnected and
+/// nothing of its transaction runs. kiln used to make the connection again
+/// when next needed: the rest of the MULTI ran outside any transaction
+/// (SET and INCR applied, then `EXEC without MULTI`), and an EXEC after a
+/// lost WATCH ran, overwriting another client's write. Now every later
+/// command on that session fails and nothing runs; the sibling, a WATCH
+/// lost the same way, fails its EXEC too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_upstream_closed_runs_nothing_more() {
+    let (redis, kiln) = redis_and_kiln().await;
+    // Direct calls on connections of their own: Redis reaps idle ones.
+    let direct = |args: &[&str]| crate::util::cli(redis.port, args);
+    assert_eq!(direct(&["CONFIG", "SET", "timeout", "1"]).trim(), "OK");
+    let [mut a, mut b] = kiln.conns().await;
+
+    assert_eq!(a.cmd(&["MULTI"]).await, "+OK\r\n");
+    assert_eq!(a.cmd(&["SET", "ta", "1"]).await, "+QUEUED\r\n");
+    reaped(redis.port, "flags=x").await;
+    let set = a.cmd(&["SET", "tb", "2"]).await;
+    let incr = a.cmd(&["INCR", "tc"]).await;
+    let exec = a.cmd(&["EXEC"]).await;
+    for r in [&set, &incr, &exec] {
+        assert!(r.starts_with(b"-"), "{r:?} {set:?} {incr:?} {exec:?}");
+    }
+    for k in ["ta", "tb", "tc"] {
+        assert_eq!(direct(&["GET", k]).trim(), "", "{k} was written");
+    }
+
+    // The sibling: WATCH, then the session is reaped and another client
+    // writes; the EXEC must not run.
+    assert_eq!(b.cmd(&["SET", "wk", "0"]).await, "+OK\r\n");
+    assert_eq!(b.cmd(&["WATCH", "wk"]).await, "+OK\r\n");
+    reaped(redis.port, "cmd=watch").await;
+    assert_eq!(direct(&["SET", "wk", "other"]).trim(), "OK");
+    b.cmd(&["MULTI"]).await;
+    b.cmd(&["SET", "wk", "mine"]).await;
+    let exec = b.cmd(&["EXEC"]).await;
+    assert!(exec.starts_with(b"-") || exec == "*-1\r\n", "{exec:?}");
+    assert_eq!(direct(&["GET", "wk"]).trim(), "other");
+}
