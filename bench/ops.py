@@ -1263,6 +1263,20 @@ def cluster_step(c, i, ld):
         raise WrongValue(f"GET {key}")
 
 
+def start_cluster_load(env, res, k, ports, step, stale_key):
+    """Two loaders through kiln `k` and two cluster-aware ones direct to
+    `ports`, each running `step`, and a StaleChecker on `stale_key`:
+    (loaders, checker), both started."""
+    env.running()
+    res.kiln, res.direct = Tally(), Tally()
+    loaders = (start_loaders(env, res.kiln, lambda: Conn(k.port), step, 2, "kiln")
+               + start_loaders(env, res.direct, lambda: ClusterClient(ports), step, 2, "direct"))
+    stale = StaleChecker(env, lambda: ClusterClient(ports), lambda: Conn(k.port), stale_key)
+    stale.start()
+    env.threads.append(stale)
+    return loaders, stale
+
+
 def s_cluster_failover(env, res, opts):
     ports = env.cluster()
     k = env.kiln(cluster=ports)
@@ -1271,13 +1285,7 @@ def s_cluster_failover(env, res, opts):
     nodes = cluster_nodes(ports[0])
     primary = next(n for n in nodes if n[2] == "master" and any(lo <= slot <= hi for lo, hi in n[4]))
     replica = next(n for n in nodes if n[2] == "slave" and n[3] == primary[0])
-    env.running()
-    res.kiln, res.direct = Tally(), Tally()
-    loaders = (start_loaders(env, res.kiln, lambda: Conn(k.port), cluster_step, 2, "kiln")
-               + start_loaders(env, res.direct, lambda: ClusterClient(ports), cluster_step, 2, "direct"))
-    stale = StaleChecker(env, lambda: ClusterClient(ports), lambda: Conn(k.port), key)
-    stale.start()
-    env.threads.append(stale)
+    loaders, stale = start_cluster_load(env, res, k, ports, cluster_step, key)
     total = opts.scale(22, 14)
     t_start = time.time()
     time.sleep(opts.scale(4, 3))
@@ -1332,13 +1340,7 @@ def s_cluster_reshard(env, res, opts):
         if c.call("GET", key) != str(i).encode():
             raise WrongValue(f"GET {key}")
 
-    env.running()
-    res.kiln, res.direct = Tally(), Tally()
-    loaders = (start_loaders(env, res.kiln, lambda: Conn(k.port), step, 2, "kiln")
-               + start_loaders(env, res.direct, lambda: ClusterClient(ports), step, 2, "direct"))
-    stale = StaleChecker(env, lambda: ClusterClient(ports), lambda: Conn(k.port), stale_key)
-    stale.start()
-    env.threads.append(stale)
+    loaders, stale = start_cluster_load(env, res, k, ports, step, stale_key)
     time.sleep(3)
     t0 = time.time()
     try:

@@ -335,3 +335,19 @@ fn settings_that_cannot_mean_what_was_meant_are_refused() {
         cfg.validate(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
     }
 }
+
+/// An inverted pair set only through its warning names the warning's line
+/// (the critical key is not in the file).
+#[test]
+fn an_inverted_threshold_pair_names_the_key_the_file_sets() {
+    assert_invalid(
+        "[alerts]\npenetration_warning = 0.3\n",
+        "alerts.penetration_warning",
+        2,
+    );
+    assert_invalid(
+        "[alerts]\nhit_rate_warning = 0.5\n",
+        "alerts.hit_rate_warning",
+        2,
+    );
+}

@@ -294,24 +294,36 @@ impl Config {
             }
         }
         // Each critical threshold lies past its warning one, or the
-        // critical alert would fire before (or without) the warning.
-        if a.hit_rate_critical > a.hit_rate_warning {
-            return Err(bad(
+        // critical alert would fire before (or without) the warning. The
+        // error names whichever of the two the file sets.
+        for (warning, critical, (w, c), inverted, side) in [
+            (
+                "alerts.hit_rate_warning",
                 "alerts.hit_rate_critical",
-                format!(
-                    "{} is above alerts.hit_rate_warning ({}): the critical alert fires below a lower hit rate than the warning",
-                    a.hit_rate_critical, a.hit_rate_warning
-                ),
-            ));
-        }
-        if a.penetration_critical < a.penetration_warning {
-            return Err(bad(
+                (a.hit_rate_warning, a.hit_rate_critical),
+                a.hit_rate_critical > a.hit_rate_warning,
+                "at most",
+            ),
+            (
+                "alerts.penetration_warning",
                 "alerts.penetration_critical",
-                format!(
-                    "{} is below alerts.penetration_warning ({}): the critical alert fires above a higher rate than the warning",
-                    a.penetration_critical, a.penetration_warning
-                ),
-            ));
+                (a.penetration_warning, a.penetration_critical),
+                a.penetration_critical < a.penetration_warning,
+                "at least",
+            ),
+        ] {
+            if inverted {
+                let key = match error_line(text, critical) {
+                    Some(_) => critical,
+                    None => warning,
+                };
+                return Err(bad(
+                    key,
+                    format!(
+                        "{critical} ({c}) must be {side} {warning} ({w}): the critical alert would fire before the warning"
+                    ),
+                ));
+            }
         }
         if a.window < Duration::from_secs(1) {
             return Err(bad("alerts.window", "must be at least 1s".into()));
