@@ -24,6 +24,7 @@ use crate::buffers::write_some;
 use crate::buffers::{self, ClientRead};
 use crate::cmd::{self, Client, Flow, Pending, Replies};
 use crate::context::{ClientMeta, Context, Stop};
+use crate::outlimit::{OutputLimit, Verdict};
 use crate::protocol::request::{self, Command, Parsed, encode_command};
 use crate::relay;
 use crate::telemetry::histogram::Class;
@@ -84,10 +85,6 @@ pub async fn serve_tls(
     serve_io(rd, wr, meta, ctx, shutdown).await;
 }
 
-/// How long a client may read nothing while its output is over
-/// `server.max_output_buffer` before it is cut off.
-pub const UNREAD_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
-
 pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 async fn serve_io<R: ClientRead, W: AsyncWrite + Unpin>(
@@ -118,11 +115,14 @@ async fn serve_io<R: ClientRead, W: AsyncWrite + Unpin>(
     ctx.clients().remove(&meta.id);
 }
 
-/// Moves every resolved reply at the front of the queue into `out`.
-fn drain_ready(pending: &mut VecDeque<Pending>, c: &mut Client, out: &mut BytesMut) {
+/// Moves every resolved reply at the front of the queue into `out`, until
+/// `out` holds more than `cap` bytes: past it, replies stay queued (a fill
+/// shared by 400 pipelined GETs is not copied 400 times for a client that
+/// reads none of them).
+fn drain_ready(pending: &mut VecDeque<Pending>, c: &mut Client, out: &mut BytesMut, cap: usize) {
     let mut cx = TaskContext::from_waker(Waker::noop());
     let mut now = None;
-    while cmd::poll_front(pending, &mut cx).is_ready() {
+    while out.len() <= cap && cmd::poll_front(pending, &mut cx).is_ready() {
         match cmd::take_front(pending) {
             Some(res) => {
                 let now = *now.get_or_insert_with(Instant::now);
@@ -151,9 +151,8 @@ async fn run<R: ClientRead, W: AsyncWrite + Unpin>(
     let mut stalled: Option<Command> = None;
     // No more input is taken: write what is owed, then close.
     let mut closing = false;
-    // Since when the output has been over `max_output_buffer` with nothing
-    // read by the client.
-    let mut unread_since: Option<tokio::time::Instant> = None;
+    // What the client owes unread, against `max_output_buffer`.
+    let mut output = OutputLimit::new(c.meta.fd);
     let mut last_active = tokio::time::Instant::now();
     // Whether we yielded since the last read (see below).
     let mut yielded = false;
@@ -235,7 +234,7 @@ async fn run<R: ClientRead, W: AsyncWrite + Unpin>(
                     return;
                 }
                 Flow::Relay(first) => {
-                    drain_ready(&mut pending, c, &mut out);
+                    drain_ready(&mut pending, c, &mut out, usize::MAX);
                     // The relay's connection is the client's own: it gets
                     // the client's CLIENT REPLY state, and upstream then
                     // decides what is sent, pub/sub messages included.
@@ -275,7 +274,7 @@ async fn run<R: ClientRead, W: AsyncWrite + Unpin>(
                 ctx.metrics.latency_many(class, took, n);
             }
         }
-        drain_ready(&mut pending, c, &mut out);
+        drain_ready(&mut pending, c, &mut out, max_output_buffer);
         if closing {
             // A command held for earlier replies is never run once the
             // connection closes (shutdown): left here, it would send the
@@ -292,24 +291,30 @@ async fn run<R: ClientRead, W: AsyncWrite + Unpin>(
             let _ = wr.shutdown().await;
             return;
         }
-        // The output limit bounds what a client fails to read, as Redis's
-        // client-output-buffer-limit does: past it, the client is cut off
-        // once it has read nothing for `UNREAD_GRACE`. A client reading a
-        // reply larger than the limit (a 100 MB value) gets all of it.
-        let over = (out.len() > max_output_buffer)
-            .then(|| *unread_since.get_or_insert_with(tokio::time::Instant::now) + UNREAD_GRACE);
-        if over.is_none() {
-            unread_since = None;
-        }
-        if over.is_some_and(|cut| cut <= tokio::time::Instant::now()) {
-            ctx.metrics.limit_hit("max_output_buffer");
-            tracing::warn!(
-                client = c.id,
-                buffered = out.len(),
-                "client output buffer limit reached and nothing read for {UNREAD_GRACE:?}, disconnecting"
-            );
-            return;
-        }
+        // The output limit bounds what a client fails to read, never a
+        // reply it is reading (`outlimit`).
+        // Past the limit, the replies in but not moved to `out` are owed too.
+        let held = (out.len() > max_output_buffer)
+            .then(|| cmd::poll_held(&mut pending, &mut TaskContext::from_waker(Waker::noop())).0);
+        let owed = out.len() + held.unwrap_or(0);
+        let over = match output.check(owed, max_output_buffer, tokio::time::Instant::now()) {
+            Verdict::Within => None,
+            Verdict::RecheckAt(at) => Some(at),
+            cut => {
+                ctx.metrics.limit_hit("max_output_buffer");
+                tracing::warn!(
+                    client = c.id,
+                    buffered = owed,
+                    "client output buffer limit reached ({}), disconnecting",
+                    if cut == Verdict::Unread {
+                        "nothing read for 1s"
+                    } else {
+                        "replies still arriving"
+                    }
+                );
+                return;
+            }
+        };
         if !out.is_empty() && !yielded && !pending.is_empty() {
             // Replies are still owed: let the other ready tasks on this
             // thread run first, so replies that become ready meanwhile go
@@ -331,7 +336,13 @@ async fn run<R: ClientRead, W: AsyncWrite + Unpin>(
             _ = std::future::poll_fn(|cx| meta.stop.poll_reached(cx, Stop::SHUTTING_DOWN)), if !closing => {
                 closing = true;
             }
-            _ = std::future::poll_fn(|cx| cmd::poll_front(&mut pending, cx)), if !pending.is_empty() => {
+            // Over the limit, replies are held, not moved to `out`: what
+            // arrives behind them is counted as it comes.
+            _ = std::future::poll_fn(|cx| match held {
+                None => cmd::poll_front(&mut pending, cx),
+                Some(_) if cmd::poll_held(&mut pending, cx).1 => std::task::Poll::Ready(()),
+                Some(_) => std::task::Poll::Pending,
+            }), if !pending.is_empty() => {
                 // Commands still buffered run now, not when they were read:
                 // their clock (L1 expiry checks) must not lag behind a wait.
                 clock = Instant::now();
@@ -341,7 +352,7 @@ async fn run<R: ClientRead, W: AsyncWrite + Unpin>(
                     return;
                 }
                 // It reads: the unread time starts again.
-                unread_since = None;
+                output.wrote(out.len());
                 // Idle time counts from the last read or write, as in Redis:
                 // a reply that took long (BLPOP) is activity.
                 if !idle_timeout.is_zero() {

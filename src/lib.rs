@@ -48,6 +48,7 @@ pub mod error;
 pub mod fdlimit;
 pub mod fuzzing;
 pub mod name_index;
+pub mod outlimit;
 pub mod protocol;
 pub mod ratelog;
 pub mod relay;

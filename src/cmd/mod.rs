@@ -45,7 +45,7 @@ use crate::telemetry::histogram::Class;
 use crate::upstream::{Link, ReplyRx};
 
 pub use replies::{
-    Pending, Replies, ReplyMode, Resolved, Then, Timing, poll_front, silence, take_front,
+    Pending, Replies, ReplyMode, Resolved, Then, Timing, poll_front, poll_held, silence, take_front,
 };
 pub use session::SessionState;
 

@@ -34,6 +34,18 @@ pub enum Resolved {
     Get(GetAnswer, Timing),
 }
 
+impl Resolved {
+    /// About the bytes it will write, for the output limit.
+    fn len(&self) -> usize {
+        match self {
+            Resolved::Bytes(b)
+            | Resolved::Reply(Ok(b), ..)
+            | Resolved::Get(GetAnswer::Value(b) | GetAnswer::Other(b), _) => b.len(),
+            Resolved::Reply(Err(_), ..) | Resolved::Get(..) => 64,
+        }
+    }
+}
+
 /// When a command arrived and what kind it is, for the latency histogram.
 #[derive(Debug, Clone, Copy)]
 pub struct Timing {
@@ -139,12 +151,38 @@ pub fn poll_front(
     pending: &mut VecDeque<Pending>,
     cx: &mut std::task::Context<'_>,
 ) -> std::task::Poll<()> {
+    match pending.front_mut() {
+        Some(front) => poll_one(front, cx),
+        None => std::task::Poll::Pending,
+    }
+}
+
+/// Resolves every reply already in, front to back, up to the first still
+/// awaited (whose arrival then wakes `cx`). Returns the bytes of the replies
+/// resolved and queued, and whether any was resolved by this call: what a
+/// client that is not reading holds in kiln beyond its output buffer.
+pub fn poll_held(
+    pending: &mut VecDeque<Pending>,
+    cx: &mut std::task::Context<'_>,
+) -> (usize, bool) {
+    let (mut bytes, mut new) = (0, false);
+    for p in pending.iter_mut() {
+        let awaited = matches!(p, Pending::Reply(..) | Pending::Get(..));
+        if poll_one(p, cx).is_pending() {
+            break;
+        }
+        new |= awaited;
+        if let Pending::Done(r) = p {
+            bytes += r.len();
+        }
+    }
+    (bytes, new)
+}
+
+fn poll_one(front: &mut Pending, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
     use std::future::Future;
     use std::pin::Pin;
     use std::task::Poll;
-    let Some(front) = pending.front_mut() else {
-        return Poll::Pending;
-    };
     let done = match front {
         Pending::Ready(b) => Resolved::Bytes(std::mem::take(b)),
         Pending::Done(_) => return Poll::Ready(()),

@@ -42,7 +42,7 @@ async fn idle_clients_are_closed_busy_ones_are_not() {
 
 /// A client that sends 100 MB worth of GETs and reads nothing is cut off
 /// once its unread output passes `max_output_buffer` and it has read
-/// nothing for `UNREAD_GRACE`; another client is served meanwhile.
+/// nothing for `outlimit::UNREAD_GRACE`; another client is served meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_reading_is_cut_off_others_go_on() {
     const LIMIT: u64 = 1 << 20;
@@ -353,4 +353,154 @@ async fn memory_a_large_value_took_is_given_back() {
     let got = other.cmd(&["GET", "big"]).await;
     assert_eq!(bulk_payload(&got).as_deref(), Some(value.as_slice()));
     back_near_base("after a second client's GET").await;
+}
+
+/// kiln started as a process with `server` and `cache` lines added to
+/// `[server]` and `[cache]`, for tests that read its memory; and its
+/// sidecar's address.
+async fn kiln_process(
+    redis: &Redis,
+    name: &str,
+    server: &str,
+    cache: &str,
+) -> (process::KilnProcess, std::net::SocketAddr) {
+    let listen: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let metrics: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let config = process::temp_config(
+        name,
+        &format!(
+            "[server]\nlisten = \"{listen}\"\n{server}\n[upstream]\nurl = \"{}\"\n\
+             [cache]\n{cache}\n[metrics]\nlisten = \"{metrics}\"\n",
+            redis.url()
+        ),
+    );
+    let kiln = process::KilnProcess::spawn(
+        process::kiln_bin()
+            .args(["--config", &config.to_string_lossy()])
+            .env("RUST_LOG", "error")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null()),
+        listen,
+    )
+    .await;
+    (kiln, metrics)
+}
+
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM")
+}
+
+/// What kiln holds for a client that pipelines large reads and reads
+/// nothing is bounded by `max_output_buffer` (about twice it, plus one
+/// reply), not by what the client asked for: 150 pipelined reads of a
+/// 4 MB value (600 MB of replies) against the default 64 MiB limit. It used
+/// to take every reply upstream sent back (the limit was only checked
+/// against what was already copied to the client's buffer, and only after
+/// 1 s unread): kiln's peak RSS passed 600 MB. Forwarded GETs (L1 off,
+/// each a reply of its own) and their sibling, GETs answered by one shared
+/// L1 fill (L1 on: the fill's value was copied for each of them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_reads_nothing_holds_bounded_memory() {
+    let redis = Redis::start();
+    let value = "v".repeat(4_000_000);
+    redis.conn().await.cmd(&["SET", "big", &value]).await;
+    for cache in [false, true] {
+        let (kiln, metrics) =
+            kiln_process(&redis, "unread", "", &format!("enabled = {cache}")).await;
+        let pid = kiln.child.id();
+        let mut c = Conn::connect(kiln.addr).await;
+        assert_eq!(c.cmd(&["PING"]).await, "+PONG\r\n");
+        let base = peak_rss_kib(pid);
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.set_recv_buffer_size(1 << 16).expect("rcvbuf");
+        let mut flood = socket.connect(kiln.addr).await.expect("connect");
+        let one = encode(&["GET", "big"]);
+        flood.write_all(&one.repeat(150)).await.expect("send");
+        // Cut off for reading nothing (read only once it is).
+        poll_until(Duration::from_millis(20), async || {
+            let series = "proxy_client_limit_total{limit=\"max_output_buffer\"}";
+            match metric(metrics, series).await {
+                Some(n) if n >= 1.0 => Ok(()),
+                n => Err(format!(
+                    "cache {cache}: the unread client is not cut off: {n:?}"
+                )),
+            }
+        })
+        .await;
+        let mut buf = vec![0u8; 1 << 16];
+        let mut got = 0usize;
+        loop {
+            match tokio::time::timeout(WAIT, flood.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => break,
+                Ok(Ok(n)) => got += n,
+                Err(_) => panic!("kiln kept the unread client open (cache {cache})"),
+            }
+        }
+        let peak = peak_rss_kib(pid);
+        eprintln!(
+            "unread flood (cache {cache}): peak RSS {base} -> {peak} KiB, client got {got} bytes"
+        );
+        assert!(got < 150 * 4_000_000, "cut off before the end");
+        assert!(
+            peak < base + 300 * 1024,
+            "cache {cache}: kiln's peak RSS grew {} MiB for one unread client",
+            (peak - base) / 1024
+        );
+        assert_eq!(c.cmd(&["PING"]).await, "+PONG\r\n", "others go on");
+    }
+}
+
+/// A client that reads a large reply slowly is not cut off: it reads a
+/// 6 MB value 16 KiB every 20 ms (about 800 KB/s) through a 64 KiB
+/// `max_output_buffer`, and gets all of it. It used to be cut off after a
+/// second or two: kiln counted progress by its own writes, and the kernel
+/// wakes a writer only once a third of the send buffer is free, which at
+/// that rate takes longer than the 1 s grace. A forwarded reply, and its
+/// sibling, the same value as an L1 hit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_reader_of_a_large_reply_gets_all_of_it() {
+    let redis = Redis::start();
+    let value = "s".repeat(6_000_000);
+    redis.conn().await.cmd(&["SET", "big", &value]).await;
+    let (kiln, metrics) = kiln_process(
+        &redis,
+        "slow",
+        "max_output_buffer = \"64KiB\"",
+        "max_value_size = \"8MiB\"\nmax_memory = \"64MiB\"",
+    )
+    .await;
+    let want = bulk(&value);
+    for what in ["forwarded (an L1 miss)", "an L1 hit"] {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.set_recv_buffer_size(1 << 16).expect("rcvbuf");
+        let mut c = socket.connect(kiln.addr).await.expect("connect");
+        c.write_all(&encode(&["GET", "big"])).await.expect("send");
+        let mut got = Vec::with_capacity(want.len());
+        let mut buf = vec![0u8; 16 << 10];
+        while got.len() < want.len() {
+            match tokio::time::timeout(WAIT, c.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => {
+                    panic!(
+                        "{what}: cut off after {} of {} bytes",
+                        got.len(),
+                        want.len()
+                    )
+                }
+                Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+                Err(_) => panic!("{what}: no progress"),
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(got == want, "{what}: the value, whole");
+    }
+    assert_eq!(
+        metric(metrics, "cache_hits_total").await,
+        Some(1.0),
+        "the second from L1"
+    );
 }
