@@ -53,8 +53,12 @@ pub struct Coherence {
     pub mode: CoherenceMode,
     check_interval: Duration,
     /// The tracking channel is up (bcast), or no reader has been lost since
-    /// the last reconnect (tracking).
+    /// the last reconnect (tracking); in front of a cluster, no node is in
+    /// `lost_nodes`.
     healthy: AtomicBool,
+    /// Cluster: the nodes (`host:port`) whose tracking reader is lost and
+    /// that are still primaries.
+    lost_nodes: std::sync::Mutex<std::collections::HashSet<String>>,
     /// Tracking connections lost.
     pub losses: AtomicU64,
     /// SWAPDBs seen upstream (by the commandstats check).
@@ -85,6 +89,7 @@ impl Coherence {
             mode,
             check_interval,
             healthy: AtomicBool::new(mode != CoherenceMode::Bcast),
+            lost_nodes: std::sync::Mutex::new(std::collections::HashSet::new()),
             losses: AtomicU64::new(0),
             swaps_seen: AtomicU64::new(0),
             acl_changes: AtomicU64::new(0),
@@ -217,21 +222,36 @@ impl Coherence {
     /// tracking drops its slots, a slot that moved drops its entries, a
     /// Sentinel switch drops everything.
     pub fn reader_spec(self: &Arc<Self>, l1: &Arc<L1>) -> ReaderSpec {
-        let (lost_l1, moved_l1, switch_l1, down) =
-            (l1.clone(), l1.clone(), l1.clone(), self.clone());
+        let (lost_l1, moved_l1, switch_l1, down, up) = (
+            l1.clone(),
+            l1.clone(),
+            l1.clone(),
+            self.clone(),
+            self.clone(),
+        );
         let tracked = self.mode != CoherenceMode::Ttl;
         ReaderSpec {
             on_node_lost: Some(Arc::new(
-                move |slots: &[u16], err: &crate::error::UpstreamError| {
+                move |node: &str, slots: &[u16], err: &crate::error::UpstreamError| {
                     if !tracked {
                         return;
                     }
+                    let mut lost = lock(&down.lost_nodes);
+                    lost.insert(node.to_string());
                     down.healthy.store(false, Ordering::SeqCst);
+                    drop(lost);
                     down.losses.fetch_add(1, Ordering::Relaxed);
                     let dropped = lost_l1.drop_slots(slots, Source::Tracking);
                     tracing::warn!(error = %err, slots = slots.len(), dropped, "a cluster node's tracking connection was lost: its slots' entries dropped");
                 },
             )),
+            on_node_back: Some(Arc::new(move |node: &str| {
+                let mut lost = lock(&up.lost_nodes);
+                lost.remove(node);
+                if lost.is_empty() && !up.healthy.swap(true, Ordering::SeqCst) {
+                    tracing::info!("tracking whole again: every cluster primary's reader is up");
+                }
+            })),
             on_slots_moved: Some(Arc::new(move |slots: &[u16]| {
                 let dropped = moved_l1.drop_slots(slots, Source::Flush);
                 tracing::info!(
@@ -515,5 +535,30 @@ mod tests {
         );
         assert!(l1.is_empty());
         assert_eq!(l1.stats.invalidations(Source::Flush), 1);
+    }
+
+    /// In front of a cluster, tracking is whole only when no primary's
+    /// reader is lost: one node's reader coming back does not end another
+    /// node's loss (it used to: one flag for all nodes, set by any reader
+    /// that connected), and a lost node that left the topology no longer
+    /// counts (it used to stay lost until some reader connected).
+    #[test]
+    fn a_cluster_s_tracking_is_whole_only_when_every_node_is() {
+        let l1 = Arc::new(L1::new(&CacheConfig::default()).expect("l1"));
+        let c = Coherence::new(CoherenceMode::Tracking, Duration::from_secs(1));
+        let spec = c.reader_spec(&l1);
+        let (lost, back) = (
+            spec.on_node_lost.expect("on_node_lost"),
+            spec.on_node_back.expect("on_node_back"),
+        );
+        let err = crate::error::UpstreamError::Lost("gone".into());
+        assert_eq!(c.state(), "ok");
+        lost("a:1", &[1], &err);
+        lost("b:2", &[2], &err);
+        assert_eq!(c.state(), "lost");
+        back("a:1");
+        assert_eq!(c.state(), "lost", "b:2 is still lost");
+        back("b:2");
+        assert_eq!(c.state(), "ok", "b:2 left the topology or came back");
     }
 }

@@ -113,6 +113,11 @@ pub struct ReaderSpec {
     /// Cluster: one node's tracking reader was lost; the slots it served
     /// are given (replaces `hooks.on_lost`, which drops all of L1).
     pub on_node_lost: Option<SlotsLost>,
+    /// Cluster: the named node's loss no longer stands: its tracking
+    /// reader is connected (again), or it left the topology (its slots
+    /// have owners whose readers count on their own). Replaces
+    /// `hooks.on_connected`, which would end every node's loss at once.
+    pub on_node_back: Option<NodeBack>,
     /// Cluster: these slots changed owner (or may have): what L1 holds of
     /// them is to go, since Redis sends no invalidation for a slot
     /// reassigned without `MIGRATE`.
@@ -121,8 +126,12 @@ pub struct ReaderSpec {
     pub on_switch: Option<Arc<dyn Fn() + Send + Sync>>,
 }
 
-/// See `ReaderSpec::on_node_lost`.
-pub type SlotsLost = Arc<dyn Fn(&[u16], &UpstreamError) + Send + Sync>;
+/// See `ReaderSpec::on_node_lost`: the node's `host:port`, its slots and
+/// what was lost.
+pub type SlotsLost = Arc<dyn Fn(&str, &[u16], &UpstreamError) + Send + Sync>;
+
+/// See `ReaderSpec::on_node_back`: the node's `host:port`.
+pub type NodeBack = Arc<dyn Fn(&str) + Send + Sync>;
 
 /// See `ReaderSpec::on_slots_moved`.
 pub type SlotsMoved = Arc<dyn Fn(&[u16]) + Send + Sync>;
@@ -134,6 +143,7 @@ impl Default for ReaderSpec {
             setup: Vec::new(),
             hooks: Hooks::default(),
             on_node_lost: None,
+            on_node_back: None,
             on_slots_moved: None,
             on_switch: None,
         }

@@ -1768,3 +1768,74 @@ async fn a_demoted_primary_s_slots_leave_l1_when_it_turns_replica() {
         "{late} stale reads after the old primary was a replica"
     );
 }
+
+/// A primary killed while nothing goes through kiln: kiln follows its
+/// replica's promotion within seconds, not at the next topology read
+/// (`upstream.topology_refresh`, 30 s), and its tracking alert clears with
+/// it. It used to wait the 30 s: the read that the lost connections asked
+/// for ran before Redis had flagged the primary failed, and nothing asked
+/// again, so the slots stayed with a dead node and `cache_tracking_lost`
+/// stayed 1 until traffic ran into it. Now a primary kiln cannot reach has
+/// the topology read at each retry of its watch, and slots with no usable
+/// primary have it read after 1 s, 2 s... Then a write and read of the
+/// slot through kiln reach the new primary (the sibling: traffic after).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_primary_s_promotion_is_followed_with_no_traffic() {
+    let (mut cluster, kiln) = cluster_and_kiln().await;
+    let tag = tag_on(0, 300);
+    let key = format!("{{{tag}}}:quiet");
+    let slot = key_slot(tag.as_bytes());
+    let mut k = kiln.conn().await;
+    assert_eq!(k.cmd(&["SET", &key, "1"]).await, "+OK\r\n");
+    assert_eq!(k.cmd(&["GET", &key]).await, crate::util::bulk("1"));
+    let primary = cluster.owner_port(slot);
+    let table = cluster.table();
+    let id = &table.iter().find(|n| n.1 == primary).expect("primary").0;
+    let replica = table.iter().find(|n| &n.2 == id).expect("a replica").1;
+    // A replica that never synced refuses to fail over.
+    crate::util::poll_until(
+        std::time::Duration::from_millis(50),
+        async || match off_runtime(move || crate::util::cli(replica, &["INFO", "replication"]))
+            .await
+        {
+            r if r.contains("master_link_status:up") => Ok(()),
+            r => Err(format!("replica {replica} not in sync: {r}")),
+        },
+    )
+    .await;
+    cluster.kill(primary);
+    let deadline = std::time::Instant::now() + crate::util::WAIT * 3;
+    let cluster = off_runtime(move || {
+        while cluster.owner_port(slot) != replica {
+            assert!(std::time::Instant::now() < deadline, "no promotion");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        cluster
+    })
+    .await;
+    let promoted = std::time::Instant::now();
+    // Nothing sent through kiln: its sidecar shows the new primary with
+    // the slots, and tracking whole again (bounded by WAIT, 10 s).
+    let series = format!("upstream_cluster_slots{{node=\"127.0.0.1:{replica}\"}}");
+    crate::util::poll_until(std::time::Duration::from_millis(100), async || {
+        let slots = crate::util::metric(kiln.metrics, &series).await;
+        let lost = crate::util::metric(kiln.metrics, "cache_tracking_lost").await;
+        match (slots, lost) {
+            (Some(s), Some(l)) if s > 0.0 && l == 0.0 => Ok(()),
+            other => Err(format!(
+                "kiln has not followed the promotion of {replica} (slots, tracking lost): {other:?}"
+            )),
+        }
+    })
+    .await;
+    eprintln!(
+        "promotion followed {:?} after it happened, with no traffic",
+        promoted.elapsed()
+    );
+    assert_eq!(k.cmd(&["SET", &key, "2"]).await, "+OK\r\n");
+    assert_eq!(k.cmd(&["GET", &key]).await, crate::util::bulk("2"));
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{replica}").parse().expect("addr");
+    let mut promoted = Conn::connect(addr).await;
+    assert_eq!(promoted.cmd(&["GET", &key]).await, crate::util::bulk("2"));
+    drop(cluster);
+}

@@ -25,6 +25,10 @@ use crate::worker::lock;
 /// Topology reads at most this often.
 pub(super) const MIN_REFRESH_GAP: Duration = Duration::from_millis(100);
 
+/// The first wait before the topology is read again while some slot has no
+/// usable primary; it doubles up to `upstream.topology_refresh`.
+const INCOMPLETE_FIRST: Duration = Duration::from_secs(1);
+
 /// Who owns which slot.
 pub(super) struct SlotMap {
     /// Index into `primaries` per slot; `u16::MAX` when none.
@@ -137,15 +141,7 @@ impl Router {
         };
         let tls = self.common.tls_for(&addr).ok().flatten();
         let mut hooks = self.common.reader_spec.hooks.clone();
-        if let Some(lost) = self.common.reader_spec.on_node_lost.clone() {
-            let (me, who) = (self.me.clone(), name.to_string());
-            hooks.on_lost = Some(Arc::new(move |err| {
-                if let Some(r) = me.upgrade() {
-                    lost(&r.slots_of(&who), err);
-                    r.refresh_soon();
-                }
-            }));
-        }
+        self.per_node(&mut hooks, name);
         Arc::new(Node::new(
             addr,
             tls,
@@ -159,18 +155,29 @@ impl Router {
     /// (`bcast`) reports its loss as the loss of that node's slots only.
     pub(super) fn channel_on(&self, node: &Node, spec: &ChannelSpec) -> ConnHandle {
         let mut hooks = spec.hooks.clone();
-        if let (Some(_), Some(lost)) =
-            (&hooks.on_lost, self.common.reader_spec.on_node_lost.clone())
-        {
-            let (me, who) = (self.me.clone(), node.name());
+        if hooks.on_lost.is_some() {
+            self.per_node(&mut hooks, &node.name());
+        }
+        node.channel_with(&self.common, spec, hooks)
+    }
+
+    /// `hooks` of a connection that carries `name`'s invalidations, made to
+    /// report that node's loss (its slots only, and the topology read
+    /// again) and its return, where the reader spec asks.
+    fn per_node(&self, hooks: &mut crate::upstream::Hooks, name: &str) {
+        if let Some(lost) = self.common.reader_spec.on_node_lost.clone() {
+            let (me, who) = (self.me.clone(), name.to_string());
             hooks.on_lost = Some(Arc::new(move |err| {
                 if let Some(r) = me.upgrade() {
-                    lost(&r.slots_of(&who), err);
+                    lost(&who, &r.slots_of(&who), err);
                     r.refresh_soon();
                 }
             }));
         }
-        node.channel_with(&self.common, spec, hooks)
+        if let Some(back) = self.common.reader_spec.on_node_back.clone() {
+            let who = name.to_string();
+            hooks.on_connected = Some(Arc::new(move || back(&who)));
+        }
     }
 
     /// The primaries, in slot order.
@@ -265,15 +272,34 @@ impl Router {
         self.keys.store(Some(keys));
     }
 
-    /// The first topology read, then the refresh loop.
+    /// Whether some slot has no primary kiln can use: its primary failed
+    /// and no replica has taken over yet (Redis lists the shard with a
+    /// failed primary), or the last read found no node at all.
+    fn incomplete(&self) -> bool {
+        self.map.load().owner.contains(&u16::MAX)
+    }
+
+    /// The first topology read, then the refresh loop: every
+    /// `upstream.topology_refresh`, at once when asked (`refresh_soon`),
+    /// and while some slot has no usable primary, after 1 s, then 2, 4...
+    /// up to `topology_refresh`, so that a promotion is followed within a
+    /// second or two even with no traffic to run into it.
     pub(crate) async fn start(self: Arc<Self>, shutdown: CancellationToken) {
         self.refresh().await;
         let me = self.clone();
         tokio::spawn(async move {
+            let mut gap = INCOMPLETE_FIRST;
             loop {
+                let wait = match me.incomplete() {
+                    true => gap.min(me.every),
+                    false => {
+                        gap = INCOMPLETE_FIRST;
+                        me.every
+                    }
+                };
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(me.every) => {}
+                    _ = tokio::time::sleep(wait) => gap = (gap * 2).min(me.every),
                     _ = me.refresh_now.notified() => {}
                 }
                 let since = lock(&me.last_refresh).map(|t| t.elapsed());
@@ -423,6 +449,9 @@ impl Router {
         for (name, node) in gone {
             tracing::info!(node = %name, "cluster node is no longer a primary: its connections close");
             lock(&self.retired).push(node.errors.clone());
+            if let Some(back) = &self.common.reader_spec.on_node_back {
+                back(&name);
+            }
         }
     }
 

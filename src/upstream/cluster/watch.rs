@@ -148,7 +148,11 @@ async fn watch(router: Weak<Router>, node: Weak<Node>, conn: ConnHandle) {
             },
             Ok(Err(_)) | Err(_) => {
                 // Lost or refused by the breaker: the node's tracking
-                // reader reports a loss itself; try again later.
+                // reader reports a loss itself. A primary kiln cannot
+                // reach may have failed over: the topology is read again
+                // (at each retry, at most every `MAX_RETRY`), so that a
+                // promotion is followed with no traffic to run into it.
+                r.refresh_soon();
                 drop((r, n));
                 tokio::time::sleep(retry).await;
                 retry = (retry * 2).min(MAX_RETRY);
