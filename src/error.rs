@@ -124,6 +124,19 @@ impl UpstreamError {
 
     /// Whether this says something about upstream's health (the breaker
     /// counts it), rather than about kiln's own limits.
+    /// A failure to reach upstream at all (refused, timed out connecting,
+    /// connection lost), which a later TCP connect shows the end of; not a
+    /// refused set-up or an overdue reply from a node that is reachable.
+    pub fn is_unreachable(&self) -> bool {
+        matches!(
+            self,
+            UpstreamError::Connect { .. }
+                | UpstreamError::ConnectTimeout { .. }
+                | UpstreamError::Lost(_)
+                | UpstreamError::Reconnecting(_)
+        )
+    }
+
     pub fn is_upstream_failure(&self) -> bool {
         !matches!(
             self,

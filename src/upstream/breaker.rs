@@ -63,6 +63,10 @@ pub struct Breaker {
 struct Inner {
     until: Instant,
     probes_sent: u32,
+    /// `upstream_back` ended an open window since the circuit was last
+    /// closed: the TCP connect it saw did not make upstream answer, so it
+    /// ends no other (see `upstream_back`).
+    cut_short: bool,
 }
 
 impl Breaker {
@@ -76,6 +80,7 @@ impl Breaker {
             inner: Mutex::new(Inner {
                 until: Instant::now(),
                 probes_sent: 0,
+                cut_short: false,
             }),
             opened: Default::default(),
         }
@@ -128,7 +133,8 @@ impl Breaker {
     /// Closes the circuit whatever its state: what it counted was another
     /// server's (a Sentinel primary that was replaced).
     pub fn reset(&self) {
-        let _inner = self.lock();
+        let mut inner = self.lock();
+        inner.cut_short = false;
         self.consecutive.store(0, Ordering::Relaxed);
         if self.state.swap(State::Closed as u8, Ordering::Relaxed) != State::Closed as u8 {
             tracing::info!("circuit breaker closed: upstream moved to a new primary");
@@ -144,8 +150,9 @@ impl Breaker {
             }
             s if s == State::Closed as u8 => {}
             s if s == State::HalfOpen as u8 => {
-                let _inner = self.lock();
+                let mut inner = self.lock();
                 if self.state() == State::HalfOpen {
+                    inner.cut_short = false;
                     self.consecutive.store(0, Ordering::Relaxed);
                     self.state.store(State::Closed as u8, Ordering::Relaxed);
                     tracing::info!("circuit breaker closed: upstream answers again");
@@ -157,8 +164,9 @@ impl Breaker {
             // traffic there would be no probe, and the circuit_open alert
             // would go on firing against a healthy upstream.
             _ => {
-                let inner = self.lock();
+                let mut inner = self.lock();
                 if self.state() == State::Open && Instant::now() >= inner.until {
+                    inner.cut_short = false;
                     self.consecutive.store(0, Ordering::Relaxed);
                     self.state.store(State::Closed as u8, Ordering::Relaxed);
                     tracing::info!("circuit breaker closed: upstream answers again");
@@ -197,10 +205,15 @@ impl Breaker {
     /// Upstream accepts connections again while the circuit is open: the
     /// open window ends now, so the next requests probe it (half-open)
     /// instead of failing fast until `open_for` has passed. The breaker
-    /// guards a struggling upstream; it must not outlast an outage.
+    /// guards a struggling upstream; it must not outlast an outage. Once
+    /// per run of failures: if the probes then fail again, a TCP connect
+    /// is no sign of upstream's return (it accepts connections, then
+    /// refuses kiln's set-up, or stalls), and the next windows run their
+    /// full `open_for` instead of one probe every `RECOVERY_POLL`.
     pub fn upstream_back(&self) {
         let mut inner = self.lock();
-        if self.state() == State::Open && Instant::now() < inner.until {
+        if self.state() == State::Open && Instant::now() < inner.until && !inner.cut_short {
+            inner.cut_short = true;
             inner.until = Instant::now();
             tracing::info!("upstream accepts connections again: circuit breaker probes it now");
         }
@@ -293,5 +306,28 @@ mod tests {
         assert_eq!(b.state(), State::Closed);
         b.upstream_back();
         assert_eq!(b.state(), State::Closed, "no effect when closed");
+    }
+
+    #[test]
+    fn upstream_back_ends_one_window_per_run_of_failures() {
+        let b = breaker(Duration::from_secs(60));
+        for _ in 0..3 {
+            b.failure();
+        }
+        b.upstream_back();
+        assert!(b.allow(), "the first window ends at once");
+        assert!(b.failure(), "the probe fails: open again");
+        b.upstream_back();
+        assert!(
+            !b.allow(),
+            "a TCP connect is no sign of return now: the full window"
+        );
+        // Closed by a reply, a later run of failures is cut short again.
+        b.reset();
+        for _ in 0..3 {
+            b.failure();
+        }
+        b.upstream_back();
+        assert!(b.allow());
     }
 }

@@ -75,11 +75,13 @@ impl Connector {
     }
 
     /// Counts a failure, and tells the breaker when it was upstream's.
-    /// When that opens the circuit, the node is watched until it accepts
-    /// connections again (see `Breaker::upstream_back`).
+    /// When that opens the circuit on a node that could not be reached, the
+    /// node is watched until it accepts connections again (see
+    /// `Breaker::upstream_back`); a refused set-up or an overdue reply
+    /// comes from a node that accepts connections, which then says nothing.
     pub fn failed(&self, e: &UpstreamError) {
         self.errors.count(e);
-        if e.is_upstream_failure() && self.breaker.failure() {
+        if e.is_upstream_failure() && self.breaker.failure() && e.is_unreachable() {
             self.watch_recovery();
         }
     }

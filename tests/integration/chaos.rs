@@ -464,3 +464,69 @@ async fn an_upstream_that_comes_up_after_kiln_is_described_then() {
     assert_eq!(c.cmd(&["SELECT", "10"]).await, out_of_range);
     assert_eq!(c.cmd(&["SELECT", "3"]).await, "+OK\r\n"[..]);
 }
+
+/// Redis's `total_connections_received`.
+async fn connections_received(direct: &mut Conn) -> u64 {
+    let info = direct.cmd(&["INFO", "stats"]).await;
+    String::from_utf8_lossy(&info)
+        .lines()
+        .find_map(|l| l.strip_prefix("total_connections_received:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("total_connections_received")
+}
+
+/// An upstream that accepts connections but refuses kiln's set-up (its
+/// password rotated under kiln) is not hammered: the breaker's TCP
+/// recovery poll ends an open window only for an outage a TCP connect can
+/// see the end of (refused or lost connections), and only once in a run
+/// of failures. It used to end every window within 50 ms (the TCP connect
+/// succeeds), the half-open probe failed its AUTH at once and opened the
+/// circuit again: a new connection and three log lines every ~50 ms. Then
+/// the sibling: the password put back, requests are served again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_refusing_kiln_s_set_up_is_not_polled_in_a_loop() {
+    let redis = Redis::start_with(&["--requirepass", "old"]);
+    let url = format!("redis://:old@127.0.0.1:{}", redis.port);
+    let kiln = kiln_with_timeouts(&url, |c| c.upstream.breaker.failures = 1).await;
+    let mut c = kiln.conn().await;
+    assert_eq!(c.cmd(&["SET", "k", "1"]).await, "+OK\r\n"[..]);
+    let mut direct = redis.conn().await;
+    assert_eq!(direct.cmd(&["AUTH", "old"]).await, "+OK\r\n"[..]);
+    assert_eq!(
+        direct.cmd(&["CONFIG", "SET", "requirepass", "new"]).await,
+        "+OK\r\n"[..]
+    );
+    direct
+        .cmd(&["CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes"])
+        .await;
+    direct
+        .cmd(&["CLIENT", "KILL", "TYPE", "pubsub", "SKIPME", "yes"])
+        .await;
+    // Failing now (the set-up is refused, then the circuit is open).
+    until(&mut c, &["GET", "k"], COMMAND_TIMEOUT * 4, |r| {
+        r.starts_with(b"-")
+    })
+    .await;
+    let before = connections_received(&mut direct).await;
+    let started = Instant::now();
+    let mut errors = 0;
+    while started.elapsed() < Duration::from_secs(3) {
+        let r = c.cmd(&["GET", "k"]).await;
+        errors += usize::from(r.starts_with(b"-"));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let opened = connections_received(&mut direct).await - before - 1;
+    eprintln!("set-up refused: kiln opened {opened} connections in 3 s ({errors} errors)");
+    assert!(errors > 0);
+    // With `open_for` 1 s: a few windows, each a probe or two, and the
+    // tracking connection's own reconnect backoff (measured: 13).
+    assert!(opened <= 30, "kiln opened {opened} connections in 3 s");
+    assert_eq!(
+        direct.cmd(&["CONFIG", "SET", "requirepass", "old"]).await,
+        "+OK\r\n"[..]
+    );
+    until(&mut c, &["GET", "k"], COMMAND_TIMEOUT * 4, |r| {
+        r == b"$1\r\n1\r\n"
+    })
+    .await;
+}
