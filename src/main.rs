@@ -57,6 +57,11 @@ fn main() -> ExitCode {
     let (mut config, text) = match &cli.config {
         Some(path) => match Config::load(path) {
             Ok(c) => c,
+            // A read error names the file itself.
+            Err(e @ kiln::config::ConfigError::Read { .. }) => {
+                eprintln!("kiln: {e}");
+                return ExitCode::from(2);
+            }
             Err(e) => {
                 eprintln!("kiln: {path}: {e}");
                 return ExitCode::from(2);

@@ -74,6 +74,7 @@ fn try_reload(ctx: &Context) -> Result<Applied, String> {
     new.apply(&overrides);
     new.validate(&text)
         .map_err(|e| format!("ERR {path}: {e}"))?;
+    check_db(ctx, &new).map_err(|e| format!("ERR {path}: {e}"))?;
     let mut current = ctx.config.current();
     let old = &current.config;
     let mut applied = Applied::default();
@@ -137,6 +138,23 @@ fn try_reload(ctx: &Context) -> Result<Applied, String> {
 
 /// Closes the connections of clients logged in as a user the config in
 /// force no longer has (when client auth is on at all).
+/// A database the described upstream does not have is refused, as at
+/// start (`Context::new`): the file would not start kiln again. It is a
+/// restart-only key, so nothing running changes either way.
+fn check_db(ctx: &Context, new: &Config) -> Result<(), String> {
+    use crate::config::Topology;
+    let (db, key) = match new.topology() {
+        Ok(Topology::Standalone(a)) => (a.db, "upstream.url"),
+        Ok(Topology::Sentinel { primary, .. }) => (primary.db, "upstream.sentinel.db"),
+        _ => return Ok(()),
+    };
+    let databases = ctx.databases.load(Ordering::Relaxed);
+    if ctx.table.load().from_upstream && db >= databases {
+        return Err(crate::context::db_out_of_range(key, db, databases));
+    }
+    Ok(())
+}
+
 fn close_removed_users(ctx: &Context) -> usize {
     let live = ctx.live();
     if !live.users.enabled() {

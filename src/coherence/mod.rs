@@ -253,12 +253,25 @@ impl Coherence {
                 }
             })),
             on_slots_moved: Some(Arc::new(move |slots: &[u16]| {
+                // One call per MOVED slot during a failover (hundreds):
+                // those are summed in a line every 5 s.
+                static ONE_SLOT: crate::ratelog::Every = crate::ratelog::Every::secs(5);
                 let dropped = moved_l1.drop_slots(slots, Source::Flush);
-                tracing::info!(
-                    slots = slots.len(),
-                    dropped,
-                    "slots changed owner: their entries dropped"
-                );
+                match slots.len() {
+                    1 => {
+                        if let Some(quiet) = ONE_SLOT.hit() {
+                            tracing::info!(
+                                dropped,
+                                "a slot changed owner (MOVED): its entries dropped ({quiet} more such slots since the last line)"
+                            );
+                        }
+                    }
+                    n => tracing::info!(
+                        slots = n,
+                        dropped,
+                        "slots changed owner: their entries dropped"
+                    ),
+                }
             })),
             on_switch: Some(Arc::new(move || {
                 let dropped = switch_l1.clear(Source::Flush);

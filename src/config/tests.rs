@@ -324,8 +324,23 @@ fn settings_that_cannot_mean_what_was_meant_are_refused() {
         "warmup.schedule",
         2,
     );
+    // A date that never comes, an interval runs would queue behind, one
+    // command limited twice under two spellings.
+    assert_invalid(
+        "[warmup]\nschedule = \"0 0 30 2 *\"\n",
+        "warmup.schedule",
+        2,
+    );
+    assert_invalid("[warmup]\ninterval = \"10ms\"\n", "warmup.interval", 2);
+    assert_invalid(
+        "[admin.rate_limits]\n\"CACHE.STATUS\" = \"1/s\"\n\"cache.status\" = \"9/s\"\n",
+        "admin.rate_limits",
+        1,
+    );
     // Their sound neighbours pass.
     for ok in [
+        "[warmup]\ninterval = \"1s\"\n",
+        "[warmup]\nschedule = \"0 0 29 2 *\"\n",
         "[alerts]\nhit_rate_warning = 0.7\nhit_rate_critical = 0.7\n",
         "[admin.rate_limits]\n\"cache.hotkeys\" = \"1/s\"\n",
         "[warmup]\nschedule = \"*/30 * * * *\"\n",

@@ -12,6 +12,9 @@ use crate::config::{
     parse_rate, valid_log_filter,
 };
 
+/// The shortest `warmup.interval` accepted.
+pub const MIN_WARMUP_INTERVAL: Duration = Duration::from_secs(1);
+
 impl Config {
     /// Checks values serde cannot; `text` is the file, for line numbers.
     /// The first fault found is returned, tables in file order.
@@ -242,15 +245,29 @@ impl Config {
                     ),
                 ));
             }
-            if let Err(e) = expr.parse::<croner::Cron>() {
-                return Err(bad(
+            let cron = expr.parse::<croner::Cron>().map_err(|e| {
+                bad(
                     "warmup.schedule",
                     format!("`{expr}` is not a cron expression: {e}"),
+                )
+            })?;
+            if cron
+                .find_next_occurrence(&chrono::Utc::now(), false)
+                .is_err()
+            {
+                return Err(bad(
+                    "warmup.schedule",
+                    format!("`{expr}` never fires: no date matches it (a 30 February?)"),
                 ));
             }
         }
-        if w.interval.is_some_and(|d| d.is_zero()) {
-            return Err(bad("warmup.interval", "must be greater than 0".into()));
+        // A run reads every hot key and may take seconds; runs closer
+        // than this would only queue behind each other.
+        if w.interval.is_some_and(|d| d < MIN_WARMUP_INTERVAL) {
+            return Err(bad(
+                "warmup.interval",
+                format!("must be at least {MIN_WARMUP_INTERVAL:?}"),
+            ));
         }
         for (key, d) in [
             ("warmup.op_timeout", w.op_timeout),
@@ -328,7 +345,18 @@ impl Config {
         if a.window < Duration::from_secs(1) {
             return Err(bad("alerts.window", "must be at least 1s".into()));
         }
+        let mut named: Vec<String> = Vec::new();
         for (cmd, rate) in &self.admin.rate_limits {
+            // Commands are case-insensitive: two spellings of one would
+            // leave which limit applies to chance.
+            let upper = cmd.to_ascii_uppercase();
+            if let Some(other) = named.iter().find(|n| n.to_ascii_uppercase() == upper) {
+                return Err(bad(
+                    "admin.rate_limits",
+                    format!("`{other}` and `{cmd}` name the same command; keep one"),
+                ));
+            }
+            named.push(cmd.clone());
             if !crate::commands::is_admin_command(cmd.as_bytes()) {
                 let known: Vec<String> = crate::commands::ADMIN
                     .iter()

@@ -65,6 +65,15 @@ pub struct Context {
     pub started: Instant,
 }
 
+/// The config error for database `db` set in `key` on an upstream with
+/// `databases` of them.
+pub fn db_out_of_range(key: &str, db: u32, databases: u32) -> String {
+    format!(
+        "invalid value for `{key}`: database {db} is out of range: upstream has databases 0 to {} (its `databases` setting)",
+        databases.saturating_sub(1)
+    )
+}
+
 impl Context {
     /// Builds the context, asking upstream for its command table, version and
     /// database count. Upstream being down at start is not fatal: kiln
@@ -99,10 +108,7 @@ impl Context {
             } else {
                 "upstream.url"
             };
-            return Err(format!(
-                "invalid value for `{key}`: database {db} is out of range: upstream has databases 0 to {} (its `databases` setting)",
-                databases - 1
-            ));
+            return Err(db_out_of_range(key, db, databases));
         }
         let redis_version = seen.version.unwrap_or_else(|| UNKNOWN_VERSION.into());
         tracing::info!(

@@ -570,3 +570,35 @@ async fn sighup_without_a_config_file_is_logged_not_fatal() {
         "SIGHUP killed kiln"
     );
 }
+
+/// A reload whose `upstream.url` names a database upstream does not have
+/// is refused, naming the key, as at start: the file would not start kiln
+/// again (it used to be taken, reported as needing a restart, and the
+/// restart then refused it). Its sibling, a database upstream has, is
+/// taken and waits for a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_naming_a_database_upstream_lacks_is_refused() {
+    let redis = Redis::start();
+    let file = File::new("db");
+    let kiln = file.start_kiln(&redis, ADMIN).await;
+    let mut c = kiln.conn().await;
+    let with_db = |db: u32| {
+        let text = format!(
+            "{ADMIN}\n[upstream]\nurl = \"{}/{db}\"\n\n[warmup]\non_start = false\nhotkeys = {{ enabled = false }}\n",
+            redis.url()
+        );
+        std::fs::write(file.path(), text).expect("write config");
+    };
+    with_db(99);
+    let r = String::from_utf8_lossy(&reload(&mut c).await).into_owned();
+    assert!(
+        r.starts_with("-ERR")
+            && r.contains("`upstream.url`")
+            && r.contains("database 99 is out of range"),
+        "{r:?}"
+    );
+    with_db(3);
+    let r = String::from_utf8_lossy(&reload(&mut c).await).into_owned();
+    assert!(r.contains("needs a restart: upstream"), "{r:?}");
+    assert_eq!(c.cmd(&["PING"]).await, "+PONG\r\n"[..]);
+}

@@ -407,7 +407,15 @@ impl Router {
             owner,
             primaries: primaries.clone(),
         }));
-        if first || !moved.is_empty() {
+        // Logged when the primaries change too: a promotion followed through
+        // MOVED has its slots in the map already, and moves none here.
+        let renamed = old.primaries.len() != names.len()
+            || old
+                .primaries
+                .iter()
+                .zip(&names)
+                .any(|(n, name)| n.name() != *name);
+        if first || !moved.is_empty() || renamed {
             tracing::info!(primaries = ?names, slots_moved = moved.len(), "cluster topology");
         }
         if !moved.is_empty() {
@@ -470,6 +478,7 @@ impl Router {
         let i = match primaries.iter().position(|n| Arc::ptr_eq(n, &node)) {
             Some(i) => i,
             None => {
+                tracing::info!(node = %node.name(), slot, "a cluster node serves slots now (MOVED)");
                 primaries.push(node);
                 primaries.len() - 1
             }
