@@ -16,7 +16,7 @@
 //!
 //! 1. wire and leaves: `protocol`, `error`, `buffers`, `tls`, `worker`
 //!    (thread id, `lock`), `shutdown`, `cli`, `name_index`, `fdlimit`,
-//!    `ratelog`
+//!    `ratelog`, `outlimit` (a client's output limit)
 //! 2. Redis facts: `commands` (table, key finding, hash slot, cacheable
 //!    reads), `counter`
 //! 3. `config`: the schema, one file per TOML table; imports no component

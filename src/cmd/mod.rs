@@ -399,9 +399,13 @@ impl Client {
         if session::takes(self, name, &cmd) {
             return Box::pin(session::dispatch(self, name, cmd, r)).await;
         }
+        // Upstream may be busy with a script (a `-BUSY` lately, a reply
+        // overdue): L1 answers nothing Redis would refuse (SPEC 2, class
+        // 3); reads go upstream, for its `-BUSY` or its value.
+        let busy = self.ctx.upstream.maybe_busy(self.now);
         match name {
-            b"get" => get::get(self, cmd, r),
-            b"mget" => get::mget(self, cmd, r),
+            b"get" if !busy => get::get(self, cmd, r),
+            b"mget" if !busy => get::mget(self, cmd, r),
             b"client"
                 if self.ctx.upstream.cluster().is_some() && session::is_relay(name, &cmd.args) =>
             {
@@ -409,6 +413,15 @@ impl Client {
                 r.error("ERR CLIENT TRACKING through kiln in front of a cluster is not supported (kiln's L1 is kept coherent with every node)");
             }
             b"ping" | b"echo" | b"select" | b"hello" | b"auth" | b"quit" | b"reset" | b"client" => {
+                // kiln answers these only where Redis's answer could not
+                // differ: not while upstream is busy with a script, for
+                // a command Redis then refuses (no `allow_busy` flag).
+                if !self.table.allows_busy(&cmd.args) && self.ctx.upstream.maybe_busy(self.now) {
+                    if let Some(busy) = Box::pin(local::busy_reply(self)).await {
+                        r.ready(|o| o.extend_from_slice(&busy));
+                        return Flow::Continue;
+                    }
+                }
                 return local::dispatch(self, name, cmd, r);
             }
             b"multi" | b"watch" => return Box::pin(session::begin(self, name, cmd, r)).await,
@@ -417,7 +430,10 @@ impl Client {
             _ if self.table.is_blocking(&cmd.args) => {
                 return Box::pin(session::blocking(self, cmd, r)).await;
             }
-            _ => match read::cacheable(self, name, &cmd.args) {
+            _ => match (!busy)
+                .then(|| read::cacheable(self, name, &cmd.args))
+                .flatten()
+            {
                 Some(id) => read::cached(self, id, cmd, r),
                 None => match write::refused(name) {
                     Some(msg) => r.error(&msg),
@@ -435,6 +451,9 @@ impl Client {
         match res {
             Resolved::Bytes(b) => out.extend_from_slice(&b),
             Resolved::Get(a, timing) => {
+                if let GetAnswer::Other(b) = &a {
+                    self.ctx.upstream.note_reply(b, now);
+                }
                 self.upstream_pending -= 1;
                 self.fills_pending -= 1;
                 self.done(timing, matches!(a, GetAnswer::Failed(_)), now);
@@ -446,6 +465,9 @@ impl Client {
                 }
             }
             Resolved::Reply(reply, then, timing) => {
+                if let Ok(b) = &reply {
+                    self.ctx.upstream.note_reply(b, now);
+                }
                 self.upstream_pending -= 1;
                 self.done(timing, reply.is_err(), now);
                 match &reply {

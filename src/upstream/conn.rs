@@ -85,8 +85,14 @@ impl ConnHandle {
     /// `STALL_AFTER` at `now`: upstream is busy with something slow sent on
     /// it, and a request queued now would wait behind it.
     pub fn stalled(&self, now: std::time::Instant) -> bool {
+        self.waiting_longer_than(now, STALL_AFTER)
+    }
+
+    /// Whether requests on it have had no reply for longer than `d` at
+    /// `now` (nothing in flight: no).
+    pub fn waiting_longer_than(&self, now: std::time::Instant, d: Duration) -> bool {
         let since = self.head_since.load(std::sync::atomic::Ordering::Relaxed);
-        since != 0 && nanos_since_epoch(now).saturating_sub(since) > STALL_AFTER.as_nanos() as u64
+        since != 0 && nanos_since_epoch(now).saturating_sub(since) > d.as_nanos() as u64
     }
 
     /// Queues a command; the receiver gets its reply.
@@ -143,7 +149,7 @@ fn epoch() -> std::time::Instant {
 }
 
 /// Nanoseconds from `epoch()` to `t`, at least 1 (0 means "none").
-fn nanos_since_epoch(t: std::time::Instant) -> u64 {
+pub(crate) fn nanos_since_epoch(t: std::time::Instant) -> u64 {
     (t.saturating_duration_since(epoch()).as_nanos() as u64).max(1)
 }
 
@@ -155,8 +161,14 @@ struct Shared {
 }
 
 impl Shared {
-    fn head(&self, fifo: &VecDeque<InFlight>) {
-        let v = fifo.front().map_or(0, |f| nanos_since_epoch(f.queued));
+    /// Publishes since when the connection has been waiting with nothing
+    /// back: the oldest request's queueing, or the last reply if later. A
+    /// connection that answers, however long its queue, is not stalled;
+    /// one behind a script is.
+    fn head(&self, fifo: &VecDeque<InFlight>, progress: Instant) {
+        let v = fifo
+            .front()
+            .map_or(0, |f| nanos_since_epoch(f.queued.max(progress.into_std())));
         self.head_since
             .store(v, std::sync::atomic::Ordering::Relaxed);
     }
@@ -219,6 +231,8 @@ async fn run(
     let mut retry_gen = 0;
     let timeout = connector.command_timeout;
     let mut last_io = Instant::now();
+    // When replies last arrived (see `Shared::head`).
+    let mut progress = last_io;
     // Every handle is gone; what is in flight is answered, then it closes.
     let mut draining = false;
     // A large command passed through `wbuf` (`buffers::note_size`).
@@ -417,6 +431,7 @@ async fn run(
                     let r = dispatch(&mut rbuf, &mut scanner, &mut fifo, hooks.push.as_ref());
                     if fifo.len() < waiting {
                         connector.breaker.success();
+                        progress = last_io;
                     }
                     r
                 }
@@ -470,7 +485,7 @@ async fn run(
                         .broken
                         .store(true, std::sync::atomic::Ordering::Release);
                 }
-                shared.head(&fifo);
+                shared.head(&fifo, progress);
                 continue;
             }
             connector.failed(&err);
@@ -495,7 +510,7 @@ async fn run(
             retry_gen = connector.generation();
             backoff = (backoff * 2).min(MAX_BACKOFF);
         }
-        shared.head(&fifo);
+        shared.head(&fifo, progress);
     }
 }
 

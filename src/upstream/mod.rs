@@ -26,6 +26,7 @@
 //! (topology, routing, merging) and `sentinel`; this file is the facade.
 
 pub mod breaker;
+mod busy;
 pub mod cluster;
 pub mod conn;
 mod connect;
@@ -67,6 +68,12 @@ pub struct Upstream {
     /// The standalone (or Sentinel) node's breaker; in a cluster each node
     /// has its own and this one stays closed.
     pub breaker: Arc<Breaker>,
+    /// When a `-BUSY` reply was last seen (`conn::nanos_since_epoch`), 0
+    /// when none was within `busy::BUSY_RECENT`: see `maybe_busy`.
+    busy_seen: std::sync::atomic::AtomicU64,
+    /// Some shared or fill connection had requests with no reply for
+    /// `busy::BUSY_STALL` at the last check (every `busy::STALL_CHECK`).
+    stalled: Arc<std::sync::atomic::AtomicBool>,
 }
 
 enum Kind {
@@ -171,6 +178,8 @@ impl Upstream {
             next_channel: Default::default(),
             errors,
             breaker,
+            busy_seen: Default::default(),
+            stalled: Default::default(),
         })
     }
 
@@ -179,6 +188,7 @@ impl Upstream {
     /// once the first attempt is done, found or not: an upstream down at
     /// start is not fatal.
     pub async fn start(&self, shutdown: tokio_util::sync::CancellationToken) {
+        self.watch_stalls(shutdown.clone());
         match &self.kind {
             Kind::Single { sentinel: None, .. } => {}
             Kind::Single {

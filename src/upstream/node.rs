@@ -255,6 +255,14 @@ impl Node {
         conns[client_id as usize % conns.len()].clone()
     }
 
+    /// Whether one of its shared or fill connections has had requests
+    /// with no reply for longer than `d` at `now` (see
+    /// `Upstream::maybe_busy`).
+    pub(crate) fn any_waiting(&self, now: std::time::Instant, d: std::time::Duration) -> bool {
+        let stalled = |cs: &Conns| cs.iter().any(|c| c.waiting_longer_than(now, d));
+        lock(&self.shared).values().any(stalled) || lock(&self.readers).values().any(stalled)
+    }
+
     /// A new connection as `who`, with no setup beyond login and database.
     fn plain(&self, common: &Common, db: u32, proto: Proto, who: &As) -> ConnHandle {
         ConnHandle::spawn(

@@ -4,6 +4,7 @@
 mod acl;
 mod auth;
 mod bad_input;
+mod busy;
 mod cache;
 mod chaos;
 mod cli;

@@ -1,0 +1,102 @@
+//! A busy upstream: a script or function past Redis's
+//! `busy-reply-threshold`, when Redis refuses every command without its
+//! `allow_busy` flag with `-BUSY ...`. kiln must then answer nothing
+//! itself that Redis would refuse (SPEC 2, class 3): `maybe_busy` says
+//! when upstream may be busy, from a `-BUSY` reply seen lately
+//! (`note_reply`) or a reply overdue on a shared connection (checked every
+//! `STALL_CHECK`); the callers (`cmd`) then read L1 hits upstream and ask
+//! upstream before answering a command themselves.
+
+use std::sync::Arc;
+
+use super::conn;
+use super::node::Node;
+use super::{Kind, Upstream};
+
+/// How often connections are checked for an overdue reply (`stalled`).
+const STALL_CHECK: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// How long requests on a shared or fill connection may go without a
+/// reply before upstream is taken to be possibly busy: a script (or any
+/// slow command: a direct client would wait behind it too). Not a long
+/// queue: a connection whose replies flow is not waiting.
+pub const BUSY_STALL: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// How long after a `-BUSY` reply upstream is taken to be busy still
+/// (`Upstream::busy_recently`): it ends with the script, which a later
+/// reply without `-BUSY` does not prove (scripts of other clients).
+pub const BUSY_RECENT: std::time::Duration = std::time::Duration::from_millis(500);
+
+impl Upstream {
+    /// Notes a reply from upstream: a `-BUSY ...` one (a script or
+    /// function past `busy-reply-threshold`; not `-BUSYKEY`) marks upstream
+    /// busy for `BUSY_RECENT`. One byte compared for any other reply.
+    #[inline]
+    pub fn note_reply(&self, reply: &[u8], now: std::time::Instant) {
+        if reply.first() == Some(&b'-') && reply.starts_with(b"-BUSY ") {
+            self.busy_seen.store(
+                conn::nanos_since_epoch(now),
+                std::sync::atomic::Ordering::Relaxed,
+            );
+        }
+    }
+
+    /// Whether a `-BUSY` reply was seen within `BUSY_RECENT` of `now`: one
+    /// relaxed load when none was, for the L1 hit path (a hit is a command
+    /// Redis would refuse while busy).
+    #[inline]
+    pub fn busy_recently(&self, now: std::time::Instant) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        let seen = self.busy_seen.load(Relaxed);
+        if seen == 0 {
+            return false;
+        }
+        let fresh =
+            conn::nanos_since_epoch(now).saturating_sub(seen) < BUSY_RECENT.as_nanos() as u64;
+        if !fresh {
+            let _ = self.busy_seen.compare_exchange(seen, 0, Relaxed, Relaxed);
+        }
+        fresh
+    }
+
+    /// Whether upstream may be busy with a script now: a `-BUSY` seen
+    /// lately, or a shared or fill connection with a reply overdue past
+    /// `BUSY_STALL` at the last check (a script sent through kiln
+    /// that has not returned; or any slow command, which a direct client
+    /// would wait behind too). Two relaxed loads when neither: cheap
+    /// enough for every L1 hit and every command kiln answers itself.
+    #[inline]
+    pub fn maybe_busy(&self, now: std::time::Instant) -> bool {
+        self.stalled.load(std::sync::atomic::Ordering::Relaxed) || self.busy_recently(now)
+    }
+
+    /// Keeps `stalled` up to date, every `STALL_CHECK`.
+    pub(super) fn watch_stalls(&self, shutdown: tokio_util::sync::CancellationToken) {
+        let nodes: Box<dyn Fn() -> Vec<Arc<Node>> + Send> = match &self.kind {
+            Kind::Single { node, .. } => {
+                let node = node.clone();
+                Box::new(move || vec![node.clone()])
+            }
+            Kind::Cluster(r) => {
+                let r = r.clone();
+                Box::new(move || r.nodes())
+            }
+        };
+        let flag = self.stalled.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(STALL_CHECK);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                let now = std::time::Instant::now();
+                let stalled = nodes().iter().any(|n| n.any_waiting(now, BUSY_STALL));
+                if flag.load(std::sync::atomic::Ordering::Relaxed) != stalled {
+                    flag.store(stalled, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        });
+    }
+}
