@@ -12,15 +12,14 @@ use crate::commands::table;
 use crate::protocol::request::Command;
 use crate::protocol::{Proto, encode};
 
-/// Asks upstream whether it is busy with a script: a `PING` on a shared
-/// connection with nothing slow ahead of it. `Some` with upstream's
-/// `-BUSY ...` reply, byte for byte, when it is; `None` when it answered
-/// anything else (or could not be asked: kiln then answers as usual).
+/// Asks upstream whether it is busy with a script: a `PING` on the
+/// connection of `allow_busy` commands, which nothing slow is ever queued
+/// on (a shared one may be the script's own, and the `PING` would wait for
+/// the script to end). `Some` with upstream's `-BUSY ...` reply, byte for
+/// byte, when it is; `None` when it answered anything else (or could not
+/// be asked: kiln then answers as usual).
 pub async fn busy_reply(c: &mut Client) -> Option<Bytes> {
-    let conn = c
-        .ctx
-        .upstream
-        .shared_unstalled(c.db, c.proto, c.id, &c.upstream_as, c.now);
+    let conn = c.ctx.upstream.priority(c.proto, &c.upstream_as);
     let ping = Bytes::from_static(b"*1\r\n$4\r\nPING\r\n");
     let reply = conn.send(ping, None, true).await.ok()?.ok()?;
     c.ctx.upstream.note_reply(&reply, std::time::Instant::now());

@@ -416,7 +416,13 @@ impl Client {
                 // kiln answers these only where Redis's answer could not
                 // differ: not while upstream is busy with a script, for
                 // a command Redis then refuses (no `allow_busy` flag).
-                if !self.table.allows_busy(&cmd.args) && self.ctx.upstream.maybe_busy(self.now) {
+                // A client with replies still owed is answered after them:
+                // Redis runs a client's commands in order, so one queued
+                // behind the client's own script runs after it, not -BUSY.
+                if self.upstream_pending == 0
+                    && !self.table.allows_busy(&cmd.args)
+                    && self.ctx.upstream.maybe_busy(self.now)
+                {
                     if let Some(busy) = Box::pin(local::busy_reply(self)).await {
                         r.ready(|o| o.extend_from_slice(&busy));
                         return Flow::Continue;

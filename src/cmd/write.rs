@@ -147,7 +147,7 @@ pub fn forward(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
     };
     let rx = if c.table.allows_busy(&cmd.args) {
         // Past a busy script on the client's own connection, at once.
-        let conn = c.ctx.upstream.priority(c.db, c.proto, &c.upstream_as);
+        let conn = c.ctx.upstream.priority(c.proto, &c.upstream_as);
         conn.send(cmd.wire(), on_reply, true)
     } else {
         c.conn().send(cmd.wire(), on_reply, true)

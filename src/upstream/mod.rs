@@ -385,8 +385,11 @@ impl Upstream {
     /// The connection for commands Redis runs while it is busy with a
     /// script (`allow_busy`: SCRIPT KILL, FUNCTION KILL, SHUTDOWN, ...).
     /// It carries nothing else, so such a command is never queued behind
-    /// the script it is meant to stop.
-    pub fn priority(&self, db: u32, proto: Proto, who: &As) -> Link {
+    /// the script it is meant to stop. In the configured database whatever
+    /// the client's (those commands name none): making one for another
+    /// database would `SELECT`, which Redis refuses while busy.
+    pub fn priority(&self, proto: Proto, who: &As) -> Link {
+        let db = self.default_db();
         if let Some(l) = self.routed(cluster::Purpose::Priority, db, proto, 0, who) {
             return l;
         }

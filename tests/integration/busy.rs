@@ -25,14 +25,19 @@ async fn runaway_script(kiln: &Kiln, direct: &mut Conn) -> Conn {
     );
     let mut runner = kiln.conn().await;
     runner.send(&["EVAL", "while true do end", "0"]).await;
+    busy_reached(direct).await;
+    runner
+}
+
+/// Waits (bounded) until Redis refuses a direct client's PING.
+async fn busy_reached(direct: &mut Conn) {
     poll_until(Duration::from_millis(10), async || {
         match direct.cmd(&["PING"]).await {
             r if r.starts_with(b"-BUSY ") => Ok(()),
-            r => Err(format!("the script is not busy yet: {r:?}")),
+            r => Err(format!("upstream is not busy yet: {r:?}")),
         }
     })
     .await;
-    runner
 }
 
 /// While the script runs, an L1 hit (first, before kiln has seen any
@@ -77,6 +82,28 @@ async fn while_a_script_is_busy_kiln_answers_nothing_redis_refuses() {
         "$-1\r\n"[..],
         "database 1 now"
     );
+    // The sibling: a client's own commands pipelined behind its script run
+    // after it, as Redis runs a client's commands in order: its PING gets
+    // +PONG once the script is killed, never -BUSY (kiln had just seen
+    // -BUSY above, and asked upstream for this PING: Redis said -BUSY).
+    let mut runner = kiln.conn().await;
+    runner
+        .send_raw(
+            &[
+                encode(&["EVAL", "while true do end", "0"]),
+                encode(&["PING"]),
+            ]
+            .concat(),
+        )
+        .await;
+    busy_reached(&mut direct).await;
+    assert_eq!(c.cmd(&["SCRIPT", "KILL"]).await, "+OK\r\n"[..]);
+    assert!(runner.read().await.starts_with(b"-"), "the script killed");
+    assert_eq!(
+        runner.read().await,
+        "+PONG\r\n"[..],
+        "its own PING, after it"
+    );
 }
 
 /// The sibling: a function (`FCALL`) past the threshold. Redis's `-BUSY`
@@ -101,13 +128,7 @@ async fn while_a_function_is_busy_kiln_answers_nothing_redis_refuses() {
     );
     let mut runner = kiln.conn().await;
     runner.send(&["FCALL", "spin", "0"]).await;
-    poll_until(Duration::from_millis(10), async || {
-        match direct.cmd(&["PING"]).await {
-            r if r.starts_with(b"-BUSY ") => Ok(()),
-            r => Err(format!("the function is not busy yet: {r:?}")),
-        }
-    })
-    .await;
+    busy_reached(&mut direct).await;
     for args in [&["GET", "hot"][..], &["PING"], &["CLIENT", "ID"]] {
         let want = direct.cmd(args).await;
         assert!(
