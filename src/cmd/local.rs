@@ -171,10 +171,14 @@ fn hello(c: &mut Client, a: &[Bytes], r: &mut Replies<'_>) {
         c.reroute();
         c.meta_update();
     }
-    let (id, version) = (c.id, c.ctx.redis_version.load_full());
+    let (id, version, server) = (
+        c.id,
+        c.ctx.redis_version.load_full(),
+        c.ctx.server_name.load_full(),
+    );
     r.ready(|o| {
         encode::map(o, 7, proto);
-        for (k, v) in [("server", "redis"), ("version", version.as_str())] {
+        for (k, v) in [("server", server.as_str()), ("version", version.as_str())] {
             encode::bulk(o, k.as_bytes());
             encode::bulk(o, v.as_bytes());
         }
@@ -315,7 +319,11 @@ fn client(c: &mut Client, cmd: Command, r: &mut Replies<'_>) -> Flow {
             }
         }
         // Client libraries announce themselves; nothing upstream needs it.
-        b"setinfo" if a.len() == 4 => r.ready(|o| encode::simple(o, "OK")),
+        // Upstream validates it as it does (Redis 7.2+, Valkey: the
+        // attribute names, no spaces or newlines) and answers; it sets the
+        // attribute on the shared connection it went on, which only
+        // upstream's own CLIENT LIST shows.
+        b"setinfo" if a.len() == 4 => super::write::forward(c, cmd, r),
         b"info" if a.len() == 2 => {
             // The command shows itself as the last one run, as in Redis.
             c.publish_activity();

@@ -55,6 +55,8 @@ pub struct Context {
     pub databases: std::sync::atomic::AtomicU32,
     /// Upstream's version, reported by HELLO.
     pub redis_version: arc_swap::ArcSwap<String>,
+    /// Upstream's name for itself in `HELLO` (`redis` until it answers).
+    pub server_name: arc_swap::ArcSwap<String>,
     pub clients: Mutex<HashMap<u64, Arc<ClientMeta>>>,
     /// `server.max_clients`: a connection holds a permit while it lives.
     pub permits: Arc<tokio::sync::Semaphore>,
@@ -111,6 +113,7 @@ impl Context {
             return Err(db_out_of_range(key, db, databases));
         }
         let redis_version = seen.version.unwrap_or_else(|| UNKNOWN_VERSION.into());
+        let server_name = seen.server.unwrap_or_else(|| "redis".into());
         tracing::info!(
             commands_from_upstream = table.from_upstream,
             databases,
@@ -148,6 +151,7 @@ impl Context {
             table: arc_swap::ArcSwap::new(table),
             databases: std::sync::atomic::AtomicU32::new(databases),
             redis_version: arc_swap::ArcSwap::from_pointee(redis_version),
+            server_name: arc_swap::ArcSwap::from_pointee(server_name),
             clients: Mutex::new(HashMap::new()),
             permits: Arc::new(tokio::sync::Semaphore::new(crate::fdlimit::max_clients(
                 cfg.server.max_clients,
@@ -183,6 +187,9 @@ impl Context {
                 tracing::info!(from = %old, to = %v, "upstream version changed");
                 self.redis_version.store(Arc::new(v));
             }
+        }
+        if let Some(name) = seen.server.filter(|n| *n != **self.server_name.load()) {
+            self.server_name.store(Arc::new(name));
         }
         if let Some(table) = seen.table {
             if moved || !self.table.load().from_upstream {
@@ -255,6 +262,8 @@ struct Description {
     table: Option<CommandTable>,
     databases: Option<u32>,
     version: Option<String>,
+    /// What upstream's own `HELLO` calls it: `redis`, `valkey`.
+    server: Option<String>,
 }
 
 async fn describe(upstream: &Upstream) -> Description {
@@ -266,18 +275,44 @@ async fn describe(upstream: &Upstream) -> Description {
         Ok(r) => last_bulk_number(&r),
         Err(_) => None,
     };
-    let version = match upstream.probe(&[b"INFO", b"server"]).await {
-        Ok(r) => String::from_utf8_lossy(&r).lines().find_map(|l| {
-            l.strip_prefix("redis_version:")
-                .map(|v| v.trim().to_string())
-        }),
-        Err(_) => None,
-    };
+    // Name and version as upstream's own HELLO gives them (Valkey 8
+    // answers `valkey` and 8.0.1, where its INFO says redis_version
+    // 7.2.4); INFO where HELLO is refused.
+    let (mut server, mut version) = (None, None);
+    if let Ok(r) = upstream.probe(&[b"HELLO"]).await {
+        (server, version) = (hello_field(&r, "server"), hello_field(&r, "version"));
+    }
+    if version.is_none() {
+        if let Ok(r) = upstream.probe(&[b"INFO", b"server"]).await {
+            let text = String::from_utf8_lossy(&r);
+            let field = |name: &str| {
+                text.lines()
+                    .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_string()))
+            };
+            version = field("redis_version:");
+            server = field("server_name:").or(version.as_ref().map(|_| "redis".to_string()));
+        }
+    }
     Description {
         table,
         databases,
         version,
+        server,
     }
+}
+
+/// A text field of a RESP2 `HELLO` reply (`*14 $6 server $5 redis ...`).
+fn hello_field(reply: &[u8], name: &str) -> Option<String> {
+    use redis_protocol::resp2::types::OwnedFrame;
+    let (OwnedFrame::Array(items), _) = redis_protocol::resp2::decode::decode(reply).ok()?? else {
+        return None;
+    };
+    items.chunks(2).find_map(|kv| match kv {
+        [OwnedFrame::BulkString(k), OwnedFrame::BulkString(v)] if k == name.as_bytes() => {
+            Some(String::from_utf8_lossy(v).into_owned())
+        }
+        _ => None,
+    })
 }
 
 /// Upstream described again while kiln runs: every second while what it
@@ -311,4 +346,23 @@ fn last_bulk_number(reply: &[u8]) -> Option<u32> {
         .filter(|l| !l.is_empty() && !l.starts_with(['*', '$']))
         .last()
         .and_then(|v| v.parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Name and version come from upstream's own HELLO, as Valkey 8 words
+    /// it (its INFO says redis_version:7.2.4).
+    #[test]
+    fn hello_fields_are_read_as_upstream_gives_them() {
+        let reply = b"*14\r\n$6\r\nserver\r\n$6\r\nvalkey\r\n$7\r\nversion\r\n$5\r\n8.0.1\r\n$5\r\nproto\r\n:2\r\n$2\r\nid\r\n:3\r\n$4\r\nmode\r\n$10\r\nstandalone\r\n$4\r\nrole\r\n$6\r\nmaster\r\n$7\r\nmodules\r\n*0\r\n";
+        assert_eq!(hello_field(reply, "server").as_deref(), Some("valkey"));
+        assert_eq!(hello_field(reply, "version").as_deref(), Some("8.0.1"));
+        assert_eq!(hello_field(reply, "nope"), None);
+        assert_eq!(
+            hello_field(b"-ERR unknown command 'HELLO'\r\n", "server"),
+            None
+        );
+    }
 }
