@@ -316,8 +316,21 @@ async fn cross_slot_commands_split_or_refuse() {
     assert_eq!(k.cmd_text(&["DBSIZE"]).await, count(12));
     let all = k.cmd_text(&["KEYS", "*"]).await;
     assert!(all.starts_with("*12\r\n"), "{all}");
-    let random = k.cmd_text(&["RANDOMKEY"]).await;
-    assert!(all.contains(&random), "{random} is not one of {all}");
+    // RANDOMKEY can return the keys of every primary, as one Redis would
+    // return any of its keys (it used to take the first node's, always).
+    let owners = |text: &str| -> std::collections::BTreeSet<u16> {
+        text.lines()
+            .filter(|l| !l.is_empty() && !l.starts_with(['*', '$']))
+            .map(|key| cluster.owner_port(key_slot(key.as_bytes())))
+            .collect()
+    };
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..100 {
+        let random = k.cmd_text(&["RANDOMKEY"]).await;
+        assert!(all.contains(&random), "{random} is not one of {all}");
+        seen.extend(owners(&random));
+    }
+    assert_eq!(seen, owners(&all), "RANDOMKEY over 100 tries");
     assert_eq!(k.cmd_text(&["FLUSHALL"]).await, "+OK\r\n");
     assert_eq!(k.cmd_text(&["DBSIZE"]).await, count(0));
     assert_eq!(k.cmd_text(&["RANDOMKEY"]).await, "$-1\r\n");

@@ -19,13 +19,29 @@ pub(super) enum Merge {
     AllOk,
     /// KEYS: the arrays concatenated.
     Concat,
-    /// RANDOMKEY: the first non-nil reply.
+    /// RANDOMKEY: one of the non-nil replies, picked at random, so that
+    /// every node's keys can come back (nil when every node is empty).
     FirstNonNil,
     /// The first error, else the first reply (FLUSHALL, SCRIPT LOAD, ...).
     Same,
     /// The first success, else the first error (SCRIPT KILL: only the
     /// node running the script kills it; the others say NOTBUSY).
     FirstOk,
+}
+
+/// A number below `n`, different from call to call (RANDOMKEY's node):
+/// the clock's nanoseconds mixed with a counter; no more is needed.
+fn pick(n: usize) -> usize {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0x9e37_79b9_7f4a_7c15);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos() as u64);
+    let mut x = NEXT.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed) ^ nanos;
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    x ^= x >> 33;
+    (x % n as u64) as usize
 }
 
 pub(super) const SCAN_NODE_BITS: u32 = 10;
@@ -129,12 +145,11 @@ pub(super) fn merge_replies(
         }
         Merge::FirstNonNil => {
             let nil = |r: &Bytes| r.starts_with(b"$-1") || r.starts_with(b"_");
-            Ok(replies
-                .iter()
-                .find(|r| !nil(r))
-                .or(replies.first())
-                .cloned()
-                .unwrap_or_default())
+            let keys: Vec<&Bytes> = replies.iter().filter(|r| !nil(r)).collect();
+            Ok(match keys.len() {
+                0 => replies.first().cloned().unwrap_or_default(),
+                n => keys[pick(n)].clone(),
+            })
         }
         Merge::Concat => {
             let mut all = Vec::new();
