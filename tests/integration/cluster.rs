@@ -1852,3 +1852,65 @@ async fn a_killed_primary_s_promotion_is_followed_with_no_traffic() {
     assert_eq!(promoted.cmd(&["GET", &key]).await, crate::util::bulk("2"));
     drop(cluster);
 }
+
+/// A primary lost with no replica to take over (both killed): Redis
+/// answers CLUSTERDOWN for its slots, and kiln must say so: the node keeps
+/// its slots in the metrics and tracking stays lost (alert firing) after
+/// kiln has read the topology the cluster reports then. It used to drop
+/// the node as if it had left: its slots vanished from the metrics, every
+/// alert cleared and /ready said 200 while Redis refused every command.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_lost_with_its_replica_stays_in_kiln_s_view() {
+    let (mut cluster, kiln) = cluster_and_kiln().await;
+    let tag = tag_on(0, 400);
+    let slot = key_slot(tag.as_bytes());
+    // Something read from it (its tracking connection open).
+    let key = format!("{{{tag}}}:lost");
+    let mut k = kiln.conn().await;
+    assert_eq!(k.cmd(&["SET", &key, "1"]).await, "+OK\r\n");
+    assert_eq!(k.cmd(&["GET", &key]).await, crate::util::bulk("1"));
+    let primary = cluster.owner_port(slot);
+    let table = cluster.table();
+    let id = &table.iter().find(|n| n.1 == primary).expect("primary").0;
+    let replica = table.iter().find(|n| &n.2 == id).expect("a replica").1;
+    let survivor = table
+        .iter()
+        .find(|n| n.1 != primary && n.1 != replica)
+        .expect("another node")
+        .1;
+    cluster.kill(replica);
+    cluster.kill(primary);
+    crate::util::poll_until(
+        std::time::Duration::from_millis(50),
+        async || match off_runtime(move || crate::util::cli(survivor, &["CLUSTER", "INFO"])).await {
+            r if r.contains("cluster_state:fail") => Ok(()),
+            r => Err(format!("the cluster has not failed yet: {r}")),
+        },
+    )
+    .await;
+    // A topology read after the cluster flagged it.
+    let refreshes = "upstream_topology_refreshes_total";
+    let before = crate::util::metric(kiln.metrics, refreshes)
+        .await
+        .unwrap_or(0.0);
+    crate::util::poll_until(std::time::Duration::from_millis(50), async || {
+        match crate::util::metric(kiln.metrics, refreshes).await {
+            Some(n) if n > before => Ok(()),
+            n => Err(format!("no topology read since the failure: {n:?}")),
+        }
+    })
+    .await;
+    let series = format!("upstream_cluster_slots{{node=\"127.0.0.1:{primary}\"}}");
+    assert_eq!(
+        crate::util::metric(kiln.metrics, &series).await,
+        Some(5461.0),
+        "the dead primary keeps its slots"
+    );
+    assert_eq!(
+        crate::util::metric(kiln.metrics, "cache_tracking_lost").await,
+        Some(1.0)
+    );
+    let (_, alerts) = crate::util::http_get(kiln.metrics, "/metrics/alerts").await;
+    assert!(alerts.contains("tracking_lost"), "{alerts}");
+    drop(cluster);
+}

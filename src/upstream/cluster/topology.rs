@@ -512,10 +512,19 @@ pub(super) fn parse_shards(reply: &[u8], asked: &str) -> Option<Vec<(u16, u16, S
         let OwnedFrame::Array(nodes) = fields.get("nodes")? else {
             return None;
         };
-        let primary = nodes.iter().filter_map(pairs).find(|n| {
-            text_of(n.get("role").copied()) == Some("master".into())
-                && text_of(n.get("health").copied()).is_none_or(|h| h == "online")
-        });
+        // The online primary; else the failed one, which still owns the
+        // slots (Redis answers CLUSTERDOWN for them): dropped from the
+        // topology, it would leave the metrics and alerts as if all were
+        // well while no one serves its slots.
+        let masters: Vec<_> = nodes
+            .iter()
+            .filter_map(pairs)
+            .filter(|n| text_of(n.get("role").copied()) == Some("master".into()))
+            .collect();
+        let online = |n: &HashMap<String, &OwnedFrame>| {
+            text_of(n.get("health").copied()).is_none_or(|h| h == "online")
+        };
+        let primary = masters.iter().find(|n| online(n)).or(masters.first());
         let Some(p) = primary else {
             continue;
         };
