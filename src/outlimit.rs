@@ -12,13 +12,16 @@
 //!   send buffer is free, which a client reading 800 KB/s behind a 4 MB
 //!   buffer takes 1.7 s to free.
 //! - **Hard** (Redis's hard limit, for a client that has stopped reading):
-//!   replies that arrive while the client owes more than the limit and
-//!   reads nothing are counted, and once they pass the limit themselves the
-//!   client is cut off at once. Any read starts the count again: a client
-//!   that reads, however far behind, keeps the replies it asked for, as
-//!   Redis keeps a normal client's (its default has no limit). A client that
-//!   pipelines 400 GETs of 5 MB and reads nothing costs kiln at most about
-//!   twice the limit plus one reply, not the 2 GB upstream sends back.
+//!   replies that arrive while the client owes more than the limit are
+//!   counted, and once they pass the limit themselves with no progress
+//!   from the client for `HARD_STALL`, it is cut off. Any progress (kiln
+//!   wrote, or the client's kernel acknowledged bytes) starts the count
+//!   again: a client that reads, however far behind, keeps the replies it
+//!   asked for, as Redis keeps a normal client's (its default has no
+//!   limit), up to `OVERFLOW_CAP` times the limit arrived since its last
+//!   progress. A client that pipelines 400 GETs of 5 MB and reads nothing
+//!   costs kiln at most about five times the limit, not the 2 GB it asked
+//!   for.
 
 use std::time::Duration;
 
@@ -27,6 +30,20 @@ use tokio::time::Instant;
 /// How long a client may read nothing while it owes more than
 /// `server.max_output_buffer` before it is cut off.
 pub const UNREAD_GRACE: Duration = Duration::from_secs(1);
+
+/// Past this many times the limit of replies arrived since its last
+/// progress, a client is cut off even if it reads: no client costs kiln
+/// more than about this plus one times the limit (Redis's hard limit would
+/// have cut it at once). A client reading flat out with 180 MB pipelined
+/// stays well under it.
+pub const OVERFLOW_CAP: usize = 4;
+
+/// How long a client that owes more than twice the limit may go without
+/// progress before it is cut off (the hard rule): long enough for a slow
+/// reader's kernel to acknowledge its next bytes (a window update can
+/// take tens of milliseconds), short enough that a client reading nothing
+/// costs little past the limit.
+pub const HARD_STALL: Duration = Duration::from_millis(250);
 
 /// What `OutputLimit::check` decided.
 #[derive(Debug, PartialEq, Eq)]
@@ -47,12 +64,13 @@ pub enum Verdict {
 pub struct OutputLimit {
     /// The client's socket, for its send queue; -1 when there is none.
     fd: i32,
-    /// Since when the client has owed more than the limit with no progress.
-    unread_since: Option<Instant>,
-    /// The socket's send queue when `unread_since` was set, bytes.
+    /// While over the limit: when the client last made progress (a write
+    /// of kiln's, or its kernel acknowledging bytes), or went over.
+    progress_at: Option<Instant>,
+    /// The socket's send queue at the last check, bytes.
     queued: Option<u32>,
     /// Bytes of output queued while the output was already over the limit,
-    /// and still unwritten.
+    /// since the client's last progress.
     overflow: usize,
     /// Output length at the last check or write, bytes.
     seen: usize,
@@ -62,18 +80,24 @@ impl OutputLimit {
     pub fn new(fd: i32) -> OutputLimit {
         OutputLimit {
             fd,
-            unread_since: None,
+            progress_at: None,
             queued: None,
             overflow: 0,
             seen: 0,
         }
     }
 
-    /// After a write that left `owed` bytes: the client read something.
-    pub fn wrote(&mut self, owed: usize) {
-        self.unread_since = None;
-        self.overflow = 0;
+    /// After a write that left `owed` bytes, at `now`: the client read
+    /// something.
+    pub fn wrote(&mut self, owed: usize, now: Instant) {
+        self.progress(now);
+        self.queued = None;
         self.seen = owed;
+    }
+
+    fn progress(&mut self, now: Instant) {
+        self.progress_at = Some(now);
+        self.overflow = 0;
     }
 
     /// The verdict for a client that owes `owed` bytes (its queued output)
@@ -84,33 +108,32 @@ impl OutputLimit {
         }
         self.seen = owed;
         if owed <= limit {
-            self.unread_since = None;
+            self.progress_at = None;
+            self.queued = None;
             self.overflow = 0;
             return Verdict::Within;
         }
-        if self.overflow > limit {
+        // Has the client's kernel taken anything from the send queue since
+        // the last check? Then it reads, whether or not kiln could write.
+        let queued = send_queue(self.fd);
+        if let (Some(before), Some(after)) = (self.queued, queued) {
+            if after < before {
+                self.progress(now);
+            }
+        }
+        self.queued = queued;
+        let since = *self.progress_at.get_or_insert(now);
+        let stalled = since + HARD_STALL <= now;
+        if self.overflow > limit.saturating_mul(OVERFLOW_CAP) || (self.overflow > limit && stalled)
+        {
             return Verdict::Overflow;
         }
-        let since = match self.unread_since {
-            Some(since) => since,
-            None => {
-                self.queued = send_queue(self.fd);
-                *self.unread_since.insert(now)
-            }
-        };
-        if since + UNREAD_GRACE > now {
-            return Verdict::RecheckAt(since + UNREAD_GRACE);
+        if since + UNREAD_GRACE <= now {
+            return Verdict::Unread;
         }
-        // Nothing written for the grace: has the client's kernel taken
-        // anything from the send queue since?
-        let queued = send_queue(self.fd);
-        match (self.queued, queued) {
-            (Some(before), Some(after)) if after < before => {
-                self.queued = Some(after);
-                self.unread_since = Some(now);
-                Verdict::RecheckAt(now + UNREAD_GRACE)
-            }
-            _ => Verdict::Unread,
+        match self.overflow > limit {
+            true => Verdict::RecheckAt(since + HARD_STALL),
+            false => Verdict::RecheckAt(since + UNREAD_GRACE),
         }
     }
 }
@@ -151,7 +174,7 @@ mod tests {
     }
 
     #[test]
-    fn one_reply_larger_than_the_limit_is_not_an_overflow() {
+    fn one_reply_larger_than_the_limit_read_bit_by_bit_is_not_cut() {
         let mut l = OutputLimit::new(-1);
         let now = Instant::now();
         // 0 -> 1000 in one step: a single large reply.
@@ -159,13 +182,12 @@ mod tests {
             l.check(1000, LIMIT, now),
             Verdict::RecheckAt(now + UNREAD_GRACE)
         );
-        // It is read bit by bit: never cut.
         for i in 1..20 {
-            l.wrote(1000 - i * 40);
             let at = now + UNREAD_GRACE * i as u32;
+            l.wrote(1000 - i * 40, at);
             assert!(matches!(
                 l.check(1000 - i * 40, LIMIT, at),
-                Verdict::RecheckAt(_) | Verdict::Within
+                Verdict::RecheckAt(_)
             ));
         }
     }
@@ -183,13 +205,29 @@ mod tests {
     }
 
     #[test]
-    fn replies_queued_while_over_the_limit_are_cut_once_past_it() {
+    fn replies_arriving_for_a_client_that_reads_nothing_cut_it_after_the_stall() {
         let mut l = OutputLimit::new(-1);
         let now = Instant::now();
         assert!(matches!(l.check(150, LIMIT, now), Verdict::RecheckAt(_)));
-        // 90 more while over: still under the limit of overflow.
-        assert!(matches!(l.check(240, LIMIT, now), Verdict::RecheckAt(_)));
-        assert_eq!(l.check(260, LIMIT, now), Verdict::Overflow);
+        // More than the limit arrives while over: not yet, until the
+        // client has made no progress for HARD_STALL.
+        assert_eq!(
+            l.check(260, LIMIT, now),
+            Verdict::RecheckAt(now + HARD_STALL)
+        );
+        assert_eq!(l.check(300, LIMIT, now + HARD_STALL), Verdict::Overflow);
+    }
+
+    #[test]
+    fn no_client_is_owed_more_than_the_cap_whatever_it_reads() {
+        let mut l = OutputLimit::new(-1);
+        let now = Instant::now();
+        l.check(150, LIMIT, now);
+        assert!(matches!(
+            l.check(150 + 4 * LIMIT, LIMIT, now),
+            Verdict::RecheckAt(_)
+        ));
+        assert_eq!(l.check(151 + 4 * LIMIT, LIMIT, now), Verdict::Overflow);
     }
 
     #[test]
@@ -197,14 +235,15 @@ mod tests {
         let mut l = OutputLimit::new(-1);
         let now = Instant::now();
         l.check(150, LIMIT, now);
-        for i in 0..100 {
-            // 90 more arrive, 10 are read.
-            let owed = 150 + i * 80;
+        for i in 0..100u32 {
+            // 90 more arrive, 10 are read, every 10 ms.
+            let at = now + Duration::from_millis(10) * i;
+            let owed = 150 + i as usize * 80;
             assert!(matches!(
-                l.check(owed + 90, LIMIT, now),
+                l.check(owed + 90, LIMIT, at),
                 Verdict::RecheckAt(_)
             ));
-            l.wrote(owed + 80);
+            l.wrote(owed + 80, at);
         }
     }
 }
