@@ -103,7 +103,13 @@ fn main() -> ExitCode {
         Err(e) => {
             tracing::error!("{e:#}");
             eprintln!("kiln: {e:#}");
-            ExitCode::FAILURE
+            // A value upstream cannot take (a database it does not have)
+            // is a configuration error, found once upstream answered:
+            // the same exit status as one found in the file.
+            match format!("{e:#}").contains("invalid value for `") {
+                true => ExitCode::from(2),
+                false => ExitCode::FAILURE,
+            }
         }
     }
 }

@@ -363,7 +363,18 @@ pub(crate) async fn setup<S: AsyncRead + AsyncWrite + Unpin>(
         if r.first() == Some(&b'-') || r.first() == Some(&b'!') {
             let name = String::from_utf8_lossy(&c[0]).into_owned();
             let text = String::from_utf8_lossy(r.trim_ascii_end()).into_owned();
-            return Err(UpstreamError::Setup(format!("{name}: {}", &text[1..])));
+            // A database upstream does not have: say which setting names
+            // it (kiln started before upstream could be asked).
+            let hint = match text.contains("DB index is out of range") {
+                true => {
+                    " (the database upstream.url or upstream.sentinel.db names is beyond upstream's `databases`)"
+                }
+                false => "",
+            };
+            return Err(UpstreamError::Setup(format!(
+                "{name}: {}{hint}",
+                &text[1..]
+            )));
         }
         replies.push(r);
     }
