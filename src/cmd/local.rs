@@ -361,7 +361,8 @@ fn client(c: &mut Client, cmd: Command, r: &mut Replies<'_>) -> Flow {
         b"getredir" if a.len() == 2 => {
             let st = c.meta.state();
             let redir = match st.relay {
-                Some(crate::context::RelayKind::Tracking) => st.redir.max(0),
+                // 0 tracking with no redirect, -1 turned off, as Redis.
+                Some(crate::context::RelayKind::Tracking) => st.redir,
                 _ => -1,
             };
             drop(st);

@@ -594,6 +594,31 @@ async fn tracking_redirect_to_a_kiln_client() {
     p.finish("tracking_redirect_to_a_kiln_client");
 }
 
+/// `CLIENT GETREDIR` follows tracking on and off as Redis's does: -1 with
+/// tracking off (kiln said 0 once the client had turned it on and off
+/// again, Redis's suite "CLIENT GETREDIR provides correct client id"), 0
+/// with tracking on and no redirect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn getredir_follows_tracking_on_and_off() {
+    let (direct_server, _behind, kiln) = twin().await;
+    let mut p = Problems::default();
+    let mut d = direct_server.conn().await;
+    let mut k = kiln.conn().await;
+    for step in [
+        &["CLIENT", "GETREDIR"][..],
+        &["CLIENT", "TRACKING", "ON"],
+        &["CLIENT", "GETREDIR"],
+        &["CLIENT", "TRACKING", "OFF"],
+        &["CLIENT", "GETREDIR"],
+        &["CLIENT", "TRACKING", "ON"],
+        &["CLIENT", "GETREDIR"],
+    ] {
+        let (got, want) = (ask(&mut k, step).await, d.cmd(step).await);
+        p.same(&step.join(" "), &got, &want);
+    }
+    p.finish("getredir_follows_tracking_on_and_off");
+}
+
 // 6. CLIENT REPLY is kiln's own: the client gets what Redis would send it.
 
 fn pipeline(cmds: &[&[&str]]) -> Vec<u8> {
