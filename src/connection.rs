@@ -315,7 +315,7 @@ async fn run<R: ClientRead, W: AsyncWrite + Unpin>(
             // Only a socket that takes nothing counts against the client:
             // this task may itself have waited for a busy thread.
             _ if wrote_now(&mut wr, &mut out) => {
-                output.wrote(out.len(), tokio::time::Instant::now());
+                output.wrote(out.len());
                 continue;
             }
             cut => {
@@ -363,7 +363,7 @@ async fn run<R: ClientRead, W: AsyncWrite + Unpin>(
                     return;
                 }
                 // It reads: the unread time starts again.
-                output.wrote(out.len(), tokio::time::Instant::now());
+                output.wrote(out.len());
                 // Idle time counts from the last read or write, as in Redis:
                 // a reply that took long (BLPOP) is activity.
                 if !idle_timeout.is_zero() {

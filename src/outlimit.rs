@@ -87,10 +87,17 @@ impl OutputLimit {
         }
     }
 
-    /// After a write that left `owed` bytes, at `now`: the client read
-    /// something.
-    pub fn wrote(&mut self, owed: usize, now: Instant) {
-        self.progress(now);
+    /// After a write that left `owed` bytes: the client read something.
+    /// The clock is read only while over the limit (every write otherwise).
+    pub fn wrote(&mut self, owed: usize) {
+        self.wrote_at(owed, Instant::now);
+    }
+
+    fn wrote_at(&mut self, owed: usize, now: impl FnOnce() -> Instant) {
+        if self.progress_at.is_some() {
+            self.progress(now());
+        }
+        self.overflow = 0;
         self.queued = None;
         self.seen = owed;
     }
@@ -184,7 +191,7 @@ mod tests {
         );
         for i in 1..20 {
             let at = now + UNREAD_GRACE * i as u32;
-            l.wrote(1000 - i * 40, at);
+            l.wrote_at(1000 - i * 40, || at);
             assert!(matches!(
                 l.check(1000 - i * 40, LIMIT, at),
                 Verdict::RecheckAt(_)
@@ -243,7 +250,7 @@ mod tests {
                 l.check(owed + 90, LIMIT, at),
                 Verdict::RecheckAt(_)
             ));
-            l.wrote(owed + 80, at);
+            l.wrote_at(owed + 80, || at);
         }
     }
 }
