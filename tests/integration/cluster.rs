@@ -1914,3 +1914,36 @@ async fn a_primary_lost_with_its_replica_stays_in_kiln_s_view() {
     assert!(alerts.contains("tracking_lost"), "{alerts}");
     drop(cluster);
 }
+
+/// A user made through kiln logs in on every primary, and one deleted
+/// through kiln on none (Redis Cluster does not share users between
+/// nodes: `ACL SETUSER` reached one node, and `AUTH` as that user failed
+/// with WRONGPASS wherever kiln sent the client next).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acl_changes_through_kiln_reach_every_primary() {
+    let (cluster, kiln) = cluster_and_kiln().await;
+    let mut k = kiln.conn().await;
+    let setuser = ["ACL", "SETUSER", "alice", "on", ">pw", "~*", "+@all"];
+    assert_eq!(k.cmd_text(&setuser).await, "+OK\r\n");
+    let primaries: Vec<u16> = cluster
+        .table()
+        .iter()
+        .filter(|n| n.2 == "-")
+        .map(|n| n.1)
+        .collect();
+    assert_eq!(primaries.len(), 3);
+    for &p in &primaries {
+        let mut c = Conn::connect(([127, 0, 0, 1], p).into()).await;
+        assert_eq!(
+            c.cmd(&["AUTH", "alice", "pw"]).await,
+            "+OK\r\n"[..],
+            "primary {p}"
+        );
+    }
+    assert_eq!(k.cmd_text(&["ACL", "DELUSER", "alice"]).await, ":1\r\n");
+    for &p in &primaries {
+        let mut c = Conn::connect(([127, 0, 0, 1], p).into()).await;
+        let r = c.cmd(&["AUTH", "alice", "pw"]).await;
+        assert!(r.starts_with(b"-WRONGPASS"), "primary {p}: {r:?}");
+    }
+}

@@ -144,6 +144,11 @@ impl Router {
             b"config" if matches!(&sub()[..], b"set" | b"resetstat") => {
                 return Route::FanOut(Merge::Same);
             }
+            // Redis Cluster does not share users between nodes: a user
+            // made through kiln must log in wherever kiln sends a client.
+            b"acl" if matches!(&sub()[..], b"setuser" | b"deluser" | b"load" | b"save") => {
+                return Route::FanOut(Merge::Same);
+            }
             b"spublish" | b"ssubscribe" | b"sunsubscribe" => {
                 return args.get(1).map_or(Route::Any, |c| Route::Slot(key_slot(c)));
             }
