@@ -3,8 +3,8 @@
 //! `allow_busy` flag with `-BUSY ...`. kiln must then answer nothing
 //! itself that Redis would refuse (SPEC 2, class 3): `maybe_busy` says
 //! when upstream may be busy, from a `-BUSY` reply seen lately
-//! (`note_reply`) or a reply overdue on a shared connection (checked every
-//! `STALL_CHECK`); the callers (`cmd`) then read L1 hits upstream and ask
+//! (`note_reply`) or a shared connection with no reply for a while (looked
+//! at every `STALL_CHECK`); the callers (`cmd`) then read L1 hits upstream and ask
 //! upstream before answering a command themselves.
 
 use std::sync::Arc;
@@ -13,7 +13,8 @@ use super::conn;
 use super::node::Node;
 use super::{Kind, Upstream};
 
-/// How often connections are checked for an overdue reply (`stalled`).
+/// How often, per thread, connections are looked at for requests with no
+/// reply (`maybe_busy`).
 const STALL_CHECK: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// How long requests on a shared or fill connection may go without a
@@ -60,43 +61,46 @@ impl Upstream {
     }
 
     /// Whether upstream may be busy with a script now: a `-BUSY` seen
-    /// lately, or a shared or fill connection with a reply overdue past
-    /// `BUSY_STALL` at the last check (a script sent through kiln
-    /// that has not returned; or any slow command, which a direct client
-    /// would wait behind too). Two relaxed loads when neither: cheap
-    /// enough for every L1 hit and every command kiln answers itself.
+    /// lately, or a shared or fill connection whose requests have had no
+    /// reply for `BUSY_STALL` (a script sent through kiln that has not
+    /// returned; or any slow command, which a direct client would wait
+    /// behind too). The connections are looked at once per `STALL_CHECK`
+    /// per thread, at the time of the commands that ask (`now`, the
+    /// batch's clock): no timer, nothing done while idle, and a relaxed
+    /// load and a thread-local compare for every other command.
     #[inline]
     pub fn maybe_busy(&self, now: std::time::Instant) -> bool {
-        self.stalled.load(std::sync::atomic::Ordering::Relaxed) || self.busy_recently(now)
+        if self.busy_recently(now) {
+            return true;
+        }
+        let me = self as *const Upstream as usize;
+        CHECKED.with(|c| match c.get() {
+            Some((who, at, stalled))
+                if who == me && now.saturating_duration_since(at) < STALL_CHECK =>
+            {
+                stalled
+            }
+            _ => {
+                let stalled = self.nodes().iter().any(|n| n.any_waiting(now, BUSY_STALL));
+                c.set(Some((me, now, stalled)));
+                stalled
+            }
+        })
     }
 
-    /// Keeps `stalled` up to date, every `STALL_CHECK`.
-    pub(super) fn watch_stalls(&self, shutdown: tokio_util::sync::CancellationToken) {
-        let nodes: Box<dyn Fn() -> Vec<Arc<Node>> + Send> = match &self.kind {
-            Kind::Single { node, .. } => {
-                let node = node.clone();
-                Box::new(move || vec![node.clone()])
-            }
-            Kind::Cluster(r) => {
-                let r = r.clone();
-                Box::new(move || r.nodes())
-            }
-        };
-        let flag = self.stalled.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(STALL_CHECK);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tick.tick() => {}
-                }
-                let now = std::time::Instant::now();
-                let stalled = nodes().iter().any(|n| n.any_waiting(now, BUSY_STALL));
-                if flag.load(std::sync::atomic::Ordering::Relaxed) != stalled {
-                    flag.store(stalled, std::sync::atomic::Ordering::Relaxed);
-                }
-            }
-        });
+    /// The nodes whose connections may stall: the one node, or a cluster's
+    /// primaries.
+    fn nodes(&self) -> Vec<Arc<Node>> {
+        match &self.kind {
+            Kind::Single { node, .. } => vec![node.clone()],
+            Kind::Cluster(r) => r.nodes(),
+        }
     }
+}
+
+thread_local! {
+    /// `maybe_busy`'s last look at the connections, on this thread: for
+    /// which upstream, when, and whether one was stalled.
+    static CHECKED: std::cell::Cell<Option<(usize, std::time::Instant, bool)>> =
+        const { std::cell::Cell::new(None) };
 }

@@ -71,9 +71,6 @@ pub struct Upstream {
     /// When a `-BUSY` reply was last seen (`conn::nanos_since_epoch`), 0
     /// when none was within `busy::BUSY_RECENT`: see `maybe_busy`.
     busy_seen: std::sync::atomic::AtomicU64,
-    /// Some shared or fill connection had requests with no reply for
-    /// `busy::BUSY_STALL` at the last check (every `busy::STALL_CHECK`).
-    stalled: Arc<std::sync::atomic::AtomicBool>,
 }
 
 enum Kind {
@@ -179,7 +176,6 @@ impl Upstream {
             errors,
             breaker,
             busy_seen: Default::default(),
-            stalled: Default::default(),
         })
     }
 
@@ -188,7 +184,6 @@ impl Upstream {
     /// once the first attempt is done, found or not: an upstream down at
     /// start is not fatal.
     pub async fn start(&self, shutdown: tokio_util::sync::CancellationToken) {
-        self.watch_stalls(shutdown.clone());
         match &self.kind {
             Kind::Single { sentinel: None, .. } => {}
             Kind::Single {
