@@ -133,16 +133,18 @@ fn drain_ready(pending: &mut VecDeque<Pending>, c: &mut Client, out: &mut BytesM
     }
 }
 
-/// Writes what the socket takes at once, without waiting: whether it took
-/// anything.
-fn wrote_now<W: AsyncWrite + Unpin>(wr: &mut W, out: &mut BytesMut) -> bool {
+/// Writes what the socket takes at once, without waiting: how much it
+/// took.
+fn wrote_now<W: AsyncWrite + Unpin>(wr: &mut W, out: &mut BytesMut) -> usize {
     use std::future::Future;
     let mut cx = TaskContext::from_waker(Waker::noop());
-    !out.is_empty()
-        && matches!(
-            std::pin::pin!(write_some(wr, out)).poll(&mut cx),
-            std::task::Poll::Ready(Ok(n)) if n > 0
-        )
+    if out.is_empty() {
+        return 0;
+    }
+    match std::pin::pin!(write_some(wr, out)).poll(&mut cx) {
+        std::task::Poll::Ready(Ok(n)) => n,
+        _ => 0,
+    }
 }
 
 async fn run<R: ClientRead, W: AsyncWrite + Unpin>(
@@ -314,24 +316,26 @@ async fn run<R: ClientRead, W: AsyncWrite + Unpin>(
             Verdict::RecheckAt(at) => Some(at),
             // Only a socket that takes nothing counts against the client:
             // this task may itself have waited for a busy thread.
-            _ if wrote_now(&mut wr, &mut out) => {
-                output.wrote(out.len());
-                continue;
-            }
-            cut => {
-                ctx.metrics.limit_hit("max_output_buffer");
-                tracing::warn!(
-                    client = c.id,
-                    buffered = owed,
-                    "client output buffer limit reached ({}), disconnecting",
-                    if cut == Verdict::Unread {
-                        "nothing read for 1s"
-                    } else {
-                        "replies still arriving"
-                    }
-                );
-                return;
-            }
+            cut => match wrote_now(&mut wr, &mut out) {
+                0 => {
+                    ctx.metrics.limit_hit("max_output_buffer");
+                    tracing::warn!(
+                        client = c.id,
+                        buffered = owed,
+                        "client output buffer limit reached ({}), disconnecting",
+                        if cut == Verdict::Unread {
+                            "nothing read for 1s"
+                        } else {
+                            "replies still arriving"
+                        }
+                    );
+                    return;
+                }
+                written => {
+                    output.wrote(written);
+                    continue;
+                }
+            },
         };
         if !out.is_empty() && !yielded && !pending.is_empty() {
             // Replies are still owed: let the other ready tasks on this
@@ -359,11 +363,12 @@ async fn run<R: ClientRead, W: AsyncWrite + Unpin>(
             // pipelined GETs of 600 KB were cut off with nothing written,
             // taken for a client that reads nothing).
             r = write_some(&mut wr, &mut out), if !out.is_empty() => {
-                if !matches!(r, Ok(n) if n > 0) {
-                    return;
-                }
+                let written = match r {
+                    Ok(n) if n > 0 => n,
+                    _ => return,
+                };
                 // It reads: the unread time starts again.
-                output.wrote(out.len());
+                output.wrote(written);
                 // Idle time counts from the last read or write, as in Redis:
                 // a reply that took long (BLPOP) is activity.
                 if !idle_timeout.is_zero() {

@@ -87,19 +87,21 @@ impl OutputLimit {
         }
     }
 
-    /// After a write that left `owed` bytes: the client read something.
-    /// The clock is read only while over the limit (every write otherwise).
-    pub fn wrote(&mut self, owed: usize) {
-        self.wrote_at(owed, Instant::now);
+    /// After a write of `written` bytes: the client read something. What
+    /// is still owed is what was owed at the last check less that (replies
+    /// held behind the output count as owed, not as arriving again). The
+    /// clock is read only while over the limit.
+    pub fn wrote(&mut self, written: usize) {
+        self.wrote_at(written, Instant::now);
     }
 
-    fn wrote_at(&mut self, owed: usize, now: impl FnOnce() -> Instant) {
+    fn wrote_at(&mut self, written: usize, now: impl FnOnce() -> Instant) {
         if self.progress_at.is_some() {
             self.progress(now());
         }
         self.overflow = 0;
         self.queued = None;
-        self.seen = owed;
+        self.seen = self.seen.saturating_sub(written);
     }
 
     fn progress(&mut self, now: Instant) {
@@ -191,7 +193,7 @@ mod tests {
         );
         for i in 1..20 {
             let at = now + UNREAD_GRACE * i as u32;
-            l.wrote_at(1000 - i * 40, || at);
+            l.wrote_at(40, || at);
             assert!(matches!(
                 l.check(1000 - i * 40, LIMIT, at),
                 Verdict::RecheckAt(_)
@@ -225,6 +227,27 @@ mod tests {
         assert_eq!(l.check(300, LIMIT, now + HARD_STALL), Verdict::Overflow);
     }
 
+    /// Replies held behind a large one, all in already, are not counted
+    /// as arriving again after each write (a client reading 40 x 4 MB at
+    /// 800 KB/s was cut off: every write reset what was owed to what was
+    /// in the output alone).
+    #[test]
+    fn held_replies_are_not_counted_again_after_a_write() {
+        let mut l = OutputLimit::new(-1);
+        let now = Instant::now();
+        // One large reply in the output, 400 more held behind it.
+        assert!(matches!(l.check(500, LIMIT, now), Verdict::RecheckAt(_)));
+        for i in 1..20u32 {
+            let at = now + HARD_STALL * i;
+            l.wrote_at(10, || at);
+            let owed = 500 - 10 * i as usize;
+            assert!(
+                matches!(l.check(owed, LIMIT, at), Verdict::RecheckAt(_)),
+                "write {i}"
+            );
+        }
+    }
+
     #[test]
     fn no_client_is_owed_more_than_the_cap_whatever_it_reads() {
         let mut l = OutputLimit::new(-1);
@@ -250,7 +273,7 @@ mod tests {
                 l.check(owed + 90, LIMIT, at),
                 Verdict::RecheckAt(_)
             ));
-            l.wrote_at(owed + 80, || at);
+            l.wrote_at(10, || at);
         }
     }
 }
