@@ -1947,3 +1947,49 @@ async fn acl_changes_through_kiln_reach_every_primary() {
         assert!(r.starts_with(b"-WRONGPASS"), "primary {p}: {r:?}");
     }
 }
+
+/// `INFO` in front of a cluster describes the whole data set, as one
+/// Redis would: the keyspace line sums every primary's keys, and two
+/// clients blocked through kiln on keys of two primaries are two
+/// `blocked_clients` (kiln's own role watchers left out). It used to be one
+/// node's INFO: a third of the keys, and blocked clients of that node only
+/// (Redis's suite waits on `blocked_clients` in its list and zset tests).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn info_describes_the_whole_cluster() {
+    let (_cluster, kiln) = cluster_and_kiln().await;
+    let mut k = kiln.conn().await;
+    for i in 0..30 {
+        let key = format!("{}:{i}", tag_on(i % 3, 600 + i));
+        assert_eq!(k.cmd_text(&["SET", &key, "v"]).await, "+OK\r\n");
+    }
+    let keyspace = k.cmd_text(&["INFO", "keyspace"]).await;
+    assert!(keyspace.contains("db0:keys=30,"), "{keyspace}");
+    let field = |text: &str, name: &str| -> Option<i64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}:")))
+            .and_then(|v| v.trim().parse().ok())
+    };
+    let before = k.cmd_text(&["INFO", "clients"]).await;
+    assert_eq!(field(&before, "blocked_clients"), Some(0), "{before}");
+    let mut blocked = Vec::new();
+    for n in [0, 1] {
+        let mut b = kiln.conn().await;
+        b.send(&["BLPOP", &format!("{{{}}}:q", tag_on(n, 700)), "0"])
+            .await;
+        blocked.push(b);
+    }
+    crate::util::poll_until(std::time::Duration::from_millis(20), async || {
+        let info = k.cmd_text(&["INFO", "clients"]).await;
+        match field(&info, "blocked_clients") {
+            Some(2) => Ok(()),
+            n => Err(format!("blocked_clients {n:?}, want 2: {info}")),
+        }
+    })
+    .await;
+    // The whole reply is one INFO text with every section.
+    let all = k.cmd_text(&["INFO"]).await;
+    for section in ["# Server", "# Clients", "# Memory", "# Stats", "# Keyspace"] {
+        assert!(all.contains(section), "{section} in {all}");
+    }
+    assert!(all.contains("db0:keys=30,"), "{all}");
+}

@@ -27,6 +27,9 @@ pub(super) enum Merge {
     /// The first success, else the first error (SCRIPT KILL: only the
     /// node running the script kills it; the others say NOTBUSY).
     FirstOk,
+    /// INFO: the cluster's numbers as one Redis would give them, less
+    /// this many role watchers in `blocked_clients` (`info`).
+    Info(usize),
 }
 
 /// A number below `n`, different from call to call (RANDOMKEY's node):
@@ -136,6 +139,8 @@ pub(super) fn merge_replies(
     }
     let replies: Vec<Bytes> = replies.into_iter().map(|r| r.unwrap_or_default()).collect();
     match merge {
+        Merge::Info(watchers) => Ok(super::info::merge(&replies, watchers)
+            .unwrap_or_else(|| replies.into_iter().next().unwrap_or_default())),
         Merge::Same | Merge::AllOk | Merge::FirstOk => {
             Ok(replies.into_iter().next().unwrap_or_default())
         }

@@ -26,6 +26,7 @@
 //! demotion as it happens; `merge` joins split and fanned-out replies; this
 //! file routes and follows redirections.
 
+mod info;
 mod merge;
 mod topology;
 mod watch;
@@ -125,6 +126,7 @@ impl Router {
         };
         match name {
             b"keys" => return Route::FanOut(Merge::Concat),
+            b"info" => return Route::FanOut(Merge::Info(self.watchers())),
             b"dbsize" => return Route::FanOut(Merge::Sum),
             b"randomkey" => return Route::FanOut(Merge::FirstNonNil),
             b"flushall" | b"flushdb" => return Route::FanOut(Merge::Same),

@@ -83,6 +83,17 @@ impl Router {
         tokio::spawn(watch(self.me.clone(), Arc::downgrade(node), conn));
     }
 
+    /// How many primaries have a role watcher blocked in `WAIT` (each one
+    /// of that node's `blocked_clients`).
+    pub(super) fn watchers(&self) -> usize {
+        self.map
+            .load()
+            .primaries
+            .iter()
+            .filter(|n| n.role_watched.load(Ordering::Acquire))
+            .count()
+    }
+
     /// Whether `node` is among the primaries now.
     fn is_primary(&self, node: &Arc<Node>) -> bool {
         self.map
