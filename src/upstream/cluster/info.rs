@@ -43,43 +43,49 @@ fn text_of(reply: &[u8]) -> Option<(&str, bool)> {
     Some((std::str::from_utf8(body).ok()?, verbatim))
 }
 
-/// A number as INFO writes it.
+/// A number as INFO writes it; a float with its count of decimals
+/// (`used_cpu_sys` has 6, `instantaneous_input_kbps` 2).
 #[derive(Clone, Copy)]
 enum Num {
     Int(i64),
-    Float(f64),
+    Float(f64, usize),
 }
 
 fn num(v: &str) -> Option<Num> {
     if let Ok(i) = v.parse::<i64>() {
         return Some(Num::Int(i));
     }
+    let decimals = v.split_once('.').map_or(0, |(_, d)| d.len());
     v.parse::<f64>()
         .ok()
         .filter(|f| f.is_finite())
-        .map(Num::Float)
+        .map(|f| Num::Float(f, decimals))
 }
 
 fn show(n: Num) -> String {
     match n {
         Num::Int(i) => i.to_string(),
-        Num::Float(f) => format!("{f:.2}"),
+        Num::Float(f, decimals) => format!("{f:.decimals$}"),
     }
 }
 
 fn add(a: Num, b: Num, take_largest: bool) -> Num {
+    let decimals = match (a, b) {
+        (Num::Float(_, d), _) | (_, Num::Float(_, d)) => d,
+        _ => 0,
+    };
     match (a, b, take_largest) {
         (Num::Int(x), Num::Int(y), false) => Num::Int(x.saturating_add(y)),
         (Num::Int(x), Num::Int(y), true) => Num::Int(x.max(y)),
-        (x, y, false) => Num::Float(as_f64(x) + as_f64(y)),
-        (x, y, true) => Num::Float(as_f64(x).max(as_f64(y))),
+        (x, y, false) => Num::Float(as_f64(x) + as_f64(y), decimals),
+        (x, y, true) => Num::Float(as_f64(x).max(as_f64(y)), decimals),
     }
 }
 
 fn as_f64(n: Num) -> f64 {
     match n {
         Num::Int(i) => i as f64,
-        Num::Float(f) => f,
+        Num::Float(f, _) => f,
     }
 }
 
@@ -217,14 +223,18 @@ mod tests {
     #[test]
     fn counters_and_keyspace_add_up_settings_are_one_node_s() {
         let a = bulk(
-            "# Server\r\nredis_version:7.0.15\r\ntcp_port:7001\r\n\r\n# Clients\r\nconnected_clients:3\r\nblocked_clients:2\r\n\r\n# Memory\r\nused_memory:100\r\nmem_fragmentation_ratio:1.50\r\nmaxmemory:0\r\n\r\n# Keyspace\r\ndb0:keys=2,expires=1,avg_ttl=10\r\n",
+            "# Server\r\nredis_version:7.0.15\r\ntcp_port:7001\r\n\r\n# CPU\r\nused_cpu_sys:0.123456\r\n\r\n# Clients\r\nconnected_clients:3\r\nblocked_clients:2\r\n\r\n# Memory\r\nused_memory:100\r\nmem_fragmentation_ratio:1.50\r\nmaxmemory:0\r\n\r\n# Keyspace\r\ndb0:keys=2,expires=1,avg_ttl=10\r\n",
         );
         let b = bulk(
-            "# Server\r\nredis_version:7.0.15\r\ntcp_port:7002\r\n\r\n# Clients\r\nconnected_clients:4\r\nblocked_clients:1\r\n\r\n# Memory\r\nused_memory:50\r\nmem_fragmentation_ratio:2.00\r\nmaxmemory:0\r\n\r\n# Keyspace\r\ndb0:keys=3,expires=0,avg_ttl=30\r\ndb2:keys=1,expires=0,avg_ttl=0\r\n",
+            "# Server\r\nredis_version:7.0.15\r\ntcp_port:7002\r\n\r\n# CPU\r\nused_cpu_sys:1.000001\r\n\r\n# Clients\r\nconnected_clients:4\r\nblocked_clients:1\r\n\r\n# Memory\r\nused_memory:50\r\nmem_fragmentation_ratio:2.00\r\nmaxmemory:0\r\n\r\n# Keyspace\r\ndb0:keys=3,expires=0,avg_ttl=30\r\ndb2:keys=1,expires=0,avg_ttl=0\r\n",
         );
         let merged = merge(&[a, b], 2).expect("merged");
         let (text, _) = text_of(&merged).expect("bulk");
         assert!(text.contains("tcp_port:7001\r\n"), "{text}");
+        assert!(
+            text.contains("used_cpu_sys:1.123457\r\n"),
+            "as many decimals: {text}"
+        );
         assert!(text.contains("connected_clients:7\r\n"), "{text}");
         assert!(
             text.contains("blocked_clients:1\r\n"),
