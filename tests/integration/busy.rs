@@ -11,12 +11,12 @@ use std::time::Duration;
 
 use crate::util::*;
 
-/// Runs `while true do end` on a kiln client of its own, and waits (bounded)
-/// until Redis refuses a direct client's PING for it. The threshold, 200 ms,
-/// is above the 50 ms (checked every 20 ms) after which kiln takes a
-/// connection with no reply for a possibly busy upstream (Redis's default
-/// is 5 s; see README).
-async fn runaway_script(kiln: &Kiln, direct: &mut Conn) -> Conn {
+/// Sends `run` (a script or function that never ends) on a kiln client of
+/// its own, and waits (bounded) until Redis refuses a direct client's PING
+/// for it. The threshold, 200 ms, is above the 50 ms after which kiln takes
+/// a connection with no reply for a possibly busy upstream (looked at by
+/// each thread at most every 20 ms; Redis's default is 5 s; see README).
+async fn runaway(kiln: &Kiln, direct: &mut Conn, run: &[&str]) -> Conn {
     assert_eq!(
         direct
             .cmd(&["CONFIG", "SET", "lua-time-limit", "200"])
@@ -24,7 +24,7 @@ async fn runaway_script(kiln: &Kiln, direct: &mut Conn) -> Conn {
         "+OK\r\n"[..]
     );
     let mut runner = kiln.conn().await;
-    runner.send(&["EVAL", "while true do end", "0"]).await;
+    runner.send(run).await;
     busy_reached(direct).await;
     runner
 }
@@ -54,7 +54,7 @@ async fn while_a_script_is_busy_kiln_answers_nothing_redis_refuses() {
     for _ in 0..2 {
         assert_eq!(c.cmd(&["GET", "hot"]).await, bulk("v"), "cached");
     }
-    let mut runner = runaway_script(&kiln, &mut direct).await;
+    let mut runner = runaway(&kiln, &mut direct, &["EVAL", "while true do end", "0"]).await;
     let cases: &[&[&str]] = &[
         &["GET", "hot"],
         &["PING"],
@@ -120,15 +120,7 @@ async fn while_a_function_is_busy_kiln_answers_nothing_redis_refuses() {
     for _ in 0..2 {
         assert_eq!(c.cmd(&["GET", "hot"]).await, bulk("v"), "cached");
     }
-    assert_eq!(
-        direct
-            .cmd(&["CONFIG", "SET", "lua-time-limit", "200"])
-            .await,
-        "+OK\r\n"[..]
-    );
-    let mut runner = kiln.conn().await;
-    runner.send(&["FCALL", "spin", "0"]).await;
-    busy_reached(&mut direct).await;
+    let mut runner = runaway(&kiln, &mut direct, &["FCALL", "spin", "0"]).await;
     for args in [&["GET", "hot"][..], &["PING"], &["CLIENT", "ID"]] {
         let want = direct.cmd(args).await;
         assert!(

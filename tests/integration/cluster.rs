@@ -1106,10 +1106,9 @@ async fn warmup_scans_every_primary() {
         assert_eq!(k.cmd_text(&mset).await, "+OK\r\n");
     }
     let per_node: Vec<String> = cluster
-        .table()
-        .iter()
-        .filter(|n| n.2 == "-")
-        .map(|n| crate::util::cli(n.1, &["DBSIZE"]))
+        .primary_ports()
+        .into_iter()
+        .map(|p| crate::util::cli(p, &["DBSIZE"]))
         .collect();
     assert_eq!(per_node.len(), 3, "{:?}", cluster.table());
     assert!(
@@ -1258,12 +1257,7 @@ async fn server_wide_commands_reach_the_right_primaries() {
             .await,
         "+OK\r\n"
     );
-    let primaries: Vec<u16> = cluster
-        .table()
-        .iter()
-        .filter(|n| n.2 == "-")
-        .map(|n| n.1)
-        .collect();
+    let primaries = cluster.primary_ports();
     assert_eq!(primaries.len(), 3);
     for &p in &primaries {
         let got = crate::util::cli(p, &["CONFIG", "GET", "busy-reply-threshold"]);
@@ -1925,12 +1919,7 @@ async fn acl_changes_through_kiln_reach_every_primary() {
     let mut k = kiln.conn().await;
     let setuser = ["ACL", "SETUSER", "alice", "on", ">pw", "~*", "+@all"];
     assert_eq!(k.cmd_text(&setuser).await, "+OK\r\n");
-    let primaries: Vec<u16> = cluster
-        .table()
-        .iter()
-        .filter(|n| n.2 == "-")
-        .map(|n| n.1)
-        .collect();
+    let primaries = cluster.primary_ports();
     assert_eq!(primaries.len(), 3);
     for &p in &primaries {
         let mut c = Conn::connect(([127, 0, 0, 1], p).into()).await;

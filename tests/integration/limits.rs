@@ -386,6 +386,30 @@ async fn kiln_process(
     (kiln, metrics)
 }
 
+/// Reads `len` bytes from `c`, `chunk` at a time with `pause` after each
+/// read: panics naming `what` if kiln closes the connection first or
+/// nothing comes for `WAIT`.
+async fn read_paced<R: tokio::io::AsyncRead + Unpin>(
+    c: &mut R,
+    len: usize,
+    chunk: usize,
+    pause: Duration,
+    what: &str,
+) -> Vec<u8> {
+    let (mut got, mut buf) = (Vec::with_capacity(len), vec![0u8; chunk]);
+    while got.len() < len {
+        match tokio::time::timeout(WAIT, c.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => panic!("{what}: cut off after {} of {len} bytes", got.len()),
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Err(_) => panic!("{what}: no progress after {} bytes", got.len()),
+        }
+        if !pause.is_zero() {
+            tokio::time::sleep(pause).await;
+        }
+    }
+    got
+}
+
 fn peak_rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
     status
@@ -483,22 +507,14 @@ async fn a_slow_reader_of_a_large_reply_gets_all_of_it() {
         socket.set_recv_buffer_size(1 << 16).expect("rcvbuf");
         let mut c = socket.connect(kiln.addr).await.expect("connect");
         c.write_all(&encode(&["GET", "big"])).await.expect("send");
-        let mut got = Vec::with_capacity(want.len());
-        let mut buf = vec![0u8; 16 << 10];
-        while got.len() < want.len() {
-            match tokio::time::timeout(WAIT, c.read(&mut buf)).await {
-                Ok(Ok(0)) | Ok(Err(_)) => {
-                    panic!(
-                        "{what}: cut off after {} of {} bytes",
-                        got.len(),
-                        want.len()
-                    )
-                }
-                Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
-                Err(_) => panic!("{what}: no progress"),
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let got = read_paced(
+            &mut c,
+            want.len(),
+            16 << 10,
+            Duration::from_millis(20),
+            what,
+        )
+        .await;
         assert!(got == want, "{what}: the value, whole");
     }
     assert_eq!(
@@ -528,15 +544,9 @@ async fn a_client_reading_many_pipelined_large_replies_gets_them_all() {
             .await
             .expect("send");
         let want = bulk(&value).len() * 60;
-        let mut got = 0usize;
-        let mut buf = vec![0u8; 1 << 20];
-        while got < want {
-            match tokio::time::timeout(WAIT, c.read(&mut buf)).await {
-                Ok(Ok(0)) | Ok(Err(_)) => panic!("{cache}: cut off after {got} of {want} bytes"),
-                Ok(Ok(n)) => got += n,
-                Err(_) => panic!("{cache}: no progress after {got} bytes"),
-            }
-        }
+        let got = read_paced(&mut c, want, 1 << 20, Duration::ZERO, cache)
+            .await
+            .len();
         assert_eq!(got, want, "{cache}");
     }
 }
@@ -568,15 +578,9 @@ async fn a_steady_reader_behind_its_pipeline_gets_every_reply() {
             .await
             .expect("send");
         let want = bulk(&value).len() * 16;
-        let (mut got, mut buf) = (0usize, vec![0u8; 16 * 1024]);
-        while got < want {
-            match tokio::time::timeout(WAIT, c.read(&mut buf)).await {
-                Ok(Ok(0)) | Ok(Err(_)) => panic!("{what}: cut off after {got} of {want} bytes"),
-                Ok(Ok(n)) => got += n,
-                Err(_) => panic!("{what}: no progress after {got} bytes"),
-            }
-            tokio::time::sleep(Duration::from_millis(15)).await;
-        }
+        let got = read_paced(&mut c, want, 16 * 1024, Duration::from_millis(15), what)
+            .await
+            .len();
         assert_eq!(got, want, "{what}");
     }
 }

@@ -93,6 +93,15 @@ impl Cluster {
         }
     }
 
+    /// The ports of the primaries, as `table` says.
+    pub fn primary_ports(&self) -> Vec<u16> {
+        self.table()
+            .iter()
+            .filter(|n| n.2 == "-")
+            .map(|n| n.1)
+            .collect()
+    }
+
     /// `(id, port, primary id)` of every node, as a live node's `CLUSTER
     /// NODES` says (the primary id is `-` for a primary); failed nodes left
     /// out.
