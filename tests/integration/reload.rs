@@ -453,9 +453,17 @@ async fn sighup_reloads_the_binary_and_its_log_file_has_no_colour_codes() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     eprintln!("SIGHUP to new config in force: {:?}", sent.elapsed());
+    // The line is written once the new config is in force, so a read can
+    // see the rule before the line is in the file.
+    let text = poll_until(Duration::from_millis(10), async || {
+        let text = std::fs::read_to_string(&log).expect("log");
+        match text.contains("config reloaded") {
+            true => Ok(text),
+            false => Err(format!("no 'config reloaded' line: {text}")),
+        }
+    })
+    .await;
     drop(child);
-    let text = std::fs::read_to_string(&log).expect("log");
-    assert!(text.contains("config reloaded"), "{text}");
     assert!(
         !text.contains('\x1b'),
         "escape codes in a log file: {text:?}"
