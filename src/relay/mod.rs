@@ -23,6 +23,11 @@ use crate::protocol::request::{self, Command, Parsed, encode_command};
 use crate::protocol::scan::Scanner;
 use crate::protocol::{Proto, encode};
 
+mod frames;
+mod subs;
+use frames::{counted_reply, is_marker_echo, last_unsubscribe, out_of_band};
+use subs::Subscriptions;
+
 /// Writes all of `out` and flushes it (a TLS stream buffers).
 async fn write_all_flush<W: AsyncWrite + Unpin>(wr: &mut W, out: &[u8]) -> std::io::Result<()> {
     wr.write_all(out).await?;
@@ -48,58 +53,6 @@ const MARKER: &[u8] = b"kiln:relay-local";
 fn local_in_turn(to_up: &mut BytesMut, due: &mut VecDeque<Due>, mine: bytes::Bytes) {
     to_up.extend_from_slice(&encode_command(&[&b"PING"[..], MARKER]));
     due.push_back(Due::Local(mine));
-}
-
-/// Whether a command's reply is an ordinary reply frame, counted in `due`:
-/// everything but the (un)subscribe family, whose confirmations are
-/// messages (RESP2) or pushes (RESP3), one per channel.
-fn counted_reply(name: &[u8]) -> bool {
-    !matches!(
-        name,
-        b"subscribe"
-            | b"psubscribe"
-            | b"ssubscribe"
-            | b"unsubscribe"
-            | b"punsubscribe"
-            | b"sunsubscribe"
-    )
-}
-
-/// A MONITOR line of kiln's own marker PING, not the client's business.
-fn is_marker_echo(frame: &[u8]) -> bool {
-    frame.first() == Some(&b'+') && frame.windows(MARKER.len()).any(|w| w == MARKER)
-}
-
-/// What kiln tracks of a relayed client for `CLIENT LIST`: the channels,
-/// patterns and shard channels it subscribed to.
-#[derive(Default)]
-struct Subscriptions([std::collections::HashSet<bytes::Bytes>; 3]);
-
-impl Subscriptions {
-    /// Follows a (P|S)(UN)SUBSCRIBE the client sent.
-    fn follow(&mut self, name: &[u8], args: &[bytes::Bytes]) {
-        let (i, add) = match name {
-            b"subscribe" => (0, true),
-            b"psubscribe" => (1, true),
-            b"ssubscribe" => (2, true),
-            b"unsubscribe" => (0, false),
-            b"punsubscribe" => (1, false),
-            b"sunsubscribe" => (2, false),
-            _ => return,
-        };
-        let set = &mut self.0[i];
-        match (add, args.len()) {
-            (true, _) => set.extend(args[1..].iter().cloned()),
-            (false, 1) => set.clear(),
-            (false, _) => args[1..].iter().for_each(|a| {
-                set.remove(a);
-            }),
-        }
-    }
-
-    fn any(&self) -> bool {
-        self.0.iter().any(|s| !s.is_empty())
-    }
 }
 
 /// Per relayed command: what CLIENT LIST shows changes, and a command that
@@ -428,22 +381,6 @@ pub async fn relay<R: ClientRead, W: AsyncWrite + Unpin>(
     }
 }
 
-/// Whether `frame` confirms an unsubscription that left the connection
-/// subscribed to nothing (`unsubscribe`, `punsubscribe` or `sunsubscribe`
-/// with a count of 0, RESP2 array or RESP3 push).
-fn last_unsubscribe(frame: &[u8]) -> bool {
-    let kind = frame.get(4..).unwrap_or_default();
-    (frame.starts_with(b"*3\r\n$") || frame.starts_with(b">3\r\n$"))
-        && [&b"unsubscribe"[..], b"punsubscribe", b"sunsubscribe"]
-            .iter()
-            .any(|k| {
-                kind.windows(k.len())
-                    .take(8)
-                    .any(|w| w.eq_ignore_ascii_case(k))
-            })
-        && frame.ends_with(b":0\r\n")
-}
-
 /// In front of a cluster, the refusal of a command the relay's node would
 /// answer with `-MOVED`: its keys are on another node.
 fn elsewhere(
@@ -506,39 +443,4 @@ async fn upstream_gone<W: AsyncWrite + Unpin>(
     }
     let _ = write_all_flush(wr, out).await;
     RelayEnd::Closed
-}
-
-/// In RESP2 a pub/sub message or MONITOR line looks like a reply; tell them
-/// apart by their first element.
-fn out_of_band(frame: &[u8], proto: Proto) -> bool {
-    if proto == Proto::Resp3 {
-        return false;
-    }
-    if frame.first() == Some(&b'+') {
-        // MONITOR lines start with a timestamp.
-        return frame.get(1).is_some_and(|b| b.is_ascii_digit());
-    }
-    let Some(rest) = frame.strip_prefix(b"*") else {
-        return false;
-    };
-    let Some(nl) = rest.iter().position(|&b| b == b'\n') else {
-        return false;
-    };
-    let rest = &rest[nl + 1..];
-    let Some(nl) = rest.iter().position(|&b| b == b'\n') else {
-        return false;
-    };
-    let word = &rest[nl + 1..];
-    const KINDS: [&[u8]; 9] = [
-        b"message\r",
-        b"pmessage\r",
-        b"smessage\r",
-        b"subscribe\r",
-        b"psubscribe\r",
-        b"ssubscribe\r",
-        b"unsubscribe\r",
-        b"punsubscribe\r",
-        b"sunsubscribe\r",
-    ];
-    KINDS.iter().any(|k| word.starts_with(k))
 }
