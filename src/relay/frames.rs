@@ -25,22 +25,6 @@ pub(super) fn is_marker_echo(frame: &[u8]) -> bool {
     frame.first() == Some(&b'+') && frame.windows(MARKER.len()).any(|w| w == MARKER)
 }
 
-/// Whether `frame` confirms an unsubscription that left the connection
-/// subscribed to nothing (`unsubscribe`, `punsubscribe` or `sunsubscribe`
-/// with a count of 0, RESP2 array or RESP3 push).
-pub(super) fn last_unsubscribe(frame: &[u8]) -> bool {
-    let kind = frame.get(4..).unwrap_or_default();
-    (frame.starts_with(b"*3\r\n$") || frame.starts_with(b">3\r\n$"))
-        && [&b"unsubscribe"[..], b"punsubscribe", b"sunsubscribe"]
-            .iter()
-            .any(|k| {
-                kind.windows(k.len())
-                    .take(8)
-                    .any(|w| w.eq_ignore_ascii_case(k))
-            })
-        && frame.ends_with(b":0\r\n")
-}
-
 /// In RESP2 a pub/sub message or MONITOR line looks like a reply; tell them
 /// apart by their first element.
 pub(super) fn out_of_band(frame: &[u8], proto: Proto) -> bool {

@@ -17,30 +17,26 @@ use crate::buffers::ClientRead;
 use crate::buffers::write_some;
 use crate::cmd::write::Stale;
 use crate::cmd::{self, Client, Replies, local};
+use crate::commands::slot::key_slot;
 use crate::commands::table;
 use crate::context::RelayKind;
 use crate::protocol::request::{self, Command, Parsed, encode_command};
 use crate::protocol::scan::Scanner;
 use crate::protocol::{Proto, encode};
 
+mod due;
+mod fan;
 mod frames;
 mod subs;
-use frames::{counted_reply, is_marker_echo, last_unsubscribe, out_of_band};
+use due::{Due, Flushed, Kind};
+use fan::Ups;
+use frames::{counted_reply, is_marker_echo, out_of_band};
 use subs::Subscriptions;
 
 /// Writes all of `out` and flushes it (a TLS stream buffers).
 async fn write_all_flush<W: AsyncWrite + Unpin>(wr: &mut W, out: &[u8]) -> std::io::Result<()> {
     wr.write_all(out).await?;
     wr.flush().await
-}
-
-/// What a relayed client is owed, in order (see `relay`).
-enum Due {
-    /// A reply frame from upstream, and what its write invalidates then.
-    Reply(Option<Stale>),
-    /// kiln's own reply (a refusal, or a command about clients that kiln
-    /// answers), to be written after the replies before it.
-    Local(bytes::Bytes),
 }
 
 /// The marker kiln sends upstream in place of a command it answers itself
@@ -50,9 +46,47 @@ const MARKER: &[u8] = b"kiln:relay-local";
 
 /// Queues kiln's own reply `mine` in turn, behind what upstream still owes
 /// (subscribe confirmations and other replies kiln does not count).
-fn local_in_turn(to_up: &mut BytesMut, due: &mut VecDeque<Due>, mine: bytes::Bytes) {
+fn local_in_turn(to_up: &mut BytesMut, due: &mut Due, home: &mut fan::Up, mine: bytes::Bytes) {
     to_up.extend_from_slice(&encode_command(&[&b"PING"[..], MARKER]));
-    due.push_back(Due::Local(mine));
+    let seq = due.push(Kind::Own, 1, Some(mine));
+    home.expect_reply(seq);
+}
+
+/// A frame from connection `i` (0: the home connection): a reply, a
+/// confirmation (in front of a cluster, answered by kiln's own), or a
+/// message, written after what that connection answered before it.
+fn on_frame(
+    ups: &mut Ups,
+    i: usize,
+    frame: bytes::Bytes,
+    push: bool,
+    due: &mut Due,
+    (proto, cluster): (Proto, bool),
+    out: &mut BytesMut,
+) {
+    let oob = push || out_of_band(&frame, proto);
+    if cluster && oob {
+        if let Some((word, ch)) = fan::confirmed(&frame) {
+            // kiln writes its own; a stray one (a client that had turned
+            // replies off) is dropped.
+            ups.list[i].confirmed(due, word, ch);
+            return;
+        }
+        if !ups.delivers(i, &frame) {
+            return;
+        }
+    }
+    if !oob {
+        if ups.list[i].replied(due, frame.clone()).is_none() {
+            out.extend_from_slice(&frame);
+        }
+        return;
+    }
+    if is_marker_echo(&frame) {
+        // MONITOR showing kiln's own marker.
+        return;
+    }
+    due.message(ups.list[i].last, &frame, out);
 }
 
 /// Per relayed command: what CLIENT LIST shows changes, and a command that
@@ -139,9 +173,10 @@ pub enum RelayEnd {
     Closed,
 }
 
-/// Relays bytes between the client and a dedicated upstream connection.
-/// Writes sent through the relay invalidate their keys before they go and
-/// again when their reply frame comes back.
+/// Relays bytes between the client and a dedicated upstream connection
+/// (in front of a cluster, a subscriber's connections: `fan`). Writes sent
+/// through the relay invalidate their keys before they go and again when
+/// their reply frame comes back.
 pub async fn relay<R: ClientRead, W: AsyncWrite + Unpin>(
     rd: &mut R,
     wr: &mut W,
@@ -153,17 +188,13 @@ pub async fn relay<R: ClientRead, W: AsyncWrite + Unpin>(
 ) -> RelayEnd {
     let ctx = c.ctx.clone();
     let live = c.live.clone();
-    // Sharded pub/sub runs on the channel's shard (cluster); the rest on
-    // any node (Redis Cluster propagates PUBLISH to every node).
-    let slot = first
-        .name()
-        .eq_ignore_ascii_case(b"ssubscribe")
-        .then(|| {
-            first
-                .args
-                .get(1)
-                .map(|c| crate::commands::slot::key_slot(c))
-        })
+    let cluster = ctx.upstream.cluster().is_some();
+    let mut buf = [0u8; 64];
+    let first_name = table::lower(first.name(), &mut buf).unwrap_or(b"").to_vec();
+    // In front of a cluster the relay starts on the node of its first
+    // channel (`fan` places each one); MONITOR or tracking on any node.
+    let slot = (cluster && fan::fanned(&first_name))
+        .then(|| first.args.get(1).map(|c| key_slot(c)))
         .flatten();
     let raw = match ctx.upstream.raw(c.db, c.proto, &c.upstream_as, slot).await {
         Ok(raw) => raw,
@@ -173,43 +204,51 @@ pub async fn relay<R: ClientRead, W: AsyncWrite + Unpin>(
         }
     };
     c.meta.pin(Some(raw.id.clone()));
-    let raw_node = raw.node.clone();
+    let mut ups = Ups::new(raw.node.clone());
     let (mut urd, mut uwr) = raw.stream.split();
+    let _permit = raw._permit;
     let mut subs = Subscriptions::default();
     let mut to_up = BytesMut::from(&prefix[..]);
     let mut from_up = raw.leftover;
     from_up.reserve(16 * 1024);
     let mut scanner = Scanner::new();
-    // In command order: per forwarded command that gets a reply frame, what
-    // to invalidate then; and kiln's own refusals, written in their turn.
-    let mut due: VecDeque<Due> = VecDeque::new();
-    {
-        let mut buf = [0u8; 64];
-        let name = table::lower(first.name(), &mut buf).unwrap_or(b"");
-        if prefix.is_empty() && counted_reply(name) {
-            due.push_back(Due::Reply(None));
-        }
-        to_up.extend_from_slice(&relay_command(c, name, &first, &mut subs));
-    }
+    // In command order, what the client is owed: upstream's replies (and
+    // what each write invalidates then), kiln's own answers.
+    let mut due = Due::default();
     // RESET or QUIT was sent upstream: nothing more is read from the
     // client until upstream has answered everything before it (the rest of
     // `inbuf` is served after a RESET, as on a fresh connection).
     let mut ending: Option<Ending> = None;
+    let mut next = Some((first, prefix.is_empty()));
     loop {
         while ending.is_none() {
-            let cmd = match request::parse(inbuf, &live.limits) {
-                Ok(Parsed::Command(cmd)) => cmd,
-                Ok(Parsed::Empty) => continue,
-                Ok(Parsed::Incomplete) => break,
-                Err(e) => {
-                    ctx.metrics.limit_hit(e.1);
-                    encode::error(out, &format!("ERR {e}"));
-                    let _ = write_all_flush(wr, out).await;
-                    return RelayEnd::Closed;
-                }
+            let (cmd, first_answered) = match next.take() {
+                Some(f) => f,
+                None => match request::parse(inbuf, &live.limits) {
+                    Ok(Parsed::Command(cmd)) => (cmd, c.reply.after_command()),
+                    Ok(Parsed::Empty) => continue,
+                    Ok(Parsed::Incomplete) => break,
+                    Err(e) => {
+                        ctx.metrics.limit_hit(e.1);
+                        encode::error(out, &format!("ERR {e}"));
+                        let _ = write_all_flush(wr, out).await;
+                        return RelayEnd::Closed;
+                    }
+                },
             };
             let mut buf = [0u8; 64];
             let name = table::lower(cmd.name(), &mut buf).unwrap_or(b"");
+            if cluster && fan::fanned(name) {
+                relay_command(c, name, &cmd, &mut subs);
+                ups.command(c, name, &cmd.args, &mut due, &mut to_up, first_answered)
+                    .await;
+                if !ups.any() && c.meta.state().relay.is_none() {
+                    // Unsubscribed from everything: back to normal once
+                    // the confirmations are written.
+                    ending = Some(Ending::Unsubscribed);
+                }
+                continue;
+            }
             if table::is_cross_protocol(name) {
                 cmd::cross_protocol_warning(c.addr);
                 return RelayEnd::Closed;
@@ -221,31 +260,34 @@ pub async fn relay<R: ClientRead, W: AsyncWrite + Unpin>(
                 // the client gets each of those first, in order (a SUBSCRIBE
                 // confirmation pipelined before a RESET is not lost).
                 to_up.extend_from_slice(&cmd.wire());
-                ending = Some(if name == b"reset" {
-                    Ending::Reset
-                } else {
-                    due.push_back(Due::Reply(None));
-                    Ending::Quit
-                });
+                let (kind, end) = match name == b"reset" {
+                    true => (Kind::Reset, Ending::Reset),
+                    false => (Kind::Reply(None), Ending::Quit),
+                };
+                let seq = due.push(kind, 1, None);
+                ups.list[0].expect_reply(seq);
+                ending = Some(end);
                 break;
             }
-            if let Some(e) = c.live.denied(name, cmd.name()) {
+            let refusal = match c.live.denied(name, cmd.name()) {
+                Some(e) => Some(e),
+                None => c
+                    .role
+                    .and_then(|role| cmd::auth::permit(&c.table, role, name, &cmd.args).err()),
+            };
+            // In front of a cluster the relay is on one node: a command on
+            // another node's keys would get its -MOVED. A RESP2 subscriber
+            // gets Redis's own refusal (upstream checks the slot first), a
+            // RESP3 one kiln's.
+            let refusal =
+                refusal.or_else(|| elsewhere(&ctx, c.proto, &subs, name, &cmd, &ups.list[0].name));
+            if let Some(e) = refusal {
                 let mut b = BytesMut::new();
                 encode::error(&mut b, &e);
-                if c.reply.after_command() {
-                    local_in_turn(&mut to_up, &mut due, b.freeze());
+                if first_answered {
+                    local_in_turn(&mut to_up, &mut due, &mut ups.list[0], b.freeze());
                 }
                 continue;
-            }
-            if let Some(role) = c.role {
-                if let Err(e) = cmd::auth::permit(&c.table, role, name, &cmd.args) {
-                    let mut b = BytesMut::new();
-                    encode::error(&mut b, &e);
-                    if c.reply.after_command() {
-                        local_in_turn(&mut to_up, &mut due, b.freeze());
-                    }
-                    continue;
-                }
             }
             if answered_by_kiln_in_relay(name, &cmd.args, c.proto, &subs) {
                 let (mut pending, mut b) = (VecDeque::new(), BytesMut::new());
@@ -254,20 +296,8 @@ pub async fn relay<R: ClientRead, W: AsyncWrite + Unpin>(
                     out: &mut b,
                 };
                 let _ = local::dispatch(c, b"client", cmd, &mut r);
-                if c.reply.after_command() {
-                    local_in_turn(&mut to_up, &mut due, b.freeze());
-                }
-                continue;
-            }
-            // In front of a cluster the relay is on one node: a command on
-            // another node's keys would get its -MOVED. A RESP2 subscriber
-            // gets Redis's own refusal (upstream checks the slot first), a
-            // RESP3 one kiln's.
-            if let Some(refusal) = elsewhere(&ctx, c.proto, &subs, name, &cmd, &raw_node) {
-                let mut b = BytesMut::new();
-                encode::error(&mut b, &refusal);
-                if c.reply.after_command() {
-                    local_in_turn(&mut to_up, &mut due, b.freeze());
+                if first_answered {
+                    local_in_turn(&mut to_up, &mut due, &mut ups.list[0], b.freeze());
                 }
                 continue;
             }
@@ -284,7 +314,7 @@ pub async fn relay<R: ClientRead, W: AsyncWrite + Unpin>(
             if reply_cmd {
                 local::client_reply(c, &cmd.args[2], &mut r);
             }
-            let answered = c.reply.after_command()
+            let answered = first_answered
                 && !(reply_cmd
                     && (cmd.args[2].eq_ignore_ascii_case(b"off")
                         || cmd.args[2].eq_ignore_ascii_case(b"skip")));
@@ -293,17 +323,20 @@ pub async fn relay<R: ClientRead, W: AsyncWrite + Unpin>(
                 stale.apply(&ctx);
             }
             if answered && counted_reply(name) {
-                due.push_back(Due::Reply(stale));
+                let seq = due.push(Kind::Reply(stale), 1, None);
+                ups.list[0].expect_reply(seq);
             }
             to_up.extend_from_slice(&relay_command(c, name, &cmd, &mut subs));
-            if ctx.upstream.cluster().is_some()
-                && matches!(name, b"unsubscribe" | b"punsubscribe" | b"sunsubscribe")
-                && !subs.any()
-                && c.meta.state().relay.is_none()
-            {
-                ending = Some(Ending::Unsubscribed);
-                break;
+        }
+        match due.flush(&ctx, out) {
+            Flushed::Reset => {
+                local::reset(c);
+                return RelayEnd::Reset;
             }
+            Flushed::Some => {}
+        }
+        if ending == Some(Ending::Unsubscribed) && due.is_empty() {
+            return RelayEnd::Unsubscribed;
         }
         if out.len() > live.max_output_buffer {
             ctx.metrics.limit_hit("max_output_buffer");
@@ -329,6 +362,16 @@ pub async fn relay<R: ClientRead, W: AsyncWrite + Unpin>(
                     return upstream_gone(wr, out, c, ending).await;
                 }
             }
+            f = ups.frames.recv() => {
+                // A node connection's frame (in front of a cluster).
+                match f {
+                    Some((i, Some(frame))) => {
+                        let push = frame.first() == Some(&b'>');
+                        on_frame(&mut ups, i, frame, push, &mut due, (c.proto, cluster), out);
+                    }
+                    _ => return upstream_gone(wr, out, c, ending).await,
+                }
+            }
             r = urd.read_buf(&mut from_up) => {
                 if !matches!(r, Ok(n) if n > 0) {
                     return upstream_gone(wr, out, c, ending).await;
@@ -336,36 +379,8 @@ pub async fn relay<R: ClientRead, W: AsyncWrite + Unpin>(
                 loop {
                     match scanner.next_frame(&from_up) {
                         Ok(Some(f)) => {
-                            let frame = from_up.split_to(f.len);
-                            let reply = !f.push && !out_of_band(&frame, c.proto);
-                            if reply && due.is_empty() && ending == Some(Ending::Reset) && &frame[..] == b"+RESET\r\n" {
-                                // Upstream's RESET ended its subscriptions,
-                                // MONITOR and tracking; the connection is
-                                // dropped all the same (RESET also logged it
-                                // out of kiln's upstream user).
-                                local::reset(c);
-                                out.extend_from_slice(&frame);
-                                return RelayEnd::Reset;
-                            }
-                            if ending == Some(Ending::Unsubscribed) && due.is_empty() && last_unsubscribe(&frame) {
-                                out.extend_from_slice(&frame);
-                                return RelayEnd::Unsubscribed;
-                            }
-                            if !reply && is_marker_echo(&frame) {
-                                // MONITOR showing kiln's own marker.
-                                continue;
-                            }
-                            match if reply { due.pop_front() } else { None } {
-                                // kiln's answer, in the place of the marker's.
-                                Some(Due::Local(mine)) => out.extend_from_slice(&mine),
-                                Some(Due::Reply(stale)) => {
-                                    if let Some(stale) = stale {
-                                        stale.apply(&ctx);
-                                    }
-                                    out.extend_from_slice(&frame);
-                                }
-                                None => out.extend_from_slice(&frame),
-                            }
+                            let frame = from_up.split_to(f.len).freeze();
+                            on_frame(&mut ups, 0, frame, f.push, &mut due, (c.proto, cluster), out);
                         }
                         Ok(None) => break,
                         Err(_) => return upstream_gone(wr, out, c, ending).await,
@@ -380,7 +395,6 @@ pub async fn relay<R: ClientRead, W: AsyncWrite + Unpin>(
         }
     }
 }
-
 /// In front of a cluster, the refusal of a command the relay's node would
 /// answer with `-MOVED`: its keys are on another node.
 fn elsewhere(
@@ -392,18 +406,13 @@ fn elsewhere(
     node: &str,
 ) -> Option<String> {
     ctx.upstream.cluster()?;
-    if matches!(name, b"sunsubscribe" | b"unsubscribe" | b"punsubscribe") {
-        return None;
-    }
     let keys = ctx.table.load().keys(&cmd.args);
-    let slot = crate::commands::slot::key_slot(keys.first()?);
+    let slot = key_slot(keys.first()?);
     if ctx.upstream.node_owns(node, slot) {
         return None;
     }
     let shown = String::from_utf8_lossy(name).into_owned();
-    Some(if name == b"ssubscribe" {
-        "ERR SSUBSCRIBE to a channel of another shard on this connection is not supported through kiln: use another connection".to_string()
-    } else if proto == Proto::Resp2 && subs.any() {
+    Some(if proto == Proto::Resp2 && subs.any() {
         format!(
             "ERR Can't execute '{shown}': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context"
         )

@@ -493,7 +493,46 @@ impl Upstream {
         who: &As,
         slot: Option<u16>,
     ) -> Result<RawSession, UpstreamError> {
-        let node = self.node_for(slot, 0);
+        self.raw_to(db, proto, who, self.node_for(slot, 0)).await
+    }
+
+    /// `raw` to the cluster node `name` (`host:port`, as `primaries`
+    /// names it); the one node of a standalone upstream.
+    pub async fn raw_on(
+        &self,
+        db: u32,
+        proto: Proto,
+        who: &As,
+        name: &str,
+    ) -> Result<RawSession, UpstreamError> {
+        let node = match &self.kind {
+            Kind::Single { node, .. } => node.clone(),
+            Kind::Cluster(r) => r.node(name),
+        };
+        self.raw_to(db, proto, who, node).await
+    }
+
+    /// The primaries' names (`host:port`), in slot order; the one node of
+    /// a standalone upstream.
+    pub fn primaries(&self) -> Vec<String> {
+        match &self.kind {
+            Kind::Single { node, .. } => vec![node.name()],
+            Kind::Cluster(r) => r.nodes().iter().map(|n| n.name()).collect(),
+        }
+    }
+
+    /// The name of the node that serves `slot` (`host:port`).
+    pub fn owner_of(&self, slot: u16) -> String {
+        self.node_for(Some(slot), 0).name()
+    }
+
+    async fn raw_to(
+        &self,
+        db: u32,
+        proto: Proto,
+        who: &As,
+        node: Arc<Node>,
+    ) -> Result<RawSession, UpstreamError> {
         if !node.breaker.allow() {
             self.errors.count(&UpstreamError::CircuitOpen);
             return Err(UpstreamError::CircuitOpen);

@@ -67,7 +67,7 @@ use kiln::commands::slot::key_slot;
 /// A hash tag whose slot the `n`th of 3 primaries serves (`redis-cli
 /// --cluster create` gives 0-5460, 5461-10922, 10923-16383), different for
 /// each `i`.
-fn tag_on(n: usize, i: usize) -> String {
+pub(crate) fn tag_on(n: usize, i: usize) -> String {
     let (lo, hi) = [(0, 5460), (5461, 10922), (10923, 16383)][n % 3];
     (0..)
         .map(|j| format!("t{n}-{i}-{j}"))
@@ -104,7 +104,7 @@ fn polled(c: &mut kiln::Config) {
 }
 
 /// A fresh cluster and kiln (default config) in front of it.
-async fn cluster_and_kiln() -> (Cluster, Kiln) {
+pub(crate) async fn cluster_and_kiln() -> (Cluster, Kiln) {
     let cluster = off_runtime(Cluster::start).await;
     let kiln = start(&cluster).await;
     (cluster, kiln)

@@ -9,6 +9,7 @@ mod cache;
 mod chaos;
 mod cli;
 mod cluster;
+mod cluster_pubsub;
 mod coherence;
 mod corpus;
 mod frames;

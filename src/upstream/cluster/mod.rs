@@ -151,7 +151,9 @@ impl Router {
             b"acl" if matches!(&sub()[..], b"setuser" | b"deluser" | b"load" | b"save") => {
                 return Route::FanOut(Merge::Same);
             }
-            b"spublish" | b"ssubscribe" | b"sunsubscribe" => {
+            // PUBLISH where kiln subscribes the channel (`relay::fan`), so
+            // its count includes the subscribers through kiln.
+            b"publish" | b"spublish" | b"ssubscribe" | b"sunsubscribe" => {
                 return args.get(1).map_or(Route::Any, |c| Route::Slot(key_slot(c)));
             }
             _ => {}
