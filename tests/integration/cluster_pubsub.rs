@@ -124,6 +124,12 @@ async fn publish_counts_the_subscribers_through_kiln() {
     subscribe_both(&mut s, &mut sd, &args).await;
     subscribe_both(&mut p, &mut pd, &["PSUBSCRIBE", "news.*"]).await;
     let (mut k, mut d) = (kiln.conn().await, redis.conn().await);
+    // PUBSUB asks where the subscriptions are.
+    let mut asks = vec![vec!["PUBSUB", "NUMPAT"], vec!["PUBSUB", "NUMSUB", "x"]];
+    asks.extend(chans.iter().map(|ch| vec!["PUBSUB", "NUMSUB", ch]));
+    for ask in &asks {
+        assert_eq!(k.cmd_text(ask).await, d.cmd_text(ask).await, "{ask:?}");
+    }
     for ch in &chans {
         let (got, want) = (
             k.cmd_text(&["PUBLISH", ch, "hi"]).await,

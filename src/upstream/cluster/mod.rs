@@ -153,6 +153,10 @@ impl Router {
             }
             // PUBLISH where kiln subscribes the channel (`relay::fan`), so
             // its count includes the subscribers through kiln.
+            // A channel's subscribers through kiln are on its slot's node.
+            b"pubsub" if matches!(&sub()[..], b"numsub" | b"shardnumsub") => {
+                return args.get(2).map_or(Route::Any, |c| Route::Slot(key_slot(c)));
+            }
             b"publish" | b"spublish" | b"ssubscribe" | b"sunsubscribe" => {
                 return args.get(1).map_or(Route::Any, |c| Route::Slot(key_slot(c)));
             }
