@@ -216,14 +216,24 @@ impl Ups {
         }
     }
 
-    /// Whether a message from connection `i` is delivered: a pattern's
-    /// ordinary messages come from its home node only.
-    pub(super) fn delivers(&self, i: usize, frame: &[u8]) -> bool {
-        match elements(frame, 3) {
-            Some(e) if e[0] == b"pmessage" => {
-                self.list[i].patterns.contains(e[1]) || keyspace_channel(e[2])
-            }
-            _ => true,
+    /// Whether a message from connection `i` is delivered. A pattern is
+    /// subscribed on every primary: its message on an ordinary channel is
+    /// delivered by the primary that owns the channel's slot, where a
+    /// `PUBLISH` through kiln runs, so messages come in the order they
+    /// were published (by the pattern's own primary if kiln has no
+    /// connection to that one); keyspace events by the node that sent them.
+    pub(super) fn delivers(&self, c: &Client, i: usize, frame: &[u8]) -> bool {
+        let Some(e) = elements(frame, 3).filter(|e| e[0] == b"pmessage") else {
+            return true;
+        };
+        if keyspace_channel(e[2]) {
+            return true;
+        }
+        let slot = key_slot(e[2]);
+        let owns = |u: &Up| c.ctx.upstream.node_owns(&u.name, slot);
+        match self.list.iter().position(owns) {
+            Some(j) => j == i,
+            None => self.list[i].patterns.contains(e[1]),
         }
     }
 
@@ -281,8 +291,10 @@ impl Ups {
 
     /// A (P|S)(UN)SUBSCRIBE in front of a cluster: sent to the nodes each
     /// channel is (to be) subscribed on, its confirmations queued in
-    /// `due` (when the client gets replies, `answered`). What goes to the
-    /// home connection is added to `to_home`.
+    /// `due`. Confirmations are written under `CLIENT REPLY OFF` too, as
+    /// Redis 7 writes them; an error only when the client gets replies
+    /// (`answered`). What goes to the home connection is added to
+    /// `to_home`.
     pub(super) async fn command(
         &mut self,
         c: &Client,
@@ -306,10 +318,8 @@ impl Ups {
         if !add && chans.is_empty() {
             chans = self.subscribed[k].keys().cloned().collect();
             if chans.is_empty() {
-                if answered {
-                    let own = confirmation(c.proto, name, None, self.count(k));
-                    due.push(Kind::Own, 0, Some(own));
-                }
+                let own = confirmation(c.proto, name, None, self.count(k));
+                due.push(Kind::Own, 0, Some(own));
                 return;
             }
         }
@@ -352,13 +362,11 @@ impl Ups {
                 }),
             };
             let at = at.unwrap_or_default();
-            if answered {
-                let own = confirmation(c.proto, name, Some(&ch), self.count(k));
-                let seq = due.push(Kind::Own, at.len() as u32, Some(own));
-                let what = (Bytes::copy_from_slice(name), ch.clone());
-                for &i in &at {
-                    self.list[i].expect.push_back((seq, Some(what.clone())));
-                }
+            let own = confirmation(c.proto, name, Some(&ch), self.count(k));
+            let seq = due.push(Kind::Own, at.len() as u32, Some(own));
+            let what = (Bytes::copy_from_slice(name), ch.clone());
+            for &i in &at {
+                self.list[i].expect.push_back((seq, Some(what.clone())));
             }
             for i in at {
                 per_conn[i].push(ch.clone());

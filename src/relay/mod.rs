@@ -61,10 +61,11 @@ fn on_frame(
     frame: bytes::Bytes,
     push: bool,
     due: &mut Due,
-    (proto, cluster): (Proto, bool),
+    c: &Client,
     out: &mut BytesMut,
 ) {
-    let oob = push || out_of_band(&frame, proto);
+    let cluster = c.ctx.upstream.cluster().is_some();
+    let oob = push || out_of_band(&frame, c.proto);
     if cluster && oob {
         if let Some((word, ch)) = fan::confirmed(&frame) {
             // kiln writes its own; a stray one (a client that had turned
@@ -72,7 +73,7 @@ fn on_frame(
             ups.list[i].confirmed(due, word, ch);
             return;
         }
-        if !ups.delivers(i, &frame) {
+        if !ups.delivers(c, i, &frame) {
             return;
         }
     }
@@ -219,13 +220,15 @@ pub async fn relay<R: ClientRead, W: AsyncWrite + Unpin>(
     // client until upstream has answered everything before it (the rest of
     // `inbuf` is served after a RESET, as on a fresh connection).
     let mut ending: Option<Ending> = None;
-    let mut next = Some((first, prefix.is_empty()));
+    // The first command's reply is owed unless the prefix turned replies
+    // off; a later one's as the client's reply mode says when it is run.
+    let mut next = Some((first, Some(prefix.is_empty())));
     loop {
         while ending.is_none() {
-            let (cmd, first_answered) = match next.take() {
+            let (cmd, owed) = match next.take() {
                 Some(f) => f,
                 None => match request::parse(inbuf, &live.limits) {
-                    Ok(Parsed::Command(cmd)) => (cmd, c.reply.after_command()),
+                    Ok(Parsed::Command(cmd)) => (cmd, None),
                     Ok(Parsed::Empty) => continue,
                     Ok(Parsed::Incomplete) => break,
                     Err(e) => {
@@ -240,7 +243,8 @@ pub async fn relay<R: ClientRead, W: AsyncWrite + Unpin>(
             let name = table::lower(cmd.name(), &mut buf).unwrap_or(b"");
             if cluster && fan::fanned(name) {
                 relay_command(c, name, &cmd, &mut subs);
-                ups.command(c, name, &cmd.args, &mut due, &mut to_up, first_answered)
+                let answered = owed.unwrap_or_else(|| c.reply.after_command());
+                ups.command(c, name, &cmd.args, &mut due, &mut to_up, answered)
                     .await;
                 if !ups.any() && c.meta.state().relay.is_none() {
                     // Unsubscribed from everything: back to normal once
@@ -284,7 +288,7 @@ pub async fn relay<R: ClientRead, W: AsyncWrite + Unpin>(
             if let Some(e) = refusal {
                 let mut b = BytesMut::new();
                 encode::error(&mut b, &e);
-                if first_answered {
+                if owed.unwrap_or_else(|| c.reply.after_command()) {
                     local_in_turn(&mut to_up, &mut due, &mut ups.list[0], b.freeze());
                 }
                 continue;
@@ -296,7 +300,7 @@ pub async fn relay<R: ClientRead, W: AsyncWrite + Unpin>(
                     out: &mut b,
                 };
                 let _ = local::dispatch(c, b"client", cmd, &mut r);
-                if first_answered {
+                if owed.unwrap_or_else(|| c.reply.after_command()) {
                     local_in_turn(&mut to_up, &mut due, &mut ups.list[0], b.freeze());
                 }
                 continue;
@@ -314,7 +318,7 @@ pub async fn relay<R: ClientRead, W: AsyncWrite + Unpin>(
             if reply_cmd {
                 local::client_reply(c, &cmd.args[2], &mut r);
             }
-            let answered = first_answered
+            let answered = owed.unwrap_or_else(|| c.reply.after_command())
                 && !(reply_cmd
                     && (cmd.args[2].eq_ignore_ascii_case(b"off")
                         || cmd.args[2].eq_ignore_ascii_case(b"skip")));
@@ -367,7 +371,7 @@ pub async fn relay<R: ClientRead, W: AsyncWrite + Unpin>(
                 match f {
                     Some((i, Some(frame))) => {
                         let push = frame.first() == Some(&b'>');
-                        on_frame(&mut ups, i, frame, push, &mut due, (c.proto, cluster), out);
+                        on_frame(&mut ups, i, frame, push, &mut due, c, out);
                     }
                     _ => return upstream_gone(wr, out, c, ending).await,
                 }
@@ -380,7 +384,7 @@ pub async fn relay<R: ClientRead, W: AsyncWrite + Unpin>(
                     match scanner.next_frame(&from_up) {
                         Ok(Some(f)) => {
                             let frame = from_up.split_to(f.len).freeze();
-                            on_frame(&mut ups, 0, frame, f.push, &mut due, (c.proto, cluster), out);
+                            on_frame(&mut ups, 0, frame, f.push, &mut due, c, out);
                         }
                         Ok(None) => break,
                         Err(_) => return upstream_gone(wr, out, c, ending).await,

@@ -4,6 +4,7 @@
 
 use crate::cluster::{cluster_and_kiln, tag_on};
 use crate::util::{Conn, Redis};
+use kiln::commands::slot::key_slot;
 
 /// The next frame, as text.
 async fn next(c: &mut Conn) -> String {
@@ -175,6 +176,57 @@ async fn publish_counts_the_subscribers_through_kiln() {
     want.0.sort();
     assert_eq!(got, want);
     subscribe_both(&mut s, &mut sd, &["UNSUBSCRIBE", "x"]).await;
+    // Patterns whose own slots are on three primaries, each matched by a
+    // channel of the next primary, get messages in the order they were
+    // published, as from one Redis.
+    let node = |name: &str| {
+        let s = key_slot(name.as_bytes());
+        (s > 5460) as usize + (s > 10922) as usize
+    };
+    let (pats, pchans): (Vec<String>, Vec<String>) = (0..3)
+        .map(|n| {
+            let pat = (0..)
+                .map(|j| format!("p{j}.*"))
+                .find(|p| node(p) == n)
+                .expect("a pattern");
+            let ch = (0..)
+                .map(|m| pat.replace('*', &m.to_string()))
+                .find(|c| node(c) == (n + 1) % 3)
+                .expect("a channel");
+            (pat, ch)
+        })
+        .unzip();
+    let mut args = vec!["PSUBSCRIBE"];
+    args.extend(pats.iter().map(|c| &c[..]));
+    subscribe_both(&mut p, &mut pd, &args).await;
+    for _ in 0..5 {
+        for ch in pchans.iter().rev() {
+            for c in [&mut k, &mut d] {
+                assert_eq!(c.cmd_text(&["PUBLISH", ch, "m"]).await, ":1\r\n");
+            }
+        }
+    }
+    for _ in 0..15 {
+        assert_eq!(next(&mut p).await, next(&mut pd).await);
+    }
+    // Under CLIENT REPLY OFF, Redis 7 still writes the confirmations.
+    for resp3 in [false, true] {
+        let (mut r, mut rd) = (kiln.conn().await, redis.conn().await);
+        for c in [&mut r, &mut rd] {
+            if resp3 {
+                c.cmd(&["HELLO", "3"]).await;
+            }
+            c.send(&["CLIENT", "REPLY", "OFF"]).await;
+        }
+        subscribe_both(&mut r, &mut rd, &["SUBSCRIBE", &chans[0], &chans[2]]).await;
+        subscribe_both(&mut r, &mut rd, &["PSUBSCRIBE", "x*"]).await;
+        // A PING's reply is not written (it would come before these).
+        for c in [&mut r, &mut rd] {
+            c.send(&["PING"]).await;
+        }
+        subscribe_both(&mut r, &mut rd, &["UNSUBSCRIBE", &chans[2], "no"]).await;
+        subscribe_both(&mut r, &mut rd, &["PUNSUBSCRIBE", "x*"]).await;
+    }
     assert_eq!(
         s.cmd_text(&["PUBLISH", &chans[0], "y"]).await,
         d.cmd_text(&["PUBLISH", &chans[0], "y"]).await
