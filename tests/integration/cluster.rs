@@ -1909,31 +1909,62 @@ async fn a_primary_lost_with_its_replica_stays_in_kiln_s_view() {
     drop(cluster);
 }
 
-/// A user made through kiln logs in on every primary, and one deleted
-/// through kiln on none (Redis Cluster does not share users between
-/// nodes: `ACL SETUSER` reached one node, and `AUTH` as that user failed
-/// with WRONGPASS wherever kiln sent the client next).
+/// A user made through kiln logs in on every node, replicas too, and
+/// still through kiln after a `CLUSTER FAILOVER` promotes a replica; one
+/// deleted through kiln on none (Redis Cluster does not share users
+/// between nodes: `ACL SETUSER` reached one node, and `AUTH` as that user
+/// failed with WRONGPASS wherever kiln sent the client next; then it
+/// reached the primaries only, and a failover lost the user).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn acl_changes_through_kiln_reach_every_primary() {
+async fn acl_changes_through_kiln_reach_every_node() {
     let (cluster, kiln) = cluster_and_kiln().await;
     let mut k = kiln.conn().await;
     let setuser = ["ACL", "SETUSER", "alice", "on", ">pw", "~*", "+@all"];
     assert_eq!(k.cmd_text(&setuser).await, "+OK\r\n");
-    let primaries = cluster.primary_ports();
-    assert_eq!(primaries.len(), 3);
-    for &p in &primaries {
+    let table = cluster.table();
+    assert_eq!(table.len(), 6);
+    let auth = async |p: u16| {
         let mut c = Conn::connect(([127, 0, 0, 1], p).into()).await;
-        assert_eq!(
-            c.cmd(&["AUTH", "alice", "pw"]).await,
-            "+OK\r\n"[..],
-            "primary {p}"
-        );
+        c.cmd(&["AUTH", "alice", "pw"]).await
+    };
+    for (_, p, _) in &table {
+        assert_eq!(auth(*p).await, "+OK\r\n"[..], "node {p}");
     }
+    // A replica takes its primary's slots over; alice works through kiln
+    // on a key there.
+    let key = format!("{{{}}}:acl", tag_on(1, 900));
+    let slot = key_slot(key.as_bytes());
+    let owner = cluster.owner_port(slot);
+    let owner_id = crate::util::cluster::node_id(&table, owner);
+    let replica = table.iter().find(|n| n.2 == owner_id).expect("a replica").1;
+    let deadline = std::time::Instant::now() + crate::util::WAIT * 2;
+    let mut asked = None::<std::time::Instant>;
+    while cluster.owner_port(slot) != replica {
+        assert!(std::time::Instant::now() < deadline, "no promotion");
+        // Asked again if the manual failover timed out (a loaded machine).
+        if asked.is_none_or(|a| a.elapsed() > std::time::Duration::from_secs(6)) {
+            crate::util::cli(replica, &["CLUSTER", "FAILOVER"]);
+            asked = Some(std::time::Instant::now());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let mut a = kiln.conn().await;
+    assert_eq!(a.cmd_text(&["AUTH", "alice", "pw"]).await, "+OK\r\n");
+    crate::util::poll_until(std::time::Duration::from_millis(50), async || {
+        match a.cmd_text(&["SET", &key, "by-alice"]).await {
+            r if r == "+OK\r\n" => Ok(()),
+            r => Err(format!("SET as alice after the failover: {r}")),
+        }
+    })
+    .await;
+    assert_eq!(
+        direct(&cluster, &["GET", &key]).await,
+        b"$8\r\nby-alice\r\n"
+    );
     assert_eq!(k.cmd_text(&["ACL", "DELUSER", "alice"]).await, ":1\r\n");
-    for &p in &primaries {
-        let mut c = Conn::connect(([127, 0, 0, 1], p).into()).await;
-        let r = c.cmd(&["AUTH", "alice", "pw"]).await;
-        assert!(r.starts_with(b"-WRONGPASS"), "primary {p}: {r:?}");
+    for (_, p, _) in &cluster.table() {
+        let r = auth(*p).await;
+        assert!(r.starts_with(b"-WRONGPASS"), "node {p}: {r:?}");
     }
 }
 

@@ -28,6 +28,7 @@
 
 mod info;
 mod merge;
+mod replicas;
 mod topology;
 mod watch;
 
@@ -149,7 +150,7 @@ impl Router {
             // Redis Cluster does not share users between nodes: a user
             // made through kiln must log in wherever kiln sends a client.
             b"acl" if matches!(&sub()[..], b"setuser" | b"deluser" | b"load" | b"save") => {
-                return Route::FanOut(Merge::Same);
+                return Route::Everywhere(Merge::Same);
             }
             // PUBLISH where kiln subscribes the channel (`relay::fan`), so
             // its count includes the subscribers through kiln.
@@ -196,6 +197,8 @@ enum Route {
     Split(Merge),
     /// Keyless: the same command to every primary.
     FanOut(Merge),
+    /// `FanOut`, then to every replica (`replicas`).
+    Everywhere(Merge),
     Scan,
     /// Answered by kiln with this error reply.
     Refused(&'static [u8]),
@@ -333,6 +336,7 @@ impl RoutedInner {
                     .collect();
                 self.scatter(parts, merge, req, 0);
             }
+            Route::Everywhere(merge) => self.everywhere(merge, req),
             Route::Scan => self.scan(&args, req),
         }
     }

@@ -125,7 +125,7 @@ impl Router {
 
     /// A known node, or one made for a single probe and not kept (a seed
     /// that is no longer a primary).
-    fn node_or_transient(&self, name: &str) -> Arc<Node> {
+    pub(super) fn node_or_transient(&self, name: &str) -> Arc<Node> {
         if let Some(n) = lock(&self.nodes).get(name) {
             return n.clone();
         }
