@@ -12,15 +12,17 @@ use crate::commands::table;
 use crate::protocol::request::Command;
 use crate::protocol::{Proto, encode};
 
-/// Asks upstream whether it is busy with a script: a `PING` on the
-/// connection of `allow_busy` commands, which nothing slow is ever queued
+/// Asks upstream whether it is busy with a script (in front of a cluster,
+/// any primary): a `PING` on the connection of `allow_busy` commands,
+/// which nothing slow is ever queued
 /// on (a shared one may be the script's own, and the `PING` would wait for
 /// the script to end). `Some` with upstream's `-BUSY ...` reply, byte for
 /// byte, when it is; `None` when it answered anything else (or could not
 /// be asked: kiln then answers as usual).
 pub async fn busy_reply(c: &mut Client) -> Option<Bytes> {
     let conn = c.ctx.upstream.priority(c.proto, &c.upstream_as);
-    let ping = Bytes::from_static(b"*1\r\n$4\r\nPING\r\n");
+    let ping =
+        crate::protocol::request::encode_command(&[&b"PING"[..], crate::upstream::BUSY_PROBE]);
     let reply = conn.send(ping, None, true).await.ok()?.ok()?;
     c.ctx.upstream.note_reply(&reply, std::time::Instant::now());
     reply.starts_with(b"-BUSY ").then_some(reply)

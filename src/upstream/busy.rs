@@ -28,6 +28,11 @@ pub const BUSY_STALL: std::time::Duration = std::time::Duration::from_millis(50)
 /// reply without `-BUSY` does not prove (scripts of other clients).
 pub const BUSY_RECENT: std::time::Duration = std::time::Duration::from_millis(500);
 
+/// The argument of kiln's `PING` asking upstream whether it is busy (in
+/// front of a cluster it goes to every primary: a script blocks only the
+/// node it runs on).
+pub const BUSY_PROBE: &[u8] = b"kiln:busy-probe";
+
 impl Upstream {
     /// Notes a reply from upstream: a `-BUSY ...` one (a script or
     /// function past `busy-reply-threshold`; not `-BUSYKEY`) marks upstream

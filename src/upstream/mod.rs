@@ -27,6 +27,7 @@
 
 pub mod breaker;
 mod busy;
+pub use busy::BUSY_PROBE;
 pub mod cluster;
 pub mod conn;
 mod connect;

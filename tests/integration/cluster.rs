@@ -2013,3 +2013,49 @@ async fn info_describes_the_whole_cluster() {
     }
     assert!(all.contains("db0:keys=30,"), "{all}");
 }
+
+/// A script running on one primary: what kiln answers itself (PING, ECHO)
+/// is that node's `-BUSY`, byte for byte, whichever primary the client's
+/// keyless commands go to, and SCRIPT KILL through kiln ends it. (PING
+/// asked one primary whether it was busy, often another: Redis's suite got
+/// `+PONG`, never sent SCRIPT KILL, and the script ran on for good.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_script_busy_on_one_primary_is_seen_by_what_kiln_answers() {
+    let (cluster, kiln) = cluster_and_kiln().await;
+    let mut k = kiln.conn().await;
+    assert_eq!(
+        k.cmd_text(&["CONFIG", "SET", "lua-time-limit", "100"])
+            .await,
+        "+OK\r\n"
+    );
+    for n in 0..3 {
+        let key = format!("{{{}}}:busy", tag_on(n, 910));
+        let node = cluster.owner_port(key_slot(key.as_bytes()));
+        let mut direct = Conn::connect(([127, 0, 0, 1], node).into()).await;
+        let mut runner = kiln.conn().await;
+        runner.send(&["EVAL", "while true do end", "1", &key]).await;
+        let busy =
+            crate::util::poll_until(std::time::Duration::from_millis(10), async || match direct
+                .cmd_text(&["PING"])
+                .await
+            {
+                r if r.starts_with("-BUSY ") => Ok(r),
+                r => Err(format!("node {node} not busy yet: {r}")),
+            })
+            .await;
+        // A client of its own each time: its keyless commands go to one
+        // primary, the script's may be another.
+        let mut c = kiln.conn().await;
+        assert_eq!(c.cmd_text(&["PING"]).await, busy, "primary {n}");
+        assert_eq!(c.cmd_text(&["ECHO", "x"]).await, busy, "primary {n}");
+        assert_eq!(c.cmd_text(&["SCRIPT", "KILL"]).await, "+OK\r\n");
+        assert!(runner.read().await.starts_with(b"-ERR Script killed"));
+        crate::util::poll_until(std::time::Duration::from_millis(10), async || {
+            match c.cmd_text(&["PING"]).await {
+                r if r == "+PONG\r\n" => Ok(()),
+                r => Err(format!("still {r}")),
+            }
+        })
+        .await;
+    }
+}

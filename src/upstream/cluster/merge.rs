@@ -27,6 +27,9 @@ pub(super) enum Merge {
     /// The first success, else the first error (SCRIPT KILL: only the
     /// node running the script kills it; the others say NOTBUSY).
     FirstOk,
+    /// kiln's busy probe (`PING` with `BUSY_PROBE`): the first `-BUSY`
+    /// reply, so a script running on any primary is seen, else the first.
+    Busy,
     /// INFO: the cluster's numbers as one Redis would give them, less
     /// this many role watchers in `blocked_clients` (`info`).
     Info(usize),
@@ -126,6 +129,15 @@ pub(super) fn merge_replies(
     positions: &[Vec<usize>],
     total: usize,
 ) -> Reply {
+    if merge == Merge::Busy {
+        let busy = |r: &&Reply| matches!(r, Ok(b) if b.starts_with(b"-BUSY "));
+        return replies
+            .iter()
+            .find(busy)
+            .or(replies.first())
+            .cloned()
+            .unwrap_or_else(|| Err(UpstreamError::Lost("no primary answered".into())));
+    }
     if merge == Merge::FirstOk {
         return replies
             .iter()
@@ -141,7 +153,7 @@ pub(super) fn merge_replies(
     match merge {
         Merge::Info(watchers) => Ok(super::info::merge(&replies, watchers)
             .unwrap_or_else(|| replies.into_iter().next().unwrap_or_default())),
-        Merge::Same | Merge::AllOk | Merge::FirstOk => {
+        Merge::Same | Merge::AllOk | Merge::FirstOk | Merge::Busy => {
             Ok(replies.into_iter().next().unwrap_or_default())
         }
         Merge::Sum => {

@@ -129,6 +129,14 @@ impl Router {
             b"keys" => return Route::FanOut(Merge::Concat),
             b"info" => return Route::FanOut(Merge::Info(self.watchers())),
             b"dbsize" => return Route::FanOut(Merge::Sum),
+            // A script may be running on any primary (`cmd::local`).
+            b"ping"
+                if args
+                    .get(1)
+                    .is_some_and(|a| a[..] == *crate::upstream::BUSY_PROBE) =>
+            {
+                return Route::FanOut(Merge::Busy);
+            }
             b"randomkey" => return Route::FanOut(Merge::FirstNonNil),
             b"flushall" | b"flushdb" => return Route::FanOut(Merge::Same),
             b"scan" => return Route::Scan,
