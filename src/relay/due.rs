@@ -25,6 +25,9 @@ pub(super) enum Kind {
     Own,
     /// RESET's reply: the relay ends once it is written.
     Reset,
+    /// `CLIENT TRACKINGINFO`'s reply: upstream names the connection it
+    /// redirects to by upstream's id; the client gave kiln's (this one).
+    TrackingInfo(i64),
 }
 
 struct Entry {
@@ -52,6 +55,32 @@ pub(super) enum Flushed {
     Reset,
 }
 
+/// `frame` (a `CLIENT TRACKINGINFO` reply, RESP2 array or RESP3 map) with
+/// the client id after `redirect` replaced by `id`, where it names a
+/// client (-1 and 0 are kept: tracking off, no redirect).
+fn kiln_redirect(frame: Bytes, id: i64) -> Bytes {
+    const KEY: &[u8] = b"$8\r\nredirect\r\n:";
+    let Some(at) = frame.windows(KEY.len()).position(|w| w == KEY) else {
+        return frame;
+    };
+    let start = at + KEY.len();
+    let Some(len) = frame[start..].iter().position(|&b| b == b'\r') else {
+        return frame;
+    };
+    let upstream: i64 = std::str::from_utf8(&frame[start..start + len])
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    if upstream <= 0 || id <= 0 {
+        return frame;
+    }
+    let mut b = BytesMut::with_capacity(frame.len());
+    b.extend_from_slice(&frame[..start]);
+    b.extend_from_slice(id.to_string().as_bytes());
+    b.extend_from_slice(&frame[start + len..]);
+    b.freeze()
+}
+
 impl Due {
     /// Queues an entry waiting for `pending` frames; `own` is kiln's
     /// answer for `Kind::Own`. Returns its sequence number.
@@ -74,9 +103,11 @@ impl Due {
     pub(super) fn fill(&mut self, seq: u64, frame: Bytes) {
         if let Some(e) = self.get(seq) {
             e.pending = e.pending.saturating_sub(1);
-            if !matches!(e.kind, Kind::Own) {
-                e.frame = Some(frame);
-            }
+            e.frame = match e.kind {
+                Kind::Own => return,
+                Kind::TrackingInfo(id) => Some(kiln_redirect(frame, id)),
+                _ => Some(frame),
+            };
         }
     }
 
@@ -111,5 +142,23 @@ impl Due {
 
     pub(super) fn is_empty(&self) -> bool {
         self.q.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trackinginfo_names_kiln_s_client() {
+        let resp2 = Bytes::from_static(
+            b"*6\r\n$5\r\nflags\r\n*1\r\n$2\r\non\r\n$8\r\nredirect\r\n:1920\r\n$8\r\nprefixes\r\n*0\r\n",
+        );
+        assert_eq!(
+            &kiln_redirect(resp2, 115)[..],
+            b"*6\r\n$5\r\nflags\r\n*1\r\n$2\r\non\r\n$8\r\nredirect\r\n:115\r\n$8\r\nprefixes\r\n*0\r\n"
+        );
+        let off = Bytes::from_static(b"%3\r\n$8\r\nredirect\r\n:-1\r\n");
+        assert_eq!(kiln_redirect(off.clone(), 115), off);
     }
 }

@@ -327,7 +327,16 @@ pub async fn relay<R: ClientRead, W: AsyncWrite + Unpin>(
                 stale.apply(&ctx);
             }
             if answered && counted_reply(name) {
-                let seq = due.push(Kind::Reply(stale), 1, None);
+                let kind = match name == b"client"
+                    && cmd
+                        .args
+                        .get(1)
+                        .is_some_and(|s| s.eq_ignore_ascii_case(b"trackinginfo"))
+                {
+                    true => Kind::TrackingInfo(c.meta.state().redir),
+                    false => Kind::Reply(stale),
+                };
+                let seq = due.push(kind, 1, None);
                 ups.list[0].expect_reply(seq);
             }
             to_up.extend_from_slice(&relay_command(c, name, &cmd, &mut subs));

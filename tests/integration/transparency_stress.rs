@@ -560,11 +560,25 @@ async fn redirect_scenario(
     let get = ask(&mut t, &["GET", "k"]).await;
     assert_eq!(writer.cmd(&["SET", "k", "new"]).await, "+OK\r\n");
     let msg = reply(&mut r, PROMPT).await;
+    // TRACKINGINFO names R by the id T gave (kiln's, not the upstream
+    // connection's), before and after R is gone.
+    let as_r = |b: Vec<u8>| {
+        String::from_utf8_lossy(&b)
+            .replace(&format!(":{rid}\r\n"), ":<R's id>\r\n")
+            .into_bytes()
+    };
+    let info = as_r(ask(&mut t, &["CLIENT", "TRACKINGINFO"]).await);
+    ask(&mut t, &["GET", "k"]).await;
+    assert_eq!(ask(&mut r, &["QUIT"]).await, b"+OK\r\n");
+    assert_eq!(writer.cmd(&["SET", "k", "newer"]).await, "+OK\r\n");
+    let broken = as_r(ask(&mut t, &["CLIENT", "TRACKINGINFO"]).await);
     vec![
         ("SUBSCRIBE __redis__:invalidate", sub),
         ("CLIENT TRACKING ON REDIRECT <R's id>", on),
         ("GET k by the tracking client", get),
         ("the message R receives after SET k new", msg),
+        ("CLIENT TRACKINGINFO", info),
+        ("CLIENT TRACKINGINFO once R has quit", broken),
     ]
 }
 
