@@ -147,6 +147,54 @@ fn wrote_now<W: AsyncWrite + Unpin>(wr: &mut W, out: &mut BytesMut) -> usize {
     }
 }
 
+/// Opens the upstream connection another client asked this one to have
+/// (`cmd::clients::redirect_target`), tells that client its upstream id,
+/// and relays it. True when the connection is to close.
+async fn adopted<R: ClientRead, W: AsyncWrite + Unpin>(
+    rd: &mut R,
+    wr: &mut W,
+    inbuf: &mut BytesMut,
+    out: &mut BytesMut,
+    c: &mut Client,
+    shutdown: &CancellationToken,
+) -> bool {
+    let Some(asker) = crate::worker::lock(&c.meta.adopt).take() else {
+        return false;
+    };
+    let raw = match c
+        .ctx
+        .upstream
+        .raw(c.db, c.proto, &c.upstream_as, None)
+        .await
+    {
+        Ok(raw) => raw,
+        // The asking client's redirect fails, as to a client that is gone.
+        Err(_) => return false,
+    };
+    c.meta.pin(Some(raw.id.clone()));
+    let _ = asker.send(raw.id.load(std::sync::atomic::Ordering::Relaxed));
+    // Upstream keeps the client's reply mode from now on.
+    let prefix = if c.reply.off {
+        encode_command(&["CLIENT", "REPLY", "OFF"])
+    } else if c.reply.skip {
+        encode_command(&["CLIENT", "REPLY", "SKIP"])
+    } else {
+        bytes::Bytes::new()
+    };
+    let relayed = Box::pin(relay::relay(
+        rd,
+        wr,
+        inbuf,
+        out,
+        c,
+        (prefix, relay::Start::Adopted(raw)),
+        shutdown,
+    ))
+    .await;
+    relay::relay_over(c);
+    matches!(relayed, relay::RelayEnd::Closed)
+}
+
 async fn run<R: ClientRead, W: AsyncWrite + Unpin>(
     mut rd: R,
     mut wr: W,
@@ -267,7 +315,7 @@ async fn run<R: ClientRead, W: AsyncWrite + Unpin>(
                         &mut inbuf,
                         &mut out,
                         c,
-                        (prefix, first),
+                        (prefix, relay::Start::Command(first)),
                         shutdown,
                     ))
                     .await;
@@ -385,6 +433,14 @@ async fn run<R: ClientRead, W: AsyncWrite + Unpin>(
                 // Commands still buffered run now, not when they were read:
                 // their clock (L1 expiry checks) must not lag behind a wait.
                 clock = Instant::now();
+            }
+            // Another client redirects its tracking here: this one gets
+            // an upstream connection of its own for the pushes, once its
+            // replies are in.
+            _ = meta.adopt_asked.notified(), if pending.is_empty() && stalled.is_none() && !closing => {
+                if adopted(&mut rd, &mut wr, &mut inbuf, &mut out, c, shutdown).await {
+                    return;
+                }
             }
             r = rd.read_lent(&mut inbuf), if can_read => match r {
                 Ok(n) if n > 0 => {

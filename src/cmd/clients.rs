@@ -276,6 +276,41 @@ pub fn unblock_args(ctx: &Context, args: &[Bytes]) -> Vec<Bytes> {
     out
 }
 
+/// How long `redirect_target` waits for the client named to open its
+/// upstream connection (it does when idle: at once, but for a client in a
+/// blocking command).
+const ADOPT_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Before `CLIENT TRACKING ON ... REDIRECT id` goes upstream: a kiln
+/// client `id` with no upstream connection of its own (a RESP3 client
+/// that is to get the invalidation pushes) is asked to open one, so that
+/// upstream can redirect to it; waits up to `ADOPT_WAIT`. Redis accepts a
+/// redirect to any connected client.
+pub async fn redirect_target(ctx: &Context, args: &[Bytes]) {
+    let on = args.get(2).is_some_and(|a| a.eq_ignore_ascii_case(b"on"));
+    let Some(i) = args
+        .iter()
+        .position(|a| a.eq_ignore_ascii_case(b"redirect"))
+    else {
+        return;
+    };
+    let Some(target) = args
+        .get(i + 1)
+        .and_then(|a| parse_i64(a))
+        .and_then(|id| u64::try_from(id).ok())
+        .and_then(|id| meta(ctx, id))
+    else {
+        return;
+    };
+    if !on || target.upstream_id().is_some() {
+        return;
+    }
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    *crate::worker::lock(&target.adopt) = Some(tx);
+    target.adopt_asked.notify_one();
+    let _ = tokio::time::timeout(ADOPT_WAIT, rx).await;
+}
+
 /// `CLIENT TRACKING ... REDIRECT id ...` with the kiln id translated, and
 /// the kiln id named (for `redir=` and `CLIENT GETREDIR`).
 pub fn tracking_args(ctx: &Context, args: &[Bytes]) -> (Vec<Bytes>, Option<i64>) {

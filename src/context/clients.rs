@@ -29,6 +29,12 @@ pub struct ClientMeta {
     /// client; `None` while it has none.
     pub pinned: Mutex<Option<Arc<AtomicU64>>>,
     pub state: Mutex<ClientState>,
+    /// Another client asked to redirect its tracking here while this one
+    /// has no upstream connection of its own: the client's task opens one
+    /// when it is next idle, sends its upstream id through this, and
+    /// relays it (`cmd::clients::redirect_target`).
+    pub adopt: Mutex<Option<tokio::sync::oneshot::Sender<u64>>>,
+    pub adopt_asked: tokio::sync::Notify,
 }
 
 /// What tells a client's task to end: kiln shutting down (`shut_down`:
@@ -127,6 +133,8 @@ impl ClientMeta {
             connected: now,
             stop: Stop::default(),
             pinned: Mutex::new(None),
+            adopt: Mutex::new(None),
+            adopt_asked: tokio::sync::Notify::new(),
             state: Mutex::new(ClientState {
                 name: None,
                 db,

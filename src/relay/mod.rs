@@ -164,6 +164,16 @@ fn answered_by_kiln_in_relay(
     })
 }
 
+/// How a relay starts.
+pub enum Start {
+    /// With the command that needs it (SUBSCRIBE, MONITOR, CLIENT
+    /// TRACKING ON ...).
+    Command(Command),
+    /// With a connection opened for the client because another client
+    /// redirects its tracking here (`cmd::clients::redirect_target`).
+    Adopted(crate::upstream::RawSession),
+}
+
 pub enum RelayEnd {
     /// RESET: the client is back to normal.
     Reset,
@@ -184,24 +194,30 @@ pub async fn relay<R: ClientRead, W: AsyncWrite + Unpin>(
     inbuf: &mut BytesMut,
     out: &mut BytesMut,
     c: &mut Client,
-    (prefix, first): (bytes::Bytes, Command),
+    (prefix, start): (bytes::Bytes, Start),
     shutdown: &CancellationToken,
 ) -> RelayEnd {
     let ctx = c.ctx.clone();
     let live = c.live.clone();
     let cluster = ctx.upstream.cluster().is_some();
-    let mut buf = [0u8; 64];
-    let first_name = table::lower(first.name(), &mut buf).unwrap_or(b"").to_vec();
-    // In front of a cluster the relay starts on the node of its first
-    // channel (`fan` places each one); MONITOR or tracking on any node.
-    let slot = (cluster && fan::fanned(&first_name))
-        .then(|| first.args.get(1).map(|c| key_slot(c)))
-        .flatten();
-    let raw = match ctx.upstream.raw(c.db, c.proto, &c.upstream_as, slot).await {
-        Ok(raw) => raw,
-        Err(e) => {
-            encode::error(out, &e.reply_text());
-            return RelayEnd::Reset;
+    let (raw, first) = match start {
+        Start::Adopted(raw) => (raw, None),
+        Start::Command(first) => {
+            let mut buf = [0u8; 64];
+            let first_name = table::lower(first.name(), &mut buf).unwrap_or(b"").to_vec();
+            // In front of a cluster the relay starts on the node of its
+            // first channel (`fan` places each one); MONITOR or tracking
+            // on any node.
+            let slot = (cluster && fan::fanned(&first_name))
+                .then(|| first.args.get(1).map(|c| key_slot(c)))
+                .flatten();
+            match ctx.upstream.raw(c.db, c.proto, &c.upstream_as, slot).await {
+                Ok(raw) => (raw, Some(first)),
+                Err(e) => {
+                    encode::error(out, &e.reply_text());
+                    return RelayEnd::Reset;
+                }
+            }
         }
     };
     c.meta.pin(Some(raw.id.clone()));
@@ -222,7 +238,7 @@ pub async fn relay<R: ClientRead, W: AsyncWrite + Unpin>(
     let mut ending: Option<Ending> = None;
     // The first command's reply is owed unless the prefix turned replies
     // off; a later one's as the client's reply mode says when it is run.
-    let mut next = Some((first, Some(prefix.is_empty())));
+    let mut next = first.map(|f| (f, Some(prefix.is_empty())));
     loop {
         while ending.is_none() {
             let (cmd, owed) = match next.take() {
@@ -338,6 +354,14 @@ pub async fn relay<R: ClientRead, W: AsyncWrite + Unpin>(
                 };
                 let seq = due.push(kind, 1, None);
                 ups.list[0].expect_reply(seq);
+            }
+            if name == b"client"
+                && cmd
+                    .args
+                    .get(1)
+                    .is_some_and(|s| s.eq_ignore_ascii_case(b"tracking"))
+            {
+                cmd::clients::redirect_target(&ctx, &cmd.args).await;
             }
             to_up.extend_from_slice(&relay_command(c, name, &cmd, &mut subs));
         }

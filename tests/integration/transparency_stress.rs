@@ -608,6 +608,67 @@ async fn tracking_redirect_to_a_kiln_client() {
     p.finish("tracking_redirect_to_a_kiln_client");
 }
 
+/// A RESP3 client R that never subscribed, T tracks with REDIRECT to R,
+/// `writer` changes foo (R with `CLIENT REPLY OFF` if `off`): what each
+/// step answered, and what R then received.
+async fn resp3_redirect_scenario(
+    mut r: Conn,
+    mut t: Conn,
+    writer: &mut Conn,
+    off: bool,
+) -> Vec<(String, Vec<u8>)> {
+    let mut steps = Vec::new();
+    assert!(ask(&mut r, &["HELLO", "3"]).await.starts_with(b"%"));
+    let rid = client_id(&mut r).await.to_string();
+    let on = ask(&mut t, &["CLIENT", "TRACKING", "ON", "REDIRECT", &rid]).await;
+    steps.push(("CLIENT TRACKING ON REDIRECT <R's id>".into(), on));
+    assert_eq!(writer.cmd(&["SET", "foo", "bar"]).await, "+OK\r\n");
+    steps.push(("GET foo".into(), ask(&mut t, &["GET", "foo"]).await));
+    if off {
+        r.send(&["CLIENT", "REPLY", "OFF"]).await;
+    }
+    assert_eq!(writer.cmd(&["SET", "foo", "bar2"]).await, "+OK\r\n");
+    steps.push((
+        "what R gets after SET foo bar2".into(),
+        reply(&mut r, PROMPT).await,
+    ));
+    if off {
+        steps.push((
+            "CLIENT REPLY ON".into(),
+            ask(&mut r, &["CLIENT", "REPLY", "ON"]).await,
+        ));
+    }
+    steps.push(("PING".into(), ask(&mut r, &["PING"]).await));
+    steps
+}
+
+/// Tracking redirected to a RESP3 kiln client that has no upstream
+/// connection of its own (it never subscribed) delivers the invalidation
+/// pushes to it, with `CLIENT REPLY OFF` too, as Redis does (kiln answered
+/// `-ERR The client ID you want redirect to does not exist`; Redis's
+/// suite, "RESP3 based basic redirect invalidation with client reply off").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tracking_redirect_to_a_resp3_client() {
+    let (direct_server, behind, kiln) = twin().await;
+    let mut p = Problems::default();
+    let mut dw = direct_server.conn().await;
+    let mut bw = behind.conn().await;
+    for off in [false, true] {
+        let want = resp3_redirect_scenario(
+            direct_server.conn().await,
+            direct_server.conn().await,
+            &mut dw,
+            off,
+        )
+        .await;
+        let got = resp3_redirect_scenario(kiln.conn().await, kiln.conn().await, &mut bw, off).await;
+        for ((what, g), (_, w)) in got.iter().zip(&want) {
+            p.same(&format!("{what} (reply off {off})"), g, w);
+        }
+    }
+    p.finish("tracking_redirect_to_a_resp3_client");
+}
+
 /// `CLIENT GETREDIR` follows tracking on and off as Redis's does: -1 with
 /// tracking off (kiln said 0 once the client had turned it on and off
 /// again, Redis's suite "CLIENT GETREDIR provides correct client id"), 0
