@@ -478,11 +478,16 @@ impl Client {
                 self.done(timing, reply.is_err(), now);
                 match &reply {
                     _ if timing.silent => {}
-                    Ok(bytes) => out.extend_from_slice(bytes),
+                    Ok(bytes) => match then {
+                        Then::Info(own) => {
+                            out.extend_from_slice(&write::less_own_tracking(bytes, own))
+                        }
+                        _ => out.extend_from_slice(bytes),
+                    },
                     Err(e) => encode::error(out, &e.reply_text()),
                 }
                 match then {
-                    Then::Nothing => {}
+                    Then::Nothing | Then::Info(_) => {}
                     Then::WriteDone => {
                         self.writes_pending.pop_front();
                     }

@@ -66,6 +66,9 @@ pub enum Then {
     FillDone,
     /// A reply on the session connection; `db` is a SELECT to apply if the
     /// reply says it succeeded.
+    /// Upstream's INFO (standalone): `tracking_clients` less kiln's own
+    /// tracking connections, this many.
+    Info(usize),
     Session {
         select: Option<u32>,
         /// An `AUTH` sent on the session connection (no kiln users): if it

@@ -132,6 +132,19 @@ pub fn forward(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
             });
             Then::WriteDone
         }
+        // Standalone, upstream counts kiln's own tracking connections in
+        // `tracking_clients`; a client sees its fellow clients only.
+        None if cmd.args[0].eq_ignore_ascii_case(b"info") && c.ctx.upstream.cluster().is_none() => {
+            let mode = c.ctx.coherence.mode;
+            match mode {
+                crate::config::CoherenceMode::Ttl => Then::Nothing,
+                m => Then::Info(
+                    c.ctx
+                        .upstream
+                        .own_tracking_clients(m == crate::config::CoherenceMode::Tracking),
+                ),
+            }
+        }
         None => Then::Nothing,
     };
     let on_reply = if cmd.args[0].eq_ignore_ascii_case(b"acl") {
@@ -154,6 +167,44 @@ pub fn forward(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
     };
     let rx = if unnamed { settle(&c.ctx, rx) } else { rx };
     c.expect(r, rx, then);
+}
+
+/// An INFO reply (a bulk or verbatim string) with `tracking_clients`
+/// lowered by `own` (kiln's own tracking connections); as it came if it
+/// has no such field.
+pub fn less_own_tracking(reply: &Bytes, own: usize) -> Bytes {
+    const FIELD: &[u8] = b"\r\ntracking_clients:";
+    let Some(nl) = reply.iter().position(|&b| b == b'\n') else {
+        return reply.clone();
+    };
+    let (head, body) = (&reply[..nl + 1], &reply[nl + 1..]);
+    let Some(at) = body.windows(FIELD.len()).position(|w| w == FIELD) else {
+        return reply.clone();
+    };
+    let start = at + FIELD.len();
+    let Some(len) = body[start..].iter().position(|&b| b == b'\r') else {
+        return reply.clone();
+    };
+    let Some(n) = std::str::from_utf8(&body[start..start + len])
+        .ok()
+        .and_then(|s| s.parse::<usize>().ok())
+    else {
+        return reply.clone();
+    };
+    // The body ends with the frame's own CRLF.
+    let Some(text_end) = body.len().checked_sub(2) else {
+        return reply.clone();
+    };
+    let mut text = Vec::with_capacity(body.len());
+    text.extend_from_slice(&body[..start]);
+    text.extend_from_slice(n.saturating_sub(own).to_string().as_bytes());
+    text.extend_from_slice(&body[start + len..text_end]);
+    let mut out = bytes::BytesMut::with_capacity(text.len() + 16);
+    out.extend_from_slice(&head[..1]);
+    out.extend_from_slice(format!("{}\r\n", text.len()).as_bytes());
+    out.extend_from_slice(&text);
+    out.extend_from_slice(b"\r\n");
+    out.freeze()
 }
 
 /// Holds a write's reply until the invalidations it caused upstream have
@@ -191,4 +242,30 @@ pub fn refused(name: &[u8]) -> Option<String> {
         "ERR '{}' is refused by kiln: {what}",
         String::from_utf8_lossy(name).to_ascii_uppercase()
     ))
+}
+
+#[cfg(test)]
+mod info_tests {
+    use super::*;
+
+    #[test]
+    fn tracking_clients_less_kiln_s_own() {
+        let text = "# Stats\r\ntracking_clients:6\r\ntracking_total_items:2\r\n";
+        let reply = Bytes::from(format!("${}\r\n{text}\r\n", text.len()));
+        let want = "# Stats\r\ntracking_clients:2\r\ntracking_total_items:2\r\n";
+        assert_eq!(
+            less_own_tracking(&reply, 4),
+            Bytes::from(format!("${}\r\n{want}\r\n", want.len()))
+        );
+        let verbatim = Bytes::from(format!("={}\r\ntxt:{text}\r\n", text.len() + 4));
+        assert_eq!(
+            less_own_tracking(&verbatim, 6),
+            Bytes::from(format!(
+                "={}\r\ntxt:# Stats\r\ntracking_clients:0\r\ntracking_total_items:2\r\n\r\n",
+                want.len() + 4
+            ))
+        );
+        let none = Bytes::from_static(b"$9\r\n# Server\r\n\r\n");
+        assert_eq!(less_own_tracking(&none, 3), none);
+    }
 }

@@ -522,6 +522,19 @@ impl Upstream {
         }
     }
 
+    /// kiln's own connections that upstream counts in `INFO`'s
+    /// `tracking_clients` (standalone): the fill connections with tracking
+    /// on (`reader_tracking`), or the `BCAST` invalidation channel.
+    pub fn own_tracking_clients(&self, reader_tracking: bool) -> usize {
+        let Kind::Single { node, .. } = &self.kind else {
+            return 0;
+        };
+        match reader_tracking {
+            true => lock(&node.readers).values().map(|c| c.len()).sum(),
+            false => lock(&node.channels).len(),
+        }
+    }
+
     /// The name of the node that serves `slot` (`host:port`).
     pub fn owner_of(&self, slot: u16) -> String {
         self.node_for(Some(slot), 0).name()

@@ -669,6 +669,49 @@ async fn tracking_redirect_to_a_resp3_client() {
     p.finish("tracking_redirect_to_a_resp3_client");
 }
 
+/// `INFO`'s `tracking_clients` counts the clients that turned tracking
+/// on, as Redis counts them, not kiln's own tracking connections (the
+/// suite's "Tracking info is correct" got 6 where Redis says 2, once
+/// kiln's fill connections were open).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn info_counts_the_clients_tracking_not_kiln() {
+    let (direct_server, _behind, kiln) = twin().await;
+    let field = |info: &[u8]| -> Option<i64> {
+        String::from_utf8_lossy(info)
+            .lines()
+            .find_map(|l| l.strip_prefix("tracking_clients:"))
+            .and_then(|v| v.trim().parse().ok())
+    };
+    // kiln's fill connections (tracking on) are open once it read a key.
+    let mut k = kiln.conn().await;
+    k.cmd(&["SET", "t", "1"]).await;
+    for _ in 0..4 {
+        k.cmd(&["GET", "t"]).await;
+    }
+    for resp3 in [false, true] {
+        let mut tracking = Vec::new();
+        let mut direct = Vec::new();
+        for _ in 0..2 {
+            for (conns, c) in [
+                (&mut tracking, kiln.conn().await),
+                (&mut direct, direct_server.conn().await),
+            ] {
+                let mut c = c;
+                assert_eq!(c.cmd(&["CLIENT", "TRACKING", "ON"]).await, "+OK\r\n"[..]);
+                conns.push(c);
+            }
+        }
+        let mut d = direct_server.conn().await;
+        if resp3 {
+            k.cmd(&["HELLO", "3"]).await;
+            d.cmd(&["HELLO", "3"]).await;
+        }
+        let (got, want) = (k.cmd(&["INFO"]).await, d.cmd(&["INFO", "clients"]).await);
+        assert_eq!(field(&want), Some(2), "{want:?}");
+        assert_eq!(field(&got), field(&want), "resp3 {resp3}: {got:?}");
+    }
+}
+
 /// `CLIENT GETREDIR` follows tracking on and off as Redis's does: -1 with
 /// tracking off (kiln said 0 once the client had turned it on and off
 /// again, Redis's suite "CLIENT GETREDIR provides correct client id"), 0
