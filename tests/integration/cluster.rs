@@ -2059,3 +2059,44 @@ async fn a_script_busy_on_one_primary_is_seen_by_what_kiln_answers() {
         .await;
     }
 }
+
+/// What a script leaves behind reads as from one Redis: `SCRIPT EXISTS`
+/// after a keyless `EVAL` (cached on the one primary it ran on) says 1,
+/// and `INFO errorstats` counts an error code raised on any primary
+/// (both were the first primary's answer: `0`, and no such line; Redis's
+/// suite, unit/scripting in cluster mode).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn script_cache_and_error_counts_cover_every_primary() {
+    let (_cluster, kiln) = cluster_and_kiln().await;
+    let redis = crate::util::Redis::start();
+    let (mut d, mut k) = (redis.conn().await, kiln.conn().await);
+    let sha = "a27e7e8a43702b7046d4f6a7ccf5b60cef6b9bd9";
+    let calls: Vec<Vec<String>> = vec![
+        vec!["EVAL".into(), "return 1+1".into(), "0".into()],
+        vec![
+            "SCRIPT".into(),
+            "EXISTS".into(),
+            sha.into(),
+            format!("{}a", &sha[..39]),
+        ],
+    ];
+    for call in &calls {
+        assert_eq!(k.cmd_text(call).await, d.cmd_text(call).await, "{call:?}");
+    }
+    // An error code raised by a script on each primary in turn.
+    let errorstat = |info: String| {
+        info.lines()
+            .find(|l| l.starts_with("errorstat_MY_ERR:"))
+            .map(str::to_string)
+    };
+    for n in 0..3 {
+        let key = format!("{{{}}}:e", tag_on(n, 920));
+        let call = ["EVAL", "return redis.error_reply('MY_ERR oops')", "1", &key];
+        assert_eq!(k.cmd_text(&call).await, d.cmd_text(&call).await);
+        let (got, want) = (
+            errorstat(k.cmd_text(&["INFO", "errorstats"]).await),
+            errorstat(d.cmd_text(&["INFO", "errorstats"]).await),
+        );
+        assert_eq!(got, want, "after an error on primary {n}");
+    }
+}

@@ -1,7 +1,8 @@
 //! `INFO` in front of a cluster: one reply describing the whole data set
 //! as one Redis would, from every primary's (issue 23). Counters and gauges
 //! of the `Clients`, `Memory`, `Stats`, `CPU` and `Keyspace` sections are
-//! summed (`db0:keys=...,expires=...` too, `avg_ttl` the largest); ratios,
+//! summed (`db0:keys=...,expires=...` too, `avg_ttl` the largest; and
+//! `Errorstats`, code by code, every node's codes shown); ratios,
 //! human-readable values, limits and settings, and every other section
 //! (`Server`, `Replication`, `Persistence`, `Commandstats`, ...) are the
 //! first primary's. `blocked_clients` leaves out kiln's own role watchers
@@ -11,7 +12,20 @@
 use bytes::Bytes;
 
 /// The sections whose numbers are summed over the primaries.
-const SUMMED: &[&str] = &["clients", "memory", "stats", "cpu", "keyspace"];
+const SUMMED: &[&str] = &[
+    "clients",
+    "memory",
+    "stats",
+    "cpu",
+    "keyspace",
+    "errorstats",
+];
+
+/// The sections whose lines are one per name, each node showing its own
+/// (a database, an error code): every name shown, values summed.
+fn by_name(section: &str) -> bool {
+    matches!(section, "keyspace" | "errorstats")
+}
 
 /// Fields of those sections that are one node's: settings, limits and
 /// values that do not add up.
@@ -118,7 +132,8 @@ pub(super) fn merge(replies: &[Bytes], watchers: usize) -> Option<Bytes> {
     let (first, verbatim) = *texts.first()?;
     // Every node's summed fields, by section.
     let mut sums: Vec<(String, String, Num)> = Vec::new();
-    let mut dbs: Vec<(String, String)> = Vec::new();
+    // `by_name` sections' lines: (section, name, merged value).
+    let mut named: Vec<(String, String, String)> = Vec::new();
     for (i, (text, _)) in texts.iter().enumerate() {
         let mut section = String::new();
         for line in text.lines() {
@@ -132,10 +147,13 @@ pub(super) fn merge(replies: &[Bytes], watchers: usize) -> Option<Bytes> {
             if !SUMMED.contains(&section.as_str()) {
                 continue;
             }
-            if section == "keyspace" {
-                match dbs.iter_mut().find(|(db, _)| db == field) {
-                    Some((_, v)) => *v = merge_db(v, value),
-                    None => dbs.push((field.to_string(), value.to_string())),
+            if by_name(&section) {
+                match named
+                    .iter_mut()
+                    .find(|(s, f, _)| *s == section && f == field)
+                {
+                    Some((_, _, v)) => *v = merge_db(v, value),
+                    None => named.push((section.clone(), field.to_string(), value.to_string())),
                 }
                 continue;
             }
@@ -157,20 +175,25 @@ pub(super) fn merge(replies: &[Bytes], watchers: usize) -> Option<Bytes> {
     let mut section = String::new();
     for line in first.lines() {
         if let Some(name) = line.strip_prefix("# ") {
-            if section == "keyspace" {
-                write_dbs(&mut out, &mut dbs);
-            }
+            write_named(&mut out, &section, &mut named);
             section = name.trim().to_ascii_lowercase();
             out.push_str(line);
             out.push_str("\r\n");
             continue;
         }
+        if line.is_empty() {
+            // A section's end: its lines the first node did not show.
+            write_named(&mut out, &section, &mut named);
+        }
         let merged = line.split_once(':').and_then(|(field, _)| {
-            if section == "keyspace" {
-                return dbs.iter().position(|(db, _)| db == field).map(|i| {
-                    let (db, v) = dbs.remove(i);
-                    format!("{db}:{v}")
-                });
+            if by_name(&section) {
+                return named
+                    .iter()
+                    .position(|(s, f, _)| *s == section && f == field)
+                    .map(|i| {
+                        let (_, f, v) = named.remove(i);
+                        format!("{f}:{v}")
+                    });
             }
             let (_, _, total) = sums.iter().find(|(s, f, _)| *s == section && f == field)?;
             let total = match (field, *total) {
@@ -182,9 +205,7 @@ pub(super) fn merge(replies: &[Bytes], watchers: usize) -> Option<Bytes> {
         out.push_str(merged.as_deref().unwrap_or(line));
         out.push_str("\r\n");
     }
-    if section == "keyspace" {
-        write_dbs(&mut out, &mut dbs);
-    }
+    write_named(&mut out, &section, &mut named);
     // INFO's text has no trailing line break after its last line's.
     let body = out.trim_end_matches("\r\n");
     let body = if first.ends_with("\r\n") {
@@ -201,14 +222,24 @@ pub(super) fn merge(replies: &[Bytes], watchers: usize) -> Option<Bytes> {
 
 /// The keyspace lines no node before the first's order placed, by
 /// database number.
-fn write_dbs(out: &mut String, dbs: &mut Vec<(String, String)>) {
-    dbs.sort_by_key(|(db, _)| {
+/// The lines of `section` that the first node did not show, at its end
+/// (databases in number order).
+fn write_named(out: &mut String, section: &str, named: &mut Vec<(String, String, String)>) {
+    let mut rest: Vec<(String, String)> = Vec::new();
+    named.retain(|(s, f, v)| {
+        let mine = s == section;
+        if mine {
+            rest.push((f.clone(), v.clone()));
+        }
+        !mine
+    });
+    rest.sort_by_key(|(db, _)| {
         db.trim_start_matches("db")
             .parse::<u32>()
             .unwrap_or(u32::MAX)
     });
-    for (db, v) in dbs.drain(..) {
-        out.push_str(&format!("{db}:{v}\r\n"));
+    for (f, v) in rest {
+        out.push_str(&format!("{f}:{v}\r\n"));
     }
 }
 
@@ -244,6 +275,22 @@ mod tests {
         assert!(text.contains("mem_fragmentation_ratio:1.50\r\n"), "{text}");
         assert!(
             text.contains("db0:keys=5,expires=1,avg_ttl=30\r\ndb2:keys=1,expires=0,avg_ttl=0"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn error_counts_add_up_by_code() {
+        let a = bulk("# Errorstats\r\nerrorstat_ERR:count=2\r\n\r\n# Keyspace\r\n");
+        let b = bulk(
+            "# Errorstats\r\nerrorstat_ERR:count=1\r\nerrorstat_MY_ERR_CODE:count=1\r\n\r\n# Keyspace\r\n",
+        );
+        let merged = merge(&[a, b], 0).expect("merged");
+        let (text, _) = text_of(&merged).expect("bulk");
+        assert!(
+            text.contains(
+                "# Errorstats\r\nerrorstat_ERR:count=3\r\nerrorstat_MY_ERR_CODE:count=1\r\n"
+            ),
             "{text}"
         );
     }

@@ -27,12 +27,27 @@ pub(super) enum Merge {
     /// The first success, else the first error (SCRIPT KILL: only the
     /// node running the script kills it; the others say NOTBUSY).
     FirstOk,
+    /// SCRIPT EXISTS: 1 where any primary has the script (an `EVAL` caches
+    /// it on the node it ran on only).
+    AnyOf,
     /// kiln's busy probe (`PING` with `BUSY_PROBE`): the first `-BUSY`
     /// reply, so a script running on any primary is seen, else the first.
     Busy,
     /// INFO: the cluster's numbers as one Redis would give them, less
     /// this many role watchers in `blocked_clients` (`info`).
     Info(usize),
+}
+
+/// The integers of an array of integers (`*2\r\n:1\r\n:0\r\n`).
+fn integers(reply: &[u8]) -> Option<Vec<i64>> {
+    let text = std::str::from_utf8(reply).ok()?;
+    let mut lines = text.split("\r\n");
+    let n: usize = lines.next()?.strip_prefix('*')?.parse().ok()?;
+    let got: Option<Vec<i64>> = lines
+        .take(n)
+        .map(|l| l.strip_prefix(':')?.parse().ok())
+        .collect();
+    got.filter(|g| g.len() == n)
 }
 
 /// A number below `n`, different from call to call (RANDOMKEY's node):
@@ -153,6 +168,20 @@ pub(super) fn merge_replies(
     match merge {
         Merge::Info(watchers) => Ok(super::info::merge(&replies, watchers)
             .unwrap_or_else(|| replies.into_iter().next().unwrap_or_default())),
+        Merge::AnyOf => {
+            let lists: Option<Vec<Vec<i64>>> = replies.iter().map(|r| integers(r)).collect();
+            let Some(lists) = lists.filter(|l| l.windows(2).all(|w| w[0].len() == w[1].len()))
+            else {
+                return Ok(replies.into_iter().next().unwrap_or_default());
+            };
+            let n = lists.first().map_or(0, Vec::len);
+            let mut out = format!("*{n}\r\n");
+            for i in 0..n {
+                let any = lists.iter().map(|l| l[i]).max().unwrap_or(0);
+                out.push_str(&format!(":{any}\r\n"));
+            }
+            Ok(Bytes::from(out))
+        }
         Merge::Same | Merge::AllOk | Merge::FirstOk | Merge::Busy => {
             Ok(replies.into_iter().next().unwrap_or_default())
         }

@@ -140,7 +140,8 @@ impl Router {
             b"randomkey" => return Route::FanOut(Merge::FirstNonNil),
             b"flushall" | b"flushdb" => return Route::FanOut(Merge::Same),
             b"scan" => return Route::Scan,
-            b"script" if matches!(&sub()[..], b"load" | b"flush" | b"exists") => {
+            b"script" if &sub()[..] == b"exists" => return Route::FanOut(Merge::AnyOf),
+            b"script" if matches!(&sub()[..], b"load" | b"flush") => {
                 return Route::FanOut(Merge::Same);
             }
             // The busy script may be on any primary: every one is asked,
