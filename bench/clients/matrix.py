@@ -255,12 +255,12 @@ def start_cluster(tmp):
     return procs, f'cluster = [{", ".join(repr(f"127.0.0.1:{p}") for p in ports[:3])}]'.replace("'", '"')
 
 
-def start_kiln(tmp, upstream_line):
+def start_kiln(tmp, upstream_line, binary=None):
     port = free_port()
     conf = os.path.join(tmp, "kiln.toml")
     with open(conf, "w") as f:
         f.write(f'[server]\nlisten = "127.0.0.1:{port}"\n[upstream]\n{upstream_line}\n[metrics]\nlisten = "127.0.0.1:0"\n[warmup]\non_start = false\nhotkeys = {{ enabled = false }}\n')
-    binary = os.path.join(ROOT, "target", "release", "kiln")
+    binary = binary or os.path.join(ROOT, "target", "release", "kiln")
     if not os.path.exists(binary):
         subprocess.run(["cargo", "build", "--release", "-q"], cwd=ROOT, check=True)
     log = open(os.path.join(tmp, "kiln.log"), "w")
@@ -275,6 +275,7 @@ def main():
     g.add_argument("--port", type=int)
     g.add_argument("--cluster", action="store_true")
     g.add_argument("--standalone", action="store_true")
+    ap.add_argument("--kiln", help="the kiln binary (default: target/release/kiln, built if missing)")
     args = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="kiln-matrix-")
     procs = []
@@ -288,7 +289,7 @@ def main():
             wait_port(rp)
             up = f'url = "redis://127.0.0.1:{rp}"'
         if not port:
-            k, port = start_kiln(tmp, up)
+            k, port = start_kiln(tmp, up, args.kiln)
             procs.append(k)
         runs = [("redis-cli", run_cli), ("redis-py", run_redis_py)]
         runs += [(lib, lambda p, x, lib=lib: run_node(lib, p, x)) for lib in NODE_LIBS]
