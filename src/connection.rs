@@ -438,7 +438,9 @@ async fn run<R: ClientRead, W: AsyncWrite + Unpin>(
             // an upstream connection of its own for the pushes, once its
             // replies are in.
             _ = meta.adopt_asked.notified(), if pending.is_empty() && stalled.is_none() && !closing => {
-                if adopted(&mut rd, &mut wr, &mut inbuf, &mut out, c, shutdown).await {
+                // Boxed: the connect and relay states live on the heap only
+                // while adopting, not in every connection's task.
+                if Box::pin(adopted(&mut rd, &mut wr, &mut inbuf, &mut out, c, shutdown)).await {
                     return;
                 }
             }
