@@ -147,9 +147,9 @@ fn wrote_now<W: AsyncWrite + Unpin>(wr: &mut W, out: &mut BytesMut) -> usize {
     }
 }
 
-/// Opens the upstream connection another client asked this one to have
-/// (`cmd::clients::redirect_target`), tells that client its upstream id,
-/// and relays it. True when the connection is to close.
+/// Relays the upstream connection opened for this client because another
+/// redirects its tracking here (`cmd::clients::redirect_target`). True
+/// when the connection is to close.
 async fn adopted<R: ClientRead, W: AsyncWrite + Unpin>(
     rd: &mut R,
     wr: &mut W,
@@ -158,21 +158,11 @@ async fn adopted<R: ClientRead, W: AsyncWrite + Unpin>(
     c: &mut Client,
     shutdown: &CancellationToken,
 ) -> bool {
-    let Some(asker) = crate::worker::lock(&c.meta.adopt).take() else {
+    let Some(raw) = crate::worker::lock(&c.meta.adopt).take() else {
         return false;
     };
-    let raw = match c
-        .ctx
-        .upstream
-        .raw(c.db, c.proto, &c.upstream_as, None)
-        .await
-    {
-        Ok(raw) => raw,
-        // The asking client's redirect fails, as to a client that is gone.
-        Err(_) => return false,
-    };
+    // Pinned when it was opened; a session ended since may have unpinned.
     c.meta.pin(Some(raw.id.clone()));
-    let _ = asker.send(raw.id.load(std::sync::atomic::Ordering::Relaxed));
     // Upstream keeps the client's reply mode from now on.
     let prefix = if c.reply.off {
         encode_command(&["CLIENT", "REPLY", "OFF"])
@@ -437,7 +427,7 @@ async fn run<R: ClientRead, W: AsyncWrite + Unpin>(
             // Another client redirects its tracking here: this one gets
             // an upstream connection of its own for the pushes, once its
             // replies are in.
-            _ = meta.adopt_asked.notified(), if pending.is_empty() && stalled.is_none() && !closing => {
+            _ = meta.adopt_asked.notified(), if pending.is_empty() && stalled.is_none() && !closing && c.session.is_none() => {
                 // Boxed: the connect and relay states live on the heap only
                 // while adopting, not in every connection's task.
                 if Box::pin(adopted(&mut rd, &mut wr, &mut inbuf, &mut out, c, shutdown)).await {

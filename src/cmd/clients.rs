@@ -276,39 +276,49 @@ pub fn unblock_args(ctx: &Context, args: &[Bytes]) -> Vec<Bytes> {
     out
 }
 
-/// How long `redirect_target` waits for the client named to open its
-/// upstream connection (it does when idle: at once, but for a client in a
-/// blocking command).
-const ADOPT_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
-
 /// Before `CLIENT TRACKING ON ... REDIRECT id` goes upstream: a kiln
-/// client `id` with no upstream connection of its own (a RESP3 client
-/// that is to get the invalidation pushes) is asked to open one, so that
-/// upstream can redirect to it; waits up to `ADOPT_WAIT`. Redis accepts a
-/// redirect to any connected client.
-pub async fn redirect_target(ctx: &Context, args: &[Bytes]) {
+/// client `id` that has no relayed upstream connection of its own (a
+/// RESP3 client that never subscribed, or one in a transaction or a
+/// blocking command) gets one opened for it, as its own database,
+/// protocol and upstream user, so that upstream can redirect to it; the
+/// client's task relays it once idle (pushes wait in it until then). Redis
+/// accepts a redirect to any connected client.
+///
+/// Returns the upstream id to redirect to when it is such a connection
+/// (`None`: the usual translation, `tracking_args`, applies).
+pub async fn redirect_target(ctx: &Context, args: &[Bytes]) -> Option<u64> {
     let on = args.get(2).is_some_and(|a| a.eq_ignore_ascii_case(b"on"));
-    let Some(i) = args
+    let i = args
         .iter()
-        .position(|a| a.eq_ignore_ascii_case(b"redirect"))
-    else {
-        return;
-    };
-    let Some(target) = args
+        .position(|a| a.eq_ignore_ascii_case(b"redirect"))?;
+    let target = args
         .get(i + 1)
         .and_then(|a| parse_i64(a))
         .and_then(|id| u64::try_from(id).ok())
-        .and_then(|id| meta(ctx, id))
-    else {
-        return;
-    };
-    if !on || target.upstream_id().is_some() {
-        return;
+        .and_then(|id| meta(ctx, id))?;
+    let relayed = target.state().relay.is_some() && target.upstream_id().is_some();
+    if !on || relayed {
+        return None;
     }
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    *crate::worker::lock(&target.adopt) = Some(tx);
+    if let Some(raw) = crate::worker::lock(&target.adopt).as_ref() {
+        return Some(raw.id.load(std::sync::atomic::Ordering::Relaxed));
+    }
+    let (db, proto) = {
+        let st = target.state();
+        let proto = match st.resp {
+            3 => crate::protocol::Proto::Resp3,
+            _ => crate::protocol::Proto::Resp2,
+        };
+        (st.db, proto)
+    };
+    let who = crate::worker::lock(&target.upstream_as).clone();
+    // Not pinned to it yet: a client in a session stays pinned to its
+    // session's connection (CLIENT UNBLOCK names that one).
+    let raw = ctx.upstream.raw(db, proto, &who, None).await.ok()?;
+    let id = raw.id.load(std::sync::atomic::Ordering::Relaxed);
+    *crate::worker::lock(&target.adopt) = Some(raw);
     target.adopt_asked.notify_one();
-    let _ = tokio::time::timeout(ADOPT_WAIT, rx).await;
+    Some(id)
 }
 
 /// `CLIENT TRACKING ... REDIRECT id ...` with the kiln id translated, and

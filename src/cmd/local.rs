@@ -19,7 +19,7 @@ use crate::protocol::{Proto, encode};
 /// the script to end). `Some` with upstream's `-BUSY ...` reply, byte for
 /// byte, when it is; `None` when it answered anything else (or could not
 /// be asked: kiln then answers as usual).
-pub async fn busy_reply(c: &mut Client) -> Option<Bytes> {
+pub async fn busy_reply(c: &Client) -> Option<Bytes> {
     let conn = c.ctx.upstream.priority(c.proto, &c.upstream_as);
     let ping =
         crate::protocol::request::encode_command(&[&b"PING"[..], crate::upstream::BUSY_PROBE]);

@@ -521,6 +521,7 @@ impl Client {
     /// Publishes the connection state `CLIENT LIST` shows: name, database,
     /// user and protocol.
     pub fn meta_update(&self) {
+        *crate::worker::lock(&self.meta.upstream_as) = self.upstream_as.clone();
         let mut st = self.meta.state();
         st.db = self.db;
         st.name = self

@@ -135,15 +135,7 @@ pub fn forward(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
         // Standalone, upstream counts kiln's own tracking connections in
         // `tracking_clients`; a client sees its fellow clients only.
         None if cmd.args[0].eq_ignore_ascii_case(b"info") && c.ctx.upstream.cluster().is_none() => {
-            let mode = c.ctx.coherence.mode;
-            match mode {
-                crate::config::CoherenceMode::Ttl => Then::Nothing,
-                m => Then::Info(
-                    c.ctx
-                        .upstream
-                        .own_tracking_clients(m == crate::config::CoherenceMode::Tracking),
-                ),
-            }
+            Then::Info(own_tracking_clients(&c.ctx))
         }
         None => Then::Nothing,
     };
@@ -167,6 +159,19 @@ pub fn forward(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
     };
     let rx = if unnamed { settle(&c.ctx, rx) } else { rx };
     c.expect(r, rx, then);
+}
+
+/// kiln's own connections that a standalone upstream counts in INFO's
+/// `tracking_clients`: its tracking fill connections, or its `BCAST`
+/// channel; none in `ttl` mode.
+pub fn own_tracking_clients(ctx: &Context) -> usize {
+    use crate::config::CoherenceMode;
+    match ctx.coherence.mode {
+        CoherenceMode::Ttl => 0,
+        m => ctx
+            .upstream
+            .own_tracking_clients(m == CoherenceMode::Tracking),
+    }
 }
 
 /// An INFO reply (a bulk or verbatim string) with `tracking_clients`

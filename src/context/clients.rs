@@ -29,12 +29,15 @@ pub struct ClientMeta {
     /// client; `None` while it has none.
     pub pinned: Mutex<Option<Arc<AtomicU64>>>,
     pub state: Mutex<ClientState>,
-    /// Another client asked to redirect its tracking here while this one
-    /// has no upstream connection of its own: the client's task opens one
-    /// when it is next idle, sends its upstream id through this, and
-    /// relays it (`cmd::clients::redirect_target`).
-    pub adopt: Mutex<Option<tokio::sync::oneshot::Sender<u64>>>,
+    /// Another client redirected its tracking here while this one had no
+    /// upstream connection of its own to receive the pushes: the one opened
+    /// for it (`cmd::clients::redirect_target`), which the client's task
+    /// relays once it is idle and out of any session.
+    pub adopt: Mutex<Option<crate::upstream::RawSession>>,
     pub adopt_asked: tokio::sync::Notify,
+    /// The upstream user the client's commands run as (`Client::upstream_as`),
+    /// for a connection opened on its behalf.
+    pub upstream_as: Mutex<crate::upstream::As>,
 }
 
 /// What tells a client's task to end: kiln shutting down (`shut_down`:
@@ -135,6 +138,7 @@ impl ClientMeta {
             pinned: Mutex::new(None),
             adopt: Mutex::new(None),
             adopt_asked: tokio::sync::Notify::new(),
+            upstream_as: Mutex::new(None),
             state: Mutex::new(ClientState {
                 name: None,
                 db,

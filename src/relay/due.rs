@@ -28,6 +28,9 @@ pub(super) enum Kind {
     /// `CLIENT TRACKINGINFO`'s reply: upstream names the connection it
     /// redirects to by upstream's id; the client gave kiln's (this one).
     TrackingInfo(i64),
+    /// `INFO`'s reply (standalone): `tracking_clients` less kiln's own
+    /// tracking connections, this many (`cmd::write::less_own_tracking`).
+    Info(usize),
 }
 
 struct Entry {
@@ -106,6 +109,7 @@ impl Due {
             e.frame = match e.kind {
                 Kind::Own => return,
                 Kind::TrackingInfo(id) => Some(kiln_redirect(frame, id)),
+                Kind::Info(own) => Some(crate::cmd::write::less_own_tracking(&frame, own)),
                 _ => Some(frame),
             };
         }

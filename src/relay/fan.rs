@@ -307,6 +307,27 @@ impl Ups {
         let Some((k, add)) = kind(name) else {
             return;
         };
+        if add && args.len() < 2 {
+            if answered {
+                own_error(
+                    due,
+                    &crate::cmd::arity_error(&String::from_utf8_lossy(name)),
+                );
+            }
+            return;
+        }
+        // While a script is busy, Redis refuses the whole command with one
+        // `-BUSY` and subscribes nothing; kiln sends a command's channels
+        // to several primaries, and one refusing its share would leave the
+        // rest subscribed. So every primary is asked first (one round trip
+        // per subscription command; kiln's own stall detection takes 50 ms
+        // to see a script).
+        if let Some(busy) = crate::cmd::local::busy_reply(c).await {
+            if answered {
+                due.push(Kind::Own, 0, Some(busy));
+            }
+            return;
+        }
         let mut chans: Vec<Bytes> = args[1..].to_vec();
         if k == 2 && chans.iter().any(|ch| key_slot(ch) != key_slot(&chans[0])) {
             // As Redis Cluster refuses it.

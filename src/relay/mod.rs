@@ -93,7 +93,13 @@ fn on_frame(
 /// Per relayed command: what CLIENT LIST shows changes, and a command that
 /// names a kiln client id gets upstream's id instead (`CLIENT TRACKING ...
 /// REDIRECT`, `CLIENT UNBLOCK`). Returns the bytes to send upstream.
-fn relay_command(c: &Client, name: &[u8], cmd: &Command, subs: &mut Subscriptions) -> bytes::Bytes {
+fn relay_command(
+    c: &Client,
+    name: &[u8],
+    cmd: &Command,
+    subs: &mut Subscriptions,
+    adopted: Option<u64>,
+) -> bytes::Bytes {
     subs.follow(name, &cmd.args);
     let mut st = c.meta.state();
     st.cmd = String::from_utf8_lossy(name).into_owned();
@@ -111,7 +117,27 @@ fn relay_command(c: &Client, name: &[u8], cmd: &Command, subs: &mut Subscription
             .args
             .get(2)
             .is_some_and(|a| a.eq_ignore_ascii_case(b"on"));
-        let (args, redir) = cmd::clients::tracking_args(&c.ctx, &cmd.args);
+        let (mut args, redir) = cmd::clients::tracking_args(&c.ctx, &cmd.args);
+        // The target's connection opened for it (`redirect_target`).
+        if let Some(id) = adopted {
+            if let Some(i) = args
+                .iter()
+                .position(|a| a.eq_ignore_ascii_case(b"redirect"))
+            {
+                if let Some(a) = args.get_mut(i + 1) {
+                    *a = bytes::Bytes::from(id.to_string());
+                }
+            }
+        }
+        // A redirect to no client: upstream refuses the command (its id
+        // became 0), and nothing changes, as in Redis.
+        let refused = redir.is_some_and(|id| id != 0)
+            && args
+                .windows(2)
+                .any(|w| w[0].eq_ignore_ascii_case(b"redirect") && &w[1][..] == b"0");
+        if refused {
+            return encode_command(&args);
+        }
         // As Redis shows it: 0 when tracking without a redirect.
         st.redir = if on { redir.unwrap_or(0) } else { -1 };
         if st.relay.is_none() || on {
@@ -236,6 +262,9 @@ pub async fn relay<R: ClientRead, W: AsyncWrite + Unpin>(
     // client until upstream has answered everything before it (the rest of
     // `inbuf` is served after a RESET, as on a fresh connection).
     let mut ending: Option<Ending> = None;
+    // The home connection closed after QUIT's `+OK`: what other nodes
+    // still owe (confirmations before the QUIT) is written first.
+    let mut home_closed = false;
     // The first command's reply is owed unless the prefix turned replies
     // off; a later one's as the client's reply mode says when it is run.
     let mut next = first.map(|f| (f, Some(prefix.is_empty())));
@@ -258,7 +287,7 @@ pub async fn relay<R: ClientRead, W: AsyncWrite + Unpin>(
             let mut buf = [0u8; 64];
             let name = table::lower(cmd.name(), &mut buf).unwrap_or(b"");
             if cluster && fan::fanned(name) {
-                relay_command(c, name, &cmd, &mut subs);
+                relay_command(c, name, &cmd, &mut subs, None);
                 let answered = owed.unwrap_or_else(|| c.reply.after_command());
                 ups.command(c, name, &cmd.args, &mut due, &mut to_up, answered)
                     .await;
@@ -343,27 +372,31 @@ pub async fn relay<R: ClientRead, W: AsyncWrite + Unpin>(
                 stale.apply(&ctx);
             }
             if answered && counted_reply(name) {
-                let kind = match name == b"client"
+                let trackinginfo = name == b"client"
                     && cmd
                         .args
                         .get(1)
-                        .is_some_and(|s| s.eq_ignore_ascii_case(b"trackinginfo"))
-                {
-                    true => Kind::TrackingInfo(c.meta.state().redir),
-                    false => Kind::Reply(stale),
+                        .is_some_and(|s| s.eq_ignore_ascii_case(b"trackinginfo"));
+                let kind = if trackinginfo {
+                    Kind::TrackingInfo(c.meta.state().redir)
+                } else if name == b"info" && !cluster {
+                    Kind::Info(cmd::write::own_tracking_clients(&ctx))
+                } else {
+                    Kind::Reply(stale)
                 };
                 let seq = due.push(kind, 1, None);
                 ups.list[0].expect_reply(seq);
             }
-            if name == b"client"
+            let adopted = match name == b"client"
                 && cmd
                     .args
                     .get(1)
                     .is_some_and(|s| s.eq_ignore_ascii_case(b"tracking"))
             {
-                cmd::clients::redirect_target(&ctx, &cmd.args).await;
-            }
-            to_up.extend_from_slice(&relay_command(c, name, &cmd, &mut subs));
+                true => cmd::clients::redirect_target(&ctx, &cmd.args).await,
+                false => None,
+            };
+            to_up.extend_from_slice(&relay_command(c, name, &cmd, &mut subs, adopted));
         }
         match due.flush(&ctx, out) {
             Flushed::Reset => {
@@ -374,6 +407,9 @@ pub async fn relay<R: ClientRead, W: AsyncWrite + Unpin>(
         }
         if ending == Some(Ending::Unsubscribed) && due.is_empty() {
             return RelayEnd::Unsubscribed;
+        }
+        if home_closed && due.is_empty() {
+            return upstream_gone(wr, out, c, ending).await;
         }
         if out.len() > live.max_output_buffer {
             ctx.metrics.limit_hit("max_output_buffer");
@@ -409,8 +445,12 @@ pub async fn relay<R: ClientRead, W: AsyncWrite + Unpin>(
                     _ => return upstream_gone(wr, out, c, ending).await,
                 }
             }
-            r = urd.read_buf(&mut from_up) => {
+            r = urd.read_buf(&mut from_up), if !home_closed => {
                 if !matches!(r, Ok(n) if n > 0) {
+                    if ending == Some(Ending::Quit) && !due.is_empty() {
+                        home_closed = true;
+                        continue;
+                    }
                     return upstream_gone(wr, out, c, ending).await;
                 }
                 loop {

@@ -232,3 +232,86 @@ async fn publish_counts_the_subscribers_through_kiln() {
         d.cmd_text(&["PUBLISH", &chans[0], "y"]).await
     );
 }
+
+/// What a fresh review found: `SUBSCRIBE` with no channel gets Redis's
+/// arity error (it got no reply at all); a subscription to several
+/// primaries pipelined with `QUIT` gets its confirmations before `+OK`
+/// (the connection closed without them); during a busy script a
+/// `SUBSCRIBE` gets one `-BUSY` and subscribes nothing (it got the
+/// `-BUSY` among confirmations, and one channel silently unsubscribed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn arity_quit_and_a_busy_script() {
+    let (cluster, kiln) = cluster_and_kiln().await;
+    let redis = Redis::start();
+    for resp3 in [false, true] {
+        let (mut s, mut sd) = (kiln.conn().await, redis.conn().await);
+        if resp3 {
+            s.cmd(&["HELLO", "3"]).await;
+            sd.cmd(&["HELLO", "3"]).await;
+        }
+        for args in [
+            &["SUBSCRIBE"][..],
+            &["PSUBSCRIBE"],
+            &["SSUBSCRIBE"],
+            &["PING"],
+        ] {
+            assert_eq!(s.cmd_text(args).await, sd.cmd_text(args).await, "{args:?}");
+        }
+    }
+    // Confirmations from every primary, then QUIT's +OK, then the close.
+    let mut pipeline = Vec::new();
+    for c in [
+        &["SUBSCRIBE", "a"][..],
+        &["PSUBSCRIBE", "b*"],
+        &["SUBSCRIBE", "__keyspace@0__:x"],
+        &["QUIT"],
+    ] {
+        pipeline.extend(crate::util::encode(c));
+    }
+    let (mut s, mut sd) = (kiln.conn().await, redis.conn().await);
+    s.send_raw(&pipeline).await;
+    sd.send_raw(&pipeline).await;
+    for _ in 0..4 {
+        assert_eq!(next(&mut s).await, next(&mut sd).await);
+    }
+    assert!(s.closed().await, "closed after +OK");
+    // A script busy on the primary of `news`.
+    let mut k = kiln.conn().await;
+    assert_eq!(
+        k.cmd_text(&["CONFIG", "SET", "busy-reply-threshold", "10"])
+            .await,
+        "+OK\r\n"
+    );
+    let busy_key = "news";
+    let node = cluster.owner_port(key_slot(busy_key.as_bytes()));
+    let mut runner = kiln.conn().await;
+    runner
+        .send(&["EVAL", "while true do end", "1", busy_key])
+        .await;
+    let mut direct = Conn::connect(([127, 0, 0, 1], node).into()).await;
+    let busy = crate::util::poll_until(std::time::Duration::from_millis(10), async || match direct
+        .cmd_text(&["PING"])
+        .await
+    {
+        r if r.starts_with("-BUSY ") => Ok(r),
+        r => Err(format!("not busy yet: {r}")),
+    })
+    .await;
+    let mut s = kiln.conn().await;
+    assert_eq!(
+        s.cmd_text(&["SUBSCRIBE", "a", "news", "sports"]).await,
+        busy
+    );
+    assert_eq!(k.cmd_text(&["SCRIPT", "KILL"]).await, "+OK\r\n");
+    runner.read().await;
+    // One reply, and nothing was subscribed: the client is not in
+    // subscribed mode (a RESP2 subscriber's PING is `*2 pong`).
+    crate::util::poll_until(std::time::Duration::from_millis(10), async || {
+        match s.cmd_text(&["PING"]).await {
+            r if r == "+PONG\r\n" => Ok(()),
+            r => Err(format!("still {r}")),
+        }
+    })
+    .await;
+    assert_eq!(k.cmd_text(&["PUBLISH", "news", "x"]).await, ":0\r\n");
+}

@@ -669,6 +669,45 @@ async fn tracking_redirect_to_a_resp3_client() {
     p.finish("tracking_redirect_to_a_resp3_client");
 }
 
+/// A RESP3 redirect target busy in `BLPOP`, or in `MULTI`, when the
+/// redirect is made still gets the invalidation pushes (kiln redirected
+/// to the connection of its session, whose pushes no one read): once its
+/// command or transaction is over, here, where Redis pushes at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tracking_redirect_to_a_client_in_a_session() {
+    let (_direct_server, behind, kiln) = twin().await;
+    let mut w = behind.conn().await;
+    for session in ["BLPOP", "MULTI"] {
+        let mut r = kiln.conn().await;
+        assert!(ask(&mut r, &["HELLO", "3"]).await.starts_with(b"%"));
+        let rid = client_id(&mut r).await.to_string();
+        match session {
+            "BLPOP" => r.send(&["BLPOP", "nolist", "0"]).await,
+            _ => assert_eq!(ask(&mut r, &["MULTI"]).await, b"+OK\r\n"),
+        }
+        let mut t = kiln.conn().await;
+        let on = ask(&mut t, &["CLIENT", "TRACKING", "ON", "REDIRECT", &rid]).await;
+        assert_eq!(on, b"+OK\r\n", "{session}");
+        assert_eq!(w.cmd(&["SET", "tk", "v"]).await, "+OK\r\n");
+        ask(&mut t, &["GET", "tk"]).await;
+        assert_eq!(w.cmd(&["SET", "tk", "v2"]).await, "+OK\r\n");
+        match session {
+            "BLPOP" => {
+                assert_eq!(w.cmd(&["LPUSH", "nolist", "x"]).await, ":1\r\n");
+                assert!(reply(&mut r, PROMPT).await.starts_with(b"*2\r\n"));
+            }
+            _ => assert_eq!(ask(&mut r, &["EXEC"]).await, b"*0\r\n"),
+        }
+        let push = reply(&mut r, PROMPT).await;
+        assert_eq!(
+            show(&push),
+            show(b">2\r\n$10\r\ninvalidate\r\n*1\r\n$2\r\ntk\r\n"),
+            "{session}"
+        );
+        assert_eq!(ask(&mut r, &["PING"]).await, b"+PONG\r\n", "{session}");
+    }
+}
+
 /// `INFO`'s `tracking_clients` counts the clients that turned tracking
 /// on, as Redis counts them, not kiln's own tracking connections (the
 /// suite's "Tracking info is correct" got 6 where Redis says 2, once
@@ -709,6 +748,14 @@ async fn info_counts_the_clients_tracking_not_kiln() {
         let (got, want) = (k.cmd(&["INFO"]).await, d.cmd(&["INFO", "clients"]).await);
         assert_eq!(field(&want), Some(2), "{want:?}");
         assert_eq!(field(&got), field(&want), "resp3 {resp3}: {got:?}");
+        // Asked by a tracking client itself, on its own upstream connection.
+        let got = tracking[0].cmd(&["INFO", "clients"]).await;
+        let want = direct[0].cmd(&["INFO", "clients"]).await;
+        assert_eq!(
+            field(&got),
+            field(&want),
+            "asked by a tracking client: {got:?}"
+        );
     }
 }
 
@@ -730,6 +777,11 @@ async fn getredir_follows_tracking_on_and_off() {
         &["CLIENT", "GETREDIR"],
         &["CLIENT", "TRACKING", "ON"],
         &["CLIENT", "GETREDIR"],
+        &["CLIENT", "TRACKING", "OFF"],
+        // A redirect to no client is refused and changes nothing.
+        &["CLIENT", "TRACKING", "ON", "REDIRECT", "987654"],
+        &["CLIENT", "GETREDIR"],
+        &["CLIENT", "TRACKINGINFO"],
     ] {
         let (got, want) = (ask(&mut k, step).await, d.cmd(step).await);
         p.same(&step.join(" "), &got, &want);
