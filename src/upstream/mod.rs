@@ -431,7 +431,7 @@ impl Upstream {
         slot: Option<u16>,
     ) -> Result<Session, UpstreamError> {
         let permit = self.permit().await?;
-        let key = (db, proto, who.clone());
+        let key = (db, proto, crate::worker::worker(), who.clone());
         let node = self.node_for(slot, 0);
         // A pooled connection upstream closed while idle is dropped.
         let conn = lock(&node.idle)

@@ -17,7 +17,9 @@ use crate::upstream::connect::{As, Common, Connector, Moves, UpstreamTls, setup}
 use crate::upstream::request::Hooks;
 use crate::worker::{lock, worker};
 
-pub(crate) type PoolKey = (u32, Proto, As);
+/// (database, protocol, worker thread, user): a connection's task runs on
+/// the worker that made it, so a client takes one of its own thread's.
+pub(crate) type PoolKey = (u32, Proto, usize, As);
 
 /// A set of connections clients are spread over.
 pub(crate) type Conns = Arc<[ConnHandle]>;
