@@ -909,8 +909,13 @@ async fn sentinel_failovers_are_followed() {
                             acks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                             let read = c.cmd_text(&["GET", "counter"]).await;
                             if !read.starts_with('-') {
+                                // After a kill, the read may already reach the
+                                // promoted replica, which lacks the INCR the
+                                // dead primary acknowledged but had not
+                                // replicated (the loss counted above, at the
+                                // next INCR). A planned failover loses nothing.
                                 assert!(
-                                    read.parse::<i64>().expect("number") >= n,
+                                    read.parse::<i64>().expect("number") >= n || !planned,
                                     "read {read} after {n}"
                                 );
                             }

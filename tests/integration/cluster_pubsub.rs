@@ -82,7 +82,7 @@ async fn keyspace_notifications_of_every_primary_reach_one_subscriber() {
         }
         // A key expiring on its node: an event kiln never saw the cause of.
         for c in [&mut k, &mut d] {
-            c.cmd(&["PEXPIRE", &keys[2], "1"]).await;
+            c.cmd(&["PEXPIRE", &keys[2], "100"]).await;
         }
         for _ in 0..2 {
             // pexpire, then expired
