@@ -144,6 +144,13 @@ impl Instance {
                 shutdown.clone(),
             )
             .await;
+        coherence::heat::spawn(
+            ctx.upstream.clone(),
+            ctx.control.clone(),
+            ctx.l1.clone(),
+            config.coherence.check_interval,
+            shutdown.clone(),
+        );
         ctx.warmup.spawn_background(shutdown.clone());
         tokio::spawn(context::follow_upstream(ctx.clone(), shutdown.clone()));
         sidecar::watch::spawn(ctx.clone(), shutdown.clone());

@@ -37,7 +37,8 @@ const RESTART_ONLY: &[&str] = &[
     "server.listen",
     "server.threads",
     "upstream",
-    "coherence",
+    "coherence.mode",
+    "coherence.check_interval",
     "metrics",
     "log.format",
     "warmup.hotkeys",
@@ -90,7 +91,11 @@ fn try_reload(ctx: &Context) -> Result<Applied, String> {
     new.server.listen = old.server.listen.clone();
     new.server.threads = old.server.threads;
     new.upstream = old.upstream.clone();
-    new.coherence = old.coherence.clone();
+    // Of `[coherence]`, only the audit's share applies live.
+    new.coherence = crate::config::CoherenceConfig {
+        audit_share: new.coherence.audit_share,
+        ..old.coherence.clone()
+    };
     new.metrics = old.metrics.clone();
     new.log.format = old.log.format;
     new.warmup.hotkeys = old.warmup.hotkeys.clone();
@@ -127,6 +132,7 @@ fn try_reload(ctx: &Context) -> Result<Applied, String> {
     applied.dropped = ctx.l1.configure(&new.cache);
     ctx.warmup.configure(&new.warmup);
     ctx.health.configure(&new.alerts);
+    ctx.coherence.audit.configure(new.coherence.audit_share);
     applied.closed = close_removed_users(ctx);
     *current = Loaded {
         config: new,

@@ -38,6 +38,9 @@ pub(super) struct Meta {
 
 pub(super) const NIL: u32 = 1 << 31;
 
+/// The bytes of an entry's origin (`Entry::origin`), after its value.
+const ORIGIN: usize = 4;
+
 pub(super) const LEN_MASK: u16 = ZSTD - 1;
 
 /// The longest read (`reads::read_key`: the arguments after the key) an
@@ -100,6 +103,8 @@ pub(super) struct Parts<'a> {
     pub(super) lifetime_ms: u64,
     pub(super) limit_ms: u64,
     pub(super) compression: Compression,
+    /// `FillToken::origin`.
+    pub(super) origin: u32,
 }
 
 impl Entry {
@@ -121,6 +126,7 @@ impl Entry {
             lifetime_ms: u64::from(u32::MAX),
             limit_ms: u64::from(u32::MAX),
             compression: Compression::None,
+            origin: 0,
         })
     }
 
@@ -132,10 +138,11 @@ impl Entry {
             Some(c) => (&c[..], p.compression.flag()),
             None => (data, 0),
         };
-        let mut bytes = Vec::with_capacity(p.key.len() + p.read.len() + stored.len());
+        let mut bytes = Vec::with_capacity(p.key.len() + p.read.len() + stored.len() + ORIGIN);
         bytes.extend_from_slice(p.key);
         bytes.extend_from_slice(p.read);
         bytes.extend_from_slice(stored);
+        bytes.extend_from_slice(&p.origin.to_le_bytes());
         let meta = Meta {
             header: AtomicU64::new(header),
             db: p.db as u16,
@@ -207,7 +214,23 @@ impl Entry {
         if m.key_len & NIL != 0 {
             return None;
         }
-        Some(&self.0.slice[self.key_len() + (m.read_len & LEN_MASK) as usize..])
+        Some(&self.0.slice[self.key_len() + (m.read_len & LEN_MASK) as usize..self.end()])
+    }
+
+    /// Where the stored value ends: the origin follows it.
+    fn end(&self) -> usize {
+        self.0.slice.len() - ORIGIN
+    }
+
+    /// Which fills this entry is one state with (`FillToken::origin`): two
+    /// entries of one nonzero origin were read on one upstream connection,
+    /// where each write's invalidation of one came before the reply of any
+    /// later read of the other, or in one multi-key read. 0: none.
+    pub fn origin(&self) -> u32 {
+        let end = self.end();
+        self.0.slice[end..]
+            .first_chunk::<ORIGIN>()
+            .map_or(0, |b| u32::from_le_bytes(*b))
     }
 
     /// The value's bytes (decompressed), or `None` for a cached nil: for
@@ -233,7 +256,7 @@ impl Entry {
         let m = self.meta();
         if m.read_len == 0 && m.key_len & NIL == 0 {
             // A GET value stored plain: the hit path.
-            crate::protocol::encode::bulk(out, &self.0.slice[m.key_len as usize..]);
+            crate::protocol::encode::bulk(out, &self.0.slice[m.key_len as usize..self.end()]);
             return;
         }
         let Some(stored) = self.stored() else {

@@ -148,6 +148,7 @@ impl L1 {
                 u64::MAX
             },
             compression,
+            origin: t.origin,
         });
         if compression != Compression::None && entry.compression() != Compression::None {
             let stored = entry.stored().map_or(0, <[u8]>::len) as u64;

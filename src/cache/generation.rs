@@ -53,6 +53,40 @@ pub(super) struct KeySlot {
     /// reads (`writes_settled`), so its fill is not dropped by the write's
     /// second invalidation.
     pub(super) writing: AtomicU32,
+    /// Multi-key fills storing one of these keys now (`L1::batch_fill`):
+    /// while it is not 0, an MGET hit cannot tell which of the batch's
+    /// entries it saw, so it is not served from L1.
+    pub(super) filling: AtomicU32,
+    /// Bumped when a multi-key fill of one of these keys ends.
+    pub(super) filled: AtomicU32,
+}
+
+/// What an MGET hit saw of one key's `KeySlot` before reading its entry
+/// (`L1::stamp`); `L1::unchanged` tells whether it still holds, that is,
+/// whether no invalidation and no multi-key fill of the key came since.
+#[derive(Debug, Clone, Copy)]
+pub struct Stamp {
+    slot: u32,
+    generation: u64,
+    push: u64,
+    filled: u32,
+}
+
+/// A multi-key fill in progress (`L1::batch_fill`): the keys' slots count
+/// it until it is dropped, which marks them filled.
+pub struct BatchFill<'a> {
+    l1: &'a L1,
+    slots: smallvec::SmallVec<[u32; 16]>,
+}
+
+impl Drop for BatchFill<'_> {
+    fn drop(&mut self) {
+        for &i in &self.slots {
+            let slot = &self.l1.slots[i as usize];
+            slot.filled.fetch_add(1, Ordering::SeqCst);
+            slot.filling.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
 }
 
 /// A write through kiln in flight, from `L1::write_started`: what
@@ -74,6 +108,11 @@ pub struct FillToken {
     /// `L1::settings_generation`: a reload of `[cache]` since the miss
     /// drops the fill, whose TTL came from the old rules.
     pub(super) settings: u64,
+    /// Which fills the entry is one state with (`Entry::origin`): in
+    /// `tracking` mode the upstream connection the read's reply came on
+    /// (`FillToken::arrived`); otherwise a multi-key fill's own number
+    /// (`FillToken::batch`); 0 for none. Not part of what `current` checks.
+    pub(super) origin: u32,
 }
 
 impl FillToken {
@@ -85,8 +124,25 @@ impl FillToken {
     /// reply (the read made that connection track the key). Not for reads
     /// on other connections, nor in `bcast` mode, whose pushes come on a
     /// channel of their own.
-    pub fn arrived(mut self, push: u64) -> FillToken {
+    pub fn arrived(mut self, push: u64, stream: u32) -> FillToken {
         self.push = push;
+        self.origin = stream;
+        self
+    }
+
+    /// This token for a read whose reply came on upstream connection
+    /// `stream` (`upstream::stream`), with no push generation to rebase.
+    pub fn via(mut self, stream: u32) -> FillToken {
+        self.origin = stream;
+        self
+    }
+
+    /// This token as one of a multi-key fill's, numbered `batch`, when its
+    /// read did not arrive on a tracking reader (`bcast`, `ttl` modes).
+    pub fn batch(mut self, batch: u32) -> FillToken {
+        if self.origin == 0 {
+            self.origin = batch;
+        }
         self
     }
 }
@@ -169,10 +225,63 @@ impl L1 {
             generation: slot.generation.load(Ordering::SeqCst),
             push: slot.push.load(Ordering::SeqCst),
             settings: self.settings_generation.load(Ordering::SeqCst),
+            origin: 0,
         }
     }
 
+    /// The state of the key hashed `key_hash` that an MGET hit reads
+    /// before its entry, or `None` while a multi-key fill of it is being
+    /// stored. Together with `unchanged` after every key was read, this
+    /// makes the MGET's entries one state of L1 (a seqlock per key group):
+    /// an invalidation bumps the generation before it removes, a
+    /// multi-key fill counts itself before it stores and bumps `filled`
+    /// after.
+    pub fn stamp(&self, key_hash: u64) -> Option<Stamp> {
+        let i = key_hash as usize & (GENERATIONS - 1);
+        let slot = &self.slots[i];
+        if slot.filling.load(Ordering::SeqCst) != 0 {
+            return None;
+        }
+        Some(Stamp {
+            slot: i as u32,
+            generation: slot.generation.load(Ordering::SeqCst),
+            push: slot.push.load(Ordering::SeqCst),
+            filled: slot.filled.load(Ordering::SeqCst),
+        })
+    }
+
+    /// Whether nothing changed the key of `s` since it was taken.
+    pub fn unchanged(&self, s: &Stamp) -> bool {
+        let slot = &self.slots[s.slot as usize];
+        slot.filling.load(Ordering::SeqCst) == 0
+            && slot.generation.load(Ordering::SeqCst) == s.generation
+            && slot.push.load(Ordering::SeqCst) == s.push
+            && slot.filled.load(Ordering::SeqCst) == s.filled
+    }
+
+    /// Starts storing the entries of one upstream reply for several keys
+    /// (an MGET's): until the guard is dropped, MGET hits on any of them
+    /// read upstream rather than see some entries new and some old.
+    pub fn batch_fill<K: AsRef<[u8]>>(&self, keys: &[K]) -> BatchFill<'_> {
+        let slots = keys
+            .iter()
+            .map(|k| {
+                let i = self.key_hash(k.as_ref()) as usize & (GENERATIONS - 1);
+                self.slots[i].filling.fetch_add(1, Ordering::SeqCst);
+                i as u32
+            })
+            .collect();
+        BatchFill { l1: self, slots }
+    }
+
+    /// Whether nothing told L1 of a change to `key` since `t` was taken:
+    /// no invalidation of it (a write through kiln, a tracking push), no
+    /// clear, no reload of `[cache]`.
+    pub fn unchanged_since(&self, key: &[u8], t: FillToken) -> bool {
+        self.current(key, t)
+    }
+
     pub(super) fn current(&self, key: &[u8], t: FillToken) -> bool {
-        self.token(key) == t
+        self.token(key) == FillToken { origin: 0, ..t }
     }
 }

@@ -6,6 +6,7 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use crate::cache::L1;
+use crate::cache::generation::{Stamp, db_hash};
 use crate::cache::entry::{
     EPOCH_MASK, EPOCHS_KEPT, EXPIRY_MASK, Entry, HITS_MASK, HITS_SHIFT, REFRESHING, epoch_of,
 };
@@ -51,6 +52,28 @@ impl L1 {
         self.lookup(&rules.0, db, key, read, now)
     }
 
+    /// `find` for one key of a multi-key read (MGET): also the key's
+    /// `Stamp`, taken before its entry is read (`None` while a multi-key
+    /// fill of it is being stored), for `unchanged` once every key was read.
+    pub fn find_stamped(
+        &self,
+        rules: &Rules,
+        db: u32,
+        key: &[u8],
+        now: Instant,
+    ) -> (Option<Hit>, Option<Stamp>) {
+        let key_hash = self.key_hash(key);
+        let stamp = self.stamp(key_hash);
+        let hit = self.lookup_hashed(&rules.0, db_hash(key_hash, db), db, key, &[], now);
+        (hit, stamp)
+    }
+
+    /// L1's clear count (`clear`, a lost tracking channel, dropped slots):
+    /// a multi-key read checks it did not move while it read.
+    pub fn clears(&self) -> u64 {
+        self.epoch.load(Ordering::SeqCst)
+    }
+
     pub(super) fn lookup(
         &self,
         s: &Settings,
@@ -59,7 +82,18 @@ impl L1 {
         read: &[u8],
         now: Instant,
     ) -> Option<Hit> {
-        let hash = self.hash(db, key);
+        self.lookup_hashed(s, self.hash(db, key), db, key, read, now)
+    }
+
+    fn lookup_hashed(
+        &self,
+        s: &Settings,
+        hash: u64,
+        db: u32,
+        key: &[u8],
+        read: &[u8],
+        now: Instant,
+    ) -> Option<Hit> {
         let entry = self.store.get(hash, db, key, read)?;
         let header = entry.header();
         let now = now.saturating_duration_since(self.born).as_millis() as u64;

@@ -23,6 +23,7 @@ mod fill;
 pub mod flight;
 mod generation;
 pub mod glob;
+pub mod heat;
 mod invalidate;
 mod lookup;
 mod rules;
@@ -33,7 +34,7 @@ mod tests;
 
 pub use compress::Compression;
 pub use entry::{Entry, MAX_READ};
-pub use generation::{FillToken, WriteMark};
+pub use generation::{BatchFill, FillToken, Stamp, WriteMark};
 pub use lookup::Hit;
 pub use rules::{Policy, Rules, in_share};
 
@@ -89,6 +90,8 @@ pub struct L1 {
     ttl_mode: bool,
     pub flights: flight::Flights,
     pub stats: Stats,
+    /// The hits reported upstream as key heat (`cache.report_heat`).
+    pub heat: heat::Heat,
 }
 
 /// Why entries were dropped; `as_str` is the `source` metric label.
@@ -138,6 +141,9 @@ pub struct Stats {
     pub evictions: Arc<AtomicU64>,
     /// GET/MGET keys answered from a stale entry because upstream failed.
     pub stale_served: AtomicU64,
+    /// MGETs L1 held whole but read upstream: an invalidation or a
+    /// multi-key fill of one of their keys came while they were read.
+    pub mget_rereads: AtomicU64,
     /// Invalidations (keys, or whole clears) by `Source`.
     pub invalidations: [AtomicU64; 4],
     /// Background refreshes started (`cache.refresh_ahead`).
@@ -192,6 +198,11 @@ impl L1 {
             born: Instant::now(),
             ttl_mode,
             flights: flight::Flights::new(),
+            heat: {
+                let h = heat::Heat::default();
+                h.configure(cfg.report_heat);
+                h
+            },
             stats: Stats {
                 evictions,
                 ..Stats::default()
@@ -219,6 +230,7 @@ impl L1 {
     /// changed are dropped (all of them when caching is turned off).
     /// Returns how many entries were dropped.
     pub fn configure(&self, cfg: &CacheConfig) -> usize {
+        self.heat.configure(cfg.report_heat);
         let new = Settings::new(cfg, self.ttl_mode);
         let old = self.settings.load_full();
         if cfg.max_memory != self.capacity() {
@@ -265,6 +277,13 @@ impl L1 {
     /// Milliseconds since the cache was made: what expiries count in.
     fn now_ms(&self) -> u64 {
         self.born.elapsed().as_millis() as u64
+    }
+
+    /// How long ago `e` was filled, ms.
+    pub fn age_ms(&self, e: &Entry) -> u64 {
+        let expires = e.header() & entry::EXPIRY_MASK;
+        let life = u64::from(e.meta().lifetime_ms.load(Ordering::Relaxed));
+        self.now_ms().saturating_sub(expires.saturating_sub(life))
     }
 
     /// Waits (at most `DEFER_MAX`) until no write through kiln to any of

@@ -495,13 +495,13 @@ mod tests {
     #[test]
     fn the_budget_evicts_unreferenced_entries_first() {
         let evictions = Arc::new(AtomicU64::new(0));
-        // 12 bytes each ("kNN" + "v" + 10... weigh is len + 10).
-        let s = Store::new(1, 14 * 10, weigh, evictions.clone());
+        // 18 bytes each ("kNN", "v", the 4-byte origin, and weigh's 10).
+        let s = Store::new(1, 18 * 10, weigh, evictions.clone());
         let keys: Vec<Vec<u8>> = (10..20u32).map(|i| format!("k{i}").into_bytes()).collect();
         for (i, k) in keys.iter().enumerate() {
             assert!(s.insert(i as u64 * 4097, entry(k)));
         }
-        assert_eq!(s.weight(), 140);
+        assert_eq!(s.weight(), 180);
         // Touch the first five: the next inserts evict among the others.
         for (i, k) in keys.iter().enumerate().take(5) {
             assert!(s.get(i as u64 * 4097, 0, k, b"").is_some());
@@ -510,7 +510,7 @@ mod tests {
             assert!(s.insert(i as u64 * 4097, entry(format!("k{i}").as_bytes())));
         }
         assert_eq!(evictions.load(Ordering::Relaxed), 5);
-        assert!(s.weight() <= 140);
+        assert!(s.weight() <= 180);
         for (i, k) in keys.iter().enumerate().take(5) {
             assert!(
                 s.get(i as u64 * 4097, 0, k, b"").is_some(),

@@ -71,7 +71,7 @@ fn pushes_before_a_tracked_reads_reply_do_not_fence_it() {
     let sent = c.token(&k);
     // A push (the echo of a write the read saw) before the reply...
     c.invalidate(&k, Source::Tracking);
-    let arrived = sent.arrived(c.push_generation(&k));
+    let arrived = sent.arrived(c.push_generation(&k), 1);
     assert!(
         !c.fill(0, &k, Some(b"$1\r\nx\r\n"), -1, TTL, sent),
         "fenced as sent"
@@ -83,12 +83,12 @@ fn pushes_before_a_tracked_reads_reply_do_not_fence_it() {
     // ...but one after the reply fences it, and kiln's own writes
     // fence from the send whatever the reply.
     let sent = c.token(&k);
-    let arrived = sent.arrived(c.push_generation(&k));
+    let arrived = sent.arrived(c.push_generation(&k), 1);
     c.invalidate(&k, Source::Tracking);
     assert!(!c.fill(0, &k, Some(b"$1\r\nx\r\n"), -1, TTL, arrived));
     let sent = c.token(&k);
     c.invalidate(&k, Source::Write);
-    let arrived = sent.arrived(c.push_generation(&k));
+    let arrived = sent.arrived(c.push_generation(&k), 1);
     assert!(!c.fill(0, &k, Some(b"$1\r\nx\r\n"), -1, TTL, arrived));
 }
 

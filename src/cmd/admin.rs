@@ -261,6 +261,7 @@ pub enum Val {
 
 pub fn status_fields(ctx: &Context, w: &Snapshot) -> Vec<(&'static str, Val)> {
     let (config_loaded, config_hash) = ctx.config.loaded();
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed) as i64;
     let s = &ctx.l1.stats;
     let hits = s.hits.load();
     let misses = s.misses.load();
@@ -327,11 +328,23 @@ pub fn status_fields(ctx: &Context, w: &Snapshot) -> Vec<(&'static str, Val)> {
                 ctx.coherence
                     .tracking_table_small(&ctx.l1)
                     .map(|(table, l1)| {
-                        format!("L1 holds {l1} entries and upstream tracks at most {table} keys (tracking-table-max-keys): L1 churns; raise it or use coherence.mode = \"bcast\"")
+                        format!("{l1} keys held in L1 or tracked upstream, and upstream tracks at most {table} keys (tracking-table-max-keys): L1 churns; raise it or use coherence.mode = \"bcast\"")
                     })
                     .unwrap_or_default(),
             ),
         ),
+        (
+            "heat_reporting",
+            Val::Str(ctx.l1.heat.reporting().as_str().into()),
+        ),
+        (
+            "heat_touches",
+            Val::Int(ctx.l1.heat.touches.load(std::sync::atomic::Ordering::Relaxed) as i64),
+        ),
+        ("audit_share", Val::Float(ctx.coherence.audit.share())),
+        ("audit_reads", Val::Int(load(&ctx.coherence.audit.reads))),
+        ("audit_stale", Val::Int(load(&ctx.coherence.audit.stale))),
+        ("audit_races", Val::Int(load(&ctx.coherence.audit.races))),
         (
             "upstream",
             Val::Str(ctx.upstream.breaker.state().as_str().into()),

@@ -18,6 +18,7 @@ use bytes::{Bytes, BytesMut};
 use super::{Client, Replies, Then, arity_error};
 use crate::cache::flight::{GetAnswer, Join};
 use crate::cache::{Entry, FillToken, Policy};
+use crate::coherence::audit::Picked;
 use crate::commands::reads;
 use crate::context::Context;
 use crate::protocol::request::{Command, encode_command};
@@ -30,7 +31,7 @@ use tokio::sync::oneshot;
 /// tracking-push generation of each key it reads (see
 /// `FillToken::arrived`). Inert outside `coherence.mode = "tracking"`.
 #[derive(Clone, Default)]
-pub(super) struct Arrival(Option<Arc<std::sync::OnceLock<Vec<u64>>>>);
+pub(super) struct Arrival(Option<Arc<std::sync::OnceLock<(u32, Vec<u64>)>>>);
 
 impl Arrival {
     /// The hook to send the read with, and where it notes.
@@ -41,16 +42,21 @@ impl Arrival {
         let cell = Arc::new(std::sync::OnceLock::new());
         let (noted, ctx) = (cell.clone(), ctx.clone());
         let hook: OnReply = Box::new(move || {
-            let _ = noted.set(keys.iter().map(|k| ctx.l1.push_generation(k)).collect());
+            let stream = crate::upstream::stream::replying_stream();
+            let _ = noted.set((
+                stream,
+                keys.iter().map(|k| ctx.l1.push_generation(k)).collect(),
+            ));
         });
         (Arrival(Some(cell)), Some(hook))
     }
 
-    /// `t` for the `i`th key, rebased on what was noted (unchanged if the
-    /// reply never came).
+    /// `t` for the `i`th key, rebased on what was noted, with the
+    /// connection the reply came on (unchanged if the reply never came).
     pub(super) fn token(&self, i: usize, t: FillToken) -> FillToken {
-        match self.0.as_ref().and_then(|c| c.get()).and_then(|v| v.get(i)) {
-            Some(&push) => t.arrived(push),
+        let noted = self.0.as_ref().and_then(|c| c.get());
+        match noted.and_then(|(stream, v)| Some((*stream, *v.get(i)?))) {
+            Some((stream, push)) => t.arrived(push, stream),
             None => t,
         }
     }
@@ -77,8 +83,14 @@ pub fn get(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
         }
     };
     let l1 = &c.ctx.l1;
+    // The audit's view of the key is taken before its entry is read.
+    let audit = c.ctx.coherence.audit.pick().then(|| Picked::before(l1, c.db, &cmd.args[1]));
     if let Some(hit) = l1.find(&c.rules, c.db, &cmd.args[1], &[], c.now) {
         l1.stats.hits.add(1);
+        l1.heat.hit(c.db, &cmd.args[1]);
+        if let Some(p) = audit {
+            p.audit(&c.ctx.coherence, &c.ctx.upstream, l1, hit.entry.clone());
+        }
         c.op.class = Class::Hit;
         if hit.refresh {
             refresh(c, cmd.args[1].clone(), ttl);
@@ -275,58 +287,114 @@ pub fn mget(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
     }
     let l1 = &c.ctx.l1;
     let keys = &cmd.args[1..];
-    if keys.len() > 1 {
+    // An MGET is one state of upstream at one instant (Redis runs it
+    // atomically): a reply of several keys from L1 must be one state of
+    // L1, which a per-key stamp check makes sure of; L1's state is one of
+    // upstream's, with its invalidation lag, because a multi-key read
+    // upstream fills all its keys at once (`finish_mget`) and a partial
+    // hit is read upstream whole.
+    let snapshot = keys.len() > 1;
+    if snapshot {
         // Let the keys' memory reads overlap (see `L1::prefetch`).
         let refs: smallvec::SmallVec<[&[u8]; 32]> = keys.iter().take(32).map(|k| &k[..]).collect();
         l1.prefetch(c.db, &refs);
     }
+    let clears = l1.clears();
+    let audits: Option<Vec<Picked>> = c
+        .ctx
+        .coherence
+        .audit
+        .pick()
+        .then(|| keys.iter().map(|k| Picked::before(l1, c.db, k)).collect());
     // Per key: the cached entry (a frame or a nil), or None for a miss.
     let mut slots: Vec<Option<Entry>> = Vec::with_capacity(keys.len());
-    let mut missing: Vec<Miss> = Vec::new();
+    let mut stamps: smallvec::SmallVec<[crate::cache::Stamp; 8]> = smallvec::SmallVec::new();
+    let mut ttls: smallvec::SmallVec<[Option<std::time::Duration>; 8]> = smallvec::SmallVec::new();
+    let mut refreshes: smallvec::SmallVec<[usize; 2]> = smallvec::SmallVec::new();
+    // Read upstream whole: a key missed, bypasses L1, or changed meanwhile.
+    let mut whole = false;
     let rules = c.rules.clone();
     for key in keys {
         let policy = rules.policy_for(key, reads::MGET);
         c.ctx.warmup.record(key, &policy);
-        let hit = match policy {
-            Policy::Cache { ttl } => l1.find(&rules, c.db, key, &[], c.now).map(|h| {
-                if h.refresh {
-                    refresh(c, key.clone(), ttl);
-                }
-                h.entry
-            }),
-            Policy::Bypass => {
-                l1.stats.bypasses.add(1);
-                None
+        let Policy::Cache { ttl } = policy else {
+            l1.stats.bypasses.add(1);
+            slots.push(None);
+            ttls.push(None);
+            whole = true;
+            continue;
+        };
+        let hit = if snapshot {
+            let (hit, stamp) = l1.find_stamped(&rules, c.db, key, c.now);
+            match stamp {
+                Some(s) => stamps.push(s),
+                None => whole = true,
             }
+            hit
+        } else {
+            l1.find(&rules, c.db, key, &[], c.now)
         };
         match hit {
-            Some(e) => {
-                l1.stats.hits.add(1);
-                slots.push(Some(e));
+            Some(h) => {
+                if h.refresh {
+                    refreshes.push(slots.len());
+                }
+                slots.push(Some(h.entry));
             }
             None => {
-                if let Policy::Cache { ttl } = policy {
-                    l1.stats.misses.add(1);
-                    missing.push(Miss {
-                        key: key.clone(),
-                        fill: Some((ttl, l1.token(key))),
-                    });
-                } else {
-                    missing.push(Miss {
-                        key: key.clone(),
-                        fill: None,
-                    });
-                }
+                whole = true;
                 slots.push(None);
             }
         }
+        ttls.push(Some(ttl));
+    }
+    if snapshot
+        && !whole
+        && (l1.clears() != clears
+            || !stamps.iter().all(|s| l1.unchanged(s))
+            || !one_origin(&slots))
+    {
+        // An invalidation or a multi-key fill of one of the keys came
+        // while they were read, or their entries were read upstream apart
+        // (one could be newer than the invalidation of another still on
+        // its way): their entries may be of two states.
+        l1.stats.mget_rereads.fetch_add(1, Ordering::Relaxed);
+        whole = true;
     }
     let proto = c.proto;
-    if missing.is_empty() {
+    if !whole {
+        l1.stats.hits.add(keys.len() as u64);
+        for key in keys {
+            l1.heat.hit(c.db, key);
+        }
+        for (p, e) in audits.into_iter().flatten().zip(&slots) {
+            if let Some(e) = e {
+                p.audit(&c.ctx.coherence, &c.ctx.upstream, l1, e.clone());
+            }
+        }
+        for &i in &refreshes {
+            if let Some(ttl) = ttls[i] {
+                refresh(c, keys[i].clone(), ttl);
+            }
+        }
         c.op.class = Class::Hit;
         r.ready(|o| assemble(o, &slots, &mut std::iter::empty(), proto));
         return;
     }
+    // Every key is read upstream, in one MGET; those L1 may hold are filled
+    // from its reply.
+    let missing: Vec<Miss> = keys
+        .iter()
+        .zip(&ttls)
+        .map(|(key, ttl)| Miss {
+            key: key.clone(),
+            fill: ttl.map(|ttl| {
+                l1.stats.misses.add(1);
+                (ttl, l1.token(key))
+            }),
+        })
+        .collect();
+    slots.iter_mut().for_each(|s| *s = None);
     c.op.class = Class::Miss;
     let reader = c.ctx.upstream.reader(c.db, c.id);
     let (tx, rx) = tokio::sync::oneshot::channel();
@@ -356,6 +424,16 @@ pub fn mget(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
     }
     c.fills_pending += 1;
     c.expect(r, rx, Then::FillDone);
+}
+
+/// Whether every entry was filled in one order with the others (one
+/// nonzero `Entry::origin`): read on one tracking connection, whose
+/// invalidations of any of them came before the reply of a later read, or
+/// in one multi-key read.
+fn one_origin(slots: &[Option<Entry>]) -> bool {
+    let mut origins = slots.iter().map(|s| s.as_ref().map_or(0, Entry::origin));
+    let first = origins.next().unwrap_or(0);
+    first != 0 && origins.all(|o| o == first)
 }
 
 /// An MGET's upstream reads in flight: the MGET of its misses, and the
@@ -417,11 +495,28 @@ async fn finish_mget(
             return;
         }
     };
-    for (i, ((m, v), pttl_rx)) in missing.iter().zip(&values).zip(sent.pttls).enumerate() {
-        if let (Some((ttl, token)), Some(frame), Some(prx)) = (m.fill, v, pttl_rx) {
-            let pttl = pttl_of(prx.await.ok());
-            let token = sent.arrival.token(i, token);
-            if ctx.coherence.can_fill() {
+    let mut pttls = Vec::with_capacity(missing.len());
+    for prx in sent.pttls {
+        pttls.push(match prx {
+            Some(prx) => pttl_of(prx.await.ok()),
+            None => -2,
+        });
+    }
+    if ctx.coherence.can_fill() {
+        // One reply, one state: the keys are stored as one batch, so an
+        // MGET hit never sees some of them new and some old.
+        let keys: smallvec::SmallVec<[&[u8]; 16]> = missing
+            .iter()
+            .zip(&values)
+            .filter(|(m, v)| m.fill.is_some() && v.is_some())
+            .map(|(m, _)| &m.key[..])
+            .collect();
+        let _batch = (keys.len() > 1).then(|| ctx.l1.batch_fill(&keys));
+        // The batch's entries are one state however they arrived.
+        let number = crate::upstream::stream::next();
+        for (i, ((m, v), pttl)) in missing.iter().zip(&values).zip(pttls).enumerate() {
+            if let (Some((ttl, token)), Some(frame)) = (m.fill, v) {
+                let token = sent.arrival.token(i, token).batch(number);
                 ctx.l1.fill(db, &m.key, Some(frame), pttl, ttl, token);
             }
         }

@@ -58,6 +58,7 @@ pub fn cached(c: &mut Client, id: u8, cmd: Command, r: &mut Replies<'_>) {
     let l1 = &c.ctx.l1;
     if let Some(hit) = l1.find(&c.rules, c.db, &key, &read, c.now) {
         l1.stats.hits.add(1);
+        l1.heat.hit(c.db, &key);
         c.op.class = Class::Hit;
         if hit.refresh {
             let fetch = Fetch::new(c, id, &cmd, key, Bytes::copy_from_slice(&read), ttl);

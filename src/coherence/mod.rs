@@ -30,6 +30,9 @@
 //! when it moved. A swap by another client is therefore seen within that
 //! interval.
 
+pub mod audit;
+pub mod heat;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -71,6 +74,11 @@ pub struct Coherence {
     bcast: std::sync::Mutex<Option<Link>>,
     /// Upstream's `tracking-table-max-keys` (0 = unlimited), -1 until read.
     pub tracking_table_max: std::sync::atomic::AtomicI64,
+    /// The staleness audit (`coherence.audit_share`).
+    pub audit: audit::Audit,
+    /// Upstream's `tracking_total_keys` (`INFO stats`): the keys its
+    /// tracking table holds, for kiln and every other tracking client.
+    pub tracking_total_keys: AtomicU64,
 }
 
 fn cmd(args: &[&str]) -> Vec<Vec<u8>> {
@@ -95,21 +103,28 @@ impl Coherence {
             acl_changes: AtomicU64::new(0),
             bcast: std::sync::Mutex::new(None),
             tracking_table_max: std::sync::atomic::AtomicI64::new(-1),
+            audit: audit::Audit::default(),
+            tracking_total_keys: AtomicU64::new(0),
         })
     }
 
     /// In `tracking` mode, when L1 holds now at least `TABLE_FULL` of
-    /// what upstream's tracking table (`tracking-table-max-keys`) can:
-    /// Redis then evicts keys from the table with invalidations, so L1
-    /// churns. A condition of now, not of capacity: a fresh install whose
-    /// L1 could outgrow the table (the defaults can) raises nothing until
-    /// it does. `Some((table, l1_entries))` when so.
+    /// what upstream's tracking table (`tracking-table-max-keys`) can, or
+    /// the table itself is that full (`tracking_total_keys`, read every
+    /// `check_interval`: other tracking clients fill it too): Redis then
+    /// evicts keys from the table with invalidations, so L1 churns. A
+    /// condition of now, not of capacity: a fresh install whose L1 could
+    /// outgrow the table (the defaults can) raises nothing until it does.
+    /// `Some((table, keys))` when so, `keys` the larger of L1's entries and
+    /// the table's keys.
     pub fn tracking_table_small(&self, l1: &L1) -> Option<(u64, u64)> {
         let max = self.tracking_table_max.load(Ordering::Relaxed);
         if self.mode != CoherenceMode::Tracking || max <= 0 {
             return None;
         }
-        let held = l1.len() as u64;
+        // What L1 holds, or what the table holds (other tracking clients
+        // fill it too; Redis evicts from it past the limit).
+        let held = (l1.len() as u64).max(self.tracking_total_keys.load(Ordering::Relaxed));
         (held as f64 >= TABLE_FULL * max as f64).then_some((max as u64, held))
     }
 
@@ -139,6 +154,15 @@ impl Coherence {
         };
         let was = self.tracking_table_may_fill(l1);
         self.tracking_table_max.store(max, Ordering::Relaxed);
+        let stats = encode_command(&["INFO", "stats"]);
+        if let Ok(Ok(info)) = control.send(stats, None, true).await {
+            let total = String::from_utf8_lossy(&info)
+                .lines()
+                .find_map(|l| l.strip_prefix("tracking_total_keys:")?.trim().parse().ok());
+            if let Some(total) = total {
+                self.tracking_total_keys.store(total, Ordering::Relaxed);
+            }
+        }
         match (was, self.tracking_table_may_fill(l1)) {
             (None, Some((table, entries))) => tracing::info!(
                 tracking_table_max_keys = table,
@@ -284,6 +308,7 @@ impl Coherence {
     fn reader_spec_of_mode(self: &Arc<Self>, l1: &Arc<L1>) -> ReaderSpec {
         match self.mode {
             CoherenceMode::Tracking => ReaderSpec {
+                single: true,
                 proto: Proto::Resp3,
                 setup: vec![
                     cmd(&["CLIENT", "SETNAME", "kiln-tracking"]),
@@ -384,6 +409,14 @@ impl Coherence {
             }
         });
     }
+}
+
+/// The value of a one-parameter `CONFIG GET` reply (`*2 name value`, or
+/// a RESP3 map), as text.
+fn config_text(reply: &[u8]) -> Option<String> {
+    let text = String::from_utf8_lossy(reply);
+    let mut lines = text.split("\r\n").filter(|l| !l.is_empty());
+    lines.nth(4).map(str::to_string)
 }
 
 /// The value of a one-parameter `CONFIG GET` reply (`*2 name value`, or

@@ -50,6 +50,21 @@ pub struct CacheConfig {
     /// Lengthen the life of entries read often (off when absent; not in
     /// `ttl` coherence mode).
     pub adaptive_ttl: Option<AdaptiveTtl>,
+    /// Whether the keys L1 serves are reported to upstream's LRU/LFU
+    /// (`TOUCH`, see `coherence::heat`): `auto` when upstream's
+    /// `maxmemory-policy` is an LRU or LFU one.
+    pub report_heat: ReportHeat,
+}
+
+/// `cache.report_heat`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReportHeat {
+    /// On while upstream's `maxmemory-policy` evicts by LRU or LFU.
+    #[default]
+    Auto,
+    On,
+    Off,
 }
 
 /// `cache.compression = { algorithm = "lz4", min_size = "1KiB" }`.
@@ -115,6 +130,7 @@ impl Default for CacheConfig {
             compression: CompressionConfig::default(),
             refresh_ahead: 0.0,
             adaptive_ttl: None,
+            report_heat: ReportHeat::Auto,
         }
     }
 }

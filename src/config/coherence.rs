@@ -27,6 +27,9 @@ pub struct CoherenceConfig {
     /// SWAPDB count checked (SWAPDB sends no invalidations).
     #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
     pub check_interval: Duration,
+    /// The share of L1 hits read again upstream and compared (the
+    /// staleness audit, `coherence::audit`): 0 off, 1 every hit.
+    pub audit_share: f64,
 }
 
 impl Default for CoherenceConfig {
@@ -34,6 +37,7 @@ impl Default for CoherenceConfig {
         Self {
             mode: CoherenceMode::Tracking,
             check_interval: Duration::from_secs(1),
+            audit_share: 0.001,
         }
     }
 }

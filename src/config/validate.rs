@@ -137,6 +137,13 @@ impl Config {
                 message: m,
             }
         })?;
+        let a = self.coherence.audit_share;
+        if !(0.0..=1.0).contains(&a) {
+            return Err(bad(
+                "coherence.audit_share",
+                format!("{a} must be a share between 0 (off) and 1 (every hit), such as 0.001"),
+            ));
+        }
         let r = self.cache.refresh_ahead;
         if !(r == 0.0 || (r > 0.0 && r < 1.0)) {
             return Err(bad(

@@ -89,6 +89,7 @@ impl Context {
             cfg.coherence.mode == crate::config::CoherenceMode::Ttl,
         )?);
         let coherence = Coherence::new(cfg.coherence.mode, cfg.coherence.check_interval);
+        coherence.audit.configure(cfg.coherence.audit_share);
         let upstream = Arc::new(Upstream::new(cfg, coherence.reader_spec(&l1))?);
         upstream.start(shutdown).await;
         let seen = describe(&upstream).await;

@@ -101,6 +101,21 @@ pub fn render(ctx: &Context) -> String {
     m.gauge(names::L1_BYTES, &[]).set(ctx.l1.weight() as f64);
     m.counter(names::EVICTIONS, &[])
         .absolute(load(&s.evictions));
+    m.counter(names::MGET_REREADS, &[])
+        .absolute(load(&s.mget_rereads));
+    m.counter(names::HEAT_TOUCHES, &[])
+        .absolute(load(&ctx.l1.heat.touches));
+    m.gauge(names::TRACKING_TOTAL, &[])
+        .set(load(&ctx.coherence.tracking_total_keys) as f64);
+    let audit = &ctx.coherence.audit;
+    m.counter(names::AUDIT_READS, &[])
+        .absolute(load(&audit.reads));
+    m.counter(names::AUDIT_STALE, &[])
+        .absolute(load(&audit.stale));
+    m.counter(names::AUDIT_RACES, &[])
+        .absolute(load(&audit.races));
+    m.gauge(names::AUDIT_STALE_AGE, &[])
+        .set(load(&audit.stale_age_ms) as f64 / 1000.0);
     for src in Source::ALL {
         m.counter(names::INVALIDATIONS, &[("source", src.as_str())])
             .absolute(s.invalidations(src));

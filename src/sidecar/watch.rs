@@ -148,11 +148,29 @@ fn firing(ctx: &Context) -> Vec<Firing> {
             0.0,
         ));
     }
+    let audit = &ctx.coherence.audit;
+    let last_stale = audit.last_stale_unix_ms.load(Ordering::Relaxed);
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    if last_stale > 0 && now_ms.saturating_sub(last_stale) < c.window.as_millis() as u64 {
+        let stale = audit.stale.load(Ordering::Relaxed);
+        firing.push((
+            "cache_stale_served",
+            "critical",
+            format!(
+                "the staleness audit found {stale} stale values served from L1 (the log names the keys); last entry {} ms old",
+                audit.stale_age_ms.load(Ordering::Relaxed)
+            ),
+            stale as f64,
+            0.0,
+        ));
+    }
     if let Some((table, l1)) = ctx.coherence.tracking_table_small(&ctx.l1) {
         firing.push((
             "tracking_table_small",
             "warning",
-            format!("L1 holds {l1} entries, upstream's tracking table {table} keys: L1 churns"),
+            format!("{l1} keys held in L1 or tracked upstream, upstream's tracking table {table} keys: L1 churns"),
             l1 as f64,
             table as f64,
         ));

@@ -58,6 +58,26 @@ pub const FAILOVER_RECOVERY: &str = "upstream_failover_recovery_seconds";
 /// Not in the SPEC's list: hash slots each cluster primary serves, by
 /// `node`.
 pub const CLUSTER_SLOTS: &str = "upstream_cluster_slots";
+/// Not in the SPEC's list: MGETs whose keys L1 held but that were read
+/// upstream, because one of the keys changed while they were read (SPEC 4:
+/// a multi-key reply is one state).
+pub const MGET_REREADS: &str = "cache_mget_rereads_total";
+/// Key arguments sent upstream in `TOUCH` to report the heat of keys
+/// served from L1 (SPEC 5, `cache.report_heat`).
+pub const HEAT_TOUCHES: &str = "cache_heat_touches_total";
+/// The staleness audit (SPEC 5, `coherence.audit_share`): L1 hits read
+/// again upstream, and those found stale.
+pub const AUDIT_READS: &str = "cache_audit_reads_total";
+pub const AUDIT_STALE: &str = "cache_audit_stale_total";
+/// Not in the SPEC's list: audited hits that differed because of a change
+/// L1 was told of meanwhile (an invalidation's lag, not a stale serve).
+pub const AUDIT_RACES: &str = "cache_audit_races_total";
+/// Not in the SPEC's list: how long the last stale entry the audit found
+/// had been in L1.
+pub const AUDIT_STALE_AGE: &str = "cache_audit_stale_age_seconds";
+/// Not in the SPEC's list: upstream's `tracking_total_keys` (`INFO
+/// stats`), the keys its tracking table holds; tracking mode.
+pub const TRACKING_TOTAL: &str = "redis_tracking_total_keys";
 
 /// Metrics with series only in front of a Redis Cluster (one per primary).
 pub const CLUSTER_ONLY: &[&str] = &[CLUSTER_SLOTS];
@@ -100,6 +120,13 @@ pub const ALL: &[(&str, &str, &str)] = &[
     (COMPRESSION_RATIO, "gauge", "Original over stored bytes of the values L1 stored compressed since start (1 when none)"),
     (TRACKING_TABLE, "gauge", "Upstream tracking-table-max-keys (0 unlimited, -1 not read); tracking mode only"),
     (L1_CAPACITY_ENTRIES, "gauge", "About how many entries cache.max_memory holds at the current average entry size"),
+    (HEAT_TOUCHES, "counter", "Key arguments sent upstream in TOUCH so its LRU/LFU sees the keys served from L1 (cache.report_heat)"),
+    (AUDIT_READS, "counter", "L1 hits read again upstream by the staleness audit (coherence.audit_share)"),
+    (AUDIT_STALE, "counter", "Audited hits that served a value upstream had replaced with no invalidation since"),
+    (AUDIT_RACES, "counter", "Audited hits that differed from upstream because of a change L1 was told of meanwhile (invalidation lag)"),
+    (AUDIT_STALE_AGE, "gauge", "Age in L1 of the last stale entry the audit found (0: none)"),
+    (TRACKING_TOTAL, "gauge", "Upstream tracking_total_keys: keys its tracking table holds, for every tracking client; tracking mode"),
+    (MGET_REREADS, "counter", "MGETs L1 held whole but read upstream because one of their keys changed while they were read"),
 ];
 
 /// Latency histogram buckets, seconds: resolve tens of microseconds.

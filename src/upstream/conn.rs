@@ -106,22 +106,15 @@ impl ConnHandle {
     pub fn submit(&self, req: Request) {
         if !self.breaker.allow() {
             self.errors.count(&UpstreamError::CircuitOpen);
-            unsent(req, UpstreamError::CircuitOpen);
+            req.unsent(UpstreamError::CircuitOpen);
             return;
         }
         if let Err(mpsc::error::SendError(req)) = self.tx.send(req) {
-            unsent(req, UpstreamError::Lost("connection task ended".into()));
+            req.unsent(UpstreamError::Lost("connection task ended".into()));
         }
     }
 }
 
-/// A request that was never written: its router may send it elsewhere.
-fn unsent(req: Request, err: UpstreamError) {
-    match req.redirect.clone() {
-        Some(r) => r.unsent(err, req),
-        None => fail(req, err),
-    }
-}
 
 struct InFlight {
     reply: oneshot::Sender<Reply>,
@@ -182,9 +175,6 @@ fn session_lost() -> UpstreamError {
     )
 }
 
-fn fail(req: Request, err: UpstreamError) {
-    req.answer(Err(err));
-}
 
 struct Connected {
     read: BoxRead,
@@ -195,6 +185,8 @@ struct Connected {
     /// When it was made: only a connection that lived a while may close
     /// quietly when idle (see `QUIET_CLOSE_AGE`).
     made: Instant,
+    /// This TCP connection's number (`stream::replying_stream`).
+    stream: u32,
 }
 
 /// A connection closed while idle is no upstream failure if it lived at
@@ -272,10 +264,10 @@ async fn run(
             // WATCH was lost). Redis closed a direct client here; every
             // request fails, and the session is not pooled again.
             for req in held.drain(..) {
-                fail(req, session_lost());
+                req.answer(Err(session_lost()));
             }
             match rx.recv().await {
-                Some(req) => fail(req, session_lost()),
+                Some(req) => req.answer(Err(session_lost())),
                 None => return,
             }
             continue;
@@ -312,7 +304,7 @@ async fn run(
                 let probe = req.is_some() && connector.breaker.state() == breaker::State::HalfOpen;
                 if Instant::now() < *at && !probe {
                     if let Some(req) = req {
-                        unsent(req, UpstreamError::Reconnecting(err.to_string()));
+                        req.unsent(UpstreamError::Reconnecting(err.to_string()));
                     }
                     continue;
                 }
@@ -327,6 +319,7 @@ async fn run(
                         write,
                         generation,
                         made: Instant::now(),
+                        stream: super::stream::next(),
                     });
                     retry_at = None;
                     backoff = MIN_BACKOFF;
@@ -344,9 +337,8 @@ async fn run(
                         enqueue(req, &mut wbuf, &mut fifo, timeout);
                     }
                     if !rbuf.is_empty() {
-                        if let Err(err) =
-                            dispatch(&mut rbuf, &mut scanner, &mut fifo, hooks.push.as_ref())
-                        {
+                        let on = (hooks.push.as_ref(), live.as_ref().map_or(0, |l| l.stream));
+                        if let Err(err) = dispatch(&mut rbuf, &mut scanner, &mut fifo, on) {
                             tracing::warn!(error = %err, "upstream sent garbage after setup");
                             live = None;
                         }
@@ -356,7 +348,7 @@ async fn run(
                     // Alive but busy: the request gets upstream's own
                     // reply, and the next one connects again.
                     if let Some(req) = req {
-                        fail(req, err);
+                        req.answer(Err(err));
                     }
                     continue;
                 }
@@ -367,7 +359,7 @@ async fn run(
                     retry_gen = generation;
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                     if let Some(req) = req {
-                        unsent(req, err);
+                        req.unsent(err);
                     }
                     continue;
                 }
@@ -428,7 +420,8 @@ async fn run(
                 Ok(_) => {
                     last_io = Instant::now();
                     let waiting = fifo.len();
-                    let r = dispatch(&mut rbuf, &mut scanner, &mut fifo, hooks.push.as_ref());
+                    let on = (hooks.push.as_ref(), conn.stream);
+                    let r = dispatch(&mut rbuf, &mut scanner, &mut fifo, on);
                     if fifo.len() < waiting {
                         connector.breaker.success();
                         progress = last_io;
@@ -543,7 +536,7 @@ fn dispatch(
     rbuf: &mut BytesMut,
     scanner: &mut Scanner,
     fifo: &mut VecDeque<InFlight>,
-    push: Option<&PushHandler>,
+    (push, stream): (Option<&PushHandler>, u32),
 ) -> Result<(), UpstreamError> {
     let mut large = false;
     while let Some(frame) = scanner
@@ -582,9 +575,7 @@ fn dispatch(
             router.redirected(how, bytes, req);
             continue;
         }
-        if let Some(cb) = f.on_reply {
-            cb();
-        }
+        super::stream::replying(stream, f.on_reply);
         let _ = f.reply.send(Ok(bytes));
     }
     // A reply larger than what is kept leaves the buffer once it is empty,

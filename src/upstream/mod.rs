@@ -37,6 +37,7 @@ pub mod sentinel;
 
 pub use breaker::Breaker;
 pub use cluster::Link;
+pub mod stream;
 pub use conn::{ConnHandle, Hooks, OnReply, Reply, ReplyRx};
 pub use connect::{As, Connector, Creds, UpstreamTls};
 pub use request::{ReaderSpec, SlotsLost, SlotsMoved};

@@ -178,9 +178,13 @@ impl Node {
 
     pub(crate) fn reader(&self, common: &Common, db: u32, client_id: u64) -> ConnHandle {
         let mut map = lock(&self.readers);
-        let conns = map.entry((db, worker())).or_insert_with(|| {
-            let spec = &common.reader_spec;
-            (0..common.per_key)
+        let spec = &common.reader_spec;
+        let (at, count) = match spec.single {
+            true => ((db, 0), 1),
+            false => ((db, worker()), common.per_key),
+        };
+        let conns = map.entry(at).or_insert_with(|| {
+            (0..count)
                 .map(|_| {
                     ConnHandle::spawn(
                         self.connector_with(common, db, spec.proto, spec.setup.clone()),

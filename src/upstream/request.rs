@@ -46,6 +46,15 @@ pub struct Request {
 }
 
 impl Request {
+    /// A request that was never written: its router may send it elsewhere,
+    /// else it gets `err`.
+    pub(crate) fn unsent(self, err: crate::error::UpstreamError) {
+        match self.redirect.clone() {
+            Some(r) => r.unsent(err, self),
+            None => self.answer(Err(err)),
+        }
+    }
+
     /// A request as `ConnHandle::send` makes it.
     pub fn new(
         wire: Bytes,
@@ -107,6 +116,11 @@ pub struct Hooks {
 /// How the connections that fill L1 are made; decided by the coherence mode.
 #[derive(Clone)]
 pub struct ReaderSpec {
+    /// One reader connection per database (and node), shared by every
+    /// worker: tracking mode, where a connection's invalidations come in
+    /// order with its replies, so every entry L1 holds was filled in that
+    /// one order (what makes a multi-key hit one state, `L1::stamp`).
+    pub single: bool,
     pub proto: Proto,
     pub setup: Vec<Vec<Vec<u8>>>,
     pub hooks: Hooks,
@@ -139,6 +153,7 @@ pub type SlotsMoved = Arc<dyn Fn(&[u16]) + Send + Sync>;
 impl Default for ReaderSpec {
     fn default() -> Self {
         ReaderSpec {
+            single: false,
             proto: Proto::Resp2,
             setup: Vec::new(),
             hooks: Hooks::default(),

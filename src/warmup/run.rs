@@ -269,7 +269,14 @@ async fn fetch(
     let tokens: Vec<_> = keys.iter().map(|(k, _)| l1.token(k)).collect();
     let mut mget: Vec<&[u8]> = vec![b"MGET"];
     mget.extend(keys.iter().map(|(k, _)| &k[..]));
-    let mget_rx = conn.send(encode_command(&mget), None, true);
+    // The connection the reply came on: with tracking, entries read on one
+    // are one state (`FillToken::via`); else the batch is (`batch`).
+    let stream = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let noted = stream.clone();
+    let hook: crate::upstream::OnReply = Box::new(move || {
+        noted.store(crate::upstream::stream::replying_stream(), Ordering::Relaxed);
+    });
+    let mget_rx = conn.send(encode_command(&mget), Some(hook), true);
     let pttls: Vec<_> = keys
         .iter()
         .map(|(k, _)| conn.send(encode_command(&[&b"PTTL"[..], k]), None, true))
@@ -280,13 +287,24 @@ async fn fetch(
     let values = reply::mget_values(&r, keys.len(), io.upstream.reader_proto())
         .ok_or_else(|| unexpected(&r))?;
     let (mut warmed, mut too_large) = (0, 0);
-    for (((key, ttl), value), (token, pttl_rx)) in
-        keys.iter().zip(values).zip(tokens.into_iter().zip(pttls))
-    {
-        let pttl = match pttl_rx.await {
+    let mut pttl_of = Vec::with_capacity(keys.len());
+    for rx in pttls {
+        pttl_of.push(match rx.await {
             Ok(Ok(b)) => reply::integer(&b).unwrap_or(-2),
             _ => -2,
-        };
+        });
+    }
+    let stream = match io.coherence.mode {
+        crate::config::CoherenceMode::Tracking => stream.load(Ordering::Relaxed),
+        _ => 0,
+    };
+    let batch = crate::upstream::stream::next();
+    // Stored as one batch: an MGET hit never sees some new and some old.
+    let _batch = l1.batch_fill(&keys.iter().map(|(k, _)| k).collect::<Vec<_>>());
+    for (((key, ttl), value), (token, pttl)) in
+        keys.iter().zip(values).zip(tokens.into_iter().zip(pttl_of))
+    {
+        let token = token.via(stream).batch(batch);
         // A nil is a missing key or one of another type: nothing to warm.
         let Some(frame) = value else { continue };
         if l1.too_large(&frame) {

@@ -270,7 +270,7 @@ async fn skip_cache_warmup_stops_automatic_runs_only() {
     assert!(
         c.cmd(&["CACHE.WARMUP", "SYNC"])
             .await
-            .starts_with(b"*64\r\n$6\r\nstatus\r\n$9\r\ncompleted")
+            .starts_with(b"*76\r\n$6\r\nstatus\r\n$9\r\ncompleted")
     );
     assert!(
         kiln.lines
@@ -381,4 +381,61 @@ fn refused_at_start(out: std::process::Output, status: i32, says: &[&str]) {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(status), "{err}");
     assert!(says.iter().all(|s| err.contains(s)), "{err}");
+}
+
+/// A fresh default install is quiet (issue 24, item 4): the shipped
+/// `proxy.toml` in front of a default Redis, one key cached, raises no
+/// alert, logs no warning and puts no warning in `CACHE.STATUS`. (The
+/// `tracking_table_small` check used to compare L1's capacity with
+/// upstream's 1,000,000-key tracking table and fire at once.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_default_install_raises_no_alert_and_logs_no_warning() {
+    let redis = Redis::start();
+    let dir = crate::util::process::scratch_dir("quiet");
+    let log = dir.join("kiln.log");
+    let (listen, metrics) = (crate::util::free_port(), crate::util::free_port());
+    let listen_at = format!("127.0.0.1:{listen}");
+    let metrics_at: std::net::SocketAddr = format!("127.0.0.1:{metrics}").parse().expect("addr");
+    let kiln_process = KilnProcess::spawn(
+        kiln()
+            .args(["--config", concat!(env!("CARGO_MANIFEST_DIR"), "/proxy.toml")])
+            .args(["--listen", &listen_at, "--upstream", &redis.url()])
+            .args(["--metrics", &metrics_at.to_string()])
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file")),
+        listen_at.parse().expect("addr"),
+    )
+    .await;
+    let mut k = Conn::connect(kiln_process.addr).await;
+    k.cmd(&["SET", "one", "v"]).await;
+    k.cmd(&["GET", "one"]).await;
+    assert_eq!(k.cmd(&["GET", "one"]).await, bulk("v"));
+    // Upstream's tracking table read, and a health tick after the key was
+    // cached (the tick that polls upstream's memory also sets the alerts).
+    crate::util::poll_until(std::time::Duration::from_millis(50), async || {
+        let table = crate::util::metric(metrics_at, "redis_tracking_table_max_keys").await;
+        let entries = crate::util::metric(metrics_at, "cache_l1_entries").await;
+        match (table, entries) {
+            (Some(t), Some(e)) if t == 1_000_000.0 && e >= 1.0 => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    // Alerts are evaluated every 500 ms: watch five evaluations.
+    let until = std::time::Instant::now() + std::time::Duration::from_millis(2500);
+    while std::time::Instant::now() < until {
+        let (code, alerts) = crate::util::http_get(metrics_at, "/metrics/alerts").await;
+        assert_eq!((code, alerts.trim()), (200, "[]"), "no alert");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let status = crate::util::cache_status(&mut k).await;
+    assert_eq!(status["tracking_table_warning"], "", "{status}");
+    let text = std::fs::read_to_string(&log).expect("log");
+    assert!(text.contains("kiln started"), "{text}");
+    let warnings: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+        .collect();
+    assert!(warnings.is_empty(), "{warnings:#?}");
 }

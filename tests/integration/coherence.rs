@@ -166,6 +166,8 @@ async fn stress(mode: CoherenceMode, ttl: Option<Duration>) -> (u64, u64) {
     let (redis, kiln) = redis_and_kiln_with(|c| {
         c.coherence.mode = mode;
         c.coherence.check_interval = Duration::from_millis(100);
+        // Every hit audited: none may be stale.
+        c.coherence.audit_share = 1.0;
         if let Some(ttl) = ttl {
             c.cache.ttl = ttl;
         }
@@ -204,6 +206,14 @@ async fn stress(mode: CoherenceMode, ttl: Option<Duration>) -> (u64, u64) {
     let probes: Vec<_> = (0..KEYS).map(|i| vec!["GET".to_string(), key(i)]).collect();
     load::drain(&redis, &kiln, &probes, &format!("{mode:?}")).await;
     let (w, r) = (done.writes, done.reads);
+    let audited = crate::util::metric(kiln.metrics, "cache_audit_reads_total").await;
+    let stale = crate::util::metric(kiln.metrics, "cache_audit_stale_total").await;
+    let races = crate::util::metric(kiln.metrics, "cache_audit_races_total").await;
+    println!("stress {mode:?}: audit: {audited:?} hits read again, {stale:?} stale, {races:?} races");
+    assert_eq!(stale, Some(0.0), "{mode:?}: the audit found stale serves");
+    if mode != CoherenceMode::Ttl {
+        assert!(audited.is_some_and(|a| a > 10.0), "{mode:?}: audited {audited:?}");
+    }
     println!(
         "stress {mode:?}: {w} direct writes, {r} reads through kiln, {KEYS} keys, 0 stale after drain"
     );

@@ -2,6 +2,7 @@
 //! `redis-server` started on a free port (see `util`).
 
 mod acl;
+mod audit;
 mod auth;
 mod bad_input;
 mod busy;
@@ -13,12 +14,14 @@ mod cluster_pubsub;
 mod coherence;
 mod corpus;
 mod frames;
+mod heat;
 mod layers;
 mod limits;
 mod pipelines;
 mod reads;
 mod reload;
 mod session;
+mod snapshot;
 mod sidecar;
 mod tls;
 mod transparency;

@@ -427,6 +427,32 @@ async fn a_tracking_table_smaller_than_l1_is_reported() {
         "{status}"
     );
     assert!(!warning(&status), "no warning: {status}");
+    // The table filled by another tracking client: Redis evicts kiln's
+    // tracked keys too, so it is said though L1 holds nothing.
+    let redis = Redis::start_with(&["--tracking-table-max-keys", "10"]);
+    let kiln = Kiln::start_with(&redis, |c| {
+        c.coherence.check_interval = std::time::Duration::from_millis(100)
+    })
+    .await;
+    let mut other = redis.conn().await;
+    other.cmd(&["HELLO", "3"]).await;
+    other.cmd(&["CLIENT", "TRACKING", "ON"]).await;
+    for i in 0..9 {
+        other.cmd(&["GET", &format!("o{i}")]).await;
+    }
+    let mut k = kiln.conn().await;
+    crate::util::poll_until(std::time::Duration::from_millis(20), async || {
+        let status = k.cmd_text(&["CACHE.STATUS"]).await;
+        match warning(&status) && status.contains("tracked upstream") {
+            true => Ok(()),
+            false => Err(status),
+        }
+    })
+    .await;
+    assert_eq!(
+        crate::util::metric(kiln.metrics, "redis_tracking_total_keys").await,
+        Some(9.0)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
