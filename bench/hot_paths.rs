@@ -99,7 +99,7 @@ fn l1_lookup(c: &mut Criterion) {
                     &keys[i][..]
                 })
                 .collect();
-            l1.prefetch(0, &batch);
+            l1.prefetch(0, &batch, false);
             for k in batch {
                 black_box(l1.get(0, k));
             }

@@ -446,7 +446,7 @@ async fn run<R: ClientRead, W: AsyncWrite + Unpin>(
                     // by one.
                     let keys = request::leading_get_keys(&inbuf, 32);
                     if keys.len() > 1 {
-                        ctx.l1.prefetch(c.db, &keys);
+                        ctx.l1.prefetch(c.db, &keys, false);
                     }
                 }
                 // Redis drops a client on EOF without answering the rest.

@@ -21,6 +21,9 @@ pub const MAX_KEYS: usize = 100_000;
 
 const SHARDS: usize = 16;
 
+/// One shard's hits by `(db, key)`.
+type Held = HashMap<(u32, Bytes), u32>;
+
 /// What upstream's eviction policy needs to see of a hit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reporting {
@@ -61,7 +64,7 @@ pub struct Heat {
     setting: std::sync::atomic::AtomicU8,
     on: AtomicBool,
     lfu: AtomicBool,
-    shards: Box<[Mutex<HashMap<(u32, Bytes), u32>>]>,
+    shards: Box<[Mutex<Held>]>,
     held: AtomicUsize,
     hasher: std::collections::hash_map::RandomState,
     /// Key arguments sent in `TOUCH` (`cache_heat_touches_total`).

@@ -6,10 +6,10 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use crate::cache::L1;
-use crate::cache::generation::{Stamp, db_hash};
 use crate::cache::entry::{
     EPOCH_MASK, EPOCHS_KEPT, EXPIRY_MASK, Entry, HITS_MASK, HITS_SHIFT, REFRESHING, epoch_of,
 };
+use crate::cache::generation::{Stamp, db_hash};
 use crate::cache::rules::{Rules, Settings};
 
 /// What a lookup found.
@@ -202,8 +202,19 @@ impl L1 {
     /// Starts loading what looking up `keys` will read, so that the memory
     /// reads of a pipelined batch of GETs overlap: first every key's slot,
     /// then (with the slots in the CPU cache by then) every entry.
-    pub fn prefetch(&self, db: u32, keys: &[&[u8]]) {
-        let hashes: smallvec::SmallVec<[u64; 32]> = keys.iter().map(|k| self.hash(db, k)).collect();
+    /// `stamps`: also each key's `KeySlot`, which a multi-key read checks
+    /// (`stamp`).
+    pub fn prefetch(&self, db: u32, keys: &[&[u8]], stamps: bool) {
+        let hashes: smallvec::SmallVec<[u64; 32]> = keys
+            .iter()
+            .map(|k| {
+                let key_hash = self.key_hash(k);
+                if stamps {
+                    crate::cache::store::prefetch(self.key_slot(key_hash));
+                }
+                db_hash(key_hash, db)
+            })
+            .collect();
         for &h in &hashes {
             self.store.prefetch_slot(h);
         }

@@ -194,7 +194,7 @@ impl Table {
 /// A hint to the CPU to load the line at `p`: lets the misses of a batch
 /// of lookups overlap instead of coming one after another.
 #[inline]
-fn prefetch<T>(p: *const T) {
+pub(super) fn prefetch<T>(p: *const T) {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: a prefetch only hints the cache: it never faults and does not
     // read or write memory as far as the program can tell, whatever the

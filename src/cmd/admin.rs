@@ -261,7 +261,8 @@ pub enum Val {
 
 pub fn status_fields(ctx: &Context, w: &Snapshot) -> Vec<(&'static str, Val)> {
     let (config_loaded, config_hash) = ctx.config.loaded();
-    let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed) as i64;
+    let load =
+        |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed) as i64;
     let s = &ctx.l1.stats;
     let hits = s.hits.load();
     let misses = s.misses.load();

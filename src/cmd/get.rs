@@ -31,7 +31,11 @@ use tokio::sync::oneshot;
 /// tracking-push generation of each key it reads (see
 /// `FillToken::arrived`). Inert outside `coherence.mode = "tracking"`.
 #[derive(Clone, Default)]
-pub(super) struct Arrival(Option<Arc<std::sync::OnceLock<(u32, Vec<u64>)>>>);
+pub(super) struct Arrival(Option<Arc<std::sync::OnceLock<Noted>>>);
+
+/// What a fill read's reply noted on arrival: the connection it came on
+/// (`upstream::stream`) and each key's tracking-push generation.
+type Noted = (u32, Vec<u64>);
 
 impl Arrival {
     /// The hook to send the read with, and where it notes.
@@ -84,7 +88,12 @@ pub fn get(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
     };
     let l1 = &c.ctx.l1;
     // The audit's view of the key is taken before its entry is read.
-    let audit = c.ctx.coherence.audit.pick().then(|| Picked::before(l1, c.db, &cmd.args[1]));
+    let audit = c
+        .ctx
+        .coherence
+        .audit
+        .pick()
+        .then(|| Picked::before(l1, c.db, &cmd.args[1]));
     if let Some(hit) = l1.find(&c.rules, c.db, &cmd.args[1], &[], c.now) {
         l1.stats.hits.add(1);
         l1.heat.hit(c.db, &cmd.args[1]);
@@ -297,7 +306,7 @@ pub fn mget(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
     if snapshot {
         // Let the keys' memory reads overlap (see `L1::prefetch`).
         let refs: smallvec::SmallVec<[&[u8]; 32]> = keys.iter().take(32).map(|k| &k[..]).collect();
-        l1.prefetch(c.db, &refs);
+        l1.prefetch(c.db, &refs, true);
     }
     let clears = l1.clears();
     let audits: Option<Vec<Picked>> = c
@@ -350,9 +359,7 @@ pub fn mget(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
     }
     if snapshot
         && !whole
-        && (l1.clears() != clears
-            || !stamps.iter().all(|s| l1.unchanged(s))
-            || !one_origin(&slots))
+        && (l1.clears() != clears || !stamps.iter().all(|s| l1.unchanged(s)) || !one_origin(&slots))
     {
         // An invalidation or a multi-key fill of one of the keys came
         // while they were read, or their entries were read upstream apart
@@ -382,16 +389,24 @@ pub fn mget(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
         return;
     }
     // Every key is read upstream, in one MGET; those L1 may hold are filled
-    // from its reply.
+    // from its reply. With tracking, a key L1 holds is not filled again
+    // (nor its PTTL read): its entry is one state with what the reply
+    // fills, as everything read on the one tracking reader is, and a
+    // change to it is on its way as an invalidation. Elsewhere the
+    // batch's entries are one state only with each other: all are filled.
+    let refill = c.ctx.coherence.mode != crate::config::CoherenceMode::Tracking;
     let missing: Vec<Miss> = keys
         .iter()
         .zip(&ttls)
-        .map(|(key, ttl)| Miss {
-            key: key.clone(),
-            fill: ttl.map(|ttl| {
-                l1.stats.misses.add(1);
-                (ttl, l1.token(key))
-            }),
+        .zip(&slots)
+        .map(|((key, ttl), held)| {
+            l1.stats.misses.add(u64::from(ttl.is_some()));
+            Miss {
+                key: key.clone(),
+                fill: ttl
+                    .filter(|_| refill || held.is_none())
+                    .map(|ttl| (ttl, l1.token(key))),
+            }
         })
         .collect();
     slots.iter_mut().for_each(|s| *s = None);

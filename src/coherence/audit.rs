@@ -62,7 +62,8 @@ fn uniform() -> f64 {
 impl Audit {
     /// `coherence.audit_share` (0 off, 1 every hit), at start and on reload.
     pub fn configure(&self, share: f64) {
-        self.share.store(share.clamp(0.0, 1.0).to_bits(), Ordering::Relaxed);
+        self.share
+            .store(share.clamp(0.0, 1.0).to_bits(), Ordering::Relaxed);
     }
 
     pub fn share(&self) -> f64 {
@@ -96,7 +97,13 @@ impl Picked {
 
     /// Reads the key again upstream in a task of its own and judges what
     /// was served (`entry`).
-    pub fn audit(self, coherence: &Arc<Coherence>, upstream: &Arc<Upstream>, l1: &Arc<L1>, entry: Entry) {
+    pub fn audit(
+        self,
+        coherence: &Arc<Coherence>,
+        upstream: &Arc<Upstream>,
+        l1: &Arc<L1>,
+        entry: Entry,
+    ) {
         if coherence.mode == crate::config::CoherenceMode::Ttl {
             return;
         }
@@ -122,7 +129,10 @@ impl Picked {
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(1, |d| d.as_millis() as u64);
-            coherence.audit.last_stale_unix_ms.store(now, Ordering::Relaxed);
+            coherence
+                .audit
+                .last_stale_unix_ms
+                .store(now, Ordering::Relaxed);
             log_stale(&self.key, self.db, age);
         });
     }

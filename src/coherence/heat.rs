@@ -37,11 +37,15 @@ pub const LFU_HITS_PER_TOUCH: u32 = 2;
 /// The `TOUCH` repetitions of each key for `held` (`(db, key, hits)`):
 /// hottest first, scaled down to `budget` arguments in all, each key kept
 /// at least once while the budget lasts. `(db, key, times)`.
-pub fn plan(mut held: Vec<(u32, Bytes, u32)>, r: Reporting, budget: usize) -> Vec<(u32, Bytes, u32)> {
+pub fn plan(
+    mut held: Vec<(u32, Bytes, u32)>,
+    r: Reporting,
+    budget: usize,
+) -> Vec<(u32, Bytes, u32)> {
     if r == Reporting::Off {
         return Vec::new();
     }
-    held.sort_by(|a, b| b.2.cmp(&a.2));
+    held.sort_by_key(|h| std::cmp::Reverse(h.2));
     let times = |hits: u32| match r {
         Reporting::Lfu => hits.div_ceil(LFU_HITS_PER_TOUCH),
         _ => 1,
@@ -188,10 +192,22 @@ mod tests {
 
     #[test]
     fn the_setting_and_the_policy() {
-        assert_eq!(reporting(ReportHeat::Auto, Some("allkeys-lfu")), Reporting::Lfu);
-        assert_eq!(reporting(ReportHeat::Auto, Some("noeviction")), Reporting::Off);
+        assert_eq!(
+            reporting(ReportHeat::Auto, Some("allkeys-lfu")),
+            Reporting::Lfu
+        );
+        assert_eq!(
+            reporting(ReportHeat::Auto, Some("noeviction")),
+            Reporting::Off
+        );
         assert_eq!(reporting(ReportHeat::Auto, None), Reporting::Off);
-        assert_eq!(reporting(ReportHeat::On, Some("noeviction")), Reporting::Lru);
-        assert_eq!(reporting(ReportHeat::Off, Some("allkeys-lru")), Reporting::Off);
+        assert_eq!(
+            reporting(ReportHeat::On, Some("noeviction")),
+            Reporting::Lru
+        );
+        assert_eq!(
+            reporting(ReportHeat::Off, Some("allkeys-lru")),
+            Reporting::Off
+        );
     }
 }

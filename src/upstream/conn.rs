@@ -115,7 +115,6 @@ impl ConnHandle {
     }
 }
 
-
 struct InFlight {
     reply: oneshot::Sender<Reply>,
     on_reply: Option<OnReply>,
@@ -174,7 +173,6 @@ fn session_lost() -> UpstreamError {
             .into(),
     )
 }
-
 
 struct Connected {
     read: BoxRead,

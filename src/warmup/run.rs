@@ -274,7 +274,10 @@ async fn fetch(
     let stream = Arc::new(std::sync::atomic::AtomicU32::new(0));
     let noted = stream.clone();
     let hook: crate::upstream::OnReply = Box::new(move || {
-        noted.store(crate::upstream::stream::replying_stream(), Ordering::Relaxed);
+        noted.store(
+            crate::upstream::stream::replying_stream(),
+            Ordering::Relaxed,
+        );
     });
     let mget_rx = conn.send(encode_command(&mget), Some(hook), true);
     let pttls: Vec<_> = keys

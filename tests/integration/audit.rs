@@ -47,7 +47,10 @@ async fn a_stale_entry_made_on_purpose_is_counted_and_alerted() {
     k.wait_for(&["GET", "w"], b"$1\r\n1\r\n").await;
     d.cmd(&["SET", "w", "2"]).await;
     k.wait_for(&["GET", "w"], b"$1\r\n2\r\n").await;
-    assert_eq!(metric(kiln.metrics, "cache_audit_stale_total").await, Some(0.0));
+    assert_eq!(
+        metric(kiln.metrics, "cache_audit_stale_total").await,
+        Some(0.0)
+    );
     // The fault: upstream's db 0 now holds "new", with no invalidation.
     d.cmd(&["SWAPDB", "0", "1"]).await;
     assert_eq!(k.cmd_text(&["GET", "k"]).await, "old", "served stale");
@@ -79,10 +82,15 @@ async fn the_audit_read_is_off_the_client_s_path() {
     let mut k = kiln.conn().await;
     k.cmd(&["SET", "k", "v"]).await;
     k.cmd(&["GET", "k"]).await;
-    let reads = metric(kiln.metrics, "cache_audit_reads_total").await.unwrap_or(0.0);
+    let reads = metric(kiln.metrics, "cache_audit_reads_total")
+        .await
+        .unwrap_or(0.0);
     // Upstream holds every command for a second from now.
     let mut d = redis.conn().await;
-    assert_eq!(d.cmd(&["CLIENT", "PAUSE", "1000", "ALL"]).await, &b"+OK\r\n"[..]);
+    assert_eq!(
+        d.cmd(&["CLIENT", "PAUSE", "1000", "ALL"]).await,
+        &b"+OK\r\n"[..]
+    );
     let mut probe = redis.conn().await;
     probe.send(&["PING"]).await;
     assert_eq!(k.cmd_text(&["GET", "k"]).await, "v");
@@ -92,5 +100,8 @@ async fn the_audit_read_is_off_the_client_s_path() {
     );
     assert_eq!(probe.read().await, &b"+PONG\r\n"[..]);
     counted(&kiln, "cache_audit_reads_total", reads + 1.0).await;
-    assert_eq!(metric(kiln.metrics, "cache_audit_stale_total").await, Some(0.0));
+    assert_eq!(
+        metric(kiln.metrics, "cache_audit_stale_total").await,
+        Some(0.0)
+    );
 }

@@ -398,7 +398,10 @@ async fn a_default_install_raises_no_alert_and_logs_no_warning() {
     let metrics_at: std::net::SocketAddr = format!("127.0.0.1:{metrics}").parse().expect("addr");
     let kiln_process = KilnProcess::spawn(
         kiln()
-            .args(["--config", concat!(env!("CARGO_MANIFEST_DIR"), "/proxy.toml")])
+            .args([
+                "--config",
+                concat!(env!("CARGO_MANIFEST_DIR"), "/proxy.toml"),
+            ])
             .args(["--listen", &listen_at, "--upstream", &redis.url()])
             .args(["--metrics", &metrics_at.to_string()])
             .env_remove("RUST_LOG")

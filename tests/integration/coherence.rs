@@ -209,10 +209,15 @@ async fn stress(mode: CoherenceMode, ttl: Option<Duration>) -> (u64, u64) {
     let audited = crate::util::metric(kiln.metrics, "cache_audit_reads_total").await;
     let stale = crate::util::metric(kiln.metrics, "cache_audit_stale_total").await;
     let races = crate::util::metric(kiln.metrics, "cache_audit_races_total").await;
-    println!("stress {mode:?}: audit: {audited:?} hits read again, {stale:?} stale, {races:?} races");
+    println!(
+        "stress {mode:?}: audit: {audited:?} hits read again, {stale:?} stale, {races:?} races"
+    );
     assert_eq!(stale, Some(0.0), "{mode:?}: the audit found stale serves");
     if mode != CoherenceMode::Ttl {
-        assert!(audited.is_some_and(|a| a > 10.0), "{mode:?}: audited {audited:?}");
+        assert!(
+            audited.is_some_and(|a| a > 10.0),
+            "{mode:?}: audited {audited:?}"
+        );
     }
     println!(
         "stress {mode:?}: {w} direct writes, {r} reads through kiln, {KEYS} keys, 0 stale after drain"

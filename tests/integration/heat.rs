@@ -95,7 +95,9 @@ async fn a_key_read_through_kiln_survives_lfu_eviction() {
     assert_eq!(status["heat_reporting"], "lfu");
     k.cmd(&["SET", "hot", "v"]).await;
     read_many(&mut k, "hot", READS).await;
-    let hits = metric(kiln.metrics, "cache_hits_total").await.unwrap_or(0.0);
+    let hits = metric(kiln.metrics, "cache_hits_total")
+        .await
+        .unwrap_or(0.0);
     // The first pipelined batch shares one miss.
     assert!(hits >= (READS - 200) as f64, "served from L1: {hits} hits");
     // Every hit is reported within a second or two: wait for all of them.
@@ -112,7 +114,9 @@ async fn a_key_read_through_kiln_survives_lfu_eviction() {
     .await;
     let mut r = redis.conn().await;
     let got = freq(&mut r, "hot").await;
-    println!("OBJECT FREQ: direct {want}, through kiln {got}; {touches} TOUCH arguments for {hits} hits");
+    println!(
+        "OBJECT FREQ: direct {want}, through kiln {got}; {touches} TOUCH arguments for {hits} hits"
+    );
     assert!(want > 20, "direct {want}");
     assert!(got * 2 >= want, "through kiln {got}, direct {want}");
     evict(&mut r, 2000).await;
@@ -186,7 +190,9 @@ async fn touch_traffic_is_bounded_and_nothing_without_hits() {
     for _ in 0..3 {
         pipeline(&mut k, &mgets).await;
     }
-    let hits = metric(kiln.metrics, "cache_hits_total").await.unwrap_or(0.0);
+    let hits = metric(kiln.metrics, "cache_hits_total")
+        .await
+        .unwrap_or(0.0);
     assert!(hits >= 2.0 * KEYS as f64, "{hits} hits");
     // Two more intervals for the last report.
     tokio::time::sleep(Duration::from_millis(2200)).await;
@@ -195,7 +201,9 @@ async fn touch_traffic_is_bounded_and_nothing_without_hits() {
     // Reports made from the first second to the last, each within the bound.
     let secs = start.elapsed().as_secs_f64();
     let bound = 20_000.0 * (secs.ceil() + 1.0);
-    println!("{hits} hits on {KEYS} keys: {touched} TOUCH arguments in {secs:.1} s (bound {bound}); Redis counted {in_redis} keyspace hits");
+    println!(
+        "{hits} hits on {KEYS} keys: {touched} TOUCH arguments in {secs:.1} s (bound {bound}); Redis counted {in_redis} keyspace hits"
+    );
     assert!(in_redis as f64 >= touched, "Redis saw them: {in_redis}");
     // Redis's count also holds the reads of MGETs L1 did not answer whole.
     assert!(touched > 0.0, "reported");

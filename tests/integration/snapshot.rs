@@ -122,7 +122,9 @@ async fn an_mget_of_cached_keys_is_never_torn() {
     assert!(mixed.replies > 500 && mixed.gets > 500, "{mixed:?}");
     assert_eq!(mixed.torn, 0, "{mixed:?}");
     // L1 served them: most MGETs are hits, not all read upstream.
-    let hits = metric(kiln.metrics, "cache_hits_total").await.expect("hits");
+    let hits = metric(kiln.metrics, "cache_hits_total")
+        .await
+        .expect("hits");
     assert!(hits > 1000.0, "{hits} hits");
 }
 
@@ -161,6 +163,8 @@ async fn an_mget_in_bcast_mode_is_never_torn() {
     println!("bcast, with single GET fills: {seen:?}");
     assert!(seen.replies > 500 && seen.gets > 500, "{seen:?}");
     assert_eq!(seen.torn, 0, "{seen:?}");
-    let hits = metric(kiln.metrics, "cache_hits_total").await.expect("hits");
+    let hits = metric(kiln.metrics, "cache_hits_total")
+        .await
+        .expect("hits");
     assert!(hits > 500.0, "{hits} hits");
 }
