@@ -145,6 +145,7 @@ impl Instance {
             )
             .await;
         coherence::heat::spawn(
+            ctx.coherence.clone(),
             ctx.upstream.clone(),
             ctx.control.clone(),
             ctx.l1.clone(),

@@ -19,7 +19,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use bytes::Bytes;
 
 use crate::cache::{Entry, FillToken, L1};
-use crate::protocol::Proto;
 use crate::protocol::request::encode_command;
 use crate::upstream::Upstream;
 
@@ -109,11 +108,15 @@ impl Picked {
         }
         let (coherence, upstream, l1) = (coherence.clone(), upstream.clone(), l1.clone());
         tokio::spawn(async move {
-            let link = upstream.shared(self.db, Proto::Resp2, 0, &None);
+            let link = coherence.side_link(&upstream, self.db);
             let ask = encode_command(&[&b"GET"[..], &self.key]);
             let Ok(Ok(reply)) = link.send(ask, None, true).await else {
                 return;
             };
+            // An error (`-BUSY`, `-LOADING`, ...) says nothing of the value.
+            if reply.first() == Some(&b'-') {
+                return;
+            }
             coherence.audit.reads.fetch_add(1, Ordering::Relaxed);
             if same(&entry, &reply) {
                 return;
@@ -123,6 +126,9 @@ impl Picked {
                 coherence.audit.races.fetch_add(1, Ordering::Relaxed);
                 return;
             }
+            // Proved stale: not served again. Dropped as the invalidation
+            // that never came would have dropped it, before it is counted.
+            l1.invalidate(&self.key, crate::cache::Source::Tracking);
             let age = l1.age_ms(&entry);
             coherence.audit.stale.fetch_add(1, Ordering::Relaxed);
             coherence.audit.stale_age_ms.store(age, Ordering::Relaxed);

@@ -19,7 +19,6 @@ use tokio_util::sync::CancellationToken;
 use crate::cache::L1;
 use crate::cache::heat::Reporting;
 use crate::config::ReportHeat;
-use crate::protocol::Proto;
 use crate::protocol::request::encode_command;
 use crate::upstream::{Link, Upstream};
 
@@ -27,8 +26,13 @@ use crate::upstream::{Link, Upstream};
 pub const INTERVAL: Duration = Duration::from_secs(1);
 /// Key arguments sent a second at most.
 pub const MAX_TOUCHES: usize = 20_000;
-/// Key arguments in one `TOUCH`.
+/// Bytes of key arguments sent a second at most: a large key is repeated
+/// less (or, past it, not reported).
+pub const MAX_BYTES: usize = 1 << 20;
+/// Key arguments in one `TOUCH`, and their bytes at most (a longer key
+/// goes alone): Redis runs each `TOUCH` in one go, so it stays short.
 pub const BATCH: usize = 1_000;
+pub const BATCH_BYTES: usize = 64 << 10;
 /// LFU: one access reported per this many hits. Redis's counter grows as
 /// the square root of the accesses (`lfu-log-factor`), so half of them
 /// leave it within 1.5x of what the hits themselves would.
@@ -36,7 +40,8 @@ pub const LFU_HITS_PER_TOUCH: u32 = 2;
 
 /// The `TOUCH` repetitions of each key for `held` (`(db, key, hits)`):
 /// hottest first, scaled down to `budget` arguments in all, each key kept
-/// at least once while the budget lasts. `(db, key, times)`.
+/// at least once while the budget lasts, and at most `MAX_BYTES` of keys.
+/// `(db, key, times)`.
 pub fn plan(
     mut held: Vec<(u32, Bytes, u32)>,
     r: Reporting,
@@ -52,14 +57,21 @@ pub fn plan(
     };
     let total: u64 = held.iter().map(|(_, _, h)| u64::from(times(*h))).sum();
     let scale = (budget as f64 / total.max(1) as f64).min(1.0);
-    let mut left = budget;
+    let (mut left, mut bytes) = (budget, MAX_BYTES);
     let mut out = Vec::with_capacity(held.len().min(budget));
     for (db, key, hits) in held {
         if left == 0 {
             break;
         }
-        let n = ((f64::from(times(hits)) * scale) as usize).clamp(1, left);
+        let fit = bytes / key.len().max(1);
+        let n = ((f64::from(times(hits)) * scale) as usize)
+            .clamp(1, left)
+            .min(fit);
+        if n == 0 {
+            continue;
+        }
         left -= n;
+        bytes -= n * key.len().max(1);
         out.push((db, key, n as u32));
     }
     out
@@ -80,6 +92,7 @@ pub fn reporting(setting: ReportHeat, policy: Option<&str>) -> Reporting {
 /// Starts the reporter: the policy read now and every `check_interval`,
 /// the hits sent every `INTERVAL`.
 pub fn spawn(
+    coherence: Arc<super::Coherence>,
     upstream: Arc<Upstream>,
     control: Link,
     l1: Arc<L1>,
@@ -116,15 +129,21 @@ pub fn spawn(
             if held.is_empty() {
                 continue;
             }
-            send(&upstream, &l1, plan(held, now, MAX_TOUCHES)).await;
+            send(&coherence, &upstream, &l1, plan(held, now, MAX_TOUCHES)).await;
         }
     });
 }
 
-/// Sends `touches` as `TOUCH` commands: one database (and, in front of a
-/// cluster, one hash slot) per command, at most `BATCH` arguments each,
-/// and waits for their replies (bounded).
-async fn send(upstream: &Upstream, l1: &L1, touches: Vec<(u32, Bytes, u32)>) {
+/// Sends `touches` as `TOUCH` commands on the side connections
+/// (`Coherence::side_link`): one database (and, in front of a cluster, one
+/// hash slot) per command, at most `BATCH` arguments and `BATCH_BYTES`
+/// each, and waits for their replies (bounded).
+async fn send(
+    coherence: &super::Coherence,
+    upstream: &Upstream,
+    l1: &L1,
+    touches: Vec<(u32, Bytes, u32)>,
+) {
     let cluster = upstream.cluster().is_some();
     let mut groups: std::collections::BTreeMap<(u32, u16), Vec<Bytes>> = Default::default();
     for (db, key, times) in touches {
@@ -138,8 +157,16 @@ async fn send(upstream: &Upstream, l1: &L1, touches: Vec<(u32, Bytes, u32)>) {
     }
     let mut replies = Vec::new();
     for ((db, _), args) in groups {
-        let link = upstream.shared(db, Proto::Resp2, 0, &None);
-        for chunk in args.chunks(BATCH) {
+        let link = coherence.side_link(upstream, db);
+        let mut rest = &args[..];
+        while !rest.is_empty() {
+            let (mut n, mut bytes) = (0, 0);
+            while n < rest.len().min(BATCH) && (n == 0 || bytes + rest[n].len() <= BATCH_BYTES) {
+                bytes += rest[n].len();
+                n += 1;
+            }
+            let (chunk, tail) = rest.split_at(n);
+            rest = tail;
             let mut cmd: Vec<&[u8]> = Vec::with_capacity(chunk.len() + 1);
             cmd.push(b"TOUCH");
             cmd.extend(chunk.iter().map(|k| &k[..]));
@@ -188,6 +215,22 @@ mod tests {
         // One very hot key is cut to the budget.
         let p = plan(held(&[1_000_000]), Reporting::Lfu, 1000);
         assert_eq!(p[0].2, 1000);
+        // A large key is repeated within the bytes' budget; one past it
+        // is left out, smaller ones still go.
+        let big = |len: usize, hits: u32| (0, Bytes::from(vec![b'k'; len]), hits);
+        let p = plan(
+            vec![big(100_000, 10_000), big(10, 5)],
+            Reporting::Lfu,
+            20_000,
+        );
+        assert_eq!((p[0].2, p[1].2), ((MAX_BYTES / 100_000) as u32, 3));
+        let p = plan(
+            vec![big(MAX_BYTES + 1, 10), big(10, 5)],
+            Reporting::Lfu,
+            20_000,
+        );
+        assert_eq!(p.len(), 1);
+        assert_eq!(p[0].1.len(), 10);
     }
 
     #[test]

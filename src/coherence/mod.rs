@@ -79,6 +79,9 @@ pub struct Coherence {
     /// Upstream's `tracking_total_keys` (`INFO stats`): the keys its
     /// tracking table holds, for kiln and every other tracking client.
     pub tracking_total_keys: AtomicU64,
+    /// Per database, the connection of kiln's own reads that no client
+    /// waits on (`side_link`).
+    side: std::sync::Mutex<std::collections::HashMap<u32, Link>>,
 }
 
 fn cmd(args: &[&str]) -> Vec<Vec<u8>> {
@@ -105,6 +108,7 @@ impl Coherence {
             tracking_table_max: std::sync::atomic::AtomicI64::new(-1),
             audit: audit::Audit::default(),
             tracking_total_keys: AtomicU64::new(0),
+            side: Default::default(),
         })
     }
 
@@ -126,6 +130,23 @@ impl Coherence {
         // fill it too; Redis evicts from it past the limit).
         let held = (l1.len() as u64).max(self.tracking_total_keys.load(Ordering::Relaxed));
         (held as f64 >= TABLE_FULL * max as f64).then_some((max as u64, held))
+    }
+
+    /// The connection (per node in a cluster) for database `db` that the
+    /// audit's reads and the heat reports go on: apart from the clients'
+    /// connections, so a large report never queues ahead of a client's
+    /// command, and apart from those whose overdue replies make upstream
+    /// look busy (`Upstream::maybe_busy`), so a read of kiln's own in
+    /// flight during a slow command does not send L1 hits upstream.
+    pub fn side_link(&self, upstream: &Upstream, db: u32) -> Link {
+        lock(&self.side)
+            .entry(db)
+            .or_insert_with(|| {
+                let select = vec![b"SELECT".to_vec(), db.to_string().into_bytes()];
+                let name = cmd(&["CLIENT", "SETNAME", "kiln-side"]);
+                upstream.channel(Proto::Resp2, vec![name, select], Default::default())
+            })
+            .clone()
     }
 
     /// Whether L1 could grow past upstream's tracking table: logged once

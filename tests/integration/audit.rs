@@ -70,6 +70,19 @@ async fn a_stale_entry_made_on_purpose_is_counted_and_alerted() {
     .await;
     let age = metric(kiln.metrics, "cache_audit_stale_age_seconds").await;
     assert!(age.is_some_and(|a| a >= 0.0), "{age:?}");
+    // Proved stale, the entry is dropped: the next reads get upstream's
+    // value, by GET and by MGET alike, and never go back to the old one
+    // (an MGET read upstream whole got "new" while L1 kept serving "old").
+    assert_eq!(k.cmd_text(&["GET", "k"]).await, "new");
+    let both = k.cmd(&["MGET", "k", "nokey"]).await;
+    assert_eq!(both, &b"*2\r\n$3\r\nnew\r\n$-1\r\n"[..]);
+    for _ in 0..3 {
+        assert_eq!(k.cmd_text(&["GET", "k"]).await, "new");
+    }
+    assert_eq!(
+        metric(kiln.metrics, "cache_audit_stale_total").await,
+        Some(1.0)
+    );
 }
 
 /// The audit read waits for upstream; the client's hit does not: while
@@ -97,6 +110,17 @@ async fn the_audit_read_is_off_the_client_s_path() {
     assert!(
         probe.try_read_within(Duration::ZERO).await.is_err(),
         "the hit was answered while upstream held its commands"
+    );
+    // Hits go on being answered past kiln's 50 ms busy rule: the audit's
+    // reads in flight are on a connection of their own, which does not
+    // make upstream look busy (they used to send the hits upstream).
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        assert_eq!(k.cmd_text(&["GET", "k"]).await, "v");
+    }
+    assert!(
+        probe.try_read_within(Duration::ZERO).await.is_err(),
+        "the hits were answered while upstream held its commands"
     );
     assert_eq!(probe.read().await, &b"+PONG\r\n"[..]);
     counted(&kiln, "cache_audit_reads_total", reads + 1.0).await;

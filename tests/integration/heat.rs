@@ -209,3 +209,48 @@ async fn touch_traffic_is_bounded_and_nothing_without_hits() {
     assert!(touched > 0.0, "reported");
     assert!(touched <= bound, "{touched} in {secs} s");
 }
+
+/// A large hot key is reported within a byte budget (1 MiB a second), on
+/// kiln's side connection, not on the clients' (a 100 KB key hit at full
+/// speed sent over a gigabyte of TOUCH in 7 s, queued ahead of other
+/// clients' commands for seconds).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_hot_key_is_reported_within_a_byte_budget() {
+    let redis = Redis::start_with(LFU);
+    let kiln = Kiln::start(&redis).await;
+    let mut k = kiln.conn().await;
+    let key = "k".repeat(100_000);
+    k.cmd(&["SET", &key, "v"]).await;
+    let before = metric(kiln.metrics, "cache_heat_touches_total")
+        .await
+        .unwrap_or(0.0);
+    let start = std::time::Instant::now();
+    read_many(&mut k, &key, 4_000).await;
+    // Two intervals for the last report.
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    let touched = metric(kiln.metrics, "cache_heat_touches_total")
+        .await
+        .unwrap_or(0.0)
+        - before;
+    let secs = start.elapsed().as_secs_f64().ceil() + 1.0;
+    let bound = secs * ((1 << 20) / 100_000) as f64;
+    println!("a 100 KB key hit 4,000 times: {touched} TOUCH arguments (bound {bound})");
+    assert!(
+        touched >= 1.0 && touched <= bound,
+        "{touched}, bound {bound}"
+    );
+    // The reports went on kiln's side connection.
+    let mut d = redis.conn().await;
+    let list = d.cmd_text(&["CLIENT", "LIST"]).await;
+    let side: Vec<&str> = list
+        .lines()
+        .filter(|l| l.contains("name=kiln-side"))
+        .collect();
+    assert!(side.iter().any(|l| l.contains("cmd=touch")), "{list}");
+    assert!(
+        !list
+            .lines()
+            .any(|l| l.contains("cmd=touch") && !l.contains("name=kiln-side")),
+        "{list}"
+    );
+}
