@@ -317,8 +317,8 @@ pub fn mget(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
         .then(|| keys.iter().map(|k| Picked::before(l1, c.db, k)).collect());
     // Per key: the cached entry (a frame or a nil), or None for a miss.
     let mut slots: Vec<Option<Entry>> = Vec::with_capacity(keys.len());
-    let mut stamps: smallvec::SmallVec<[crate::cache::Stamp; 8]> = smallvec::SmallVec::new();
-    let mut ttls: smallvec::SmallVec<[Option<std::time::Duration>; 8]> = smallvec::SmallVec::new();
+    let mut stamps: smallvec::SmallVec<[crate::cache::Stamp; 16]> = smallvec::SmallVec::new();
+    let mut ttls: smallvec::SmallVec<[Option<std::time::Duration>; 16]> = smallvec::SmallVec::new();
     let mut refreshes: smallvec::SmallVec<[usize; 2]> = smallvec::SmallVec::new();
     // Read upstream whole: a key missed, bypasses L1, or changed meanwhile.
     let mut whole = false;
