@@ -174,7 +174,10 @@ async fn send(
         }
     }
     for (n, rx) in replies {
-        if let Ok(Ok(Ok(_))) = tokio::time::timeout(INTERVAL * 5, rx).await {
+        // Counted once Redis ran it (an integer reply, not an error).
+        if let Ok(Ok(Ok(reply))) = tokio::time::timeout(INTERVAL * 5, rx).await
+            && reply.first() == Some(&b':')
+        {
             l1.heat
                 .touches
                 .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);

@@ -254,3 +254,69 @@ async fn a_large_hot_key_is_reported_within_a_byte_budget() {
         "{list}"
     );
 }
+
+/// In front of a cluster, the reports and the audit's reads reach the
+/// node of each key's slot (keys on all three primaries): every `TOUCH`
+/// is answered with a count, every audited hit compared, none stale.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reports_and_audits_reach_each_keys_node_in_a_cluster() {
+    let cluster = crate::util::off_runtime(crate::util::cluster::Cluster::start).await;
+    let kiln = Kiln::start_cluster(cluster.seeds(), |c| {
+        c.cache.report_heat = kiln::config::ReportHeat::On;
+        c.coherence.audit_share = 1.0;
+    })
+    .await;
+    let mut k = kiln.conn().await;
+    let keys: Vec<String> = (0..30).map(|i| format!("heat:{i}")).collect();
+    for key in &keys {
+        k.cmd(&["SET", key, "v"]).await;
+        for _ in 0..3 {
+            assert_eq!(k.cmd(&["GET", key]).await, &b"$1\r\nv\r\n"[..]);
+        }
+    }
+    // Each key hit twice: reported once each (LRU-like: the nodes run
+    // noeviction), on the node of its slot.
+    poll_until(Duration::from_millis(50), async || {
+        let t = metric(kiln.metrics, "cache_heat_touches_total")
+            .await
+            .unwrap_or(0.0);
+        let audited = metric(kiln.metrics, "cache_audit_reads_total")
+            .await
+            .unwrap_or(0.0);
+        match t >= keys.len() as f64 && audited >= 2.0 * keys.len() as f64 {
+            true => Ok(()),
+            false => Err(format!("{t} touches, {audited} audited")),
+        }
+    })
+    .await;
+    assert_eq!(
+        metric(kiln.metrics, "cache_audit_stale_total").await,
+        Some(0.0)
+    );
+    let mut touched = 0;
+    for port in cluster.primary_ports() {
+        let mut n = Conn::connect(([127, 0, 0, 1], port).into()).await;
+        let info = n.cmd_text(&["INFO", "commandstats"]).await;
+        let calls = |name: &str| -> u64 {
+            info.lines()
+                .find_map(|l| l.strip_prefix(&format!("cmdstat_{name}:calls=")))
+                .and_then(|r| r.split(',').next()?.parse().ok())
+                .unwrap_or(0)
+        };
+        touched += calls("touch");
+        let failed: u64 = info
+            .lines()
+            .filter(|l| l.starts_with("cmdstat_touch:"))
+            .filter_map(|l| {
+                l.split("failed_calls=")
+                    .nth(1)?
+                    .split(',')
+                    .next()?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .sum();
+        assert_eq!(failed, 0, "{info}");
+    }
+    assert!(touched >= 3, "TOUCH on the three primaries: {touched}");
+}
