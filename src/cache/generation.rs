@@ -276,12 +276,9 @@ impl L1 {
 
     /// Whether nothing told L1 of a change to `key` since `t` was taken:
     /// no invalidation of it (a write through kiln, a tracking push), no
-    /// clear, no reload of `[cache]`.
-    pub fn unchanged_since(&self, key: &[u8], t: FillToken) -> bool {
-        self.current(key, t)
-    }
-
-    pub(super) fn current(&self, key: &[u8], t: FillToken) -> bool {
+    /// clear, no reload of `[cache]`. A fill is stored only while so; the
+    /// audit judges a difference by it.
+    pub fn current(&self, key: &[u8], t: FillToken) -> bool {
         self.token(key) == FillToken { origin: 0, ..t }
     }
 }

@@ -69,8 +69,6 @@ pub struct Heat {
     hasher: std::collections::hash_map::RandomState,
     /// Key arguments sent in `TOUCH` (`cache_heat_touches_total`).
     pub touches: AtomicU64,
-    /// Hits not reported because `MAX_KEYS` keys were held.
-    pub unreported: AtomicU64,
 }
 
 impl Default for Heat {
@@ -83,7 +81,6 @@ impl Default for Heat {
             held: AtomicUsize::new(0),
             hasher: Default::default(),
             touches: AtomicU64::new(0),
-            unreported: AtomicU64::new(0),
         }
     }
 }
@@ -140,16 +137,19 @@ impl Heat {
     fn note(&self, db: u32, key: &Bytes) {
         let shard = self.hasher.hash_one(&key[..]) as usize % SHARDS;
         let mut map = lock(&self.shards[shard]);
-        if let Some(n) = map.get_mut(&(db, key.clone())) {
-            *n = n.saturating_add(1);
-            return;
+        match map.entry((db, key.clone())) {
+            std::collections::hash_map::Entry::Occupied(mut n) => {
+                *n.get_mut() = n.get().saturating_add(1);
+            }
+            std::collections::hash_map::Entry::Vacant(v) => {
+                // Past the bound, the key's hits this second go unreported.
+                if self.held.fetch_add(1, Ordering::Relaxed) >= MAX_KEYS {
+                    self.held.fetch_sub(1, Ordering::Relaxed);
+                } else {
+                    v.insert(1);
+                }
+            }
         }
-        if self.held.fetch_add(1, Ordering::Relaxed) >= MAX_KEYS {
-            self.held.fetch_sub(1, Ordering::Relaxed);
-            self.unreported.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
-        map.insert((db, key.clone()), 1);
     }
 
     /// The hits held, by key, and forgets them: `(db, key, hits)`.

@@ -40,7 +40,13 @@ pub struct Audit {
     /// When the last one was found, Unix ms (0: never): the
     /// `cache_stale_served` alert fires for `alerts.window` after it.
     pub last_stale_unix_ms: AtomicU64,
+    /// Audit reads waiting for upstream: at most `IN_FLIGHT`, past which
+    /// a picked hit is not audited (a slow upstream would pile them up).
+    in_flight: std::sync::atomic::AtomicUsize,
 }
+
+/// Audit reads in flight at most.
+pub const IN_FLIGHT: usize = 1024;
 
 thread_local! {
     static RNG: std::cell::Cell<u64> = const { std::cell::Cell::new(0x2545_F491_4F6C_DD1D) };
@@ -106,62 +112,62 @@ impl Picked {
         if coherence.mode == crate::config::CoherenceMode::Ttl {
             return;
         }
+        let audit = &coherence.audit;
+        if audit.in_flight.fetch_add(1, Ordering::Relaxed) >= IN_FLIGHT {
+            audit.in_flight.fetch_sub(1, Ordering::Relaxed);
+            return;
+        }
         let (coherence, upstream, l1) = (coherence.clone(), upstream.clone(), l1.clone());
         tokio::spawn(async move {
-            let link = coherence.side_link(&upstream, self.db);
-            let ask = encode_command(&[&b"GET"[..], &self.key]);
-            let Ok(Ok(reply)) = link.send(ask, None, true).await else {
-                return;
-            };
-            // An error (`-BUSY`, `-LOADING`, ...) says nothing of the value.
-            if reply.first() == Some(&b'-') {
-                return;
-            }
-            coherence.audit.reads.fetch_add(1, Ordering::Relaxed);
-            if same(&entry, &reply) {
-                return;
-            }
-            coherence.settle(&upstream).await;
-            if !l1.unchanged_since(&self.key, self.token) {
-                coherence.audit.races.fetch_add(1, Ordering::Relaxed);
-                return;
-            }
-            // Proved stale: not served again. Dropped as the invalidation
-            // that never came would have dropped it, before it is counted.
-            l1.invalidate(&self.key, crate::cache::Source::Tracking);
-            let age = l1.age_ms(&entry);
-            coherence.audit.stale.fetch_add(1, Ordering::Relaxed);
-            coherence.audit.stale_age_ms.store(age, Ordering::Relaxed);
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(1, |d| d.as_millis() as u64);
-            coherence
-                .audit
-                .last_stale_unix_ms
-                .store(now, Ordering::Relaxed);
-            log_stale(&self.key, self.db, age);
+            self.judge(&coherence, &upstream, &l1, entry).await;
+            coherence.audit.in_flight.fetch_sub(1, Ordering::Relaxed);
         });
     }
-}
 
-/// Whether upstream's `GET` reply (RESP2) is what `entry` served.
-fn same(entry: &Entry, reply: &[u8]) -> bool {
-    match (entry.value(), bulk(reply)) {
-        (None, None) => reply.starts_with(b"$-1\r\n"),
-        (Some(v), Some(r)) => v[..] == *r,
-        _ => false,
+    /// Reads the key again and counts what it finds.
+    async fn judge(self, coherence: &Coherence, upstream: &Upstream, l1: &L1, entry: Entry) {
+        let link = coherence.side_link(upstream, self.db);
+        let ask = encode_command(&[&b"GET"[..], &self.key]);
+        let Ok(Ok(reply)) = link.send(ask, None, true).await else {
+            return;
+        };
+        // An error (`-BUSY`, `-LOADING`, ...) says nothing of the value.
+        if reply.first() == Some(&b'-') {
+            return;
+        }
+        coherence.audit.reads.fetch_add(1, Ordering::Relaxed);
+        if same(&entry, &reply) {
+            return;
+        }
+        coherence.settle(upstream).await;
+        if !l1.current(&self.key, self.token) {
+            coherence.audit.races.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        // Proved stale: not served again. Dropped as the invalidation
+        // that never came would have dropped it, before it is counted.
+        l1.invalidate(&self.key, crate::cache::Source::Tracking);
+        let age = l1.age_ms(&entry);
+        coherence.audit.stale.fetch_add(1, Ordering::Relaxed);
+        coherence.audit.stale_age_ms.store(age, Ordering::Relaxed);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_millis() as u64);
+        coherence
+            .audit
+            .last_stale_unix_ms
+            .store(now, Ordering::Relaxed);
+        log_stale(&self.key, self.db, age);
     }
 }
 
-/// The data of a RESP2 bulk string reply; `None` for anything else.
-fn bulk(reply: &[u8]) -> Option<&[u8]> {
-    let rest = reply.strip_prefix(b"$")?;
-    let nl = rest.iter().position(|&b| b == b'\n')?;
-    let len: usize = std::str::from_utf8(rest.get(..nl.checked_sub(1)?)?)
-        .ok()?
-        .parse()
-        .ok()?;
-    rest.get(nl + 1..nl + 1 + len)
+/// Whether upstream's `GET` reply (RESP2) is what `entry` served: the
+/// entry's own RESP2 frame, or a nil.
+fn same(entry: &Entry, reply: &[u8]) -> bool {
+    match entry.frame() {
+        Some(frame) => frame[..] == *reply,
+        None => reply == b"$-1\r\n",
+    }
 }
 
 /// One line per stale key (the first `LOGGED` keys), at most one a second.

@@ -437,16 +437,14 @@ impl Coherence {
 fn config_text(reply: &[u8]) -> Option<String> {
     let text = String::from_utf8_lossy(reply);
     let mut lines = text.split("\r\n").filter(|l| !l.is_empty());
+    // `*2`/`%1`, `$n`, name, `$n`, value.
     lines.nth(4).map(str::to_string)
 }
 
 /// The value of a one-parameter `CONFIG GET` reply (`*2 name value`, or
 /// a RESP3 map), as a number.
 fn config_value(reply: &[u8]) -> Option<i64> {
-    let text = String::from_utf8_lossy(reply);
-    let mut lines = text.split("\r\n").filter(|l| !l.is_empty());
-    // `*2`/`%1`, `$n`, name, `$n`, value.
-    lines.nth(4)?.parse().ok()
+    config_text(reply)?.parse().ok()
 }
 
 /// Applies one RESP3 push: `invalidate` with keys, or with null for a flush.

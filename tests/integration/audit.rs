@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use crate::util::{Kiln, Redis, cache_status, http_get, metric, poll_until};
+use crate::util::{Kiln, Redis, cache_status, encode, http_get, metric, poll_until};
 
 async fn kiln_auditing_every_hit(redis: &Redis) -> Kiln {
     Kiln::start_with(redis, |c| {
@@ -128,4 +128,42 @@ async fn the_audit_read_is_off_the_client_s_path() {
         metric(kiln.metrics, "cache_audit_stale_total").await,
         Some(0.0)
     );
+}
+
+/// Audit reads in flight are bounded (1,024): while upstream holds its
+/// commands, 2,000 audited hits start no more than that many reads, and
+/// every hit is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_reads_in_flight_are_bounded() {
+    let redis = Redis::start();
+    let kiln = kiln_auditing_every_hit(&redis).await;
+    let mut k = kiln.conn().await;
+    k.cmd(&["SET", "k", "v"]).await;
+    k.cmd(&["GET", "k"]).await;
+    counted(&kiln, "cache_audit_reads_total", 0.0).await;
+    let before = metric(kiln.metrics, "cache_audit_reads_total")
+        .await
+        .unwrap_or(0.0);
+    let mut d = redis.conn().await;
+    assert_eq!(
+        d.cmd(&["CLIENT", "PAUSE", "1000", "ALL"]).await,
+        &b"+OK\r\n"[..]
+    );
+    let mut probe = redis.conn().await;
+    probe.send(&["PING"]).await;
+    let wire: Vec<u8> = (0..2000).flat_map(|_| encode(&["GET", "k"])).collect();
+    k.send_raw(&wire).await;
+    for _ in 0..2000 {
+        assert_eq!(k.read().await, &b"$1\r\nv\r\n"[..]);
+    }
+    assert!(
+        probe.try_read_within(Duration::ZERO).await.is_err(),
+        "answered while upstream held its commands"
+    );
+    assert_eq!(probe.read().await, &b"+PONG\r\n"[..]);
+    counted(&kiln, "cache_audit_reads_total", before + 1000.0).await;
+    let reads = metric(kiln.metrics, "cache_audit_reads_total")
+        .await
+        .unwrap_or(0.0);
+    assert!(reads - before <= 1024.0, "{} audit reads", reads - before);
 }

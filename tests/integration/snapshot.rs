@@ -2,10 +2,11 @@
 //! is: a writer connected to Redis runs `MSET a i b i` in a loop, readers
 //! loop `MGET a b` through kiln, and no reply has `a != b` (SPEC 4).
 
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 
 use crate::util::load::Workers;
-use crate::util::{Kiln, Redis, metric};
+use crate::util::{Conn, Kiln, Redis, metric};
 
 /// What the readers saw: MGET replies, and those with `a != b`.
 #[derive(Default, Debug)]
@@ -27,16 +28,17 @@ fn values(reply: &str) -> (Option<String>, Option<String>) {
     (one(), one())
 }
 
-/// Runs the writer and four readers for about `writes` MSETs. `mixed`:
-/// two of the readers read `a` and `b` with single GETs between their
-/// MGETs, filling the keys one by one.
-async fn race(redis: &Redis, kiln: &Kiln, keys: (&str, &str), writes: u64, mixed: bool) -> Seen {
+/// Runs the writer and four readers, connected to `at` (kiln, or Redis
+/// itself for reference), for about `writes` MSETs. `mixed`: two of the
+/// readers read `a` and `b` with single GETs between their MGETs, filling
+/// the keys one by one.
+async fn race(redis: &Redis, at: SocketAddr, keys: (&str, &str), writes: u64, mixed: bool) -> Seen {
     let (a, b) = (keys.0.to_string(), keys.1.to_string());
     let mut d = redis.conn().await;
     d.cmd(&["MSET", &a, "0", &b, "0"]).await;
     let mut readers: Workers<Seen> = Workers::default();
     for r in 0..4 {
-        let mut k = kiln.conn().await;
+        let mut k = Conn::connect(at).await;
         let (a, b) = (a.clone(), b.clone());
         readers.spawn(|stop, count| async move {
             let mut seen = Seen::default();
@@ -74,36 +76,6 @@ async fn race(redis: &Redis, kiln: &Kiln, keys: (&str, &str), writes: u64, mixed
     all
 }
 
-/// The same race against Redis itself: what a direct reader sees.
-async fn direct(redis: &Redis, writes: u64) -> Seen {
-    let mut readers: Workers<Seen> = Workers::default();
-    for _ in 0..4 {
-        let mut c = redis.conn().await;
-        readers.spawn(|stop, count| async move {
-            let mut seen = Seen::default();
-            while !stop.load(Ordering::SeqCst) {
-                let (va, vb) = values(&c.cmd_text(&["MGET", "da", "db"]).await);
-                seen.replies += 1;
-                seen.torn += u64::from(va != vb);
-                count.fetch_add(1, Ordering::SeqCst);
-            }
-            seen
-        });
-    }
-    let mut d = redis.conn().await;
-    readers.wait_count(10, "the direct readers").await;
-    for i in 1..=writes {
-        let i = i.to_string();
-        d.cmd(&["MSET", "da", &i, "db", &i]).await;
-    }
-    let mut all = Seen::default();
-    for s in readers.stop().await {
-        all.replies += s.replies;
-        all.torn += s.torn;
-    }
-    all
-}
-
 /// Both keys cached: the full hits are one state (they were torn when an
 /// invalidation or a fill landed between the reads of `a` and `b`), and so
 /// are MGETs while other readers fill the keys one by one with GETs.
@@ -111,13 +83,13 @@ async fn direct(redis: &Redis, writes: u64) -> Seen {
 async fn an_mget_of_cached_keys_is_never_torn() {
     let redis = Redis::start();
     let kiln = Kiln::start(&redis).await;
-    let reference = direct(&redis, 2000).await;
+    let reference = race(&redis, redis.addr(), ("da", "db"), 2000, false).await;
     assert_eq!(reference.torn, 0, "Redis itself: {reference:?}");
-    let seen = race(&redis, &kiln, ("a", "b"), 4000, false).await;
+    let seen = race(&redis, kiln.addr, ("a", "b"), 4000, false).await;
     println!("full hits: {seen:?}; direct: {reference:?}");
     assert!(seen.replies > 1000, "the readers ran: {seen:?}");
     assert_eq!(seen.torn, 0, "{seen:?}");
-    let mixed = race(&redis, &kiln, ("c", "d"), 4000, true).await;
+    let mixed = race(&redis, kiln.addr, ("c", "d"), 4000, true).await;
     println!("with single GET fills: {mixed:?}");
     assert!(mixed.replies > 500 && mixed.gets > 500, "{mixed:?}");
     assert_eq!(mixed.torn, 0, "{mixed:?}");
@@ -137,7 +109,7 @@ async fn a_partial_hit_is_read_upstream_whole() {
         c.cache.rules.push(crate::util::rule("nb", false, 100));
     })
     .await;
-    let seen = race(&redis, &kiln, ("na", "nb"), 3000, false).await;
+    let seen = race(&redis, kiln.addr, ("na", "nb"), 3000, false).await;
     println!("partial hits: {seen:?}");
     assert!(seen.replies > 1000, "the readers ran: {seen:?}");
     assert_eq!(seen.torn, 0, "{seen:?}");
@@ -159,7 +131,7 @@ async fn an_mget_in_bcast_mode_is_never_torn() {
         c.coherence.mode = kiln::config::CoherenceMode::Bcast;
     })
     .await;
-    let seen = race(&redis, &kiln, ("a", "b"), 3000, true).await;
+    let seen = race(&redis, kiln.addr, ("a", "b"), 3000, true).await;
     println!("bcast, with single GET fills: {seen:?}");
     assert!(seen.replies > 500 && seen.gets > 500, "{seen:?}");
     assert_eq!(seen.torn, 0, "{seen:?}");
