@@ -14,6 +14,8 @@
 //! `cargo bench --bench skewed` writes `bench/results/skewed.md`; under
 //! `cargo test` it runs 20,000 keys as a smoke test.
 
+#[path = "policies.rs"]
+mod policies;
 #[path = "../tests/integration/util/mod.rs"]
 mod util;
 
@@ -250,7 +252,8 @@ struct KilnProcess {
 }
 
 impl KilnProcess {
-    async fn start(redis: &Redis, keys: usize) -> KilnProcess {
+    /// `cache` is the body of `[cache]`.
+    async fn start(redis: &Redis, keys: usize, cache: &str) -> KilnProcess {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("port")
@@ -263,7 +266,7 @@ impl KilnProcess {
         std::fs::write(
             &path,
             format!(
-                "[server]\nlisten = \"127.0.0.1:{port}\"\n[upstream]\nurl = \"{}\"\n[cache]\nmax_memory = \"1GiB\"\n\
+                "[server]\nlisten = \"127.0.0.1:{port}\"\n[upstream]\nurl = \"{}\"\n[cache]\n{cache}\n\
                  [warmup]\non_start = false\nmax_keys = {}\nrate_limit = 0\nlock = {{ scope = \"instance\" }}\n\
                  hotkeys = {{ enabled = false }}\n[admin]\nrate_limits = {{ \"CACHE.WARMUP\" = \"100/s\" }}\n\
                  [metrics]\nlisten = \"{metrics}\"\n[log]\nlevel = \"warn\"\n",
@@ -315,7 +318,7 @@ async fn main() {
         "| Redis direct | {:.0} | 100% | - | - |",
         count as f64 / direct.as_secs_f64()
     )];
-    let kiln = KilnProcess::start(&redis, keys).await;
+    let kiln = KilnProcess::start(&redis, keys, "max_memory = \"1GiB\"").await;
     for warm in [false, true] {
         let mut k = Conn::connect(kiln.addr).await;
         k.cmd(&["CACHE.CLEAR"]).await;
@@ -347,14 +350,71 @@ async fn main() {
     );
     println!("{table}");
 
+    // L1 smaller than the hot set: room for a tenth of the keys (an entry
+    // is its key, value, origin and `ENTRY_OVERHEAD`), from cold, with and
+    // without admission; beside plain LRU and W-TinyLFU simulated on the
+    // same operations with the room L1 had, and the ideal LFU.
+    drop(kiln);
+    let tenth = keys / 10;
+    let small = tenth * (10 + 100 + 4 + 120);
+    let mut srows = Vec::new();
+    let mut held = 0;
+    for admission in ["doorkeeper", "always"] {
+        let kiln = KilnProcess::start(
+            &redis,
+            keys,
+            &format!(
+                "max_memory = \"{small}B\"\nmax_value_size = \"1KiB\"\nadmission = \"{admission}\""
+            ),
+        )
+        .await;
+        redis.reset_stats().await;
+        let took = drive(kiln.addr, &cmds, conns, depth).await;
+        let hit = 1.0 - redis.calls("get").await as f64 / gets;
+        let (_, json) = util::http_get(kiln.metrics, "/metrics/json").await;
+        let stats: serde_json::Value = serde_json::from_str(&json).expect("metrics json");
+        held = held.max(stats["l1_entries"].as_u64().expect("l1_entries") as usize);
+        srows.push(format!(
+            "| kiln, `cache.admission = \"{admission}\"` | {:.0} | {:.2}% | {} |",
+            count as f64 / took.as_secs_f64(),
+            hit * 100.0,
+            stats["l1_entries"]
+        ));
+    }
+    let accesses: Vec<policies::Access> = ops
+        .iter()
+        .map(|o| match *o {
+            Op::Get(k) => policies::Access::Read(k),
+            Op::Set(k) => policies::Access::Write(k),
+        })
+        .collect();
+    for (name, hit) in [
+        ("LRU (simulated)", policies::lru(&accesses, keys, held)),
+        (
+            "W-TinyLFU (simulated)",
+            policies::wtinylfu(&accesses, keys, held),
+        ),
+        (
+            "ideal LFU: the most probable keys, writes ignored",
+            policies::ideal_lfu(keys, held, 0.99),
+        ),
+    ] {
+        srows.push(format!("| {name} | - | {:.2}% | {held} |", hit * 100.0));
+    }
+    let stable = format!(
+        "| policy | ops/s | hit rate (GETs not reaching upstream) | entries held |\n\
+         | --- | --- | --- | --- |\n{}",
+        srows.join("\n")
+    );
+    println!("{stable}");
+
     // The hash and sorted-set mix, from a cold L1 (warmup fills strings),
     // on a Redis and a kiln of its own: the GET mix left its million keys
     // in Redis's tracking table (`tracking-table-max-keys`, 1,000,000), and
     // every key read past that evicts a tracked key with an invalidation.
-    drop(kiln);
     drop(redis);
     let redis = Redis::start();
-    let kiln = KilnProcess::start(&redis, keys).await;
+    let kiln = KilnProcess::start(&redis, keys, "max_memory = \"1GiB\"").await;
     let rkeys = keys / 5;
     let rops = read_operations(rkeys, count, 0.99);
     let reads = rops
@@ -411,6 +471,9 @@ async fn main() {
              the load generator, kiln and Redis sharing 2 cores. The ceiling is the share of GETs an\n\
              unbounded cache that drops a key on every write keeps from upstream on the same operations\n\
              (starting empty for the cold row, with every key cached for the warmed row).\n\n{table}\n\n\
+             ## L1 smaller than the hot set: room for a tenth of the keys\n\n\
+             The same operations through a kiln whose `max_memory` holds about {tenth} entries, from cold; the\n\
+             simulated policies are given the room L1 had (`entries held`, the larger of the two kilns).\n\n{stable}\n\n\
              ## Hashes and sorted sets: zipf(0.99) over {rkeys} keys, {count} operations\n\n\
              40% HGETALL, 30% HGET (one of four 25-byte fields), 25% ZRANGE 0 9 WITHSCORES (ten members),\n\
              5% writes (HSET, ZADD); same connections and depth, from a cold L1. The ceiling is an unbounded\n\

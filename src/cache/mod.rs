@@ -17,6 +17,7 @@
 //! `store` (the table); this file holds `L1` itself, its counters and its
 //! construction.
 
+mod admit;
 mod compress;
 mod entry;
 mod fill;
@@ -92,6 +93,8 @@ pub struct L1 {
     pub stats: Stats,
     /// The hits reported upstream as key heat (`cache.report_heat`).
     pub heat: heat::Heat,
+    /// Misses rejected lately (`cache.admission`).
+    doorkeeper: admit::Doorkeeper,
 }
 
 /// Why entries were dropped; `as_str` is the `source` metric label.
@@ -133,6 +136,9 @@ pub struct Stats {
     pub misses: crate::counter::Striped,
     pub fills: AtomicU64,
     pub fills_dropped: AtomicU64,
+    /// Misses forwarded unfilled because L1 was full and the key had not
+    /// missed lately (`cache.admission`).
+    pub fills_rejected: crate::counter::Striped,
     pub not_cached_too_large: AtomicU64,
     pub penetrations: AtomicU64,
     /// GETs (and MGET keys) a rule kept out of L1, or read behind a write.
@@ -198,6 +204,7 @@ impl L1 {
             born: Instant::now(),
             ttl_mode,
             flights: flight::Flights::new(),
+            doorkeeper: admit::Doorkeeper::new(cfg.max_memory),
             heat: {
                 let h = heat::Heat::default();
                 h.configure(cfg.report_heat);
@@ -311,6 +318,30 @@ impl L1 {
                 return;
             }
         }
+    }
+
+    /// Whether a miss of `(db, key)` should be filled (`cache.admission`):
+    /// always while the key's part of L1 has room, else only if the key
+    /// missed lately (`admit::Doorkeeper`). A rejected miss is remembered
+    /// and counted (`Stats::fills_rejected`), and the caller forwards it
+    /// unfilled.
+    pub fn admit(&self, rules: &Rules, db: u32, key: &[u8]) -> bool {
+        if rules.0.admission == crate::config::Admission::Always {
+            return true;
+        }
+        let hash = self.hash(db, key);
+        if self.store.has_room(hash) || self.doorkeeper.contains(hash) {
+            return true;
+        }
+        self.doorkeeper
+            .remember(hash, || self.entries_capacity() / 4);
+        self.stats.fills_rejected.add(1);
+        false
+    }
+
+    /// Bytes the admission filters take (`cache.admission`).
+    pub fn doorkeeper_bytes(&self) -> usize {
+        self.doorkeeper.bytes()
     }
 
     pub fn len(&self) -> usize {

@@ -53,6 +53,8 @@ pub(super) struct Settings {
     /// `coherence.mode = "ttl"`: with refresh-ahead, an expired entry is
     /// served within `max_stale` while its refresh runs.
     pub(super) ttl_mode: bool,
+    /// `cache.admission`.
+    pub(super) admission: crate::config::Admission,
 }
 
 impl Settings {
@@ -61,6 +63,7 @@ impl Settings {
         // here, and would only narrow the mask.
         let commands = reads::mask(&cfg.commands).unwrap_or(reads::DEFAULT_MASK);
         Settings {
+            admission: cfg.admission,
             enabled: cfg.enabled,
             rules: cfg
                 .rules

@@ -172,7 +172,7 @@ impl Table {
             return None;
         }
         let mask = self.mask();
-        let stride = (self.slots.len() as u64 * 0x9e37_79b9 >> 32) as usize | 1;
+        let stride = ((self.slots.len() as u64 * 0x9e37_79b9) >> 32) as usize | 1;
         loop {
             let i = self.hand & mask;
             self.hand = (i + stride) & mask;
@@ -339,6 +339,17 @@ impl Store {
             self.evictions.fetch_add(evicted, Ordering::Relaxed);
         }
         true
+    }
+
+    /// Whether `hash`'s shard has room for two more of its average
+    /// entries and 1/64 of its budget besides: a fill there would evict
+    /// nothing (`L1::admit`). A full shard sits within one entry of its
+    /// budget.
+    pub fn has_room(&self, hash: u64) -> bool {
+        let budget = self.shard_budget.load(Ordering::Relaxed);
+        let t = self.shard(hash).read();
+        let average = t.weight.checked_div(t.len as u64).unwrap_or(0);
+        t.weight + 2 * average + budget / 64 < budget
     }
 
     pub fn remove(&self, hash: u64, db: u32, key: &[u8], read: &[u8]) -> Option<Entry> {

@@ -520,3 +520,29 @@ fn max_value_size_is_exact() {
         assert_eq!(c.get(0, &k).is_some(), cached, "{len}");
     }
 }
+
+/// Admission on a full L1 (`cache.admission`): a key is filled on its
+/// second miss, not its first; `always` fills the first.
+#[test]
+fn admission_fills_a_full_l1_on_a_second_miss() {
+    let frame = format!("$500\r\n{}\r\n", "x".repeat(500));
+    let c = l1();
+    let rules = c.rules();
+    for i in 0..10_000 {
+        let k = Bytes::from(format!("fill{i}"));
+        assert!(c.fill(0, &k, Some(frame.as_bytes()), -1, TTL, c.token(&k)));
+    }
+    let probes: Vec<Bytes> = (0..400).map(|i| Bytes::from(format!("probe{i}"))).collect();
+    assert!(
+        probes.iter().all(|k| !c.admit(&rules, 0, k)),
+        "a first miss on a full L1 is not filled"
+    );
+    assert!(probes.iter().all(|k| c.admit(&rules, 0, k)), "a second is");
+    assert_eq!(c.stats.fills_rejected.load(), 400);
+    c.configure(&CacheConfig {
+        admission: crate::config::Admission::Always,
+        ..CacheConfig::default()
+    });
+    let rules = c.rules();
+    assert!(c.admit(&rules, 0, b"never seen"));
+}

@@ -308,6 +308,10 @@ pub fn status_fields(ctx: &Context, w: &Snapshot) -> Vec<(&'static str, Val)> {
         ("misses", Val::Int(misses as i64)),
         ("hit_rate", Val::Float(hit_rate)),
         (
+            "fills_rejected",
+            Val::Int(ctx.l1.stats.fills_rejected.load() as i64),
+        ),
+        (
             "coherence",
             Val::Str(format!("{:?}:{}", ctx.coherence.mode, ctx.coherence.state()).to_lowercase()),
         ),

@@ -109,6 +109,10 @@ pub fn get(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
         return;
     }
     l1.stats.misses.add(1);
+    if !l1.admit(&c.rules, c.db, &cmd.args[1]) {
+        c.read_unadmitted(&cmd, r);
+        return;
+    }
     let key = cmd.args[1].clone();
     let token = l1.token(&key);
     let rx = match l1.flights.join(c.db, &key, token) {
@@ -404,11 +408,22 @@ pub fn mget(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
             Miss {
                 key: key.clone(),
                 fill: ttl
-                    .filter(|_| refill || held.is_none())
+                    .filter(|_| {
+                        if held.is_some() {
+                            refill
+                        } else {
+                            l1.admit(&rules, c.db, key)
+                        }
+                    })
                     .map(|ttl| (ttl, l1.token(key))),
             }
         })
         .collect();
+    if missing.iter().all(|m| m.fill.is_none()) {
+        // Nothing to fill: read as the client's own, untracked.
+        c.read_unadmitted(&cmd, r);
+        return;
+    }
     slots.iter_mut().for_each(|s| *s = None);
     c.op.class = Class::Miss;
     let reader = c.ctx.upstream.reader(c.db, c.id);

@@ -265,6 +265,14 @@ impl Client {
         self.expect(r, rx, Then::Nothing);
     }
 
+    /// A miss L1 did not admit (`L1::admit`): read on the client's
+    /// connection, as a forwarded read, but timed as a miss.
+    pub fn read_unadmitted(&mut self, cmd: &Command, r: &mut Replies<'_>) {
+        self.op.class = Class::Miss;
+        let rx = self.conn().send(cmd.wire(), None, true);
+        self.expect(r, rx, Then::Nothing);
+    }
+
     /// Queues the answer of a miss's flight (a fill read on a reader
     /// connection: a write sent later waits for it, see `fills_pending`).
     pub fn await_fill(&mut self, rx: oneshot::Receiver<GetAnswer>, r: &mut Replies<'_>) {

@@ -69,6 +69,10 @@ pub fn cached(c: &mut Client, id: u8, cmd: Command, r: &mut Replies<'_>) {
         return;
     }
     l1.stats.misses.add(1);
+    if !l1.admit(&c.rules, c.db, &key) {
+        c.read_unadmitted(&cmd, r);
+        return;
+    }
     let read = Bytes::copy_from_slice(&read);
     let token = l1.token(&key);
     let rx = match l1.flights.join_read(c.db, &key, read.clone(), token) {

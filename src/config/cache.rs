@@ -54,6 +54,21 @@ pub struct CacheConfig {
     /// (`TOUCH`, see `coherence::heat`): `auto` when upstream's
     /// `maxmemory-policy` is an LRU or LFU one.
     pub report_heat: ReportHeat,
+    /// Which misses are filled once L1 is full (see `cache::admit`).
+    pub admission: Admission,
+}
+
+/// `cache.admission`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Admission {
+    /// Once the key's part of L1 is full, fill a miss only if the key
+    /// missed before, within about the last L1's worth of misses (TinyLFU's
+    /// doorkeeper); the first miss is forwarded unfilled.
+    #[default]
+    Doorkeeper,
+    /// Fill every miss (L1 as a plain CLOCK cache).
+    Always,
 }
 
 /// `cache.report_heat`.
@@ -131,6 +146,7 @@ impl Default for CacheConfig {
             refresh_ahead: 0.0,
             adaptive_ttl: None,
             report_heat: ReportHeat::Auto,
+            admission: Admission::Doorkeeper,
         }
     }
 }

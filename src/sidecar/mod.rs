@@ -103,6 +103,8 @@ pub fn render(ctx: &Context) -> String {
         .absolute(load(&s.evictions));
     m.counter(names::MGET_REREADS, &[])
         .absolute(load(&s.mget_rereads));
+    m.counter(names::FILLS_REJECTED, &[])
+        .absolute(s.fills_rejected.load());
     m.counter(names::HEAT_TOUCHES, &[])
         .absolute(load(&ctx.l1.heat.touches));
     m.gauge(names::TRACKING_TOTAL, &[])

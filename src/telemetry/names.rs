@@ -62,6 +62,9 @@ pub const CLUSTER_SLOTS: &str = "upstream_cluster_slots";
 /// upstream, because one of the keys changed while they were read (SPEC 4:
 /// a multi-key reply is one state).
 pub const MGET_REREADS: &str = "cache_mget_rereads_total";
+/// Misses forwarded unfilled by `cache.admission` (a full L1, a key that
+/// had not missed lately).
+pub const FILLS_REJECTED: &str = "cache_fills_rejected_total";
 /// Key arguments sent upstream in `TOUCH` to report the heat of keys
 /// served from L1 (SPEC 5, `cache.report_heat`).
 pub const HEAT_TOUCHES: &str = "cache_heat_touches_total";
@@ -126,6 +129,7 @@ pub const ALL: &[(&str, &str, &str)] = &[
     (AUDIT_RACES, "counter", "Audited hits that differed from upstream because of a change L1 was told of meanwhile (invalidation lag)"),
     (AUDIT_STALE_AGE, "gauge", "Age in L1 of the last stale entry the audit found (0: none)"),
     (TRACKING_TOTAL, "gauge", "Upstream tracking_total_keys: keys its tracking table holds, for every tracking client; tracking mode"),
+    (FILLS_REJECTED, "counter", "Misses forwarded without a fill: L1 was full and the key had not missed lately (cache.admission)"),
     (MGET_REREADS, "counter", "MGETs L1 held whole but read upstream because one of their keys changed while they were read"),
 ];
 

@@ -268,6 +268,8 @@ async fn the_memory_budget_evicts_cold_keys_and_keeps_a_hot_one() {
     let kiln = Kiln::start_with(&redis, |c| {
         c.cache.max_memory = 1 << 20;
         c.cache.max_value_size = 4096;
+        // Every miss filled: the CLOCK itself is under test here.
+        c.cache.admission = kiln::config::Admission::Always;
     })
     .await;
     let mut c = kiln.conn().await;

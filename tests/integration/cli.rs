@@ -270,7 +270,7 @@ async fn skip_cache_warmup_stops_automatic_runs_only() {
     assert!(
         c.cmd(&["CACHE.WARMUP", "SYNC"])
             .await
-            .starts_with(b"*76\r\n$6\r\nstatus\r\n$9\r\ncompleted")
+            .starts_with(b"*78\r\n$6\r\nstatus\r\n$9\r\ncompleted")
     );
     assert!(
         kiln.lines

@@ -2,6 +2,7 @@
 //! `redis-server` started on a free port (see `util`).
 
 mod acl;
+mod admission;
 mod audit;
 mod auth;
 mod bad_input;

@@ -67,7 +67,7 @@ async fn sync_warmup_fills_l1_in_priority_order() {
     let mut k = kiln.conn().await;
     let reply = k.cmd(&["CACHE.WARMUP", "SYNC"]).await;
     assert!(
-        reply.starts_with(b"*76\r\n$6\r\nstatus\r\n$9\r\ncompleted\r\n"),
+        reply.starts_with(b"*78\r\n$6\r\nstatus\r\n$9\r\ncompleted\r\n"),
         "{reply:?}"
     );
     let s = status(&mut k).await;
@@ -488,13 +488,13 @@ async fn status_shapes_and_admin_errors() {
     for (hello, head, hit_rate, what) in [
         (
             None,
-            "*76\r\n$6\r\nstatus\r\n$4\r\nidle\r\n",
+            "*78\r\n$6\r\nstatus\r\n$4\r\nidle\r\n",
             "$8\r\nhit_rate\r\n$3\r\n0.5\r\n",
             "RESP2 double as bulk",
         ),
         (
             Some("3"),
-            "%38\r\n$6\r\nstatus\r\n$4\r\nidle\r\n",
+            "%39\r\n$6\r\nstatus\r\n$4\r\nidle\r\n",
             "$8\r\nhit_rate\r\n,0.5\r\n",
             "RESP3 double",
         ),
