@@ -20,6 +20,7 @@
 
 pub mod acl;
 pub mod admin;
+mod arrival;
 pub mod auth;
 pub mod clients;
 pub mod cluster;

@@ -145,9 +145,9 @@ impl Fetch {
             self.token = self.ctx.l1.token(&self.key);
         }
         let (arrival, hook) = if self.reader {
-            super::get::Arrival::hook(&self.ctx, vec![self.key.clone()])
+            super::arrival::Arrival::hook(&self.ctx, vec![self.key.clone()])
         } else {
-            (super::get::Arrival::default(), None)
+            (super::arrival::Arrival::default(), None)
         };
         let rx = self.conn.send(self.wire.clone(), hook, true);
         let pttl_rx = self
