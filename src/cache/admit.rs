@@ -8,21 +8,25 @@
 //! entries are evicted before their second read, and caching cost 3.7x a
 //! plain forwarder for a 5% hit rate. As TinyLFU's doorkeeper does, a miss
 //! on a full L1 is filled only if the key missed before, within about the
-//! last half L1's worth of misses; the first miss is forwarded as with
+//! last L1's worth of misses; the first miss is forwarded as with
 //! `cache = false`, and remembered. A key read once in a long while is
 //! never filled; one read twice in that window is, at the cost of one more
 //! forwarded read.
 //!
 //! The doorkeeper is two blocked Bloom filters of the `(db, key)` hashes of
 //! rejected misses: the current one, and the one before it. When the current
-//! one has taken a quarter of L1's entries (`L1::entries_capacity`), the
-//! older one is emptied and becomes current, so a miss is remembered for
-//! between a quarter and a half of an L1 of later rejected misses: on a
-//! uniform load over 20 times L1's keys, 1-2% of misses come back within
-//! it. Each filter is sized once, from `cache.max_memory`, at 16 bits per
-//! remembered key (a false positive, a fill admitted by chance, about 1 in
-//! 300) and at most 4 MiB: both together take 0.6-1.3% of `max_memory`,
-//! beside it. While a key's shard of L1 has room every miss is filled, as
+//! one has taken as many keys as L1 holds entries (`L1::entries_capacity`),
+//! the older one is emptied and becomes current, so a miss is remembered
+//! for between one and two L1s of later rejected misses: a set of keys read
+//! over and over in a cycle gets in whenever it fits in L1 (with a shorter
+//! memory, a cycle of 2,000 keys through an L1 of 3,700 full of cold
+//! entries was rejected on every pass, for good). On a uniform load over
+//! 20 times L1's keys, 5-10% of misses come back within it. Each filter is
+//! sized once, from `cache.max_memory`, at 16 bits per remembered key (a
+//! false positive, a fill admitted by chance, about 1 in 300) and at most
+//! 4 MiB: both together take 1.3-3% of `max_memory`, beside it; a reload
+//! to a larger `max_memory` keeps their size and the window they were
+//! sized for. While a key's shard of L1 has room every miss is filled, as
 //! before.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -56,12 +60,16 @@ pub struct Doorkeeper {
     window: AtomicU64,
     /// `filters[_].len() / WORDS_PER_BLOCK - 1`.
     block_mask: u64,
+    /// The most keys a filter takes before it turns: what its bits were
+    /// sized for, so a larger `max_memory` by reload does not fill them
+    /// past their false positive rate.
+    most: u64,
 }
 
 impl Doorkeeper {
     /// Filters for an L1 of `max_memory` bytes.
     pub fn new(max_memory: u64) -> Doorkeeper {
-        let keys = (max_memory / SIZING_ENTRY / 4).max(1);
+        let keys = (max_memory / SIZING_ENTRY).max(1);
         let bits = (keys * BITS_PER_KEY)
             .next_power_of_two()
             .clamp(MIN_BITS, MAX_BITS);
@@ -73,6 +81,7 @@ impl Doorkeeper {
             taken: AtomicU64::new(0),
             window: AtomicU64::new(keys),
             block_mask: (words / WORDS_PER_BLOCK) as u64 - 1,
+            most: bits / BITS_PER_KEY,
         }
     }
 
@@ -100,8 +109,8 @@ impl Doorkeeper {
     }
 
     /// Remembers `hash`; `window` is how many keys a filter takes before
-    /// the older one is emptied and takes its place (`L1::entries_capacity`
-    /// / 4, read when the filters turn).
+    /// the older one is emptied and takes its place (`L1::entries_capacity`,
+    /// read when the filters turn, at most what the filters were sized for).
     pub fn remember(&self, hash: u64, window: impl FnOnce() -> u64) {
         let bits = self.bits(hash);
         let cur = self.current.load(Ordering::Relaxed);
@@ -120,7 +129,8 @@ impl Doorkeeper {
             for w in self.filters[older].iter() {
                 w.store(0, Ordering::Relaxed);
             }
-            self.window.store(window().max(1), Ordering::Relaxed);
+            self.window
+                .store(window().clamp(1, self.most), Ordering::Relaxed);
             self.taken.store(0, Ordering::Relaxed);
             self.current.store(older, Ordering::Relaxed);
         }

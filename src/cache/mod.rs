@@ -333,8 +333,7 @@ impl L1 {
         if self.store.has_room(hash) || self.doorkeeper.contains(hash) {
             return true;
         }
-        self.doorkeeper
-            .remember(hash, || self.entries_capacity() / 4);
+        self.doorkeeper.remember(hash, || self.entries_capacity());
         self.stats.fills_rejected.add(1);
         false
     }

@@ -72,7 +72,7 @@ pub fn get(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
     }
     l1.stats.misses.add(1);
     if !l1.admit(&c.rules, c.db, &cmd.args[1]) {
-        c.read_unadmitted(&cmd, r);
+        c.read_unadmitted(&cmd, true, r);
         return;
     }
     let key = cmd.args[1].clone();
@@ -383,7 +383,7 @@ pub fn mget(c: &mut Client, cmd: Command, r: &mut Replies<'_>) {
         .collect();
     if missing.iter().all(|m| m.fill.is_none()) {
         // Nothing to fill: read as the client's own, untracked.
-        c.read_unadmitted(&cmd, r);
+        c.read_unadmitted(&cmd, false, r);
         return;
     }
     slots.iter_mut().for_each(|s| *s = None);

@@ -267,11 +267,13 @@ impl Client {
     }
 
     /// A miss L1 did not admit (`L1::admit`): read on the client's
-    /// connection, as a forwarded read, but timed as a miss.
-    pub fn read_unadmitted(&mut self, cmd: &Command, r: &mut Replies<'_>) {
+    /// connection, as a forwarded read, but timed as a miss; `get`: a nil
+    /// reply counts as a read of a missing key, as a `GET` fill's does.
+    pub fn read_unadmitted(&mut self, cmd: &Command, get: bool, r: &mut Replies<'_>) {
         self.op.class = Class::Miss;
         let rx = self.conn().send(cmd.wire(), None, true);
-        self.expect(r, rx, Then::Nothing);
+        let then = if get { Then::Unadmitted } else { Then::Nothing };
+        self.expect(r, rx, then);
     }
 
     /// Queues the answer of a miss's flight (a fill read on a reader
@@ -491,12 +493,22 @@ impl Client {
                         Then::Info(own) => {
                             out.extend_from_slice(&write::less_own_tracking(bytes, own))
                         }
+                        Then::Unadmitted => {
+                            if bytes[..] == b"$-1\r\n"[..] || bytes[..] == b"_\r\n"[..] {
+                                self.ctx
+                                    .l1
+                                    .stats
+                                    .penetrations
+                                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            }
+                            out.extend_from_slice(bytes)
+                        }
                         _ => out.extend_from_slice(bytes),
                     },
                     Err(e) => encode::error(out, &e.reply_text()),
                 }
                 match then {
-                    Then::Nothing | Then::Info(_) => {}
+                    Then::Nothing | Then::Info(_) | Then::Unadmitted => {}
                     Then::WriteDone => {
                         self.writes_pending.pop_front();
                     }

@@ -70,7 +70,7 @@ pub fn cached(c: &mut Client, id: u8, cmd: Command, r: &mut Replies<'_>) {
     }
     l1.stats.misses.add(1);
     if !l1.admit(&c.rules, c.db, &key) {
-        c.read_unadmitted(&cmd, r);
+        c.read_unadmitted(&cmd, false, r);
         return;
     }
     let read = Bytes::copy_from_slice(&read);

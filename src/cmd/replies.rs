@@ -60,6 +60,9 @@ pub struct Timing {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Then {
     Nothing,
+    /// A `GET` miss L1 did not admit (`L1::admit`): a nil reply counts as
+    /// a read of a missing key (`Stats::penetrations`), as a fill's does.
+    Unadmitted,
     /// A write through the shared connection completed.
     WriteDone,
     /// An MGET that read its misses on a reader connection completed.

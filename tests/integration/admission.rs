@@ -86,6 +86,15 @@ async fn a_full_l1_fills_a_key_on_its_second_miss_only() {
         );
     }
     assert_eq!(redis.calls("get").await, 100, "the admitted keys are hits");
+    // A read of a missing key counts as one whether it was filled or not
+    // (the penetration alerts watch for random missing keys, which is what
+    // admission rejects).
+    let penetrations = || crate::util::metric(kiln.metrics, "cache_penetration_attempts_total");
+    let before = penetrations().await.expect("penetrations exported");
+    for i in 0..20 {
+        assert_eq!(c.cmd(&["GET", &format!("absent{i}")]).await, "$-1\r\n");
+    }
+    assert_eq!(penetrations().await.expect("exported") - before, 20.0);
     // A write to a rejected key is seen on the next read (it was read on
     // the client's connection, nothing cached).
     assert_eq!(c.cmd(&["SET", "fresh", "1"]).await, "+OK\r\n");
