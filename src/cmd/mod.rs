@@ -494,13 +494,7 @@ impl Client {
                             out.extend_from_slice(&write::less_own_tracking(bytes, own))
                         }
                         Then::Unadmitted => {
-                            if bytes[..] == b"$-1\r\n"[..] || bytes[..] == b"_\r\n"[..] {
-                                self.ctx
-                                    .l1
-                                    .stats
-                                    .penetrations
-                                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                            }
+                            replies::count_penetration(&self.ctx, bytes);
                             out.extend_from_slice(bytes)
                         }
                         _ => out.extend_from_slice(bytes),

@@ -80,6 +80,17 @@ pub enum Then {
     },
 }
 
+/// Counts a nil `GET` reply (RESP2 or RESP3) as a read of a missing key
+/// (`Stats::penetrations`): for `Then::Unadmitted`.
+pub(super) fn count_penetration(ctx: &crate::context::Context, reply: &[u8]) {
+    if reply == b"$-1\r\n" || reply == b"_\r\n" {
+        ctx.l1
+            .stats
+            .penetrations
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// Where a reply goes: straight into the output buffer when nothing is
 /// queued before it, else at the back of the queue.
 pub struct Replies<'a> {
