@@ -47,23 +47,6 @@ def tracked(rport):
     return int(next(l.split(":")[1] for l in info.splitlines() if l.startswith("tracking_total_keys:")))
 
 
-def fill(port):
-    """key:000000000000 ... key:000000999999, as redis-benchmark's -r names them, 100-byte values."""
-    value = b"x" * 100
-    with C.socket.create_connection(("127.0.0.1", port)) as s:
-        for start in range(0, EXIST, 100_000):
-            batch = []
-            for b in range(start, start + 100_000, 1000):
-                args = [b"MSET"]
-                for i in range(b, b + 1000):
-                    args += [b"key:%012d" % i, value]
-                batch.append(C.resp(*args))
-            s.sendall(b"".join(batch))
-            got = b""
-            while got.count(b"+OK\r\n") < 100:
-                got += s.recv(1 << 16)
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
@@ -81,7 +64,7 @@ def main():
                                       "--maxclients", "20000"], stdout=subprocess.DEVNULL)
             procs.append(redis)
             C.wait_port(rport, redis, "redis-server")
-            fill(rport)
+            C.fill(rport, EXIST)
             port, metrics = C.free_port(), C.free_port()
             cfg = C.kiln_config(port, rport, metrics, False).replace('max_memory = "512MiB"', cache)
             path = os.path.join(tmp, f"{name.replace(' ', '_')}.toml")

@@ -111,20 +111,22 @@ def call(port, *args, timeout=120):
         return data
 
 
-def fill(port):
-    """key:000000000000 ... as redis-benchmark's -r 100000 names them."""
+def fill(port, keys=KEYS):
+    """key:000000000000 ... as redis-benchmark's -r `keys` names them, 100-byte
+    values; MSETs of 1,000 sent 100 at a time."""
     value = b"x" * 100
     with socket.create_connection(("127.0.0.1", port)) as s:
-        batch = b""
-        for start in range(0, KEYS, 1000):
-            args = [b"MSET"]
-            for i in range(start, start + 1000):
-                args += [b"key:%012d" % i, value]
-            batch += resp(*args)
-        s.sendall(batch)
-        got = b""
-        while got.count(b"+OK\r\n") < KEYS // 1000:
-            got += s.recv(1 << 16)
+        for start in range(0, keys, 100_000):
+            batch = []
+            for b in range(start, min(start + 100_000, keys), 1000):
+                args = [b"MSET"]
+                for i in range(b, min(b + 1000, keys)):
+                    args += [b"key:%012d" % i, value]
+                batch.append(resp(*args))
+            s.sendall(b"".join(batch))
+            got = b""
+            while got.count(b"+OK\r\n") < len(batch):
+                got += s.recv(1 << 16)
 
 
 def fill_hashes(port):

@@ -13,6 +13,12 @@
 //! never filled; one read twice in that window is, at the cost of one more
 //! forwarded read.
 //!
+//! Once a key comes back, whether it is filled also depends on what fills
+//! have been earning (`Payoff`): where the fills since the filters last
+//! turned earned fewer than `HITS_PER_FILL` hits each, the share of such
+//! keys filled is cut (by half at most, to 1 in 8 at least), and it opens
+//! again as they earn more.
+//!
 //! The doorkeeper is two blocked Bloom filters of the `(db, key)` hashes of
 //! rejected misses: the current one, and the one before it. When the current
 //! one has taken as many keys as L1 holds entries (`L1::entries_capacity`),
@@ -24,7 +30,7 @@
 //! 20 times L1's keys, 5-10% of misses come back within it. Each filter is
 //! sized once, from `cache.max_memory`, at 16 bits per remembered key (a
 //! false positive, a fill admitted by chance, about 1 in 300) and at most
-//! 4 MiB: both together take 1.3-3% of `max_memory`, beside it; a reload
+//! 4 MiB: both together take 1.3-3% of `max_memory`, out of it; a reload
 //! to a larger `max_memory` keeps their size and the window they were
 //! sized for. While a key's shard of L1 has room every miss is filled, as
 //! before.
@@ -142,6 +148,77 @@ impl Doorkeeper {
     }
 }
 
+/// Hits a fill must earn, on average, for fills to go on unthrottled. A
+/// fill adds one command upstream (its `PTTL`), which one hit pays back;
+/// it costs about 5.3 us of kiln's CPU more than a forwarded read, which a
+/// hit saves about 1.3 of (`bench/admission.py`, `always` against no
+/// cache): two is between.
+pub const HITS_PER_FILL: u64 = 2;
+/// The least share (of 256) of the keys the doorkeeper lets through that
+/// are filled: a set that starts being read again gets in, and its hits
+/// open the share fourfold at each turn.
+const MIN_SHARE: u64 = 32;
+
+/// Whether fills have been paying: the share of keys the doorkeeper lets
+/// through that are filled, steered by the hits and fills of L1 between two
+/// turns of the doorkeeper's filters (`Payoff::turn`). On a load without
+/// locality the doorkeeper alone still fills every key that comes back
+/// within the window (6% of misses, over 20 times L1's keys), each a key
+/// upstream tracks until it is written; their entries earn about one hit
+/// in two. A set read in a cycle, or a skewed load, earns several a fill
+/// and is not throttled.
+pub struct Payoff {
+    /// Of 256.
+    share: AtomicU64,
+    /// L1's hits and fills at the last turn.
+    hits: AtomicU64,
+    fills: AtomicU64,
+}
+
+impl Default for Payoff {
+    fn default() -> Payoff {
+        Payoff {
+            share: AtomicU64::new(256),
+            hits: AtomicU64::new(0),
+            fills: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Payoff {
+    /// At a turn of the filters (one caller at a time): `hits` and `fills`
+    /// are L1's counts since start. The share is multiplied by the hits a
+    /// fill earned since the last turn over `HITS_PER_FILL` (by a half to
+    /// four at a turn: quick to open, slow to close), so it settles where fills earn that many, or at
+    /// whole: in proportion it settled at 1.25 hits a fill on a load without
+    /// locality (the fewer fills, the longer entries live and the more each
+    /// earns). With no fill since, it grows fourfold if hits came, else stays.
+    pub fn turn(&self, hits: u64, fills: u64) {
+        let earned = hits.saturating_sub(self.hits.swap(hits, Ordering::Relaxed));
+        let filled = fills.saturating_sub(self.fills.swap(fills, Ordering::Relaxed));
+        let share = self.share.load(Ordering::Relaxed);
+        let next = match (earned * share).checked_div(HITS_PER_FILL * filled) {
+            Some(n) => n.clamp(share / 2, share * 4),
+            None if earned > 0 => share * 4,
+            None => share,
+        };
+        self.share
+            .store(next.clamp(MIN_SHARE, 256), Ordering::Relaxed);
+    }
+
+    /// Whether to fill this key the doorkeeper let through.
+    pub fn admits(&self) -> bool {
+        let share = self.share.load(Ordering::Relaxed);
+        share >= 256 || fastrand::u64(..256) < share
+    }
+
+    /// The share, of 256.
+    #[cfg(test)]
+    pub fn share(&self) -> u64 {
+        self.share.load(Ordering::Relaxed)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -184,5 +261,33 @@ mod tests {
         let false_pos = (0..tries).filter(|i| d.contains(h(10_000_000 + i))).count();
         // 16 bits a key, 4 probes, blocked: about 0.3%; 1% is the bound.
         assert!(false_pos < tries as usize / 100, "{false_pos} of {tries}");
+    }
+
+    #[test]
+    fn payoff_settles_where_fills_earn_their_hits() {
+        let p = Payoff::default();
+        let (mut hits, mut fills) = (0, 0);
+        // A turn after 100 fills that earned `per_fill` hits each.
+        let mut turn = |per_fill: f64| {
+            fills += 100;
+            hits += (100.0 * per_fill * HITS_PER_FILL as f64) as u64;
+            p.turn(hits, fills);
+            p.share()
+        };
+        assert_eq!(turn(10.0), 256, "10 times what a fill must earn: whole");
+        assert_eq!(turn(0.5), 128, "half: halved");
+        assert_eq!(turn(0.25), 64, "a quarter: halved, no more at a turn");
+        assert_eq!(turn(1.0), 64, "what it must: as it is");
+        assert_eq!(turn(0.0), MIN_SHARE, "none: down to the floor");
+        assert_eq!(turn(0.0), MIN_SHARE);
+        let admitted = (0..10_000).filter(|_| p.admits()).count();
+        assert!(
+            (900..1600).contains(&admitted),
+            "{admitted} of 10,000 at 1/8"
+        );
+        p.turn(hits + 10, fills);
+        assert_eq!(p.share(), 4 * MIN_SHARE, "hits and no fill: fourfold");
+        p.turn(hits + 10, fills);
+        assert_eq!(p.share(), 4 * MIN_SHARE, "neither: as it is");
     }
 }

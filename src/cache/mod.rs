@@ -31,6 +31,8 @@ mod rules;
 mod store;
 
 #[cfg(test)]
+mod admit_tests;
+#[cfg(test)]
 mod tests;
 
 pub use compress::Compression;
@@ -62,6 +64,14 @@ use crate::config::CacheConfig;
 /// while before it returns it; 93.9 with glibc's malloc); the charge covers
 /// that.
 pub const ENTRY_OVERHEAD: u64 = 120;
+
+/// What entries may take of `max_memory`: the rest, 1.3-3% of it, is the
+/// admission filters' (`admit::Doorkeeper`), allocated whatever
+/// `cache.admission` says (a reload may turn it on), so that `max_memory`
+/// bounds all L1 takes.
+fn entries_budget(max_memory: u64, doorkeeper: &admit::Doorkeeper) -> u64 {
+    max_memory.saturating_sub(doorkeeper.bytes() as u64)
+}
 
 pub struct L1 {
     store: store::Store,
@@ -95,6 +105,8 @@ pub struct L1 {
     pub heat: heat::Heat,
     /// Misses rejected lately (`cache.admission`).
     doorkeeper: admit::Doorkeeper,
+    /// Whether fills have been earning their hits (`cache.admission`).
+    payoff: admit::Payoff,
 }
 
 /// Why entries were dropped; `as_str` is the `source` metric label.
@@ -188,7 +200,9 @@ impl L1 {
             shards
         };
         let evictions = Arc::new(AtomicU64::new(0));
-        let store = store::Store::new(shards, cfg.max_memory, weigh, evictions.clone());
+        let doorkeeper = admit::Doorkeeper::new(cfg.max_memory);
+        let budget = entries_budget(cfg.max_memory, &doorkeeper);
+        let store = store::Store::new(shards, budget, weigh, evictions.clone());
         Ok(L1 {
             store,
             hasher: RandomState::default(),
@@ -204,7 +218,8 @@ impl L1 {
             born: Instant::now(),
             ttl_mode,
             flights: flight::Flights::new(),
-            doorkeeper: admit::Doorkeeper::new(cfg.max_memory),
+            doorkeeper,
+            payoff: admit::Payoff::default(),
             heat: {
                 let h = heat::Heat::default();
                 h.configure(cfg.report_heat);
@@ -240,8 +255,9 @@ impl L1 {
         self.heat.configure(cfg.report_heat);
         let new = Settings::new(cfg, self.ttl_mode);
         let old = self.settings.load_full();
-        if cfg.max_memory != self.capacity() {
-            self.store.set_budget(cfg.max_memory);
+        let budget = entries_budget(cfg.max_memory, &self.doorkeeper);
+        if budget != self.capacity() {
+            self.store.set_budget(budget);
         }
         if *old == new {
             return 0;
@@ -322,25 +338,26 @@ impl L1 {
 
     /// Whether a miss of `(db, key)` should be filled (`cache.admission`):
     /// always while the key's part of L1 has room, else only if the key
-    /// missed lately (`admit::Doorkeeper`). A rejected miss is remembered
-    /// and counted (`Stats::fills_rejected`), and the caller forwards it
-    /// unfilled.
+    /// missed lately (`admit::Doorkeeper`) and fills have been paying
+    /// (`admit::Payoff`). A rejected miss is remembered and counted
+    /// (`Stats::fills_rejected`), and the caller forwards it unfilled.
     pub fn admit(&self, rules: &Rules, db: u32, key: &[u8]) -> bool {
         if rules.0.admission == crate::config::Admission::Always {
             return true;
         }
         let hash = self.hash(db, key);
-        if self.store.has_room(hash) || self.doorkeeper.contains(hash) {
+        if self.store.has_room(hash) || (self.doorkeeper.contains(hash) && self.payoff.admits()) {
             return true;
         }
-        self.doorkeeper.remember(hash, || self.entries_capacity());
+        // Also when the doorkeeper knew it: it is kept another window, and
+        // the filters turn (and the payoff is taken) while such keys come.
+        self.doorkeeper.remember(hash, || {
+            let fills = self.stats.fills.load(Ordering::Relaxed);
+            self.payoff.turn(self.stats.hits.load(), fills);
+            self.entries_capacity()
+        });
         self.stats.fills_rejected.add(1);
         false
-    }
-
-    /// Bytes the admission filters take (`cache.admission`).
-    pub fn doorkeeper_bytes(&self) -> usize {
-        self.doorkeeper.bytes()
     }
 
     pub fn len(&self) -> usize {
@@ -359,6 +376,8 @@ impl L1 {
         self.store.weight()
     }
 
+    /// The entries' budget in bytes: `cache.max_memory` less the
+    /// admission filters (`entries_budget`).
     pub fn capacity(&self) -> u64 {
         self.store.capacity()
     }

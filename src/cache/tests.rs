@@ -7,7 +7,7 @@ use crate::cache::entry::EXPIRY_MASK;
 use crate::cache::generation::DEFER_MAX;
 use crate::config::CacheRule;
 
-fn l1() -> L1 {
+pub(super) fn l1() -> L1 {
     L1::new(&CacheConfig {
         max_memory: 1 << 20,
         max_value_size: 1000,
@@ -23,7 +23,7 @@ fn l1() -> L1 {
     .expect("valid cache config")
 }
 
-const TTL: Duration = Duration::from_secs(60);
+pub(super) const TTL: Duration = Duration::from_secs(60);
 
 #[test]
 fn fill_then_get() {
@@ -519,70 +519,4 @@ fn max_value_size_is_exact() {
         );
         assert_eq!(c.get(0, &k).is_some(), cached, "{len}");
     }
-}
-
-/// Admission on a full L1 (`cache.admission`): a key is filled on its
-/// second miss, not its first; `always` fills the first.
-#[test]
-fn admission_fills_a_full_l1_on_a_second_miss() {
-    let frame = format!("$500\r\n{}\r\n", "x".repeat(500));
-    let c = l1();
-    let rules = c.rules();
-    for i in 0..10_000 {
-        let k = Bytes::from(format!("fill{i}"));
-        assert!(c.fill(0, &k, Some(frame.as_bytes()), -1, TTL, c.token(&k)));
-    }
-    let probes: Vec<Bytes> = (0..400).map(|i| Bytes::from(format!("probe{i}"))).collect();
-    assert!(
-        probes.iter().all(|k| !c.admit(&rules, 0, k)),
-        "a first miss on a full L1 is not filled"
-    );
-    assert!(probes.iter().all(|k| c.admit(&rules, 0, k)), "a second is");
-    assert_eq!(c.stats.fills_rejected.load(), 400);
-    c.configure(&CacheConfig {
-        admission: crate::config::Admission::Always,
-        ..CacheConfig::default()
-    });
-    let rules = c.rules();
-    assert!(c.admit(&rules, 0, b"never seen"));
-}
-
-/// A set of keys read in a cycle gets into a full L1 whenever it fits in
-/// L1, even when the L1 is full of entries never read again: with a
-/// memory of half an L1 of misses, a cycle of 2,000 keys through an L1 of
-/// 3,700 was rejected on every pass, for good.
-#[test]
-fn admission_lets_in_a_cycle_that_fits() {
-    let frame = format!("$200\r\n{}\r\n", "x".repeat(200));
-    let c = l1();
-    let rules = c.rules();
-    for i in 0..20_000 {
-        let k = Bytes::from(format!("cold{i}"));
-        assert!(c.fill(0, &k, Some(frame.as_bytes()), -1, TTL, c.token(&k)));
-    }
-    // Misses of keys never read again, so the filters have turned a few
-    // times since start (the first window is sized from `max_memory`).
-    for i in 0..50_000 {
-        c.admit(&rules, 0, format!("once{i}").as_bytes());
-    }
-    let held = c.len();
-    let cycle: Vec<Bytes> = (0..held * 9 / 10)
-        .map(|i| Bytes::from(format!("w{i}")))
-        .collect();
-    let mut hits = 0;
-    for _ in 0..4 {
-        hits = 0;
-        for k in &cycle {
-            if c.get(0, k).is_some() {
-                hits += 1;
-            } else if c.admit(&rules, 0, k) {
-                c.fill(0, k, Some(frame.as_bytes()), -1, TTL, c.token(k));
-            }
-        }
-    }
-    assert!(
-        hits * 10 >= cycle.len() * 8,
-        "{hits} of {} hit on the 4th pass",
-        cycle.len()
-    );
 }

@@ -48,22 +48,6 @@ pub struct Audit {
 /// Audit reads in flight at most.
 pub const IN_FLIGHT: usize = 1024;
 
-thread_local! {
-    static RNG: std::cell::Cell<u64> = const { std::cell::Cell::new(0x2545_F491_4F6C_DD1D) };
-}
-
-/// A uniform number in [0, 1) from a per-thread xorshift.
-fn uniform() -> f64 {
-    RNG.with(|r| {
-        let mut x = r.get();
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        r.set(x);
-        (x >> 11) as f64 / (1u64 << 53) as f64
-    })
-}
-
 impl Audit {
     /// `coherence.audit_share` (0 off, 1 every hit), at start and on reload.
     pub fn configure(&self, share: f64) {
@@ -79,7 +63,7 @@ impl Audit {
     #[inline]
     pub fn pick(&self) -> bool {
         let share = self.share();
-        share > 0.0 && (share >= 1.0 || uniform() < share)
+        share > 0.0 && (share >= 1.0 || fastrand::f64() < share)
     }
 }
 

@@ -30,7 +30,6 @@ async fn full_kiln(redis: &Redis, admission: Admission) -> (Kiln, Conn) {
         c.cache.max_memory = 1 << 20;
         c.cache.max_value_size = 4096;
         c.cache.admission = admission;
-        c.coherence.audit_share = 0.0;
     })
     .await;
     let mut c = kiln.conn().await;

@@ -28,8 +28,14 @@ impl File {
     }
 
     /// Writes the config: `body` after an `[upstream]` for `redis` and no
-    /// automatic warmups.
+    /// automatic warmups, with the staleness audit off (its reads upstream,
+    /// at random, would show in the tests that count upstream's reads).
     fn write(&self, redis: &Redis, body: &str) {
+        let body = if body.contains("[coherence]\n") {
+            body.replacen("[coherence]\n", "[coherence]\naudit_share = 0.0\n", 1)
+        } else {
+            format!("{body}\n[coherence]\naudit_share = 0.0\n")
+        };
         let text = format!(
             "{body}\n[upstream]\nurl = \"{}\"\n\n[warmup]\non_start = false\nhotkeys = {{ enabled = false }}\n",
             redis.url()
